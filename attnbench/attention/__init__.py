@@ -1,0 +1,44 @@
+"""The attention registry: every method behind one interface (DESIGN.md).
+
+>>> from attnbench import attention
+>>> attention.names()[:2]
+['softmax', 'flash']
+>>> backend = attention.get("lit")
+>>> out = backend.attend(q, k, v, grid=(16, 16))          # doctest: +SKIP
+>>> layer = backend.mixer(dim=384, num_heads=2)           # doctest: +SKIP
+"""
+
+import importlib
+
+from .base import (
+    AttentionBackend,
+    AttentionMixer,
+    FastPath,
+    Flops,
+    Memory,
+    Option,
+    dense_flops,
+)
+from .registry import ENTRY_POINT_GROUP, available, get, names, plugin_errors, register
+
+#: the built-in methods, registered in this order (the order of every listing)
+BUILTINS = ("softmax", "flash", "xformers", "lit", "clear", "sla")
+for _module in BUILTINS:
+    importlib.import_module(f"{__name__}.{_module}")
+
+__all__ = [
+    "BUILTINS",
+    "ENTRY_POINT_GROUP",
+    "AttentionBackend",
+    "AttentionMixer",
+    "FastPath",
+    "Flops",
+    "Memory",
+    "Option",
+    "available",
+    "dense_flops",
+    "get",
+    "names",
+    "plugin_errors",
+    "register",
+]

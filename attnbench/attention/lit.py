@@ -1,0 +1,100 @@
+"""LiT: ReLU linear attention with a depth-wise conv on V (arXiv 2501.12976).
+
+``O_i = φ(Q_i) S / (φ(Q_i) z + eps)`` with ``S = Σ_j φ(K_j)ᵀ V_j`` (d×d) and
+``z = Σ_j φ(K_j)``, φ = ReLU. Cost O(N·d²) per head and O(d²) state: nothing
+N×N is ever formed. The mixer adds LiT's depth-wise 5×5 conv on V laid out on
+the token grid (guideline 1) and is meant for few heads (guideline 2: 2 for
+DiT-S/2, 4 for DiT-XL/2), chosen by ``num_heads`` at conversion.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import AttentionBackend, AttentionMixer, Flops, Grid, Option, dense_flops, positive
+from .registry import register
+from .softmax import _accumulation_dtype
+
+
+def linear_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: float
+) -> torch.Tensor:
+    """ReLU-kernel linear attention, accumulated in float32 for half inputs."""
+    acc = _accumulation_dtype(q.dtype)
+    fq, fk = torch.relu(q.to(acc)), torch.relu(k.to(acc))
+    state = torch.matmul(fk.transpose(-1, -2), v.to(acc))  # [B, H, d, e]
+    normaliser = fk.sum(dim=-2, keepdim=True).transpose(-1, -2)  # [B, H, d, 1]
+    out = torch.matmul(fq, state) / (torch.matmul(fq, normaliser) + eps)
+    return out.to(q.dtype)
+
+
+class LiTMixer(AttentionMixer):
+    """LiT attention: linear attention + depth-wise conv on V over the token grid.
+
+    The conv (``dwc``, shared by all heads, d_head channels, kernel ``dwc_kernel``
+    with 'same' padding) is LiT's only new parameter; its output is added to the
+    attention output before ``proj``. ``dwc_kernel=0`` drops it (the paper's
+    "ReLU linear" ablation).
+    """
+
+    def __init__(self, backend, dim, num_heads, **kw) -> None:
+        super().__init__(backend, dim, num_heads, **kw)
+        dwc_kernel = self.options["dwc_kernel"]
+        self.dwc = None
+        if dwc_kernel:
+            self.dwc = nn.Conv2d(
+                self.head_dim,
+                self.head_dim,
+                kernel_size=dwc_kernel,
+                padding=dwc_kernel // 2,
+                groups=self.head_dim,
+            )
+
+    def core(self, q, k, v, grid: Grid) -> torch.Tensor:
+        out = super().core(q, k, v, grid)
+        if self.dwc is None:
+            return out
+        b, h, n, d = v.shape
+        hg, wg = grid
+        image = v.reshape(b * h, hg, wg, d).permute(0, 3, 1, 2)  # [B·H, d, Hg, Wg]
+        local = self.dwc(image).permute(0, 2, 3, 1).reshape(b, h, n, d)
+        return out + local
+
+
+def _odd_or_zero(value: int) -> str | None:
+    return None if value == 0 or (value > 0 and value % 2) else "must be 0 (off) or odd"
+
+
+@register
+class LiT(AttentionBackend):
+    """LiT linear attention (ReLU kernel), O(N) time and memory."""
+
+    name = "lit"
+    summary = "LiT: ReLU linear attention + depth-wise conv on V; O(N·d²), few heads"
+    paper = "Wang et al., LiT, arXiv 2501.12976 (ICCV 2025)"
+    options = (
+        Option("eps", 1e-6, "added to the normaliser φ(q)·Σφ(k)", float, check=positive),
+        Option(
+            "dwc_kernel",
+            5,
+            "kernel of the depth-wise conv on V (0 = none)",
+            int,
+            check=_odd_or_zero,
+            mixer_only=True,
+        ),
+    )
+    mixer_class = LiTMixer
+
+    def reference(self, q, k, v, *, grid: Grid, eps: float) -> torch.Tensor:
+        return linear_attention(q, k, v, eps=eps)
+
+    def flop_model(self, batch, heads, tokens, head_dim, grid, *, eps) -> Flops:
+        # φ(K)ᵀV and φ(Q)S: 2·N·d² each; φ(Q)z: 2·N·d.
+        actual = batch * heads * (4.0 * tokens * head_dim * head_dim + 2.0 * tokens * head_dim)
+        return Flops(actual=actual, dense=dense_flops(batch, heads, tokens, head_dim))
+
+    def workspace_model(self, batch, heads, tokens, head_dim, grid, *, element_size, impl, eps):
+        # φ(q), φ(k) in the accumulation dtype (≥ fp32) and the state S, z per head.
+        acc = max(element_size, 4)
+        return float(batch * heads * (2 * tokens * head_dim + head_dim * head_dim + head_dim) * acc)
