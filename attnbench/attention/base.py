@@ -163,14 +163,20 @@ class FastPath:
     ``fn(q, k, v, grid=grid, **options)`` must match the reference to the
     precision of its dtype; ``available(device, dtype, shape)`` returns ``None``
     or the reason it cannot run there (not installed, no CPU kernel, ...).
-    ``differentiable`` says whether autograd can run through it.
+    ``differentiable`` says whether autograd can run through it (a bool, or a
+    function of the device: FlexAttention has no CPU backward, for instance).
     """
 
     name: str
     fn: Callable[..., torch.Tensor]
     available: Callable[[torch.device, torch.dtype, tuple[int, ...] | None], str | None]
-    differentiable: bool = True
+    differentiable: bool | Callable[[torch.device], bool] = True
     doc: str = ""
+
+    def supports_grad(self, device: torch.device) -> bool:
+        """Whether autograd runs through this path on ``device``."""
+        d = self.differentiable
+        return d(device) if callable(d) else d
 
 
 # --------------------------------------------------------------------------- checks
@@ -243,6 +249,9 @@ class AttentionBackend:
     options: tuple[Option, ...] = ()
     #: the mixer ``nn.Module`` class; ``mixer()`` instantiates it.
     mixer_class: type[AttentionMixer] | None = None
+    #: the method's conversion recipe: does a converted student inherit the softmax
+    #: q/k/v/out projections (CLEAR, SLA: yes) or re-initialise them (LiT's rule)?
+    inherits_projections: bool = True
 
     # ----- options ------------------------------------------------------------------
     def resolve(
@@ -319,7 +328,7 @@ class AttentionBackend:
                 raise ValueError(f"{self.name}[{impl}] cannot run here: {reasons[impl]}")
             return impl
         for p in self.fast_paths:
-            if reasons[p.name] is None and (p.differentiable or not needs_grad):
+            if reasons[p.name] is None and (not needs_grad or p.supports_grad(device)):
                 return p.name
         if self.exact_required():
             raise ValueError(self.available(device, dtype, shape) or "no implementation")
@@ -520,6 +529,14 @@ class AttentionMixer(nn.Module):
         out = self.core(q, k, v, tuple(grid))
         b, _, n, _ = out.shape
         return self.proj(out.transpose(1, 2).reshape(b, n, self.dim))
+
+    def reset_new_parameters(self) -> None:
+        """Initialise the method's new parameters as its paper prescribes.
+
+        Called by the mixer's constructor and again by models after their own
+        weight init (DiT's Xavier init of every Linear would otherwise overwrite,
+        e.g., SLA's zero-initialised projection). The projections are not touched.
+        """
 
     def new_parameters(self) -> list[str]:
         """Names of parameters a softmax checkpoint cannot provide (init by the method)."""

@@ -50,6 +50,11 @@ class LiTMixer(AttentionMixer):
                 padding=dwc_kernel // 2,
                 groups=self.head_dim,
             )
+        self.reset_new_parameters()
+
+    def reset_new_parameters(self) -> None:
+        if self.dwc is not None:
+            self.dwc.reset_parameters()  # PyTorch's default conv init, as LiT's code uses
 
     def core(self, q, k, v, grid: Grid) -> torch.Tensor:
         out = super().core(q, k, v, grid)
@@ -85,6 +90,7 @@ class LiT(AttentionBackend):
         ),
     )
     mixer_class = LiTMixer
+    inherits_projections = False  # guideline 4: load everything except the attention
 
     def reference(self, q, k, v, *, grid: Grid, eps: float) -> torch.Tensor:
         return linear_attention(q, k, v, eps=eps)

@@ -1,0 +1,128 @@
+"""``python -m attnbench <command>``: one subcommand per stage (DESIGN.md).
+
+Each stage module contributes ``add_parser(subparsers)`` which registers its
+subcommand with ``func=handler``; handlers return an exit code. A ``ValueError``
+(bad user input, by the project's convention) or a missing file becomes a
+one-line message on stderr and exit code 2 -- never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import torch
+
+EXIT_USAGE = 2
+
+
+class UsageError(ValueError):
+    """Bad command-line input: printed as one line, exit code 2."""
+
+
+def parse_options(pairs: Sequence[str] | None) -> dict[str, str]:
+    """``["radius=8", "topk=0.05"]`` → ``{"radius": "8", "topk": "0.05"}`` (coerced later)."""
+    options: dict[str, str] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"option {pair!r} is not KEY=VALUE (e.g. --option radius=8)")
+        options[key.strip()] = value.strip()
+    return options
+
+
+# --------------------------------------------------------------------------- list
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise UsageError(f"unknown dtype {name!r} (e.g. float32, bfloat16, float16)")
+    return dtype
+
+
+def _list(args: argparse.Namespace) -> int:
+    from . import attention
+
+    dtype = _dtype(args.dtype)
+    rows = []
+    for name in attention.names():
+        backend = attention.get(name)
+        info = backend.describe()
+        info["available"] = backend.available(args.device, dtype)
+        info["implementations"] = backend.path_reasons(args.device, dtype)
+        rows.append(info)
+    errors = attention.plugin_errors()
+    if args.json:
+        print(json.dumps({"device": args.device, "dtype": args.dtype, "methods": rows,
+                          "plugin_errors": errors}, indent=2, default=str))
+        return 0
+    print(f"attention methods on {args.device} ({args.dtype}):")
+    for info in rows:
+        status = "available" if info["available"] is None else f"unavailable: {info['available']}"
+        print(f"\n  {info['name']:<9} {info['summary']}")
+        print(f"  {'':<9} {status}")
+        paths = ", ".join(
+            f"{p}" + ("" if r is None else " (no)") for p, r in info["implementations"].items()
+        )
+        print(f"  {'':<9} implementations: {paths}")
+        for opt in info["options"]:
+            scope = " [mixer]" if opt["mixer_only"] else ""
+            choices = f" one of {opt['choices']}" if opt["choices"] else ""
+            print(f"  {'':<9}   {opt['name']}={opt['default']!r}{scope}: {opt['help']}{choices}")
+    for name, reason in errors.items():
+        print(f"\n  plugin {name!r} failed to load: {reason}")
+    return 0
+
+
+def _add_list(subparsers) -> None:
+    p = subparsers.add_parser("list", help="every attention method, its options and availability")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--device", default="cpu", help="device to check availability on")
+    p.add_argument("--dtype", default="float32", help="dtype to check availability for")
+    p.set_defaults(func=_list)
+
+
+# --------------------------------------------------------------------------- main
+
+#: stage modules contributing subcommands, each with ``add_parser(subparsers)``
+STAGES: tuple[str, ...] = ()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="python -m attnbench",
+        description="Benchmark and evaluate efficient attention inside Diffusion Transformers.",
+    )
+    parser.add_argument("--version", action="version", version=f"attnbench {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_list(subparsers)
+    for module in STAGES:
+        importlib.import_module(f"attnbench.{module}").add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as err:
+        print(f"attnbench {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"attnbench {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
