@@ -14,10 +14,3 @@ def gen(request) -> torch.Generator:
     g = torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
     return g
 
-
-def qkv(gen, b, h, n, d, dtype=torch.float64, scale=1.0):
-    """Random q, k, v ``[B, H, N, d]`` (float64 by default, the reference dtype)."""
-    return tuple(
-        (torch.randn(b, h, n, d, generator=gen, dtype=torch.float64) * scale).to(dtype)
-        for _ in range(3)
-    )
