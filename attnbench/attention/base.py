@@ -293,14 +293,20 @@ class AttentionBackend:
         raise NotImplementedError
 
     def paths(self) -> list[str]:
-        return ["reference", *(p.name for p in self.fast_paths)]
+        """The implementations ``attend(impl=...)`` accepts, reference first.
+
+        Kernel-only methods (flash, xformers) keep a ``reference`` as the oracle
+        of their tests but never run it in place of the kernel they stand for.
+        """
+        fast = [p.name for p in self.fast_paths]
+        return fast if self.kernel_only() else ["reference", *fast]
 
     def path_reasons(
         self, device: torch.device | str, dtype: torch.dtype, shape: tuple[int, ...] | None = None
     ) -> dict[str, str | None]:
         """``{path: None or why not}`` for every implementation of this method."""
         device = torch.device(device)
-        reasons: dict[str, str | None] = {"reference": None}
+        reasons: dict[str, str | None] = {} if self.kernel_only() else {"reference": None}
         for p in self.fast_paths:
             try:
                 reasons[p.name] = p.available(device, dtype, shape)
@@ -330,11 +336,12 @@ class AttentionBackend:
         for p in self.fast_paths:
             if reasons[p.name] is None and (not needs_grad or p.supports_grad(device)):
                 return p.name
-        if self.exact_required():
-            raise ValueError(self.available(device, dtype, shape) or "no implementation")
+        if self.kernel_only():
+            reason = self.available(device, dtype, shape)
+            raise ValueError(f"{self.name} cannot run here: {reason}")
         return "reference"
 
-    def exact_required(self) -> bool:
+    def kernel_only(self) -> bool:
         """True for methods that only exist as a fast path (flash, xformers)."""
         return False
 
@@ -373,12 +380,11 @@ class AttentionBackend:
         """``None`` when ``attend`` can run here, else the reason.
 
         Methods with a reference are always available; methods that are only a
-        kernel (flash, xformers) override ``exact_required``.
+        kernel (flash, xformers) override ``kernel_only``.
         """
-        reasons = self.path_reasons(device, dtype, shape)
-        if not self.exact_required():
+        if not self.kernel_only():
             return None
-        fast = {name: r for name, r in reasons.items() if name != "reference"}
+        fast = self.path_reasons(device, dtype, shape)
         if any(r is None for r in fast.values()):
             return None
         if len(set(fast.values())) == 1:  # one reason for every path: say it once

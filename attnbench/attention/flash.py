@@ -54,7 +54,7 @@ def _package_available(device, dtype, shape) -> str | None:
 
 
 def _package(q, k, v, *, grid: Grid) -> torch.Tensor:
-    module, fn = _flash_attn_func()
+    _, fn = _flash_attn_func()
     out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     if isinstance(out, tuple):  # FA3 returns (out, lse)
         out = out[0]
@@ -90,5 +90,5 @@ class Flash(Softmax):
         FastPath("sdpa_flash", _sdpa_flash, _sdpa_flash_available, doc="SDPA flash backend"),
     )
 
-    def exact_required(self) -> bool:
+    def kernel_only(self) -> bool:
         return True

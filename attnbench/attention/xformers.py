@@ -68,5 +68,5 @@ class Xformers(Softmax):
         FastPath("memory_efficient", _memory_efficient, _available, doc="xformers fmha"),
     )
 
-    def exact_required(self) -> bool:
+    def kernel_only(self) -> bool:
         return True

@@ -1,0 +1,1 @@
+"""Measurement: timers, memory meters, FLOP counting, sweeps and the results table."""

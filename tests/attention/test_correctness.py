@@ -1,0 +1,167 @@
+"""Every method's every implementation that runs here, against its float64 reference.
+
+Shapes cover what DiT uses and what breaks kernels: N not a multiple of 64,
+non-square grids, head dims 64 and 72 (DiT-XL/2), batch > 1. Methods added
+to the registry are picked up with no edit here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnbench import attention
+from attnbench.attention import softmax as softmax_module
+from attnbench.bench.flops import count_flops
+from tests.helpers import qkv
+
+# (batch, heads, grid, head_dim)
+SHAPES = [
+    (2, 3, (5, 7), 64),  # N = 35: smaller than one block
+    (1, 2, (9, 13), 72),  # N = 117: not a multiple of 64, DiT-XL head dim
+    (2, 1, (16, 8), 64),  # N = 128: whole blocks, non-square
+]
+# float32 against the float64 reference: atol/rtol as fast kernels reach them
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+
+def _cpu_cases():
+    for name in attention.names():
+        backend = attention.get(name)
+        for impl in backend.paths():
+            for dtype in (torch.float64, torch.float32):
+                yield pytest.param(name, impl, dtype, id=f"{name}-{impl}-{str(dtype)[6:]}")
+
+
+def _shape_id(shape) -> str:
+    b, h, (hg, wg), d = shape
+    return f"B{b}H{h}g{hg}x{wg}d{d}"
+
+
+@pytest.mark.parametrize("name, impl, dtype", list(_cpu_cases()))
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+def test_matches_float64_reference(name, impl, dtype, shape, gen):
+    backend = attention.get(name)
+    b, h, grid, d = shape
+    n = grid[0] * grid[1]
+    reason = backend.path_reasons("cpu", dtype, (b, h, n, d))[impl]
+    if reason:
+        pytest.skip(f"{name}[{impl}] on cpu/{dtype}: {reason}")
+    q, k, v = qkv(gen, b, h, n, d)
+    expected = backend.reference(q, k, v, grid=grid, **backend.resolve())
+    out = backend.attend(q.to(dtype), k.to(dtype), v.to(dtype), grid=grid, impl=impl)
+    assert out.shape == q.shape and out.dtype == dtype
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
+def test_reference_is_not_a_fast_path_copy(gen):
+    """The softmax reference itself against a from-the-definition float64 computation."""
+    q, k, v = qkv(gen, 2, 2, 30, 16)
+    scores = q @ k.transpose(-1, -2) / 16**0.5
+    expected = torch.softmax(scores, dim=-1) @ v
+    out = attention.get("softmax").attend(q, k, v, grid=(5, 6), impl="reference")
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_softmax_reference_chunks_queries(gen, monkeypatch):
+    """Forced into many query chunks, the reference still equals SDPA."""
+    monkeypatch.setattr(softmax_module, "REFERENCE_CHUNK_ELEMENTS", 2 * 3 * 100 * 7)
+    q, k, v = qkv(gen, 2, 3, 100, 16)
+    out = attention.get("softmax").attend(q, k, v, grid=(10, 10), impl="reference")
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_lit_from_its_definition(gen):
+    """LiT against the per-query formula O_i = φ(q_i)S / (φ(q_i)z + eps), in float64."""
+    q, k, v = qkv(gen, 1, 2, 24, 8)
+    eps = 1e-6
+    fq, fk = q.relu(), k.relu()
+    expected = torch.empty_like(q)
+    for i in range(24):
+        weights = fq[:, :, i : i + 1] @ fk.transpose(-1, -2)  # [B, H, 1, N]
+        expected[:, :, i] = ((weights @ v) / (weights.sum(-1, keepdim=True) + eps))[:, :, 0]
+    out = attention.get("lit").attend(q, k, v, grid=(4, 6), eps=eps)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_lit_half_precision_accumulates_in_float32(gen):
+    q, k, v = qkv(gen, 2, 2, 256, 64)
+    expected = attention.get("lit").attend(q, k, v, grid=(16, 16))
+    out = attention.get("lit").attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), grid=(16, 16))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), expected, atol=3e-2, rtol=3e-2)
+
+
+def test_lit_never_forms_the_n_by_n_matrix(gen):
+    """65,536 tokens: an N×N float32 score matrix would need 16 GiB; LiT needs kilobytes."""
+    q, k, v = (torch.randn(1, 1, 256 * 256, 8, generator=gen) for _ in range(3))
+    out = attention.get("lit").attend(q, k, v, grid=(256, 256))
+    assert out.shape == q.shape and torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------- limiting cases
+
+
+def test_clear_with_a_radius_covering_the_grid_is_softmax(gen):
+    q, k, v = qkv(gen, 2, 2, 6 * 9, 16)
+    radius = (6**2 + 9**2) ** 0.5 + 1
+    out = attention.get("clear").attend(q, k, v, grid=(6, 9), radius=radius, impl="reference")
+    expected = attention.get("softmax").attend(q, k, v, grid=(6, 9), impl="reference")
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_sla_with_every_block_selected_is_softmax(gen):
+    q, k, v = qkv(gen, 1, 2, 200, 32)  # 4 blocks, the last partial
+    expected = attention.get("softmax").attend(q, k, v, grid=(10, 20), impl="reference")
+    sla = attention.get("sla")
+    for impl in sla.paths():
+        out = sla.attend(q, k, v, grid=(10, 20), topk=1.0, impl=impl)
+        torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+
+def test_flop_counter_counts_cpu_sdpa(gen):
+    q, k, v = qkv(gen, 2, 3, 50, 16, dtype=torch.float32)
+    analytic = attention.get("softmax").flops(2, 3, 50, 16, grid=(5, 10))
+    counted = count_flops(torch.nn.functional.scaled_dot_product_attention, q, k, v)
+    assert counted == analytic.actual == analytic.dense == 4 * 2 * 3 * 50 * 50 * 16
+
+
+@pytest.mark.parametrize("name", ["softmax", "lit"])
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_analytic_flops_equal_the_counted_ones(name, impl, gen):
+    backend = attention.get(name)
+    q, k, v = qkv(gen, 2, 2, 96, 24, dtype=torch.float32)
+    counted = count_flops(backend.attend, q, k, v, grid=(8, 12), impl=impl)
+    analytic = backend.flops(2, 2, 96, 24, grid=(8, 12))
+    assert counted == pytest.approx(analytic.actual, rel=1e-9)
+    assert analytic.dense == 4 * 2 * 2 * 96 * 96 * 24
+
+
+def test_flops_grid_defaults_to_square_and_checks_it():
+    lit = attention.get("lit")
+    assert lit.flops(1, 1, 64, 8) == lit.flops(1, 1, 64, 8, grid=(8, 8))
+    with pytest.raises(ValueError, match="not a square grid"):
+        lit.flops(1, 1, 60, 8)
+
+
+def test_linear_attention_flops_grow_linearly():
+    lit, soft = attention.get("lit"), attention.get("softmax")
+    small, large = lit.flops(1, 16, 1024, 72), lit.flops(1, 16, 4096, 72)
+    assert large.actual == pytest.approx(4 * small.actual)
+    soft_small, soft_large = soft.flops(1, 16, 1024, 72), soft.flops(1, 16, 4096, 72)
+    assert soft_large.actual == pytest.approx(16 * soft_small.actual)
+    assert large.dense == soft_large.actual
+
+
+def test_memory_models_are_consistent():
+    soft, lit = attention.get("softmax"), attention.get("lit")
+    fast = soft.memory(1, 16, 4096, 72)
+    ref = soft.memory(1, 16, 4096, 72, impl="reference")
+    assert fast.io == 4 * 16 * 4096 * 72 * 2 and fast.workspace == 0
+    assert ref.workspace > 0 and ref.actual > fast.actual
+    assert lit.memory(1, 16, 4096, 72).workspace < ref.workspace

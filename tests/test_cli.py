@@ -1,0 +1,58 @@
+"""``python -m attnbench`` as a user meets it: output, JSON, errors, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from attnbench import attention
+from attnbench.cli import main, parse_options
+
+
+def test_list_prints_every_method_with_its_availability(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in attention.names():
+        assert f"\n  {name} " in out
+    assert "unavailable: FlashAttention kernels are CUDA-only" in out
+    assert "radius=" in out and "topk=" in out and "dwc_kernel=5 [mixer]" in out
+
+
+def test_list_json_is_machine_readable(capsys):
+    assert main(["list", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    methods = {m["name"]: m for m in data["methods"]}
+    assert set(attention.names()) == set(methods)
+    assert methods["softmax"]["available"] is None
+    assert methods["flash"]["available"]
+    assert {o["name"] for o in methods["sla"]["options"]} >= {"topk", "linear_over"}
+    assert methods["softmax"]["implementations"] == {"reference": None, "sdpa": None}
+
+
+def test_bad_input_is_one_line_and_exit_code_2(capsys):
+    assert main(["list", "--dtype", "float33"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown dtype 'float33'" in err
+    assert "Traceback" not in err
+
+
+def test_parse_options():
+    assert parse_options(["radius=8", " topk = 0.05"]) == {"radius": "8", "topk": "0.05"}
+    with pytest.raises(ValueError, match="not KEY=VALUE"):
+        parse_options(["radius"])
+
+
+def test_module_entry_point_runs():
+    """The README's main job, as a subprocess: ``python -m attnbench list``."""
+    result = subprocess.run(
+        [sys.executable, "-m", "attnbench", "list"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "softmax" in result.stdout
+    unknown = subprocess.run(
+        [sys.executable, "-m", "attnbench", "frobnicate"], capture_output=True, text=True
+    )
+    assert unknown.returncode == 2 and "invalid choice" in unknown.stderr
