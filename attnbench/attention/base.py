@@ -279,6 +279,11 @@ class AttentionBackend:
         self.check_options(resolved)
         return resolved
 
+    def attend_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The part of a mixer's ``options`` that ``attend`` takes (drops mixer-only ones)."""
+        mixer_only = {o.name for o in self.options if o.mixer_only}
+        return {k: v for k, v in options.items() if k not in mixer_only}
+
     def check_options(self, options: dict[str, Any]) -> None:
         """Cross-option checks; raise ValueError. Single options check themselves."""
 
@@ -340,6 +345,18 @@ class AttentionBackend:
             reason = self.available(device, dtype, shape)
             raise ValueError(f"{self.name} cannot run here: {reason}")
         return "reference"
+
+    def overhead_steps(
+        self, q, k, v, *, grid: Grid, impl: str, **options: Any
+    ) -> dict[str, Callable[[], Any]]:
+        """Work an ``attend`` call does besides the attention proper, as callables.
+
+        Benchmarks time them apart from the kernel (NATTEN's profiler does the
+        same): building CLEAR's block mask, SLA's block map, re-ordering
+        tokens. Each callable must do the work from scratch (no cache hit).
+        ``{}`` for methods with no such step.
+        """
+        return {}
 
     def kernel_only(self) -> bool:
         """True for methods that only exist as a fast path (flash, xformers)."""
@@ -513,8 +530,7 @@ class AttentionMixer(nn.Module):
         self.impl = impl
         #: every option of the mixer; ``attend_options`` is what ``attend`` takes
         self.options = dict(options)
-        mixer_only = {o.name for o in backend.options if o.mixer_only}
-        self.attend_options = {k: v for k, v in options.items() if k not in mixer_only}
+        self.attend_options = backend.attend_options(options)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 

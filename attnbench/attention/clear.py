@@ -1,0 +1,742 @@
+"""CLEAR: local attention inside a circle on the token grid (arXiv 2412.16112).
+
+Each image token ``(qy, qx)`` of a row-major ``Hg × Wg`` grid attends only to
+the image tokens with ``(qy−ky)² + (qx−kx)² < r²`` (strict), with exact
+softmax over that neighbourhood; cost O(N·πr²·d) instead of O(N²·d).
+
+Two additions of the public code (Huage001/CLEAR, ``attention_processor.py``):
+
+* ``global_tokens`` -- a prefix of G non-grid tokens (FLUX's text tokens) that
+  attend to every text and image token and are attended by every image token.
+* ``down_factor`` -- f > 0 appends ``(Hg//f)·(Wg//f)`` extra key/value tokens,
+  each the weighted sum of one f×f patch of the image keys (and values). Who
+  sees them follows ``init_local_downsample_mask_flex`` there: every *image*
+  query attends to all of them (a coarse global view beside the local circle);
+  the global (text) queries do not (their mask stops at ``kv_idx < text_length
+  + height·width``). The weights are one ``[f, f]`` tensor per layer, shared by
+  heads, channels, K and V (``spatial_weight`` of shape ``(1,1,1,f,1,f,1)``,
+  initialised ``1/f²``). The stateless ``attend`` uses that initial, uniform
+  average; the mixer owns and learns the weights. Grid sides that are not a
+  multiple of f are handled by pooling the top-left ``(Hg//f·f) × (Wg//f·f)``
+  region only (the public code sizes its mask with ``height // down_factor`` the
+  same way): the leftover bottom rows and right columns are still attended
+  through the circle, they just have no pooled summary.
+
+Token order is the grid's row-major order; no 2D tile re-ordering is done, so a
+128-token FlexAttention block is a strip of rows and block sparsity is lower
+than the circle's (see :func:`block_density`).
+
+Implementations: the float64-capable ``reference`` (query rows in chunks, keys
+restricted to the grid rows within the radius, so nothing N×N is formed);
+``flex`` (FlexAttention with a cached block mask; the public code's path); and
+``masked_sdpa`` (SDPA with a dense boolean mask, differentiable everywhere).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import softmax as _softmax
+from .base import (
+    AttentionBackend,
+    AttentionMixer,
+    FastPath,
+    Flops,
+    Grid,
+    Option,
+    check_grid,
+    check_qkv,
+    dense_flops,
+    non_negative,
+)
+from .registry import register
+from .softmax import softmax_reference
+
+#: score elements one reference chunk may hold (16 Mi elements = 64 MiB in fp32).
+REFERENCE_CHUNK_ELEMENTS = 1 << 24
+#: FlexAttention's tile (both sides); the block mask is built at this granularity.
+FLEX_BLOCK = 128
+#: masked_sdpa refuses when its masks (bool + SDPA's additive copy) would exceed this.
+MASK_BYTES_LIMIT = 1 << 30
+#: mask elements one step of the mask builders may hold as int64 temporaries.
+MASK_CHUNK_ELEMENTS = 1 << 22
+
+DEFAULT_RADIUS = 8.0
+
+
+# --------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every token of one CLEAR call sits: G global, then the grid, then pooled.
+
+    Queries are ``[0, tokens)``; keys are ``[0, keys)`` = the same tokens plus
+    ``pooled`` down-sampled ones. ``limit`` is the largest allowed squared grid
+    distance (an integer: ``dy² + dx² < r²`` ⇔ ``dy² + dx² ≤ ceil(r²) − 1``), so
+    every mask here is exact integer arithmetic, never a float comparison.
+    """
+
+    hg: int
+    wg: int
+    global_tokens: int
+    down_factor: int
+    limit: int
+
+    @classmethod
+    def build(cls, grid: Grid, radius: float, global_tokens: int = 0, down_factor: int = 0):
+        hg, wg = (int(s) for s in grid)
+        # Clamp to the grid's diameter: beyond it every radius means "the whole grid",
+        # and the integer stays small enough for int32 index arithmetic in kernels.
+        diameter2 = (hg - 1) ** 2 + (wg - 1) ** 2
+        limit = min(math.ceil(float(radius) ** 2) - 1, diameter2)
+        return cls(hg, wg, int(global_tokens), int(down_factor), limit)
+
+    @property
+    def image(self) -> int:
+        return self.hg * self.wg
+
+    @property
+    def tokens(self) -> int:
+        """N: the query (and non-pooled key) count."""
+        return self.global_tokens + self.image
+
+    @property
+    def pooled_grid(self) -> Grid:
+        f = self.down_factor
+        return (self.hg // f, self.wg // f) if f else (0, 0)
+
+    @property
+    def pooled(self) -> int:
+        ph, pw = self.pooled_grid
+        return ph * pw
+
+    @property
+    def keys(self) -> int:
+        """M: keys after the pooled tokens are appended."""
+        return self.tokens + self.pooled
+
+    @property
+    def reach(self) -> int:
+        """Largest |dy| (and |dx|) inside the circle."""
+        return math.isqrt(self.limit)
+
+
+def _layout(grid, tokens: int, radius, global_tokens=0, down_factor=0) -> Layout:
+    grid = check_grid(grid, tokens, extra=int(global_tokens))
+    return Layout.build(grid, radius, global_tokens, down_factor)
+
+
+# --------------------------------------------------------------------------- the mask
+
+
+def allowed(q_idx: torch.Tensor, kv_idx: torch.Tensor, layout_args) -> torch.Tensor:
+    """True where query ``q_idx`` may attend key ``kv_idx`` (broadcasting index tensors).
+
+    ``layout_args = (G, Wg, N, limit)`` as Python ints or 0-d tensors. This one
+    function is the mask of every path: the dense mask, the reference's chunk
+    masks and the FlexAttention ``mask_mod`` (where tensors keep it from being
+    recompiled for every grid and radius).
+    """
+    g, wg, n, limit = layout_args
+    qi, ki = q_idx - g, kv_idx - g
+    dy, dx = qi // wg - ki // wg, qi % wg - ki % wg
+    local = dy * dy + dx * dx <= limit
+    image_query = q_idx >= g
+    global_query = (~image_query) & (kv_idx < n)  # text sees text + image, not pooled
+    image_sees = (kv_idx < g) | (kv_idx >= n) | local  # text, pooled, the circle
+    return global_query | (image_query & image_sees)
+
+
+def _args(layout: Layout) -> tuple[int, int, int, int]:
+    return layout.global_tokens, layout.wg, layout.tokens, layout.limit
+
+
+def dense_mask(
+    grid: Grid,
+    radius: float = DEFAULT_RADIUS,
+    global_tokens: int = 0,
+    down_factor: int = 0,
+    *,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The ``[N, M]`` boolean mask of CLEAR (True = attend); the masked_sdpa overhead.
+
+    Built in query-row chunks so the int64 temporaries stay small; the result
+    itself is N·M bytes.
+    """
+    layout = Layout.build(grid, radius, global_tokens, down_factor)
+    return _dense_mask(layout, torch.device(device or "cpu"))
+
+
+def _dense_mask(layout: Layout, device: torch.device) -> torch.Tensor:
+    n, m = layout.tokens, layout.keys
+    mask = torch.empty(n, m, dtype=torch.bool, device=device)
+    kv = torch.arange(m, device=device)[None, :]
+    rows = max(1, MASK_CHUNK_ELEMENTS // max(1, m))
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        q = torch.arange(start, stop, device=device)[:, None]
+        mask[start:stop] = allowed(q, kv, _args(layout))
+    return mask
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_dense_mask(layout: Layout, device: torch.device) -> torch.Tensor:
+    return _dense_mask(layout, device)
+
+
+def build_block_mask(
+    grid: Grid,
+    radius: float = DEFAULT_RADIUS,
+    global_tokens: int = 0,
+    down_factor: int = 0,
+    *,
+    device: torch.device | str | None = None,
+):
+    """FlexAttention ``BlockMask`` of CLEAR, built without an N×M tensor (uncached).
+
+    ``create_block_mask`` evaluates the mask over all N×M pairs at once with
+    int64 temporaries (GiBs at a 128×128 grid) unless compiled; here the same
+    :func:`allowed` runs over a few 128-row query tiles at a time, is reduced
+    to per-tile "partial" / "full" flags and handed to ``BlockMask.from_kv_blocks``.
+    Full tiles skip the ``mask_mod`` inside the kernel.
+    """
+    layout = Layout.build(grid, radius, global_tokens, down_factor)
+    return _build_block_mask(layout, torch.device(device or "cpu"))
+
+
+def _block_flags(layout: Layout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(partial, full)`` bool ``[Q tiles, KV tiles]``: tiles with some / all pairs allowed."""
+    n, m, bs = layout.tokens, layout.keys, FLEX_BLOCK
+    q_tiles, kv_tiles = -(-n // bs), -(-m // bs)
+    kv = torch.arange(kv_tiles * bs, device=device)
+    kv_valid = kv < m
+    counts = torch.empty(q_tiles, kv_tiles, dtype=torch.int64, device=device)
+    step = max(1, MASK_CHUNK_ELEMENTS // (bs * kv_tiles * bs))  # query tiles per step
+    for t0 in range(0, q_tiles, step):
+        t1 = min(q_tiles, t0 + step)
+        q = torch.arange(t0 * bs, t1 * bs, device=device)[:, None]
+        ok = allowed(q, kv[None, :], _args(layout)) & kv_valid & (q < n)
+        counts[t0:t1] = ok.view(t1 - t0, bs, kv_tiles, bs).sum(dim=(1, 3))
+    full = counts == bs * bs
+    return (counts > 0) & ~full, full
+
+
+def _ordered(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query tile: how many kv tiles are set and their indices, set ones first."""
+    num = flags.sum(dim=-1).to(torch.int32)[None, None]
+    idx = torch.argsort(flags.to(torch.int8), dim=-1, descending=True, stable=True)
+    return num, idx.to(torch.int32)[None, None]
+
+
+def _build_block_mask(layout: Layout, device: torch.device):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    partial, full = _block_flags(layout, device)
+    # 0-d tensors, not ints: the compiled kernel takes them as inputs instead of
+    # baking them in, so a new grid or radius of the same shapes is not a recompile.
+    args = tuple(torch.tensor(a, device=device) for a in _args(layout))
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return allowed(q_idx, kv_idx, args)
+
+    return BlockMask.from_kv_blocks(
+        *_ordered(partial),
+        *_ordered(full),
+        BLOCK_SIZE=FLEX_BLOCK,
+        mask_mod=mask_mod,
+        seq_lengths=(layout.tokens, layout.keys),
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_block_mask(layout: Layout, device: torch.device):
+    return _build_block_mask(layout, device)
+
+
+def block_mask(
+    grid: Grid,
+    radius: float = DEFAULT_RADIUS,
+    global_tokens: int = 0,
+    down_factor: int = 0,
+    *,
+    device: torch.device | str | None = None,
+):
+    """:func:`build_block_mask`, cached per (grid, radius, G, f, device): built once."""
+    layout = Layout.build(grid, radius, global_tokens, down_factor)
+    return _cached_block_mask(layout, torch.device(device or "cpu"))
+
+
+def clear_mask_caches() -> None:
+    """Drop the cached block and dense masks (e.g. between benchmark cases)."""
+    _cached_block_mask.cache_clear()
+    _cached_dense_mask.cache_clear()
+
+
+def block_density(
+    grid: Grid, radius: float = DEFAULT_RADIUS, global_tokens: int = 0, down_factor: int = 0
+) -> float:
+    """Fraction of FlexAttention's 128×128 tiles that are computed (row-major order).
+
+    Compare with ``flops().ratio``: the gap is work the kernel does on masked
+    pairs inside partially allowed tiles.
+    """
+    layout = Layout.build(grid, radius, global_tokens, down_factor)
+    partial, full = _block_flags(layout, torch.device("cpu"))
+    return float((partial | full).sum()) / partial.numel()
+
+
+# --------------------------------------------------------------------------- pair counts
+
+
+def local_pairs(grid: Grid, radius: float) -> int:
+    """Allowed (query, key) image pairs, in closed form over the circle's offsets.
+
+    ``Σ_{dy²+dx²<r²} (Hg−|dy|)(Wg−|dx|)`` (terms ≤ 0 dropped): each offset
+    occurs once for every query whose shifted key is still on the grid. The sum
+    over dx for a given dy is an arithmetic series, so this is O(r), not O(N).
+    """
+    layout = Layout.build(grid, radius)
+    hg, wg = layout.hg, layout.wg
+    total = 0
+    for dy in range(-layout.reach, layout.reach + 1):
+        rows = hg - abs(dy)
+        if rows <= 0:
+            continue
+        m = min(math.isqrt(layout.limit - dy * dy), wg - 1)  # |dx| ≤ m
+        total += rows * (wg + 2 * (m * wg - m * (m + 1) // 2))
+    return total
+
+
+def allowed_pairs(grid: Grid, radius: float, global_tokens: int = 0, down_factor: int = 0) -> int:
+    """Every allowed pair: the circle + global rows and columns + pooled columns."""
+    layout = Layout.build(grid, radius, global_tokens, down_factor)
+    g, img = layout.global_tokens, layout.image
+    return (
+        local_pairs(grid, radius)
+        + g * layout.tokens  # global queries: every text and image key
+        + img * g  # image queries: every global key
+        + img * layout.pooled  # image queries: every pooled key
+    )
+
+
+# --------------------------------------------------------------------------- pooled K/V
+
+
+def pool_patches(
+    x: torch.Tensor, grid: Grid, down_factor: int, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[B, H, Hg·Wg, d]`` image tokens → ``[B, H, (Hg//f)·(Wg//f), d]`` patch sums.
+
+    Each output is ``Σ_{i,j} weight[i, j] · x[f·py + i, f·px + j]``; ``weight``
+    defaults to ``1/f²`` (the mean). A broadcast multiply and a sum, as the
+    public code does: element-wise work, not counted as FLOPs.
+    """
+    b, h, _, d = x.shape
+    hg, wg = grid
+    f = down_factor
+    ph, pw = hg // f, wg // f
+    patches = x.unflatten(2, (hg, wg))[:, :, : ph * f, : pw * f]
+    patches = patches.reshape(b, h, ph, f, pw, f, d)
+    if weight is None:
+        pooled = patches.mean(dim=(3, 5))
+    else:
+        w = weight.to(x.dtype).view(1, 1, 1, f, 1, f, 1)
+        pooled = (patches * w).sum(dim=(3, 5))
+    return pooled.reshape(b, h, ph * pw, d)
+
+
+def extend_kv(
+    k: torch.Tensor, v: torch.Tensor, layout: Layout, weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K, V with the pooled tokens appended (unchanged when ``down_factor`` is 0 or
+    the grid is smaller than one patch)."""
+    if not layout.pooled:
+        return k, v
+    g, grid, f = layout.global_tokens, (layout.hg, layout.wg), layout.down_factor
+    k_pool = pool_patches(k[:, :, g:], grid, f, weight)
+    v_pool = pool_patches(v[:, :, g:], grid, f, weight)
+    return torch.cat([k, k_pool], dim=2), torch.cat([v, v_pool], dim=2)
+
+
+def _check_weight(weight: torch.Tensor | None, down_factor: int) -> None:
+    if weight is None:
+        return
+    if not down_factor:
+        raise ValueError("pool_weight was given but down_factor is 0 (no pooled tokens)")
+    if tuple(weight.shape) != (down_factor, down_factor):
+        raise ValueError(
+            f"pool_weight must be [{down_factor}, {down_factor}] (down_factor²), "
+            f"got {tuple(weight.shape)}"
+        )
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def _row_block(layout: Layout, batch_heads: int) -> int:
+    """Grid rows of queries per reference chunk.
+
+    Halved until the chunk's scores (``B·H·rows·Wg·keys``) fit
+    ``REFERENCE_CHUNK_ELEMENTS`` and its mask (int64 index arithmetic,
+    ``rows·Wg·keys``) fits ``MASK_CHUNK_ELEMENTS``.
+    """
+
+    def too_big(rows: int) -> bool:
+        pairs = rows * layout.wg * _band_keys(layout, rows)
+        return batch_heads * pairs > REFERENCE_CHUNK_ELEMENTS or pairs > MASK_CHUNK_ELEMENTS
+
+    rows = layout.hg
+    while rows > 1 and too_big(rows):
+        rows = (rows + 1) // 2
+    return rows
+
+
+def _band_keys(layout: Layout, rows: int) -> int:
+    """Keys one chunk of ``rows`` grid rows looks at: global + band + pooled."""
+    band = min(layout.hg, rows + 2 * layout.reach)
+    return layout.global_tokens + band * layout.wg + layout.pooled
+
+
+def clear_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: Layout,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """CLEAR in pure PyTorch, any dtype; memory O(chunk), never N×N.
+
+    Global queries attend to all N non-pooled keys (plain softmax). Image
+    queries go ``rows`` grid rows at a time; their keys are the global ones,
+    the grid rows within ``reach`` of the chunk, and the pooled ones, masked by
+    :func:`allowed` and handed to :func:`softmax_reference`.
+    """
+    b, h, n, _ = q.shape
+    g, wg, hg, reach = layout.global_tokens, layout.wg, layout.hg, layout.reach
+    k, v = extend_kv(k, v, layout, weight)
+    out = torch.empty(b, h, n, v.shape[-1], dtype=q.dtype, device=q.device)
+    if g:
+        out[:, :, :g] = softmax_reference(q[:, :, :g], k[:, :, :n], v[:, :, :n])
+    rows = _row_block(layout, b * h)
+    dev = q.device
+    for y0 in range(0, hg, rows):
+        y1 = min(hg, y0 + rows)
+        ky0, ky1 = max(0, y0 - reach), min(hg, y1 + reach)
+        kv_idx = torch.cat(
+            [
+                torch.arange(g, device=dev),
+                torch.arange(g + ky0 * wg, g + ky1 * wg, device=dev),
+                torch.arange(n, layout.keys, device=dev),
+            ]
+        )
+        q_idx = torch.arange(g + y0 * wg, g + y1 * wg, device=dev)
+        mask = allowed(q_idx[:, None], kv_idx[None, :], _args(layout))
+        out[:, :, g + y0 * wg : g + y1 * wg] = softmax_reference(
+            q[:, :, g + y0 * wg : g + y1 * wg],
+            k.index_select(2, kv_idx),
+            v.index_select(2, kv_idx),
+            key_mask=mask,
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- fast paths
+
+
+def _layout_of(q, grid, radius, global_tokens, down_factor, pool_weight) -> Layout:
+    _check_weight(pool_weight, down_factor)
+    return _layout(grid, q.shape[2], radius, global_tokens, down_factor)
+
+
+_COMPILED_FLEX = None
+
+
+def compiled_flex_attention():
+    """The process-wide ``torch.compile(flex_attention)`` (compiled lazily, once).
+
+    Static shapes: dynamic-shape FlexAttention does not build on CPU in torch
+    2.13. Each new (B, H, N, M, d, dtype) is one recompile (seconds on CPU);
+    mask parameters are tensors inside the BlockMask, so they are not.
+    """
+    global _COMPILED_FLEX
+    if _COMPILED_FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+#: shapes a benchmark sweep may compile before dynamo would silently fall back to
+#: eager (unfused, N×M scores); its default limit is 8 per function.
+FLEX_RECOMPILE_LIMIT = 64
+
+
+def _flex(q, k, v, *, grid, radius, global_tokens, down_factor, pool_weight=None):
+    layout = _layout_of(q, grid, radius, global_tokens, down_factor, pool_weight)
+    k, v = extend_kv(k, v, layout, pool_weight)
+    mask = _cached_block_mask(layout, q.device)
+    with torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT):
+        return compiled_flex_attention()(q, k, v, block_mask=mask)
+
+
+def _cpp_compiler() -> str | None:
+    try:
+        from torch._inductor import cpp_builder
+
+        return cpp_builder.get_cpp_compiler()
+    except Exception:
+        return shutil.which("g++") or shutil.which("c++")
+
+
+def _flex_available(device: torch.device, dtype: torch.dtype, shape) -> str | None:
+    try:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
+    except ImportError:
+        return f"torch {torch.__version__} has no FlexAttention (needs >= 2.5)"
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile (needed by FlexAttention) is not supported on this Python"
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"FlexAttention kernels take float32/float16/bfloat16, not {dtype}"
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "FlexAttention on CUDA needs Triton"
+    if device.type == "cpu":
+        if not _cpp_compiler():
+            return "FlexAttention on CPU compiles C++ kernels: no C++ compiler found"
+        return None
+    return f"FlexAttention is not supported on {device.type}"
+
+
+def _masked_sdpa(q, k, v, *, grid, radius, global_tokens, down_factor, pool_weight=None):
+    layout = _layout_of(q, grid, radius, global_tokens, down_factor, pool_weight)
+    k, v = extend_kv(k, v, layout, pool_weight)
+    mask = _cached_dense_mask(layout, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _mask_bytes(tokens: int, keys: int, element_size: int) -> float:
+    """The bool mask plus the additive mask of the input dtype SDPA converts it to."""
+    return float(tokens) * keys * (1 + element_size)
+
+
+def _masked_sdpa_available(device: torch.device, dtype: torch.dtype, shape) -> str | None:
+    if device.type == "cpu" and dtype == torch.float16:
+        return "SDPA on CPU has no fast float16 kernel (use float32 or bfloat16)"
+    if shape is not None:
+        n = shape[2]
+        # M ≥ N (pooled tokens only add), so N² is the lower bound of the mask.
+        need = _mask_bytes(n, n, torch.empty((), dtype=dtype).element_size())
+        if need > MASK_BYTES_LIMIT:
+            return (
+                f"its dense N×M mask would take ≥ {need / 2**30:.1f} GiB at N={n} "
+                f"(limit {MASK_BYTES_LIMIT / 2**30:.0f} GiB): use flex or the reference"
+            )
+    return None
+
+
+# --------------------------------------------------------------------------- the mixer
+
+
+class ClearMixer(AttentionMixer):
+    """CLEAR attention with the softmax projections inherited unchanged.
+
+    Its only new parameter, when ``down_factor`` f > 0, is ``pool_weight``
+    ``[f, f]``: the weights of the patch sums that make the pooled K/V tokens,
+    shared by heads, channels, K and V, initialised to the mean (1/f²) so a
+    freshly converted layer equals the stateless ``attend``.
+    """
+
+    def __init__(self, backend, dim, num_heads, **kw) -> None:
+        super().__init__(backend, dim, num_heads, **kw)
+        f = self.options["down_factor"]
+        self.pool_weight = nn.Parameter(torch.empty(f, f)) if f else None
+        self.reset_new_parameters()
+
+    def reset_new_parameters(self) -> None:
+        if self.pool_weight is not None:
+            f = self.pool_weight.shape[0]
+            with torch.no_grad():
+                self.pool_weight.fill_(1.0 / (f * f))
+
+    def core(self, q, k, v, grid: Grid) -> torch.Tensor:
+        return self.backend.attend(
+            q, k, v, grid=grid, impl=self.impl, pool_weight=self.pool_weight, **self.attend_options
+        )
+
+
+# --------------------------------------------------------------------------- backend
+
+
+def _finite_positive(value: float) -> str | None:
+    return None if math.isfinite(value) and value > 0 else "must be a finite number > 0"
+
+
+@register
+class Clear(AttentionBackend):
+    """CLEAR local (circular-window) attention; reference, FlexAttention and masked SDPA."""
+
+    name = "clear"
+    summary = "CLEAR: softmax inside a circle of radius r on the token grid"
+    paper = "Liu et al., CLEAR, arXiv 2412.16112"
+    options = (
+        Option(
+            "radius",
+            DEFAULT_RADIUS,
+            "circle radius in grid tokens: attend where dy²+dx² < r² (released: 8, 16, 32)",
+            float,
+            check=_finite_positive,
+        ),
+        Option(
+            "global_tokens",
+            0,
+            "non-grid prefix tokens (MM-DiT text) that attend to and are seen by all",
+            int,
+            check=non_negative,
+        ),
+        Option(
+            "down_factor",
+            0,
+            "0 = off; f adds one K/V token per f×f patch, seen by every image query",
+            int,
+            check=non_negative,
+        ),
+    )
+    mixer_class = ClearMixer
+    fast_paths = (
+        FastPath(
+            "flex",
+            _flex,
+            _flex_available,
+            differentiable=lambda device: device.type == "cuda",
+            doc="FlexAttention + cached BlockMask (compiled; CPU is forward-only)",
+        ),
+        FastPath(
+            "masked_sdpa",
+            _masked_sdpa,
+            _masked_sdpa_available,
+            doc="SDPA with a dense N×M boolean mask (differentiable everywhere)",
+        ),
+    )
+
+    def grid_extra_tokens(self, options: dict[str, Any]) -> int:
+        return int(options["global_tokens"])
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        grid: Grid,
+        impl: str = "auto",
+        pool_weight: torch.Tensor | None = None,
+        **options: Any,
+    ) -> torch.Tensor:
+        """As :meth:`AttentionBackend.attend`, plus the mixer's learned ``pool_weight``.
+
+        ``pool_weight`` (``[f, f]``) replaces the uniform 1/f² patch average; a
+        weight that requires grad makes the choice a differentiable path.
+        """
+        check_qkv(q, k, v)
+        opts = self.resolve(options)
+        grid = check_grid(grid, k.shape[2], extra=self.grid_extra_tokens(opts))
+        _check_weight(pool_weight, opts["down_factor"])
+        tensors = (q, k, v) if pool_weight is None else (q, k, v, pool_weight)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        chosen = self.select(q.device, q.dtype, tuple(q.shape), impl=impl, needs_grad=needs_grad)
+        if chosen == "reference":
+            return self.reference(q, k, v, grid=grid, pool_weight=pool_weight, **opts)
+        path = next(p for p in self.fast_paths if p.name == chosen)
+        return path.fn(q, k, v, grid=grid, pool_weight=pool_weight, **opts)
+
+    def reference(
+        self,
+        q,
+        k,
+        v,
+        *,
+        grid: Grid,
+        radius: float = DEFAULT_RADIUS,
+        global_tokens: int = 0,
+        down_factor: int = 0,
+        pool_weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        layout = _layout_of(q, grid, radius, global_tokens, down_factor, pool_weight)
+        return clear_reference(q, k, v, layout, pool_weight)
+
+    # ----- cost models --------------------------------------------------------------
+    def flop_model(
+        self, batch, heads, tokens, head_dim, grid, *, radius, global_tokens, down_factor
+    ) -> Flops:
+        """``4·B·H·pairs·d`` over the allowed pairs only (CLEAR's own convention).
+
+        No implementation here computes exactly that many (flex computes whole
+        128×128 tiles, masked_sdpa and the reference dense rows); the pooling is
+        element-wise and not counted.
+        """
+        pairs = allowed_pairs(grid, radius, global_tokens, down_factor)
+        return Flops(
+            actual=4.0 * batch * heads * pairs * head_dim,
+            dense=dense_flops(batch, heads, tokens, head_dim),
+        )
+
+    def workspace_model(
+        self,
+        batch,
+        heads,
+        tokens,
+        head_dim,
+        grid,
+        *,
+        element_size,
+        impl,
+        radius,
+        global_tokens,
+        down_factor,
+    ) -> float:
+        """Bytes beside q, k, v, out: ``impl`` = "fast" (flex), "flex", "masked_sdpa"
+        or "reference"."""
+        layout = Layout.build(grid, radius, global_tokens, down_factor)
+        bh, n, m = batch * heads, layout.tokens, layout.keys
+        # torch.cat of K and V with their pooled tokens copies both whole.
+        extended = 2.0 * bh * m * head_dim * element_size if layout.pooled else 0.0
+        if impl in ("fast", "flex"):
+            q_tiles, kv_tiles = -(-n // FLEX_BLOCK), -(-m // FLEX_BLOCK)
+            # int32 indices + counts, partial and full, kv-major and q-major.
+            block = 4.0 * 4 * (q_tiles * kv_tiles + q_tiles + kv_tiles)
+            return extended + block + 4.0 * bh * n  # + the kernel's fp32 logsumexp
+        if impl == "masked_sdpa":
+            masks = _mask_bytes(n, m, element_size)
+            # float64 (and other kernel-less dtypes) run SDPA's math path: full scores.
+            scores = 2.0 * bh * n * m * element_size if element_size >= 8 else 0.0
+            return extended + masks + scores
+        if impl == "reference":
+            acc = max(element_size, 4)
+            rows = _row_block(layout, bh)
+            q_rows, keys = rows * layout.wg, _band_keys(layout, rows)
+            chunk = (
+                2.0 * bh * q_rows * keys * acc  # scores and probabilities
+                + q_rows * keys * (1 + 3 * 8)  # the bool mask, its int64 index math
+                + 2.0 * bh * keys * head_dim * element_size  # gathered K, V
+            )
+            text = 0.0
+            if layout.global_tokens:
+                budget = _softmax.REFERENCE_CHUNK_ELEMENTS
+                text_rows = max(1, min(layout.global_tokens, budget // max(1, bh * n)))
+                text = 2.0 * bh * text_rows * n * acc
+            return extended + max(chunk, text)
+        raise ValueError(
+            f"clear: unknown impl {impl!r} for the memory model; "
+            "use 'fast', 'flex', 'masked_sdpa' or 'reference'"
+        )

@@ -1,0 +1,239 @@
+"""The one results table: a row per (method, options, level, resolution, ...) point.
+
+Rows are appended to ``results.jsonl`` as they are measured (and mirrored to
+``results.csv``), so an interrupted sweep keeps everything it measured and a
+rerun with the same run directory resumes where it stopped. ``finalize``
+adds the ratios against softmax at the same point and writes
+``results.csv``, ``results.json`` (rows + metadata) and, when pyarrow is
+installed, ``results.parquet``. ``meta.json`` holds how the run was made.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+#: bump when a column changes meaning; readers refuse other versions with a clear message
+SCHEMA_VERSION = 1
+BASELINE_METHOD = "softmax"
+
+STATUS_OK = "ok"
+STATUS_SKIPPED = "skipped"  # predicted over budget / memory: not run
+STATUS_OOM = "oom"  # ran out of memory for real
+STATUS_UNAVAILABLE = "unavailable"  # the method cannot run on this device/dtype
+STATUS_ERROR = "error"  # anything else; retried on resume
+FINAL_STATUSES = {STATUS_OK, STATUS_SKIPPED, STATUS_OOM, STATUS_UNAVAILABLE}
+
+
+@dataclass
+class Result:
+    """One measured (or skipped) point. Times in seconds, memory in bytes, FLOPs forward."""
+
+    method: str
+    options: str  # canonical JSON of the method's resolved options
+    level: str  # attention | block | model
+    resolution: int  # image pixels (square)
+    tokens: int
+    batch: int
+    dtype: str
+    device: str
+    model: str
+    heads: int
+    head_dim: int
+    impl: str = ""
+    status: str = STATUS_OK
+    reason: str = ""
+    latency_median_s: float | None = None
+    latency_p20_s: float | None = None
+    latency_p80_s: float | None = None
+    repetitions: int | None = None
+    timer: str = ""
+    peak_memory_bytes: float | None = None
+    memory_meter: str = ""
+    flops_actual: float | None = None
+    flops_dense: float | None = None
+    flops_counted: float | None = None
+    tflops_achieved: float | None = None
+    overhead_s: float | None = None
+    overheads: str = "{}"  # JSON {name: seconds}, e.g. {"block_mask": 0.012}
+    predicted_s: float | None = None
+    predicted_bytes: float | None = None
+    speedup_vs_softmax: float | None = None
+    memory_ratio_vs_softmax: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def key(self) -> tuple:
+        return point_key(self.method, self.options, self.level, self.resolution, self.batch,
+                         self.dtype, self.device, self.model)
+
+    def as_row(self) -> dict[str, Any]:
+        row = asdict(self)
+        row["extra"] = json.dumps(self.extra, sort_keys=True, default=str)
+        return row
+
+
+COLUMNS = [f.name for f in fields(Result)]
+
+
+def point_key(method, options, level, resolution, batch, dtype, device, model) -> tuple:
+    """What identifies a point across runs (for resuming and comparing)."""
+    return (method, options, level, int(resolution), int(batch), str(dtype), str(device), model)
+
+
+def canonical_options(options: dict[str, Any]) -> str:
+    return json.dumps(options, sort_keys=True, default=str)
+
+
+class SchemaError(ValueError):
+    """A results file from another attnbench version, or not a results file."""
+
+
+class ResultsWriter:
+    """Appends rows to a run directory and finalises the table."""
+
+    def __init__(self, run_dir: Path | str, meta: dict[str, Any]) -> None:
+        self.run_dir = Path(run_dir)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.run_dir / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise ValueError(f"cannot write to run directory {self.run_dir}: {err}") from None
+        self.jsonl = self.run_dir / "results.jsonl"
+        self.rows: list[Result] = load_rows(self.jsonl) if self.jsonl.exists() else []
+        meta_path = self.run_dir / "meta.json"
+        previous = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        history = previous.get("history", [])
+        if previous:
+            history.append({k: previous.get(k) for k in ("command", "date", "git_revision")})
+        self.meta = {**meta, "schema_version": SCHEMA_VERSION, "history": history}
+        self.write_meta()
+
+    def write_meta(self) -> None:
+        (self.run_dir / "meta.json").write_text(json.dumps(self.meta, indent=2, default=str))
+
+    def done(self) -> set[tuple]:
+        """Keys of points already measured to a final status (skipped on resume)."""
+        return {r.key() for r in self.rows if r.status in FINAL_STATUSES}
+
+    def append(self, result: Result) -> None:
+        """Persist one row at once (JSONL is the source of truth; CSV mirrors it)."""
+        self.rows = [r for r in self.rows if r.key() != result.key()] + [result]
+        with self.jsonl.open("a") as out:
+            out.write(json.dumps(result.as_row(), default=str) + "\n")
+        write_csv(self.run_dir / "results.csv", self.rows)
+
+    def finalize(self) -> list[Result]:
+        self.write_meta()
+        add_ratios(self.rows)
+        write_csv(self.run_dir / "results.csv", self.rows)
+        table = {"schema_version": SCHEMA_VERSION, "meta": self.meta,
+                 "rows": [r.as_row() for r in self.rows]}
+        (self.run_dir / "results.json").write_text(json.dumps(table, indent=2, default=str))
+        try:
+            to_dataframe(self.rows).to_parquet(self.run_dir / "results.parquet")
+        except ImportError:  # pyarrow / fastparquet not installed: CSV and JSON suffice
+            pass
+        return self.rows
+
+
+def write_csv(path: Path, rows: list[Result]) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=COLUMNS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow(r.as_row())
+    tmp.replace(path)
+
+
+def load_rows(path: Path) -> list[Result]:
+    """Rows of a ``results.jsonl`` (the last row of a key wins), schema-checked."""
+    rows: dict[tuple, Result] = {}
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                continue  # a row cut short by an interruption: measure it again
+            raise SchemaError(f"{path}:{number} is not a JSON row") from None
+        result = _result_from_row(data, f"{path}:{number}")
+        rows[result.key()] = result
+    return list(rows.values())
+
+
+def _result_from_row(data: dict[str, Any], where: str) -> Result:
+    missing = [c for c in COLUMNS if c not in data]
+    unknown = [c for c in data if c not in COLUMNS]
+    if missing or unknown:
+        raise SchemaError(
+            f"{where} is not an attnbench {SCHEMA_VERSION} results row "
+            f"(missing {missing[:5]}, unknown {unknown[:5]}): it was written by another "
+            "attnbench version; re-run the sweep into a new directory"
+        )
+    data = dict(data)
+    extra = data.pop("extra")
+    data["extra"] = json.loads(extra) if isinstance(extra, str) else (extra or {})
+    return Result(**data)
+
+
+def add_ratios(rows: list[Result]) -> None:
+    """Speedup and memory ratio against softmax at the same level/resolution/batch/dtype/device."""
+    base: dict[tuple, Result] = {}
+    for r in rows:
+        if r.method == BASELINE_METHOD and r.status == STATUS_OK:
+            base[(r.level, r.resolution, r.batch, r.dtype, r.device, r.model)] = r
+    for r in rows:
+        ref = base.get((r.level, r.resolution, r.batch, r.dtype, r.device, r.model))
+        r.speedup_vs_softmax = r.memory_ratio_vs_softmax = None
+        if ref is None or r.status != STATUS_OK:
+            continue
+        if r.latency_median_s and ref.latency_median_s:
+            r.speedup_vs_softmax = ref.latency_median_s / r.latency_median_s
+        if r.peak_memory_bytes and ref.peak_memory_bytes:
+            r.memory_ratio_vs_softmax = r.peak_memory_bytes / ref.peak_memory_bytes
+
+
+def to_dataframe(rows: list[Result]):
+    """The table as a pandas DataFrame (one column per ``Result`` field)."""
+    import pandas as pd
+
+    frame = pd.DataFrame([r.as_row() for r in rows], columns=COLUMNS)
+    return frame
+
+
+def load_table(path: Path | str):
+    """``(DataFrame, meta)`` of a run directory or a ``results.json`` file, schema-checked."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "results.json").exists():
+            path = path / "results.json"
+        elif (path / "results.jsonl").exists():
+            meta_path = path / "meta.json"
+            meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+            rows = load_rows(path / "results.jsonl")
+            add_ratios(rows)
+            return to_dataframe(rows), meta
+        else:
+            raise FileNotFoundError(f"{path} holds no results (results.json / results.jsonl)")
+    if not path.exists():
+        raise FileNotFoundError(f"no results at {path}")
+    try:
+        table = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise SchemaError(f"{path} is not JSON: {err}") from None
+    version = table.get("schema_version") if isinstance(table, dict) else None
+    if version != SCHEMA_VERSION:
+        raise SchemaError(
+            f"{path} has results schema {version!r}, this attnbench reads {SCHEMA_VERSION}: "
+            "re-run the sweep with this version"
+        )
+    rows = [_result_from_row(row, str(path)) for row in table.get("rows", [])]
+    return to_dataframe(rows), table.get("meta", {})

@@ -1,0 +1,263 @@
+"""Resolution sweeps that never hang or crash.
+
+Before a point runs, its time and memory are predicted from the analytic
+FLOP/byte models and a quick calibration of this device (achieved matmul
+FLOP/s and copy bandwidth). A point predicted over the time budget or over
+the free memory is recorded as ``skipped`` with the reason; a real
+out-of-memory is caught and recorded as ``oom``; any other failure as
+``error`` with its message. Every row is written the moment it exists.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import attention
+from ..models.configs import DiTConfig
+from .flops import count_flops
+from .memory import free_memory, peak_memory
+from .results import (
+    STATUS_ERROR,
+    STATUS_OK,
+    STATUS_OOM,
+    STATUS_SKIPPED,
+    STATUS_UNAVAILABLE,
+    Result,
+    ResultsWriter,
+    canonical_options,
+    point_key,
+)
+from .timer import measure, synchronize
+from .workloads import Point, build_workload, check_resolution
+
+RESOLUTIONS = (256, 512, 1024, 2048, 4096, 8192)
+#: calls a point makes beyond the timed repetitions: first call, 2 estimates, 1 memory
+EXTRA_CALLS = 4
+#: predictions are optimistic (peak FLOP/s, no overheads); a point is run only when
+#: this multiple of its predicted time fits the budget
+PREDICTION_MARGIN = 2.0
+#: FlopCounterMode runs the call once more: only when it is predicted this cheap
+COUNT_FLOPS_BELOW_S = 2.0
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method and the options it is benchmarked with (``clear:radius=16``)."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        if not self.options:
+            return self.name
+        return self.name + ":" + ":".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+
+
+def parse_methods(spec: str | Iterable[str], method_options: Iterable[str] = ()) -> list[MethodSpec]:
+    """``"softmax,lit,clear:radius=16"`` and ``["clear.radius=8"]`` → validated specs.
+
+    ``method_options`` (``METHOD.KEY=VALUE``) apply to every spec of that method
+    that does not set the key itself. Unknown methods or options raise ValueError.
+    """
+    items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    defaults: dict[str, dict[str, str]] = {}
+    for pair in method_options:
+        key, sep, value = pair.partition("=")
+        method, dot, option = key.partition(".")
+        if not sep or not dot or not method or not option:
+            raise ValueError(
+                f"method option {pair!r} is not METHOD.KEY=VALUE (e.g. clear.radius=8)"
+            )
+        defaults.setdefault(method.strip(), {})[option.strip()] = value.strip()
+    for method in defaults:
+        if method not in (i.split(":")[0] for i in items):
+            attention.get(method)  # an unknown name raises with suggestions
+            raise ValueError(f"--method-options names {method!r}, which is not in --methods")
+    specs = []
+    for item in items:
+        name, *pairs = item.split(":")
+        backend = attention.get(name)
+        given = dict(defaults.get(name, {}))
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep:
+                raise ValueError(f"{item!r}: {pair!r} is not KEY=VALUE (e.g. clear:radius=16)")
+            given[key.strip()] = value.strip()
+        resolved = backend.resolve(given, mixer=True)
+        explicit = {k: resolved[k] for k in given}
+        specs.append(MethodSpec(name, explicit))
+    if not specs:
+        raise ValueError("no methods to run: --methods is empty")
+    return specs
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What this device achieves on a dense matmul and a copy, for predictions."""
+
+    flops_per_s: float
+    bytes_per_s: float
+
+
+def calibrate(device: torch.device, dtype: torch.dtype) -> Calibration:
+    """A few milliseconds of matmul and copy on ``device`` in ``dtype``."""
+    size = 2048 if device.type == "cuda" else 512
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    matmul = measure(lambda: a @ b, device, budget_s=0.05, warmup_s=0.01, flush_l2=False)
+    src = torch.empty(32 * 1024 * 1024 // 4, device=device)
+    dst = torch.empty_like(src)
+    copy = measure(lambda: dst.copy_(src), device, budget_s=0.05, warmup_s=0.01, flush_l2=False)
+    return Calibration(
+        flops_per_s=2.0 * size**3 / matmul.median,
+        bytes_per_s=2.0 * src.numel() * src.element_size() / copy.median,
+    )
+
+
+@dataclass
+class SweepPlan:
+    """Everything a sweep runs; ``points()`` lists them in order."""
+
+    config: DiTConfig
+    methods: list[MethodSpec]
+    resolutions: list[int]
+    levels: list[str]
+    batch: int = 1
+    dtype: torch.dtype = torch.float32
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    budget_s: float = 60.0
+    rep_budget_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        for res in self.resolutions:
+            check_resolution(res, self.config.patch_size)
+
+    def points(self) -> list[tuple[int, str, MethodSpec]]:
+        return [(r, lvl, m) for r in self.resolutions for lvl in self.levels for m in self.methods]
+
+
+def _base_row(plan: SweepPlan, res: int, level: str, spec: MethodSpec) -> Result:
+    point = Point(plan.config, res, plan.batch)
+    return Result(
+        method=spec.name,
+        options=canonical_options(spec.options),
+        level=level,
+        resolution=res,
+        tokens=point.tokens,
+        batch=plan.batch,
+        dtype=str(plan.dtype).replace("torch.", ""),
+        device=str(plan.device),
+        model=plan.config.name or f"DiT-{plan.config.hidden_size}x{plan.config.depth}",
+        heads=point.heads,
+        head_dim=point.head_dim,
+    )
+
+
+def _is_oom(err: BaseException) -> bool:
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(err).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
+
+
+def run_point(
+    plan: SweepPlan, res: int, level: str, spec: MethodSpec, calib: Calibration
+) -> Result:
+    """Measure one point, or say why it was not measured. Never raises for the point."""
+    row = _base_row(plan, res, level, spec)
+    backend = attention.get(spec.name)
+    shape = (plan.batch, row.heads, row.tokens, row.head_dim)
+    reason = backend.available(plan.device, plan.dtype, shape)
+    if reason:
+        row.status, row.reason = STATUS_UNAVAILABLE, reason
+        return row
+    workload = None
+    try:
+        workload = build_workload(level, spec.name, spec.options, Point(plan.config, res,
+                                  plan.batch), plan.dtype, plan.device)
+        row.impl = workload.impl
+        row.flops_actual, row.flops_dense = workload.flops.actual, workload.flops.dense
+        row.predicted_bytes = workload.predicted_bytes
+        row.predicted_s = (workload.flops.actual / calib.flops_per_s
+                           + workload.predicted_bytes / calib.bytes_per_s)
+        skip = _over_budget(plan, row)
+        if skip:
+            row.status, row.reason = STATUS_SKIPPED, skip
+            return row
+        with torch.inference_mode():
+            timing = measure(workload.fn, plan.device, budget_s=plan.rep_budget_s,
+                             warmup_s=min(0.2, plan.rep_budget_s / 5))
+            memory = peak_memory(workload.fn, plan.device)
+            overheads = {
+                name: measure(step, plan.device, budget_s=plan.rep_budget_s / 5,
+                              warmup_s=0.0).median
+                for name, step in workload.overheads.items()
+            }
+            if row.predicted_s < COUNT_FLOPS_BELOW_S:
+                row.flops_counted = float(count_flops(workload.fn))
+        row.latency_median_s, row.latency_p20_s, row.latency_p80_s = (
+            timing.median, timing.p20, timing.p80)
+        row.repetitions, row.timer = timing.reps, timing.timer
+        row.extra["l2_flush"] = timing.l2_flush
+        row.peak_memory_bytes, row.memory_meter = memory.peak_bytes, memory.meter
+        if memory.reason:
+            row.extra["memory_reason"] = memory.reason
+        row.tflops_achieved = workload.flops.actual / timing.median / 1e12
+        row.overheads = json.dumps(overheads, sort_keys=True)
+        row.overhead_s = sum(overheads.values()) if overheads else None
+        row.status = STATUS_OK
+    except Exception as err:  # a point must never crash the sweep
+        row.status = STATUS_OOM if _is_oom(err) else STATUS_ERROR
+        row.reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:500]
+    finally:
+        del workload
+        gc.collect()
+        if plan.device.type == "cuda":
+            synchronize(plan.device)
+            torch.cuda.empty_cache()
+    return row
+
+
+def _over_budget(plan: SweepPlan, row: Result) -> str | None:
+    calls = EXTRA_CALLS + 3  # the timer's minimum repetitions
+    predicted = row.predicted_s * calls * PREDICTION_MARGIN
+    if predicted > plan.budget_s:
+        return f"predicted {predicted:.3g} s > budget {plan.budget_s:g} s"
+    free = free_memory(plan.device)
+    if row.predicted_bytes and row.predicted_bytes > 0.9 * free:
+        return f"needs {row.predicted_bytes / 2**30:.3g} GiB, {free / 2**30:.3g} GiB free"
+    return None
+
+
+def run_sweep(plan: SweepPlan, writer: ResultsWriter, *, progress: bool = True) -> list[Result]:
+    """Run every point of ``plan`` not already in ``writer``'s directory; return all rows."""
+    from tqdm import tqdm
+
+    done = writer.done()
+    todo = []
+    for res, level, spec in plan.points():
+        base = _base_row(plan, res, level, spec)
+        key = point_key(base.method, base.options, level, res, plan.batch, base.dtype,
+                        base.device, base.model)
+        if key not in done:
+            todo.append((res, level, spec))
+    calib = calibrate(plan.device, plan.dtype)
+    writer.meta["calibration"] = {"flops_per_s": calib.flops_per_s,
+                                  "bytes_per_s": calib.bytes_per_s}
+    bar = tqdm(todo, disable=not progress, unit="point", dynamic_ncols=True)
+    for res, level, spec in bar:
+        bar.set_description(f"{spec.label} {level} {res}px")
+        started = time.perf_counter()
+        row = run_point(plan, res, level, spec, calib)
+        row.extra["wall_s"] = round(time.perf_counter() - started, 3)
+        writer.append(row)
+    bar.close()
+    return writer.finalize()

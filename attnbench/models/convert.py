@@ -1,0 +1,377 @@
+"""Conversion = weight inheritance: a pretrained DiT becomes a student of any method.
+
+``convert(model, method, **options)`` builds the same DiT with every block's
+attention replaced by ``method``'s mixer, copies every parameter the recipe
+inherits, lets the method initialise the rest, and returns the student with an
+:class:`InheritanceReport` saying what happened to every key.
+
+What is inherited is decided from the mixers' own declarations, never from the
+method's name: a mixer's ``inheritable_parameters()`` (the q/k/v/out
+projections) have a softmax counterpart, its ``new_parameters()`` do not and
+are initialised by its ``reset_new_parameters()``. A :class:`Recipe` only
+decides two things a paper prescribes: whether the projections are inherited or
+re-initialised, and how many heads the student has. Recipes:
+
+* ``lit`` -- LiT's rule (arXiv 2501.12976, guideline 4; its class-to-image code
+  drops every key containing ``attn``): everything except the attention is
+  inherited; q/k/v/proj are re-initialised (Xavier-uniform, bias 0 -- DiT's
+  init of every Linear) unless ``inherit_projections=True``. Few heads
+  (guideline 2): the paper uses 2 for DiT-S/2 (6 heads) and 4 for DiT-XL/2
+  (16); the rule ``max(2, heads // 4)`` reproduces both and is used for every
+  size (B: 3, L: 4). The qkv weights are the same whatever the split, so
+  inheriting them with fewer heads splits the same projections differently.
+* ``clear`` -- CLEAR (arXiv 2412.16112): q/k/v/out inherited, the same
+  projections, teacher's heads; nothing new unless the mixer adds down-sampled
+  KV tokens (``down_factor``).
+* ``sla`` -- SLA (arXiv 2509.24006): q/k/v/out inherited; the linear branch's
+  projection is zero-initialised by the mixer, so a fresh student is
+  block-sparse attention.
+* ``inherit`` -- every other method: inherit what has a counterpart (the
+  projections, unless the backend's ``inherits_projections`` is False), keep
+  the teacher's heads.
+
+Every recipe is overridable: ``recipe=``, ``num_heads=``, ``inherit_projections=``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import attention
+from .checkpoint import CheckpointInfo, load_dit, save_dit
+from .configs import DiTConfig
+from .dit import DiT
+
+#: file name of the report beside a saved student
+REPORT_FILE = "inheritance.json"
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def lit_heads(teacher: DiTConfig) -> int:
+    """LiT's few heads: ``max(2, heads // 4)`` (S/2: 6 → 2, XL/2: 16 → 4, as in the paper).
+
+    Lowered to the nearest count dividing the hidden size if it does not.
+    """
+    heads = max(2, teacher.num_heads // 4)
+    while heads > 1 and teacher.hidden_size % heads:
+        heads -= 1
+    return heads
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a softmax DiT becomes a student of a method (see the module docstring).
+
+    ``inherit_projections=None`` follows the backend's ``inherits_projections``;
+    ``heads=None`` keeps the teacher's heads.
+    """
+
+    name: str
+    summary: str
+    source: str = ""
+    inherit_projections: bool | None = None
+    heads: Callable[[DiTConfig], int] | None = None
+
+    def student_heads(self, teacher: DiTConfig) -> int:
+        return self.heads(teacher) if self.heads else teacher.num_heads
+
+    def inherits(self, backend: attention.AttentionBackend) -> bool:
+        if self.inherit_projections is None:
+            return bool(backend.inherits_projections)
+        return self.inherit_projections
+
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def register_recipe(recipe: Recipe) -> Recipe:
+    """Add a recipe (named after a method to become its default); names are unique."""
+    if recipe.name in RECIPES and RECIPES[recipe.name] != recipe:
+        raise ValueError(f"conversion recipe {recipe.name!r} is already registered")
+    RECIPES[recipe.name] = recipe
+    return recipe
+
+
+register_recipe(
+    Recipe(
+        "inherit",
+        "inherit every parameter with a softmax counterpart (projections per the method's "
+        "inherits_projections); the method initialises its new parameters; teacher's heads",
+        "attnbench default",
+    )
+)
+register_recipe(
+    Recipe(
+        "lit",
+        "LiT: inherit everything except the attention (q/k/v/proj re-initialised "
+        "Xavier-uniform, bias 0); few heads max(2, heads//4): S/2 2, XL/2 4",
+        "LiT, arXiv 2501.12976, guidelines 2 and 4",
+        inherit_projections=False,
+        heads=lit_heads,
+    )
+)
+register_recipe(
+    Recipe(
+        "clear",
+        "CLEAR: inherit q/k/v/out (the same projections); new parameters only with "
+        "down-sampled KV tokens (down_factor); teacher's heads",
+        "CLEAR, arXiv 2412.16112",
+        inherit_projections=True,
+    )
+)
+register_recipe(
+    Recipe(
+        "sla",
+        "SLA: inherit q/k/v/out; the linear-branch projection is zero-initialised so the "
+        "fresh student equals block-sparse attention; teacher's heads",
+        "SLA, arXiv 2509.24006",
+        inherit_projections=True,
+    )
+)
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        from ..attention.base import closest
+
+        raise ValueError(f"unknown conversion recipe {name!r}" + closest(name, list(RECIPES)))
+
+
+def recipe_for(method: str) -> Recipe:
+    """The default recipe of ``method``: its own if registered, else ``inherit``."""
+    return RECIPES.get(method, RECIPES["inherit"])
+
+
+# --------------------------------------------------------------------------- the report
+
+
+@dataclass
+class InheritanceReport:
+    """What a conversion did with every key of the teacher and of the student.
+
+    * ``inherited`` -- student keys copied from the teacher key of the same name;
+    * ``new`` -- student keys with no softmax counterpart (the method's own
+      parameters), initialised as the method prescribes;
+    * ``reinitialised`` -- student keys that have a teacher counterpart the recipe
+      chose not to inherit (LiT's q/k/v/proj), freshly initialised;
+    * ``dropped`` -- teacher keys whose values are not in the student.
+
+    ``inherited + dropped`` = the teacher's keys and ``inherited + new +
+    reinitialised`` = the student's keys, each exactly once.
+    """
+
+    method: str
+    options: dict[str, Any]
+    recipe: str
+    recipe_summary: str
+    recipe_source: str
+    inherit_projections: bool
+    teacher_heads: int
+    student_heads: int
+    inherited: list[str] = field(default_factory=list)
+    new: list[str] = field(default_factory=list)
+    reinitialised: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    #: element counts: teacher, student, inherited, new, reinitialised, dropped
+    parameters: dict[str, int] = field(default_factory=dict)
+    teacher_config: dict[str, Any] = field(default_factory=dict)
+    student_config: dict[str, Any] = field(default_factory=dict)
+    #: the teacher's checkpoint (path, format, entry, size, sha256) if it came from a file
+    source: dict[str, Any] | None = None
+    seed: int | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str) + "\n"
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> InheritanceReport:
+        data = json.loads(Path(path).read_text())
+        return cls(**data)
+
+    def summary(self) -> str:
+        """A few human-readable lines."""
+        p = self.parameters
+        opts = ", ".join(f"{k}={v}" for k, v in self.options.items()) or "defaults"
+        src = f" from {self.source['path']}" if self.source else ""
+        lines = [
+            f"converted{src} to {self.method} ({opts}) with recipe {self.recipe!r}: "
+            f"{self.teacher_heads} -> {self.student_heads} heads, projections "
+            + ("inherited" if self.inherit_projections else "re-initialised"),
+            f"  inherited     {len(self.inherited):5d} keys {p.get('inherited', 0):>13,d} params",
+            f"  new           {len(self.new):5d} keys {p.get('new', 0):>13,d} params",
+            f"  reinitialised {len(self.reinitialised):5d} keys "
+            f"{p.get('reinitialised', 0):>13,d} params",
+            f"  dropped       {len(self.dropped):5d} keys {p.get('dropped', 0):>13,d} params"
+            " (teacher values not used)",
+            f"  student total {p.get('student', 0):,d} params (teacher {p.get('teacher', 0):,d})",
+        ]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- convert
+
+
+def _versions() -> dict[str, str]:
+    from .. import __version__
+
+    return {"attnbench": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def convert(
+    model: DiT | str | Path,
+    method: str,
+    *,
+    recipe: str | Recipe | None = None,
+    num_heads: int | None = None,
+    inherit_projections: bool | None = None,
+    seed: int | None = 0,
+    hash_source: bool = True,
+    **options: Any,
+) -> tuple[DiT, InheritanceReport]:
+    """Convert ``model`` (a DiT, or a checkpoint path) to attention ``method``.
+
+    ``options`` are the method's (mixer) options, ``impl=`` included; ``recipe``,
+    ``num_heads`` and ``inherit_projections`` override the method's recipe.
+    ``seed`` fixes the initialisation of what is not inherited (the global RNG is
+    left untouched). Returns ``(student, report)``; the student is on the
+    teacher's device and dtype, in its train/eval mode.
+    """
+    teacher = load_dit(model) if isinstance(model, str | Path) else model
+    if not isinstance(teacher, DiT):
+        raise ValueError(f"convert() takes an attnbench DiT or a checkpoint path, got {model!r}")
+    backend = attention.get(method)
+    rec = get_recipe(recipe) if isinstance(recipe, str) else (recipe or recipe_for(method))
+    t_cfg = teacher.config
+
+    heads = rec.student_heads(t_cfg) if num_heads is None else num_heads
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0:
+        raise ValueError(f"num_heads must be a positive integer, got {heads!r}")
+    if t_cfg.hidden_size % heads:
+        raise ValueError(
+            f"num_heads={heads} does not divide the hidden size {t_cfg.hidden_size}; "
+            f"choose one of {_divisors(t_cfg.hidden_size)}"
+        )
+    inherit = rec.inherits(backend) if inherit_projections is None else bool(inherit_projections)
+
+    impl = options.pop("impl", None)
+    resolved = backend.resolve(options, mixer=True)
+    attention_options = {**resolved, **({"impl": impl} if impl is not None else {})}
+    s_cfg = t_cfg.replace(
+        attention=method,
+        attention_options=attention_options,
+        attention_heads=None if heads == t_cfg.num_heads else heads,
+    )
+
+    param = next(teacher.parameters())
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        student = DiT(s_cfg)  # DiT's init, then every mixer's reset_new_parameters()
+
+    t_state = teacher.state_dict()
+    s_state = student.state_dict()
+    attn_keys: dict[str, str] = {}  # student key -> "inheritable" | "new"
+    for i, (s_mix, t_mix) in enumerate(zip(student.mixers(), teacher.mixers(), strict=True)):
+        prefix = f"blocks.{i}.attn."
+        s_inh = set(s_mix.inheritable_parameters())
+        t_inh = set(t_mix.inheritable_parameters())
+        for name in s_mix.state_dict():
+            key = prefix + name
+            counterpart = (
+                name in s_inh
+                and name in t_inh
+                and key in t_state
+                and t_state[key].shape == s_state[key].shape
+            )
+            attn_keys[key] = "inheritable" if counterpart else "new"
+
+    inherited, new, reinitialised = [], [], []
+    for key, value in s_state.items():
+        kind = attn_keys.get(key)
+        if kind == "new":
+            new.append(key)
+        elif kind == "inheritable":
+            (inherited if inherit else reinitialised).append(key)
+        elif key in t_state and t_state[key].shape == value.shape:
+            inherited.append(key)
+        else:  # pragma: no cover - same config outside the attention: cannot happen
+            raise ValueError(f"the teacher has no tensor for {key} of shape {tuple(value.shape)}")
+    taken = set(inherited)
+    dropped = [k for k in t_state if k not in taken]
+
+    with torch.no_grad():
+        student.load_state_dict({k: t_state[k] for k in inherited}, strict=False)
+    student = student.to(device=param.device, dtype=param.dtype)
+    student.train(teacher.training)
+
+    def count(keys, state):
+        return int(sum(state[k].numel() for k in keys))
+
+    source = None
+    info: CheckpointInfo | None = getattr(teacher, "checkpoint", None)
+    if info is not None:
+        source = info.to_dict(with_hash=hash_source)
+    report = InheritanceReport(
+        method=method,
+        options=attention_options,
+        recipe=rec.name,
+        recipe_summary=rec.summary,
+        recipe_source=rec.source,
+        inherit_projections=inherit,
+        teacher_heads=t_cfg.heads,
+        student_heads=heads,
+        inherited=inherited,
+        new=new,
+        reinitialised=reinitialised,
+        dropped=dropped,
+        parameters={
+            "teacher": count(t_state, t_state),
+            "student": count(s_state, s_state),
+            "inherited": count(inherited, s_state),
+            "new": count(new, s_state),
+            "reinitialised": count(reinitialised, s_state),
+            "dropped": count(dropped, t_state),
+        },
+        teacher_config=t_cfg.to_dict(),
+        student_config=s_cfg.to_dict(),
+        source=source,
+        seed=seed,
+        versions=_versions(),
+    )
+    student.inheritance = report
+    return student, report
+
+
+def save_student(student: DiT, out: str | Path, report: InheritanceReport | None = None) -> Path:
+    """Save a converted student to directory ``out`` (weights, config, report JSON)."""
+    out = Path(out)
+    weights = save_dit(student, out)
+    report = report or getattr(student, "inheritance", None)
+    if report is not None:
+        report.save(weights.parent / REPORT_FILE)
+    return weights

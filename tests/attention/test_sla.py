@@ -1,0 +1,392 @@
+"""SLA: the block selection, the naive reference, the gather path, the mixer, the cost model.
+
+The reference is itself checked against a per-query loop written from the
+paper's formulas, the block map against a brute-force loop, and the gather
+path against the float64 reference across the shapes that break block code
+(partial last blocks, unequal block sizes, head dim 72, batch > 1).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnbench import attention
+from attnbench.attention import sla as sla_module
+from attnbench.bench.flops import count_flops
+from tests.helpers import qkv
+
+SLA = attention.get("sla")
+SOFTMAX = attention.get("softmax")
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5}
+
+# (batch, heads, grid, head_dim, options): partial blocks, non-square grids, several blocks
+CASES = [
+    pytest.param(2, 3, (5, 7), 64, {}, id="N35-one-partial-block"),
+    pytest.param(1, 2, (9, 13), 72, {}, id="N117-d72"),
+    pytest.param(2, 1, (16, 8), 64, {"topk": 0.5}, id="N128-whole-blocks"),
+    pytest.param(2, 2, (12, 25), 32, {"topk": 0.4}, id="N300-5-blocks"),
+    pytest.param(1, 2, (10, 23), 16, {"topk": 0.3, "block_q": 32, "block_kv": 24}, id="unequal"),
+]
+
+
+def _options(**given):
+    return SLA.resolve(given)
+
+
+def _naive_block_logits(q, k, block_q, block_kv):
+    """Pooled-q · pooled-centred-k / √d from explicit loops over blocks and valid tokens."""
+    b, h, n, d = q.shape
+    nq, nk = -(-n // block_q), -(-n // block_kv)
+    out = torch.empty(b, h, nq, nk, dtype=q.dtype)
+    for bi in range(b):
+        for hi in range(h):
+            mu = sum(k[bi, hi, t] for t in range(n)) / n
+            for i in range(nq):
+                rows = range(i * block_q, min(n, (i + 1) * block_q))
+                pq = sum(q[bi, hi, t] for t in rows) / len(rows)
+                for j in range(nk):
+                    cols = range(j * block_kv, min(n, (j + 1) * block_kv))
+                    pk = sum(k[bi, hi, t] - mu for t in cols) / len(cols)
+                    out[bi, hi, i, j] = (pq @ pk) / d**0.5
+    return out
+
+
+# --------------------------------------------------------------------------- selection
+
+
+@pytest.mark.parametrize(
+    "kv_blocks, topk, expected",
+    [(4, 0.05, 1), (1, 0.05, 1), (10, 0.3, 3), (100, 0.29, 29), (20, 0.999, 19), (20, 1.0, 20)],
+)
+def test_selected_count_rounds_down_but_keeps_one(kv_blocks, topk, expected):
+    assert sla_module.selected_count(kv_blocks, topk) == expected
+
+
+@pytest.mark.parametrize("block_q, block_kv, topk", [(8, 8, 0.3), (16, 7, 0.5), (5, 1, 0.29)])
+def test_block_map_against_a_brute_force_loop(block_q, block_kv, topk, gen):
+    q, k, _ = qkv(gen, 2, 2, 100, 8)
+    k = k + 3.0  # an offset for centring to remove
+    naive = _naive_block_logits(q, k, block_q, block_kv)
+    logits = sla_module.block_logits(q, k, block_q, block_kv)
+    torch.testing.assert_close(logits, naive, atol=1e-12, rtol=1e-12)
+
+    selected = sla_module.block_map(q, k, block_q, block_kv, topk)
+    nk = -(-100 // block_kv)
+    kk = sla_module.selected_count(nk, topk)
+    assert selected.shape == naive.shape and selected.dtype == torch.bool
+    assert (selected.sum(-1) == kk).all()
+    # the kept blocks are the kk best of the naive scores: every kept ≥ every dropped
+    kept_min = naive.masked_fill(~selected, float("inf")).amin(-1)
+    dropped_max = naive.masked_fill(selected, float("-inf")).amax(-1)
+    assert (kept_min >= dropped_max).all()
+    # the indices and the map agree; the softmax scores select the same blocks
+    indices = sla_module.block_indices(q, k, block_q, block_kv, topk)
+    assert torch.equal(sla_module.indices_to_map(indices, nk), selected)
+    assert (indices.diff(dim=-1) > 0).all()
+    scores = sla_module.block_scores(q, k, block_q, block_kv)
+    torch.testing.assert_close(scores.sum(-1), torch.ones_like(scores[..., 0]))
+    assert torch.equal(scores.topk(kk, dim=-1).indices.sort(-1).values, indices)
+
+
+def test_block_logits_centre_k(gen):
+    """Centred k: the logits ignore a shift shared by all keys (uncentred ones would not)."""
+    q, k, _ = qkv(gen, 1, 2, 70, 8)
+    shift = torch.randn(8, generator=gen, dtype=torch.float64) * 10
+    torch.testing.assert_close(
+        sla_module.block_logits(q, k + shift, 16, 16), sla_module.block_logits(q, k, 16, 16)
+    )
+
+
+def test_mean_pool_divides_a_partial_block_by_its_tokens():
+    x = torch.arange(10, dtype=torch.float64).reshape(1, 1, 10, 1)
+    pooled = sla_module.mean_pool(x, 4)
+    assert pooled.flatten().tolist() == [1.5, 5.5, 8.5]
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def _sla_from_definition(q, k, v, selected, block_q, block_kv, phi, linear_over, eps):
+    """One query at a time: softmax over its critical keys + linear over the others (or all)."""
+    n = q.shape[2]
+    out = torch.empty_like(q)
+    key_block = torch.arange(n) // block_kv
+    for i in range(n):
+        critical = selected[:, :, i // block_q][..., key_block]  # [B, H, N] keys
+        scores = (q[:, :, i : i + 1] @ k.transpose(-1, -2))[:, :, 0] / q.shape[-1] ** 0.5
+        p = torch.softmax(scores.masked_fill(~critical, float("-inf")), dim=-1)
+        o_s = (p.unsqueeze(-1) * v).sum(2)
+        w = (phi(q[:, :, i : i + 1]) * phi(k)).sum(-1)  # [B, H, N]
+        if linear_over == "marginal":
+            w = w * ~critical
+        o_l = (w.unsqueeze(-1) * v).sum(2) / (w.sum(-1, keepdim=True) + eps)
+        out[:, :, i] = o_s + o_l
+    return out
+
+
+@pytest.mark.parametrize("linear_over", ["marginal", "all"])
+@pytest.mark.parametrize("feature_map", ["softmax", "relu", "elu"])
+def test_reference_from_its_definition(feature_map, linear_over, gen):
+    q, k, v = qkv(gen, 2, 2, 45, 8)
+    opts = _options(
+        topk=0.4, block_q=8, block_kv=10, feature_map=feature_map, linear_over=linear_over
+    )
+    selected = sla_module.block_map(q, k, 8, 10, 0.4)
+    phi = sla_module.FEATURE_MAPS[feature_map]
+    expected = _sla_from_definition(q, k, v, selected, 8, 10, phi, linear_over, opts["eps"])
+    out = SLA.reference(q, k, v, grid=(5, 9), **opts)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_feature_maps():
+    x = torch.tensor([[-1.0, 0.0, 2.0]], dtype=torch.float64)
+    maps = sla_module.FEATURE_MAPS
+    torch.testing.assert_close(maps["softmax"](x), torch.softmax(x, -1))
+    assert maps["relu"](x).tolist() == [[0.0, 0.0, 2.0]]
+    torch.testing.assert_close(maps["elu"](x), torch.nn.functional.elu(x) + 1)
+    assert (maps["elu"](x) > 0).all()
+
+
+@pytest.mark.parametrize("linear_over", ["marginal", "all"])
+def test_reference_chunks_query_blocks(linear_over, gen, monkeypatch):
+    q, k, v = qkv(gen, 2, 2, 150, 8)
+    opts = _options(topk=0.5, block_q=16, block_kv=16, linear_over=linear_over)
+    whole = SLA.reference(q, k, v, grid=(10, 15), **opts)
+    monkeypatch.setattr(sla_module, "REFERENCE_CHUNK_ELEMENTS", 2 * 2 * 150 * 40)  # 2 blocks
+    chunked = SLA.reference(q, k, v, grid=(10, 15), **opts)
+    torch.testing.assert_close(chunked, whole, atol=1e-13, rtol=1e-13)
+
+
+# --------------------------------------------------------------------------- limiting cases
+
+
+@pytest.mark.parametrize("impl", ["reference", "gather"])
+@pytest.mark.parametrize(
+    "b, h, grid, d, blocks",
+    [(1, 2, (10, 20), 32, (64, 64)), (2, 1, (9, 13), 72, (32, 48)), (2, 2, (8, 8), 64, (64, 64))],
+)
+def test_every_block_selected_is_softmax(impl, b, h, grid, d, blocks, gen):
+    n = grid[0] * grid[1]
+    q, k, v = qkv(gen, b, h, n, d)
+    expected = SOFTMAX.attend(q, k, v, grid=grid, impl="reference")
+    out = SLA.attend(q, k, v, grid=grid, impl=impl, topk=1.0, block_q=blocks[0], block_kv=blocks[1])
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+
+
+def test_every_block_selected_is_softmax_in_float32(gen):
+    """An empty marginal set gives O_l = 0 exactly (the gather path skips the branch)."""
+    q, k, v = qkv(gen, 2, 2, 300, 32)
+    expected = SOFTMAX.attend(q, k, v, grid=(15, 20), impl="reference")
+    q, k, v = q.float(), k.float(), v.float()
+    o_s, o_l = SLA.attend_parts(q, k, v, grid=(15, 20), impl="gather", topk=1.0)
+    assert not o_l.any()
+    torch.testing.assert_close(o_s.double(), expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("impl", ["reference", "gather"])
+def test_every_block_selected_over_all_is_softmax_plus_linear(impl, gen):
+    q, k, v = qkv(gen, 2, 2, 100, 16)
+    eps = 1e-5
+    fq, fk = torch.softmax(q, -1), torch.softmax(k, -1)
+    linear = (fq @ (fk.transpose(-1, -2) @ v)) / (fq @ fk.sum(2).unsqueeze(-1) + eps)
+    expected = SOFTMAX.attend(q, k, v, grid=(10, 10), impl="reference") + linear
+    out = SLA.attend(q, k, v, grid=(10, 10), impl=impl, topk=1.0, linear_over="all")
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+
+
+# --------------------------------------------------------------------------- gather path
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("b, h, grid, d, given", CASES)
+def test_gather_matches_float64_reference(b, h, grid, d, given, dtype, gen):
+    n = grid[0] * grid[1]
+    q, k, v = qkv(gen, b, h, n, d)
+    expected = SLA.reference(q, k, v, grid=grid, **_options(**given))
+    out = SLA.attend(q.to(dtype), k.to(dtype), v.to(dtype), grid=grid, impl="gather", **given)
+    assert out.shape == q.shape and out.dtype == dtype
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("linear_over", ["marginal", "all"])
+@pytest.mark.parametrize("feature_map", ["softmax", "relu", "elu"])
+def test_gather_parts_match_reference_parts(feature_map, linear_over, gen):
+    """O_s and O_l apart, from one shared selection, for every φ and both variants."""
+    q, k, v = qkv(gen, 2, 2, 150, 24)
+    opts = _options(
+        topk=0.4, block_q=16, block_kv=32, feature_map=feature_map, linear_over=linear_over
+    )
+    got = SLA.attend_parts(q, k, v, grid=(10, 15), impl="gather", **opts)
+    want = SLA.attend_parts(q, k, v, grid=(10, 15), impl="reference", **opts)
+    for part, expected in zip(got, want, strict=True):
+        torch.testing.assert_close(part, expected, atol=1e-12, rtol=1e-12)
+    assert want[1].abs().max() > 1e-3  # the linear branch is really there
+
+
+def test_gather_chunks_query_blocks(gen, monkeypatch):
+    q, k, v = qkv(gen, 1, 2, 200, 8)
+    opts = {"topk": 0.5, "block_q": 16, "block_kv": 16}
+    whole = SLA.attend(q, k, v, grid=(10, 20), impl="gather", **opts)
+    monkeypatch.setattr(sla_module, "GATHER_CHUNK_ELEMENTS", 1)  # one query block per chunk
+    assert sla_module.gather_chunk_blocks(1, 2, 6, 16, 8) == 1
+    chunked = SLA.attend(q, k, v, grid=(10, 20), impl="gather", **opts)
+    torch.testing.assert_close(chunked, whole, atol=1e-13, rtol=1e-13)
+
+
+def test_gather_gradients_match_reference(gen):
+    q, k, v = (t.requires_grad_() for t in qkv(gen, 2, 2, 150, 16))
+    weight = torch.randn(2, 2, 150, 16, generator=gen, dtype=torch.float64)
+    grads = {}
+    for impl in ("reference", "gather"):
+        out = SLA.attend(q, k, v, grid=(10, 15), impl=impl, topk=0.4, block_q=32, block_kv=32)
+        grads[impl] = torch.autograd.grad((out * weight).sum(), (q, k, v))
+    for got, want in zip(grads["gather"], grads["reference"], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    assert SLA.select("cpu", torch.float32, needs_grad=True) == "gather"
+
+
+def test_gather_in_bfloat16(gen):
+    q, k, v = qkv(gen, 1, 2, 256, 64)
+    expected = SLA.reference(q, k, v, grid=(16, 16), **_options(topk=0.5))
+    out = SLA.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), grid=(16, 16), topk=0.5)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), expected, atol=3e-2, rtol=3e-2)
+
+
+def test_gather_never_forms_the_n_by_n_matrix(gen):
+    """65,536 tokens: an N×N float32 score matrix would need 16 GiB; the gather path ~30 MiB."""
+    q, k, v = (torch.randn(1, 1, 256 * 256, 8, generator=gen) for _ in range(3))
+    out = SLA.attend(q, k, v, grid=(256, 256), topk=0.01)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    for impl in ("fast", "reference"):
+        assert SLA.memory(1, 1, 256 * 256, 8, topk=0.01, impl=impl).workspace < 256**4 * 4 / 16
+
+
+# --------------------------------------------------------------------------- mixer
+
+
+def test_mixer_zero_init_is_block_sparse_attention(gen):
+    torch.manual_seed(0)
+    mixer = SLA.mixer(64, 2, topk=0.4, block_q=16, block_kv=16).double()
+    assert mixer.proj_l.weight.shape == (32, 32) and mixer.proj_l.bias.shape == (32,)
+    assert mixer.new_parameters() == ["proj_l.weight", "proj_l.bias"]
+    x = torch.randn(2, 10 * 12, 64, generator=gen, dtype=torch.float64)
+    q, k, v = mixer.split_heads(x)
+    o_s, o_l = SLA.attend_parts(q, k, v, grid=(10, 12), topk=0.4, block_q=16, block_kv=16)
+    assert o_l.abs().max() > 1e-3
+    sparse_only = mixer.proj(o_s.transpose(1, 2).reshape(2, 120, 64))
+    torch.testing.assert_close(mixer(x, (10, 12)), sparse_only, atol=1e-12, rtol=1e-12)
+
+    # a model's own init (DiT: Xavier on every Linear) is undone by reset_new_parameters
+    torch.nn.init.xavier_uniform_(mixer.proj_l.weight)
+    torch.nn.init.normal_(mixer.proj_l.bias)
+    with_linear = mixer.proj((o_s + mixer.proj_l(o_l)).transpose(1, 2).reshape(2, 120, 64))
+    torch.testing.assert_close(mixer(x, (10, 12)), with_linear, atol=1e-12, rtol=1e-12)
+    mixer.reset_new_parameters()
+    assert not mixer.proj_l.weight.any() and not mixer.proj_l.bias.any()
+    assert mixer.inheritable_parameters() == ["qkv.weight", "qkv.bias", "proj.weight", "proj.bias"]
+
+
+def test_mixer_gradients_flow_through_the_gather_path(gen):
+    mixer = SLA.mixer(64, 2, topk=0.4, block_q=16, block_kv=16)
+    x = torch.randn(2, 100, 64, generator=gen)
+    calls = []
+    original = sla_module.PARTS["gather"]
+    sla_module.PARTS["gather"] = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    try:
+        mixer(x, (10, 10)).square().sum().backward()
+    finally:
+        sla_module.PARTS["gather"] = original
+    assert calls, "the mixer must run the gather path when gradients are needed"
+    for name, p in mixer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().max() > 0, f"no gradient reaches {name}"
+
+
+# --------------------------------------------------------------------------- cost model
+
+
+@pytest.mark.parametrize(
+    "grid, given",
+    [
+        ((16, 16), {}),  # 4 blocks, kk = 1
+        ((9, 13), {"topk": 0.5, "block_kv": 32}),  # partial blocks: counted padded
+        ((10, 20), {"topk": 0.4, "block_q": 32, "block_kv": 48, "linear_over": "all"}),
+        ((8, 16), {"topk": 1.0}),  # marginal set empty: no linear branch
+        ((8, 16), {"topk": 1.0, "linear_over": "all"}),
+    ],
+)
+def test_flop_model_equals_the_counted_gather_path(grid, given, gen):
+    n = grid[0] * grid[1]
+    q, k, v = qkv(gen, 2, 3, n, 24, dtype=torch.float32)
+    counted = count_flops(SLA.attend, q, k, v, grid=grid, impl="gather", **given)
+    model = SLA.flops(2, 3, n, 24, grid=grid, **given)
+    assert counted == model.actual
+    assert model.dense == 4 * 2 * 3 * n * n * 24
+    opts = _options(**given)
+    nq, nk = -(-n // opts["block_q"]), -(-n // opts["block_kv"])
+    assert model.overhead == 2 * 2 * 3 * nq * nk * 24
+    overhead = count_flops(SLA.block_map, q, k, **given)
+    assert overhead == model.overhead
+
+
+def test_flops_at_paper_sparsity():
+    """At 5% of 512 blocks the sparse part is 5% of dense; scoring and linear add a little."""
+    flops = SLA.flops(1, 12, 32768, 128, grid=(128, 256))
+    sparse = 4 * 12 * 32768 * (25 * 64) * 128
+    assert flops.actual > sparse and flops.ratio < 0.06
+    assert SLA.flops(1, 12, 32768, 128, grid=(128, 256), topk=1.0).ratio == pytest.approx(
+        1.0, rel=1e-3
+    )
+
+
+def test_memory_models():
+    fast = SLA.memory(1, 16, 4096, 72)
+    ref = SLA.memory(1, 16, 4096, 72, impl="reference")
+    assert 0 < fast.workspace < ref.workspace
+    assert fast.io == 4 * 16 * 4096 * 72 * 2
+
+
+# --------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        ({"topk": 0}, r"'topk'=0.0: must lie in \(0, 1\]"),
+        ({"topk": -0.1}, "topk"),
+        ({"topk": 1.5}, "topk"),
+        ({"feature_map": "hedgehog"}, r"feature_map.*\['softmax', 'relu', 'elu'\]"),
+        ({"linear_over": "none"}, "linear_over.*marginal"),
+        ({"block_q": 0}, "'block_q'=0: must be > 0"),
+        ({"block_kv": -64}, "block_kv"),
+        ({"block_q": 1.5}, "block_q.*integer"),
+        ({"eps": 0}, "eps"),
+        ({"topkk": 0.1}, "unknown option 'topkk'.*'topk'"),
+    ],
+)
+def test_invalid_options_raise(given, message, gen):
+    q, k, v = qkv(gen, 1, 1, 16, 8)
+    with pytest.raises(ValueError, match=message):
+        SLA.attend(q, k, v, grid=(4, 4), **given)
+    with pytest.raises(ValueError, match=message):
+        SLA.mixer(16, 2, **given)
+    with pytest.raises(ValueError, match=message):
+        SLA.flops(1, 1, 16, 8, **given)
+
+
+def test_describe_and_paths():
+    info = SLA.describe()
+    assert info["paper"] == "Zhang et al., SLA, arXiv 2509.24006"
+    assert info["implementations"] == ["reference", "gather"]
+    defaults = {o["name"]: o["default"] for o in info["options"]}
+    assert defaults == {
+        "topk": 0.05,
+        "block_q": 64,
+        "block_kv": 64,
+        "feature_map": "softmax",
+        "linear_over": "marginal",
+        "eps": 1e-5,
+    }
