@@ -362,6 +362,17 @@ class AttentionBackend:
         """True for methods that only exist as a fast path (flash, xformers)."""
         return False
 
+    def prepare(
+        self, q, k, v, *, grid: Grid, impl: str, options: dict[str, Any]
+    ) -> tuple[str, Grid, dict[str, Any]]:
+        """Checks shared by every entry point: ``(implementation, grid, resolved options)``."""
+        check_qkv(q, k, v)
+        opts = self.resolve(options)
+        grid = check_grid(grid, k.shape[2], extra=self.grid_extra_tokens(opts))
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        chosen = self.select(q.device, q.dtype, tuple(q.shape), impl=impl, needs_grad=needs_grad)
+        return chosen, grid, opts
+
     def attend(
         self,
         q: torch.Tensor,
@@ -378,11 +389,7 @@ class AttentionBackend:
         (and supports autograd when they require grad), else the reference;
         ``impl="reference"`` or a fast path's name forces one.
         """
-        check_qkv(q, k, v)
-        opts = self.resolve(options)
-        grid = check_grid(grid, k.shape[2], extra=self.grid_extra_tokens(opts))
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        chosen = self.select(q.device, q.dtype, tuple(q.shape), impl=impl, needs_grad=needs_grad)
+        chosen, grid, opts = self.prepare(q, k, v, grid=grid, impl=impl, options=options)
         if chosen == "reference":
             return self.reference(q, k, v, grid=grid, **opts)
         path = next(p for p in self.fast_paths if p.name == chosen)
@@ -457,6 +464,16 @@ class AttentionBackend:
             batch, heads, tokens, head_dim, grid, element_size=element_size, impl=impl, **opts
         )
         return Memory(io=io, workspace=float(workspace), dense=io)
+
+    def mixer_flops(
+        self, batch: int, heads: int, tokens: int, head_dim: int, **options: Any
+    ) -> float:
+        """FLOPs of the mixer's own learned parts, beyond ``attend`` and the projections.
+
+        LiT's depth-wise conv, SLA's ``proj_l``: part of a block's cost, not of
+        the attention kernel's. ``options`` are the mixer's (mixer-only ones included).
+        """
+        return 0.0
 
     def flop_model(self, batch, heads, tokens, head_dim, grid: Grid, **options) -> Flops:
         raise NotImplementedError  # pragma: no cover - every method defines it

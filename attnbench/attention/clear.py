@@ -675,6 +675,28 @@ class Clear(AttentionBackend):
         layout = _layout_of(q, grid, radius, global_tokens, down_factor, pool_weight)
         return clear_reference(q, k, v, layout, pool_weight)
 
+    def overhead_steps(self, q, k, v, *, grid: Grid, impl: str, **options: Any):
+        """CLEAR's work besides the attention proper, each step from scratch (uncached).
+
+        ``pool_kv`` (when ``down_factor`` > 0): the pooled K/V tokens and the
+        concatenation; ``block_mask`` (flex) or ``dense_mask`` (masked_sdpa): the
+        mask, which the paths otherwise build once per layout and cache. The
+        reference builds its small chunk masks inline; it has no separate step.
+        """
+        check_qkv(q, k, v)
+        opts = self.resolve(options)
+        layout = _layout(grid, k.shape[2], **opts)
+        if impl == "auto":
+            impl = self.select(q.device, q.dtype, tuple(q.shape))
+        steps: dict[str, Any] = {}
+        if layout.pooled:
+            steps["pool_kv"] = lambda: extend_kv(k, v, layout)
+        if impl == "flex":
+            steps["block_mask"] = lambda: _build_block_mask(layout, q.device)
+        elif impl == "masked_sdpa":
+            steps["dense_mask"] = lambda: _dense_mask(layout, q.device)
+        return steps
+
     # ----- cost models --------------------------------------------------------------
     def flop_model(
         self, batch, heads, tokens, head_dim, grid, *, radius, global_tokens, down_factor

@@ -100,6 +100,10 @@ class LiT(AttentionBackend):
         actual = batch * heads * (4.0 * tokens * head_dim * head_dim + 2.0 * tokens * head_dim)
         return Flops(actual=actual, dense=dense_flops(batch, heads, tokens, head_dim))
 
+    def mixer_flops(self, batch, heads, tokens, head_dim, **options) -> float:
+        kernel = self.resolve(options, mixer=True)["dwc_kernel"]
+        return 2.0 * batch * heads * tokens * head_dim * kernel * kernel  # depth-wise conv
+
     def workspace_model(self, batch, heads, tokens, head_dim, grid, *, element_size, impl, eps):
         # φ(q), φ(k) in the accumulation dtype (≥ fp32) and the state S, z per head.
         acc = max(element_size, 4)

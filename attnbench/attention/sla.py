@@ -44,8 +44,6 @@ from .base import (
     Flops,
     Grid,
     Option,
-    check_grid,
-    check_qkv,
     dense_flops,
     positive,
     unit_fraction,
@@ -465,17 +463,20 @@ class SLA(AttentionBackend):
 
         The mixer needs them apart to apply ``proj_l`` to the linear branch only.
         """
-        check_qkv(q, k, v)
-        opts = self.resolve(options)
-        check_grid(grid, k.shape[2])
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        chosen = self.select(q.device, q.dtype, tuple(q.shape), impl=impl, needs_grad=needs_grad)
+        chosen, _, opts = self.prepare(q, k, v, grid=grid, impl=impl, options=options)
         return sla_parts(chosen, q, k, v, **opts)
 
     def block_map(self, q: torch.Tensor, k: torch.Tensor, **options: Any) -> torch.Tensor:
         """The critical-block map ``attend`` would use with these options (the overhead)."""
         opts = self.resolve(options)
         return block_map(q, k, opts["block_q"], opts["block_kv"], opts["topk"])
+
+    def overhead_steps(self, q, k, v, *, grid: Grid, impl: str, **options: Any):
+        """The block map (pooling, scoring, top-k): timed apart from the attention."""
+        return {"block_map": lambda: self.block_map(q, k, **options)}
+
+    def mixer_flops(self, batch, heads, tokens, head_dim, **options) -> float:
+        return 2.0 * batch * heads * tokens * head_dim * head_dim  # proj_l on O_l
 
     def flop_model(
         self,

@@ -85,10 +85,12 @@ def block_linear_flops(config: DiTConfig, batch: int, tokens: int) -> float:
     return 2.0 * batch * (tokens * per_token + 6 * c * c)
 
 
-def model_flops(config: DiTConfig, batch: int, tokens: int, attention_flops: Flops) -> Flops:
+def model_flops(
+    config: DiTConfig, batch: int, tokens: int, attention_flops: Flops, *, mixer_flops: float = 0
+) -> Flops:
     """One denoising step: ``depth`` blocks plus embedders and the final layer."""
     c, p = config.hidden_size, config.patch_size
-    blocks = config.depth * block_linear_flops(config, batch, tokens)
+    blocks = config.depth * (block_linear_flops(config, batch, tokens) + mixer_flops)
     embed = 2.0 * batch * tokens * c * p * p * config.in_channels
     final = 2.0 * batch * (tokens * c * p * p * config.out_channels + 2 * c * c)
     t_embed = 2.0 * batch * (256 * c + c * c)
@@ -125,6 +127,7 @@ def build_workload(
     grid = point.grid
     element = torch.empty((), dtype=dtype).element_size()
     attn_flops = backend.flops(b, h, n, d, grid, **attend_options)
+    layer = backend.mixer_flops(b, h, n, d, **options)  # the mixer's learned parts
     attn_mem = backend.memory(b, h, n, d, grid, element_size=element, **attend_options)
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
@@ -153,7 +156,7 @@ def build_workload(
         def fn():
             return block(x, c, grid)
 
-        linear = block_linear_flops(config, b, n)
+        linear = block_linear_flops(config, b, n) + layer
         flops = Flops(linear + attn_flops.actual, linear + attn_flops.dense, attn_flops.overhead)
         params = sum(p.numel() for p in block.parameters()) * element
         return Workload(fn, flops, params + activations + attn_mem.workspace, impl)
@@ -169,7 +172,6 @@ def build_workload(
         return model(x, t, y)
 
     params = sum(p.numel() for p in model.parameters()) * element
-    return Workload(
-        fn, model_flops(config, b, n, attn_flops), params + activations + attn_mem.workspace, impl
-    )
+    flops = model_flops(config, b, n, attn_flops, mixer_flops=layer)
+    return Workload(fn, flops, params + activations + attn_mem.workspace, impl)
 

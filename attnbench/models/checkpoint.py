@@ -162,6 +162,7 @@ def _sniff(path: Path) -> str:
 
 def _corrupted(path: Path, detail: str) -> ValueError:
     detail = detail.strip().splitlines()[0] if detail.strip() else "unreadable"
+    detail = detail.split(". ")[0]  # torch's miniz messages run on for several sentences
     return ValueError(
         f"{path} is truncated or corrupted ({path.stat().st_size} bytes; {detail}): "
         "download or copy it again and compare its sha256 with the source's"
@@ -176,7 +177,11 @@ def _torch_load(path: Path, fmt: str) -> Any:
         text = str(err)
         if "Weights only load failed" in text or "Unsupported global" in text:
             found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-            what = f"it needs {found.group(1)}" if found else "it holds Python objects"
+            what = (
+                f"it contains the Python global {found.group(1)!r}, which could run code"
+                if found
+                else "it contains Python objects beyond tensors"
+            )
             raise ValueError(
                 f"{path} was refused by the safe loader ({what}): checkpoints are untrusted "
                 "input and attnbench never unpickles arbitrary objects. From a Python session "
@@ -346,7 +351,7 @@ _EVIDENCE = {
     "learn_sigma": "final_layer.linear.weight",
     "num_classes": "y_embedder.embedding_table.weight",
     "mlp_ratio": "blocks.0.mlp.fc1.weight",
-    "depth": "the blocks.{i} indices",
+    "depth": "blocks.{i}.*",
 }
 
 
@@ -444,7 +449,7 @@ def check_state_dict(model: DiT, state: Mapping[str, torch.Tensor], source: str)
     if mismatched:
         problems.append(f"shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
     hint = (
-        "if it is a converted student saved without its config, pass attention=METHOD, "
+        "If it is a converted student saved without its config, pass attention=METHOD, "
         "attention_options={...} and attention_heads=N as it was converted; otherwise "
         "pass the config it was trained with (config='DiT-XL/2', ...)"
     )
