@@ -618,7 +618,7 @@ class Clear(AttentionBackend):
             "flex",
             _flex,
             _flex_available,
-            differentiable=lambda device: device.type == "cuda",
+            differentiable=lambda device: torch.device(device).type == "cuda",
             doc="FlexAttention + cached BlockMask (compiled; CPU is forward-only)",
         ),
         FastPath(

@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
                      budget_s=args.budget or defaults["budget"])
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else REPO_ROOT / "reports" / "runs" / stamp
-    meta = environment(device, ["python", "-m", "attnbench", *sys.argv[1:]])
+    meta = environment(device, ["python", "-m", "attnbench", *args.argv])
     meta.update({
         "model": config.name, "model_config": config.to_dict(), "dtype": str(dtype),
         "levels": levels, "resolutions": resolutions, "batch": args.batch,

@@ -1,0 +1,401 @@
+"""CLEAR: every path against a float64 reference, the reference against the definition.
+
+The definition is rebuilt here naively (Python loops over query/key pairs and
+patches), independent of ``clear.allowed``. FlexAttention compiles once per
+shape on CPU (seconds each), so its cases share two shapes; everything else
+runs on the masked SDPA path or the reference in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attnbench import attention
+from attnbench.attention import clear
+from attnbench.bench.flops import count_flops
+from tests.helpers import qkv
+
+CLEAR = attention.get("clear")
+SOFTMAX = attention.get("softmax")
+FLEX_REASON = CLEAR.path_reasons("cpu", torch.float32, (1, 2, 530, 64))["flex"]
+
+
+# --------------------------------------------------------------------------- the definition
+
+
+def naive_mask(grid, radius, global_tokens=0, down_factor=0) -> torch.Tensor:
+    """``[N, M]`` bool, pair by pair: text↔all, image→text/pooled/circle."""
+    hg, wg = grid
+    g, f = global_tokens, down_factor
+    n = g + hg * wg
+    m = n + ((hg // f) * (wg // f) if f else 0)
+    rows = []
+    for i in range(n):
+        row = []
+        for j in range(m):
+            if i < g:
+                row.append(j < n)
+            elif j < g or j >= n:
+                row.append(True)
+            else:
+                qy, qx = divmod(i - g, wg)
+                ky, kx = divmod(j - g, wg)
+                row.append((qy - ky) ** 2 + (qx - kx) ** 2 < radius**2)
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.bool)
+
+
+def naive_pool(x, grid, global_tokens, f, weight=None) -> torch.Tensor:
+    """Pooled tokens patch by patch (top-left region when the grid is not a multiple of f)."""
+    hg, wg = grid
+    weight = torch.full((f, f), 1.0 / f**2, dtype=x.dtype) if weight is None else weight
+    out = []
+    for py in range(hg // f):
+        for px in range(wg // f):
+            acc = torch.zeros_like(x[:, :, 0])
+            for i in range(f):
+                for j in range(f):
+                    acc = (
+                        acc + weight[i, j] * x[:, :, global_tokens + (py * f + i) * wg + px * f + j]
+                    )
+            out.append(acc)
+    return torch.stack(out, dim=2) if out else x[:, :, :0]
+
+
+def naive_clear(q, k, v, grid, radius, global_tokens=0, down_factor=0, weight=None):
+    """Dense masked softmax over K/V extended with naively pooled tokens."""
+    mask = naive_mask(grid, radius, global_tokens, down_factor)
+    if down_factor:
+        k = torch.cat([k, naive_pool(k, grid, global_tokens, down_factor, weight)], dim=2)
+        v = torch.cat([v, naive_pool(v, grid, global_tokens, down_factor, weight)], dim=2)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v
+
+
+def exact_pairs_clear(q, k, v, mask):
+    """Softmax over exactly the allowed keys of each query: the FLOP-honest computation."""
+    out = torch.empty_like(q)
+    for i in range(q.shape[2]):
+        keys = mask[i].nonzero()[:, 0]
+        scores = q[:, :, i : i + 1] @ k[:, :, keys].transpose(-1, -2) / math.sqrt(q.shape[-1])
+        out[:, :, i : i + 1] = torch.softmax(scores, dim=-1) @ v[:, :, keys]
+    return out
+
+
+# (batch, heads, grid, global_tokens, down_factor, radius, head_dim)
+CASES = [
+    (2, 2, (7, 9), 0, 0, 2.5, 64),  # N = 63
+    (1, 3, (9, 13), 2, 0, 3.0, 72),  # N = 119, integer radius: strict boundary
+    (3, 1, (6, 10), 3, 2, 2.2, 64),  # N = 63, pooled 3×5
+    (2, 2, (7, 9), 2, 2, 1.5, 72),  # 7×9 not a multiple of 2: remainder not pooled
+    (1, 2, (5, 13), 0, 4, 4.0, 64),  # one row of pooled tokens, right columns left over
+    (2, 1, (16, 9), 1, 3, 0.5, 64),  # N = 145 > 128, radius < 1: self only + text + pooled
+]
+
+
+def _case_id(case) -> str:
+    b, h, (hg, wg), g, f, r, d = case
+    return f"B{b}H{h}g{hg}x{wg}G{g}f{f}r{r}d{d}"
+
+
+def _opts(case) -> dict:
+    _, _, _, g, f, r, _ = case
+    return {"radius": r, "global_tokens": g, "down_factor": f}
+
+
+def _inputs(gen, case, dtype=torch.float64):
+    b, h, (hg, wg), g, _, _, d = case
+    return qkv(gen, b, h, g + hg * wg, d, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_reference_is_the_definition(case, gen):
+    q, k, v = _inputs(gen, case)
+    grid = case[2]
+    out = CLEAR.reference(q, k, v, grid=grid, **_opts(case))
+    expected = naive_clear(q, k, v, grid, **_opts(case))
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_reference_in_many_chunks_is_the_definition(gen, monkeypatch):
+    """Forced into one grid row per chunk, the key band still covers every circle."""
+    monkeypatch.setattr(clear, "REFERENCE_CHUNK_ELEMENTS", 1)
+    case = (2, 2, (9, 7), 3, 2, 2.9, 16)
+    q, k, v = _inputs(gen, case)
+    assert clear._row_block(clear.Layout.build((9, 7), 2.9, 3, 2), 4) == 1
+    out = CLEAR.attend(q, k, v, grid=(9, 7), impl="reference", **_opts(case))
+    torch.testing.assert_close(out, naive_clear(q, k, v, (9, 7), **_opts(case)), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("global_tokens", [0, 3])
+@pytest.mark.parametrize("impl", ["reference", "masked_sdpa"])
+def test_radius_covering_the_grid_is_softmax(global_tokens, impl, gen):
+    grid = (6, 9)
+    q, k, v = qkv(gen, 2, 2, global_tokens + 54, 16)
+    radius = math.hypot(*grid)  # > the largest distance (5, 8)
+    out = CLEAR.attend(q, k, v, grid=grid, radius=radius, global_tokens=global_tokens, impl=impl)
+    expected = SOFTMAX.attend(q, k, v, grid=(global_tokens + 54, 1))
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_reference_at_a_128_by_128_grid_stays_chunked(gen, monkeypatch):
+    """16,384 tokens: no chunk of scores comes near the 16384² matrix."""
+    seen = []
+    inner = clear.softmax_reference
+
+    def spy(q, k, v, **kw):
+        seen.append(q.shape[2] * k.shape[2])
+        return inner(q, k, v, **kw)
+
+    monkeypatch.setattr(clear, "softmax_reference", spy)
+    n = 128 * 128
+    q, k, v = (torch.randn(1, 1, n, 4, generator=gen) for _ in range(3))
+    out = CLEAR.attend(q, k, v, grid=(128, 128), radius=8, impl="reference")
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    assert len(seen) > 1 and max(seen) <= clear.MASK_CHUNK_ELEMENTS <= n * n // 64
+    # spot check one query in the middle against its own neighbourhood
+    i = 64 * 128 + 70
+    ky, kx = torch.arange(n) // 128, torch.arange(n) % 128
+    mask = (ky - 64) ** 2 + (kx - 70) ** 2 < 64
+    expected = torch.softmax(q[0, 0, i] @ k[0, 0, mask].T / 2, dim=-1) @ v[0, 0, mask]
+    torch.testing.assert_close(out[0, 0, i], expected, atol=1e-5, rtol=1e-5)
+    ws = CLEAR.memory(1, 1, n, 4, grid=(128, 128), element_size=4, impl="reference")
+    assert ws.workspace < n * n * 4 / 16
+
+
+# --------------------------------------------------------------------------- fast paths
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_masked_sdpa_matches_the_reference(case, dtype, gen):
+    q, k, v = _inputs(gen, case)
+    grid = case[2]
+    expected = CLEAR.reference(q, k, v, grid=grid, **_opts(case))
+    out = CLEAR.attend(
+        *(t.to(dtype) for t in (q, k, v)), grid=grid, impl="masked_sdpa", **_opts(case)
+    )
+    assert out.dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
+# Two compiled shapes in all: [1, 2, 530, 64] with K = 530, and K = 566 (pooled).
+FLEX_CASES = [
+    ((20, 20), 130, 0, 3.0),  # 130 text tokens: a whole tile of full blocks
+    ((10, 40), 130, 0, 5.5),  # non-square, same shapes: no recompile
+    ((25, 16), 130, 0, 1.0),  # radius 1: the diagonal only
+    ((20, 20), 130, 3, 2.0),  # pooled 6×6, 20 not a multiple of 3
+]
+
+
+@pytest.mark.skipif(FLEX_REASON is not None, reason=f"flex: {FLEX_REASON}")
+@pytest.mark.parametrize("grid, global_tokens, down_factor, radius", FLEX_CASES)
+def test_flex_matches_the_reference(grid, global_tokens, down_factor, radius, gen):
+    opts = {"radius": radius, "global_tokens": global_tokens, "down_factor": down_factor}
+    n = global_tokens + grid[0] * grid[1]
+    q, k, v = qkv(gen, 1, 2, n, 64)
+    expected = CLEAR.reference(q, k, v, grid=grid, **opts)
+    assert CLEAR.select("cpu", torch.float32, (1, 2, n, 64)) == "flex"
+    out = CLEAR.attend(q.float(), k.float(), v.float(), grid=grid, **opts)
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
+
+
+def test_block_mask_tiles_are_the_dense_mask_reduced():
+    grid, g, f, r = (20, 20), 130, 3, 2.0
+    layout = clear.Layout.build(grid, r, g, f)
+    partial, full = clear._block_flags(layout, torch.device("cpu"))
+    mask = naive_mask(grid, r, g, f)
+    n, m, bs = mask.shape[0], mask.shape[1], clear.FLEX_BLOCK
+    padded = torch.zeros(-(-n // bs) * bs, -(-m // bs) * bs, dtype=torch.long)
+    padded[:n, :m] = mask
+    counts = padded.view(padded.shape[0] // bs, bs, -1, bs).sum(dim=(1, 3))
+    assert torch.equal(full, counts == bs * bs)
+    assert torch.equal(partial, (counts > 0) & (counts < bs * bs))
+    empty = ~(partial | full)
+    assert full.any() and partial.any() and empty.any()  # all three kinds exercised
+    assert clear.block_density(grid, r, g, f) == pytest.approx(1 - empty.float().mean().item())
+    built = clear.block_mask(grid, r, g, f)
+    assert clear.block_mask(grid, r, g, f) is built  # cached: built once per layout
+    assert built.seq_lengths == (n, m)
+
+
+def test_availability_gives_reasons():
+    reasons = CLEAR.path_reasons("cpu", torch.float64, (1, 1, 64, 8))
+    assert reasons["reference"] is None and reasons["masked_sdpa"] is None
+    assert "float64" in reasons["flex"]
+    huge = CLEAR.path_reasons("cpu", torch.float32, (1, 1, 1 << 16, 64))["masked_sdpa"]
+    assert "GiB" in huge
+    assert CLEAR.select("cpu", torch.float32, (1, 1, 64, 8), needs_grad=True) == "masked_sdpa"
+    assert CLEAR.select("cpu", torch.float64, (1, 1, 1 << 16, 8)) == "reference"
+    assert all(
+        r is None or isinstance(r, str) for r in CLEAR.path_reasons("cpu", torch.float16).values()
+    )
+
+
+def test_overhead_steps_build_from_scratch(gen):
+    q, k, v = qkv(gen, 1, 2, 3 + 48, 8)
+    opts = {"radius": 2.0, "global_tokens": 3, "down_factor": 4}
+    steps = CLEAR.overhead_steps(q, k, v, grid=(6, 8), impl="masked_sdpa", **opts)
+    assert set(steps) == {"pool_kv", "dense_mask"}
+    assert torch.equal(steps["dense_mask"](), naive_mask((6, 8), 2.0, 3, 4))
+    k_ext, _ = steps["pool_kv"]()
+    assert k_ext.shape[2] == 51 + 3
+    steps = CLEAR.overhead_steps(q, k, v, grid=(6, 8), impl="flex", radius=2.0, global_tokens=3)
+    assert set(steps) == {"block_mask"} and steps["block_mask"]().seq_lengths == (51, 51)
+
+
+# --------------------------------------------------------------------------- pairs and FLOPs
+
+PAIR_CASES = [
+    ((7, 9), 2.5, 0, 0),
+    ((16, 8), 3.0, 0, 0),  # integer radius: (3, 0) excluded
+    ((1, 20), 4.0, 0, 0),
+    ((5, 5), 0.5, 0, 0),
+    ((5, 5), 1.0, 2, 0),
+    ((4, 4), 100.0, 0, 0),  # covers the grid: N²
+    ((12, 7), 3.7, 5, 3),
+    ((6, 10), 2.2, 3, 2),
+]
+
+
+@pytest.mark.parametrize("grid, radius, global_tokens, down_factor", PAIR_CASES)
+def test_pair_count_is_the_mask_sum(grid, radius, global_tokens, down_factor):
+    mask = naive_mask(grid, radius, global_tokens, down_factor)
+    assert clear.allowed_pairs(grid, radius, global_tokens, down_factor) == int(mask.sum())
+    hg, wg = grid
+    local = naive_mask(grid, radius)
+    assert clear.local_pairs(grid, radius) == int(local.sum())
+    n = global_tokens + hg * wg
+    flops = CLEAR.flops(
+        2, 3, n, 8, grid=grid, radius=radius, global_tokens=global_tokens, down_factor=down_factor
+    )
+    assert flops.actual == 4 * 2 * 3 * int(mask.sum()) * 8
+    assert flops.dense == 4 * 2 * 3 * n * n * 8
+
+
+def test_pair_count_scales_like_the_circle():
+    """Far from the borders each query has ~πr² keys."""
+    pairs = clear.local_pairs((1000, 1000), 16)
+    assert pairs / 1e6 == pytest.approx(math.pi * 16**2, rel=0.05)
+
+
+def test_flop_model_equals_the_counted_flops_of_exact_pair_attention(gen):
+    """No path computes only the allowed pairs (flex: whole 128² tiles; SDPA and the
+    reference: dense rows), so FlopCounterMode cannot check the sparse count on
+    them. A per-query gather of exactly the allowed keys can: its matmuls are
+    4·d FLOPs per pair, and its output must be CLEAR's."""
+    grid, g, f, r = (6, 7), 2, 2, 2.3
+    q, k, v = qkv(gen, 2, 2, g + 42, 8)
+    mask = naive_mask(grid, r, g, f)
+    k_ext = torch.cat([k, naive_pool(k, grid, g, f)], dim=2)
+    v_ext = torch.cat([v, naive_pool(v, grid, g, f)], dim=2)
+    counted = count_flops(exact_pairs_clear, q, k_ext, v_ext, mask)
+    analytic = CLEAR.flops(2, 2, g + 42, 8, grid=grid, radius=r, global_tokens=g, down_factor=f)
+    assert counted == analytic.actual
+    expected = CLEAR.reference(q, k, v, grid=grid, radius=r, global_tokens=g, down_factor=f)
+    torch.testing.assert_close(exact_pairs_clear(q, k_ext, v_ext, mask), expected)
+
+
+def test_flop_model_equals_counted_sdpa_when_dense(gen):
+    """With a radius covering the grid every pair is allowed: the model is the SDPA
+    count. With a small radius the counter still reports the dense N×M (the masked
+    kernel computes every score), which is why the check above uses exact pairs."""
+    q, k, v = qkv(gen, 2, 2, 48, 16, dtype=torch.float32)
+    dense = CLEAR.flops(2, 2, 48, 16, grid=(6, 8), radius=20)
+    assert count_flops(CLEAR.attend, q, k, v, grid=(6, 8), radius=20, impl="masked_sdpa") == (
+        dense.actual
+    )
+    assert dense.actual == dense.dense and dense.ratio == 1
+    sparse = CLEAR.flops(2, 2, 48, 16, grid=(6, 8), radius=2)
+    counted = count_flops(CLEAR.attend, q, k, v, grid=(6, 8), radius=2, impl="masked_sdpa")
+    assert counted == dense.dense > sparse.actual
+
+
+def test_memory_models():
+    n, grid = 64 * 64, (64, 64)
+    ref = CLEAR.memory(1, 16, n, 72, grid=grid, impl="reference", element_size=2)
+    fast = CLEAR.memory(1, 16, n, 72, grid=grid)
+    sdpa = CLEAR.memory(1, 16, n, 72, grid=grid, impl="masked_sdpa", element_size=2)
+    assert sdpa.workspace == n * n * 3
+    assert 0 < fast.workspace < ref.workspace < 16 * n * n * 4
+    pooled = CLEAR.memory(1, 16, n, 72, grid=grid, down_factor=4)
+    assert pooled.workspace > fast.workspace  # the concatenated K/V copies
+    with pytest.raises(ValueError, match="unknown impl"):
+        CLEAR.memory(1, 16, n, 72, grid=grid, impl="sdpa")
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_invalid_options_are_value_errors(gen):
+    q, k, v = qkv(gen, 1, 1, 16, 8)
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"option 'radius'.*finite number > 0"):
+            CLEAR.attend(q, k, v, grid=(4, 4), radius=bad)
+    with pytest.raises(ValueError, match="option 'radius' takes a float"):
+        CLEAR.attend(q, k, v, grid=(4, 4), radius="wide")
+    with pytest.raises(ValueError, match=r"option 'global_tokens'=-1: must be >= 0"):
+        CLEAR.attend(q, k, v, grid=(4, 4), global_tokens=-1)
+    with pytest.raises(ValueError, match=r"option 'down_factor'=-2: must be >= 0"):
+        CLEAR.attend(q, k, v, grid=(4, 4), down_factor=-2)
+    with pytest.raises(ValueError, match="takes an integer"):
+        CLEAR.attend(q, k, v, grid=(4, 4), global_tokens=1.5)
+    with pytest.raises(ValueError, match=r"grid 3x4 \+ 2 global tokens = 14 tokens.* has 16"):
+        CLEAR.attend(q, k, v, grid=(3, 4), global_tokens=2)
+    with pytest.raises(ValueError, match="grid 4x4 = 16 tokens, but the input has 20"):
+        CLEAR.reference(*qkv(gen, 1, 1, 20, 8), grid=(4, 4))
+    with pytest.raises(ValueError, match=r"pool_weight must be \[2, 2\]"):
+        CLEAR.attend(q, k, v, grid=(4, 4), down_factor=2, pool_weight=torch.ones(3, 3))
+    with pytest.raises(ValueError, match="down_factor is 0"):
+        CLEAR.attend(q, k, v, grid=(4, 4), pool_weight=torch.ones(2, 2))
+    assert CLEAR.resolve({"radius": "16", "down_factor": "4"})["radius"] == 16.0
+
+
+# --------------------------------------------------------------------------- mixer
+
+
+def test_mixer_new_parameters_are_the_pool_weights():
+    assert CLEAR.mixer(48, 4).new_parameters() == []
+    mixer = CLEAR.mixer(48, 4, down_factor=4)
+    assert mixer.new_parameters() == ["pool_weight"]
+    assert mixer.pool_weight.shape == (4, 4)
+    torch.testing.assert_close(mixer.pool_weight.data, torch.full((4, 4), 1 / 16))
+    with torch.no_grad():
+        mixer.pool_weight.mul_(3)
+    mixer.reset_new_parameters()
+    torch.testing.assert_close(mixer.pool_weight.data, torch.full((4, 4), 1 / 16))
+
+
+def test_mixer_with_global_tokens_uses_its_weights(gen):
+    grid, g = (6, 7), 2
+    mixer = CLEAR.mixer(32, 2, radius=2.5, global_tokens=g, down_factor=2).double()
+    x = torch.randn(2, g + 42, 32, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        q, k, v = mixer.split_heads(x)
+        at_init = CLEAR.attend(q, k, v, grid=grid, radius=2.5, global_tokens=g, down_factor=2)
+        assert mixer(x, grid).shape == x.shape
+        torch.testing.assert_close(mixer.core(q, k, v, grid), at_init, atol=1e-12, rtol=1e-12)
+        mixer.pool_weight.copy_(torch.randn(2, 2, generator=gen, dtype=torch.float64))
+        learned = mixer.core(q, k, v, grid)
+    expected = naive_clear(q, k, v, grid, 2.5, g, 2, weight=mixer.pool_weight.detach())
+    torch.testing.assert_close(learned, expected, atol=1e-12, rtol=1e-12)
+    assert not torch.allclose(learned, at_init)
+
+
+def test_mixer_gradients_flow_on_cpu(gen):
+    grid, g = (5, 6), 1
+    mixer = CLEAR.mixer(32, 4, radius=2.0, global_tokens=g, down_factor=2)
+    x = torch.randn(2, g + 30, 32, generator=gen, requires_grad=True)
+    assert CLEAR.select("cpu", torch.float32, (2, 4, g + 30, 8), needs_grad=True) == "masked_sdpa"
+    mixer(x, grid).square().mean().backward()
+    for name in ("pool_weight", "qkv.weight", "proj.weight"):
+        grad = dict(mixer.named_parameters())[name].grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+    assert x.grad is not None and x.grad.abs().sum() > 0
