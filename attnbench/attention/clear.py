@@ -66,8 +66,9 @@ REFERENCE_CHUNK_ELEMENTS = 1 << 24
 FLEX_BLOCK = 128
 #: masked_sdpa refuses when its masks (bool + SDPA's additive copy) would exceed this.
 MASK_BYTES_LIMIT = 1 << 30
-#: mask elements one step of the mask builders may hold as int64 temporaries.
-MASK_CHUNK_ELEMENTS = 1 << 22
+#: mask elements one step of the mask builders may hold (their integer temporaries
+#: are several times that in bytes).
+MASK_CHUNK_ELEMENTS = 1 << 20
 
 DEFAULT_RADIUS = 8.0
 
@@ -387,7 +388,7 @@ def _row_block(layout: Layout, batch_heads: int) -> int:
     """Grid rows of queries per reference chunk.
 
     Halved until the chunk's scores (``B·H·rows·Wg·keys``) fit
-    ``REFERENCE_CHUNK_ELEMENTS`` and its mask (int64 index arithmetic,
+    ``REFERENCE_CHUNK_ELEMENTS`` and its mask (int32 index arithmetic,
     ``rows·Wg·keys``) fits ``MASK_CHUNK_ELEMENTS``.
     """
 
@@ -434,12 +435,12 @@ def clear_reference(
         ky0, ky1 = max(0, y0 - reach), min(hg, y1 + reach)
         kv_idx = torch.cat(
             [
-                torch.arange(g, device=dev),
-                torch.arange(g + ky0 * wg, g + ky1 * wg, device=dev),
-                torch.arange(n, layout.keys, device=dev),
+                torch.arange(g, device=dev, dtype=torch.int32),
+                torch.arange(g + ky0 * wg, g + ky1 * wg, device=dev, dtype=torch.int32),
+                torch.arange(n, layout.keys, device=dev, dtype=torch.int32),
             ]
         )
-        q_idx = torch.arange(g + y0 * wg, g + y1 * wg, device=dev)
+        q_idx = torch.arange(g + y0 * wg, g + y1 * wg, device=dev, dtype=torch.int32)
         mask = allowed(q_idx[:, None], kv_idx[None, :], _args(layout))
         out[:, :, g + y0 * wg : g + y1 * wg] = softmax_reference(
             q[:, :, g + y0 * wg : g + y1 * wg],
@@ -749,7 +750,7 @@ class Clear(AttentionBackend):
             q_rows, keys = rows * layout.wg, _band_keys(layout, rows)
             chunk = (
                 2.0 * bh * q_rows * keys * acc  # scores and probabilities
-                + q_rows * keys * (1 + 3 * 8)  # the bool mask, its int64 index math
+                + q_rows * keys * (1 + 3 * 4)  # the bool mask, its int32 index math
                 + 2.0 * bh * keys * head_dim * element_size  # gathered K, V
             )
             text = 0.0

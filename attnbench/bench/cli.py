@@ -70,9 +70,8 @@ def summary_frame(rows):
     frame = to_dataframe(rows)
     if frame.empty:
         return frame
-    frame["label"] = [
-        m if o in ("{}", "") else f"{m} {o}" for m, o in zip(frame["method"], frame["options"])
-    ]
+    pairs = zip(frame["method"], frame["options"], strict=True)
+    frame["label"] = [m if o in ("{}", "") else f"{m} {o}" for m, o in pairs]
     frame["latency_ms"] = frame["latency_median_s"] * 1e3
     frame["peak_mib"] = frame["peak_memory_bytes"] / 2**20
     frame["overhead_ms"] = frame["overhead_s"] * 1e3
@@ -127,7 +126,32 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def import_benchmark(args: argparse.Namespace) -> int:
+    import json
+
+    from .results import rows_from_pytest_benchmark
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise FileNotFoundError(f"no pytest-benchmark JSON at {path} "
+                                "(write one with pytest --benchmark-only --benchmark-json FILE)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not JSON: {err}") from None
+    rows, meta = rows_from_pytest_benchmark(data)
+    out = Path(args.out) if args.out else path.with_suffix("")
+    writer = ResultsWriter(out, {**meta, "command": " ".join(["python -m attnbench",
+                                                              *args.argv])})
+    for row in rows:
+        writer.append(row)
+    writer.finalize()
+    print(f"{len(rows)} benchmark rows imported into {out}", file=sys.stderr)
+    return 0
+
+
 def add_parser(subparsers) -> None:
+
     p = subparsers.add_parser(
         "run", help="latency, memory and FLOPs of every method across resolutions",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -152,3 +176,9 @@ def add_parser(subparsers) -> None:
                    "an existing one resumes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+
+    p = subparsers.add_parser(
+        "import-benchmark", help="turn pytest-benchmark JSON (tests/bench) into a results table")
+    p.add_argument("file", help="the JSON written by pytest --benchmark-only --benchmark-json")
+    p.add_argument("--out", help="run directory to write (default: FILE without .json)")
+    p.set_defaults(func=import_benchmark)

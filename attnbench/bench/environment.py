@@ -58,7 +58,9 @@ def device_name(device: torch.device) -> str:
     return f"{cpu_name()} ({torch.get_num_threads()} threads)"
 
 
-def environment(device: torch.device | str = "cpu", command: list[str] | None = None) -> dict[str, Any]:
+def environment(
+    device: torch.device | str = "cpu", command: list[str] | None = None
+) -> dict[str, Any]:
     """Everything a reader needs to know to trust, or reproduce, a measurement."""
     device = torch.device(device)
     info: dict[str, Any] = {

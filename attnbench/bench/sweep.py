@@ -61,7 +61,9 @@ class MethodSpec:
         return self.name + ":" + ":".join(f"{k}={v}" for k, v in sorted(self.options.items()))
 
 
-def parse_methods(spec: str | Iterable[str], method_options: Iterable[str] = ()) -> list[MethodSpec]:
+def parse_methods(
+    spec: str | Iterable[str], method_options: Iterable[str] = ()
+) -> list[MethodSpec]:
     """``"softmax,lit,clear:radius=16"`` and ``["clear.radius=8"]`` → validated specs.
 
     ``method_options`` (``METHOD.KEY=VALUE``) apply to every spec of that method

@@ -114,6 +114,9 @@ class DiTConfig:
                 f"DiTConfig.attention_options must be a dict, got {self.attention_options!r}"
             )
 
+    def __hash__(self) -> int:  # attention_options is a dict: hash the canonical JSON
+        return hash(self.to_json())
+
     # ----- derived --------------------------------------------------------------------
     @property
     def out_channels(self) -> int:

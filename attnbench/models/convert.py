@@ -145,7 +145,8 @@ def get_recipe(name: str) -> Recipe:
     except KeyError:
         from ..attention.base import closest
 
-        raise ValueError(f"unknown conversion recipe {name!r}" + closest(name, list(RECIPES)))
+        hint = closest(name, list(RECIPES))
+        raise ValueError(f"unknown conversion recipe {name!r}{hint}") from None
 
 
 def recipe_for(method: str) -> Recipe:
@@ -235,7 +236,11 @@ class InheritanceReport:
 def _versions() -> dict[str, str]:
     from .. import __version__
 
-    return {"attnbench": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    return {
+        "attnbench": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _divisors(n: int) -> list[int]:

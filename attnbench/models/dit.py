@@ -224,10 +224,10 @@ class DiTBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, grid: Grid) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(
-            c
-        ).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), grid)
+        modulation = self.adaLN_modulation(c).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
+        h = modulate(self.norm1(x), shift_msa, scale_msa)
+        x = x + gate_msa.unsqueeze(1) * self.attn(h, grid)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -294,6 +294,10 @@ class DiT(nn.Module):
         )
         self.final_layer = FinalLayer(config.hidden_size, config.patch_size, self.out_channels)
         self._pos_cache: dict[tuple, torch.Tensor] = {}
+        #: where the weights came from (set by ``load_dit``) and, for a converted
+        #: student, its ``InheritanceReport`` (set by ``convert``)
+        self.checkpoint = None
+        self.inheritance = None
         if initialize:
             self.initialize_weights()
 
@@ -322,8 +326,7 @@ class DiT(nn.Module):
             .unsqueeze(0)
         )
         w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # its bias keeps Conv2d's default
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)

@@ -246,7 +246,7 @@ def test_overhead_steps_build_from_scratch(gen):
     assert set(steps) == {"pool_kv", "dense_mask"}
     assert torch.equal(steps["dense_mask"](), naive_mask((6, 8), 2.0, 3, 4))
     k_ext, _ = steps["pool_kv"]()
-    assert k_ext.shape[2] == 51 + 3
+    assert k_ext.shape[2] == 51 + 1 * 2  # pooled 1×2 of the 6×8 grid
     steps = CLEAR.overhead_steps(q, k, v, grid=(6, 8), impl="flex", radius=2.0, global_tokens=3)
     assert set(steps) == {"block_mask"} and steps["block_mask"]().seq_lengths == (51, 51)
 

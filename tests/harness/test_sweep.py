@@ -127,7 +127,7 @@ def test_run_cli_end_to_end(tmp_path, capsys):
         (["--res", "1000"], "not a multiple of 16.*992 or 1008"),
         (["--methods", "sofmax"], "did you mean 'softmax'"),
         (["--methods", "clear:radius=-1"], "radius"),
-        (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "cuda|cpu"),
+        (["--device", "cuda" if not torch.cuda.is_available() else "tpu"], "cuda|cpu"),
         (["--level", "kernel"], "not one of attention, block, model"),
         (["--dtype", "int8"], "not a floating dtype"),
         (["--out", "/proc/attnbench-cannot-write"], "cannot write to run directory"),
@@ -143,3 +143,26 @@ def test_run_cli_bad_input(args, message, capsys, tmp_path):
     import re
 
     assert re.search(message, err), err
+
+
+def test_import_benchmark_json(tmp_path, capsys):
+    info = dict(method="lit", options="{}", level="attention", resolution=64, tokens=16,
+                batch=1, dtype="float32", device="cpu", model="DiT-T/2", heads=4, head_dim=16,
+                impl="reference", flops_actual=67584.0, flops_dense=65536.0)
+    bench = [
+        {"name": f"test_benchmark[{m}]", "extra_info": {**info, "method": m},
+         "stats": {"median": t, "rounds": 5, "q1": t, "q3": t, "data": [t] * 5}}
+        for m, t in (("softmax", 2e-3), ("lit", 1e-3))
+    ]
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"benchmarks": bench, "machine_info": {"node": "x"}}))
+    assert main(["import-benchmark", str(path), "--out", str(tmp_path / "table")]) == 0
+    frame, meta = load_table(tmp_path / "table")
+    lit = frame[frame["method"] == "lit"].iloc[0]
+    assert lit["speedup_vs_softmax"] == pytest.approx(2.0)
+    assert lit["latency_p20_s"] == pytest.approx(1e-3)
+    assert meta["source"] == "pytest-benchmark"
+
+    path.write_text(json.dumps({"benchmarks": [{"name": "other", "extra_info": {}}]}))
+    assert main(["import-benchmark", str(path)]) == 2
+    assert "only tests/bench/ results import" in capsys.readouterr().err

@@ -226,7 +226,7 @@ def test_student_of_a_student(teacher):
 
 
 def test_report_records_the_source_checkpoint(tiny_ckpt):
-    student, report = attnbench.convert(tiny_ckpt, "lit")
+    _, report = attnbench.convert(tiny_ckpt, "lit")
     assert report.source["sha256"] == hashlib.sha256(tiny_ckpt.read_bytes()).hexdigest()
     assert report.source["path"] == str(tiny_ckpt)
     assert report.student_config["attention"] == "lit"
