@@ -73,6 +73,10 @@ MASK_CHUNK_ELEMENTS = 1 << 20
 DEFAULT_RADIUS = 8.0
 
 
+def _finite_positive(value: float) -> str | None:
+    return None if math.isfinite(value) and value > 0 else "must be a finite number > 0"
+
+
 # --------------------------------------------------------------------------- layout
 
 
@@ -94,11 +98,23 @@ class Layout:
 
     @classmethod
     def build(cls, grid: Grid, radius: float, global_tokens: int = 0, down_factor: int = 0):
+        """Validate the pieces (for callers that bypass ``resolve``) and derive ``limit``."""
         hg, wg = (int(s) for s in grid)
+        if hg <= 0 or wg <= 0:
+            raise ValueError(f"grid sides must be positive, got {grid!r}")
+        reason = _finite_positive(radius)
+        if reason:
+            raise ValueError(f"clear: radius={radius!r} {reason}")
+        if global_tokens < 0 or down_factor < 0:
+            raise ValueError(
+                f"clear: global_tokens={global_tokens!r} and down_factor={down_factor!r} "
+                "must be >= 0"
+            )
         # Clamp to the grid's diameter: beyond it every radius means "the whole grid",
         # and the integer stays small enough for int32 index arithmetic in kernels.
         diameter2 = (hg - 1) ** 2 + (wg - 1) ** 2
-        limit = min(math.ceil(float(radius) ** 2) - 1, diameter2)
+        r2 = float(radius) ** 2
+        limit = diameter2 if r2 > diameter2 else math.ceil(r2) - 1
         return cls(hg, wg, int(global_tokens), int(down_factor), limit)
 
     @property
@@ -161,6 +177,61 @@ def _args(layout: Layout) -> tuple[int, int, int, int]:
     return layout.global_tokens, layout.wg, layout.tokens, layout.limit
 
 
+def _row_block(layout: Layout, batch_heads: int) -> int:
+    """Grid rows of queries per reference chunk.
+
+    Halved until the chunk's scores (``B·H·rows·Wg·keys``) fit
+    ``REFERENCE_CHUNK_ELEMENTS`` and its mask (int32 index arithmetic,
+    ``rows·Wg·keys``) fits ``MASK_CHUNK_ELEMENTS``.
+    """
+
+    def too_big(rows: int) -> bool:
+        pairs = rows * layout.wg * _band_keys(layout, rows)
+        return batch_heads * pairs > REFERENCE_CHUNK_ELEMENTS or pairs > MASK_CHUNK_ELEMENTS
+
+    rows = layout.hg
+    while rows > 1 and too_big(rows):
+        rows = (rows + 1) // 2
+    return rows
+
+
+def _band_keys(layout: Layout, rows: int) -> int:
+    """Keys one chunk of ``rows`` grid rows looks at: global + band + pooled."""
+    band = min(layout.hg, rows + 2 * layout.reach)
+    return layout.global_tokens + band * layout.wg + layout.pooled
+
+
+def _index(start: int, stop: int, device) -> torch.Tensor:
+    return torch.arange(start, stop, device=device, dtype=torch.int32)
+
+
+def _band(layout: Layout, q0: int, q1: int, device) -> torch.Tensor:
+    """Keys image queries ``[q0, q1)`` can see: global, the grid rows within reach, pooled.
+
+    Every other key is masked for them, so the mask (and the scores) of these
+    queries need only these columns: O(rows·(G + band + pooled)), not O(rows·M).
+    """
+    g, wg, hg, reach = layout.global_tokens, layout.wg, layout.hg, layout.reach
+    y0, y1 = (q0 - g) // wg, (q1 - 1 - g) // wg + 1
+    ky0, ky1 = max(0, y0 - reach), min(hg, y1 + reach)
+    return torch.cat(
+        [
+            _index(0, g, device),
+            _index(g + ky0 * wg, g + ky1 * wg, device),
+            _index(layout.tokens, layout.keys, device),
+        ]
+    )
+
+
+def _image_chunks(layout: Layout, batch_heads: int, device):
+    """``(q0, q1, keys)`` per chunk of whole grid rows of image queries (see ``_row_block``)."""
+    g, wg = layout.global_tokens, layout.wg
+    rows = _row_block(layout, batch_heads)
+    for y0 in range(0, layout.hg, rows):
+        q0, q1 = g + y0 * wg, g + min(layout.hg, y0 + rows) * wg
+        yield q0, q1, _band(layout, q0, q1, device)
+
+
 def dense_mask(
     grid: Grid,
     radius: float = DEFAULT_RADIUS,
@@ -171,22 +242,24 @@ def dense_mask(
 ) -> torch.Tensor:
     """The ``[N, M]`` boolean mask of CLEAR (True = attend); the masked_sdpa overhead.
 
-    Built in query-row chunks so the int64 temporaries stay small; the result
-    itself is N·M bytes.
+    Evaluated in chunks of query rows and, for image queries, only over the keys
+    within reach (``_band``); the result itself is N·M bytes.
     """
     layout = Layout.build(grid, radius, global_tokens, down_factor)
     return _dense_mask(layout, torch.device(device or "cpu"))
 
 
 def _dense_mask(layout: Layout, device: torch.device) -> torch.Tensor:
-    n, m = layout.tokens, layout.keys
-    mask = torch.empty(n, m, dtype=torch.bool, device=device)
-    kv = torch.arange(m, device=device)[None, :]
+    n, m, g = layout.tokens, layout.keys, layout.global_tokens
+    mask = torch.zeros(n, m, dtype=torch.bool, device=device)
     rows = max(1, MASK_CHUNK_ELEMENTS // max(1, m))
-    for start in range(0, n, rows):
-        stop = min(n, start + rows)
-        q = torch.arange(start, stop, device=device)[:, None]
-        mask[start:stop] = allowed(q, kv, _args(layout))
+    for start in range(0, g, rows):  # global queries: every key column
+        stop = min(g, start + rows)
+        q = _index(start, stop, device)[:, None]
+        mask[start:stop] = allowed(q, _index(0, m, device)[None, :], _args(layout))
+    for q0, q1, keys in _image_chunks(layout, 1, device):  # image queries: their band
+        q = _index(q0, q1, device)[:, None]
+        mask[q0:q1, keys] = allowed(q, keys[None, :], _args(layout))
     return mask
 
 
@@ -216,18 +289,26 @@ def build_block_mask(
 
 
 def _block_flags(layout: Layout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(partial, full)`` bool ``[Q tiles, KV tiles]``: tiles with some / all pairs allowed."""
-    n, m, bs = layout.tokens, layout.keys, FLEX_BLOCK
+    """``(partial, full)`` bool ``[Q tiles, KV tiles]``: tiles with some / all pairs allowed.
+
+    One query tile at a time, over the kv tiles its keys can fall in: all of
+    them for a tile holding global queries, else those overlapping its band
+    (global, nearby rows, pooled). The rest stay empty.
+    """
+    n, m, g, bs = layout.tokens, layout.keys, layout.global_tokens, FLEX_BLOCK
     q_tiles, kv_tiles = -(-n // bs), -(-m // bs)
-    kv = torch.arange(kv_tiles * bs, device=device)
-    kv_valid = kv < m
-    counts = torch.empty(q_tiles, kv_tiles, dtype=torch.int64, device=device)
-    step = max(1, MASK_CHUNK_ELEMENTS // (bs * kv_tiles * bs))  # query tiles per step
-    for t0 in range(0, q_tiles, step):
-        t1 = min(q_tiles, t0 + step)
-        q = torch.arange(t0 * bs, t1 * bs, device=device)[:, None]
-        ok = allowed(q, kv[None, :], _args(layout)) & kv_valid & (q < n)
-        counts[t0:t1] = ok.view(t1 - t0, bs, kv_tiles, bs).sum(dim=(1, 3))
+    counts = torch.zeros(q_tiles, kv_tiles, dtype=torch.int64, device=device)
+    offsets = _index(0, bs, device)
+    for t in range(q_tiles):
+        q0, q1 = t * bs, min(n, (t + 1) * bs)
+        if q0 < g:
+            tiles = _index(0, kv_tiles, device)
+        else:
+            tiles = torch.unique(_band(layout, q0, q1, device) // bs)
+        kv = (tiles[:, None] * bs + offsets).flatten()
+        q = (q0 + offsets)[:, None]
+        ok = allowed(q, kv[None, :], _args(layout)) & (kv < m) & (q < n)
+        counts[t, tiles.long()] = ok.view(bs, len(tiles), bs).sum(dim=(0, 2))
     full = counts == bs * bs
     return (counts > 0) & ~full, full
 
@@ -384,30 +465,6 @@ def _check_weight(weight: torch.Tensor | None, down_factor: int) -> None:
 # --------------------------------------------------------------------------- reference
 
 
-def _row_block(layout: Layout, batch_heads: int) -> int:
-    """Grid rows of queries per reference chunk.
-
-    Halved until the chunk's scores (``B·H·rows·Wg·keys``) fit
-    ``REFERENCE_CHUNK_ELEMENTS`` and its mask (int32 index arithmetic,
-    ``rows·Wg·keys``) fits ``MASK_CHUNK_ELEMENTS``.
-    """
-
-    def too_big(rows: int) -> bool:
-        pairs = rows * layout.wg * _band_keys(layout, rows)
-        return batch_heads * pairs > REFERENCE_CHUNK_ELEMENTS or pairs > MASK_CHUNK_ELEMENTS
-
-    rows = layout.hg
-    while rows > 1 and too_big(rows):
-        rows = (rows + 1) // 2
-    return rows
-
-
-def _band_keys(layout: Layout, rows: int) -> int:
-    """Keys one chunk of ``rows`` grid rows looks at: global + band + pooled."""
-    band = min(layout.hg, rows + 2 * layout.reach)
-    return layout.global_tokens + band * layout.wg + layout.pooled
-
-
 def clear_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -423,30 +480,15 @@ def clear_reference(
     :func:`allowed` and handed to :func:`softmax_reference`.
     """
     b, h, n, _ = q.shape
-    g, wg, hg, reach = layout.global_tokens, layout.wg, layout.hg, layout.reach
+    g = layout.global_tokens
     k, v = extend_kv(k, v, layout, weight)
     out = torch.empty(b, h, n, v.shape[-1], dtype=q.dtype, device=q.device)
     if g:
         out[:, :, :g] = softmax_reference(q[:, :, :g], k[:, :, :n], v[:, :, :n])
-    rows = _row_block(layout, b * h)
-    dev = q.device
-    for y0 in range(0, hg, rows):
-        y1 = min(hg, y0 + rows)
-        ky0, ky1 = max(0, y0 - reach), min(hg, y1 + reach)
-        kv_idx = torch.cat(
-            [
-                torch.arange(g, device=dev, dtype=torch.int32),
-                torch.arange(g + ky0 * wg, g + ky1 * wg, device=dev, dtype=torch.int32),
-                torch.arange(n, layout.keys, device=dev, dtype=torch.int32),
-            ]
-        )
-        q_idx = torch.arange(g + y0 * wg, g + y1 * wg, device=dev, dtype=torch.int32)
-        mask = allowed(q_idx[:, None], kv_idx[None, :], _args(layout))
-        out[:, :, g + y0 * wg : g + y1 * wg] = softmax_reference(
-            q[:, :, g + y0 * wg : g + y1 * wg],
-            k.index_select(2, kv_idx),
-            v.index_select(2, kv_idx),
-            key_mask=mask,
+    for q0, q1, keys in _image_chunks(layout, b * h, q.device):
+        mask = allowed(_index(q0, q1, q.device)[:, None], keys[None, :], _args(layout))
+        out[:, :, q0:q1] = softmax_reference(
+            q[:, :, q0:q1], k.index_select(2, keys), v.index_select(2, keys), key_mask=mask
         )
     return out
 
@@ -577,10 +619,6 @@ class ClearMixer(AttentionMixer):
 
 
 # --------------------------------------------------------------------------- backend
-
-
-def _finite_positive(value: float) -> str | None:
-    return None if math.isfinite(value) and value > 0 else "must be a finite number > 0"
 
 
 @register

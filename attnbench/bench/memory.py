@@ -6,11 +6,12 @@
 * CPU: the process's peak resident set. Writing ``5`` to ``/proc/self/clear_refs``
   resets ``VmHWM`` (the high-water mark) to the current RSS; after the call,
   ``VmHWM`` minus that baseline is the call's peak. Linux only; elsewhere the
-  meter says why it cannot measure. For RSS to follow tensors, glibc must give
-  freed memory back to the kernel: the meter fixes glibc's mmap threshold at
-  128 KiB (large blocks are mapped and unmapped, never parked in the heap) and
-  trims the heap before each measurement. Resolution: a few hundred KiB (the
-  kernel batches RSS counters per thread).
+  meter says why it cannot measure. For RSS to follow tensors, freed memory
+  that glibc parks in its heap is handed back to the kernel (``malloc_trim(0)``,
+  which also drops free chunks inside the heap) right before the call, so the
+  call's own allocations fault their pages in again and show in ``VmHWM``. The
+  allocator is otherwise left alone: timings are unaffected. Resolution: a few
+  hundred KiB (the kernel batches RSS counters per thread).
 """
 
 from __future__ import annotations
@@ -38,15 +39,12 @@ class PeakMemory:
     reason: str | None = None
 
 
-_M_MMAP_THRESHOLD = -3
-
-
 @functools.cache
 def _libc():
-    """glibc through ctypes with the mmap threshold fixed, or ``None`` elsewhere."""
+    """glibc through ctypes, or ``None`` elsewhere (musl, macOS)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+        libc.malloc_trim  # noqa: B018 - glibc has it, other libcs may not
         return libc
     except (OSError, AttributeError):
         return None

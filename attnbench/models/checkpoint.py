@@ -498,8 +498,14 @@ def model_from_state_dict(
 ) -> DiT:
     """A DiT holding ``state`` (config inferred as in :func:`infer_config`), in eval mode."""
     cfg = infer_config(state, config=config, source=source, **overrides)
-    with _skip_init():
-        model = DiT(cfg, initialize=False)
+    try:
+        with _skip_init():
+            model = DiT(cfg, initialize=False)
+    except ValueError as err:  # e.g. a student of a method not registered here
+        raise ValueError(
+            f"{source}: cannot build its attention {cfg.attention!r} "
+            f"(options {cfg.attention_options}): {err}"
+        ) from None
     check_state_dict(model, state, source)
     model.load_state_dict(state, strict=True)
     return model.eval()

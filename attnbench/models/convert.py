@@ -284,6 +284,10 @@ def convert(
     inherit = rec.inherits(backend) if inherit_projections is None else bool(inherit_projections)
 
     impl = options.pop("impl", None)
+    if impl is not None and impl not in ("auto", *backend.paths()):
+        raise ValueError(
+            f"{method}: unknown implementation {impl!r}; valid: auto, {', '.join(backend.paths())}"
+        )
     resolved = backend.resolve(options, mixer=True)
     attention_options = {**resolved, **({"impl": impl} if impl is not None else {})}
     s_cfg = t_cfg.replace(

@@ -249,6 +249,15 @@ def test_saved_config_that_contradicts_the_tensors(tmp_path, tiny_state):
         load_dit(tmp_path / "m")
 
 
+def test_saved_student_of_an_unknown_method(tmp_path, tiny_state):
+    weights = save_dit(load_dit_from_state(tmp_path, tiny_state), tmp_path / "m")
+    config_file = weights.parent / "config.json"
+    text = config_file.read_text().replace('"attention": "softmax"', '"attention": "lin"')
+    config_file.write_text(text)
+    with pytest.raises(ValueError, match="cannot build its attention 'lin'.*unknown attention"):
+        load_dit(tmp_path / "m")
+
+
 def test_read_checkpoint_returns_cpu_tensors(tiny_ckpt):
     raw = read_checkpoint(tiny_ckpt)
     assert raw.config is None and all(v.device.type == "cpu" for v in raw.state_dict.values())

@@ -164,6 +164,7 @@ def test_recipe_is_selectable(teacher):
         ({"method": "lit", "radius": 3}, "lit: unknown option 'radius'"),
         ({"method": "sla", "topk": 2.0}, "topk"),
         ({"method": "lit", "recipe": "nope"}, "unknown conversion recipe 'nope'"),
+        ({"method": "sla", "impl": "triton9"}, "sla: unknown implementation 'triton9'"),
     ],
 )
 def test_bad_conversions(teacher, kwargs, match):
