@@ -53,7 +53,6 @@ from .base import (
     Grid,
     Option,
     check_grid,
-    check_qkv,
     dense_flops,
     non_negative,
 )
@@ -685,15 +684,13 @@ class Clear(AttentionBackend):
         """As :meth:`AttentionBackend.attend`, plus the mixer's learned ``pool_weight``.
 
         ``pool_weight`` (``[f, f]``) replaces the uniform 1/f² patch average; a
-        weight that requires grad makes the choice a differentiable path.
+        weight that requires grad makes the choice a differentiable path even
+        when q, k, v do not (projections frozen, pooling trained).
         """
-        check_qkv(q, k, v)
-        opts = self.resolve(options)
-        grid = check_grid(grid, k.shape[2], extra=self.grid_extra_tokens(opts))
+        chosen, grid, opts = self.prepare(q, k, v, grid=grid, impl=impl, options=options)
         _check_weight(pool_weight, opts["down_factor"])
-        tensors = (q, k, v) if pool_weight is None else (q, k, v, pool_weight)
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        chosen = self.select(q.device, q.dtype, tuple(q.shape), impl=impl, needs_grad=needs_grad)
+        if pool_weight is not None and pool_weight.requires_grad and torch.is_grad_enabled():
+            chosen = self.select(q.device, q.dtype, tuple(q.shape), impl=impl, needs_grad=True)
         if chosen == "reference":
             return self.reference(q, k, v, grid=grid, pool_weight=pool_weight, **opts)
         path = next(p for p in self.fast_paths if p.name == chosen)
@@ -722,11 +719,8 @@ class Clear(AttentionBackend):
         mask, which the paths otherwise build once per layout and cache. The
         reference builds its small chunk masks inline; it has no separate step.
         """
-        check_qkv(q, k, v)
-        opts = self.resolve(options)
-        layout = _layout(grid, k.shape[2], **opts)
-        if impl == "auto":
-            impl = self.select(q.device, q.dtype, tuple(q.shape))
+        impl, grid, opts = self.prepare(q, k, v, grid=grid, impl=impl, options=options)
+        layout = Layout.build(grid, **opts)
         steps: dict[str, Any] = {}
         if layout.pooled:
             steps["pool_kv"] = lambda: extend_kv(k, v, layout)
