@@ -329,6 +329,7 @@ class AttentionBackend:
         needs_grad: bool = False,
     ) -> str:
         """The implementation ``attend`` will run: ``impl`` or the first available fast path."""
+        device = torch.device(device)
         reasons = self.path_reasons(device, dtype, shape)
         if impl != "auto":
             if impl not in reasons:
