@@ -171,6 +171,9 @@ class FastPath:
     fn: Callable[..., torch.Tensor]
     available: Callable[[torch.device, torch.dtype, tuple[int, ...] | None], str | None]
     differentiable: bool | Callable[[torch.device], bool] = True
+    #: False for compiled paths that ``FlopCounterMode`` (a dispatch mode) cannot trace:
+    #: counting them would fail and leave dynamo refusing the function afterwards
+    flop_countable: bool = True
     doc: str = ""
 
     def supports_grad(self, device: torch.device) -> bool:
@@ -358,6 +361,10 @@ class AttentionBackend:
         ``{}`` for methods with no such step.
         """
         return {}
+
+    def flop_countable(self, impl: str) -> bool:
+        """Whether ``FlopCounterMode`` can count the implementation ``impl``."""
+        return all(p.flop_countable for p in self.fast_paths if p.name == impl)
 
     def kernel_only(self) -> bool:
         """True for methods that only exist as a fast path (flash, xformers)."""

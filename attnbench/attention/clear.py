@@ -660,7 +660,8 @@ class Clear(AttentionBackend):
             "flex",
             _flex,
             _flex_available,
-            differentiable=lambda device: torch.device(device).type == "cuda",
+            differentiable=lambda device: device.type == "cuda",
+            flop_countable=False,
             doc="FlexAttention + cached BlockMask (compiled; CPU is forward-only)",
         ),
         FastPath(

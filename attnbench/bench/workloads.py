@@ -75,6 +75,8 @@ class Workload:
     predicted_bytes: float
     impl: str
     overheads: dict[str, Callable[[], Any]] = field(default_factory=dict)
+    #: whether FlopCounterMode can run through ``fn`` (not through compiled FlexAttention)
+    countable: bool = True
 
 
 def block_linear_flops(config: DiTConfig, batch: int, tokens: int) -> float:
@@ -135,6 +137,7 @@ def build_workload(
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
     impl = backend.select(device, dtype, (b, h, n, d))
+    countable = backend.flop_countable(impl)
     if level == "attention":
         q, k, v = randn(b, h, n, d), randn(b, h, n, d), randn(b, h, n, d)
 
@@ -142,7 +145,7 @@ def build_workload(
             return backend.attend(q, k, v, grid=grid, **attend_options)
 
         overheads = backend.overhead_steps(q, k, v, grid=grid, impl=impl, **attend_options)
-        return Workload(fn, attn_flops, attn_mem.actual, impl, overheads)
+        return Workload(fn, attn_flops, attn_mem.actual, impl, overheads, countable)
 
     config = point.config.replace(attention=method, attention_options=dict(options))
     activations = _activation_bytes(config, b, n, element)
@@ -159,7 +162,8 @@ def build_workload(
         linear = block_linear_flops(config, b, n) + layer
         flops = Flops(linear + attn_flops.actual, linear + attn_flops.dense, attn_flops.overhead)
         params = sum(p.numel() for p in block.parameters()) * element
-        return Workload(fn, flops, params + activations + attn_mem.workspace, impl)
+        return Workload(fn, flops, params + activations + attn_mem.workspace, impl,
+                        countable=countable)
 
     from ..models.dit import DiT
 
@@ -173,5 +177,6 @@ def build_workload(
 
     params = sum(p.numel() for p in model.parameters()) * element
     flops = model_flops(config, b, n, attn_flops, mixer_flops=layer)
-    return Workload(fn, flops, params + activations + attn_mem.workspace, impl)
+    return Workload(fn, flops, params + activations + attn_mem.workspace, impl,
+                    countable=countable)
 
