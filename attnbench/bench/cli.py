@@ -65,13 +65,20 @@ def _default_methods(device: torch.device, dtype: torch.dtype) -> str:
     return ",".join(name for name, reason in reasons.items() if reason is None)
 
 
+def label(method: str, options: str) -> str:
+    """``clear:radius=16.0`` from a row's method and canonical options JSON."""
+    import json
+
+    opts = json.loads(options) if options else {}
+    return ":".join([method, *(f"{k}={v}" for k, v in sorted(opts.items()))])
+
+
 def summary_frame(rows):
     """The columns a person reads first, in readable units."""
     frame = to_dataframe(rows)
     if frame.empty:
         return frame
-    pairs = zip(frame["method"], frame["options"], strict=True)
-    frame["label"] = [m if o in ("{}", "") else f"{m} {o}" for m, o in pairs]
+    frame["label"] = [label(m, o) for m, o in zip(frame["method"], frame["options"], strict=True)]
     frame["latency_ms"] = frame["latency_median_s"] * 1e3
     frame["peak_mib"] = frame["peak_memory_bytes"] / 2**20
     frame["overhead_ms"] = frame["overhead_s"] * 1e3
