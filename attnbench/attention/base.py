@@ -241,9 +241,10 @@ class AttentionBackend:
     """Base class of every attention method (see the module docstring).
 
     Subclasses set ``name``, ``summary``, ``paper``, ``options``, implement
-    ``reference`` and ``flops`` (and ``memory``), list their ``fast_paths`` and
-    give ``mixer_class``. Everything else -- option resolution and validation,
-    dispatch, availability -- lives here once.
+    ``reference`` and ``flop_model`` (and ``workspace_model``, ``mixer_flops``,
+    ``overhead_steps`` where they have them), list their ``fast_paths`` and give
+    ``mixer_class``. Everything else -- option resolution and validation,
+    dispatch, availability, the public ``flops``/``memory`` -- lives here once.
     """
 
     name: str = ""
