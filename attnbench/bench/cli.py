@@ -130,7 +130,26 @@ def run(args: argparse.Namespace) -> int:
         print(summary_frame(rows).to_string(index=False))
     ok = sum(r.status == STATUS_OK for r in rows)
     print(f"\n{ok}/{len(rows)} points measured; results in {out}", file=sys.stderr)
+    if not getattr(args, "no_report", False):
+        _write_report(out)
     return 0
+
+
+def _write_report(out: Path) -> None:
+    """The run's report (report.md / report.html / plots) into its directory, if it can be.
+
+    A report failure never loses the results (already written) nor fails the run:
+    it is one line on stderr, and ``python -m attnbench report DIR`` can retry it.
+    """
+    try:
+        from ..report import write_report
+
+        files = write_report([out])
+        print(f"report: {files.html} and {files.markdown.name}", file=sys.stderr)
+    except Exception as err:  # the results are safe: say why and go on
+        message = " ".join(str(err).split())[:300]
+        print(f"attnbench run: report not written ({type(err).__name__}: {message}); "
+              f"retry with python -m attnbench report {out}", file=sys.stderr)
 
 
 def import_benchmark(args: argparse.Namespace) -> int:
@@ -182,6 +201,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", help="run directory (default reports/runs/<timestamp>/); "
                    "an existing one resumes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-report", action="store_true",
+                   help="do not write report.md / report.html into the run directory")
     p.set_defaults(func=run)
 
     p = subparsers.add_parser(

@@ -1,0 +1,304 @@
+"""SLA's forward as one Triton kernel: block-sparse softmax + the marginal linear branch.
+
+Per (query block, batch·head) program, over the ``kk`` critical KV blocks of the
+shared :func:`attnbench.attention.sla.block_indices` (the LUT):
+
+* ``O_s``: FlashAttention-style online softmax over the critical blocks only
+  (``exp2`` with the scale folded in; a partial last block is masked);
+* ``O_l`` (``linear_over="marginal"``): "total minus selected" -- while a
+  critical block's K and V are on chip, the program also accumulates
+  ``ΔS = Σ_sel φ(K_j)ᵀV_j`` and ``Δz = Σ_sel φ(K_j)``; at the end
+  ``O_l = φ(q)(S − ΔS) / (φ(q)(z − Δz) + eps)`` with the total state ``S, z`` built
+  once per (batch, head) by :func:`.lit_triton.linear_state` (the same state
+  kernel as LiT's, here with SLA's feature map). No per-block state is stored,
+  so the workspace is O(B·H·d²). ``linear_over="all"`` skips ΔS; when every
+  block is critical the branch is skipped and ``O_l = 0`` exactly (as the
+  gather path does).
+
+Both parts are written separately (``SLAMixer`` applies ``proj_l`` to ``O_l``).
+
+The head dim is held as two power-of-2 pieces (:func:`head_pieces`: 72 = 64 + 8
+padded to 16, so the dots run at 80, not 128); d ≤ 128. Block sizes are padded
+to powers of 2 (≥ 16) with masks, so any ``block_q``/``block_kv`` works; 64 (the
+default) wastes nothing.
+
+Precision: ``QKᵀ`` and ``PV`` on the tensor cores in the input dtype with
+float32 accumulation (IEEE float32 dots for float32 inputs). The feature-map
+dots (``φ(K)ᵀV``, ``φ(q)S``) take float32 operands (TF32 for half inputs) except
+ReLU on half inputs, whose φ is exact in the input dtype -- the same rule as
+the state kernel, so ``S − ΔS`` subtracts identically rounded terms.
+
+Cost per query block: ``kk·(4·bq·bkv·D + 2·bkv·D²)`` FLOPs (D = the padded
+pieces, 80 at d = 72) -- the ΔS term adds ``D/(2·bq)`` ≈ 62% to the sparse
+attention's -- and ``kk·bkv·d·2·s`` bytes of K and V, largely from L2.
+
+Forward only (``differentiable=False`` in the registry): training uses the
+pure-torch ``gather`` path.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton import as_bhnd, cdiv, interpret_requested, next_pow2
+from .lit_triton import FEATURES, _phi, dot_precision, linear_state
+
+INTERPRETED = interpret_requested()
+MAX_HEAD_DIM = 128
+
+
+def _autotune(configs, key):
+    if INTERPRETED:
+        return lambda fn: fn
+    return triton.autotune(configs=configs, key=key)
+
+
+def head_pieces(d: int) -> tuple[int, int]:
+    """``(DA, DB)``: the head dim as a power-of-2 piece ≤ 64 plus a padded remainder (or 0).
+
+    64 → (64, 0); 72 → (64, 16); 96 → (64, 32); 128 → (64, 64); 40 → (64, 0).
+    """
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"the SLA kernel supports head_dim <= {MAX_HEAD_DIM}, got {d}")
+    da = min(64, max(16, next_pow2(d)))
+    db = 0 if d <= da else max(16, next_pow2(d - da))
+    return da, db
+
+
+@triton.jit
+def _phi2(xa, xb, va, vb, FEATURE: tl.constexpr, AXIS: tl.constexpr, HAS_B: tl.constexpr):
+    """φ of a row split in two pieces (``xb`` ignored unless ``HAS_B``); 0 where invalid."""
+    if FEATURE == 1:  # softmax over the whole row: both pieces
+        xa = tl.where(va, xa, float("-inf"))
+        top = tl.max(xa, axis=AXIS)
+        if HAS_B:
+            xb = tl.where(vb, xb, float("-inf"))
+            top = tl.maximum(top, tl.max(xb, axis=AXIS))
+        top = tl.expand_dims(tl.where(top == float("-inf"), 0.0, top), AXIS)
+        ea = tl.exp(xa - top)
+        total = tl.sum(ea, axis=AXIS)
+        if HAS_B:
+            eb = tl.exp(xb - top)
+            total += tl.sum(eb, axis=AXIS)
+        total = tl.expand_dims(tl.where(total > 0.0, total, 1.0), AXIS)
+        ya = tl.where(va, ea / total, 0.0)
+        if HAS_B:
+            yb = tl.where(vb, eb / total, 0.0)
+        else:
+            yb = ya
+    else:
+        ya = _phi(xa, va, FEATURE, AXIS)
+        if HAS_B:
+            yb = _phi(xb, vb, FEATURE, AXIS)
+        else:
+            yb = ya
+    return ya, yb
+
+
+_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+
+
+@_autotune(_CONFIGS, key=["D", "KK", "BQ", "BKV", "FEATURE", "LINEAR"])
+@triton.jit
+def _sla_kernel(
+    Q, K, V, LUT, S, Z, OS, OL,
+    H, N, D, KK, NQ, block_q, block_kv, DP, qk_scale, eps,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+    FEATURE: tl.constexpr, LINEAR: tl.constexpr, F32_DOT: tl.constexpr, PREC: tl.constexpr,
+    DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr, BQ: tl.constexpr,
+    BKV: tl.constexpr,
+):  # fmt: skip
+    """One query block of one (batch, head): ``O_s`` and ``O_l`` (module docstring).
+
+    ``LINEAR``: 0 none (``O_l`` left to the caller), 1 marginal, 2 all tokens.
+    ``qk_scale`` = log2(e)/√d. ``S``/``Z``: the total state, row stride ``DP``.
+    ``HAS_B``: the head dim has a second piece of ``DB`` columns (else DB is a
+    placeholder size and every ``*_b`` tensor is unused).
+    """
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    q_ptr = Q + b * sq_b + h * sq_h
+    k_ptr = K + b * sk_b + h * sk_h
+    v_ptr = V + b * sv_b + h * sv_h
+
+    offs_r = tl.arange(0, BQ)
+    offs_m = pid_m * block_q + offs_r
+    m_ok = (offs_r < block_q) & (offs_m < N)
+    rows = offs_m.to(tl.int64)[:, None]
+    offs_a = tl.arange(0, DA)
+    a_ok = offs_a < D
+    qa = tl.load(q_ptr + rows * sq_n + offs_a[None, :], mask=m_ok[:, None] & a_ok[None, :],
+                 other=0.0)
+    qb = qa
+    offs_b = offs_a
+    b_ok = a_ok
+    if HAS_B:
+        offs_b = DA + tl.arange(0, DB)
+        b_ok = offs_b < D
+        qb = tl.load(q_ptr + rows * sq_n + offs_b[None, :], mask=m_ok[:, None] & b_ok[None, :],
+                     other=0.0)
+
+    m_i = tl.full([BQ], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BQ], dtype=tl.float32)
+    acc_a = tl.zeros([BQ, DA], dtype=tl.float32)
+    acc_b = tl.zeros([BQ, DB], dtype=tl.float32)
+    if LINEAR == 1:
+        ds_aa = tl.zeros([DA, DA], dtype=tl.float32)
+        ds_ab = tl.zeros([DA, DB], dtype=tl.float32)
+        ds_ba = tl.zeros([DB, DA], dtype=tl.float32)
+        ds_bb = tl.zeros([DB, DB], dtype=tl.float32)
+        dz_a = tl.zeros([DA], dtype=tl.float32)
+        dz_b = tl.zeros([DB], dtype=tl.float32)
+
+    lut_ptr = LUT + (bh.to(tl.int64) * NQ + pid_m) * KK
+    offs_c = tl.arange(0, BKV)
+    for j in range(0, KK):
+        blk = tl.load(lut_ptr + j)
+        offs_n = blk * block_kv + offs_c
+        n_ok = (offs_c < block_kv) & (offs_n < N)
+        cols = offs_n.to(tl.int64)
+        kt_ok_a = a_ok[:, None] & n_ok[None, :]
+        v_ok_a = n_ok[:, None] & a_ok[None, :]
+        kta = tl.load(k_ptr + cols[None, :] * sk_n + offs_a[:, None], mask=kt_ok_a, other=0.0)
+        va = tl.load(v_ptr + cols[:, None] * sv_n + offs_a[None, :], mask=v_ok_a, other=0.0)
+        s = tl.dot(qa, kta, input_precision=PREC)
+        ktb = kta
+        vb = va
+        kt_ok_b = kt_ok_a
+        if HAS_B:
+            kt_ok_b = b_ok[:, None] & n_ok[None, :]
+            ktb = tl.load(k_ptr + cols[None, :] * sk_n + offs_b[:, None], mask=kt_ok_b, other=0.0)
+            vb = tl.load(v_ptr + cols[:, None] * sv_n + offs_b[None, :],
+                         mask=n_ok[:, None] & b_ok[None, :], other=0.0)
+            s = tl.dot(qb, ktb, s, input_precision=PREC)
+        s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc_a = tl.dot(p.to(va.dtype), va, acc_a * alpha[:, None], input_precision=PREC)
+        if HAS_B:
+            acc_b = tl.dot(p.to(vb.dtype), vb, acc_b * alpha[:, None], input_precision=PREC)
+        m_i = m_new
+        if LINEAR == 1:  # ΔS, Δz of this critical block: φ over the head dim (axis 0 of Kᵀ)
+            fka, fkb = _phi2(kta.to(tl.float32), ktb.to(tl.float32), kt_ok_a, kt_ok_b,
+                             FEATURE, 0, HAS_B)
+            dz_a += tl.sum(fka, axis=1)
+            if F32_DOT:
+                va32 = va.to(tl.float32)
+                ds_aa = tl.dot(fka, va32, ds_aa, input_precision=PREC)
+                if HAS_B:
+                    vb32 = vb.to(tl.float32)
+                    dz_b += tl.sum(fkb, axis=1)
+                    ds_ab = tl.dot(fka, vb32, ds_ab, input_precision=PREC)
+                    ds_ba = tl.dot(fkb, va32, ds_ba, input_precision=PREC)
+                    ds_bb = tl.dot(fkb, vb32, ds_bb, input_precision=PREC)
+            else:
+                ds_aa = tl.dot(fka.to(va.dtype), va, ds_aa)
+                if HAS_B:
+                    dz_b += tl.sum(fkb, axis=1)
+                    ds_ab = tl.dot(fka.to(vb.dtype), vb, ds_ab)
+                    ds_ba = tl.dot(fkb.to(va.dtype), va, ds_ba)
+                    ds_bb = tl.dot(fkb.to(vb.dtype), vb, ds_bb)
+
+    o_ptr = b * so_b + h * so_h + rows * so_n
+    out_a = m_ok[:, None] & a_ok[None, :]
+    out_b = m_ok[:, None] & b_ok[None, :]
+    l_i = tl.where(l_i > 0.0, l_i, 1.0)
+    tl.store(OS + o_ptr + offs_a[None, :], (acc_a / l_i[:, None]).to(OS.dtype.element_ty),
+             mask=out_a)
+    if HAS_B:
+        tl.store(OS + o_ptr + offs_b[None, :], (acc_b / l_i[:, None]).to(OS.dtype.element_ty),
+                 mask=out_b)
+
+    if LINEAR > 0:
+        s_ptr = S + bh.to(tl.int64) * DP * DP
+        z_ptr = Z + bh.to(tl.int64) * DP
+        s_aa = tl.load(s_ptr + offs_a[:, None] * DP + offs_a[None, :],
+                       mask=a_ok[:, None] & a_ok[None, :], other=0.0)
+        z_a = tl.load(z_ptr + offs_a, mask=a_ok, other=0.0)
+        if LINEAR == 1:
+            s_aa -= ds_aa
+            z_a -= dz_a
+        fqa, fqb = _phi2(qa.to(tl.float32), qb.to(tl.float32), m_ok[:, None] & a_ok[None, :],
+                         m_ok[:, None] & b_ok[None, :], FEATURE, 1, HAS_B)
+        num_a = tl.dot(fqa, s_aa, input_precision=PREC)
+        den = tl.sum(fqa * z_a[None, :], axis=1)
+        if HAS_B:
+            s_ab = tl.load(s_ptr + offs_a[:, None] * DP + offs_b[None, :],
+                           mask=a_ok[:, None] & b_ok[None, :], other=0.0)
+            s_ba = tl.load(s_ptr + offs_b[:, None] * DP + offs_a[None, :],
+                           mask=b_ok[:, None] & a_ok[None, :], other=0.0)
+            s_bb = tl.load(s_ptr + offs_b[:, None] * DP + offs_b[None, :],
+                           mask=b_ok[:, None] & b_ok[None, :], other=0.0)
+            z_b = tl.load(z_ptr + offs_b, mask=b_ok, other=0.0)
+            if LINEAR == 1:
+                s_ab -= ds_ab
+                s_ba -= ds_ba
+                s_bb -= ds_bb
+                z_b -= dz_b
+            num_a = tl.dot(fqb, s_ba, num_a, input_precision=PREC)
+            num_b = tl.dot(fqa, s_ab, input_precision=PREC)
+            num_b = tl.dot(fqb, s_bb, num_b, input_precision=PREC)
+            den += tl.sum(fqb * z_b[None, :], axis=1)
+        den = den + eps
+        tl.store(OL + o_ptr + offs_a[None, :], (num_a / den[:, None]).to(OL.dtype.element_ty),
+                 mask=out_a)
+        if HAS_B:
+            tl.store(OL + o_ptr + offs_b[None, :],
+                     (num_b / den[:, None]).to(OL.dtype.element_ty), mask=out_b)
+
+
+def sla_triton_parts(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    block_q: int,
+    block_kv: int,
+    feature_map: str,
+    linear_over: str,
+    eps: float,
+    splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(O_s, O_l)`` of SLA by the Triton kernel; ``indices`` as :func:`sla.block_indices`.
+
+    Same signature and semantics as ``sla_gather_parts`` (``splits`` forces the
+    state kernel's token splits, for tests).
+    """
+    bsz, heads, n, d = q.shape
+    nq, nk, kk = cdiv(n, block_q), cdiv(n, block_kv), indices.shape[-1]
+    if tuple(indices.shape) != (bsz, heads, nq, kk):
+        raise ValueError(f"indices must be [B, H, {nq}, kk], got {tuple(indices.shape)}")
+    da, db = head_pieces(d)
+    q, k, v = as_bhnd(q), as_bhnd(k), as_bhnd(v)
+    lut = indices.to(device=q.device, dtype=torch.int32).contiguous()
+    if linear_over == "marginal":
+        linear = 1 if kk < nk else 0  # every block critical: the marginal set is empty
+    else:
+        linear = 2
+    o_s = torch.empty(bsz, heads, n, d, dtype=q.dtype, device=q.device)
+    o_l = torch.empty_like(o_s) if linear else torch.zeros_like(o_s)
+    if linear:
+        state, normaliser, _ = linear_state(k, v, feature=feature_map, splits=splits)
+        dp = state.shape[-1]
+    else:
+        state = normaliser = o_s  # unused
+        dp = 1
+    bq, bkv = max(16, next_pow2(block_q)), max(16, next_pow2(block_kv))
+    f32_dot = q.dtype == torch.float32
+    qk_scale = 1.4426950408889634 / d**0.5
+    _sla_kernel[(nq, bsz * heads)](
+        q, k, v, lut, state, normaliser, o_s, o_l,
+        heads, n, d, kk, nq, block_q, block_kv, dp, qk_scale, float(eps),
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o_s.stride(0), o_s.stride(1), o_s.stride(2),
+        FEATURE=FEATURES[feature_map], LINEAR=linear, F32_DOT=f32_dot,
+        PREC=dot_precision(q.dtype), DA=da, DB=db or 16, HAS_B=db > 0, BQ=bq, BKV=bkv,
+    )  # fmt: skip
+    return o_s, o_l

@@ -1,0 +1,48 @@
+"""Distillation of converted students, and training of the shipped teacher.
+
+>>> from attnbench.distill import TrainConfig, distill, default_teacher_path
+>>> summary = distill("runs/lit", "lit", TrainConfig(steps=200))   # doctest: +SKIP
+>>> summary["eval"]["final_ema"]["eps_mse_vs_teacher"]             # doctest: +SKIP
+
+``recipes.py`` the recipes (loss weights, what trains), ``losses.py`` the
+terms, ``trainer.py`` the loop (DDP, EMA, checkpoints, metrics, evaluation),
+``pipeline.py`` the ``distill`` / ``train_teacher`` jobs, ``teacher.py`` the
+shipped teacher, ``dist.py`` torchrun support, ``io.py`` atomic writes,
+``cli.py`` the subcommands.
+"""
+
+from .recipes import RECIPES, TERMS, DistillRecipe, get_recipe, recipe_for
+from .teacher import TEACHER_CONFIG, default_teacher_path, verify_teacher
+from .trainer import TrainConfig, Trainer, evaluate, plan_batch
+
+
+def distill(*args, **kwargs):
+    """See :func:`attnbench.distill.pipeline.distill`."""
+    from .pipeline import distill as _distill
+
+    return _distill(*args, **kwargs)
+
+
+def train_teacher(*args, **kwargs):
+    """See :func:`attnbench.distill.pipeline.train_teacher`."""
+    from .pipeline import train_teacher as _train_teacher
+
+    return _train_teacher(*args, **kwargs)
+
+
+__all__ = [
+    "RECIPES",
+    "TEACHER_CONFIG",
+    "TERMS",
+    "DistillRecipe",
+    "TrainConfig",
+    "Trainer",
+    "default_teacher_path",
+    "distill",
+    "evaluate",
+    "get_recipe",
+    "plan_batch",
+    "recipe_for",
+    "train_teacher",
+    "verify_teacher",
+]

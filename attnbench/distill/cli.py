@@ -1,0 +1,216 @@
+"""``python -m attnbench distill`` and ``python -m attnbench train-teacher``.
+
+    python -m attnbench distill --method lit --steps 200 --out runs/lit
+    python -m attnbench distill --teacher DIR --method clear --option radius=3 \\
+        --weight kd_attn=1.0 --steps 500 --out runs/clear-r3
+    torchrun --nproc_per_node 2 -m attnbench distill --method sla ... --out runs/sla
+    python -m attnbench train-teacher --out runs/teacher --steps 4000 --max-minutes 25
+
+Without ``--teacher`` the shipped teacher (``attnbench/assets/teacher``) is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..cli import UsageError, parse_options
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _steps_spec(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
+
+
+def _add_training_flags(p: argparse.ArgumentParser, *, steps: int, batch: int, lr: float,
+                        ema: float, warmup: int) -> None:
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=_positive_int, default=steps, help=f"steps (default {steps})")
+    g.add_argument("--batch-size", type=_positive_int, default=batch,
+                   help=f"global batch, split over the processes (default {batch})")
+    g.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate (default {lr})")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--warmup-steps", type=_non_negative_int, default=warmup,
+                   help=f"linear learning-rate warm-up (default {warmup})")
+    g.add_argument("--ema-decay", type=float, default=ema,
+                   help=f"EMA decay, warmed up as min(decay, (1+s)/(10+s)) (default {ema})")
+    g.add_argument("--grad-clip", type=float, default=1.0,
+                   help="max gradient norm, 0 = off (default 1.0)")
+    g.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="autocast dtype of the forward passes (default fp32)")
+    g.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    g.add_argument("--ckpt-every", type=_non_negative_int, default=0,
+                   help="save checkpoint.pt every K steps (default 0: at the end only)")
+    g.add_argument("--eval-samples", type=_non_negative_int, default=64,
+                   help="held-out samples of the ε evaluation before and after (default 64)")
+    g.add_argument("--max-minutes", type=float, default=None,
+                   help="stop (and save) after this much training time")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    g.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads of torch (1 is fastest on a busy machine: "
+                        "oversubscribed threads wait on each other)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out")
+    g.add_argument("--force", action="store_true", help="start over in an --out holding a run")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def _train_config(args: argparse.Namespace):
+    import torch
+
+    from .trainer import TrainConfig
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    config = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+        ema_decay=args.ema_decay, grad_clip=args.grad_clip, precision=args.precision,
+        seed=args.seed, ckpt_every=args.ckpt_every, eval_samples=args.eval_samples,
+        max_minutes=args.max_minutes, progress=not args.no_progress,
+    )
+    config.validate()
+    return config
+
+
+def _print_summary(summary: dict, as_json: bool) -> None:
+    if not summary:  # ranks other than 0
+        return
+    if as_json:
+        print(json.dumps(summary, indent=2, default=str))
+        return
+    ev = summary.get("eval") or {}
+    timing = summary.get("timing") or {}
+    print(f"{summary.get('steps')} steps in {summary.get('elapsed_s', 0):.1f} s "
+          f"(median {timing.get('median_step_s', float('nan')):.3f} s/step); "
+          f"model: {summary.get('model')}")
+    for name in ("initial", "final_ema", "final_raw"):
+        e = ev.get(name)
+        if not e:
+            continue
+        parts = [f"{k}={e[k]:.5f}" for k in ("eps_mse_vs_teacher", "eps_mse") if k in e]
+        print(f"  held-out {name:<9} " + " ".join(parts))
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from .pipeline import distill
+
+    config = _train_config(args)
+    weights = parse_options(args.weight)
+    options = parse_options(args.option)
+    gen_steps = _steps_spec(args.gen_steps)
+    if args.gen_samples <= 0:
+        raise UsageError("--gen-samples must be > 0")
+    summary = distill(
+        args.out, args.method, config, teacher=args.teacher, options=options,
+        num_heads=args.num_heads, weights=weights, trainable=args.trainable, data=args.data,
+        gen_samples=args.gen_samples, gen_steps=gen_steps, gen_cfg=args.gen_cfg,
+        device=args.device, resume=args.resume, force=args.force,
+        convert_seed=args.convert_seed,
+    )
+    _print_summary(summary, args.json)
+    return 0
+
+
+def _train_teacher(args: argparse.Namespace) -> int:
+    from .pipeline import train_teacher
+    from .teacher import TEACHER_CONFIG
+
+    config = _train_config(args)
+    overrides = {}
+    for key in ("hidden_size", "depth", "num_heads", "patch_size", "input_size"):
+        value = getattr(args, key)
+        if value is not None:
+            overrides[key] = value
+    model_config = TEACHER_CONFIG.replace(**overrides) if overrides else TEACHER_CONFIG
+    summary = train_teacher(args.out, config, model_config=model_config,
+                            data_seed=args.data_seed, device=args.device, resume=args.resume,
+                            force=args.force, grid=not args.no_grid)
+    _print_summary(summary, args.json)
+    if summary and not args.json:
+        print(f"teacher: {summary.get('teacher')}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    """Register ``distill`` and ``train-teacher``."""
+    p = subparsers.add_parser(
+        "distill",
+        help="convert a DiT teacher to METHOD and distil the student (LiT/CLEAR/SLA recipes)",
+        description=(
+            "Convert the teacher (default: the shipped shapes-world DiT) to METHOD by weight "
+            "inheritance, then train the student with the method's recipe: lit = diffusion "
+            "+ 0.5·kd_eps + 0.05·kd_sigma; clear = diffusion + 0.5·kd_out + 0.5·kd_attn "
+            "(attention only); sla = diffusion + kd_out. Works under torchrun "
+            "(DistributedDataParallel: NCCL on GPUs, gloo on CPU)."
+        ),
+    )
+    p.add_argument("--teacher", default=None,
+                   help="DiT checkpoint (file or directory); default: the shipped teacher")
+    p.add_argument("--method", required=True, help="attention method (python -m attnbench list)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--option", "--options", dest="option", action="extend", nargs="+",
+                   default=[], metavar="KEY=VALUE",
+                   help="a method option, repeatable (e.g. --option radius=3)")
+    p.add_argument("--num-heads", type=_positive_int, default=None,
+                   help="student heads (default: the conversion recipe's; LiT: few heads)")
+    p.add_argument("--convert-seed", type=int, default=0,
+                   help="seed of the non-inherited initialisation (default 0)")
+    p.add_argument("--weight", action="extend", nargs="+", default=[], metavar="TERM=W",
+                   help="a loss weight: diffusion, kd_eps, kd_sigma, kd_out, kd_attn")
+    p.add_argument("--trainable", choices=("all", "attention"), default=None,
+                   help="parameters that train (default: the recipe's; CLEAR: attention)")
+    d = p.add_argument_group("data")
+    d.add_argument("--data", default="self",
+                   help="self (teacher samples, default), shapes, or an .npz / folder of latents")
+    d.add_argument("--gen-samples", type=int, default=512,
+                   help="teacher samples to generate with --data self (default 512)")
+    d.add_argument("--gen-steps", default="50",
+                   help="DDIM steps of those samples (default 50)")
+    d.add_argument("--gen-cfg", type=float, default=1.0,
+                   help="guidance scale of those samples (default 1.0: the teacher's own "
+                        "distribution)")
+    _add_training_flags(p, steps=200, batch=32, lr=2e-4, ema=0.999, warmup=0)
+    p.set_defaults(func=_distill)
+
+    t = subparsers.add_parser(
+        "train-teacher",
+        help="train the small pixel-space DiT teacher on the shapes world",
+        description=(
+            "Train a class-conditional DiT on the procedural shapes world with DiT's "
+            "objective (ε-MSE + VB, learned variance) and write OUT/teacher/ (weights, "
+            "config, training.json, SHA256SUMS) and OUT/samples.png."
+        ),
+    )
+    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--data-seed", type=int, default=0, help="seed of the shapes world")
+    m = t.add_argument_group("model (default: the shipped teacher's config)")
+    m.add_argument("--hidden-size", type=_positive_int, default=None)
+    m.add_argument("--depth", type=_positive_int, default=None)
+    m.add_argument("--num-heads", type=_positive_int, default=None)
+    m.add_argument("--patch-size", type=_positive_int, default=None)
+    m.add_argument("--input-size", type=_positive_int, default=None,
+                   help="image side in pixels (32 or 64)")
+    t.add_argument("--no-grid", action="store_true", help="skip the sample grid")
+    _add_training_flags(t, steps=4000, batch=64, lr=5e-4, ema=0.999, warmup=200)
+    t.set_defaults(func=_train_teacher)

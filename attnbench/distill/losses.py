@@ -1,0 +1,103 @@
+"""The loss terms of the recipes (``recipes.py``), computed from one forward of each model."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..diffusion import Diffusion
+from .recipes import DistillRecipe
+
+
+class AttentionTap:
+    """Records the output of every block's attention mixer during a forward pass.
+
+    ``with AttentionTap(model) as tap: model(x, t, y)`` leaves ``tap.outputs``
+    ``[depth × [B, N, C]]`` (CLEAR's per-layer term compares them).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.outputs: list[torch.Tensor] = []
+        self._handles: list = []
+
+    def __enter__(self) -> AttentionTap:
+        self.outputs = []
+        for block in _blocks(self.model):
+            self._handles.append(block.attn.register_forward_hook(self._hook))
+        return self
+
+    def _hook(self, module, inputs, output) -> None:
+        self.outputs.append(output)
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def _blocks(model: nn.Module):
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    return inner.blocks
+
+
+@contextmanager
+def _nothing():
+    yield None
+
+
+def flat_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared difference, in float32."""
+    d = (a.float() - b.float()) ** 2
+    return d.mean(dim=tuple(range(1, d.dim())))
+
+
+def recipe_losses(
+    recipe: DistillRecipe,
+    diffusion: Diffusion,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    x0: torch.Tensor,
+    y: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """``{"loss": weighted sum, term: batch mean, ...}`` of ``recipe`` on one batch.
+
+    ``t`` are step indices of ``diffusion``; the student is called once (under
+    whatever autocast the caller set), the teacher once without gradients.
+    Terms with weight 0 are not computed (``mse``/``vb``, the two parts of
+    ``diffusion``, are always reported).
+    """
+    weights = recipe.active()
+    xt = diffusion.q_sample(x0, t, noise)
+    tm = diffusion.model_timesteps(t)
+    want_attn = recipe.needs_attention
+    with AttentionTap(student) if want_attn else _nothing() as s_tap:
+        s_out = student(xt, tm, y)
+    terms = diffusion.losses_from_output(s_out, x0, xt, t, noise)
+    out: dict[str, torch.Tensor] = {"mse": terms["mse"].mean()}
+    if "vb" in terms:
+        out["vb"] = terms["vb"].mean()
+    out["diffusion"] = terms["loss"].mean()
+    if recipe.needs_teacher:
+        if teacher is None:
+            raise ValueError(f"recipe {recipe.name!r} needs a teacher")
+        with torch.no_grad(), AttentionTap(teacher) if want_attn else _nothing() as t_tap:
+            t_out = teacher(xt, tm, y)
+        c = x0.shape[1]
+        if "kd_eps" in weights:
+            out["kd_eps"] = flat_mse(s_out[:, :c], t_out[:, :c]).mean()
+        if "kd_sigma" in weights:
+            if s_out.shape[1] != 2 * c or t_out.shape[1] != 2 * c:
+                raise ValueError("kd_sigma needs learned-variance models (learn_sigma=True)")
+            out["kd_sigma"] = flat_mse(s_out[:, c:], t_out[:, c:]).mean()
+        if "kd_out" in weights:
+            out["kd_out"] = flat_mse(s_out, t_out).mean()
+        if "kd_attn" in weights:
+            pairs = list(zip(s_tap.outputs, t_tap.outputs, strict=True))
+            out["kd_attn"] = torch.stack([flat_mse(a, b).mean() for a, b in pairs]).mean()
+    out["loss"] = sum(w * out[k] for k, w in weights.items())
+    return out

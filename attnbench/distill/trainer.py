@@ -1,0 +1,555 @@
+"""The trainer: one loop for teacher training and for every distillation recipe.
+
+What it does each step (the same on one process or N):
+
+1. draws the *global* batch plan from a generator seeded by ``(seed, step)``:
+   data indices, timesteps, label-dropout flags and noise; rank ``r`` takes
+   rows ``[r·B/N, (r+1)·B/N)``. Each rank thus draws its own samples (per-rank
+   streams), their union is exactly the batch one process would draw, and a
+   resumed run draws what the uninterrupted one would have;
+2. computes the recipe's loss terms (``losses.py``) under fp32 or bf16 autocast;
+3. back-propagates (DistributedDataParallel averages the gradients over
+   ranks: the mean over the global batch), clips the gradient norm, steps
+   AdamW (linear warm-up, then constant) and the EMA of the weights;
+4. logs every term (averaged over ranks) to ``metrics.jsonl`` / ``metrics.csv``
+   and the progress bar; rank 0 saves ``checkpoint.pt`` every ``ckpt_every``
+   steps, atomically.
+
+At the end rank 0 exports the EMA weights (DiT's convention: the EMA is the
+model) as a loadable model directory and writes ``summary.json`` with the
+held-out evaluation before and after (``evaluate``).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..diffusion import Diffusion
+from . import dist as _dist
+from .io import (
+    CHECKPOINT_FILE,
+    METRICS_CSV,
+    METRICS_JSONL,
+    RUN_FILE,
+    SUMMARY_FILE,
+    atomic_save_model,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    load_training_checkpoint,
+)
+from .losses import flat_mse, recipe_losses
+from .recipes import DistillRecipe
+
+#: the noise of held-out evaluations (training draws its noise from per-step seeds)
+EVAL_SEED = 20_240_917
+PRECISIONS = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of a run (every field is a CLI flag)."""
+
+    steps: int = 100
+    batch_size: int = 32  # global: split over the ranks
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    ema_decay: float = 0.9999
+    grad_clip: float = 1.0  # 0 = no clipping
+    precision: str = "fp32"
+    seed: int = 0
+    ckpt_every: int = 0  # 0 = only at the end
+    eval_samples: int = 64
+    max_minutes: float | None = None
+    label_dropout: float | None = None  # None = the model's class_dropout_prob
+    progress: bool = True
+
+    def validate(self, world_size: int = 1) -> None:
+        ints = {"steps": 1, "batch_size": 1, "warmup_steps": 0, "ckpt_every": 0,
+                "eval_samples": 0}
+        for key, low in ints.items():
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("grad_clip and weight_decay must be >= 0")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of fp32, bf16; got {self.precision!r}")
+        if self.label_dropout is not None and not 0 <= self.label_dropout < 1:
+            raise ValueError(f"label_dropout must lie in [0, 1), got {self.label_dropout}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
+        if self.batch_size % world_size:
+            raise ValueError(
+                f"the global batch {self.batch_size} does not split evenly over {world_size} "
+                "processes: choose a multiple of the process count"
+            )
+
+
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    """A 63-bit seed for ``(seed, step, stream)`` (numpy's SeedSequence hashing)."""
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step), int(stream)])
+    return int(state.generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+@dataclass
+class BatchPlan:
+    """The random choices of one global batch."""
+
+    indices: torch.Tensor  # [B] data indices
+    t: torch.Tensor  # [B] step indices
+    drop: torch.Tensor  # [B] bool: label replaced by the null class
+    noise: torch.Tensor  # [B, C, H, W]
+
+    def rows(self, start: int, stop: int) -> BatchPlan:
+        return BatchPlan(self.indices[start:stop], self.t[start:stop], self.drop[start:stop],
+                         self.noise[start:stop])
+
+
+def plan_batch(seed: int, step: int, batch: int, sample_shape: tuple[int, ...],
+               num_data: int, num_steps: int, drop_prob: float) -> BatchPlan:
+    """The global batch of ``step``: a pure function of its arguments."""
+    g = torch.Generator().manual_seed(step_seed(seed, step))
+    indices = torch.randint(0, num_data, (batch,), generator=g)
+    t = torch.randint(0, num_steps, (batch,), generator=g)
+    drop = torch.rand(batch, generator=g) < drop_prob
+    noise = torch.randn((batch, *sample_shape), generator=g)
+    return BatchPlan(indices, t, drop, noise)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, diffusion: Diffusion, x0: torch.Tensor, y: torch.Tensor, *,
+             teacher: nn.Module | None = None, seed: int = EVAL_SEED, batch: int = 64,
+             buckets: int = 4) -> dict[str, Any]:
+    """Held-out ε errors of ``model``, on noise no training step draws.
+
+    Timesteps are spread evenly over the process (``linspace(0, T−1, n)``) and the
+    noise comes from ``seed``, so two models (a student right after conversion
+    and after distillation) are compared on exactly the same inputs:
+
+    * ``eps_mse_vs_teacher`` -- ``mean ‖ε_S − ε_T‖²`` (with a teacher);
+    * ``eps_mse`` -- ``mean ‖ε_S − ε‖²`` against the true noise (the diffusion
+      loss), and ``teacher_eps_mse`` the teacher's, for scale;
+    * ``by_t`` -- the same split into ``buckets`` timestep ranges.
+    """
+    n = len(x0)
+    if n == 0:
+        return {}
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    t = torch.linspace(0, diffusion.num_steps - 1, n).round().long()
+    noise = torch.randn(x0.shape, generator=g)
+    c = x0.shape[1]
+    rows: dict[str, list[torch.Tensor]] = {"eps_mse": [], "eps_mse_vs_teacher": [],
+                                           "teacher_eps_mse": []}
+    for start in range(0, n, batch):
+        sl = slice(start, start + batch)
+        xb, yb, tb = x0[sl].to(device), y[sl].to(device), t[sl].to(device)
+        nb = noise[sl].to(device)
+        xt = diffusion.q_sample(xb, tb, nb)
+        tm = diffusion.model_timesteps(tb)
+        out = model(xt, tm, yb).float()
+        rows["eps_mse"].append(flat_mse(out[:, :c], nb).cpu())
+        if teacher is not None:
+            ref = teacher(xt, tm, yb).float()
+            rows["eps_mse_vs_teacher"].append(flat_mse(out[:, :c], ref[:, :c]).cpu())
+            rows["teacher_eps_mse"].append(flat_mse(ref[:, :c], nb).cpu())
+    model.train(was)
+    result: dict[str, Any] = {"samples": n, "seed": seed}
+    edges = torch.linspace(0, diffusion.num_steps, buckets + 1).long().tolist()
+    by_t: dict[str, dict[str, float]] = {}
+    for key, parts in rows.items():
+        if not parts:
+            continue
+        values = torch.cat(parts).double()
+        result[key] = float(values.mean())
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+            mask = (t >= lo) & (t < hi)
+            if mask.any():
+                by_t.setdefault(f"t{lo}-{hi - 1}", {})[key] = float(values[mask].mean())
+    result["by_t"] = by_t
+    return result
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+def check_out(out: str | Path, *, resume: bool, force: bool) -> None:
+    """Refuse to overwrite a run (without ``force``) or to resume nothing."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: pass a directory")
+    existing = [n for n in (CHECKPOINT_FILE, RUN_FILE, METRICS_JSONL) if (out / n).exists()]
+    if resume:
+        if not (out / CHECKPOINT_FILE).exists():
+            raise FileNotFoundError(
+                f"--resume: {out} holds no {CHECKPOINT_FILE} to resume"
+                + (f" (it has {', '.join(existing)})" if existing else "")
+            )
+    elif existing and not force:
+        raise ValueError(
+            f"--out {out} already holds a run ({', '.join(existing)}): pass --resume to "
+            "continue it, --force to start over, or choose another directory"
+        )
+
+
+def _versions() -> dict[str, str]:
+    import platform
+
+    from .. import __version__
+
+    return {"attnbench": __version__, "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+class Trainer:
+    """Trains ``model`` with ``recipe`` on ``source`` (module docstring).
+
+    ``identity`` is what a resumed run must share with this one (method,
+    options, recipe, teacher hash, ...): a mismatch is an error, never a
+    silently mixed run. ``export_name`` is the model directory written at the
+    end inside ``out``; ``export_extra`` the JSON files written beside it.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        diffusion: Diffusion,
+        source,
+        out: str | Path,
+        config: TrainConfig,
+        *,
+        recipe: DistillRecipe,
+        teacher: nn.Module | None = None,
+        identity: dict[str, Any],
+        info: dict[str, Any] | None = None,
+        eval_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+        num_train: int | None = None,
+        export_name: str = "model",
+        export_extra: dict[str, Any] | None = None,
+        dist_info: _dist.DistInfo | None = None,
+    ) -> None:
+        self.dist = dist_info or _dist.DistInfo()
+        config.validate(self.dist.world_size)
+        if recipe.needs_teacher and teacher is None:
+            raise ValueError(f"recipe {recipe.name!r} needs a teacher")
+        self.model, self.diffusion, self.source = model, diffusion, source
+        self.out, self.config, self.recipe, self.teacher = Path(out), config, recipe, teacher
+        self.identity = json.loads(json.dumps(identity, default=str))
+        self.info = info or {}
+        self.eval_data = eval_data
+        self.num_train = num_train if num_train is not None else len(source)
+        self.export_name, self.export_extra = export_name, dict(export_extra or {})
+        self.device = self.dist.device
+        cfg = model.config
+        self.null_label = cfg.num_classes
+        self.drop_prob = (cfg.class_dropout_prob if config.label_dropout is None
+                          else config.label_dropout)
+        if self.drop_prob > 0 and cfg.class_dropout_prob <= 0:
+            raise ValueError("label dropout needs a model with a null class "
+                             "(class_dropout_prob > 0)")
+        self.sample_shape = (source.channels, source.image_size, source.image_size)
+
+    # ----- set-up -------------------------------------------------------------------------
+    def _trainable(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        named = [(n, p) for n, p in model.named_parameters()]
+        if self.recipe.trainable == "attention":
+            chosen = {n for n, _ in named if ".attn." in n and n.startswith("blocks.")}
+        else:
+            chosen = {n for n, p in named if n != "pos_embed"}
+        for n, p in named:
+            p.requires_grad_(n in chosen)
+        params = [(n, p) for n, p in named if p.requires_grad]
+        if not params:
+            raise ValueError(f"recipe {self.recipe.name!r} leaves nothing to train")
+        return params
+
+    def prepare_directory(self, resume: bool, force: bool) -> dict[str, Any] | None:
+        """Check ``out`` against ``resume``/``force``; the checkpoint to resume, if any."""
+        check_out(self.out, resume=resume, force=force)
+        if resume:
+            state = load_training_checkpoint(self.out / CHECKPOINT_FILE)
+            self._check_identity(state.get("run", {}))
+            return state
+        return None
+
+    def _check_identity(self, saved: dict[str, Any]) -> None:
+        mine = self.identity
+        if saved.get("kind") != mine.get("kind"):
+            raise ValueError(
+                f"cannot resume {self.out}: it holds a {saved.get('kind')!r} run, not "
+                f"{mine.get('kind')!r}"
+            )
+        if saved.get("method") != mine.get("method"):
+            raise ValueError(
+                f"cannot resume {self.out}: it is a distillation of method "
+                f"{saved.get('method')!r}, not {mine.get('method')!r}; pass --method "
+                f"{saved.get('method')} or another --out"
+            )
+        differ = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+        if differ:
+            details = "; ".join(f"{k}: saved {saved.get(k)!r}, now {mine.get(k)!r}"
+                                for k in differ)
+            raise ValueError(f"cannot resume {self.out}: the run differs from this command "
+                             f"({details}); repeat the original options or use another --out")
+
+    # ----- the loop -----------------------------------------------------------------------
+    def run(self, *, resume: bool = False, force: bool = False) -> dict[str, Any]:
+        """Train to ``config.steps`` (or the time limit); returns the summary dict."""
+        cfg, d = self.config, self.dist
+        state = None
+        error = None
+        if d.is_main:
+            try:
+                state = self.prepare_directory(resume, force)
+            except (ValueError, FileNotFoundError) as err:
+                error = (type(err).__name__, str(err))
+        error = _dist.broadcast_object(d, error)
+        if error is not None:
+            raise (FileNotFoundError if error[0] == "FileNotFoundError" else ValueError)(error[1])
+        if d.enabled and resume:  # every rank reads the checkpoint rank 0 checked
+            state = load_training_checkpoint(self.out / CHECKPOINT_FILE)
+
+        model = self.model.to(self.device)
+        model.eval()  # DiT has no dropout: label dropout is drawn by the trainer, per step
+        if self.teacher is not None:
+            self.teacher.to(self.device).eval().requires_grad_(False)
+        params = self._trainable(model)
+        optimizer = torch.optim.AdamW([p for _, p in params], lr=cfg.lr,
+                                      weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+        ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+        trainable_keys = [n for n, _ in params]
+        start, initial_eval, elapsed_before = 0, None, 0.0
+        if state is not None:
+            model.load_state_dict(state["model"])
+            ema = {k: v.float() for k, v in state["ema"].items()}
+            optimizer.load_state_dict(state["optimizer"])
+            start = int(state["step"])
+            initial_eval = state.get("initial_eval")
+            elapsed_before = float(state.get("elapsed_s", 0.0))
+            if d.is_main:
+                self._truncate_metrics(start)
+        elif d.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for name in (METRICS_JSONL, METRICS_CSV, SUMMARY_FILE):
+                (self.out / name).unlink(missing_ok=True)
+            atomic_write_json(self.out / RUN_FILE, self._run_document())
+        if initial_eval is None and self.eval_data is not None and d.is_main:
+            initial_eval = self._evaluate(model)
+
+        net: nn.Module = model
+        if d.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            net = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda"
+                      else None)
+
+        local = cfg.batch_size // d.world_size
+        rows = slice(d.rank * local, (d.rank + 1) * local)
+        autocast_dtype = PRECISIONS[cfg.precision]
+        bar = None
+        if cfg.progress and d.is_main and start < cfg.steps:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=start, desc=self.identity.get("kind", "train"),
+                       dynamic_ncols=True)
+        t_start = time.perf_counter()
+        step_times: list[float] = []
+        step = start
+        stopped_early = False
+        try:
+            while step < cfg.steps:
+                t0 = time.perf_counter()
+                plan = plan_batch(cfg.seed, step, cfg.batch_size, self.sample_shape,
+                                  self.num_train, self.diffusion.num_steps,
+                                  self.drop_prob).rows(rows.start, rows.stop)
+                x0, y = self.source.get(plan.indices.tolist())
+                x0, y = x0.to(self.device), y.to(self.device)
+                y = torch.where(plan.drop.to(self.device), torch.full_like(y, self.null_label),
+                                y)
+                t, noise = plan.t.to(self.device), plan.noise.to(self.device)
+                lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps \
+                    else cfg.lr
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with torch.autocast(self.device.type, dtype=autocast_dtype or torch.float32,
+                                    enabled=autocast_dtype is not None):
+                    terms = recipe_losses(self.recipe, self.diffusion, net, self.teacher,
+                                          x0, y, t, noise)
+                loss = terms["loss"]
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"step {step}: the loss is {loss.item()} ({_fmt(terms)}); lower --lr "
+                        "or use --precision fp32"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grads = [p for _, p in params if p.grad is not None]
+                if cfg.grad_clip > 0:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(grads, cfg.grad_clip))
+                else:
+                    grad_norm = float(torch.linalg.vector_norm(
+                        torch.stack([g.grad.detach().norm() for g in grads])))
+                optimizer.step()
+                step += 1
+                decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+                with torch.no_grad():
+                    current = model.state_dict()
+                    for key in trainable_keys:
+                        ema[key].mul_(decay).add_(current[key].detach().float(),
+                                                  alpha=1 - decay)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t0
+                step_times.append(dt)
+                logged = _dist.mean_across(d, {k: float(v.detach()) for k, v in terms.items()})
+                if d.is_main:
+                    row = {"step": step, **{k: logged[k] for k in sorted(logged)},
+                           "lr": lr, "grad_norm": grad_norm, "ema_decay": decay,
+                           "step_s": dt, "elapsed_s": elapsed_before + time.perf_counter()
+                           - t_start}
+                    self._log(row)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix_str(_fmt(logged), refresh=False)
+                if d.is_main and cfg.ckpt_every and step % cfg.ckpt_every == 0 \
+                        and step < cfg.steps:
+                    self._save(model, ema, optimizer, step, initial_eval,
+                               elapsed_before + time.perf_counter() - t_start)
+                if cfg.max_minutes is not None:
+                    over = (elapsed_before + time.perf_counter() - t_start) > cfg.max_minutes * 60
+                    if _dist.broadcast_flag(d, over) and step < cfg.steps:
+                        stopped_early = True
+                        break
+        finally:
+            if bar is not None:
+                bar.close()
+        elapsed = elapsed_before + time.perf_counter() - t_start
+        summary: dict[str, Any] = {}
+        if d.is_main:
+            if step > start or state is None:
+                self._save(model, ema, optimizer, step, initial_eval, elapsed)
+            summary = self._finish(model, ema, step, initial_eval, step_times, elapsed,
+                                   stopped_early)
+        _dist.barrier(d)
+        return summary
+
+    # ----- outputs ------------------------------------------------------------------------
+    def _run_document(self) -> dict[str, Any]:
+        return {"identity": self.identity, "recipe": self.recipe.to_dict(),
+                "config": asdict(self.config), "world_size": self.dist.world_size,
+                "backend": self.dist.backend, "device": str(self.device),
+                "data": self.source.describe(), **self.info, "versions": _versions(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+    def _save(self, model, ema, optimizer, step, initial_eval, elapsed) -> None:
+        atomic_torch_save({
+            "step": step,
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "ema": {k: v.cpu() for k, v in ema.items()},
+            "optimizer": optimizer.state_dict(),
+            "run": self.identity,
+            "config": model.config.to_dict(),
+            "initial_eval": initial_eval,
+            "elapsed_s": elapsed,
+        }, self.out / CHECKPOINT_FILE)
+
+    def _log(self, row: dict[str, Any]) -> None:
+        with open(self.out / METRICS_JSONL, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        path = self.out / METRICS_CSV
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop rows logged after the checkpoint being resumed (they will be redone)."""
+        path = self.out / METRICS_JSONL
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        csv_path = self.out / METRICS_CSV
+        if csv_path.exists():
+            with open(csv_path, newline="") as f:
+                reader = csv.DictReader(f)
+                fields = reader.fieldnames or []
+                rows = [r for r in reader if float(r.get("step") or 0) <= step]
+            lines = []
+            from io import StringIO
+
+            buf = StringIO()
+            writer = csv.DictWriter(buf, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+            lines.append(buf.getvalue())
+            atomic_write_text(csv_path, "".join(lines))
+
+    def _evaluate(self, model: nn.Module) -> dict[str, Any] | None:
+        if self.eval_data is None:
+            return None
+        x, y = self.eval_data
+        return evaluate(model, self.diffusion, x, y, teacher=self.teacher, seed=EVAL_SEED)
+
+    def ema_model(self, model: nn.Module, ema: dict[str, torch.Tensor]) -> nn.Module:
+        exported = copy.deepcopy(model)
+        exported.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in ema.items()})
+        return exported.eval()
+
+    def _finish(self, model, ema, step, initial_eval, step_times, elapsed,
+                stopped_early) -> dict[str, Any]:
+        exported = self.ema_model(model, ema)
+        weights = atomic_save_model(exported, self.out / self.export_name, self.export_extra)
+        timing = {}
+        if step_times:
+            times = sorted(step_times[1:] or step_times)  # the first step warms up
+            timing = {"steps_timed": len(times), "median_step_s": times[len(times) // 2],
+                      "mean_step_s": sum(times) / len(times),
+                      "samples_per_s": self.config.batch_size / (sum(times) / len(times))}
+        summary = {
+            **self._run_document(),
+            "steps": step,
+            "stopped_early": stopped_early,
+            "elapsed_s": elapsed,
+            "timing": timing,
+            "eval": {"initial": initial_eval,
+                     "final_ema": self._evaluate(exported),
+                     "final_raw": self._evaluate(model)},
+            "model": str(weights.parent),
+        }
+        atomic_write_json(self.out / SUMMARY_FILE, summary)
+        return summary
+
+
+def _fmt(terms: dict[str, Any]) -> str:
+    return " ".join(f"{k}={float(v):.4f}" for k, v in terms.items())
