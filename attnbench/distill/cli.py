@@ -62,6 +62,8 @@ def _add_training_flags(p: argparse.ArgumentParser, *, steps: int, batch: int, l
                    help="save checkpoint.pt every K steps (default 0: at the end only)")
     g.add_argument("--eval-samples", type=_non_negative_int, default=64,
                    help="held-out samples of the ε evaluation before and after (default 64)")
+    g.add_argument("--eval-every", type=_non_negative_int, default=0,
+                   help="also evaluate every K steps, to eval.jsonl (default 0: before/after)")
     g.add_argument("--max-minutes", type=float, default=None,
                    help="stop (and save) after this much training time")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -87,7 +89,7 @@ def _train_config(args: argparse.Namespace):
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
         ema_decay=args.ema_decay, grad_clip=args.grad_clip, precision=args.precision,
         seed=args.seed, ckpt_every=args.ckpt_every, eval_samples=args.eval_samples,
-        max_minutes=args.max_minutes, progress=not args.no_progress,
+        eval_every=args.eval_every, max_minutes=args.max_minutes, progress=not args.no_progress,
     )
     config.validate()
     return config

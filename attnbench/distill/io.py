@@ -21,6 +21,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 RUN_FILE = "run.json"
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
+EVAL_JSONL = "eval.jsonl"
 SUMMARY_FILE = "summary.json"
 
 

@@ -26,7 +26,7 @@ from . import dist as _dist
 from .io import atomic_write_json
 from .recipes import DistillRecipe, get_recipe, recipe_for
 from .teacher import TEACHER_CONFIG, TRAINING_FILE, default_teacher_path, write_sums
-from .trainer import Trainer, TrainConfig, check_out, step_seed
+from .trainer import TrainConfig, Trainer, check_out, step_seed
 
 #: the file of teacher-generated training samples, reused by --resume
 SELF_SAMPLES_FILE = "teacher_samples.npz"

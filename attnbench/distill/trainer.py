@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import itertools
 import json
 import math
 import time
@@ -39,6 +40,7 @@ from ..diffusion import Diffusion
 from . import dist as _dist
 from .io import (
     CHECKPOINT_FILE,
+    EVAL_JSONL,
     METRICS_CSV,
     METRICS_JSONL,
     RUN_FILE,
@@ -72,13 +74,14 @@ class TrainConfig:
     seed: int = 0
     ckpt_every: int = 0  # 0 = only at the end
     eval_samples: int = 64
+    eval_every: int = 0  # 0 = before and after only; K = also every K steps (eval.jsonl)
     max_minutes: float | None = None
     label_dropout: float | None = None  # None = the model's class_dropout_prob
     progress: bool = True
 
     def validate(self, world_size: int = 1) -> None:
         ints = {"steps": 1, "batch_size": 1, "warmup_steps": 0, "ckpt_every": 0,
-                "eval_samples": 0}
+                "eval_samples": 0, "eval_every": 0}
         for key, low in ints.items():
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -184,7 +187,7 @@ def evaluate(model: nn.Module, diffusion: Diffusion, x0: torch.Tensor, y: torch.
             continue
         values = torch.cat(parts).double()
         result[key] = float(values.mean())
-        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        for lo, hi in itertools.pairwise(edges):
             mask = (t >= lo) & (t < hi)
             if mask.any():
                 by_t.setdefault(f"t{lo}-{hi - 1}", {})[key] = float(values[mask].mean())
@@ -352,7 +355,7 @@ class Trainer:
                 self._truncate_metrics(start)
         elif d.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            for name in (METRICS_JSONL, METRICS_CSV, SUMMARY_FILE):
+            for name in (METRICS_JSONL, METRICS_CSV, EVAL_JSONL, SUMMARY_FILE):
                 (self.out / name).unlink(missing_ok=True)
             atomic_write_json(self.out / RUN_FILE, self._run_document())
         if initial_eval is None and self.eval_data is not None and d.is_main:
@@ -433,6 +436,9 @@ class Trainer:
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix_str(_fmt(logged), refresh=False)
+                if d.is_main and cfg.eval_every and step % cfg.eval_every == 0 \
+                        and step < cfg.steps and self.eval_data is not None:
+                    self._log_eval(step, model, ema)
                 if d.is_main and cfg.ckpt_every and step % cfg.ckpt_every == 0 \
                         and step < cfg.steps:
                     self._save(model, ema, optimizer, step, initial_eval,
@@ -486,19 +492,25 @@ class Trainer:
                 writer.writeheader()
             writer.writerow(row)
 
+    def _log_eval(self, step: int, model: nn.Module, ema: dict[str, torch.Tensor]) -> None:
+        row = {"step": step, "ema": self._evaluate(self.ema_model(model, ema)),
+               "raw": self._evaluate(model)}
+        with open(self.out / EVAL_JSONL, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
     def _truncate_metrics(self, step: int) -> None:
         """Drop rows logged after the checkpoint being resumed (they will be redone)."""
-        path = self.out / METRICS_JSONL
-        if not path.exists():
-            return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:
+        for path in (self.out / METRICS_JSONL, self.out / EVAL_JSONL):
+            if not path.exists():
                 continue
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
         csv_path = self.out / METRICS_CSV
         if csv_path.exists():
             with open(csv_path, newline="") as f:

@@ -480,9 +480,9 @@ def _measured_here(frame: pd.DataFrame, row: pd.Series) -> str:
 
 def _setup_table(runs: list[Run]) -> Table:
     keys = ["device", "dtype", "model shapes", "levels", "resolutions", "batch", "methods",
-            "method defaults", "implementations", "timer", "repetitions", "memory meter", "FLOP convention",
-            "time budget per point", "calibration", "library versions", "platform",
-            "attnbench", "git revision", "date", "command line", "results"]
+            "method defaults", "implementations", "timer", "repetitions", "memory meter",
+            "FLOP convention", "time budget per point", "calibration", "library versions",
+            "platform", "attnbench", "git revision", "date", "command line", "results"]
     columns = ["", *[r.name for r in runs]] if len(runs) > 1 else ["", "value"]
     values = [_setup(r) for r in runs]
     rows = [[k, *[v.get(k, DASH) for v in values]] for k in keys]

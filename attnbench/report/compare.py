@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from ..bench.results import STATUS_OK
-from .tables import DASH, Run, _finite, num, quality_table
+from .tables import DASH, LEVEL_ORDER, Run, _finite, label_order, num, quality_table
 
 KEY = ["method", "options", "level", "resolution", "batch", "dtype", "model"]
 
@@ -76,6 +76,9 @@ def compare_frames(a: pd.DataFrame, b: pd.DataFrame, thresholds: Thresholds) -> 
     right = b[b["level"] != "quality"][cols].drop_duplicates(KEY, keep="last")
     merged = left.merge(right, on=KEY, how="outer", suffixes=("_a", "_b"), indicator=True)
     merged["label"] = merged["label_a"].fillna(merged["label_b"])
+    for side in ("a", "b"):  # a number of a point that was not measured is no number
+        bad = merged[f"status_{side}"] != STATUS_OK
+        merged.loc[bad, [f"latency_ms_{side}", f"peak_mib_{side}"]] = float("nan")
     t = thresholds
     flags, kinds = [], []
     regressions = improvements = 0
@@ -94,9 +97,11 @@ def compare_frames(a: pd.DataFrame, b: pd.DataFrame, thresholds: Thresholds) -> 
     quality = _quality(a, b, t)
     regressions += int((quality["kind"] == "regression").sum()) if len(quality) else 0
     improvements += int((quality["kind"] == "improvement").sum()) if len(quality) else 0
-    order = {"regression": 0, "improvement": 1, "": 2}
-    merged = merged.assign(_o=merged["kind"].map(order)).sort_values(
-        ["level", "resolution", "label"], kind="stable").reset_index(drop=True)
+    labels = {lab: i for i, lab in enumerate(label_order(pd.concat([a, b])))}
+    lvls = {lvl: i for i, lvl in enumerate(LEVEL_ORDER)}
+    merged = merged.assign(_l=merged["level"].map(lvls).fillna(len(lvls)),
+                           _o=merged["label"].map(labels)).sort_values(
+        ["_l", "level", "resolution", "_o"], kind="stable").reset_index(drop=True)
     return Comparison(merged, quality, t, regressions, improvements,
                       int((merged["_merge"] == "left_only").sum()),
                       int((merged["_merge"] == "right_only").sum()))
@@ -211,6 +216,7 @@ def to_markdown(run_a: Run, run_b: Run, result: Comparison, only_flagged: bool =
     lines += [f"Result: {result.summary()}", ""]
     columns, rows = comparison_table(result, only_flagged)
     if rows:
+        lines += ["## Latency and peak memory", ""]
         lines += [*_table_md(columns, rows, "llrlrrrrrrl"), ""]
     elif len(result.points) == 0:
         lines += ["No points in either run.", ""]

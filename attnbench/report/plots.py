@@ -46,7 +46,7 @@ STYLE = {
     "font.size": 9.5, "axes.titlesize": 10, "axes.labelsize": 9.5, "legend.fontsize": 9,
     "xtick.labelsize": 8.5, "ytick.labelsize": 8.5, "axes.grid": True, "grid.alpha": 0.3,
     "grid.linewidth": 0.6, "axes.spines.top": False, "axes.spines.right": False,
-    "figure.titlesize": 12, "figure.titleweight": "bold", "savefig.facecolor": "white",
+    "figure.titlesize": 11.5, "figure.titleweight": "bold", "savefig.facecolor": "white",
     "font.family": "DejaVu Sans",
 }
 
@@ -88,6 +88,11 @@ class Style:
     colour: str
     marker: str
     linestyle: str
+    filled: bool = True  # a method's default variant; other variants get hollow markers
+
+    @property
+    def face(self) -> str:
+        return self.colour if self.filled else "none"
 
 
 class Styles:
@@ -109,7 +114,8 @@ class Styles:
     def __call__(self, label: str, run: str = "") -> Style:
         colour, marker = self._style.get(label, ("#7f7f7f", "o"))
         index = self.runs.index(run) if run in self.runs else 0
-        return Style(colour, marker, LINESTYLES[index % len(LINESTYLES)])
+        return Style(colour, marker, LINESTYLES[index % len(LINESTYLES)],
+                     filled=marker == MARKERS[0])
 
     def name(self, label: str, run: str) -> str:
         return f"{label} [{run}]" if len(self.runs) > 1 else label
@@ -150,27 +156,32 @@ def _log_y(ax, speedup: bool = False) -> None:
         ax.yaxis.set_major_formatter(FuncFormatter(_plain))
 
 
-def _minor_labels(ax) -> None:
-    """Label minor ticks of a log y axis only when it spans less than about a decade."""
-    lo, hi = ax.get_ylim()
+def _minor_labels(ax, axis: str = "y") -> None:
+    """Label minor ticks of a log axis only when it spans less than about a decade."""
+    lo, hi = ax.get_ylim() if axis == "y" else ax.get_xlim()
+    target = ax.yaxis if axis == "y" else ax.xaxis
     if lo > 0 and hi / lo < 15:
-        keep = (2, 3, 4, 5, 6, 8) if hi / lo < 4 else (2, 5)
+        keep = (2, 3, 4, 5, 6, 8) if hi / lo < 4 else (2, 3, 5)
 
         def minor(v: float, _pos=None) -> str:
             mantissa = round(v / 10 ** math.floor(math.log10(v)), 6) if v > 0 else 0
             return f"{v:.2g}" if mantissa in keep else ""
 
-        ax.yaxis.set_minor_formatter(FuncFormatter(minor))
+        target.set_minor_formatter(FuncFormatter(minor))
     else:
-        ax.yaxis.set_minor_formatter(NullFormatter())
+        target.set_minor_formatter(NullFormatter())
 
 
-def _figure(ncols: int, title: str, height: float = 4.0) -> tuple[Figure, list]:
+def _figure(ncols: int, title: str, height: float = 4.3) -> tuple[Figure, list]:
     width = {1: 6.4, 2: 11.0, 3: 15.0}.get(ncols, 4.8 * ncols)
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     axes = fig.subplots(1, ncols, squeeze=False)[0].tolist()
     fig.suptitle(title)
     return fig, axes
+
+
+def _title(title: str, subtitle: str) -> str:
+    return f"{title}\n{subtitle}"
 
 
 def _save(fig: Figure, path: Path) -> None:
@@ -213,7 +224,7 @@ def speed_plots(runs: list[Run], frame: pd.DataFrame, out: Path, subtitle: str,
         if not (values > 0).any():
             continue
         with rc_context(STYLE):
-            fig, axes = _figure(len(lvls), f"{title} — {subtitle}")
+            fig, axes = _figure(len(lvls), _title(title, subtitle))
             extras: dict[str, Line2D] = {}
             for ax, lvl in zip(axes, lvls, strict=True):
                 _panel(ax, frame[frame["level"] == lvl], lvl, name, column, styles, extras,
@@ -221,10 +232,15 @@ def speed_plots(runs: list[Run], frame: pd.DataFrame, out: Path, subtitle: str,
                 ax.set_ylabel(ylabel)
                 if name != "speedup":
                     _minor_labels(ax)
-            _legend(fig, frame, styles, extras)
+            _legend(fig, frame, styles, extras, skip_softmax=name == "speedup")
             path = out / f"{name}.png"
             _save(fig, path)
-        plots.append(Plot(name, path, title, caption + _not_drawn_note(frame, column, name)))
+        note = _not_drawn_note(frame, column, name)
+        if any(key.startswith("published") for key in extras):
+            note += (" Stars: speedups published in the papers, in their own setting (model, "
+                     "GPU; beside the model level: whole-generation, end-to-end speedups); see "
+                     "*Published numbers*.")
+        plots.append(Plot(name, path, title, caption + note))
     return plots
 
 
@@ -236,7 +252,7 @@ def _panel(ax, frame: pd.DataFrame, level: str, name: str, column: str, styles: 
     if name == "speedup":
         ax.axhline(1.0, color=PALETTE[0], linewidth=1.0, linestyle="-", alpha=0.6, zorder=1)
         extras.setdefault("softmax = 1×", Line2D([], [], color=PALETTE[0], alpha=0.6))
-    missing_slot = 0
+    missing_slot, drawn = 0, 0
     soft = frame[(frame["method"] == "softmax") & (frame["status"] == STATUS_OK)]
     softmax_flops = soft.groupby("resolution")["gflop_actual"].first()
     for lab in styles.labels:
@@ -247,9 +263,11 @@ def _panel(ax, frame: pd.DataFrame, level: str, name: str, column: str, styles: 
             st = styles(lab, run)
             good = rows[(rows["status"] == STATUS_OK) & (rows[column] > 0)]
             if len(good):
+                drawn += 1
                 x, y = good["resolution"].to_numpy(float), good[column].to_numpy(float)
                 ax.plot(x, y, color=st.colour, marker=st.marker, linestyle=st.linestyle,
-                        linewidth=1.6, markersize=5, zorder=3)
+                        linewidth=1.6, markersize=5.5, markerfacecolor=st.face,
+                        markeredgewidth=1.3, zorder=3 if st.filled else 3.5)
                 if name == "latency":
                     lo = (y - good["latency_p20_ms"].to_numpy(float))
                     hi = (good["latency_p80_ms"].to_numpy(float) - y)
@@ -266,12 +284,17 @@ def _panel(ax, frame: pd.DataFrame, level: str, name: str, column: str, styles: 
                         linestyle="none", marker="x", color=st.colour, markersize=7,
                         markeredgewidth=2, clip_on=False, zorder=4)
                 missing_slot += 1
-                extras.setdefault("× not measured (see tables)",
+                extras.setdefault("not measured (see the tables)",
                                   Line2D([], [], linestyle="none", marker="x", color="#555555",
                                          markersize=7, markeredgewidth=2))
     if name == "speedup" and baselines is not None and not baselines.empty:
         _published_speedups(ax, level, styles, extras, baselines)
-    if missing_slot:  # room under the data for the × row(s)
+    if not drawn:
+        ax.set_yticks([], minor=True)
+        ax.set_yticks([])
+        ax.text(0.5, 0.55, "nothing measured here\n(see Points not measured)", ha="center",
+                va="center", transform=ax.transAxes, color="#777777", fontsize=9)
+    elif missing_slot:  # room under the data for the × row(s)
         lo, hi = ax.get_ylim()
         if lo > 0 and hi > lo:
             room = 0.06 + 0.045 * missing_slot
@@ -301,12 +324,16 @@ def _published_speedups(ax, level: str, styles: Styles, extras: dict,
         if not matches or not (lo <= res <= hi) or not row["value"] > 0:
             continue
         st = styles(matches[0])
+        ticks = sorted({*ax.xaxis.get_major_locator().tick_values(lo, hi), res})
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
         ax.plot([res], [row["value"]], marker="*", markersize=14, color=st.colour,
                 markeredgecolor="black", markeredgewidth=0.8, linestyle="none", zorder=5)
-        ax.annotate(f"published {row['method']} {row['value']:g}×",
-                    (res, row["value"]), xytext=(6, 4), textcoords="offset points",
+        right = res >= max(ticks)
+        ax.annotate(f"paper {row['value']:g}×",
+                    (res, row["value"]), xytext=(-8 if right else 8, 6),
+                    textcoords="offset points", ha="right" if right else "left",
                     fontsize=7.5, color="#333333")
-        extras.setdefault("★ published (other setting)",
+        extras.setdefault("published (the paper's setting)",
                           Line2D([], [], linestyle="none", marker="*", markersize=11,
                                  color="#bbbbbb", markeredgecolor="black",
                                  markeredgewidth=0.8))
@@ -316,20 +343,31 @@ def _legend(fig: Figure, frame: pd.DataFrame, styles: Styles, extras: dict,
             skip_softmax: bool = False) -> None:
     handles, names = [], []
     present = set(zip(frame["label"], frame["run"], strict=True))
+    softmax = set(frame[frame["method"] == "softmax"]["label"])
     for lab in styles.labels:
         for run in styles.runs:
-            if (lab, run) not in present:
+            if (lab, run) not in present or (skip_softmax and lab in softmax):
                 continue
             st = styles(lab, run)
             handles.append(Line2D([], [], color=st.colour, marker=st.marker,
+                                  markerfacecolor=st.face, markeredgewidth=1.3,
                                   linestyle=st.linestyle, linewidth=1.6, markersize=5))
             names.append(styles.name(lab, run))
     handles += list(extras.values())
     names += list(extras.keys())
-    width = fig.get_figwidth()
-    entry = 0.068 * max((len(n) for n in names), default=1) + 0.6  # inches at 9 pt
-    ncol = max(1, min(len(handles), int(width // entry)))
+    ncol = _legend_columns(names, fig.get_figwidth())
     fig.legend(handles, names, loc="outside lower center", ncol=ncol, frameon=False)
+
+
+def _legend_columns(names: list[str], width: float) -> int:
+    """The most columns whose entries (filled column by column) fit ``width`` inches."""
+    for ncol in range(min(len(names), 6), 1, -1):
+        rows = math.ceil(len(names) / ncol)
+        columns = [names[i:i + rows] for i in range(0, len(names), rows)]
+        needed = sum(0.068 * max(len(n) for n in col) + 0.75 for col in columns)
+        if needed <= width * 0.96:
+            return ncol
+    return 1
 
 
 def _not_drawn_note(frame: pd.DataFrame, column: str, name: str) -> str:
@@ -341,9 +379,12 @@ def _not_drawn_note(frame: pd.DataFrame, column: str, name: str) -> str:
     notes = []
     if bad:
         notes.append(f"{bad} point(s) not measured are marked × at the bottom")
-    if len(zero):
-        notes.append(f"{len(zero)} measured point(s) without a positive value cannot be drawn "
-                     "on a log axis (see the tables)")
+    if len(zero) and name == "speedup":
+        notes.append(f"{len(zero)} measured point(s) have no speedup: softmax was not measured "
+                     "at the same point")
+    elif len(zero):
+        notes.append(f"{len(zero)} measured point(s) without a positive value (e.g. 0 MiB: "
+                     "below the meter's resolution) cannot be drawn on a log axis")
     return (" " + "; ".join(notes) + ".") if notes else ""
 
 
@@ -370,18 +411,23 @@ def pareto_plot(runs: list[Run], frame: pd.DataFrame, out: Path, subtitle: str) 
     metrics = list(dict.fromkeys(quality["metric"]))[:4]
     styles = Styles(frame, [r.name for r in runs])
     with rc_context(STYLE):
-        fig, axes = _figure(len(metrics), f"Quality vs speed — {subtitle}", height=4.2)
+        fig, axes = _figure(len(metrics), _title("Quality vs speed", subtitle), height=4.4)
         extras: dict[str, Line2D] = {}
         for ax, metric in zip(axes, metrics, strict=True):
             rows = quality[quality["metric"] == metric]
             better = rows["higher_is_better"].iloc[0]
-            for _, row in rows.iterrows():
+            one_res = rows["resolution"].nunique() == 1
+            for n, (_, row) in enumerate(rows.sort_values("latency_ms").iterrows()):
                 st = styles(row["label"], row["run"])
                 ax.plot([row["latency_ms"]], [row["value"]], marker=st.marker, color=st.colour,
+                        markerfacecolor=st.face, markeredgewidth=1.5,
                         markersize=8, linestyle="none", zorder=3)
-                ax.annotate(f"{row['label']} @{int(row['resolution'])}px",
-                            (row["latency_ms"], row["value"]), xytext=(5, 4),
-                            textcoords="offset points", fontsize=7.5, color="#333333")
+                text = row["label"] if one_res else f"{row['label']} @{int(row['resolution'])}px"
+                if len(runs) > 1:
+                    text += f" [{row['run']}]"
+                ax.annotate(text, (row["latency_ms"], row["value"]),
+                            xytext=(6, 5 if n % 2 == 0 else -11), textcoords="offset points",
+                            fontsize=7.5, color="#333333")
             if better is not None and len(rows) > 1:
                 front = pareto_front(list(zip(rows["latency_ms"], rows["value"],
                                               strict=True)), bool(better))
@@ -396,8 +442,10 @@ def pareto_plot(runs: list[Run], frame: pd.DataFrame, out: Path, subtitle: str) 
             direction = {True: "higher is better", False: "lower is better",
                          None: "direction unknown"}[better]
             ax.set_ylabel(f"{metric} ({direction})")
-            ax.set_title(metric)
+            ax.set_title(f"{metric} at {int(rows['resolution'].iloc[0])} px" if one_res
+                         else metric)
             ax.margins(x=0.25, y=0.15)
+            _minor_labels(ax, "x")
         _legend(fig, frame[frame["label"].isin(set(quality["label"]))], styles, extras)
         path = out / "pareto.png"
         _save(fig, path)

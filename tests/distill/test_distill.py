@@ -56,7 +56,8 @@ def test_recipes_are_the_papers():
 ])
 def test_recipe_losses(method, terms, gen):
     teacher = tiny_teacher()
-    options = {"radius": 2} if method == "clear" else {}
+    # masked SDPA: FlexAttention would compile (seconds) for the no-grad teacher-like calls
+    options = {"radius": 2, "impl": "masked_sdpa"} if method == "clear" else {}
     if method == "sla":
         options = {"block_q": 4, "block_kv": 4, "topk": 0.5}
     student, _ = convert(teacher, method, seed=0, **options)
@@ -102,7 +103,7 @@ def test_evaluate_on_held_out_noise(gen):
 
 def test_distill_cli_writes_a_loadable_student(teacher_dir, tmp_path, capsys):
     out = tmp_path / "lit"
-    assert main(tiny_args(teacher_dir, out, "lit", "--ckpt-every", "2")) == 0
+    assert main(tiny_args(teacher_dir, out, "lit", "--ckpt-every", "2", "--eval-every", "2")) == 0
     printed = capsys.readouterr().out
     assert "held-out initial" in printed and "final_ema" in printed
     for name in ("checkpoint.pt", "run.json", "metrics.jsonl", "metrics.csv", "summary.json",
@@ -117,6 +118,8 @@ def test_distill_cli_writes_a_loadable_student(teacher_dir, tmp_path, capsys):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert {"loss", "diffusion", "kd_eps", "kd_sigma", "mse", "vb", "step_s"} <= set(rows[0])
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [2] and evals[0]["ema"]["eps_mse_vs_teacher"] > 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["eval"]["initial"]["eps_mse_vs_teacher"] > 0
     assert summary["timing"]["median_step_s"] > 0
@@ -125,6 +128,7 @@ def test_distill_cli_writes_a_loadable_student(teacher_dir, tmp_path, capsys):
 def test_clear_trains_only_the_attention(teacher_dir, tmp_path):
     out = tmp_path / "clear"
     assert main(tiny_args(teacher_dir, out, "clear", "--option", "radius=2",
+                          "impl=masked_sdpa",
                           "--data", "shapes")) == 0
     student = load_dit(out / "student")
     teacher = load_dit(teacher_dir)
@@ -189,12 +193,16 @@ def test_corrupted_checkpoint_is_reported_and_kept(teacher_dir, tmp_path, capsys
 @pytest.mark.parametrize("bad,match", [
     ("text", "not a checkpoint"),
     ("keys", "does not look like a DiT checkpoint"),
+    ("truncated", "truncated or corrupted"),
 ])
-def test_a_teacher_that_is_not_a_dit(tmp_path, capsys, bad, match):
+def test_a_teacher_that_is_not_a_dit(teacher_dir, tmp_path, capsys, bad, match):
     path = tmp_path / "teacher.safetensors"
     if bad == "text":
         path = tmp_path / "teacher.pt"
         path.write_text("hello")
+    elif bad == "truncated":
+        data = (teacher_dir / "model.safetensors").read_bytes()
+        path.write_bytes(data[: len(data) - 100])
     else:
         from safetensors.torch import save_file
 
@@ -210,7 +218,7 @@ def test_options_that_contradict_the_teacher(teacher_dir, tmp_path, capsys):
     assert "does not divide" in capsys.readouterr().err
     # a radius larger than the grid is merely global attention: accepted
     assert main(tiny_args(teacher_dir, tmp_path / "b", "clear", "--option", "radius=100",
-                          "--steps", "1")) == 0
+                          "impl=masked_sdpa", "--steps", "1")) == 0
     capsys.readouterr()
     assert main(tiny_args(teacher_dir, tmp_path / "c", "lit", "--weight", "kd_bogus=1")) == 2
     assert "unknown loss term" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from attnbench.report.plots import PALETTE, Styles, pareto_front
 from attnbench.report.render import Document, Para, Table, to_html, to_markdown
 from attnbench.report.tables import load_run, quality_table
 
-from .conftest import point, quality_rows, speed_rows, write_run
+from .conftest import point, speed_rows, write_run
 
 SPEED_PLOTS = {"latency", "speedup", "memory", "flops", "tflops"}
 
@@ -77,8 +77,8 @@ def test_published_numbers_are_labelled_and_beside_measured_ones(full_report):
     assert '<span class="badge">published</span>' in html
     assert html.count('<table class="published">') >= 3  # softmax, lit, clear, sla
     assert "*Published: `lit` — LiT, Wang et al., arXiv 2501.12976*" in md
-    lit_speedup = next(line for line in md.splitlines() if line.startswith("| speedup (attention) |")
-                       and "**9×**" in line)
+    lit_speedup = next(line for line in md.splitlines()
+                       if line.startswith("| speedup (attention) |") and "**9×**" in line)
     assert "(`lit`), attention level" in lit_speedup and "2nd-hand" in lit_speedup
 
 
@@ -142,8 +142,9 @@ def test_one_colour_per_method_and_distinct_variants(full_run):
 
 
 def test_several_runs_side_by_side_with_a_comparison(tmp_path):
-    a = write_run(tmp_path / "a", speed_rows(resolutions=(256, 512)))
-    b = write_run(tmp_path / "b", speed_rows(scale=2.0, resolutions=(256, 512)))
+    a = write_run(tmp_path / "a", speed_rows(resolutions=(256, 512), levels=("attention",)))
+    b = write_run(tmp_path / "b", speed_rows(scale=2.0, resolutions=(256, 512),
+                                             levels=("attention",)))
     md = write_report([a, b], tmp_path / "both").markdown.read_text()
     assert "2 runs side by side" in md and "| lit [b] |" in md
     assert "## Run comparison" in md and "**slower 2.00×**" in md

@@ -47,6 +47,9 @@ from .lit_triton import FEATURES, _phi, dot_precision, linear_state
 
 INTERPRETED = interpret_requested()
 MAX_HEAD_DIM = 128
+#: how the kernel takes the critical blocks out of the total linear state (module docstring)
+CORRECTIONS = ("output", "state")
+CORRECTION = "output"
 
 
 def _autotune(configs, key):
@@ -100,7 +103,7 @@ def _phi2(xa, xb, va, vb, FEATURE: tl.constexpr, AXIS: tl.constexpr, HAS_B: tl.c
 _CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
 
 
-@_autotune(_CONFIGS, key=["D", "KK", "BQ", "BKV", "FEATURE", "LINEAR"])
+@_autotune(_CONFIGS, key=["D", "KK", "BQ", "BKV", "FEATURE", "LINEAR", "STATE_CORRECTION"])
 @triton.jit
 def _sla_kernel(
     Q, K, V, LUT, S, Z, OS, OL,
@@ -108,7 +111,7 @@ def _sla_kernel(
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
     FEATURE: tl.constexpr, LINEAR: tl.constexpr, F32_DOT: tl.constexpr, PREC: tl.constexpr,
     DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr, BQ: tl.constexpr,
-    BKV: tl.constexpr,
+    BKV: tl.constexpr, STATE_CORRECTION: tl.constexpr,
 ):  # fmt: skip
     """One query block of one (batch, head): ``O_s`` and ``O_l`` (module docstring).
 
@@ -147,12 +150,22 @@ def _sla_kernel(
     acc_a = tl.zeros([BQ, DA], dtype=tl.float32)
     acc_b = tl.zeros([BQ, DB], dtype=tl.float32)
     if LINEAR == 1:
-        ds_aa = tl.zeros([DA, DA], dtype=tl.float32)
-        ds_ab = tl.zeros([DA, DB], dtype=tl.float32)
-        ds_ba = tl.zeros([DB, DA], dtype=tl.float32)
-        ds_bb = tl.zeros([DB, DB], dtype=tl.float32)
-        dz_a = tl.zeros([DA], dtype=tl.float32)
-        dz_b = tl.zeros([DB], dtype=tl.float32)
+        if STATE_CORRECTION:  # ΔS = Σ_sel φ(K_j)ᵀV_j, Δz = Σ_sel φ(K_j)
+            ds_aa = tl.zeros([DA, DA], dtype=tl.float32)
+            ds_ab = tl.zeros([DA, DB], dtype=tl.float32)
+            ds_ba = tl.zeros([DB, DA], dtype=tl.float32)
+            ds_bb = tl.zeros([DB, DB], dtype=tl.float32)
+            dz_a = tl.zeros([DA], dtype=tl.float32)
+            dz_b = tl.zeros([DB], dtype=tl.float32)
+        else:  # Σ_sel (φ(q)φ(K_j)ᵀ) V_j and its row sums, in output space
+            fqa, fqb = _phi2(qa.to(tl.float32), qb.to(tl.float32), m_ok[:, None] & a_ok[None, :],
+                             m_ok[:, None] & b_ok[None, :], FEATURE, 1, HAS_B)
+            if not F32_DOT:
+                fqa = fqa.to(qa.dtype)
+                fqb = fqb.to(qa.dtype)
+            corr_a = tl.zeros([BQ, DA], dtype=tl.float32)
+            corr_b = tl.zeros([BQ, DB], dtype=tl.float32)
+            corr_den = tl.zeros([BQ], dtype=tl.float32)
 
     lut_ptr = LUT + (bh.to(tl.int64) * NQ + pid_m) * KK
     offs_c = tl.arange(0, BKV)
@@ -184,26 +197,28 @@ def _sla_kernel(
         if HAS_B:
             acc_b = tl.dot(p.to(vb.dtype), vb, acc_b * alpha[:, None], input_precision=PREC)
         m_i = m_new
-        if LINEAR == 1:  # ΔS, Δz of this critical block: φ over the head dim (axis 0 of Kᵀ)
+        if LINEAR == 1:  # the critical block's share of the linear branch, to subtract
             fka, fkb = _phi2(kta.to(tl.float32), ktb.to(tl.float32), kt_ok_a, kt_ok_b,
-                             FEATURE, 0, HAS_B)
-            dz_a += tl.sum(fka, axis=1)
-            if F32_DOT:
-                va32 = va.to(tl.float32)
-                ds_aa = tl.dot(fka, va32, ds_aa, input_precision=PREC)
+                             FEATURE, 0, HAS_B)  # φ over the head dim: axis 0 of Kᵀ
+            if not F32_DOT:  # rounded as the state kernel rounds φ(K)
+                fka = fka.to(va.dtype)
+                fkb = fkb.to(va.dtype)
+            if STATE_CORRECTION:
+                dz_a += tl.sum(fka.to(tl.float32), axis=1)
+                ds_aa = tl.dot(fka, va.to(fka.dtype), ds_aa, input_precision=PREC)
                 if HAS_B:
-                    vb32 = vb.to(tl.float32)
-                    dz_b += tl.sum(fkb, axis=1)
-                    ds_ab = tl.dot(fka, vb32, ds_ab, input_precision=PREC)
-                    ds_ba = tl.dot(fkb, va32, ds_ba, input_precision=PREC)
-                    ds_bb = tl.dot(fkb, vb32, ds_bb, input_precision=PREC)
+                    dz_b += tl.sum(fkb.to(tl.float32), axis=1)
+                    ds_ab = tl.dot(fka, vb.to(fka.dtype), ds_ab, input_precision=PREC)
+                    ds_ba = tl.dot(fkb, va.to(fka.dtype), ds_ba, input_precision=PREC)
+                    ds_bb = tl.dot(fkb, vb.to(fka.dtype), ds_bb, input_precision=PREC)
             else:
-                ds_aa = tl.dot(fka.to(va.dtype), va, ds_aa)
+                w = tl.dot(fqa, fka, input_precision=PREC)  # [BQ, BKV] = φ(q)φ(K_j)ᵀ
                 if HAS_B:
-                    dz_b += tl.sum(fkb, axis=1)
-                    ds_ab = tl.dot(fka.to(vb.dtype), vb, ds_ab)
-                    ds_ba = tl.dot(fkb.to(va.dtype), va, ds_ba)
-                    ds_bb = tl.dot(fkb.to(vb.dtype), vb, ds_bb)
+                    w = tl.dot(fqb, fkb, w, input_precision=PREC)
+                corr_den += tl.sum(w, axis=1)
+                corr_a = tl.dot(w.to(va.dtype), va, corr_a, input_precision=PREC)
+                if HAS_B:
+                    corr_b = tl.dot(w.to(vb.dtype), vb, corr_b, input_precision=PREC)
 
     o_ptr = b * so_b + h * so_h + rows * so_n
     out_a = m_ok[:, None] & a_ok[None, :]
@@ -215,43 +230,61 @@ def _sla_kernel(
         tl.store(OS + o_ptr + offs_b[None, :], (acc_b / l_i[:, None]).to(OS.dtype.element_ty),
                  mask=out_b)
 
-    if LINEAR > 0:
+    if LINEAR > 0:  # O_l = φ(q)(S − ΔS) / (φ(q)(z − Δz) + eps), one output piece at a time
         s_ptr = S + bh.to(tl.int64) * DP * DP
         z_ptr = Z + bh.to(tl.int64) * DP
-        s_aa = tl.load(s_ptr + offs_a[:, None] * DP + offs_a[None, :],
-                       mask=a_ok[:, None] & a_ok[None, :], other=0.0)
-        z_a = tl.load(z_ptr + offs_a, mask=a_ok, other=0.0)
-        if LINEAR == 1:
-            s_aa -= ds_aa
-            z_a -= dz_a
         fqa, fqb = _phi2(qa.to(tl.float32), qb.to(tl.float32), m_ok[:, None] & a_ok[None, :],
                          m_ok[:, None] & b_ok[None, :], FEATURE, 1, HAS_B)
-        num_a = tl.dot(fqa, s_aa, input_precision=PREC)
+        z_a = tl.load(z_ptr + offs_a, mask=a_ok, other=0.0)
+        if LINEAR == 1:
+            if STATE_CORRECTION:
+                z_a -= dz_a
         den = tl.sum(fqa * z_a[None, :], axis=1)
         if HAS_B:
-            s_ab = tl.load(s_ptr + offs_a[:, None] * DP + offs_b[None, :],
-                           mask=a_ok[:, None] & b_ok[None, :], other=0.0)
-            s_ba = tl.load(s_ptr + offs_b[:, None] * DP + offs_a[None, :],
-                           mask=b_ok[:, None] & a_ok[None, :], other=0.0)
-            s_bb = tl.load(s_ptr + offs_b[:, None] * DP + offs_b[None, :],
-                           mask=b_ok[:, None] & b_ok[None, :], other=0.0)
             z_b = tl.load(z_ptr + offs_b, mask=b_ok, other=0.0)
             if LINEAR == 1:
-                s_ab -= ds_ab
-                s_ba -= ds_ba
-                s_bb -= ds_bb
-                z_b -= dz_b
-            num_a = tl.dot(fqb, s_ba, num_a, input_precision=PREC)
-            num_b = tl.dot(fqa, s_ab, input_precision=PREC)
-            num_b = tl.dot(fqb, s_bb, num_b, input_precision=PREC)
+                if STATE_CORRECTION:
+                    z_b -= dz_b
             den += tl.sum(fqb * z_b[None, :], axis=1)
+        if LINEAR == 1:
+            if not STATE_CORRECTION:
+                den -= corr_den
         den = den + eps
+
+        s_aa = tl.load(s_ptr + offs_a[:, None] * DP + offs_a[None, :],
+                       mask=a_ok[:, None] & a_ok[None, :], other=0.0)
+        if LINEAR == 1:
+            if STATE_CORRECTION:
+                s_aa -= ds_aa
+        num_a = tl.dot(fqa, s_aa, input_precision=PREC)
+        if HAS_B:
+            s_ba = tl.load(s_ptr + offs_b[:, None] * DP + offs_a[None, :],
+                           mask=b_ok[:, None] & a_ok[None, :], other=0.0)
+            if LINEAR == 1:
+                if STATE_CORRECTION:
+                    s_ba -= ds_ba
+            num_a = tl.dot(fqb, s_ba, num_a, input_precision=PREC)
+        if LINEAR == 1:
+            if not STATE_CORRECTION:
+                num_a -= corr_a
         tl.store(OL + o_ptr + offs_a[None, :], (num_a / den[:, None]).to(OL.dtype.element_ty),
                  mask=out_a)
         if HAS_B:
+            s_ab = tl.load(s_ptr + offs_a[:, None] * DP + offs_b[None, :],
+                           mask=a_ok[:, None] & b_ok[None, :], other=0.0)
+            s_bb = tl.load(s_ptr + offs_b[:, None] * DP + offs_b[None, :],
+                           mask=b_ok[:, None] & b_ok[None, :], other=0.0)
+            if LINEAR == 1:
+                if STATE_CORRECTION:
+                    s_ab -= ds_ab
+                    s_bb -= ds_bb
+            num_b = tl.dot(fqa, s_ab, input_precision=PREC)
+            num_b = tl.dot(fqb, s_bb, num_b, input_precision=PREC)
+            if LINEAR == 1:
+                if not STATE_CORRECTION:
+                    num_b -= corr_b
             tl.store(OL + o_ptr + offs_b[None, :],
                      (num_b / den[:, None]).to(OL.dtype.element_ty), mask=out_b)
-
 
 def sla_triton_parts(
     q: torch.Tensor,
@@ -264,13 +297,19 @@ def sla_triton_parts(
     feature_map: str,
     linear_over: str,
     eps: float,
+    correction: str | None = None,
     splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(O_s, O_l)`` of SLA by the Triton kernel; ``indices`` as :func:`sla.block_indices`.
 
-    Same signature and semantics as ``sla_gather_parts`` (``splits`` forces the
-    state kernel's token splits, for tests).
+    Same signature and semantics as ``sla_gather_parts``. ``correction`` picks
+    how the critical blocks are taken out of the total linear state
+    (:data:`CORRECTIONS`, default :data:`CORRECTION`); ``splits`` forces the state
+    kernel's token splits (tests).
     """
+    correction = correction or CORRECTION
+    if correction not in CORRECTIONS:
+        raise ValueError(f"correction must be one of {CORRECTIONS}, got {correction!r}")
     bsz, heads, n, d = q.shape
     nq, nk, kk = cdiv(n, block_q), cdiv(n, block_kv), indices.shape[-1]
     if tuple(indices.shape) != (bsz, heads, nq, kk):
@@ -300,5 +339,6 @@ def sla_triton_parts(
         v.stride(0), v.stride(1), v.stride(2), o_s.stride(0), o_s.stride(1), o_s.stride(2),
         FEATURE=FEATURES[feature_map], LINEAR=linear, F32_DOT=f32_dot,
         PREC=dot_precision(q.dtype), DA=da, DB=db or 16, HAS_B=db > 0, BQ=bq, BKV=bkv,
+        STATE_CORRECTION=correction == "state",
     )  # fmt: skip
     return o_s, o_l
