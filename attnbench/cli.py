@@ -88,7 +88,8 @@ def _add_list(subparsers) -> None:
 # --------------------------------------------------------------------------- main
 
 #: stage modules contributing subcommands, each with ``add_parser(subparsers)``
-STAGES: tuple[str, ...] = ("models.cli", "bench.cli", "data.cli", "distill.cli", "report.cli")
+STAGES: tuple[str, ...] = ("models.cli", "bench.cli", "data.cli", "distill.cli", "report.cli",
+                           "metrics.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -135,7 +135,7 @@ def get_extractor(kind: str, engine: str, weights: str | Path | None = None, *,
 
 
 def inception_weights(engine: str, path: str | Path | None = None) -> Path:
-    """The local Inception file for ``engine``: ``path``, else torch's hub cache; never a download."""
+    """The local Inception file for ``engine``: ``path``, else the hub cache; never a download."""
     cache = Path(torch.hub.get_dir()) / "checkpoints"
     if engine == "torch-fidelity":
         names, url = (TORCH_FIDELITY_INCEPTION, PYTORCH_FID_INCEPTION), TORCH_FIDELITY_INCEPTION_URL

@@ -73,7 +73,7 @@ class FeatureStats:
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureStats:
-        """Statistics from an ``.npz`` with ``mu`` and ``sigma`` (ADM reference batches have them)."""
+        """Statistics from an ``.npz`` with ``mu`` and ``sigma`` (as ADM reference batches)."""
         path = Path(path)
         with _open_npz(path) as data:
             if "mu" not in data or "sigma" not in data:

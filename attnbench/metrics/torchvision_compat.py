@@ -158,7 +158,7 @@ def import_cleanfid() -> ModuleType:
     import_torchvision()
     try:
         import cleanfid
-        import cleanfid.fid  # noqa: F401
+        import cleanfid.fid
     except ImportError as err:
         raise ImportError(f"clean-fid is not installed ({err}): pip install clean-fid "
                           "(a dependency of attnbench)") from None

@@ -366,7 +366,7 @@ def _legend_columns(names: list[str], width: float) -> int:
         columns = [names[i:i + rows] for i in range(0, len(names), rows)]
         needed = sum(0.068 * max(len(n) for n in col) + 0.75 for col in columns)
         if needed <= width * 0.96:
-            return ncol
+            return len(columns)  # e.g. 6 entries in "5 columns" are 3 columns of 2
     return 1
 
 

@@ -1,0 +1,309 @@
+"""The quality stage: sample a model, score it, write a quality row into the results table.
+
+:func:`evaluate` is what ``python -m attnbench eval`` runs (and what ``run`` calls
+when a quality stage is asked for). It samples ``num`` images with DiT's protocol
+(:mod:`.sample`), then computes the requested metric groups:
+
+* ``fid`` -- FID, KID, IS, precision/recall (:mod:`.fid`) against a reference
+  (the shapes world by default for shapes-world models);
+* ``geneval`` -- the GenEval proxy (:mod:`.geneval`), shapes-world models only;
+* ``fidelity`` -- PSNR / SSIM against the teacher from the same noise and labels,
+  and the per-step ε error (:mod:`.fidelity`).
+
+The row (one per evaluated model; :class:`~attnbench.bench.results.Result`,
+``level = "quality"``) follows the report's convention for quality rows
+(:mod:`attnbench.report.tables`): the numbers in ``extra["metrics"]``, their
+direction in ``extra["higher_is_better"]``, the sample ``.npz`` in
+``extra["samples"]`` (relative to the run directory), and how every number was
+made beside them (``extra["fid"]``, ``extra["geneval"]``, ``extra["fidelity"]``,
+``extra["sampling"]``). Evaluating the same model again into the same run merges
+the new metrics into its row. ``latency_median_s`` is the median wall time of
+one model call while sampling (batch ``batch``, ×2 with CFG; perf_counter,
+CUDA-synchronised): a rough speed beside the quality, not a benchmark.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .sample import SampleSettings, checkpoint_sha256, generate, is_pixel_model, save_npz
+
+METRIC_GROUPS = ("fid", "geneval", "fidelity")
+#: direction of every metric this stage writes (the report needs it for the unknown ones)
+HIGHER_IS_BETTER: dict[str, bool] = {
+    "fid": False, "kid": False, "kid_std": False, "inception_score": True,
+    "inception_score_std": False, "precision": True, "recall": True, "geneval": True,
+    "psnr": True, "ssim": True, "eps_mse_vs_teacher": False,
+    **{f"geneval_{t}": True for t in ("single_object", "two_object", "counting", "colors",
+                                      "position", "color_attr")},
+}
+
+
+@dataclass
+class EvalConfig:
+    """Everything ``eval`` needs besides the checkpoint (CLI flags map 1:1)."""
+
+    metrics: tuple[str, ...] = ("fid", "geneval", "fidelity")
+    sampling: SampleSettings = field(default_factory=lambda: SampleSettings(num=1000))
+    fid_metrics: tuple[str, ...] = ("fid", "kid", "is", "prc")
+    reference: str | None = None  # None: "shapes" for shapes-world models
+    ref_num: int | None = None
+    ref_seed: int = 1
+    engine: str = "torch-fidelity"
+    extractor: str | None = None  # None: "shapes" for shapes-world models, else "inception"
+    inception_weights: str | None = None
+    shapes_weights: str | None = None
+    clean_mode: str = "clean"
+    fidelity_num: int = 64
+    samples: str | None = None  # an existing .npz (arr_0, arr_1) instead of sampling
+    device: str | None = None
+    vae: str | None = None
+
+
+def parse_metrics(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    bad = [m for m in names if m not in METRIC_GROUPS]
+    if bad or not names:
+        raise ValueError(f"--metrics {text!r}: choose from {', '.join(METRIC_GROUPS)}")
+    return names
+
+
+def is_shapes_model(config) -> bool:
+    from ..data.shapes import NUM_CLASSES
+
+    return is_pixel_model(config) and config.num_classes == NUM_CLASSES
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is visible to torch {torch.__version__}; "
+                         "use --device cpu")
+    return device
+
+
+def quality_row(model, settings: SampleSettings, device: torch.device, extra: dict[str, Any],
+                latency: float | None, repetitions: int | None):
+    """The :class:`~attnbench.bench.results.Result` of one evaluated model."""
+    from ..bench.results import Result, canonical_options
+
+    cfg = model.config
+    pixel = is_pixel_model(cfg)
+    side = cfg.input_size * (1 if pixel else 8)
+    grid = cfg.input_size // cfg.patch_size
+    return Result(
+        method=cfg.attention, options=canonical_options(dict(cfg.attention_options or {})),
+        level="quality", resolution=side, tokens=grid * grid, batch=settings.batch,
+        dtype="float32", device=str(device), model=cfg.name or "custom", heads=cfg.heads,
+        head_dim=cfg.hidden_size // cfg.heads, impl="sampling", latency_median_s=latency,
+        repetitions=repetitions,
+        timer="perf_counter around each model call while sampling (CUDA-synchronised), median"
+        if latency is not None else "",
+        extra=extra,
+    )
+
+
+def merge_row(writer, row) -> None:
+    """Append ``row``, merging the metrics of an earlier row of the same model (same key)."""
+    for old in writer.rows:
+        if old.key() == row.key() and old.level == "quality":
+            merged = dict(old.extra)
+            for key, value in row.extra.items():
+                if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                    merged[key] = {**merged[key], **value}
+                else:
+                    merged[key] = value
+            row.extra = merged
+            if row.latency_median_s is None:
+                row.latency_median_s, row.repetitions, row.timer = (
+                    old.latency_median_s, old.repetitions, old.timer)
+            break
+    writer.append(row)
+
+
+def evaluate(ckpt: str | Path | None, config: EvalConfig, run_dir: str | Path, *,
+             teacher: str | Path | None = None, argv: list[str] | None = None,
+             progress: bool = True, log=print) -> dict[str, Any]:
+    """Run the quality stage (module docstring); returns ``{"row", "metrics", "run_dir"}``."""
+    from ..bench.environment import environment
+    from ..bench.results import ResultsWriter
+    from ..models import load_dit
+
+    device = _device(config.device)
+    if ckpt is None:
+        from ..distill.teacher import default_teacher_path
+
+        ckpt = default_teacher_path()
+    model = load_dit(ckpt, device=device)
+    cfg = model.config
+    shapes = is_shapes_model(cfg)
+    if "geneval" in config.metrics and not shapes:
+        raise ValueError(f"--metrics geneval scores shapes-world models; {ckpt} is a "
+                         f"{cfg.in_channels}-channel model with {cfg.num_classes} classes")
+    settings = config.sampling
+    vae = None
+    if not is_pixel_model(cfg):
+        if config.vae is None and config.samples is None:
+            raise ValueError(f"{ckpt} samples latents: pass --vae PATH (a diffusers "
+                             "AutoencoderKL folder) to decode them")
+        if config.vae is not None:
+            from .sample import load_vae
+
+            vae = load_vae(config.vae, device)
+
+    run_dir = Path(run_dir)
+    writer = ResultsWriter(run_dir, {**environment(device, ["python", "-m", "attnbench",
+                                                            *(argv or [])]),
+                                     "stage": "quality"})
+    from ..bench.cli import label as _label
+    from ..bench.results import canonical_options
+
+    label = _label(cfg.attention, canonical_options(dict(cfg.attention_options or {})))
+    metrics: dict[str, float] = {}
+    extra: dict[str, Any] = {
+        "checkpoint": str(ckpt), "checkpoint_sha256": checkpoint_sha256(model),
+        "model_config": cfg.to_dict(),
+    }
+    latency = repetitions = None
+
+    images = labels = None
+    if "fid" in config.metrics or "geneval" in config.metrics:
+        if config.samples:
+            from .fid import load_images_npz
+
+            images, labels = load_images_npz(config.samples)
+            extra["samples"] = str(Path(config.samples).resolve())
+            extra["sampling"] = {"from_file": str(config.samples), "num": len(images)}
+        else:
+            log(f"eval: sampling {settings.num} images of {label} ({settings.sampler}, "
+                f"{settings.steps} steps, CFG {settings.cfg_scale})")
+            drawn = generate(model, settings, device=device, vae=vae, progress=progress)
+            images, labels = drawn["images"], drawn["labels"]
+            rel = Path("samples") / f"{_safe(label)}.npz"
+            save_npz(run_dir / rel, images, labels)
+            extra["samples"] = str(rel)
+            steps = drawn["step_seconds"]
+            if steps:
+                latency, repetitions = float(np.median(steps)), len(steps)
+            extra["sampling"] = {**settings.describe(), "seconds": round(drawn["seconds"], 3),
+                                 "seconds_per_image": round(drawn["seconds"] / settings.num, 5)}
+
+    if "fid" in config.metrics:
+        from .fid import load_reference, quality_metrics
+
+        ref_spec = config.reference or ("shapes" if shapes else None)
+        if ref_spec is None:
+            raise ValueError("--reference is needed for FID of a non-shapes model (an ADM "
+                             "reference batch .npz, an .npz with arr_0, or an image folder)")
+        extractor = config.extractor or ("shapes" if shapes else "inception")
+        weights = config.shapes_weights if extractor == "shapes" else config.inception_weights
+        reference = load_reference(ref_spec, image_size=images.shape[1],
+                                   num=config.ref_num or (max(len(images), 1000)
+                                                          if ref_spec == "shapes" else None),
+                                   seed=config.ref_seed)
+        log(f"eval: FID family ({config.engine}, {extractor} features) against "
+            f"{reference.description}")
+        result = quality_metrics(images, reference, metrics=config.fid_metrics,
+                                 engine=config.engine, extractor=extractor, weights=weights,
+                                 clean_mode=config.clean_mode, device=str(device),
+                                 seed=settings.seed)
+        metrics.update(result["metrics"])
+        extra["fid"] = result["fid"]
+
+    if "geneval" in config.metrics:
+        from .geneval import geneval_score
+
+        scored = geneval_score(images, labels)
+        metrics.update(scored.metrics())
+        extra["geneval"] = scored.to_dict()
+
+    if "fidelity" in config.metrics:
+        extra["fidelity"] = _fidelity(model, ckpt, teacher, config, device, vae, metrics, log)
+
+    extra["metrics"] = metrics
+    extra["higher_is_better"] = {k: v for k, v in HIGHER_IS_BETTER.items() if k in metrics}
+    row = quality_row(model, settings, device, extra, latency, repetitions)
+    merge_row(writer, row)
+    writer.finalize()
+    return {"row": row, "metrics": metrics, "run_dir": run_dir, "label": label}
+
+
+def _fidelity(model, ckpt, teacher_path, config: EvalConfig, device, vae,
+              metrics: dict[str, float], log) -> dict[str, Any]:
+    """PSNR / SSIM / per-step ε error of ``model`` against the teacher (same noise, labels)."""
+    from ..data.shapes import to_uint8
+    from ..diffusion import Diffusion
+    from ..models import load_dit
+    from .fidelity import eps_error, psnr, ssim
+    from .sample import chunk_ranges, chunk_seed, decode, sample_chunk
+
+    if teacher_path is None:
+        from ..distill.teacher import default_teacher_path
+
+        teacher_path = default_teacher_path()
+    teacher = load_dit(teacher_path, device=device)
+    t_cfg, s_cfg = teacher.config, model.config
+    if (t_cfg.in_channels, t_cfg.input_size, t_cfg.num_classes) != (
+            s_cfg.in_channels, s_cfg.input_size, s_cfg.num_classes):
+        raise ValueError(f"the teacher {teacher_path} ({t_cfg.in_channels}×{t_cfg.input_size}², "
+                         f"{t_cfg.num_classes} classes) does not match the student")
+    base = config.sampling
+    settings = SampleSettings(num=min(config.fidelity_num, base.num) if config.samples is None
+                              else config.fidelity_num, steps=base.steps,
+                              cfg_scale=base.cfg_scale, sampler=base.sampler, eta=base.eta,
+                              cfg_channels=base.cfg_channels, batch=base.batch, seed=base.seed,
+                              labels="balanced" if is_shapes_model(s_cfg) else "uniform",
+                              clip_denoised=base.clip_denoised)
+    log(f"eval: fidelity to the teacher on {settings.num} samples (same noise and labels)")
+    diffusion = Diffusion(1000)
+    pixel = is_pixel_model(s_cfg)
+    clip = pixel if settings.clip_denoised is None else settings.clip_denoised
+    student_imgs, teacher_imgs, curves, timesteps = [], [], [], None
+    for c, rows in enumerate(chunk_ranges(settings.num, settings.batch)):
+        imgs, ys = sample_chunk(model, settings, c, device=device, vae=vae, diffusion=diffusion)
+        student_imgs.append(imgs)
+        g = torch.Generator(device="cpu").manual_seed(chunk_seed(settings.seed, c))
+        # the same draws as sample_chunk: labels first (uniform mode), then the noise
+        if settings.labels == "uniform":
+            torch.randint(0, s_cfg.num_classes, (len(rows),), generator=g)
+        shape = (len(rows), s_cfg.in_channels, s_cfg.input_size, s_cfg.input_size)
+        err = eps_error(model, teacher, diffusion, shape, torch.as_tensor(ys),
+                        steps=settings.steps, sampler=settings.sampler,
+                        cfg_scale=settings.cfg_scale, cfg_channels=settings.cfg_channels,
+                        clip_denoised=clip, generator=g, device=device)
+        x = err["samples"] if pixel else decode(vae, err["samples"])
+        teacher_imgs.append(to_uint8(x.cpu()))
+        curves.append(np.array(err["eps_mse"]) * len(rows))
+        timesteps = err["timesteps"]
+    student = torch.from_numpy(np.concatenate(student_imgs))
+    reference = torch.from_numpy(np.concatenate(teacher_imgs))
+    p, s = psnr(student, reference), ssim(student, reference)
+    curve = (np.sum(curves, axis=0) / settings.num).tolist()
+    metrics["psnr"] = float(p.mean())
+    metrics["ssim"] = float(s.mean())
+    metrics["eps_mse_vs_teacher"] = float(np.mean(curve))
+    return {
+        "teacher": str(teacher_path), "teacher_sha256": checkpoint_sha256(teacher),
+        "num": settings.num, "labels": settings.labels,
+        "psnr_std": float(p.std()) if len(p) > 1 else 0.0,
+        "ssim_std": float(s.std()) if len(s) > 1 else 0.0,
+        "psnr": "per image on [0, 1] pixels (uint8 samples), mean over images; 100 dB cap",
+        "ssim": "Gaussian 11×11 σ=1.5, K1=0.01, K2=0.03, valid windows, mean",
+        "eps_mse": "mean over ε channels of (ε_student − ε_teacher)² on the teacher's x_t, "
+                   "guided as sampled; per step, noisiest first",
+        "eps_mse_per_step": [round(v, 8) if math.isfinite(v) else None for v in curve],
+        "timesteps": timesteps,
+        "identical_samples": bool(torch.equal(student, reference)),
+    }
+
+
+def _safe(label: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in label)

@@ -1,0 +1,325 @@
+"""Sampling for evaluation: DiT's protocol, seeded chunks, torchrun, ADM-format ``.npz``.
+
+The sampler is :class:`attnbench.diffusion.Diffusion` (ancestral DDPM on a
+respaced subset of the 1000 training steps -- DiT's 250 -- or DDIM, with
+classifier-free guidance on the first three channels as DiT does, or on all
+channels). Its module explains why it is not diffusers' scheduler: diffusers
+imports torchvision and has no IIDPM learned-range variance sampler with DiT's
+respacing; this module is the thin layer that turns it into an evaluation run.
+
+Seeds: the ``N`` samples are cut into chunks of ``batch``; chunk ``c`` draws its
+labels and every noise tensor from its own generator, seeded from
+``(seed, c)``. Under ``torchrun`` rank ``r`` of ``W`` samples the chunks
+``c ≡ r (mod W)`` -- DiT's ``sample_ddp.py`` gives each rank its own seed; here
+each chunk has one, so the union over any number of ranks is *identical* to a
+single-process run with the same ``seed`` and ``batch`` (tests/metrics check it).
+
+Output (:func:`run_sampling`): ``DIR/000000.png ...``, ``DIR/samples.npz`` with
+``arr_0`` (uint8 ``N × H × W × 3``, ADM's evaluator format) and ``arr_1``
+(labels), and ``DIR/samples.json`` (how they were made). Latent models are
+decoded through a VAE given by path (diffusers' ``AutoencoderKL`` folder).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.shapes import NUM_CLASSES, TASKS, task_labels, to_uint8
+from ..diffusion import SAMPLERS, Diffusion
+
+NPZ_FILE = "samples.npz"
+INFO_FILE = "samples.json"
+SHARD_DIR = ".shards"
+LABEL_MODES = ("uniform", "balanced")
+
+
+@dataclass
+class SampleSettings:
+    """How samples are drawn. ``cfg_channels`` 3 = DiT's quirk, ``None`` = all channels."""
+
+    num: int
+    steps: int | str = 250
+    cfg_scale: float = 1.5
+    sampler: str = "ddpm"
+    eta: float = 0.0
+    cfg_channels: int | None = 3
+    batch: int = 64
+    seed: int = 0
+    labels: str | list[int] = "uniform"
+    clip_denoised: bool | None = None  # None: clip x̂_0 for pixel models (3 channels)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num, bool) or not isinstance(self.num, int) or self.num <= 0:
+            raise ValueError(f"the number of samples must be a positive integer, got {self.num!r}")
+        if self.batch <= 0:
+            raise ValueError(f"the batch size must be positive, got {self.batch}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}")
+        if self.cfg_scale < 1.0:
+            raise ValueError(f"the CFG scale must be >= 1 (1 = no guidance), got {self.cfg_scale}")
+        if isinstance(self.labels, str) and self.labels not in LABEL_MODES:
+            raise ValueError(f"unknown label mode {self.labels!r}; valid: "
+                             f"{', '.join(LABEL_MODES)} or a list of labels")
+
+    def describe(self) -> dict[str, Any]:
+        data = asdict(self)
+        if not isinstance(self.labels, str):
+            data["labels"] = f"{len(self.labels)} given labels"
+        data["cfg_channels"] = "all" if self.cfg_channels is None else self.cfg_channels
+        data["seeds"] = "one generator per chunk of `batch`, seeded from (seed, chunk)"
+        return data
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The seed of chunk ``chunk`` (independent of the number of processes)."""
+    state = np.random.SeedSequence([int(seed), int(chunk)]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1
+
+
+def chunk_ranges(num: int, batch: int) -> list[range]:
+    return [range(s, min(s + batch, num)) for s in range(0, num, batch)]
+
+
+def balanced_labels(n: int, num_classes: int = NUM_CLASSES) -> list[int]:
+    """``n`` labels cycling over GenEval's six tasks (shapes world), else over the classes."""
+    if num_classes != NUM_CLASSES:
+        return [i % num_classes for i in range(n)]
+    members = [task_labels(t) for t in TASKS]
+    return [members[i % len(TASKS)][(i // len(TASKS)) % len(members[i % len(TASKS)])]
+            for i in range(n)]
+
+
+def is_pixel_model(config) -> bool:
+    """3 channels = RGB pixels in [-1, 1]; anything else is a VAE latent."""
+    return config.in_channels == 3
+
+
+# --------------------------------------------------------------------------- VAE
+
+
+def load_vae(path: str | Path, device: torch.device | str = "cpu"):
+    """A diffusers ``AutoencoderKL`` from a local folder (never a hub download)."""
+    from .torchvision_compat import import_torchvision
+
+    path = Path(path).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--vae {path}: not a diffusers AutoencoderKL folder (no "
+                                "config.json); e.g. save stabilityai/sd-vae-ft-ema there")
+    import_torchvision()
+    try:
+        from diffusers.models import AutoencoderKL
+    except ImportError:
+        raise ImportError("decoding latents needs diffusers: pip install diffusers") from None
+    return AutoencoderKL.from_pretrained(str(path), local_files_only=True).to(device).eval()
+
+
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents → images in [-1, 1] (DiT: ``vae.decode(z / 0.18215).sample``)."""
+    scale = float(getattr(vae.config, "scaling_factor", 0.18215) or 0.18215)
+    with torch.no_grad():
+        return vae.decode(latents.to(next(vae.parameters()).dtype) / scale).sample.float()
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+class _TimedModel:
+    """The model, with the wall time of each call recorded (CUDA-synchronised)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.config = getattr(model, "config", None)
+        self.seconds: list[float] = []
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def __call__(self, x, t, y):
+        sync = x.is_cuda
+        if sync:
+            torch.cuda.synchronize(x.device)
+        start = time.perf_counter()
+        out = self.model(x, t, y)
+        if sync:
+            torch.cuda.synchronize(x.device)
+        self.seconds.append(time.perf_counter() - start)
+        return out
+
+
+def sample_chunk(model, settings: SampleSettings, chunk: int, *, device: torch.device | str,
+                 vae=None, diffusion: Diffusion | None = None,
+                 timer: _TimedModel | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Chunk ``chunk`` of a run: ``(uint8 images [n, H, W, 3], labels [n])``."""
+    config = model.config
+    rows = chunk_ranges(settings.num, settings.batch)[chunk]
+    g = torch.Generator(device="cpu").manual_seed(chunk_seed(settings.seed, chunk))
+    if isinstance(settings.labels, str) and settings.labels == "uniform":
+        y = torch.randint(0, config.num_classes, (len(rows),), generator=g)
+    else:
+        given = (balanced_labels(settings.num, config.num_classes)
+                 if settings.labels == "balanced" else settings.labels)
+        y = torch.tensor([int(given[i % len(given)]) for i in rows], dtype=torch.long)
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= config.num_classes):
+        raise ValueError(f"labels must lie in [0, {config.num_classes}) for this model")
+    pixel = is_pixel_model(config)
+    if not pixel and vae is None:
+        raise ValueError(f"the model samples {config.in_channels}-channel latents: pass --vae "
+                         "PATH (a diffusers AutoencoderKL folder, e.g. sd-vae-ft-ema) to "
+                         "decode them")
+    clip = pixel if settings.clip_denoised is None else settings.clip_denoised
+    diffusion = diffusion or Diffusion(1000)
+    shape = (len(rows), config.in_channels, config.input_size, config.input_size)
+    x = diffusion.sample(timer or model, shape, y, steps=settings.steps,
+                         sampler=settings.sampler, cfg_scale=settings.cfg_scale,
+                         cfg_channels=settings.cfg_channels, eta=settings.eta,
+                         clip_denoised=clip, generator=g, device=device)
+    if not pixel:
+        x = decode(vae, x)
+    return to_uint8(x.cpu()), y.numpy()
+
+
+def generate(model, settings: SampleSettings, *, device: torch.device | str = "cpu",
+             rank: int = 0, world_size: int = 1, vae=None, progress: bool = False,
+             on_chunk: Callable[[range, np.ndarray, np.ndarray], None] | None = None
+             ) -> dict[str, Any]:
+    """This rank's chunks: ``{"indices", "images", "labels", "seconds", "step_seconds"}``."""
+    chunks = [c for c in range(len(chunk_ranges(settings.num, settings.batch)))
+              if c % world_size == rank]
+    ranges = chunk_ranges(settings.num, settings.batch)
+    timer = _TimedModel(model)
+    diffusion = Diffusion(1000)
+    images, labels, indices = [], [], []
+    iterator = chunks
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(chunks, desc=f"sampling ({settings.sampler}, {settings.steps} steps)",
+                        unit="batch")
+    start = time.perf_counter()
+    for c in iterator:
+        imgs, ys = sample_chunk(model, settings, c, device=device, vae=vae,
+                                diffusion=diffusion, timer=timer)
+        if on_chunk is not None:
+            on_chunk(ranges[c], imgs, ys)
+        images.append(imgs)
+        labels.append(ys)
+        indices.extend(ranges[c])
+    config = model.config
+    side = config.input_size * (1 if is_pixel_model(config) else 8)
+    return {
+        "indices": np.array(indices, dtype=np.int64),
+        "images": np.concatenate(images) if images else np.zeros((0, side, side, 3), np.uint8),
+        "labels": np.concatenate(labels) if labels else np.zeros((0,), np.int64),
+        "seconds": time.perf_counter() - start,
+        "step_seconds": timer.seconds,
+    }
+
+
+def save_npz(path: str | Path, images: np.ndarray, labels: np.ndarray | None = None) -> Path:
+    """ADM's sample format: ``arr_0`` uint8 ``N × H × W × 3`` (and ``arr_1`` labels)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    arrays = [images] if labels is None else [images, np.asarray(labels, dtype=np.int64)]
+    np.savez(tmp, *arrays)
+    tmp.replace(path)
+    return path
+
+
+def run_sampling(ckpt: str | Path | None, settings: SampleSettings, out: str | Path, *,
+                 device: str | None = None, vae_path: str | Path | None = None,
+                 png: bool = True, force: bool = False, progress: bool = True,
+                 argv: list[str] | None = None) -> dict[str, Any]:
+    """``python -m attnbench sample``: one process or every torchrun rank (module docstring)."""
+    from ..data.images import save_png
+    from ..distill import dist
+    from ..models import load_dit
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ValueError(f"--out {out} is not empty: choose a new directory or pass --force")
+    if ckpt is None:
+        from ..distill.teacher import default_teacher_path
+
+        ckpt = default_teacher_path()
+    info = dist.setup(device)
+    try:
+        model = load_dit(ckpt, device=info.device)
+        vae = load_vae(vae_path, info.device) if vae_path else None
+        dist.barrier(info)  # every rank checked --out before any writes
+
+        def write_pngs(rows: range, imgs: np.ndarray, _labels: np.ndarray) -> None:
+            if png:
+                for i, image in zip(rows, imgs, strict=True):
+                    save_png(out / f"{i:06d}.png", image)
+
+        mine = generate(model, settings, device=info.device, rank=info.rank,
+                        world_size=info.world_size, vae=vae,
+                        progress=progress and info.is_main, on_chunk=write_pngs)
+        out.mkdir(parents=True, exist_ok=True)
+        if info.enabled:
+            shard = out / SHARD_DIR / f"rank{info.rank:03d}.npz"
+            shard.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(shard, indices=mine["indices"], images=mine["images"],
+                     labels=mine["labels"])
+        dist.barrier(info)
+        summary: dict[str, Any] = {}
+        if info.is_main:
+            images, labels = _merge(out, mine, info.world_size, settings.num)
+            npz = save_npz(out / NPZ_FILE, images, labels)
+            summary = {
+                "samples": str(npz), "num": settings.num, "image_shape": list(images.shape[1:]),
+                "checkpoint": str(ckpt), "checkpoint_sha256": checkpoint_sha256(model),
+                "model": model.config.name,
+                "attention": model.config.attention, "settings": settings.describe(),
+                "world_size": info.world_size, "device": str(info.device),
+                "vae": str(vae_path) if vae_path else None, "png": png,
+                "seconds_rank0": round(mine["seconds"], 3),
+                "command": " ".join(["python -m attnbench", *(argv or [])]),
+            }
+            (out / INFO_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        dist.barrier(info)
+        return summary
+    finally:
+        dist.teardown(info)
+
+
+def _merge(out: Path, mine: dict[str, Any], world_size: int, num: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank's samples in global index order (rank 0's own when alone)."""
+    if world_size == 1:
+        order = np.argsort(mine["indices"])
+        return mine["images"][order], mine["labels"][order]
+    parts = []
+    for r in range(world_size):
+        path = out / SHARD_DIR / f"rank{r:03d}.npz"
+        with np.load(path, allow_pickle=False) as data:
+            parts.append((data["indices"], data["images"], data["labels"]))
+        path.unlink()
+    (out / SHARD_DIR).rmdir()
+    indices = np.concatenate([p[0] for p in parts])
+    images = np.concatenate([p[1] for p in parts])
+    labels = np.concatenate([p[2] for p in parts])
+    order = np.argsort(indices)
+    if not np.array_equal(indices[order], np.arange(num)):
+        raise RuntimeError("the ranks' samples do not cover every index exactly once")
+    return images[order], labels[order]
+
+
+def checkpoint_sha256(model) -> str | None:
+    """The sha256 of the file a model was loaded from (``load_dit`` records it), if any."""
+    info = getattr(model, "checkpoint", None)
+    try:
+        return info.sha256() if info is not None else None
+    except OSError:
+        return None
