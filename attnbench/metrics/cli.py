@@ -3,7 +3,9 @@
 ``sample`` draws images with DiT's evaluation protocol (DDPM, 250 respaced steps,
 CFG 1.5 on the first three channels by default) into PNGs and an ADM-format
 ``samples.npz``; under ``torchrun --nproc_per_node N -m attnbench sample ...``
-the ranks split the seeded chunks and the union equals a one-process run.
+the ranks split the seeded chunks and the union equals a one-process run (there,
+write ``--num-samples N``: torchrun's own parser rejects ``--num`` as an ambiguous
+abbreviation of its ``--numa-binding``).
 
 ``eval`` samples a checkpoint and writes its quality row -- FID family, GenEval
 proxy, fidelity to the teacher -- into a results table (the one ``run`` writes,
@@ -76,11 +78,16 @@ def _settings(args: argparse.Namespace, num: int) -> SampleSettings:
 
 def _add_sampling_flags(p: argparse.ArgumentParser, *, num_default: int | None) -> None:
     g = p.add_argument_group("sampling (DiT's protocol by default)")
+    # --num-samples / -n: under torchrun, whose parser takes --num for an ambiguous prefix of
+    # its own --numa-binding (torch 2.13) before the script sees it
+    names = ("--num", "--num-samples", "-n")
     if num_default is None:
-        g.add_argument("--num", type=_positive_int, required=True, help="number of samples")
+        g.add_argument(*names, dest="num", type=_positive_int, required=True,
+                       help="number of samples (under torchrun write --num-samples or -n)")
     else:
-        g.add_argument("--num", type=_positive_int, default=num_default,
-                       help=f"number of samples (default {num_default}; DiT: 50,000)")
+        g.add_argument(*names, dest="num", type=_positive_int, default=num_default,
+                       help=f"number of samples (default {num_default}; DiT: 50,000; under "
+                            "torchrun write --num-samples or -n)")
     g.add_argument("--steps", type=_steps, default=250,
                    help="sampling steps: respacing of the 1000 training steps (default 250); "
                         "also 'ddimN' or 'N1,N2,...'")

@@ -301,9 +301,13 @@ def fid(stats1, stats2, engine: str) -> float:
                                        {"mu": stats2.mu, "sigma": stats2.sigma}, False)
         return float(out[KEY_METRIC_FID])
     _cleanfid()
+    import warnings
+
     from cleanfid.fid import frechet_distance
 
-    return float(frechet_distance(stats1.mu, stats1.sigma, stats2.mu, stats2.sigma))
+    with warnings.catch_warnings():  # clean-fid passes sqrtm's `disp`, deprecated in SciPy 1.16
+        warnings.filterwarnings("ignore", message=".*disp.*", category=DeprecationWarning)
+        return float(frechet_distance(stats1.mu, stats1.sigma, stats2.mu, stats2.sigma))
 
 
 def kid(features1: np.ndarray, features2: np.ndarray, engine: str, *, subsets: int = 100,

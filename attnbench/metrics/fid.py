@@ -258,6 +258,7 @@ def quality_metrics(images: np.ndarray, reference: Reference, *,
     else:
         ref_stats = FeatureStats.from_features(ref_feats.features)
     out: dict[str, float] = {}
+    spread: dict[str, float | None] = {}  # std over KID subsets / IS splits (None: not given)
     skipped: dict[str, str] = {}
     if "fid" in metrics:
         out["fid"] = engines.fid(gen_stats, ref_stats, engine)
@@ -269,13 +270,12 @@ def quality_metrics(images: np.ndarray, reference: Reference, *,
             mean, std = engines.kid(gen.features, ref_feats.features, engine,
                                     subsets=kid_subsets, subset_size=size, seed=seed)
             out["kid"] = mean
-            if std is not None:
-                out["kid_std"] = std
+            spread["kid_std"] = std
     if "is" in metrics:
         if gen.logits is None:
             skipped["is"] = f"{engine} with the {ext.name} extractor gives no logits"
         else:
-            out["inception_score"], out["inception_score_std"] = engines.inception_score(
+            out["inception_score"], spread["inception_score_std"] = engines.inception_score(
                 gen.logits, seed=seed)
     if "prc" in metrics:
         if ref_feats is None:
@@ -302,6 +302,7 @@ def quality_metrics(images: np.ndarray, reference: Reference, *,
         "sqrtm": engines.SQRTM[engine],
         "kid": {"subsets": kid_subsets, "subset_size": min(kid_subset_size, len(images)),
                 "kernel": "polynomial, degree 3, gamma 1/D, coef 1", "seed": seed},
+        **spread,
         "skipped": skipped,
         "torchvision": engines.torchvision_info(),
     }

@@ -37,8 +37,8 @@ from .sample import SampleSettings, checkpoint_sha256, generate, is_pixel_model,
 METRIC_GROUPS = ("fid", "geneval", "fidelity")
 #: direction of every metric this stage writes (the report needs it for the unknown ones)
 HIGHER_IS_BETTER: dict[str, bool] = {
-    "fid": False, "kid": False, "kid_std": False, "inception_score": True,
-    "inception_score_std": False, "precision": True, "recall": True, "geneval": True,
+    "fid": False, "kid": False, "inception_score": True, "precision": True, "recall": True,
+    "geneval": True,
     "psnr": True, "ssim": True, "eps_mse_vs_teacher": False,
     **{f"geneval_{t}": True for t in ("single_object", "two_object", "counting", "colors",
                                       "position", "color_attr")},

@@ -215,21 +215,22 @@ def _readout_kernel(
     bh = tl.program_id(1)
     tv = pid % T
     pid_m = pid // T
-    q_ptr = Q + (bh // H).to(tl.int64) * sq_b + (bh % H).to(tl.int64) * sq_h
-    o_ptr = O + (bh // H).to(tl.int64) * so_b + (bh % H).to(tl.int64) * so_h
+    row0 = (pid_m * BLOCK_M).to(tl.int64)
+    q_ptr = Q + (bh // H).to(tl.int64) * sq_b + (bh % H).to(tl.int64) * sq_h + row0 * sq_n
+    o_ptr = O + (bh // H).to(tl.int64) * so_b + (bh % H).to(tl.int64) * so_h + row0 * so_n
     dp = T * BD
     s_ptr = S + bh.to(tl.int64) * dp * dp
     z_ptr = Z + bh.to(tl.int64) * dp
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < N
-    rows = offs_m.to(tl.int64)[:, None]
+    offs_r = tl.arange(0, BLOCK_M)[:, None]
     offs_v = tv * BD + tl.arange(0, BD)
     num = tl.zeros([BLOCK_M, BD], dtype=tl.float32)
     den = tl.zeros([BLOCK_M], dtype=tl.float32)
     for tk in range(0, T):
         offs_k = tk * BD + tl.arange(0, BD)
         q_ok = m_ok[:, None] & (offs_k < D)[None, :]
-        fq = tl.maximum(tl.load(q_ptr + rows * sq_n + offs_k[None, :], mask=q_ok, other=0.0)
+        fq = tl.maximum(tl.load(q_ptr + offs_r * sq_n + offs_k[None, :], mask=q_ok, other=0.0)
                         .to(tl.float32), 0.0)
         s = tl.load(s_ptr + offs_k[:, None] * dp + offs_v[None, :])
         z = tl.load(z_ptr + offs_k)
@@ -238,7 +239,7 @@ def _readout_kernel(
     den = den + eps
     out = num / den[:, None]
     o_ok = m_ok[:, None] & (offs_v < D)[None, :]
-    tl.store(o_ptr + rows * so_n + offs_v[None, :], out.to(O.dtype.element_ty), mask=o_ok)
+    tl.store(o_ptr + offs_r * so_n + offs_v[None, :], out.to(O.dtype.element_ty), mask=o_ok)
     if STORE_DEN:
         first = (tl.zeros([BLOCK_M], dtype=tl.int32) + tv) == 0
         tl.store(DEN + bh.to(tl.int64) * N + offs_m, den, mask=m_ok & first)
@@ -254,17 +255,18 @@ def _bwd_pre_kernel(
     """``W = 1/den`` and ``U = −(dO·O)/den`` per token (float32 ``[B·H, N]``)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    do_ptr = DO + (bh // H).to(tl.int64) * sd_b + (bh % H).to(tl.int64) * sd_h
-    o_ptr = O + (bh // H).to(tl.int64) * so_b + (bh % H).to(tl.int64) * so_h
+    row0 = (pid_m * BLOCK_M).to(tl.int64)
+    do_ptr = DO + (bh // H).to(tl.int64) * sd_b + (bh % H).to(tl.int64) * sd_h + row0 * sd_n
+    o_ptr = O + (bh // H).to(tl.int64) * so_b + (bh % H).to(tl.int64) * so_h + row0 * so_n
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < N
-    rows = offs_m.to(tl.int64)[:, None]
+    offs_r = tl.arange(0, BLOCK_M)[:, None]
     delta = tl.zeros([BLOCK_M], dtype=tl.float32)
     for t in range(0, T):
         offs = t * BD + tl.arange(0, BD)
         ok = m_ok[:, None] & (offs < D)[None, :]
-        do = tl.load(do_ptr + rows * sd_n + offs[None, :], mask=ok, other=0.0).to(tl.float32)
-        o = tl.load(o_ptr + rows * so_n + offs[None, :], mask=ok, other=0.0).to(tl.float32)
+        do = tl.load(do_ptr + offs_r * sd_n + offs[None, :], mask=ok, other=0.0).to(tl.float32)
+        o = tl.load(o_ptr + offs_r * so_n + offs[None, :], mask=ok, other=0.0).to(tl.float32)
         delta += tl.sum(do * o, axis=1)
     row = bh.to(tl.int64) * N + offs_m
     w = 1.0 / tl.load(DEN + row, mask=m_ok, other=1.0)
@@ -293,16 +295,17 @@ def _bwd_apply_kernel(
     pid_m = pid // T
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    q_ptr = Q + b * sq_b + h * sq_h
-    k_ptr = K + b * sk_b + h * sk_h
-    v_ptr = V + b * sv_b + h * sv_h
-    do_ptr = DO + b * sd_b + h * sd_h
+    row0 = (pid_m * BLOCK_M).to(tl.int64)
+    q_ptr = Q + b * sq_b + h * sq_h + row0 * sq_n
+    k_ptr = K + b * sk_b + h * sk_h + row0 * sk_n
+    v_ptr = V + b * sv_b + h * sv_h + row0 * sv_n
+    do_ptr = DO + b * sd_b + h * sd_h + row0 * sd_n
     dp = T * BD
     s_ptr = S + bh.to(tl.int64) * dp * dp
     ds_ptr = DS + bh.to(tl.int64) * dp * dp
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < N
-    rows = offs_m.to(tl.int64)[:, None]
+    rows = tl.arange(0, BLOCK_M)[:, None]
     w = tl.load(W + bh.to(tl.int64) * N + offs_m, mask=m_ok, other=0.0)
     g = tl.load(U + bh.to(tl.int64) * N + offs_m, mask=m_ok, other=0.0)
     offs_t = t * BD + tl.arange(0, BD)
@@ -330,7 +333,7 @@ def _bwd_apply_kernel(
     k = tl.load(k_ptr + rows * sk_n + offs_t[None, :], mask=t_ok, other=0.0)
     dq = tl.where(q > 0, gq + g[:, None] * z[None, :], 0.0)
     dk = tl.where(k > 0, gk + dz[None, :], 0.0)
-    out = b * sg_b + h * sg_h + rows * sg_n + offs_t[None, :]
+    out = b * sg_b + h * sg_h + row0 * sg_n + (rows * sg_n + offs_t[None, :])
     tl.store(DQ + out, dq.to(DQ.dtype.element_ty), mask=t_ok)
     tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=t_ok)
     tl.store(DV + out, gv.to(DV.dtype.element_ty), mask=t_ok)

@@ -124,17 +124,18 @@ def _sla_kernel(
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    q_ptr = Q + b * sq_b + h * sq_h
+    # 64-bit scalar bases, 32-bit offsets inside a block (int64 offset tensors cost registers)
+    q_ptr = Q + b * sq_b + h * sq_h + (pid_m * block_q).to(tl.int64) * sq_n
     k_ptr = K + b * sk_b + h * sk_h
     v_ptr = V + b * sv_b + h * sv_h
 
     offs_r = tl.arange(0, BQ)
     offs_m = pid_m * block_q + offs_r
     m_ok = (offs_r < block_q) & (offs_m < N)
-    rows = offs_m.to(tl.int64)[:, None]
+    rows_q = offs_r[:, None] * sq_n
     offs_a = tl.arange(0, DA)
     a_ok = offs_a < D
-    qa = tl.load(q_ptr + rows * sq_n + offs_a[None, :], mask=m_ok[:, None] & a_ok[None, :],
+    qa = tl.load(q_ptr + rows_q + offs_a[None, :], mask=m_ok[:, None] & a_ok[None, :],
                  other=0.0)
     qb = qa
     offs_b = offs_a
@@ -142,7 +143,7 @@ def _sla_kernel(
     if HAS_B:
         offs_b = DA + tl.arange(0, DB)
         b_ok = offs_b < D
-        qb = tl.load(q_ptr + rows * sq_n + offs_b[None, :], mask=m_ok[:, None] & b_ok[None, :],
+        qb = tl.load(q_ptr + rows_q + offs_b[None, :], mask=m_ok[:, None] & b_ok[None, :],
                      other=0.0)
 
     m_i = tl.full([BQ], float("-inf"), dtype=tl.float32)
@@ -220,7 +221,7 @@ def _sla_kernel(
                 if HAS_B:
                     corr_b = tl.dot(w.to(vb.dtype), vb, corr_b, input_precision=PREC)
 
-    o_ptr = b * so_b + h * so_h + rows * so_n
+    o_ptr = b * so_b + h * so_h + (pid_m * block_q).to(tl.int64) * so_n + offs_r[:, None] * so_n
     out_a = m_ok[:, None] & a_ok[None, :]
     out_b = m_ok[:, None] & b_ok[None, :]
     l_i = tl.where(l_i > 0.0, l_i, 1.0)
