@@ -361,10 +361,13 @@ class Diffusion:
         if sampler == "ddim" and eta < 0:
             raise ValueError(f"DDIM eta must be >= 0, got {eta}")
         process = self if steps is None or steps == self.num_steps else self.respace(steps)
+        param = next(iter(getattr(model, "parameters", lambda: iter(()))()), None)
         if device is None:
-            param = next(iter(getattr(model, "parameters", lambda: iter(()))()), None)
             device = param.device if param is not None else torch.device("cpu")
         device = torch.device(device)
+        # the chain runs in float32; the model sees its own dtype (e.g. a bf16 DiT)
+        model_dtype = param.dtype if param is not None and param.is_floating_point() \
+            else torch.float32
         if noise is None:
             noise = _randn(shape, generator, torch.empty(0, device=device))
         x = noise.to(device=device, dtype=torch.float32)
@@ -384,7 +387,7 @@ class Diffusion:
             indices = tqdm(indices, desc=f"{sampler} {process.num_steps} steps", leave=False)
         for i in indices:
             t = torch.full((shape[0],), i, dtype=torch.long, device=device)
-            output = fn(x, process.model_timesteps(t), y).float()
+            output = fn(x.to(model_dtype), process.model_timesteps(t), y).float()
             p = process.p_mean_variance(output, x, t, clip_denoised=clip_denoised)
             step_noise = _randn(x.shape, generator, x)
             if sampler == "ddpm":

@@ -217,6 +217,17 @@ def evaluate(ckpt: str | Path | None, config: EvalConfig, run_dir: str | Path, *
                                  seed=settings.seed)
         metrics.update(result["metrics"])
         extra["fid"] = result["fid"]
+        if "fid" in result["metrics"] and str(ref_spec).startswith("shapes"):
+            # the floor: real world images, as many as the samples, against the same reference
+            real = load_reference(f"shapes:{len(images)}", image_size=images.shape[1],
+                                  seed=config.ref_seed + 1000)
+            floor = quality_metrics(real.images, reference, metrics=("fid",),
+                                    engine=config.engine, extractor=extractor, weights=weights,
+                                    clean_mode=config.clean_mode, device=str(device))
+            extra["fid"]["real_images_fid"] = floor["metrics"]["fid"]
+            extra["fid"]["real_images_fid_note"] = (
+                f"{len(images)} real world images (seed {config.ref_seed + 1000}) against the "
+                "same reference: the FID of a perfect model at this sample count")
 
     if "geneval" in config.metrics:
         from .geneval import geneval_score

@@ -107,18 +107,25 @@ def is_pixel_model(config) -> bool:
 
 def load_vae(path: str | Path, device: torch.device | str = "cpu"):
     """A diffusers ``AutoencoderKL`` from a local folder (never a hub download)."""
-    from .torchvision_compat import import_torchvision
-
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"--vae {path}: not a diffusers AutoencoderKL folder (no "
                                 "config.json); e.g. save stabilityai/sd-vae-ft-ema there")
+    diffusers = import_diffusers()
+    return diffusers.AutoencoderKL.from_pretrained(str(path), local_files_only=True).to(
+        device).eval()
+
+
+def import_diffusers():
+    """``diffusers`` (optional; it imports torchvision, hence :mod:`.torchvision_compat` first)."""
+    from .torchvision_compat import import_torchvision
+
     import_torchvision()
     try:
-        from diffusers.models import AutoencoderKL
+        import diffusers
     except ImportError:
         raise ImportError("decoding latents needs diffusers: pip install diffusers") from None
-    return AutoencoderKL.from_pretrained(str(path), local_files_only=True).to(device).eval()
+    return diffusers
 
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:

@@ -228,3 +228,12 @@ def test_sampling_a_dit(gen):
     x = d.sample(model, (2, 3, 8, 8), y, steps=5, cfg_scale=1.5, clip_denoised=True,
                  generator=torch.Generator().manual_seed(0))
     assert x.shape == (2, 3, 8, 8) and x.abs().max() <= 1
+
+
+def test_sampling_a_bf16_dit():
+    from attnbench.models import build_dit
+
+    model = build_dit("DiT-T/2", in_channels=3, input_size=8, seed=0).eval().to(torch.bfloat16)
+    x = Diffusion(1000).sample(model, (1, 3, 8, 8), torch.tensor([1]), steps=3,
+                               generator=torch.Generator().manual_seed(0))
+    assert x.dtype == torch.float32 and torch.isfinite(x).all()

@@ -36,6 +36,7 @@ def test_eval_writes_one_quality_row_the_report_reads(teacher_dir, student_dir, 
     assert extra["metrics"] == metrics
     assert extra["fid"]["engine"] == "torch-fidelity" and extra["fid"]["num_samples"] == 24
     assert len(extra["fid"]["extractor_sha256"]) == 64 and extra["fid"]["resize"]
+    assert 0 <= extra["fid"]["real_images_fid"] < metrics["fid"]  # the floor of a perfect model
     assert extra["fidelity"]["num"] == 6 and len(extra["fidelity"]["eps_mse_per_step"]) == 4
     assert set(extra["geneval"]["tasks"]) <= set(extra["geneval"]["counts"])
     assert (out / extra["samples"]).is_file()
