@@ -12,7 +12,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import AttentionBackend, AttentionMixer, Flops, Grid, Option, dense_flops, positive
+from .base import (
+    AttentionBackend,
+    AttentionMixer,
+    FastPath,
+    Flops,
+    Grid,
+    Option,
+    dense_flops,
+    positive,
+)
+from .kernels import _triton
 from .registry import register
 from .softmax import _accumulation_dtype
 
@@ -67,6 +77,14 @@ class LiTMixer(AttentionMixer):
         return out + local
 
 
+def _triton_linear(q, k, v, *, grid: Grid, eps: float) -> torch.Tensor:
+    return _triton.load("lit_triton").linear_attention(q, k, v, eps=eps)
+
+
+def _triton_available(device: torch.device, dtype: torch.dtype, shape) -> str | None:
+    return _triton.kernel_reason("lit_triton", device, dtype, shape)
+
+
 def _odd_or_zero(value: int) -> str | None:
     return None if value == 0 or (value > 0 and value % 2) else "must be 0 (off) or odd"
 
@@ -91,6 +109,16 @@ class LiT(AttentionBackend):
     )
     mixer_class = LiTMixer
     inherits_projections = False  # guideline 4: load everything except the attention
+    fast_paths = (
+        FastPath(
+            "triton",
+            _triton_linear,
+            _triton_available,
+            flop_countable=False,  # Triton kernels are invisible to FlopCounterMode
+            doc="fused Triton kernels: K, V read once into the d×d state, Q read once; "
+            "Triton backward",
+        ),
+    )
 
     def reference(self, q, k, v, *, grid: Grid, eps: float) -> torch.Tensor:
         return linear_attention(q, k, v, eps=eps)

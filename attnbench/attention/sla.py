@@ -48,6 +48,7 @@ from .base import (
     positive,
     unit_fraction,
 )
+from .kernels import _triton
 from .registry import register
 from .softmax import _accumulation_dtype, softmax_reference
 
@@ -332,9 +333,21 @@ def sla_gather_parts(
     return o_s, o_l.to(q.dtype)
 
 
+# --------------------------------------------------------------------------- triton
+
+
+def sla_triton_parts(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(O_s, O_l)`` by the fused Triton kernel (``kernels/sla_triton.py``), forward only."""
+    return _triton.load("sla_triton").sla_triton_parts(*args, **kwargs)
+
+
+def _triton_available(device: torch.device, dtype: torch.dtype, shape) -> str | None:
+    return _triton.kernel_reason("sla_triton", device, dtype, shape, max_head_dim=128)
+
+
 # --------------------------------------------------------------------------- dispatch
 
-PARTS = {"reference": sla_reference_parts, "gather": sla_gather_parts}
+PARTS = {"reference": sla_reference_parts, "gather": sla_gather_parts, "triton": sla_triton_parts}
 
 
 def sla_parts(
@@ -367,6 +380,11 @@ def sla_parts(
 
 def _gather(q, k, v, *, grid: Grid, **options) -> torch.Tensor:
     o_s, o_l = sla_parts("gather", q, k, v, **options)
+    return o_s + o_l
+
+
+def _triton_attend(q, k, v, *, grid: Grid, **options) -> torch.Tensor:
+    o_s, o_l = sla_parts("triton", q, k, v, **options)
     return o_s + o_l
 
 
@@ -444,6 +462,15 @@ class SLA(AttentionBackend):
     mixer_class = SLAMixer
     inherits_projections = True
     fast_paths = (
+        FastPath(
+            "triton",
+            _triton_attend,
+            _triton_available,
+            differentiable=False,  # forward only: training takes the gather path
+            flop_countable=False,  # Triton kernels are invisible to FlopCounterMode
+            doc="one Triton kernel: online softmax over the critical blocks + the marginal "
+            "linear branch (total state minus the critical blocks' share); forward only",
+        ),
         FastPath(
             "gather",
             _gather,

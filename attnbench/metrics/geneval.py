@@ -237,9 +237,10 @@ class GenEvalResult:
     per_image: list[bool] = field(default_factory=list, repr=False)
 
     def metrics(self) -> dict[str, float]:
-        """``{"geneval": overall, "geneval_<task>": accuracy, ...}`` for the results table."""
+        """``{"geneval": overall, "geneval_<task>": accuracy, ..., "geneval_strict": ...}``."""
         out = {"geneval": self.overall}
         out.update({f"geneval_{task}": acc for task, acc in self.tasks.items()})
+        out["geneval_strict"] = self.strict_overall
         return out
 
     def to_dict(self) -> dict[str, Any]:

@@ -38,7 +38,7 @@ METRIC_GROUPS = ("fid", "geneval", "fidelity")
 #: direction of every metric this stage writes (the report needs it for the unknown ones)
 HIGHER_IS_BETTER: dict[str, bool] = {
     "fid": False, "kid": False, "inception_score": True, "precision": True, "recall": True,
-    "geneval": True,
+    "geneval": True, "geneval_strict": True,
     "psnr": True, "ssim": True, "eps_mse_vs_teacher": False,
     **{f"geneval_{t}": True for t in ("single_object", "two_object", "counting", "colors",
                                       "position", "color_attr")},
@@ -261,6 +261,10 @@ def _fidelity(model, ckpt, teacher_path, config: EvalConfig, device, vae,
 
         teacher_path = default_teacher_path()
     teacher = load_dit(teacher_path, device=device)
+    if checkpoint_sha256(teacher) is not None and checkpoint_sha256(
+            teacher) == checkpoint_sha256(model):
+        log("eval: the model is the teacher itself: fidelity skipped")
+        return {"teacher": str(teacher_path), "skipped": "the model is the teacher"}
     t_cfg, s_cfg = teacher.config, model.config
     if (t_cfg.in_channels, t_cfg.input_size, t_cfg.num_classes) != (
             s_cfg.in_channels, s_cfg.input_size, s_cfg.num_classes):

@@ -69,7 +69,7 @@ def test_sample_then_eval_the_npz(teacher_dir, tmp_path):
                  "--metrics", "geneval,fid", "--fid-metrics", "fid", "--ref-num", "50",
                  "--out", str(out), "--no-progress"]) == 0
     extra = json.loads(_quality_rows(out).iloc[0]["extra"])
-    assert set(extra["metrics"]) == {"fid", "geneval", *(f"geneval_{t}" for t in (
+    assert set(extra["metrics"]) == {"fid", "geneval", "geneval_strict", *(f"geneval_{t}" for t in (
         "single_object", "two_object", "counting", "colors", "position", "color_attr"))}
     assert extra["geneval"]["counts"]["counting"] == 4  # balanced labels: 24 / 6 tasks
 
@@ -94,3 +94,12 @@ def test_errors_are_one_line_and_exit_2(teacher_dir, tmp_path, capsys, monkeypat
     assert code == 2 and "AutoencoderKL" in err
     with pytest.raises(SystemExit):
         main(["sample", "--num", "0", "--out", str(tmp_path / "y")])
+
+
+def test_fidelity_of_the_teacher_to_itself_is_skipped(teacher_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(["eval", "--ckpt", str(teacher_dir), "--teacher", str(teacher_dir), *FAST,
+                 "--metrics", "fidelity", "--out", str(out)]) == 0
+    extra = json.loads(_quality_rows(out).iloc[0]["extra"])
+    assert extra["fidelity"]["skipped"] == "the model is the teacher"
+    assert extra["metrics"] == {}

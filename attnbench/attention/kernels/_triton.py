@@ -36,8 +36,7 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def triton_import_error() -> str | None:
     """``None`` when ``import triton`` works, else the reason (cached per process)."""
     try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
+        import triton.language  # noqa: F401  (imports triton itself)
     except ImportError:
         return INSTALL_HINT
     except Exception as err:  # a broken install (ABI, missing driver library, ...)

@@ -204,7 +204,7 @@ _READOUT_CONFIGS = [
 @_autotune(_READOUT_CONFIGS, key=["D", "T", "STORE_DEN"])
 @triton.jit
 def _readout_kernel(
-    Q, S, Z, O, DEN,
+    Q, S, Z, OUT, DEN,
     H, N, D, T, eps,
     sq_b, sq_h, sq_n, so_b, so_h, so_n,
     STORE_DEN: tl.constexpr, PREC: tl.constexpr, BD: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -217,7 +217,7 @@ def _readout_kernel(
     pid_m = pid // T
     row0 = (pid_m * BLOCK_M).to(tl.int64)
     q_ptr = Q + (bh // H).to(tl.int64) * sq_b + (bh % H).to(tl.int64) * sq_h + row0 * sq_n
-    o_ptr = O + (bh // H).to(tl.int64) * so_b + (bh % H).to(tl.int64) * so_h + row0 * so_n
+    o_ptr = OUT + (bh // H).to(tl.int64) * so_b + (bh % H).to(tl.int64) * so_h + row0 * so_n
     dp = T * BD
     s_ptr = S + bh.to(tl.int64) * dp * dp
     z_ptr = Z + bh.to(tl.int64) * dp
@@ -239,7 +239,7 @@ def _readout_kernel(
     den = den + eps
     out = num / den[:, None]
     o_ok = m_ok[:, None] & (offs_v < D)[None, :]
-    tl.store(o_ptr + offs_r * so_n + offs_v[None, :], out.to(O.dtype.element_ty), mask=o_ok)
+    tl.store(o_ptr + offs_r * so_n + offs_v[None, :], out.to(OUT.dtype.element_ty), mask=o_ok)
     if STORE_DEN:
         first = (tl.zeros([BLOCK_M], dtype=tl.int32) + tv) == 0
         tl.store(DEN + bh.to(tl.int64) * N + offs_m, den, mask=m_ok & first)
@@ -247,7 +247,7 @@ def _readout_kernel(
 
 @triton.jit
 def _bwd_pre_kernel(
-    DO, O, DEN, W, U,
+    DO, OUT, DEN, W, U,
     H, N, D, T,
     sd_b, sd_h, sd_n, so_b, so_h, so_n,
     BD: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -257,7 +257,7 @@ def _bwd_pre_kernel(
     bh = tl.program_id(1)
     row0 = (pid_m * BLOCK_M).to(tl.int64)
     do_ptr = DO + (bh // H).to(tl.int64) * sd_b + (bh % H).to(tl.int64) * sd_h + row0 * sd_n
-    o_ptr = O + (bh // H).to(tl.int64) * so_b + (bh % H).to(tl.int64) * so_h + row0 * so_n
+    o_ptr = OUT + (bh // H).to(tl.int64) * so_b + (bh % H).to(tl.int64) * so_h + row0 * so_n
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < N
     offs_r = tl.arange(0, BLOCK_M)[:, None]
