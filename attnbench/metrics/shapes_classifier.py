@@ -282,7 +282,8 @@ def accuracy(model: ShapesClassifier, *, n: int = 1000, image_size: int = 32,
 
 def train(*, steps: int = 3000, batch: int = 128, lr: float = 2e-3, seed: int = 0,
           noise: float = 0.05, width: int = 16, feature_dim: int = 64,
-          log_every: int = 100) -> tuple[ShapesClassifier, dict[str, Any]]:
+          log_every: int = 100, calibration: int = 4000,
+          held_out: int = 1000) -> tuple[ShapesClassifier, dict[str, Any]]:
     """Train the classifier on world seed ``10_000 + seed`` (never an evaluation seed)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -311,7 +312,7 @@ def train(*, steps: int = 3000, batch: int = 128, lr: float = 2e-3, seed: int = 
             log.append(entry)
             print(json.dumps(entry), file=sys.stderr, flush=True)
     model.eval()
-    model.calibrate()
+    model.calibrate(calibration)
     summary = {
         "objective": "cross-entropy on the prompt label (91) + on each (shape, colour) count "
                      "(12 × 0-4)",
@@ -320,11 +321,11 @@ def train(*, steps: int = 3000, batch: int = 128, lr: float = 2e-3, seed: int = 
                 f"{noise}] (images in [-1, 1])",
         "steps": steps, "batch": batch, "lr": lr, "optimizer": "AdamW, one-cycle",
         "seed": seed, "seconds": round(time.time() - start, 1), "torch": torch.__version__,
-        "standardisation": "features minus mean, over std, of 4000 world images (seeds "
-                           "30000 at 32 px, 30001 at 64 px)",
+        "standardisation": f"features minus mean, over std, of {calibration} world images "
+                           "(seeds 30000 at 32 px, 30001 at 64 px)",
         "log": log,
-        "held_out": {"32px": accuracy(model, image_size=32), "64px": accuracy(model,
-                                                                               image_size=64)},
+        "held_out": {"32px": accuracy(model, n=held_out, image_size=32),
+                     "64px": accuracy(model, n=held_out, image_size=64)},
     }
     return model, summary
 

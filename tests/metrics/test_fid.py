@@ -103,12 +103,11 @@ def test_shapes_fid_end_to_end_both_engines(world_images):
 
 
 def test_64px_images_are_resized_by_each_engine():
-    images = np.stack([load_reference("shapes:60", image_size=64, seed=3).images[i]
-                       for i in range(60)])
+    images = load_reference("shapes:24", image_size=64, seed=3).images
     ref = Reference("itself", images)
     for engine in engines.ENGINES:
         out = quality_metrics(images, ref, metrics=("fid",), engine=engine)
-        assert abs(out["metrics"]["fid"]) < 1e-6
+        assert abs(out["metrics"]["fid"]) < 1e-4  # 24 samples in 64 dims: singular Σ
     assert "area" in quality_metrics(images, ref, metrics=("fid",))["fid"]["resize"]
 
 

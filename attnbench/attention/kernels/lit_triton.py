@@ -95,6 +95,28 @@ def split_plan(tokens: int, programs: int, device: torch.device, splits: int | N
 
 
 # --------------------------------------------------------------------------- kernels
+#
+# The kernels call no @triton.jit helper of triton.language itself (tl.zeros,
+# tl.sum, tl.max are such helpers): those are interpreted only when triton was
+# imported under TRITON_INTERPRET=1, and in a test process torch may import
+# triton long before a test sets the variable. tl.full and tl.reduce are
+# builtins; the combine functions below are triton's own, which the
+# interpreter recognises and runs in NumPy.
+
+_SUM_COMBINE = tl.standard._sum_combine
+_MAX_COMBINE = tl.standard._elementwise_max
+
+
+@triton.jit
+def _rsum(x, AXIS: tl.constexpr):
+    """``tl.sum(x, AXIS)`` of a float32 tensor."""
+    return tl.reduce(x, AXIS, _SUM_COMBINE)
+
+
+@triton.jit
+def _rmax(x, AXIS: tl.constexpr):
+    """``tl.max(x, AXIS)`` of a float32 tensor (no NaN handling needed here)."""
+    return tl.reduce(x, AXIS, _MAX_COMBINE)
 
 
 @triton.jit
@@ -107,10 +129,10 @@ def _phi(x, valid, FEATURE: tl.constexpr, AXIS: tl.constexpr):
         y = tl.maximum(x, 0.0)
     elif FEATURE == 1:
         x = tl.where(valid, x, float("-inf"))
-        top = tl.max(x, axis=AXIS)
+        top = _rmax(x, AXIS)
         top = tl.where(top == float("-inf"), 0.0, top)
         e = tl.exp(x - tl.expand_dims(top, AXIS))
-        total = tl.sum(e, axis=AXIS)
+        total = _rsum(e, AXIS)
         total = tl.where(total > 0.0, total, 1.0)
         y = e / tl.expand_dims(total, AXIS)
     else:
@@ -150,8 +172,8 @@ def _state_kernel(
     offs_v = tv * BD + tl.arange(0, BD)
     k_ok = offs_k < D
     v_ok = offs_v < D
-    acc = tl.zeros([BD, BD], dtype=tl.float32)
-    zacc = tl.zeros([BD], dtype=tl.float32)
+    acc = tl.full([BD, BD], 0.0, dtype=tl.float32)
+    zacc = tl.full([BD], 0.0, dtype=tl.float32)
     start = split * CHUNK
     stop = tl.minimum(start + CHUNK, N)
     for n0 in range(start, stop, BLOCK_N):
@@ -165,9 +187,9 @@ def _state_kernel(
             full = tl.load(a_ptr + rows * sa_n + offs_r[None, :],
                            mask=n_ok[:, None] & (offs_r < D)[None, :], other=float("-inf"))
             full = full.to(tl.float32)
-            top = tl.max(full, axis=1)
+            top = _rmax(full, 1)
             top = tl.where(top == float("-inf"), 0.0, top)
-            total = tl.sum(tl.exp(full - top[:, None]), axis=1)
+            total = _rsum(tl.exp(full - top[:, None]), 1)
             total = tl.where(total > 0.0, total, 1.0)
             fa = tl.where(a_ok, tl.exp(a - top[:, None]) / total[:, None], 0.0)
         else:
@@ -179,9 +201,9 @@ def _state_kernel(
             bt = bt.to(tl.float32) * w[:, None]
         if HAS_U:
             u = tl.load(U + bh.to(tl.int64) * N + offs_n, mask=n_ok, other=0.0)
-            zacc += tl.sum(fa * u[:, None], axis=0)
+            zacc += _rsum(fa * u[:, None], 0)
         else:
-            zacc += tl.sum(fa, axis=0)
+            zacc += _rsum(fa, 0)
         if F32_DOT:
             acc = tl.dot(tl.trans(fa), bt.to(tl.float32), acc, input_precision=PREC)
         else:  # half inputs: φ(a) rounded to the input dtype (exact for ReLU)
@@ -189,7 +211,7 @@ def _state_kernel(
     dp = T * BD
     base = (bh * n_split + split).to(tl.int64)
     tl.store(S_part + base * dp * dp + offs_k[:, None] * dp + offs_v[None, :], acc)
-    first = (tl.zeros([BD], dtype=tl.int32) + tv) == 0  # one program per tk stores z
+    first = (tl.full([BD], 0, dtype=tl.int32) + tv) == 0  # one program per tk stores z
     tl.store(Z_part + base * dp + offs_k, zacc, mask=first)
 
 
@@ -225,8 +247,8 @@ def _readout_kernel(
     m_ok = offs_m < N
     offs_r = tl.arange(0, BLOCK_M)[:, None]
     offs_v = tv * BD + tl.arange(0, BD)
-    num = tl.zeros([BLOCK_M, BD], dtype=tl.float32)
-    den = tl.zeros([BLOCK_M], dtype=tl.float32)
+    num = tl.full([BLOCK_M, BD], 0.0, dtype=tl.float32)
+    den = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     for tk in range(0, T):
         offs_k = tk * BD + tl.arange(0, BD)
         q_ok = m_ok[:, None] & (offs_k < D)[None, :]
@@ -235,13 +257,13 @@ def _readout_kernel(
         s = tl.load(s_ptr + offs_k[:, None] * dp + offs_v[None, :])
         z = tl.load(z_ptr + offs_k)
         num = tl.dot(fq, s, num, input_precision=PREC)
-        den += tl.sum(fq * z[None, :], axis=1)
+        den += _rsum(fq * z[None, :], 1)
     den = den + eps
     out = num / den[:, None]
     o_ok = m_ok[:, None] & (offs_v < D)[None, :]
     tl.store(o_ptr + offs_r * so_n + offs_v[None, :], out.to(OUT.dtype.element_ty), mask=o_ok)
     if STORE_DEN:
-        first = (tl.zeros([BLOCK_M], dtype=tl.int32) + tv) == 0
+        first = (tl.full([BLOCK_M], 0, dtype=tl.int32) + tv) == 0
         tl.store(DEN + bh.to(tl.int64) * N + offs_m, den, mask=m_ok & first)
 
 
@@ -261,13 +283,13 @@ def _bwd_pre_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < N
     offs_r = tl.arange(0, BLOCK_M)[:, None]
-    delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+    delta = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     for t in range(0, T):
         offs = t * BD + tl.arange(0, BD)
         ok = m_ok[:, None] & (offs < D)[None, :]
         do = tl.load(do_ptr + offs_r * sd_n + offs[None, :], mask=ok, other=0.0).to(tl.float32)
         o = tl.load(o_ptr + offs_r * so_n + offs[None, :], mask=ok, other=0.0).to(tl.float32)
-        delta += tl.sum(do * o, axis=1)
+        delta += _rsum(do * o, 1)
     row = bh.to(tl.int64) * N + offs_m
     w = 1.0 / tl.load(DEN + row, mask=m_ok, other=1.0)
     tl.store(W + row, w, mask=m_ok)
@@ -310,9 +332,9 @@ def _bwd_apply_kernel(
     g = tl.load(U + bh.to(tl.int64) * N + offs_m, mask=m_ok, other=0.0)
     offs_t = t * BD + tl.arange(0, BD)
     t_ok = m_ok[:, None] & (offs_t < D)[None, :]
-    gq = tl.zeros([BLOCK_M, BD], dtype=tl.float32)
-    gk = tl.zeros([BLOCK_M, BD], dtype=tl.float32)
-    gv = tl.zeros([BLOCK_M, BD], dtype=tl.float32)
+    gq = tl.full([BLOCK_M, BD], 0.0, dtype=tl.float32)
+    gk = tl.full([BLOCK_M, BD], 0.0, dtype=tl.float32)
+    gv = tl.full([BLOCK_M, BD], 0.0, dtype=tl.float32)
     for j in range(0, T):
         offs_j = j * BD + tl.arange(0, BD)
         j_ok = m_ok[:, None] & (offs_j < D)[None, :]

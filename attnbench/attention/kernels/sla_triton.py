@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from ._triton import as_bhnd, cdiv, interpret_requested, next_pow2
-from .lit_triton import FEATURES, _phi, dot_precision, linear_state
+from .lit_triton import FEATURES, _phi, _rmax, _rsum, dot_precision, linear_state
 
 INTERPRETED = interpret_requested()
 MAX_HEAD_DIM = 128
@@ -75,16 +75,16 @@ def _phi2(xa, xb, va, vb, FEATURE: tl.constexpr, AXIS: tl.constexpr, HAS_B: tl.c
     """φ of a row split in two pieces (``xb`` ignored unless ``HAS_B``); 0 where invalid."""
     if FEATURE == 1:  # softmax over the whole row: both pieces
         xa = tl.where(va, xa, float("-inf"))
-        top = tl.max(xa, axis=AXIS)
+        top = _rmax(xa, AXIS)
         if HAS_B:
             xb = tl.where(vb, xb, float("-inf"))
-            top = tl.maximum(top, tl.max(xb, axis=AXIS))
+            top = tl.maximum(top, _rmax(xb, AXIS))
         top = tl.expand_dims(tl.where(top == float("-inf"), 0.0, top), AXIS)
         ea = tl.exp(xa - top)
-        total = tl.sum(ea, axis=AXIS)
+        total = _rsum(ea, AXIS)
         if HAS_B:
             eb = tl.exp(xb - top)
-            total += tl.sum(eb, axis=AXIS)
+            total += _rsum(eb, AXIS)
         total = tl.expand_dims(tl.where(total > 0.0, total, 1.0), AXIS)
         ya = tl.where(va, ea / total, 0.0)
         if HAS_B:
@@ -147,26 +147,26 @@ def _sla_kernel(
                      other=0.0)
 
     m_i = tl.full([BQ], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BQ], dtype=tl.float32)
-    acc_a = tl.zeros([BQ, DA], dtype=tl.float32)
-    acc_b = tl.zeros([BQ, DB], dtype=tl.float32)
+    l_i = tl.full([BQ], 0.0, dtype=tl.float32)
+    acc_a = tl.full([BQ, DA], 0.0, dtype=tl.float32)
+    acc_b = tl.full([BQ, DB], 0.0, dtype=tl.float32)
     if LINEAR == 1:
         if STATE_CORRECTION:  # ΔS = Σ_sel φ(K_j)ᵀV_j, Δz = Σ_sel φ(K_j)
-            ds_aa = tl.zeros([DA, DA], dtype=tl.float32)
-            ds_ab = tl.zeros([DA, DB], dtype=tl.float32)
-            ds_ba = tl.zeros([DB, DA], dtype=tl.float32)
-            ds_bb = tl.zeros([DB, DB], dtype=tl.float32)
-            dz_a = tl.zeros([DA], dtype=tl.float32)
-            dz_b = tl.zeros([DB], dtype=tl.float32)
+            ds_aa = tl.full([DA, DA], 0.0, dtype=tl.float32)
+            ds_ab = tl.full([DA, DB], 0.0, dtype=tl.float32)
+            ds_ba = tl.full([DB, DA], 0.0, dtype=tl.float32)
+            ds_bb = tl.full([DB, DB], 0.0, dtype=tl.float32)
+            dz_a = tl.full([DA], 0.0, dtype=tl.float32)
+            dz_b = tl.full([DB], 0.0, dtype=tl.float32)
         else:  # Σ_sel (φ(q)φ(K_j)ᵀ) V_j and its row sums, in output space
             fqa, fqb = _phi2(qa.to(tl.float32), qb.to(tl.float32), m_ok[:, None] & a_ok[None, :],
                              m_ok[:, None] & b_ok[None, :], FEATURE, 1, HAS_B)
             if not F32_DOT:
                 fqa = fqa.to(qa.dtype)
                 fqb = fqb.to(qa.dtype)
-            corr_a = tl.zeros([BQ, DA], dtype=tl.float32)
-            corr_b = tl.zeros([BQ, DB], dtype=tl.float32)
-            corr_den = tl.zeros([BQ], dtype=tl.float32)
+            corr_a = tl.full([BQ, DA], 0.0, dtype=tl.float32)
+            corr_b = tl.full([BQ, DB], 0.0, dtype=tl.float32)
+            corr_den = tl.full([BQ], 0.0, dtype=tl.float32)
 
     lut_ptr = LUT + (bh.to(tl.int64) * NQ + pid_m) * KK
     offs_c = tl.arange(0, BKV)
@@ -190,10 +190,10 @@ def _sla_kernel(
                          mask=n_ok[:, None] & b_ok[None, :], other=0.0)
             s = tl.dot(qb, ktb, s, input_precision=PREC)
         s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_new = tl.maximum(m_i, _rmax(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        l_i = l_i * alpha + _rsum(p, 1)
         acc_a = tl.dot(p.to(va.dtype), va, acc_a * alpha[:, None], input_precision=PREC)
         if HAS_B:
             acc_b = tl.dot(p.to(vb.dtype), vb, acc_b * alpha[:, None], input_precision=PREC)
@@ -205,10 +205,10 @@ def _sla_kernel(
                 fka = fka.to(va.dtype)
                 fkb = fkb.to(va.dtype)
             if STATE_CORRECTION:
-                dz_a += tl.sum(fka.to(tl.float32), axis=1)
+                dz_a += _rsum(fka.to(tl.float32), 1)
                 ds_aa = tl.dot(fka, va.to(fka.dtype), ds_aa, input_precision=PREC)
                 if HAS_B:
-                    dz_b += tl.sum(fkb.to(tl.float32), axis=1)
+                    dz_b += _rsum(fkb.to(tl.float32), 1)
                     ds_ab = tl.dot(fka, vb.to(fka.dtype), ds_ab, input_precision=PREC)
                     ds_ba = tl.dot(fkb, va.to(fka.dtype), ds_ba, input_precision=PREC)
                     ds_bb = tl.dot(fkb, vb.to(fka.dtype), ds_bb, input_precision=PREC)
@@ -216,7 +216,7 @@ def _sla_kernel(
                 w = tl.dot(fqa, fka, input_precision=PREC)  # [BQ, BKV] = φ(q)φ(K_j)ᵀ
                 if HAS_B:
                     w = tl.dot(fqb, fkb, w, input_precision=PREC)
-                corr_den += tl.sum(w, axis=1)
+                corr_den += _rsum(w, 1)
                 corr_a = tl.dot(w.to(va.dtype), va, corr_a, input_precision=PREC)
                 if HAS_B:
                     corr_b = tl.dot(w.to(vb.dtype), vb, corr_b, input_precision=PREC)
@@ -240,13 +240,13 @@ def _sla_kernel(
         if LINEAR == 1:
             if STATE_CORRECTION:
                 z_a -= dz_a
-        den = tl.sum(fqa * z_a[None, :], axis=1)
+        den = _rsum(fqa * z_a[None, :], 1)
         if HAS_B:
             z_b = tl.load(z_ptr + offs_b, mask=b_ok, other=0.0)
             if LINEAR == 1:
                 if STATE_CORRECTION:
                     z_b -= dz_b
-            den += tl.sum(fqb * z_b[None, :], axis=1)
+            den += _rsum(fqb * z_b[None, :], 1)
         if LINEAR == 1:
             if not STATE_CORRECTION:
                 den -= corr_den
