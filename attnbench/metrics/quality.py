@@ -17,9 +17,10 @@ direction in ``extra["higher_is_better"]``, the sample ``.npz`` in
 ``extra["samples"]`` (relative to the run directory), and how every number was
 made beside them (``extra["fid"]``, ``extra["geneval"]``, ``extra["fidelity"]``,
 ``extra["sampling"]``). Evaluating the same model again into the same run merges
-the new metrics into its row. ``latency_median_s`` is the median wall time of
-one model call while sampling (batch ``batch``, ×2 with CFG; perf_counter,
-CUDA-synchronised): a rough speed beside the quality, not a benchmark.
+into its row: the metric groups evaluated again replace theirs, the others stay.
+``latency_median_s`` is the median wall time of one model call while sampling
+(batch ``batch``, ×2 with CFG; perf_counter, CUDA-synchronised): a rough speed
+beside the quality, not a benchmark.
 """
 
 from __future__ import annotations
@@ -111,16 +112,30 @@ def quality_row(model, settings: SampleSettings, device: torch.device, extra: di
     )
 
 
+def metric_group(metric: str) -> str:
+    """The group (``fid``, ``geneval``, ``fidelity``) a metric of this stage belongs to."""
+    if metric.startswith("geneval"):
+        return "geneval"
+    if metric in ("psnr", "ssim", "eps_mse_vs_teacher"):
+        return "fidelity"
+    return "fid"
+
+
 def merge_row(writer, row) -> None:
-    """Append ``row``, merging the metrics of an earlier row of the same model (same key)."""
+    """Append ``row``, keeping an earlier row's metric groups (same model) it did not redo.
+
+    A group evaluated again replaces its metrics and its provenance whole (so a
+    clean-fid FID never sits beside torch-fidelity's precision under one record).
+    """
     for old in writer.rows:
         if old.key() == row.key() and old.level == "quality":
-            merged = dict(old.extra)
-            for key, value in row.extra.items():
-                if isinstance(value, dict) and isinstance(merged.get(key), dict):
-                    merged[key] = {**merged[key], **value}
-                else:
-                    merged[key] = value
+            redone = {g for g in METRIC_GROUPS if g in row.extra}
+            kept = {k: v for k, v in old.extra.get("metrics", {}).items()
+                    if metric_group(k) not in redone}
+            merged = {**old.extra, **row.extra}
+            merged["metrics"] = {**kept, **row.extra.get("metrics", {})}
+            merged["higher_is_better"] = {k: v for k, v in HIGHER_IS_BETTER.items()
+                                          if k in merged["metrics"]}
             row.extra = merged
             if row.latency_median_s is None:
                 row.latency_median_s, row.repetitions, row.timer = (

@@ -56,6 +56,8 @@ def test_eval_writes_one_quality_row_the_report_reads(teacher_dir, student_dir, 
     assert len(rows) == 1
     extra = json.loads(rows.iloc[0]["extra"])
     assert extra["fid"]["engine"] == "clean-fid" and "psnr" in extra["metrics"]
+    assert "precision" not in extra["metrics"]  # torch-fidelity's, gone with its FID group
+    assert "geneval" in extra["metrics"] and "geneval" in extra
 
 
 def test_sample_then_eval_the_npz(teacher_dir, tmp_path):

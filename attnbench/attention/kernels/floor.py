@@ -1,0 +1,352 @@
+"""The kernels against their floors on this GPU, and the issue's speed targets.
+
+``python -m attnbench.attention.kernels.floor measure --out DIR`` (CUDA only):
+
+1. the device's own ceilings, measured: HBM bandwidth (a device-to-device copy
+   of a 2 GiB buffer: 2 bytes moved per byte copied) and dense bf16 tensor-core
+   throughput (``torch.mm`` of 8192³);
+2. at one resolution of one DiT (default 8192 px, DiT-XL/2: 262,144 tokens, 16
+   heads of 72, bf16), each kernel timed alone with attnbench's protocol
+   (:func:`attnbench.bench.timer.measure`: warm-up, L2 flushed, median) and
+   set against its floor:
+
+   * LiT (``lit_triton``): memory-bound, floor = bytes of q, k, v, out over the
+     measured bandwidth (4·B·H·N·d·2 bytes); also its two launches apart, and the
+     backward (floor: q, k, v, O, dO read, dq, dk, dv written = 9·B·H·N·d·2);
+   * softmax (SDPA flash, SDPA cuDNN when torch has it): compute-bound, floor =
+     4·B·H·N²·d FLOPs over the measured tensor-core throughput;
+   * SLA (``sla_triton``, topk 0.05 = 95% sparsity): floor = its FLOPs
+     (sparse 4·B·H·(nq·bq)(kk·bkv)·d + the critical blocks' share of the linear
+     branch, as computed) over the tensor-core throughput; the block map (pooled
+     scores + top-k) timed apart; both ``correction`` variants of the kernel;
+   * CLEAR flex r=8: floor = 4·B·H·(computed 128² tiles)·128²·d FLOPs (the work
+     FlexAttention cannot skip) over the tensor-core throughput, tile vs row order.
+
+   Writes ``floor.json`` and ``floor.md`` into DIR.
+
+``python -m attnbench.attention.kernels.floor targets RUN_DIR`` reads a sweep's
+``results.csv`` and states each target of the issue (speed-ups over SDPA flash at
+8192 px, attention and model level) as met / missed / not measured, into
+``RUN_DIR/targets.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+GIB = 1 << 30
+
+#: the issue's targets: (level, method label, minimum speed-up over SDPA flash) at 8192 px
+TARGETS = [
+    ("attention", "lit", 200.0),
+    ("attention", "clear:radius=8.0", 50.0),
+    ("attention", "sla:topk=0.05", 12.0),
+    ("model", "lit", 20.0),
+    ("model", "clear:radius=8.0", 15.0),
+]
+#: labels of the same variant run with its default options
+ALIASES = {"clear:radius=8.0": "clear", "sla:topk=0.05": "sla"}
+#: the LiT kernel's target fraction of the measured HBM bandwidth
+LIT_BANDWIDTH_TARGET = 0.60
+
+
+def _time(fn, device, budget_s: float = 2.0) -> dict[str, Any]:
+    from attnbench.bench.timer import measure
+
+    try:
+        t = measure(fn, device, budget_s=budget_s, warmup_s=0.2, min_reps=3, max_reps=200)
+        return {"median_s": t.median, "p20_s": t.p20, "p80_s": t.p80, "reps": t.reps}
+    except torch.cuda.OutOfMemoryError as err:
+        torch.cuda.empty_cache()
+        return {"error": f"out of memory: {str(err).splitlines()[0]}"}
+    except Exception as err:  # one failing kernel must not lose the others
+        return {"error": f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"}
+
+
+def device_ceilings(device: torch.device) -> dict[str, float]:
+    """Measured HBM copy bandwidth (bytes/s) and dense bf16 matmul throughput (FLOP/s)."""
+
+    def copy_time() -> dict:
+        src = torch.empty(2 * GIB, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        return _time(lambda: dst.copy_(src), device, budget_s=1.0)
+
+    def matmul_time(n: int) -> dict:
+        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        return _time(lambda: torch.mm(a, b), device, budget_s=1.0)
+
+    n = 8192
+    copy, mm = copy_time(), matmul_time(n)
+    torch.cuda.empty_cache()
+    return {
+        "hbm_bytes_per_s": 2 * 2 * GIB / copy["median_s"],
+        "bf16_flops_per_s": 2.0 * n**3 / mm["median_s"],
+        "copy_bytes": 2 * 2 * GIB,
+        "matmul": f"{n}x{n}x{n} bf16",
+    }
+
+
+def _entry(name, timing, *, floor_s=None, bytes_=None, flops=None, note=""):
+    out = {"kernel": name, **timing, "note": note}
+    if bytes_ is not None:
+        out["bytes"] = bytes_
+    if flops is not None:
+        out["flops"] = flops
+    if floor_s is not None:
+        out["floor_s"] = floor_s
+        if "median_s" in timing:
+            out["fraction_of_floor"] = floor_s / timing["median_s"]
+    return out
+
+
+def measure_kernels(model: str, resolution: int, dtype: torch.dtype, batch: int = 1) -> dict:
+    """Every kernel at one DiT point against its floor (module docstring)."""
+    from attnbench import attention
+    from attnbench.attention import clear, sla
+    from attnbench.attention.kernels import _triton
+    from attnbench.bench.environment import environment
+    from attnbench.bench.workloads import Point
+    from attnbench.models.configs import get_config
+
+    device = torch.device("cuda")
+    point = Point(get_config(model), resolution, batch)
+    b, h, n, d, grid = batch, point.heads, point.tokens, point.head_dim, point.grid
+    esize = torch.empty((), dtype=dtype).element_size()
+    ceilings = device_ceilings(device)
+    bw, tc = ceilings["hbm_bytes_per_s"], ceilings["bf16_flops_per_s"]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(b, h, n, d, generator=gen).to(device, dtype) for _ in range(3))
+    results: list[dict] = []
+    io = 4.0 * b * h * n * d * esize
+
+    # ---- LiT
+    reason = _triton.kernel_reason("lit_triton", device, dtype, q.shape)
+    if reason is None:
+        lit = _triton.load("lit_triton")
+        results.append(_entry(
+            "lit_triton forward", _time(lambda: lit.linear_attention(q, k, v, eps=1e-6), device),
+            floor_s=io / bw, bytes_=io, note="memory-bound: q, k, v read once, out written once",
+        ))
+        state = _time(lambda: lit.linear_state(k, v), device)
+        results.append(_entry("  state kernel (k, v → S, z)", state, floor_s=io / 2 / bw,
+                              bytes_=io / 2))
+        s, z, bd = lit.linear_state(k, v)
+        results.append(_entry("  readout kernel (q, S → out)",
+                              _time(lambda: lit._readout(q, s, z, bd, 1e-6, False), device),
+                              floor_s=io / 2 / bw, bytes_=io / 2))
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = lit.linear_attention(*leaves, eps=1e-6)
+        grad = torch.randn_like(out)
+        bwd_bytes = 9.0 * b * h * n * d * esize
+        results.append(_entry(
+            "lit_triton backward",
+            _time(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True), device),
+            floor_s=bwd_bytes / bw, bytes_=bwd_bytes,
+            note="q, k, v, O, dO read; dq, dk, dv written",
+        ))
+        del leaves, out, grad
+        ref = attention.get("lit")
+        results.append(_entry("lit reference (torch matmuls)",
+                              _time(lambda: ref.reference(q, k, v, grid=grid, eps=1e-6), device),
+                              floor_s=io / bw, bytes_=io))
+    else:
+        results.append({"kernel": "lit_triton", "error": reason})
+
+    # ---- softmax
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dense = 4.0 * b * h * n * n * d
+    for label, backend in (("SDPA flash", SDPBackend.FLASH_ATTENTION),
+                           ("SDPA cuDNN", getattr(SDPBackend, "CUDNN_ATTENTION", None))):
+        if backend is None:
+            continue
+
+        def sdpa(backend=backend):
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+        results.append(_entry(label, _time(sdpa, device, budget_s=3.0), floor_s=dense / tc,
+                              flops=dense, note="compute-bound: 4·B·H·N²·d"))
+
+    # ---- SLA at 95% sparsity
+    reason = _triton.kernel_reason("sla_triton", device, dtype, q.shape)
+    opts = {"block_q": 64, "block_kv": 64, "feature_map": "softmax", "linear_over": "marginal",
+            "eps": 1e-5}
+    results.append(_entry("SLA block map (pooled scores + top-k)",
+                          _time(lambda: sla.block_indices(q, k, 64, 64, 0.05), device)))
+    if reason is None:
+        kern = _triton.load("sla_triton")
+        indices = sla.block_indices(q, k, 64, 64, 0.05)
+        nq, kk = indices.shape[-2], indices.shape[-1]
+        da, db = kern.head_pieces(d)
+        dp = da + db
+        pairs = b * h * (nq * 64) * (kk * 64)  # (query, key) pairs of the critical blocks
+        for correction in kern.CORRECTIONS:
+            # the critical blocks' share of the linear branch: φ(q)φ(K)ᵀ and ·V per pair
+            # ("output"), or φ(K)ᵀV per key, d² per key and query block ("state")
+            per_pair = 4.0 if correction == "output" else 2.0 * dp / 64
+            flops = 4.0 * pairs * dp + per_pair * pairs * dp
+            results.append(_entry(
+                f"sla_triton (topk 0.05, correction={correction})",
+                _time(lambda c=correction: kern.sla_triton_parts(q, k, v, indices, correction=c,
+                                                                 **opts), device),
+                floor_s=flops / tc, flops=flops,
+                note=f"head dim computed as {da}+{db}; dense-equivalent speed-up floor "
+                     f"{dense / flops:.1f}×",
+            ))
+        del indices
+    else:
+        results.append({"kernel": "sla_triton", "error": reason})
+
+    # ---- CLEAR flex r=8, tile vs row order
+    backend = attention.get("clear")
+    reason = backend.path_reasons(device, dtype, q.shape)["flex"]
+    if reason is None:
+        layout = clear.Layout.build(grid, 8.0)
+        for tiled in (True, False):
+            density = clear.block_density(grid, 8.0, tiled=tiled)
+            flops = dense * density
+            saved = clear.FLEX_TILE_ORDER
+            clear.FLEX_TILE_ORDER = tiled
+            try:
+                clear.clear_mask_caches()
+                started = time.perf_counter()
+                clear._cached_block_mask(layout, device, clear.flex_tile_order(layout))
+                torch.cuda.synchronize()
+                build_s = time.perf_counter() - started
+                timing = _time(lambda: backend.attend(q, k, v, grid=grid, impl="flex", radius=8.0),
+                               device)
+            finally:
+                clear.FLEX_TILE_ORDER = saved
+            results.append(_entry(
+                f"CLEAR flex r=8 ({'tile' if tiled else 'row'} order)", timing,
+                floor_s=flops / tc, flops=flops,
+                note=f"{density:.2%} of 128² tiles computed; mask build {build_s:.3f} s",
+            ))
+        clear.clear_mask_caches()
+    else:
+        results.append({"kernel": "clear flex", "error": reason})
+
+    return {
+        "environment": environment(device, sys.argv),
+        "point": {"model": model, "resolution": resolution, "batch": b, "heads": h,
+                  "tokens": n, "head_dim": d, "dtype": str(dtype)},
+        "ceilings": ceilings,
+        "kernels": results,
+        "lit_bandwidth_target": LIT_BANDWIDTH_TARGET,
+    }
+
+
+def floor_markdown(data: dict) -> str:
+    c, p = data["ceilings"], data["point"]
+    lines = [
+        f"# Kernels against their floors -- {data['environment'].get('device_name', '?')}",
+        "",
+        f"{p['model']} at {p['resolution']} px: {p['tokens']:,} tokens, {p['heads']} heads "
+        f"of {p['head_dim']}, batch {p['batch']}, {p['dtype']}.",
+        f"Measured: HBM copy bandwidth {c['hbm_bytes_per_s'] / 1e12:.2f} TB/s; dense bf16 "
+        f"matmul {c['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s ({c['matmul']}).",
+        "",
+        "| kernel | median ms | floor ms | fraction of floor | note |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for r in data["kernels"]:
+        if "error" in r:
+            lines.append(f"| {r['kernel']} | – | – | – | {r['error']} |")
+            continue
+        floor = r.get("floor_s")
+        frac = r.get("fraction_of_floor")
+        lines.append(
+            f"| {r['kernel']} | {r['median_s'] * 1e3:.3f} | "
+            f"{'–' if floor is None else f'{floor * 1e3:.3f}'} | "
+            f"{'–' if frac is None else f'{frac:.0%}'} | {r.get('note', '')} |"
+        )
+    lit = next((r for r in data["kernels"] if r["kernel"] == "lit_triton forward"), None)
+    if lit and "fraction_of_floor" in lit:
+        ok = lit["fraction_of_floor"] >= data["lit_bandwidth_target"]
+        lines += ["", f"LiT forward at {lit['fraction_of_floor']:.0%} of the measured HBM "
+                  f"bandwidth: target ≥ {data['lit_bandwidth_target']:.0%} "
+                  f"{'met' if ok else 'MISSED'}."]
+    return "\n".join(lines) + "\n"
+
+
+def targets_markdown(run_dir: Path, resolution: int = 8192) -> str:
+    """The issue's speed targets against a sweep's results (met / missed / not measured)."""
+    import pandas as pd
+
+    from attnbench.bench.cli import label
+
+    frame = pd.read_csv(run_dir / "results.csv")
+    frame = frame[(frame["resolution"] == resolution) & (frame["status"] == "ok")]
+    frame = frame.assign(label=[label(m, o if isinstance(o, str) else "")
+                                for m, o in zip(frame["method"], frame["options"], strict=True)])
+    lines = [f"# Targets at {resolution} px ({run_dir.name})", "",
+             "| level | method | latency ms | baseline | speed-up | target | verdict |",
+             "|---|---|---:|---|---:|---:|---|"]
+    for level, method, target in TARGETS:
+        rows = frame[frame["level"] == level].set_index("label")["latency_median_s"]
+        if method not in rows and ALIASES.get(method) in rows:
+            method = ALIASES[method]
+        base_name = "flash" if "flash" in rows else ("softmax" if "softmax" in rows else None)
+        if method not in rows or base_name is None:
+            missing = method if method not in rows else "flash/softmax"
+            lines.append(f"| {level} | {method} | – | – | – | ≥ {target:g}× | "
+                         f"not measured ({missing} has no ok row) |")
+            continue
+        speedup = rows[base_name] / rows[method]
+        verdict = "met" if speedup >= target else "MISSED"
+        lines.append(f"| {level} | {method} | {rows[method] * 1e3:.3f} | {base_name} "
+                     f"{rows[base_name] * 1e3:.1f} ms | {speedup:.1f}× | ≥ {target:g}× | "
+                     f"{verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m attnbench.attention.kernels.floor",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("measure", help="the kernels against their floors (CUDA)")
+    m.add_argument("--model", default="DiT-XL/2")
+    m.add_argument("--res", type=int, default=8192, help="image resolution in px")
+    m.add_argument("--dtype", default="bfloat16")
+    m.add_argument("--batch", type=int, default=1)
+    m.add_argument("--out", required=True, help="directory for floor.json and floor.md")
+    t = sub.add_parser("targets", help="the issue's speed targets against a sweep's results")
+    t.add_argument("run_dir")
+    t.add_argument("--res", type=int, default=8192)
+    args = parser.parse_args(argv)
+    if args.command == "targets":
+        run_dir = Path(args.run_dir)
+        text = targets_markdown(run_dir, args.res)
+        (run_dir / "targets.md").write_text(text)
+        print(text)
+        return 0
+    if not torch.cuda.is_available():
+        print("floor: needs a CUDA GPU (nothing to measure on CPU)", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype)
+    data = measure_kernels(args.model, args.res, dtype, args.batch)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "floor.json").write_text(json.dumps(data, indent=2, default=str))
+    text = floor_markdown(data)
+    (out / "floor.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["TARGETS", "device_ceilings", "floor_markdown", "main", "measure_kernels",
+           "targets_markdown"]
