@@ -130,9 +130,31 @@ def run(args: argparse.Namespace) -> int:
         print(summary_frame(rows).to_string(index=False))
     ok = sum(r.status == STATUS_OK for r in rows)
     print(f"\n{ok}/{len(rows)} points measured; results in {out}", file=sys.stderr)
+    if args.quality:
+        _quality_stage(args, out, device)
     if not getattr(args, "no_report", False):
         _write_report(out)
     return 0
+
+
+def _quality_stage(args: argparse.Namespace, out: Path, device: torch.device) -> None:
+    """Quality rows beside the speed rows: ``eval`` of each ``--quality-ckpt`` into ``out``.
+
+    With no checkpoint given, the shipped teacher is evaluated. Sampling defaults are
+    cheap on CPU (64 samples, 50 DDPM steps) and DiT's protocol on a GPU (250 steps);
+    each row records the settings it was made with.
+    """
+    from ..metrics.quality import EvalConfig, evaluate, parse_metrics
+    from ..metrics.sample import SampleSettings
+
+    gpu = device.type == "cuda"
+    settings = SampleSettings(num=args.quality_num or (1000 if gpu else 64),
+                              steps=args.quality_steps or (250 if gpu else 50))
+    config = EvalConfig(metrics=parse_metrics(args.quality), sampling=settings,
+                        device=str(device), fidelity_num=min(64, settings.num))
+    for ckpt in args.quality_ckpt or [None]:
+        evaluate(ckpt, config, out, teacher=args.teacher, argv=["python", "-m", "attnbench",
+                 *args.argv], progress=not args.no_progress)
 
 
 def _write_report(out: Path) -> None:
@@ -201,6 +223,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", help="run directory (default reports/runs/<timestamp>/); "
                    "an existing one resumes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--quality", metavar="METRICS",
+                   help="also write quality rows: fid,geneval,fidelity (see python -m attnbench "
+                   "eval); of each --quality-ckpt, or of the shipped teacher")
+    p.add_argument("--quality-ckpt", action="append", metavar="CKPT",
+                   help="a model (e.g. a distilled student) to evaluate; repeatable")
+    p.add_argument("--teacher", help="teacher for the fidelity metrics (default: the shipped one)")
+    p.add_argument("--quality-num", type=int, help="samples per model (default GPU 1000, CPU 64)")
+    p.add_argument("--quality-steps", type=int,
+                   help="DDPM steps (default GPU 250 = DiT's protocol, CPU 50)")
     p.add_argument("--no-report", action="store_true",
                    help="do not write report.md / report.html into the run directory")
     p.set_defaults(func=run)
