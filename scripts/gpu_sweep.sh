@@ -42,7 +42,7 @@
 # HBM copy ~3.0 TB/s, bf16 matmul ~600-750 TFLOP/s; at 8192 px (262,144 tokens, 16 heads
 # of 72) q, k, v, out are 2.42 GB, so the LiT floor is ~0.8 ms, while SDPA flash needs
 # ~316 TFLOP (~0.5-0.8 s): LiT ≥ 200× holds from ~50% of the bandwidth on. SLA at 95%
-# computes ~9% of the dense FLOPs in this kernel (64+16 head pieces, ΔS correction): ≤ ~11×
+# computes ~11% of the dense FLOPs in this kernel (64+16 head pieces, output-space correction): ≤ ~9×
 # at flash's efficiency. CLEAR r=8 in tile order computes ~1-2% of the 128² tiles.
 set -euo pipefail
 cd "$(dirname "$0")/.."

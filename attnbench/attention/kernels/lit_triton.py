@@ -23,9 +23,14 @@ padded dim), far below the tensor-core ridge of an H100 at d = 64 or 72, so
 the kernel is bound by memory bandwidth (:mod:`.floor` measures both).
 
 Precision: ``φ(k)ᵀv`` runs on the tensor cores in the input dtype (ReLU of a
-half value is exact) with float32 accumulation; the readout ``φ(q)·S`` keeps S
-in float32 (TF32 operands for half inputs -- exact for the bf16/fp16 ``φ(q)``,
-2⁻¹¹ relative on S; IEEE float32 for float32 inputs).
+half value is exact; other feature maps, used by SLA, are rounded to it) with
+float32 accumulation; the readout ``φ(q)·S`` keeps S in float32 (TF32 operands
+for half inputs -- exact for the bf16/fp16 ``φ(q)``, 2⁻¹¹ relative on S; IEEE
+float32 for float32 inputs).
+
+Compiled for sm_90 without a GPU (triton 3.9, bf16, d = 72 → 3 tiles of 32):
+no register spills for the 8-warp configs of any kernel here; the autotuner
+picks BLOCK_N/BLOCK_M, warps and stages per shape.
 
 Backward (a ``torch.autograd.Function``, all Triton, for distillation): with
 ``w_i = 1/den_i`` and ``g_i = −(dO_i·O_i)/den_i`` (``_bwd_pre_kernel``),
@@ -148,18 +153,23 @@ _STATE_CONFIGS = [
 ]
 
 
-@_autotune(_STATE_CONFIGS, key=["D", "T", "CHUNK", "FEATURE", "HAS_W", "F32_DOT"])
+@_autotune(_STATE_CONFIGS, key=["D", "T", "CHUNK", "SDIM", "FEATURE", "HAS_W", "F32_DOT"])
 @triton.jit
 def _state_kernel(
     A, B, W, U, S_part, Z_part,
-    H, N, D, CHUNK, T,
+    H, N, D, CHUNK, T, SDIM, SBLK, ZBLK,
     sa_b, sa_h, sa_n, sb_b, sb_h, sb_n,
     FEATURE: tl.constexpr, HAS_W: tl.constexpr, HAS_U: tl.constexpr,
     F32_DOT: tl.constexpr, PREC: tl.constexpr, BD: tl.constexpr, DROW: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Partial ``S[tk, tv] = Σ φ(A[:, tk])ᵀ (W ⊙ B[:, tv])`` and ``z[tk] = Σ U ⊙ φ(A[:, tk])``
-    over one split of the tokens of one (batch, head)."""
+    over one split of the tokens of one (batch, head).
+
+    Split ``(bh, split)`` stores its state at ``S_part + (bh·splits + split)·SBLK`` as
+    ``SDIM×SDIM`` (row stride SDIM: the padded T·BD, or d for compact per-block
+    states) and its normaliser at ``Z_part + (bh·splits + split)·ZBLK``.
+    """
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     split = tl.program_id(2)
@@ -208,11 +218,13 @@ def _state_kernel(
             acc = tl.dot(tl.trans(fa), bt.to(tl.float32), acc, input_precision=PREC)
         else:  # half inputs: φ(a) rounded to the input dtype (exact for ReLU)
             acc = tl.dot(tl.trans(fa.to(bt.dtype)), bt, acc)
-    dp = T * BD
     base = (bh * n_split + split).to(tl.int64)
-    tl.store(S_part + base * dp * dp + offs_k[:, None] * dp + offs_v[None, :], acc)
+    s_ok = (offs_k < SDIM)[:, None] & (offs_v < SDIM)[None, :]
+    tl.store(S_part + base * SBLK + offs_k[:, None] * SDIM + offs_v[None, :],
+             acc.to(S_part.dtype.element_ty), mask=s_ok)
     first = (tl.full([BD], 0, dtype=tl.int32) + tv) == 0  # one program per tk stores z
-    tl.store(Z_part + base * dp + offs_k, zacc, mask=first)
+    tl.store(Z_part + base * ZBLK + offs_k, zacc.to(Z_part.dtype.element_ty),
+             mask=first & (offs_k < SDIM))
 
 
 _READOUT_CONFIGS = [
@@ -368,6 +380,22 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _launch_state(a, b, s_part, z_part, splits, chunk, sdim, sblk, zblk, bd, feature, w, u):
+    bsz, heads, n, d = a.shape
+    t = cdiv(d, bd)
+    if bsz * heads > 65535 or splits > 65535:
+        raise ValueError(
+            f"batch × heads = {bsz * heads} or {splits} splits exceed the kernel grid (65535)"
+        )
+    _state_kernel[(t * t, bsz * heads, splits)](
+        a, b, w if w is not None else s_part, u if u is not None else s_part, s_part, z_part,
+        heads, n, d, chunk, t, sdim, sblk, zblk, *_strides(a), *_strides(b),
+        FEATURE=FEATURES[feature], HAS_W=w is not None, HAS_U=u is not None,
+        F32_DOT=a.dtype == torch.float32 or w is not None, PREC=dot_precision(a.dtype), BD=bd,
+        DROW=max(16, next_pow2(d)), **_meta("state"),
+    )  # fmt: skip
+
+
 def linear_state(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -387,25 +415,32 @@ def linear_state(
     """
     bsz, heads, n, d = a.shape
     bd = tile or head_tile(d)
-    t = cdiv(d, bd)
+    dp = cdiv(d, bd) * bd
     bh = bsz * heads
-    if bh > 65535:
-        raise ValueError(f"batch × heads = {bh} exceeds the kernel grid (65535)")
-    n_split, chunk = split_plan(n, bh * t * t, a.device, splits)
-    dp = t * bd
+    n_split, chunk = split_plan(n, bh * cdiv(d, bd) ** 2, a.device, splits)
     s_part = torch.empty(bh, n_split, dp, dp, dtype=torch.float32, device=a.device)
     z_part = torch.empty(bh, n_split, dp, dtype=torch.float32, device=a.device)
-    f32_dot = a.dtype == torch.float32 or w is not None
-    _state_kernel[(t * t, bh, n_split)](
-        a, b, w if w is not None else s_part, u if u is not None else s_part, s_part, z_part,
-        heads, n, d, chunk, t, *_strides(a), *_strides(b),
-        FEATURE=FEATURES[feature], HAS_W=w is not None, HAS_U=u is not None,
-        F32_DOT=f32_dot, PREC=dot_precision(a.dtype), BD=bd, DROW=max(16, next_pow2(d)),
-        **_meta("state"),
-    )  # fmt: skip
+    _launch_state(a, b, s_part, z_part, n_split, chunk, dp, dp * dp, dp, bd, feature, w, u)
     if n_split == 1:
         return s_part[:, 0], z_part[:, 0], bd
     return s_part.sum(dim=1), z_part.sum(dim=1), bd
+
+
+def block_states(
+    a: torch.Tensor, b: torch.Tensor, *, feature: str, block: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Per block of ``block`` tokens, ``[h_j | z_j]``: ``[B·H, blocks, d·d + d]`` in ``dtype``.
+
+    ``h_j = Σ_{n∈j} φ(a_n)ᵀ b_n`` (row-major d×d) followed by ``z_j = Σ_{n∈j} φ(a_n)``,
+    side by side so that one batched matmul sums both over any set of blocks
+    (SLA's "gemm" correction). Float32 accumulation, stored in ``dtype``.
+    """
+    bsz, heads, n, d = a.shape
+    blocks = cdiv(n, block)
+    out = torch.empty(bsz * heads, blocks, d * d + d, dtype=dtype, device=a.device)
+    _launch_state(a, b, out, out[..., d * d :], blocks, block, d, d * d + d, d * d + d,
+                  head_tile(d), feature, None, None)
+    return out
 
 
 def _readout(q, state, normaliser, bd, eps, need_den):

@@ -1,19 +1,28 @@
 """SLA's forward as one Triton kernel: block-sparse softmax + the marginal linear branch.
 
 Per (query block, batch·head) program, over the ``kk`` critical KV blocks of the
-shared :func:`attnbench.attention.sla.block_indices` (the LUT):
+shared :func:`attnbench.attention.sla.block_indices` (the LUT), in one pass:
 
 * ``O_s``: FlashAttention-style online softmax over the critical blocks only
   (``exp2`` with the scale folded in; a partial last block is masked);
-* ``O_l`` (``linear_over="marginal"``): "total minus selected" -- while a
-  critical block's K and V are on chip, the program also accumulates
-  ``ΔS = Σ_sel φ(K_j)ᵀV_j`` and ``Δz = Σ_sel φ(K_j)``; at the end
-  ``O_l = φ(q)(S − ΔS) / (φ(q)(z − Δz) + eps)`` with the total state ``S, z`` built
-  once per (batch, head) by :func:`.lit_triton.linear_state` (the same state
-  kernel as LiT's, here with SLA's feature map). No per-block state is stored,
-  so the workspace is O(B·H·d²). ``linear_over="all"`` skips ΔS; when every
-  block is critical the branch is skipped and ``O_l = 0`` exactly (as the
-  gather path does).
+* ``O_l`` (``linear_over="marginal"``): "total minus selected". The total
+  state ``S = Σ_all φ(K_j)ᵀV_j``, ``z = Σ_all φ(K_j)`` is built once per (batch,
+  head) by :func:`.lit_triton.linear_state` (LiT's state kernel, here with
+  SLA's feature map); while a critical block's K and V are on chip, the
+  program takes that block's share out, in one of two ways (``correction``):
+
+  - ``"output"`` (default): ``W = φ(q)φ(K_j)ᵀ`` and ``W·V_j``, ``rowsum(W)``
+    accumulated in output space, ``O_l = (φ(q)S − ΣWV) / (φ(q)z − ΣW + eps)``.
+    Every dot has the query block's 64 rows (wgmma-friendly); 4·bq·bkv·D FLOPs
+    per block, as much again as the sparse attention's.
+  - ``"state"``: ``ΔS = Σ_sel φ(K_j)ᵀV_j``, ``Δz`` accumulated in registers,
+    ``O_l = φ(q)(S − ΔS) / (φ(q)(z − Δz) + eps)``: 2·bkv·D² FLOPs per block
+    (62% of the sparse attention's at D = 80, bq = 64), but a D×D fp32
+    accumulator and dots with 16-row pieces (more registers: see below).
+
+  No per-block state is stored: the workspace is O(B·H·d²).
+  ``linear_over="all"`` takes nothing out; when every block is critical the
+  branch is skipped and ``O_l = 0`` exactly (as the gather path does).
 
 Both parts are written separately (``SLAMixer`` applies ``proj_l`` to ``O_l``).
 
@@ -22,15 +31,17 @@ padded to 16, so the dots run at 80, not 128); d ≤ 128. Block sizes are padded
 to powers of 2 (≥ 16) with masks, so any ``block_q``/``block_kv`` works; 64 (the
 default) wastes nothing.
 
-Precision: ``QKᵀ`` and ``PV`` on the tensor cores in the input dtype with
-float32 accumulation (IEEE float32 dots for float32 inputs). The feature-map
-dots (``φ(K)ᵀV``, ``φ(q)S``) take float32 operands (TF32 for half inputs) except
-ReLU on half inputs, whose φ is exact in the input dtype -- the same rule as
-the state kernel, so ``S − ΔS`` subtracts identically rounded terms.
+Precision: ``QKᵀ``, ``PV`` and the correction's dots run on the tensor cores
+in the input dtype with float32 accumulation, φ(K) rounded to the input dtype
+exactly as the state kernel rounds it (so the subtraction removes identically
+rounded terms); the readout ``φ(q)S`` keeps S in float32 (TF32 operands for
+half inputs). Float32 inputs use IEEE float32 dots throughout (correct but
+slow on GPU: ptxas spills heavily -- float32 is for tests, bf16 is the target).
 
-Cost per query block: ``kk·(4·bq·bkv·D + 2·bkv·D²)`` FLOPs (D = the padded
-pieces, 80 at d = 72) -- the ΔS term adds ``D/(2·bq)`` ≈ 62% to the sparse
-attention's -- and ``kk·bkv·d·2·s`` bytes of K and V, largely from L2.
+Compiled for sm_90 (triton 3.9, checked without a GPU), DiT-XL/2 shapes
+(d = 72, 64×64 blocks, bf16): 8 warps, no spills for ``"output"``; ``"state"``
+spills ~300 B/thread; 4-warp configs spill either way. The autotuner picks
+among 4/8 warps × 2/3 stages per shape.
 
 Forward only (``differentiable=False`` in the registry): training uses the
 pure-torch ``gather`` path.
@@ -43,13 +54,13 @@ import triton
 import triton.language as tl
 
 from ._triton import as_bhnd, cdiv, interpret_requested, next_pow2
-from .lit_triton import FEATURES, _phi, _rmax, _rsum, dot_precision, linear_state
+from .lit_triton import FEATURES, _phi, _rmax, _rsum, block_states, dot_precision, linear_state
 
 INTERPRETED = interpret_requested()
 MAX_HEAD_DIM = 128
 #: how the kernel takes the critical blocks out of the total linear state (module docstring)
-CORRECTIONS = ("output", "state")
-CORRECTION = "output"
+CORRECTIONS = ("output", "state", "gemm")
+CORRECTION = "gemm"
 
 
 def _autotune(configs, key):
@@ -103,22 +114,24 @@ def _phi2(xa, xb, va, vb, FEATURE: tl.constexpr, AXIS: tl.constexpr, HAS_B: tl.c
 _CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
 
 
-@_autotune(_CONFIGS, key=["D", "KK", "BQ", "BKV", "FEATURE", "LINEAR", "STATE_CORRECTION"])
+@_autotune(_CONFIGS, key=["D", "KK", "BQ", "BKV", "FEATURE", "LINEAR", "CORR"])
 @triton.jit
 def _sla_kernel(
-    Q, K, V, LUT, S, Z, OS, OL,
-    H, N, D, KK, NQ, block_q, block_kv, DP, qk_scale, eps,
+    Q, K, V, LUT, S, Z, DS, DZ, OS, OL,
+    H, N, D, KK, NQ, block_q, block_kv, DP, DSTRIDE, qk_scale, eps,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
     FEATURE: tl.constexpr, LINEAR: tl.constexpr, F32_DOT: tl.constexpr, PREC: tl.constexpr,
     DA: tl.constexpr, DB: tl.constexpr, HAS_B: tl.constexpr, BQ: tl.constexpr,
-    BKV: tl.constexpr, STATE_CORRECTION: tl.constexpr,
+    BKV: tl.constexpr, CORR: tl.constexpr,
 ):  # fmt: skip
     """One query block of one (batch, head): ``O_s`` and ``O_l`` (module docstring).
 
     ``LINEAR``: 0 none (``O_l`` left to the caller), 1 marginal, 2 all tokens.
     ``qk_scale`` = log2(e)/√d. ``S``/``Z``: the total state, row stride ``DP``.
     ``HAS_B``: the head dim has a second piece of ``DB`` columns (else DB is a
-    placeholder size and every ``*_b`` tensor is unused).
+    placeholder size and every ``*_b`` tensor is unused). ``CORR`` (marginal
+    only): 0 "output", 1 "state", 2 "gemm" -- ΔS (d×d) and Δz (d) of this query
+    block read from ``DS``/``DZ`` + (bh·NQ + block)·``DSTRIDE``.
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -151,14 +164,14 @@ def _sla_kernel(
     acc_a = tl.full([BQ, DA], 0.0, dtype=tl.float32)
     acc_b = tl.full([BQ, DB], 0.0, dtype=tl.float32)
     if LINEAR == 1:
-        if STATE_CORRECTION:  # ΔS = Σ_sel φ(K_j)ᵀV_j, Δz = Σ_sel φ(K_j)
+        if CORR == 1:  # ΔS = Σ_sel φ(K_j)ᵀV_j, Δz = Σ_sel φ(K_j)
             ds_aa = tl.full([DA, DA], 0.0, dtype=tl.float32)
             ds_ab = tl.full([DA, DB], 0.0, dtype=tl.float32)
             ds_ba = tl.full([DB, DA], 0.0, dtype=tl.float32)
             ds_bb = tl.full([DB, DB], 0.0, dtype=tl.float32)
             dz_a = tl.full([DA], 0.0, dtype=tl.float32)
             dz_b = tl.full([DB], 0.0, dtype=tl.float32)
-        else:  # Σ_sel (φ(q)φ(K_j)ᵀ) V_j and its row sums, in output space
+        elif CORR == 0:  # Σ_sel (φ(q)φ(K_j)ᵀ) V_j and its row sums, in output space
             fqa, fqb = _phi2(qa.to(tl.float32), qb.to(tl.float32), m_ok[:, None] & a_ok[None, :],
                              m_ok[:, None] & b_ok[None, :], FEATURE, 1, HAS_B)
             if not F32_DOT:
@@ -198,13 +211,13 @@ def _sla_kernel(
         if HAS_B:
             acc_b = tl.dot(p.to(vb.dtype), vb, acc_b * alpha[:, None], input_precision=PREC)
         m_i = m_new
-        if LINEAR == 1:  # the critical block's share of the linear branch, to subtract
+        if LINEAR == 1 and CORR < 2:  # the critical block's share of the linear branch
             fka, fkb = _phi2(kta.to(tl.float32), ktb.to(tl.float32), kt_ok_a, kt_ok_b,
                              FEATURE, 0, HAS_B)  # φ over the head dim: axis 0 of Kᵀ
             if not F32_DOT:  # rounded as the state kernel rounds φ(K)
                 fka = fka.to(va.dtype)
                 fkb = fkb.to(va.dtype)
-            if STATE_CORRECTION:
+            if CORR == 1:
                 dz_a += _rsum(fka.to(tl.float32), 1)
                 ds_aa = tl.dot(fka, va.to(fka.dtype), ds_aa, input_precision=PREC)
                 if HAS_B:
@@ -238,35 +251,47 @@ def _sla_kernel(
                          m_ok[:, None] & b_ok[None, :], FEATURE, 1, HAS_B)
         z_a = tl.load(z_ptr + offs_a, mask=a_ok, other=0.0)
         if LINEAR == 1:
-            if STATE_CORRECTION:
+            if CORR == 1:
                 z_a -= dz_a
+            if CORR == 2:
+                ds_ptr = DS + (bh.to(tl.int64) * NQ + pid_m) * DSTRIDE
+                dz_ptr = DZ + (bh.to(tl.int64) * NQ + pid_m) * DSTRIDE
+                z_a -= tl.load(dz_ptr + offs_a, mask=a_ok, other=0.0).to(tl.float32)
         den = _rsum(fqa * z_a[None, :], 1)
         if HAS_B:
             z_b = tl.load(z_ptr + offs_b, mask=b_ok, other=0.0)
             if LINEAR == 1:
-                if STATE_CORRECTION:
+                if CORR == 1:
                     z_b -= dz_b
+                if CORR == 2:
+                    z_b -= tl.load(dz_ptr + offs_b, mask=b_ok, other=0.0).to(tl.float32)
             den += _rsum(fqb * z_b[None, :], 1)
         if LINEAR == 1:
-            if not STATE_CORRECTION:
+            if CORR == 0:
                 den -= corr_den
         den = den + eps
 
         s_aa = tl.load(s_ptr + offs_a[:, None] * DP + offs_a[None, :],
                        mask=a_ok[:, None] & a_ok[None, :], other=0.0)
         if LINEAR == 1:
-            if STATE_CORRECTION:
+            if CORR == 1:
                 s_aa -= ds_aa
+            if CORR == 2:
+                s_aa -= tl.load(ds_ptr + offs_a[:, None] * D + offs_a[None, :],
+                                mask=a_ok[:, None] & a_ok[None, :], other=0.0).to(tl.float32)
         num_a = tl.dot(fqa, s_aa, input_precision=PREC)
         if HAS_B:
             s_ba = tl.load(s_ptr + offs_b[:, None] * DP + offs_a[None, :],
                            mask=b_ok[:, None] & a_ok[None, :], other=0.0)
             if LINEAR == 1:
-                if STATE_CORRECTION:
+                if CORR == 1:
                     s_ba -= ds_ba
+                if CORR == 2:
+                    s_ba -= tl.load(ds_ptr + offs_b[:, None] * D + offs_a[None, :],
+                                    mask=b_ok[:, None] & a_ok[None, :], other=0.0).to(tl.float32)
             num_a = tl.dot(fqb, s_ba, num_a, input_precision=PREC)
         if LINEAR == 1:
-            if not STATE_CORRECTION:
+            if CORR == 0:
                 num_a -= corr_a
         tl.store(OL + o_ptr + offs_a[None, :], (num_a / den[:, None]).to(OL.dtype.element_ty),
                  mask=out_a)
@@ -276,16 +301,41 @@ def _sla_kernel(
             s_bb = tl.load(s_ptr + offs_b[:, None] * DP + offs_b[None, :],
                            mask=b_ok[:, None] & b_ok[None, :], other=0.0)
             if LINEAR == 1:
-                if STATE_CORRECTION:
+                if CORR == 1:
                     s_ab -= ds_ab
                     s_bb -= ds_bb
+                if CORR == 2:
+                    s_ab -= tl.load(ds_ptr + offs_a[:, None] * D + offs_b[None, :],
+                                    mask=a_ok[:, None] & b_ok[None, :], other=0.0).to(tl.float32)
+                    s_bb -= tl.load(ds_ptr + offs_b[:, None] * D + offs_b[None, :],
+                                    mask=b_ok[:, None] & b_ok[None, :], other=0.0).to(tl.float32)
             num_b = tl.dot(fqa, s_ab, input_precision=PREC)
             num_b = tl.dot(fqb, s_bb, num_b, input_precision=PREC)
             if LINEAR == 1:
-                if not STATE_CORRECTION:
+                if CORR == 0:
                     num_b -= corr_b
             tl.store(OL + o_ptr + offs_b[None, :],
                      (num_b / den[:, None]).to(OL.dtype.element_ty), mask=out_b)
+
+def gemm_corrections(k, v, lut, kv_blocks: int, feature_map: str, block_kv: int) -> torch.Tensor:
+    """``[ΔS_i | Δz_i]`` per query block: ``[B·H, nq, d·d + d]``, the critical blocks' share.
+
+    Per-block states ``[h_j | z_j]`` (:func:`.lit_triton.block_states`, one pass
+    over K and V) summed over each query block's critical blocks by one batched
+    matmul with the 0/1 selection map: ``2·nq·nk·(d² + d)`` FLOPs per (batch,
+    head) on the tensor cores -- at 95% sparsity about 16% of the sparse
+    attention's, against 100% for "output". bfloat16 operands for half inputs
+    (the map is exact; h_j rounds to 2⁻⁹ of a share that is a few % of the
+    state), float32 for float32 inputs.
+    """
+    bsz, heads, n, d = k.shape
+    dtype = torch.float32 if k.dtype == torch.float32 else torch.bfloat16
+    states = block_states(k, v, feature=feature_map, block=block_kv, dtype=dtype)
+    bh, nq, kk = bsz * heads, lut.shape[-2], lut.shape[-1]
+    selected = torch.zeros(bh, nq, kv_blocks, dtype=dtype, device=k.device)
+    selected.scatter_(2, lut.view(bh, nq, kk).long(), 1.0)
+    return torch.bmm(selected, states)
+
 
 def sla_triton_parts(
     q: torch.Tensor,
@@ -330,16 +380,19 @@ def sla_triton_parts(
     else:
         state = normaliser = o_s  # unused
         dp = 1
+    corrections = o_s  # unused unless "gemm"
+    if linear == 1 and correction == "gemm":
+        corrections = gemm_corrections(k, v, lut, nk, feature_map, block_kv)
     bq, bkv = max(16, next_pow2(block_q)), max(16, next_pow2(block_kv))
     f32_dot = q.dtype == torch.float32
     qk_scale = 1.4426950408889634 / d**0.5
     _sla_kernel[(nq, bsz * heads)](
-        q, k, v, lut, state, normaliser, o_s, o_l,
-        heads, n, d, kk, nq, block_q, block_kv, dp, qk_scale, float(eps),
+        q, k, v, lut, state, normaliser, corrections, corrections[..., d * d :], o_s, o_l,
+        heads, n, d, kk, nq, block_q, block_kv, dp, d * d + d, qk_scale, float(eps),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o_s.stride(0), o_s.stride(1), o_s.stride(2),
         FEATURE=FEATURES[feature_map], LINEAR=linear, F32_DOT=f32_dot,
         PREC=dot_precision(q.dtype), DA=da, DB=db or 16, HAS_B=db > 0, BQ=bq, BKV=bkv,
-        STATE_CORRECTION=correction == "state",
+        CORR=CORRECTIONS.index(correction),
     )  # fmt: skip
     return o_s, o_l
