@@ -380,7 +380,8 @@ def test_invalid_options_raise(given, message, gen):
 def test_describe_and_paths():
     info = SLA.describe()
     assert info["paper"] == "Zhang et al., SLA, arXiv 2509.24006"
-    assert info["implementations"] == ["reference", "gather"]
+    # the Triton kernel first (preferred where it runs), the pure-torch paths after it
+    assert info["implementations"] == ["reference", "triton", "gather"]
     defaults = {o["name"]: o["default"] for o in info["options"]}
     assert defaults == {
         "topk": 0.05,
