@@ -41,9 +41,10 @@
 # What to expect on an H100 SXM (estimates from the models, to be replaced by the run):
 # HBM copy ~3.0 TB/s, bf16 matmul ~600-750 TFLOP/s; at 8192 px (262,144 tokens, 16 heads
 # of 72) q, k, v, out are 2.42 GB, so the LiT floor is ~0.8 ms, while SDPA flash needs
-# ~316 TFLOP (~0.5-0.8 s): LiT ≥ 200× holds from ~50% of the bandwidth on. SLA at 95%
-# computes ~11% of the dense FLOPs in this kernel (64+16 head pieces, output-space correction): ≤ ~9×
-# at flash's efficiency. CLEAR r=8 in tile order computes ~1-2% of the 128² tiles.
+# ~316 TFLOP (~0.5-0.8 s): LiT ≥ 200× holds from ~35% of the bandwidth on. SLA at 95%
+# computes ~6.4% of the dense FLOPs (64+16 head pieces, "gemm" correction): ≤ ~15×
+# at flash's efficiency. CLEAR r=8 at 512×512 computes 0.43% of the 128² tiles in tile order
+# (1.65% against 5.77% row-major at 256×256): ≥ 50× needs flex at ~25% of flash's FLOP rate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

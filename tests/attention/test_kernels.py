@@ -168,7 +168,7 @@ def _sla_case(gen, b, h, n, d, bq, bkv, topk, dtype, **opts):
 
 
 @needs_triton
-@pytest.mark.parametrize("correction", ["output", "state"])
+@pytest.mark.parametrize("correction", ["gemm", "output", "state"])
 @pytest.mark.parametrize("linear_over", ["marginal", "all"])
 @pytest.mark.parametrize("feature_map", ["softmax", "relu", "elu"])
 def test_sla_parts_match_the_reference(kernels, feature_map, linear_over, correction, gen):

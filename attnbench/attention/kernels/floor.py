@@ -189,11 +189,17 @@ def measure_kernels(model: str, resolution: int, dtype: torch.dtype, batch: int 
         da, db = kern.head_pieces(d)
         dp = da + db
         pairs = b * h * (nq * 64) * (kk * 64)  # (query, key) pairs of the critical blocks
+        nk = -(-n // 64)
         for correction in kern.CORRECTIONS:
             # the critical blocks' share of the linear branch: φ(q)φ(K)ᵀ and ·V per pair
-            # ("output"), or φ(K)ᵀV per key, d² per key and query block ("state")
-            per_pair = 4.0 if correction == "output" else 2.0 * dp / 64
-            flops = 4.0 * pairs * dp + per_pair * pairs * dp
+            # ("output"), φ(K)ᵀV per key and query block ("state"), or the selection map
+            # times the per-block states ("gemm", on cuBLAS)
+            extra = {
+                "output": 4.0 * pairs * dp,
+                "state": 2.0 * dp * dp * pairs / 64,
+                "gemm": 2.0 * b * h * nq * nk * (d * d + d),
+            }[correction]
+            flops = 4.0 * pairs * dp + extra
             results.append(_entry(
                 f"sla_triton (topk 0.05, correction={correction})",
                 _time(lambda c=correction: kern.sla_triton_parts(q, k, v, indices, correction=c,

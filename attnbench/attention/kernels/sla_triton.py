@@ -9,16 +9,24 @@ shared :func:`attnbench.attention.sla.block_indices` (the LUT), in one pass:
   state ``S = Σ_all φ(K_j)ᵀV_j``, ``z = Σ_all φ(K_j)`` is built once per (batch,
   head) by :func:`.lit_triton.linear_state` (LiT's state kernel, here with
   SLA's feature map); while a critical block's K and V are on chip, the
-  program takes that block's share out, in one of two ways (``correction``):
+  share of the critical blocks is taken out in one of three ways (``correction``):
 
-  - ``"output"`` (default): ``W = φ(q)φ(K_j)ᵀ`` and ``W·V_j``, ``rowsum(W)``
-    accumulated in output space, ``O_l = (φ(q)S − ΣWV) / (φ(q)z − ΣW + eps)``.
-    Every dot has the query block's 64 rows (wgmma-friendly); 4·bq·bkv·D FLOPs
-    per block, as much again as the sparse attention's.
-  - ``"state"``: ``ΔS = Σ_sel φ(K_j)ᵀV_j``, ``Δz`` accumulated in registers,
-    ``O_l = φ(q)(S − ΔS) / (φ(q)(z − Δz) + eps)``: 2·bkv·D² FLOPs per block
-    (62% of the sparse attention's at D = 80, bq = 64), but a D×D fp32
-    accumulator and dots with 16-row pieces (more registers: see below).
+  - ``"gemm"`` (default): per-block states ``[h_j | z_j]`` from one more pass
+    of the state kernel over K and V, summed over each query block's critical
+    blocks by one batched matmul with the 0/1 selection map
+    (:func:`gemm_corrections`, ``2·nq·nk·(d²+d)`` FLOPs per head: 16% of the
+    sparse attention's at 95% sparsity, on cuBLAS); the kernel reads its
+    ``ΔS_i, Δz_i`` once and computes ``O_l = φ(q)(S − ΔS_i) / (φ(q)(z − Δz_i) + eps)``.
+    Nothing extra in the inner loop. Workspace ``B·H·(nq·nk + (nk + nq)·(d²+d))``
+    half floats (1.9 GB at DiT-XL/2 8192 px); h_j and ΔS_i are bfloat16 for half
+    inputs (a 2⁻⁹ rounding of a share that is a few % of the state).
+  - ``"output"``: in the loop, ``W = φ(q)φ(K_j)ᵀ`` and ``W·V_j``, ``rowsum(W)``
+    accumulated in output space, ``O_l = (φ(q)S − ΣWV) / (φ(q)z − ΣW + eps)``;
+    every dot has the query block's 64 rows; 4·bq·bkv·D FLOPs per block, as
+    much again as the sparse attention's. No workspace.
+  - ``"state"``: in the loop, ``ΔS = Σ_sel φ(K_j)ᵀV_j``, ``Δz`` accumulated in
+    registers: 2·bkv·D² FLOPs per block (62% of the sparse attention's at
+    D = 80, bq = 64), but a D×D fp32 accumulator and 16-row dot pieces.
 
   No per-block state is stored: the workspace is O(B·H·d²).
   ``linear_over="all"`` takes nothing out; when every block is critical the
@@ -39,8 +47,9 @@ half inputs). Float32 inputs use IEEE float32 dots throughout (correct but
 slow on GPU: ptxas spills heavily -- float32 is for tests, bf16 is the target).
 
 Compiled for sm_90 (triton 3.9, checked without a GPU), DiT-XL/2 shapes
-(d = 72, 64×64 blocks, bf16): 8 warps, no spills for ``"output"``; ``"state"``
-spills ~300 B/thread; 4-warp configs spill either way. The autotuner picks
+(d = 72, 64×64 blocks, bf16, 8 warps): the sparse loop spills nothing in any
+mode ("output": 252 registers); "gemm" spills ~60 B/thread in the epilogue
+only, "state" ~70 B in the loop; 4-warp configs spill. The autotuner picks
 among 4/8 warps × 2/3 stages per shape.
 
 Forward only (``differentiable=False`` in the registry): training uses the
@@ -328,7 +337,7 @@ def gemm_corrections(k, v, lut, kv_blocks: int, feature_map: str, block_kv: int)
     (the map is exact; h_j rounds to 2⁻⁹ of a share that is a few % of the
     state), float32 for float32 inputs.
     """
-    bsz, heads, n, d = k.shape
+    bsz, heads = k.shape[:2]
     dtype = torch.float32 if k.dtype == torch.float32 else torch.bfloat16
     states = block_states(k, v, feature=feature_map, block=block_kv, dtype=dtype)
     bh, nq, kk = bsz * heads, lut.shape[-2], lut.shape[-1]
