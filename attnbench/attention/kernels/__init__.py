@@ -4,6 +4,8 @@
   ``TRITON_INTERPRET=1``?) and the lazy loader the registry uses;
 * :mod:`.lit_triton` -- LiT's linear attention, forward and backward;
 * :mod:`.sla_triton` -- SLA's block-sparse + linear forward in one kernel;
+* :mod:`.compile_check` -- every autotuning config compiled for sm_90/sm_80 without
+  a GPU: compile errors, registers, spills;
 * :mod:`.floor` -- the kernels against their bandwidth / tensor-core floors on a
   GPU, and the issue's speed targets (``python -m attnbench.attention.kernels.floor``).
 """

@@ -108,8 +108,20 @@ def split_plan(tokens: int, programs: int, device: torch.device, splits: int | N
 # builtins; the combine functions below are triton's own, which the
 # interpreter recognises and runs in NumPy.
 
-_SUM_COMBINE = tl.standard._sum_combine
-_MAX_COMBINE = tl.standard._elementwise_max
+
+
+@triton.jit
+def _add(a, b):  # fallbacks for a triton without the combine functions below
+    return a + b
+
+
+@triton.jit
+def _maximum(a, b):
+    return tl.maximum(a, b)
+
+
+_SUM_COMBINE = getattr(tl.standard, "_sum_combine", _add)
+_MAX_COMBINE = getattr(tl.standard, "_elementwise_max", _maximum)
 
 
 @triton.jit
