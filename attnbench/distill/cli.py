@@ -42,7 +42,7 @@ def _steps_spec(text: str) -> int | str:
 
 
 def _add_training_flags(p: argparse.ArgumentParser, *, steps: int, batch: int, lr: float,
-                        ema: float, warmup: int) -> None:
+                        ema: float, warmup: int, schedule: str = "constant") -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=_positive_int, default=steps, help=f"steps (default {steps})")
     g.add_argument("--batch-size", type=_positive_int, default=batch,
@@ -51,6 +51,8 @@ def _add_training_flags(p: argparse.ArgumentParser, *, steps: int, batch: int, l
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--warmup-steps", type=_non_negative_int, default=warmup,
                    help=f"linear learning-rate warm-up (default {warmup})")
+    g.add_argument("--lr-schedule", choices=("constant", "cosine"), default=schedule,
+                   help=f"after the warm-up: constant, or cosine decay to 0 (default {schedule})")
     g.add_argument("--ema-decay", type=float, default=ema,
                    help=f"EMA decay, warmed up as min(decay, (1+s)/(10+s)) (default {ema})")
     g.add_argument("--grad-clip", type=float, default=1.0,
@@ -87,6 +89,7 @@ def _train_config(args: argparse.Namespace):
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+        lr_schedule=args.lr_schedule,
         ema_decay=args.ema_decay, grad_clip=args.grad_clip, precision=args.precision,
         seed=args.seed, ckpt_every=args.ckpt_every, eval_samples=args.eval_samples,
         eval_every=args.eval_every, max_minutes=args.max_minutes, progress=not args.no_progress,
@@ -214,5 +217,6 @@ def add_parser(subparsers) -> None:
     m.add_argument("--input-size", type=_positive_int, default=None,
                    help="image side in pixels (32 or 64)")
     t.add_argument("--no-grid", action="store_true", help="skip the sample grid")
-    _add_training_flags(t, steps=4000, batch=64, lr=5e-4, ema=0.999, warmup=200)
+    _add_training_flags(t, steps=4500, batch=64, lr=2e-3, ema=0.999, warmup=200,
+                        schedule="cosine")
     t.set_defaults(func=_train_teacher)

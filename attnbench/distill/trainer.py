@@ -68,6 +68,7 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # or "cosine": decay to 0 at ``steps`` after the warm-up
     ema_decay: float = 0.9999
     grad_clip: float = 1.0  # 0 = no clipping
     precision: str = "fp32"
@@ -92,6 +93,9 @@ class TrainConfig:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("grad_clip and weight_decay must be >= 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got "
+                             f"{self.lr_schedule!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of fp32, bf16; got {self.precision!r}")
         if self.label_dropout is not None and not 0 <= self.label_dropout < 1:
@@ -103,6 +107,20 @@ class TrainConfig:
                 f"the global batch {self.batch_size} does not split evenly over {world_size} "
                 "processes: choose a multiple of the process count"
             )
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """The rate of step ``step`` (0-based): linear warm-up, then constant or cosine to 0."""
+    if config.warmup_steps and step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.lr_schedule == "cosine":
+        span = max(1, config.steps - config.warmup_steps)
+        progress = min(1.0, (step - config.warmup_steps) / span)
+        return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return config.lr
 
 
 def step_seed(seed: int, step: int, stream: int = 0) -> int:
@@ -392,8 +410,7 @@ class Trainer:
                 y = torch.where(plan.drop.to(self.device), torch.full_like(y, self.null_label),
                                 y)
                 t, noise = plan.t.to(self.device), plan.noise.to(self.device)
-                lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps \
-                    else cfg.lr
+                lr = learning_rate(cfg, step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with torch.autocast(self.device.type, dtype=autocast_dtype or torch.float32,

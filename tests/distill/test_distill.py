@@ -264,3 +264,17 @@ def test_train_config_validation():
         TrainConfig(batch_size=3).validate(world_size=2)
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="fp8").validate()
+
+
+def test_learning_rate_schedules():
+    from attnbench.distill.trainer import learning_rate
+
+    flat = TrainConfig(steps=100, lr=1.0, warmup_steps=10)
+    assert learning_rate(flat, 0) == pytest.approx(0.1)
+    assert learning_rate(flat, 9) == 1.0 and learning_rate(flat, 99) == 1.0
+    cos = TrainConfig(steps=110, lr=1.0, warmup_steps=10, lr_schedule="cosine")
+    assert learning_rate(cos, 10) == 1.0
+    assert learning_rate(cos, 60) == pytest.approx(0.5)
+    assert learning_rate(cos, 110) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="step").validate()
