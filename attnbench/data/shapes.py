@@ -279,7 +279,7 @@ class ShapesWorld(torch.utils.data.Dataset):
                 boxes.append((x0, y0, x0 + side, y0 + side))
             if not _apart(boxes):
                 continue
-            if prompt.relation is not None and not _related(boxes[0], boxes[1],
+            if prompt.relation is not None and not related(boxes[0], boxes[1],
                                                             prompt.relation):
                 continue
             break
@@ -323,7 +323,8 @@ def _apart(boxes: list[tuple[int, int, int, int]], gap: int = 1) -> bool:
     return True
 
 
-def _related(a: tuple[int, int, int, int], b: tuple[int, int, int, int], relation: str) -> bool:
+def related(a: tuple[int, int, int, int], b: tuple[int, int, int, int], relation: str) -> bool:
+    """Is box ``a`` ``relation`` box ``b``? The world's convention (boxes, not centres)."""
     if relation == "left of":
         return a[2] <= b[0]
     if relation == "right of":
@@ -353,7 +354,7 @@ def check_scene(scene: Scene) -> list[str]:
             problems.append(f"object {i} is a {obj.shape}, prompt wants a {want_shape}")
         if want_color is not None and obj.color != want_color:
             problems.append(f"object {i} is {obj.color}, prompt wants {want_color}")
-    if p.relation is not None and len(objs) >= 2 and not _related(
+    if p.relation is not None and len(objs) >= 2 and not related(
             objs[0].box, objs[1].box, p.relation):
         problems.append(f"object 0 is not {p.relation} object 1")
     if not _apart([o.box for o in objs]):

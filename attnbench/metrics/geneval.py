@@ -49,6 +49,7 @@ from ..data.shapes import (
     SHAPES,
     TASKS,
     Prompt,
+    related,
     shape_mask,
 )
 
@@ -174,19 +175,6 @@ def detect(image: np.ndarray, *, min_pixels: int | None = None,
 
 
 # --------------------------------------------------------------------------- rules
-
-
-def related(a: tuple[int, int, int, int], b: tuple[int, int, int, int], relation: str) -> bool:
-    """Is box ``a`` ``relation`` box ``b``? The world's convention (boxes, not centres)."""
-    if relation == "left of":
-        return a[2] <= b[0]
-    if relation == "right of":
-        return b[2] <= a[0]
-    if relation == "above":
-        return a[3] <= b[1]
-    if relation == "below":
-        return b[3] <= a[1]
-    raise ValueError(f"unknown relation {relation!r}")
 
 
 def satisfies(prompt: Prompt | int, objects: Sequence[Any], *, strict: bool = False) -> bool:
