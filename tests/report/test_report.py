@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from attnbench.bench.results import load_table
 from attnbench.cli import main
 from attnbench.report import write_report
 from attnbench.report.plots import PALETTE, Styles, pareto_front
@@ -30,7 +31,11 @@ def _err_line(capsys) -> str:
 
 def test_run_writes_the_report_into_its_directory(real_run):
     md, html = (real_run / "report.md").read_text(), (real_run / "report.html").read_text()
-    assert {p.stem for p in (real_run / "plots").glob("*.png")} == SPEED_PLOTS
+    # a memory plot needs a peak above the CPU meter's resolution (a few hundred KiB), which
+    # tiny 64-px calls may not reach: it is drawn exactly when some point measured one
+    frame, _ = load_table(real_run)
+    expected = SPEED_PLOTS - (set() if (frame["peak_memory_bytes"] > 0).any() else {"memory"})
+    assert {p.stem for p in (real_run / "plots").glob("*.png")} == expected
     assert "](plots/latency.png)" in md and "`softmax`, `lit`" in md
     for section in ("At a glance", "What was measured and how", "Results per resolution",
                     "Points not measured", "Published numbers"):
