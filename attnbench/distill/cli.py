@@ -42,7 +42,8 @@ def _steps_spec(text: str) -> int | str:
 
 
 def _add_training_flags(p: argparse.ArgumentParser, *, steps: int, batch: int, lr: float,
-                        ema: float, warmup: int, schedule: str = "constant") -> None:
+                        ema: float, warmup: int, schedule: str = "constant",
+                        precision: str = "fp32") -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=_positive_int, default=steps, help=f"steps (default {steps})")
     g.add_argument("--batch-size", type=_positive_int, default=batch,
@@ -57,8 +58,8 @@ def _add_training_flags(p: argparse.ArgumentParser, *, steps: int, batch: int, l
                    help=f"EMA decay, warmed up as min(decay, (1+s)/(10+s)) (default {ema})")
     g.add_argument("--grad-clip", type=float, default=1.0,
                    help="max gradient norm, 0 = off (default 1.0)")
-    g.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="autocast dtype of the forward passes (default fp32)")
+    g.add_argument("--precision", choices=("fp32", "bf16"), default=precision,
+                   help=f"autocast dtype of the forward passes (default {precision})")
     g.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     g.add_argument("--ckpt-every", type=_non_negative_int, default=0,
                    help="save checkpoint.pt every K steps (default 0: at the end only)")
@@ -217,6 +218,9 @@ def add_parser(subparsers) -> None:
     m.add_argument("--input-size", type=_positive_int, default=None,
                    help="image side in pixels (32 or 64)")
     t.add_argument("--no-grid", action="store_true", help="skip the sample grid")
-    _add_training_flags(t, steps=4500, batch=64, lr=2e-3, ema=0.999, warmup=200,
-                        schedule="cosine")
+    # the shipped teacher's recipe: bf16 autocast is 1.36x faster per step than fp32 on the
+    # 2-core AMD EPYC (avx512_bf16) it was trained on, at the same held-out ε error after
+    # 400 steps (0.0454 vs 0.0452), which buys 6500 steps in < 30 minutes
+    _add_training_flags(t, steps=6500, batch=64, lr=2e-3, ema=0.999, warmup=200,
+                        schedule="cosine", precision="bf16")
     t.set_defaults(func=_train_teacher)

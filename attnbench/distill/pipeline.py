@@ -9,6 +9,7 @@ shipped pixel-space teacher or a real latent DiT checkpoint and latents.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -275,6 +276,9 @@ def distill(
         opts = dict(options or {})
         student, report = convert(teacher_model, method, num_heads=num_heads,
                                   seed=convert_seed, **opts)
+        if info.is_main:
+            for warning in report.warnings:
+                print(f"attnbench distill: warning: {warning}", file=sys.stderr)
         recipe: DistillRecipe = recipe_for(method).with_overrides(weights, trainable)
         cfg = teacher_model.config
         teacher_model.to(info.device)

@@ -192,6 +192,8 @@ class InheritanceReport:
     source: dict[str, Any] | None = None
     seed: int | None = None
     versions: dict[str, str] = field(default_factory=dict)
+    #: what a user should know before training this student (printed by the CLIs)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -226,6 +228,7 @@ class InheritanceReport:
             f"  dropped       {len(self.dropped):5d} keys {p.get('dropped', 0):>13,d} params"
             " (teacher values not used)",
             f"  student total {p.get('student', 0):,d} params (teacher {p.get('teacher', 0):,d})",
+            *(f"warning: {w}" for w in self.warnings),
         ]
         return "\n".join(lines)
 
@@ -371,9 +374,36 @@ def convert(
         source=source,
         seed=seed,
         versions=_versions(),
+        warnings=_dense_warning(backend, resolved, t_cfg, heads),
     )
     student.inheritance = report
     return student, report
+
+
+def _dense_warning(backend, options: dict[str, Any], cfg: DiTConfig, heads: int) -> list[str]:
+    """A warning when ``method`` with ``options`` is exactly softmax at the model's own grid.
+
+    Sparse methods' defaults are sized for DiT-XL at 256-1024 px: CLEAR's r=8 or SLA's
+    64-token blocks cover a small model's whole token grid, and the "student" then
+    computes exactly the teacher's attention -- a conversion that measures nothing. A
+    float64 probe on random inputs at the native grid says so before minutes of training.
+    """
+    side = cfg.input_size // cfg.patch_size
+    n, d = side * side, cfg.hidden_size // heads
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, n, d, generator=g, dtype=torch.float64) for _ in range(3))
+    try:
+        out = backend.attend(q, k, v, grid=(side, side), impl="reference",
+                             **backend.attend_options(options))
+    except (ValueError, NotImplementedError):
+        return []
+    exact = attention.get("softmax").attend(q, k, v, grid=(side, side), impl="reference")
+    if not torch.allclose(out, exact, rtol=1e-9, atol=1e-9):
+        return []
+    shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "its defaults"
+    return [f"{backend.name} with {shown} is exactly softmax attention on this model's "
+            f"{side}×{side} token grid: the student computes what the teacher does. "
+            f"Choose options that are sparse at this grid (python -m attnbench list)."]
 
 
 def save_student(student: DiT, out: str | Path, report: InheritanceReport | None = None) -> Path:

@@ -15,8 +15,7 @@ from attnbench.distill.io import atomic_torch_save, load_training_checkpoint
 from attnbench.distill.losses import recipe_losses
 from attnbench.models import load_dit
 from attnbench.models.convert import convert
-
-from .conftest import tiny_teacher
+from tests.helpers import tiny_pixel_dit as tiny_teacher
 
 
 def tiny_args(teacher_dir, out, method="lit", *extra):

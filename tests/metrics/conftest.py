@@ -4,27 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from attnbench.data import ShapesWorld
-from attnbench.models import DiT, DiTConfig, save_dit
-
-#: 16-px RGB, patch 4 (a 4×4 token grid), 2 blocks of width 32, the world's 91 labels
-TINY = DiTConfig(input_size=16, patch_size=4, in_channels=3, hidden_size=32, depth=2,
-                 num_heads=4, num_classes=91, learn_sigma=True, name="tiny-shapes")
-
-
-def tiny_model(seed: int = 0, config: DiTConfig = TINY) -> DiT:
-    """A DiT whose adaLN-Zero and final layers are not zero (its outputs depend on x, t, y)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = DiT(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "adaLN_modulation" in name or "final_layer.linear" in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
+from attnbench.models import save_dit
+from tests.helpers import tiny_pixel_dit as tiny_model
 
 
 @pytest.fixture(scope="session")

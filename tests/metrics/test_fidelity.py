@@ -9,8 +9,7 @@ import torch
 
 from attnbench.diffusion import Diffusion
 from attnbench.metrics.fidelity import PSNR_CAP_DB, eps_error, psnr, ssim
-
-from .conftest import tiny_model
+from tests.helpers import tiny_pixel_dit as tiny_model
 
 
 def test_psnr_closed_form(gen):

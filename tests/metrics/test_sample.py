@@ -20,8 +20,8 @@ from attnbench.metrics.sample import (
     generate,
     run_sampling,
 )
-
-from .conftest import TINY, tiny_model
+from tests.helpers import TINY_PIXEL as TINY
+from tests.helpers import tiny_pixel_dit as tiny_model
 
 FAST = {"steps": 4, "cfg_scale": 1.5, "batch": 3, "seed": 7}
 

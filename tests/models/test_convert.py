@@ -51,6 +51,20 @@ def assert_accounted(report: InheritanceReport, teacher, student):
         assert torch.equal(s_state[key], t_state[key]), key
 
 
+@pytest.mark.parametrize(("method", "options", "dense"), [
+    ("clear", {}, True),  # r=8 covers the 4×4 grid
+    ("clear", {"radius": 1}, False),
+    ("sla", {}, True),  # one 64-token block holds all 16 tokens
+    ("sla", {"block_q": 4, "block_kv": 4, "topk": 0.25}, False),
+    ("lit", {}, False),
+])
+def test_a_student_that_is_softmax_at_its_grid_is_flagged(teacher, method, options, dense):
+    _, report = attnbench.convert(teacher, method, **options)
+    assert bool(report.warnings) == dense
+    if dense:
+        assert "4×4 token grid" in report.warnings[0] and "warning:" in report.summary()
+
+
 # --------------------------------------------------------------------------- exactness
 
 
