@@ -466,7 +466,13 @@ class AttentionBackend:
         impl: str = "fast",
         **options: Any,
     ) -> Memory:
-        """Analytic bytes of one forward call with the fast path or the ``"reference"``."""
+        """Analytic bytes of one forward call of ``impl``: a path's name, ``"reference"``,
+        or ``"fast"`` (the first fast path: what runs where every kernel is available)."""
+        if impl == "fast":
+            impl = self.fast_paths[0].name if self.fast_paths else "reference"
+        elif impl not in ("reference", *self.paths()):
+            raise ValueError(f"{self.name}: unknown implementation {impl!r}; valid: fast, "
+                             f"{', '.join(dict.fromkeys(['reference', *self.paths()]))}")
         grid, opts = self._cost_args(tokens, grid, options)
         io = 4.0 * batch * heads * tokens * head_dim * element_size
         workspace = self.workspace_model(

@@ -899,13 +899,12 @@ class Clear(AttentionBackend):
         global_tokens,
         down_factor,
     ) -> float:
-        """Bytes beside q, k, v, out: ``impl`` = "fast" (flex), "flex", "masked_sdpa"
-        or "reference"."""
+        """Bytes beside q, k, v, out: ``impl`` = "flex", "masked_sdpa" or "reference"."""
         layout = Layout.build(grid, radius, global_tokens, down_factor)
         bh, n, m = batch * heads, layout.tokens, layout.keys
         # torch.cat of K and V with their pooled tokens copies both whole.
         extended = 2.0 * bh * m * head_dim * element_size if layout.pooled else 0.0
-        if impl in ("fast", "flex"):
+        if impl == "flex":
             q_tiles, kv_tiles = -(-n // FLEX_BLOCK), -(-m // FLEX_BLOCK)
             # int32 indices + counts, partial and full, kv-major and q-major.
             block = 4.0 * 4 * (q_tiles * kv_tiles + q_tiles + kv_tiles)
@@ -935,5 +934,5 @@ class Clear(AttentionBackend):
             return extended + max(chunk, text)
         raise ValueError(
             f"clear: unknown impl {impl!r} for the memory model; "
-            "use 'fast', 'flex', 'masked_sdpa' or 'reference'"
+            "use 'flex', 'masked_sdpa' or 'reference'"
         )

@@ -133,6 +133,14 @@ class LiT(AttentionBackend):
         return 2.0 * batch * heads * tokens * head_dim * kernel * kernel  # depth-wise conv
 
     def workspace_model(self, batch, heads, tokens, head_dim, grid, *, element_size, impl, eps):
-        # φ(q), φ(k) in the accumulation dtype (≥ fp32) and the state S, z per head.
+        """Bytes beside q, k, v, out: the float32 state ``S, z`` per head, and
+
+        reference: φ(q), φ(k) in the accumulation dtype (≥ fp32); triton: φ is applied
+        on the fly, the state is kept as per-split partials and their sum (a few
+        splits fill the GPU; counted as two copies).
+        """
         acc = max(element_size, 4)
-        return float(batch * heads * (2 * tokens * head_dim + head_dim * head_dim + head_dim) * acc)
+        state = batch * heads * (head_dim * head_dim + head_dim) * 4
+        if impl == "triton":
+            return float(2 * state)
+        return float(batch * heads * 2 * tokens * head_dim * acc + state)

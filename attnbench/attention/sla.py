@@ -48,7 +48,7 @@ from .base import (
     positive,
     unit_fraction,
 )
-from .kernels import _triton
+from .kernels import CORRECTION, _triton
 from .registry import register
 from .softmax import _accumulation_dtype, softmax_reference
 
@@ -86,14 +86,15 @@ def _split_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return _pad_tokens(x, nb * block).unflatten(-2, (nb, block))
 
 
-def mean_pool(x: torch.Tensor, block: int) -> torch.Tensor:
+def mean_pool(x: torch.Tensor, block: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Per-block mean of ``[B, H, N, d]`` → ``[B, H, nblocks, d]``, over valid tokens only.
 
     The partial last block is divided by its own token count, as the reference
-    ``compress_kernel`` does (``nx = min(BLOCK_L, L - idx·BLOCK_L)``).
+    ``compress_kernel`` does (``nx = min(BLOCK_L, L - idx·BLOCK_L)``). ``dtype``
+    accumulates in another precision without a converted copy of ``x``.
     """
     n = x.shape[-2]
-    sums = _split_blocks(x, block).sum(dim=-2)
+    sums = _split_blocks(x, block).sum(dim=-2, dtype=dtype)
     starts = torch.arange(sums.shape[-2], device=x.device) * block
     counts = (n - starts).clamp(max=block).to(sums.dtype)
     return sums / counts[:, None]
@@ -105,13 +106,14 @@ def block_logits(q: torch.Tensor, k: torch.Tensor, block_q: int, block_kv: int) 
     k is centred over its tokens first (the "smooth-k" of SageAttention the
     reference uses). Centring shifts each row by the constant ``q̄_i·mean(k)``,
     so it changes neither the softmax nor the top-k in exact arithmetic; it keeps
-    the scores small, which matters in low precision. Computed in float32 for
-    half inputs.
+    the scores small, which matters in low precision. Accumulated in float32 for
+    half inputs. Centring commutes with pooling (``pool(k − k̄) = pool(k) − k̄``,
+    partial last block included), so neither q nor k is copied: at 8192 px a
+    float32 copy of q, k and centred k would be 3.6 GB for DiT-XL.
     """
     acc = _accumulation_dtype(q.dtype)
-    q, k = q.to(acc), k.to(acc)
-    centred = k - k.mean(dim=-2, keepdim=True)
-    pooled_q, pooled_k = mean_pool(q, block_q), mean_pool(centred, block_kv)
+    pooled_q = mean_pool(q, block_q, acc)
+    pooled_k = mean_pool(k, block_kv, acc) - k.mean(dim=-2, keepdim=True, dtype=acc)
     return torch.matmul(pooled_q, pooled_k.transpose(-1, -2)) * q.shape[-1] ** -0.5
 
 
@@ -546,27 +548,42 @@ class SLA(AttentionBackend):
     ) -> float:
         """Bytes beside q, k, v, O (approximate: the largest live tensors).
 
-        Both: the second output (``O_s`` and ``O_l`` apart) and φ(k) or φ(q), φ(k)
-        in the accumulation dtype. Reference: per chunk of query rows, the token
-        mask (1 byte) and three score-sized matrices (softmax scores and
-        probabilities, the linear weights). Gather: padded block copies of q, k,
-        v, the per-block states, and per chunk the gathered keys, values and
-        states (SDPA's fused kernels keep no score matrix).
+        First the block map: float32 block logits ``[B·H, nq, nk]`` and the top-k
+        indices (int64, and their sorted copy); then, with the indices still alive,
+        the path's own. All paths: the second output (``O_s`` and ``O_l`` apart).
+        Reference: φ(k) or φ(q), φ(k) in the accumulation dtype and, per chunk of
+        query rows, the token mask (1 byte) and three score-sized matrices (softmax
+        scores and probabilities, the linear weights). Gather: the same features,
+        padded block copies of q, k, v, the per-block states, and per chunk the
+        gathered keys, values and states (SDPA's fused kernels keep no score
+        matrix). Triton: the int32 LUT, the float32 total state, and for the "gemm"
+        correction the per-block states, the 0/1 selection and its product with
+        them (bf16 for half inputs).
         """
         acc = max(element_size, 4)
         bh, n, d = batch * heads, tokens, head_dim
         nq, nk = num_blocks(n, opts["block_q"]), num_blocks(n, opts["block_kv"])
         bq, bkv = opts["block_q"], opts["block_kv"]
         kk = selected_count(nk, opts["topk"])
+        indices = 2 * bh * nq * kk * 8
+        block_map = bh * nq * nk * 4 + indices
         output = bh * n * d * element_size
+        if impl == "triton":
+            marginal = opts["linear_over"] == "marginal"
+            state = bh * (d * d + d) * 4 if (kk < nk or not marginal) else 0
+            corr = 0
+            if marginal and kk < nk and CORRECTION == "gemm":
+                c = 4 if element_size >= 4 else 2
+                corr = bh * ((nk + nq) * (d * d + d) + nq * nk) * c
+            return float(max(block_map, indices + bh * nq * kk * 4 + output + state + corr))
         if impl == "reference":
             blocks = max(1, REFERENCE_CHUNK_ELEMENTS // max(1, bh * n * bq))
             rows = min(n, blocks * bq)
             chunk = bh * rows * n * (3 * acc + 1)
-            return float(output + bh * n * d * acc + chunk)
+            return float(max(block_map, indices + output + bh * n * d * acc + chunk))
         padded = bh * (nq * bq + 2 * nk * bkv) * d * element_size
         features = bh * (nq * bq + nk * bkv) * d * acc
         states = bh * nk * (d * d + d) * acc
         c = min(nq, gather_chunk_blocks(batch, heads, kk, bkv, d))
         gathered = bh * c * kk * (2 * bkv * d * element_size + (d * d + d) * acc)
-        return float(output + padded + features + states + gathered)
+        return float(max(block_map, indices + output + padded + features + states + gathered))

@@ -98,6 +98,19 @@ def test_block_logits_centre_k(gen):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["f64", "bf16"])
+def test_block_logits_from_their_definition(dtype, gen):
+    """pool(q)·pool(k − k̄)ᵀ/√d with explicit float64 copies, partial last blocks included."""
+    q, k, _ = qkv(gen, 2, 3, 70, 8, dtype=dtype)
+    q64, k64 = q.double(), k.double()
+    centred = k64 - k64.mean(dim=-2, keepdim=True)
+    expected = (sla_module.mean_pool(q64, 16) @ sla_module.mean_pool(centred, 12).mT) / 8**0.5
+    got = sla_module.block_logits(q, k, 16, 12)
+    assert got.dtype == (torch.float32 if dtype == torch.bfloat16 else torch.float64)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got.double(), expected, atol=tol, rtol=tol)
+
+
 def test_mean_pool_divides_a_partial_block_by_its_tokens():
     x = torch.arange(10, dtype=torch.float64).reshape(1, 1, 10, 1)
     pooled = sla_module.mean_pool(x, 4)
@@ -262,6 +275,21 @@ def test_gather_never_forms_the_n_by_n_matrix(gen):
     assert out.shape == q.shape and torch.isfinite(out).all()
     for impl in ("fast", "reference"):
         assert SLA.memory(1, 1, 256 * 256, 8, topk=0.01, impl=impl).workspace < 256**4 * 4 / 16
+
+
+def test_memory_model_follows_the_path_that_runs():
+    """DiT-XL/2 at 8192 px in bf16: the Triton kernel keeps per-block states and the
+    selection for its "gemm" correction, never the gather path's padded copies."""
+    args = dict(grid=(512, 512), element_size=2, topk=0.05)
+    n = 512 * 512
+    triton = SLA.memory(1, 16, n, 72, impl="triton", **args)
+    gather = SLA.memory(1, 16, n, 72, impl="gather", **args)
+    assert SLA.memory(1, 16, n, 72, impl="fast", **args) == triton  # the first fast path
+    nq = nk = n // 64
+    corrections = 16 * ((nk + nq) * (72 * 72 + 72) + nq * nk) * 2
+    assert corrections < triton.workspace < gather.workspace
+    with pytest.raises(ValueError, match="unknown implementation 'flex'"):
+        SLA.memory(1, 16, n, 72, impl="flex", **args)
 
 
 # --------------------------------------------------------------------------- mixer

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from attnbench import attention
 from attnbench.bench import timer
 from attnbench.bench.flops import count_flops
 from attnbench.bench.memory import cpu_meter_reason, peak_memory
@@ -69,3 +70,13 @@ def test_point_shapes_follow_the_model():
     point = Point(get_config("DiT-XL/2"), resolution=8192, batch=1)
     assert point.grid == (512, 512) and point.tokens == 262_144
     assert point.heads == 16 and point.head_dim == 72
+
+
+@pytest.mark.parametrize("method", ["lit", "sla", "clear"])
+def test_predicted_bytes_are_those_of_the_path_that_runs(method):
+    point = Point(get_config("DiT-T/2"), resolution=128, batch=2)
+    work = build_workload("attention", method, {}, point, torch.float32, torch.device("cpu"))
+    backend = attention.get(method)
+    expected = backend.memory(2, point.heads, point.tokens, point.head_dim, point.grid,
+                              element_size=4, impl=work.impl)
+    assert work.predicted_bytes == expected.actual

@@ -9,3 +9,9 @@
 * :mod:`.floor` -- the kernels against their bandwidth / tensor-core floors on a
   GPU, and the issue's speed targets (``python -m attnbench.attention.kernels.floor``).
 """
+
+#: how SLA's Triton kernel takes the critical blocks out of the total linear state
+#: (:mod:`.sla_triton`'s docstring); here, without triton, for the memory model too
+CORRECTIONS = ("output", "state", "gemm")
+CORRECTION = "gemm"
+

@@ -62,14 +62,12 @@ import torch
 import triton
 import triton.language as tl
 
+from . import CORRECTION, CORRECTIONS
 from ._triton import as_bhnd, cdiv, interpret_requested, next_pow2
 from .lit_triton import FEATURES, _phi, _rmax, _rsum, block_states, dot_precision, linear_state
 
 INTERPRETED = interpret_requested()
 MAX_HEAD_DIM = 128
-#: how the kernel takes the critical blocks out of the total linear state (module docstring)
-CORRECTIONS = ("output", "state", "gemm")
-CORRECTION = "gemm"
 
 
 def _autotune(configs, key):
