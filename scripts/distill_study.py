@@ -57,7 +57,8 @@ def quality_of(ckpt: Path | None, teacher: Path, run_dir: Path, *, num: int,
 
 def converted_student(teacher: Path, method: str, options: dict, out: Path) -> Path:
     """The student right after weight inheritance (no training), saved like a checkpoint."""
-    from attnbench.models import convert, load_dit, save_dit
+    from attnbench import convert
+    from attnbench.models import load_dit, save_dit
 
     student, _ = convert(load_dit(teacher), method, seed=0, **options)
     return save_dit(student, out)

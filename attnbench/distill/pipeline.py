@@ -276,7 +276,7 @@ def distill(
         opts = dict(options or {})
         student, report = convert(teacher_model, method, num_heads=num_heads,
                                   seed=convert_seed, **opts)
-        if info.is_main:
+        if info.is_main and not resume:  # said when the run started; kept in inheritance.json
             for warning in report.warnings:
                 print(f"attnbench distill: warning: {warning}", file=sys.stderr)
         recipe: DistillRecipe = recipe_for(method).with_overrides(weights, trainable)
