@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 DEFAULT_METHODS = ("lit", "clear:radius=3", "sla:block_q=8,block_kv=8,topk=0.25")
+DATA = {"self": "teacher self-samples", "shapes": "the shapes world (real data)"}
 QUALITY = ("geneval", "geneval_strict", "fid", "psnr", "ssim")
 
 
@@ -110,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-samples", type=int, default=1024)
     p.add_argument("--quality-num", type=int, default=512)
     p.add_argument("--quality-steps", type=int, default=50)
+    p.add_argument("--data", default="self",
+                   help="distillation data: self (teacher samples), shapes, or latents")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
 
@@ -137,10 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         summary_path = run / "summary.json"
         if not summary_path.is_file():
             run.mkdir(parents=True, exist_ok=True)
-            if shared_samples is not None and not (run / SELF_SAMPLES_FILE).exists():
+            if shared_samples is not None and shared_samples.is_file() \
+                    and not (run / SELF_SAMPLES_FILE).exists():
                 shutil.copy(shared_samples, run / SELF_SAMPLES_FILE)  # same key: a cache hit
             print(f"distilling {spec} ({args.steps} steps) ...", flush=True)
-            distill(run, method, config, teacher=teacher, options=options, data="self",
+            distill(run, method, config, teacher=teacher, options=options, data=args.data,
                     gen_samples=args.gen_samples, device=args.device, force=True)
         shared_samples = run / SELF_SAMPLES_FILE
         summary = json.loads(summary_path.read_text())
@@ -184,8 +188,10 @@ def _f(value, fmt: str) -> str:
 
 def markdown_table(rows: list[dict], args: argparse.Namespace) -> str:
     head = (f"Students of the shipped teacher after {args.steps} distillation steps "
-            f"(batch {args.batch_size}, lr {args.lr}, teacher self-samples, {args.device}). "
-            f"ε-MSE vs teacher: mean over {args.eval_samples} held-out teacher samples at "
+            f"(batch {args.batch_size}, lr {args.lr}, data: {DATA.get(args.data, args.data)}, "
+            f"{args.device}). "
+            f"ε-MSE vs teacher: mean over {args.eval_samples} held-out "
+            f"{'teacher samples' if args.data == 'self' else 'data'} at "
             f"timesteps spread over [0, 999], the same noise before and after (EMA student). "
             f"Quality: {args.quality_num} samples, {args.quality_steps} DDPM steps, CFG 1.5; "
             "GenEval proxy by the exact shapes detector, shapes-FID with the shipped shapes "
