@@ -19,6 +19,7 @@ from .base import (
     Option,
     dense_flops,
 )
+from .layout import Layout
 from .registry import ENTRY_POINT_GROUP, available, get, names, plugin_errors, register
 
 #: the built-in methods, registered in this order (the order of every listing)
@@ -33,6 +34,7 @@ __all__ = [
     "AttentionMixer",
     "FastPath",
     "Flops",
+    "Layout",
     "Memory",
     "Option",
     "available",

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .layout import Layout
+
 Grid = tuple[int, int]
 
 
@@ -382,27 +384,52 @@ class AttentionBackend:
         chosen = self.select(q.device, q.dtype, tuple(q.shape), impl=impl, needs_grad=needs_grad)
         return chosen, grid, opts
 
+    #: True for methods that ignore the token geometry (softmax) and so accept any
+    #: :class:`Layout` (text tokens, video grids); they receive ``layout=`` for those and
+    #: ``grid=`` for plain image grids
+    any_layout: bool = False
+
     def attend(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         *,
-        grid: Grid,
+        grid: Grid | None = None,
+        layout: Layout | None = None,
         impl: str = "auto",
         **options: Any,
     ) -> torch.Tensor:
         """Attention of ``q`` over ``k, v``: ``[B, H, N, d]`` in and out.
 
-        ``impl="auto"`` takes the first fast path that can run on these inputs
-        (and supports autograd when they require grad), else the reference;
-        ``impl="reference"`` or a fast path's name forces one.
+        ``grid=(H, W)`` is the plain image case of ``layout=Layout(...)`` (see
+        ``layout.py``: video grids and text tokens). ``impl="auto"`` takes the
+        first fast path that can run on these inputs (and supports autograd when
+        they require grad), else the reference; ``impl="reference"`` or a fast
+        path's name forces one.
         """
-        chosen, grid, opts = self.prepare(q, k, v, grid=grid, impl=impl, options=options)
+        layout = Layout.coerce(layout, grid)
+        if self.any_layout and not layout.is_plain:
+            check_qkv(q, k, v)
+            layout.check(k.shape[2])
+            opts = self.resolve(options)
+            needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+            chosen = self.select(q.device, q.dtype, tuple(q.shape), impl=impl,
+                                 needs_grad=needs_grad)
+            geometry = {"layout": layout}
+        else:
+            if not layout.is_plain:
+                raise ValueError(
+                    f"{self.name} takes a plain image grid here; layout {layout.describe()} "
+                    "(text tokens or a video grid) is not supported by this method"
+                )
+            chosen, grid, opts = self.prepare(q, k, v, grid=layout.grid, impl=impl,
+                                              options=options)
+            geometry = {"grid": grid}
         if chosen == "reference":
-            return self.reference(q, k, v, grid=grid, **opts)
+            return self.reference(q, k, v, **geometry, **opts)
         path = next(p for p in self.fast_paths if p.name == chosen)
-        return path.fn(q, k, v, grid=grid, **opts)
+        return path.fn(q, k, v, **geometry, **opts)
 
     def available(
         self,

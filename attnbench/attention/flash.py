@@ -14,7 +14,7 @@ import importlib
 import torch
 import torch.nn.functional as F
 
-from .base import AttentionMixer, FastPath, Grid
+from .base import AttentionMixer, FastPath
 from .registry import register
 from .softmax import Softmax
 
@@ -53,7 +53,7 @@ def _package_available(device, dtype, shape) -> str | None:
     return None
 
 
-def _package(q, k, v, *, grid: Grid) -> torch.Tensor:
+def _package(q, k, v, **_geometry) -> torch.Tensor:
     _, fn = _flash_attn_func()
     out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     if isinstance(out, tuple):  # FA3 returns (out, lse)
@@ -70,7 +70,7 @@ def _sdpa_flash_available(device, dtype, shape) -> str | None:
     return None
 
 
-def _sdpa_flash(q, k, v, *, grid: Grid) -> torch.Tensor:
+def _sdpa_flash(q, k, v, **_geometry) -> torch.Tensor:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):

@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from .base import AttentionMixer, FastPath, Grid
+from .base import AttentionMixer, FastPath
 from .registry import register
 from .softmax import Softmax
 
@@ -50,7 +50,7 @@ def _available(device: torch.device, dtype: torch.dtype, shape) -> str | None:
     return None
 
 
-def _memory_efficient(q, k, v, *, grid: Grid) -> torch.Tensor:
+def _memory_efficient(q, k, v, **_geometry) -> torch.Tensor:
     ops, _ = _xformers_ops()
     out = ops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)

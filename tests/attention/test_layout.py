@@ -1,0 +1,51 @@
+"""The token layout of the attention contract: grids, video grids, text tokens."""
+
+import pytest
+import torch
+
+from attnbench import attention
+from attnbench.attention import Layout
+
+
+def test_plain_grid_is_the_grid_argument():
+    assert Layout.coerce(grid=(4, 5)) == Layout((4, 5))
+    assert Layout((4, 5)).is_plain and Layout((4, 5)).tokens == 20
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_split_join_round_trip(text_first):
+    layout = Layout((2, 3, 4), text=5, text_first=text_first)
+    x = torch.arange(layout.tokens).view(1, 1, -1, 1)
+    text, image = layout.split(x)
+    assert text.shape[-2] == 5 and image.shape[-2] == 24
+    assert (text.flatten()[0] == (0 if text_first else 24)).item()
+    assert torch.equal(layout.join(text, image), x)
+
+
+@pytest.mark.parametrize("bad", [(0, 4), (4,), (1, 2, 3, 4), ("a", 2)])
+def test_bad_grids_are_refused(bad):
+    with pytest.raises(ValueError, match="layout grid"):
+        Layout(bad)
+
+
+def test_bad_arguments_name_the_fix():
+    with pytest.raises(ValueError, match="not both"):
+        Layout.coerce(Layout((2, 2)), grid=(2, 2))
+    with pytest.raises(ValueError, match="video grid goes in layout"):
+        Layout.coerce(grid=(2, 2, 2))
+    with pytest.raises(ValueError, match="token count"):
+        Layout((2, 2), text=-1)
+
+
+def test_softmax_accepts_every_layout():
+    gen = torch.Generator().manual_seed(0)
+    layout = Layout((2, 3, 4), text=5, text_first=False)
+    q, k, v = (torch.randn(2, 2, layout.tokens, 8, generator=gen, dtype=torch.float64)
+               for _ in range(3))
+    ref = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, -1) @ v
+    for impl in attention.get("softmax").paths():
+        out = attention.get("softmax").attend(q, k, v, layout=layout, impl=impl)
+        assert torch.allclose(out, ref, atol=1e-12), impl
+    with pytest.raises(ValueError, match="= 29 tokens, but the input has 28"):
+        attention.get("softmax").attend(q[..., :28, :], k[..., :28, :], v[..., :28, :],
+                                        layout=layout)
