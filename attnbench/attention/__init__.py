@@ -12,6 +12,7 @@ import importlib
 
 from .base import (
     AttentionBackend,
+    AttentionCore,
     AttentionMixer,
     FastPath,
     Flops,
@@ -31,6 +32,7 @@ __all__ = [
     "BUILTINS",
     "ENTRY_POINT_GROUP",
     "AttentionBackend",
+    "AttentionCore",
     "AttentionMixer",
     "FastPath",
     "Flops",

@@ -461,6 +461,21 @@ class AttentionBackend:
         opts = self.resolve(options, mixer=True)
         return self.mixer_class(self, dim, num_heads, qkv_bias=qkv_bias, impl=impl, **opts)
 
+    #: the ``nn.Module`` class of the method on already-projected heads (``core()``)
+    core_class: type[AttentionCore] | None = None
+
+    def core(self, num_heads: int, head_dim: int, **options: Any) -> AttentionCore:
+        """The method on projected heads, learned parts included: ``q, k, v [B,H,N,d] → [B,H,N,d]``.
+
+        What a model that owns its projections (a diffusers transformer's
+        ``to_q``/``to_k``/``to_v``/``to_out``) plugs in: everything of the method
+        except the projections. ``impl`` forces a path as in ``attend``.
+        """
+        impl = options.pop("impl", "auto")
+        opts = self.resolve(options, mixer=True)
+        cls = self.core_class or AttentionCore
+        return cls(self, num_heads, head_dim, impl=impl, **opts)
+
     # ----- cost models --------------------------------------------------------------
     def _cost_args(self, tokens: int, grid: Grid | None, options: dict[str, Any]):
         opts = self.resolve(options)
@@ -551,6 +566,45 @@ class AttentionBackend:
 
 
 # --------------------------------------------------------------------------- mixer
+
+
+class AttentionCore(nn.Module):
+    """A method on projected heads: ``q, k, v [B, H, N, d] → [B, H, N, d]`` over a layout.
+
+    Holds the method's learned parts (none for the plain methods) so that they
+    are parameters of whatever model it is plugged into and train with it.
+    Subclasses add their parts, override ``forward`` and declare them in
+    ``new_parameters()`` (all of a core's parameters are new: a softmax
+    checkpoint has none of them).
+    """
+
+    def __init__(
+        self, backend: AttentionBackend, num_heads: int, head_dim: int, *,
+        impl: str = "auto", **options: Any,
+    ) -> None:
+        super().__init__()
+        self.backend = backend
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.impl = impl
+        self.options = dict(options)
+        self.attend_options = backend.attend_options(options)
+
+    def forward(self, q, k, v, *, layout: Layout | None = None, grid: Grid | None = None):
+        return self.backend.attend(q, k, v, layout=layout, grid=grid, impl=self.impl,
+                                   **self.attend_options)
+
+    def reset_new_parameters(self) -> None:
+        """Initialise the method's learned parts as its paper prescribes."""
+
+    def new_parameters(self) -> list[str]:
+        return [name for name, _ in self.named_parameters()]
+
+    def extra_repr(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
+        return f"{self.backend.name}, heads={self.num_heads}, head_dim={self.head_dim}" + (
+            f", {opts}" if opts else ""
+        )
 
 
 class AttentionMixer(nn.Module):

@@ -49,3 +49,15 @@ def test_softmax_accepts_every_layout():
     with pytest.raises(ValueError, match="= 29 tokens, but the input has 28"):
         attention.get("softmax").attend(q[..., :28, :], k[..., :28, :], v[..., :28, :],
                                         layout=layout)
+
+
+def test_core_runs_the_method_on_projected_heads():
+    gen = torch.Generator().manual_seed(1)
+    layout = Layout((3, 4), text=2)
+    q, k, v = (torch.randn(2, 2, layout.tokens, 8, generator=gen) for _ in range(3))
+    core = attention.get("softmax").core(2, 8)
+    assert isinstance(core, torch.nn.Module)
+    ref = attention.get("softmax").attend(q, k, v, layout=layout, impl="reference")
+    assert torch.allclose(core(q, k, v, layout=layout), ref, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown option"):
+        attention.get("clear").core(2, 8, radiuss=3)
