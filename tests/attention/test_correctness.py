@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from attnbench import attention
-from attnbench.attention import softmax as softmax_module
+from attnbench.attention.softmax import reference as softmax_module
 from attnbench.bench.flops import count_flops
 from tests.helpers import qkv
 
