@@ -198,6 +198,8 @@ class FastPath:
     #: counting them would fail and leave dynamo refusing the function afterwards
     flop_countable: bool = True
     doc: str = ""
+    #: what the path's kernels are called in messages ("FlashAttention kernels")
+    label: str = ""
 
     def accepted_dtypes(self, device_type: str) -> DTypes:
         """The dtypes this path takes on a device type."""
@@ -216,7 +218,10 @@ class FastPath:
         device = torch.device(device)
         reasons: list[str] = []
         if self.devices is not None and device.type not in self.devices:
-            reasons.append(f"no {device.type} kernel (runs on {'/'.join(self.devices)} only)")
+            where = "/".join(_DEVICE_NAMES.get(d, d) for d in self.devices)
+            subject = f"{self.label} are" if self.label else "this path runs"
+            reasons.append(f"{subject} {where}-only (no {_DEVICE_NAMES.get(device.type, device.type)}"
+                           " kernel)")
         accepted = self.accepted_dtypes(device.type)
         if dtype not in accepted:
             where = f" on {device.type}" if isinstance(self.dtypes, Mapping) else ""
@@ -230,7 +235,7 @@ class FastPath:
                 reasons.append(f"needs head_dim a multiple of {self.head_dim_multiple}, got {d}")
         if self.requires and not any(_importable(m) for m in self.requires):
             names = " or ".join(self.requires)
-            reasons.append(f"needs {names}, which is not installed"
+            reasons.append(f"{names} is not installed"
                            + (f" ({self.install})" if self.install else ""))
         if self.probe is not None and not reasons:  # probes may import: only when data allows
             try:
@@ -276,6 +281,9 @@ class FastPath:
             "requires": list(self.requires),
             "doc": self.doc,
         }
+
+
+_DEVICE_NAMES = {"cuda": "CUDA", "cpu": "CPU", "mps": "MPS", "xpu": "XPU"}
 
 
 @functools.cache
@@ -626,12 +634,16 @@ class AttentionBackend:
         """
         if not self.kernel_only():
             return None
-        fast = self.path_reasons(device, dtype, shape)
-        if any(r is None for r in fast.values()):
+        device = torch.device(device)
+        fast = {p.name: p.not_supported_reasons(device, dtype, shape) for p in self.fast_paths}
+        if any(not r for r in fast.values()):
             return None
-        if len(set(fast.values())) == 1:  # one reason for every path: say it once
-            return next(iter(fast.values()))
-        return "; ".join(f"{name}: {r}" for name, r in fast.items())
+        if len(fast) == 1:
+            return "; ".join(next(iter(fast.values())))
+        firsts = {r[0] for r in fast.values()}
+        if len(firsts) == 1:  # the same first obstacle for every path: say it once
+            return next(iter(firsts))
+        return "; ".join(f"{name}: {'; '.join(r)}" for name, r in fast.items())
 
     # ----- the module ---------------------------------------------------------------
     def mixer(self, dim: int, num_heads: int, **options: Any) -> AttentionMixer:

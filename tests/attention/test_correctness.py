@@ -74,16 +74,31 @@ def test_softmax_reference_chunks_queries(gen, monkeypatch):
 
 
 def test_lit_from_its_definition(gen):
-    """LiT against the per-query formula O_i = φ(q_i)S / (φ(q_i)z + eps), in float64."""
+    """LiT against the official per-query formula, in float64:
+    φ(x) = relu(x) + 1e-6, O_i = Σ_j w_ij v_j / N / (Σ_j w_ij / N + eps), w_ij = φ(q_i)·φ(k_j)."""
     q, k, v = qkv(gen, 1, 2, 24, 8)
     eps = 1e-6
-    fq, fk = q.relu(), k.relu()
+    fq, fk = q.relu() + 1e-6, k.relu() + 1e-6
     expected = torch.empty_like(q)
     for i in range(24):
-        weights = fq[:, :, i : i + 1] @ fk.transpose(-1, -2)  # [B, H, 1, N]
+        weights = fq[:, :, i : i + 1] @ fk.transpose(-1, -2) / 24  # [B, H, 1, N]
         expected[:, :, i] = ((weights @ v) / (weights.sum(-1, keepdim=True) + eps))[:, :, 0]
     out = attention.get("lit").attend(q, k, v, grid=(4, 6), eps=eps)
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_lit_query_with_every_entry_negative_gives_about_the_mean_of_v(gen):
+    """The official feature map keeps φ(q) = 1e-6 > 0: such a row averages V, it is not 0."""
+    q, k, _ = qkv(gen, 1, 1, 16, 8)
+    v = torch.full((1, 1, 16, 8), 3.0, dtype=torch.float64)  # every value the same
+    q[:, :, 5] = -torch.rand(8, generator=gen, dtype=torch.float64) - 0.1  # all negative
+    out = attention.get("lit").attend(q, k, v, grid=(4, 4))
+    row = out[0, 0, 5]
+    # φ(q)·mean φ(k) = 1e-6·Σ_d mean φ(k) ≫ eps here, so the row is close to 3, far from 0
+    ratio = (1e-6 * (k.relu() + 1e-6).mean(2).sum()) / (1e-6 * (k.relu() + 1e-6).mean(2).sum()
+                                                         + 1e-6)
+    torch.testing.assert_close(row, torch.full_like(row, 3.0) * ratio, atol=1e-12, rtol=1e-12)
+    assert (row > 2.0).all()
 
 
 def test_lit_half_precision_accumulates_in_float32(gen):

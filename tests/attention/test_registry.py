@@ -90,7 +90,7 @@ def test_invalid_options_are_value_errors(gen):
 
 def test_options_from_strings_are_coerced():
     lit = attention.get("lit")
-    assert lit.resolve({"eps": "1e-5"}) == {"eps": 1e-5}
+    assert lit.resolve({"eps": "1e-5"}) == {"eps": 1e-5, "phi_shift": 1e-6}
     assert lit.resolve({"dwc_kernel": "3"}, mixer=True)["dwc_kernel"] == 3
     with pytest.raises(ValueError, match="must be 0 .off. or odd"):
         lit.resolve({"dwc_kernel": 4}, mixer=True)
@@ -115,8 +115,8 @@ def test_mixer_contract(name, gen):
 
 def test_lit_mixer_new_parameters_are_the_dwc():
     mixer = attention.get("lit").mixer(64, 2)
-    assert mixer.new_parameters() == ["dwc.weight", "dwc.bias"]
-    assert mixer.dwc.weight.shape == (32, 1, 5, 5)  # depth-wise over d_head, shared by heads
+    assert mixer.new_parameters() == ["core.dwc.weight", "core.dwc.bias"]
+    assert mixer.core.dwc.weight.shape == (32, 1, 5, 5)  # depth-wise over d_head, shared by heads
     assert attention.get("lit").mixer(64, 2, dwc_kernel=0).new_parameters() == []
 
 

@@ -45,6 +45,7 @@ FLASH_ATTN = FastPath(
     "flash_attn",
     flash_attn,
     devices=("cuda",),
+    label="FlashAttention kernels",
     dtypes=HALF,
     head_dim_max=HEAD_DIM_MAX,
     head_dim_multiple=HEAD_DIM_MULTIPLE,

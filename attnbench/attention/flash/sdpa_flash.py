@@ -26,6 +26,7 @@ SDPA_FLASH = FastPath(
     "sdpa_flash",
     sdpa_flash,
     devices=("cuda",),
+    label="FlashAttention kernels",
     dtypes=HALF,
     head_dim_max=HEAD_DIM_MAX,
     head_dim_multiple=HEAD_DIM_MULTIPLE,

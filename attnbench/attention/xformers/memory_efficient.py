@@ -51,6 +51,7 @@ MEMORY_EFFICIENT = FastPath(
     "memory_efficient",
     memory_efficient,
     devices=("cuda",),
+    label="xformers' kernels",
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
     requires=("xformers",),
     install="pip install 'attnbench[xformers]'",
