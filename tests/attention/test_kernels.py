@@ -3,7 +3,7 @@
 Where the kernels run here: on a CUDA GPU, compiled (float32, float16,
 bfloat16); on CPU, in Triton's interpreter (float32 and float16 -- its bfloat16
 arithmetic is wrong). Triton decides interpreted-or-compiled when a kernel is
-decorated, i.e. when ``attnbench.attention.kernels.*_triton`` is imported, so
+decorated, i.e. when ``attnbench.attention.{lit,sla}.triton`` is imported, so
 the ``kernels`` fixture (module scope) sets ``TRITON_INTERPRET=1`` on CPU,
 imports the kernel modules under it, and restores the environment afterwards.
 Other tests of the same process are unaffected: outside this module the CPU
@@ -23,9 +23,9 @@ import pytest
 import torch
 
 from attnbench import attention
-from attnbench.attention import clear, sla
-from attnbench.attention.kernels import _triton
+from attnbench.attention import _triton, clear, lit, sla
 from attnbench.attention.lit import linear_attention
+from attnbench.attention.lit.naive import PHI_SHIFT
 from tests.helpers import qkv
 
 LIT = attention.get("lit")
@@ -48,12 +48,12 @@ def kernels():
     if not ON_GPU:
         os.environ["TRITON_INTERPRET"] = "1"
     try:
-        for name in ("lit_triton", "sla_triton"):
+        for name in (lit.TRITON_MODULE, sla.TRITON_MODULE):
             mode = _triton.loaded_mode(name)
             if mode is not None and mode == ON_GPU:
                 pytest.skip(f"{name} was imported {'interpreted' if mode else 'compiled'} "
                             "earlier in this process")
-        yield _triton.load("lit_triton"), _triton.load("sla_triton")
+        yield _triton.load(lit.TRITON_MODULE), _triton.load(sla.TRITON_MODULE)
     finally:
         if saved is None:
             os.environ.pop("TRITON_INTERPRET", None)
@@ -99,9 +99,27 @@ def test_lit_forward_matches_the_reference(kernels, b, h, n, d, splits, dtype, g
     lit_triton, _ = kernels
     q, k, v = _inputs(gen, b, h, n, d)
     expected = linear_attention(q, k, v, eps=1e-6)
-    out, *_ = lit_triton.forward(_on(q, dtype), _on(k, dtype), _on(v, dtype), 1e-6, splits=splits)
+    out, *_ = lit_triton.forward(_on(q, dtype), _on(k, dtype), _on(v, dtype), 1e-6,
+                                 phi_shift=PHI_SHIFT, splits=splits)
     assert out.dtype == dtype and out.shape == q.shape
     _close(out, expected, dtype)
+
+
+@needs_triton
+def test_lit_kernel_follows_the_official_feature_map(kernels, gen):
+    """A query row with every entry negative: ≈ the mean of V (not 0), as the reference;
+    and phi_shift=0 is the plain ReLU kernel on both sides."""
+    lit_triton, _ = kernels
+    q, k, v = _inputs(gen, 1, 2, 64, 16)
+    q[:, :, 7] = -q[:, :, 7].abs() - 0.1
+    f32 = [_on(t, torch.float32) for t in (q, k, v)]
+    out = lit_triton.linear_attention(*f32, eps=1e-6, phi_shift=PHI_SHIFT)
+    expected = linear_attention(q, k, v, eps=1e-6)
+    _close(out, expected, torch.float32)
+    assert out[:, :, 7].abs().sum() > 0
+    plain = lit_triton.linear_attention(*f32, eps=1e-6, phi_shift=0.0)
+    _close(plain, linear_attention(q, k, v, eps=1e-6, phi_shift=0.0), torch.float32)
+    assert (plain[:, :, 7] == 0).all()
 
 
 @needs_triton
@@ -112,7 +130,7 @@ def test_lit_forward_takes_strided_inputs(kernels, gen):
     qkv_proj = torch.randn(b, n, 3, h, d, generator=gen, dtype=torch.float64)
     q, k, v = qkv_proj.permute(2, 0, 3, 1, 4).unbind(0)
     f32 = [_on(t, torch.float32) for t in (q, k, v)]
-    out = lit_triton.linear_attention(*f32, eps=1e-6)
+    out = lit_triton.linear_attention(*f32, eps=1e-6, phi_shift=PHI_SHIFT)
     _close(out, linear_attention(q, k, v, eps=1e-6), torch.float32)
 
 
@@ -125,7 +143,8 @@ def test_lit_backward_matches_autograd(kernels, b, h, n, d, dtype, gen):
     grad = torch.randn(b, h, n, d, generator=gen, dtype=torch.float64)
     linear_attention(q, k, v, eps=1e-6).backward(grad)
     leaves = [_on(t.detach(), dtype).requires_grad_() for t in (q, k, v)]
-    lit_triton.linear_attention(*leaves, eps=1e-6).backward(_on(grad, dtype))
+    lit_triton.linear_attention(*leaves, eps=1e-6, phi_shift=PHI_SHIFT).backward(
+        _on(grad, dtype))
     for leaf, ref in zip(leaves, (q, k, v), strict=True):
         scale = ref.grad.abs().max().item()  # gradients are not O(1): compare relative to max
         _close(leaf.grad / scale, ref.grad / scale, dtype, scale=2.0)
