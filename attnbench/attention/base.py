@@ -417,6 +417,9 @@ class AttentionBackend:
     conversion_recipe: ConversionRecipe | None = None
     #: how such a student is distilled (``distill/recipes.py`` reads it)
     distill_recipe: DistillRecipe | None = None
+    #: other distillation recipes of the method, selectable by name (e.g. a variant of
+    #: the official one kept for comparison)
+    distill_alternatives: tuple[DistillRecipe, ...] = ()
 
     @property
     def inherits_projections(self) -> bool:

@@ -146,6 +146,16 @@ class Clear(AttentionBackend):
         attn_tap="pre_proj",
         attn_every=4,
     )
+    distill_alternatives = (
+        DistillRecipe(
+            "clear-post-proj", {"diffusion": 1.0, "kd_out": 0.5, "kd_attn": 0.5}, "attention",
+            "CLEAR's weights with kd_attn after the output projection on every block "
+            "(attnbench's earlier definition, kept for comparison)",
+            "attnbench's choice (a variant of Huage001/CLEAR distill.py)",
+            attn_tap="post_proj",
+            attn_every=1,
+        ),
+    )
 
     def grid_extra_tokens(self, options: dict[str, Any]) -> int:
         return int(options["global_tokens"])
