@@ -184,3 +184,44 @@ def test_memory_models_are_consistent():
     assert lit.memory(1, 16, 4096, 72, impl="reference").workspace < ref.workspace
     # the Triton kernel applies φ on the fly: only the float32 state (and its partials)
     assert lit.memory(1, 16, 4096, 72).workspace == 2 * 16 * (72 * 72 + 72) * 4
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("name", list(attention.names()))
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
+def test_non_floating_inputs_are_one_value_error(name, dtype):
+    """Integer, bool and complex tensors: the same ValueError for every method, before work."""
+    q = torch.ones(1, 1, 16, 8, dtype=dtype)
+    with pytest.raises(ValueError, match=rf"q has dtype {str(dtype)[6:]}; attention takes "
+                                         r"floating-point tensors"):
+        attention.get(name).attend(q, q, q, grid=(4, 4))
+
+
+def _nan_cases():
+    for name in attention.names():
+        for impl in attention.get(name).paths():
+            yield pytest.param(name, impl, id=f"{name}-{impl}")
+
+
+@pytest.mark.parametrize("name, impl", list(_nan_cases()))
+@pytest.mark.parametrize("where", ["q_all", "q_row", "k_token", "v_token"])
+def test_non_finite_input_is_never_hidden(name, impl, where, gen):
+    """Every path is NaN wherever its method's reference is (an all-NaN q: all NaN)."""
+    backend = attention.get(name)
+    shape = (1, 2, 64, 16)
+    reason = backend.path_reasons("cpu", torch.float32, shape)[impl]
+    if reason:
+        pytest.skip(reason)
+    q, k, v = (t.float() for t in qkv(gen, *shape))
+    target = {"q_all": (q, slice(None)), "q_row": (q, 5), "k_token": (k, 9), "v_token": (v, 9)}
+    tensor, index = target[where]
+    tensor[:, :, index] = float("nan")
+    opts = {"radius": 2.5} if name == "clear" else {}
+    out = backend.attend(q, k, v, grid=(8, 8), impl=impl, **opts)
+    reference_nan = backend.reference(q, k, v, grid=(8, 8), **backend.resolve(opts)).isnan()
+    assert reference_nan.any()
+    assert out.isnan()[reference_nan].all(), f"{name}[{impl}] hides a NaN of the reference"
+    if where == "q_all":
+        assert out.isnan().all()

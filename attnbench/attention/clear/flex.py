@@ -264,8 +264,22 @@ def _to_tiles(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return x.index_select(2, order)
 
 
+def keep_nonfinite(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``out`` with NaN where a query row, or any key of its head, is not finite.
+
+    FlexAttention's online softmax drops NaN scores (a NaN query comes out 0),
+    where the reference and the masked path give NaN: this restores the rule
+    every path of every method follows -- a NaN the reference returns is never
+    hidden. One pass over q and k.
+    """
+    ok = torch.isfinite(q).all(dim=-1, keepdim=True) & \
+        torch.isfinite(k).flatten(-2).all(dim=-1)[..., None, None]
+    return out.masked_fill(~ok, float("nan"))
+
+
 def _flex(q, k, v, *, grid, radius, global_tokens, down_factor, pool_weight=None):
     window = _window_of(q, grid, radius, global_tokens, down_factor, pool_weight)
+    q_in, k_in = q, k
     k, v = extend_kv(k, v, window, pool_weight)
     tiled = flex_tile_order(window)
     mask = _cached_block_mask(window, q.device, tiled)
@@ -277,7 +291,7 @@ def _flex(q, k, v, *, grid, radius, global_tokens, down_factor, pool_weight=None
         out = compiled_flex_attention()(q, k, v, block_mask=mask)
     if tiled:  # back to row-major order
         out = _to_tiles(out, inverse[: window.tokens])
-    return out
+    return keep_nonfinite(out, q_in, k_in)
 
 
 def _tile_permute_step(window: Window, q, k, v):
