@@ -179,3 +179,28 @@ def test_register_refuses_a_second_method_of_the_same_name():
 
     with pytest.raises(ValueError, match="already registered"):
         attention.register(Impostor)
+
+
+# --------------------------------------------------------------------------- capabilities
+
+
+def test_selection_says_why_faster_paths_were_passed_over():
+    lit = attention.get("lit")
+    sel = lit.selection("cpu", torch.float64, (1, 2, 64, 16))
+    assert isinstance(sel, attention.Selection) and sel.path == "reference"
+    assert any("float64" in r for r in sel.passed_over["triton"])
+    clear = attention.get("clear")
+    sel = clear.selection("cpu", torch.float32, (1, 2, 64, 16), needs_grad=True)
+    assert sel.path == "masked_sdpa" and "no autograd on cpu" in sel.passed_over["flex"][0]
+    assert clear.selection("cpu", torch.float32, impl="reference") == attention.Selection("reference")
+    assert clear.select("cpu", torch.float32, (1, 2, 64, 16), needs_grad=True) == "masked_sdpa"
+
+
+def test_capabilities_are_data_and_every_reason_is_listed():
+    flash = attention.get("flash").fast_path("flash_attn")
+    reasons = flash.not_supported_reasons("cpu", torch.float32, (1, 1, 16, 300))
+    assert any("CUDA-only" in r for r in reasons)
+    assert any("float16" in r for r in reasons)
+    assert any("head_dim <= 256" in r for r in reasons)
+    assert any("head_dim a multiple of 8" in r for r in reasons)
+    assert attention.get("softmax").describe()["capabilities"]["sdpa"]["devices"] == "any"
