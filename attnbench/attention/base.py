@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,8 +220,8 @@ class FastPath:
         if self.devices is not None and device.type not in self.devices:
             where = "/".join(_DEVICE_NAMES.get(d, d) for d in self.devices)
             subject = f"{self.label} are" if self.label else "this path runs"
-            reasons.append(f"{subject} {where}-only (no {_DEVICE_NAMES.get(device.type, device.type)}"
-                           " kernel)")
+            here = _DEVICE_NAMES.get(device.type, device.type)
+            reasons.append(f"{subject} {where}-only (no {here} kernel)")
         accepted = self.accepted_dtypes(device.type)
         if dtype not in accepted:
             where = f" on {device.type}" if isinstance(self.dtypes, Mapping) else ""

@@ -110,8 +110,9 @@ def _entry(name, timing, *, floor_s=None, bytes_=None, flops=None, note=""):
 def measure_kernels(model: str, resolution: int, dtype: torch.dtype, batch: int = 1) -> dict:
     """Every kernel at one DiT point against its floor (module docstring)."""
     from attnbench import attention
-    from attnbench.attention import clear, sla
-    from attnbench.attention import _triton, lit as _lit, sla as _sla
+    from attnbench.attention import _triton, clear, sla
+    from attnbench.attention import lit as _lit
+    from attnbench.attention import sla as _sla
     from attnbench.bench.environment import environment
     from attnbench.bench.workloads import Point
     from attnbench.models.configs import get_config
@@ -132,7 +133,8 @@ def measure_kernels(model: str, resolution: int, dtype: torch.dtype, batch: int 
     if reason is None:
         lit = _triton.load(_lit.TRITON_MODULE)
         results.append(_entry(
-            "lit_triton forward", _time(lambda: lit.linear_attention(q, k, v, eps=1e-6, phi_shift=1e-6), device),
+            "lit_triton forward",
+            _time(lambda: lit.linear_attention(q, k, v, eps=1e-6, phi_shift=1e-6), device),
             floor_s=io / bw, bytes_=io, note="memory-bound: q, k, v read once, out written once",
         ))
         state = _time(lambda: lit.linear_state(k, v), device)

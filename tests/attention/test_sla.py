@@ -166,7 +166,8 @@ def test_reference_chunks_query_blocks(linear_over, gen, monkeypatch):
     q, k, v = qkv(gen, 2, 2, 150, 8)
     opts = _options(topk=0.5, block_q=16, block_kv=16, linear_over=linear_over)
     whole = SLA.reference(q, k, v, grid=(10, 15), **opts)
-    monkeypatch.setattr(sla_module.reference, "REFERENCE_CHUNK_ELEMENTS", 2 * 2 * 150 * 40)  # 2 blocks
+    # 2 blocks per chunk
+    monkeypatch.setattr(sla_module.reference, "REFERENCE_CHUNK_ELEMENTS", 2 * 2 * 150 * 40)
     chunked = SLA.reference(q, k, v, grid=(10, 15), **opts)
     torch.testing.assert_close(chunked, whole, atol=1e-13, rtol=1e-13)
 

@@ -227,13 +227,11 @@ _COMPILED_FLEX = None
 def compiled_flex_attention():
     """The process-wide ``torch.compile(flex_attention)`` (compiled lazily, once).
 
-    Static shapes: dynamic-shape FlexAttention does not build on CPU in torch
-    2.13 (its C++ fails to compile). Each new (B, H, N, M, d, dtype) is one
-    recompile; grid, radius and G live in the BlockMask as tensors, so changing
-    them is not. Measured on 2 CPU cores (torch 2.13, gcc): ~18-20 s for the
-    first compile with an empty inductor cache, ~5-7 s per further shape; with
-    the on-disk cache warm, ~3-5 s for the first call of a process and ~0.3 s
-    per shape. Benchmarks must warm up before timing.
+    Static shapes: dynamic-shape FlexAttention does not build on CPU. Each new
+    (B, H, N, M, d, dtype) is one recompile; grid, radius and G live in the
+    BlockMask as tensors, so changing them is not. The first compile takes
+    seconds (much less with inductor's on-disk cache warm): benchmarks must
+    warm up before timing.
     """
     global _COMPILED_FLEX
     if _COMPILED_FLEX is None:

@@ -9,7 +9,15 @@ import torch.nn.functional as F
 
 from ..base import FastPath, Grid
 from .pooling import _window_of, extend_kv, extended_bytes
-from .window import DEFAULT_RADIUS, MASK_CHUNK_ELEMENTS, Window, _args, _image_chunks, _index, allowed
+from .window import (
+    DEFAULT_RADIUS,
+    MASK_CHUNK_ELEMENTS,
+    Window,
+    _args,
+    _image_chunks,
+    _index,
+    allowed,
+)
 
 #: masked_sdpa refuses when its masks (bool + SDPA's additive copy) would exceed this.
 MASK_BYTES_LIMIT = 1 << 30

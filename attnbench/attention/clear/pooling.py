@@ -7,6 +7,7 @@ import torch
 from ..base import Grid
 from .window import Window, _window, pools
 
+
 def pool_patches(
     x: torch.Tensor, grid: Grid, down_factor: int, weight: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -9,6 +9,7 @@ from ..softmax.reference import softmax_reference
 from .pooling import extend_kv, extended_bytes
 from .window import Window, _args, _band_keys, _image_chunks, _index, _row_block, allowed
 
+
 def clear_reference(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -16,7 +16,16 @@ from __future__ import annotations
 import torch
 
 from .. import _triton
-from ..base import AttentionBackend, FastPath, Flops, Grid, Option, dense_flops, non_negative, positive
+from ..base import (
+    AttentionBackend,
+    FastPath,
+    Flops,
+    Grid,
+    Option,
+    dense_flops,
+    non_negative,
+    positive,
+)
 from ..recipes import ConversionRecipe, DistillRecipe
 from ..registry import register
 from .core import LiTCore
@@ -125,4 +134,4 @@ class LiT(AttentionBackend):
         return 0.0  # linear attention computes no query–key pair exactly
 
 
-__all__ = ["LiT", "LiTCore", "feature_map", "linear_attention", "lit_heads", "TRITON_MODULE"]
+__all__ = ["TRITON_MODULE", "LiT", "LiTCore", "feature_map", "linear_attention", "lit_heads"]

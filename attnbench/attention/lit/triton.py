@@ -31,9 +31,8 @@ float32 accumulation; the readout ``φ(q)·S`` keeps S in float32 (TF32 operands
 for half inputs -- exact for the bf16/fp16 ``φ(q)``, 2⁻¹¹ relative on S; IEEE
 float32 for float32 inputs).
 
-Compiled for sm_90 without a GPU (triton 3.9, bf16, d = 72 → 3 tiles of 32):
-no register spills for the 8-warp configs of any kernel here; the autotuner
-picks BLOCK_N/BLOCK_M, warps and stages per shape.
+``attnbench.bench.compile_check`` compiles every autotuning config for sm_90/sm_80
+without a GPU and reports register spills.
 
 Backward (a ``torch.autograd.Function``, all Triton, for distillation): with
 ``w_i = 1/den_i`` and ``g_i = −(dO_i·O_i)/den_i`` (``_bwd_pre_kernel``),

@@ -43,7 +43,16 @@ from typing import Any
 import torch
 
 from .. import _triton
-from ..base import AttentionBackend, FastPath, Flops, Grid, Option, dense_flops, positive, unit_fraction
+from ..base import (
+    AttentionBackend,
+    FastPath,
+    Flops,
+    Grid,
+    Option,
+    dense_flops,
+    positive,
+    unit_fraction,
+)
 from ..recipes import OWN_CHOICE, ConversionRecipe, DistillRecipe
 from ..registry import register
 from . import gather as _gather_module
@@ -280,7 +289,7 @@ class SLA(AttentionBackend):
         a partial last block (queries or keys) counts its real tokens only. The selection
         depends on the data, so the count of a partial last KV block is taken at its
         share ``kk/nk`` of the query blocks' choices (exact when bkv divides N)."""
-        nq, nk, kk = self._kept(tokens, block_q, block_kv, topk)
+        _, nk, kk = self._kept(tokens, block_q, block_kv, topk)
         last = tokens - (nk - 1) * block_kv  # tokens of the last KV block
         keys_per_query = kk * block_kv if last == block_kv else \
             kk * ((nk - 1) * block_kv + last) / nk
@@ -297,8 +306,24 @@ class SLA(AttentionBackend):
 
 
 __all__ = [
-    "CORRECTION", "CORRECTIONS", "FEATURE_MAPS", "PARTS", "SLA", "SLACore", "TRITON_MODULE",
-    "block_indices", "block_logits", "block_map", "block_scores", "gather_chunk_blocks",
-    "indices_to_map", "mean_pool", "num_blocks", "selected_count", "sla_gather_parts", "sla_parts",
-    "sla_reference_parts", "sla_triton_parts",
+    "CORRECTION",
+    "CORRECTIONS",
+    "FEATURE_MAPS",
+    "PARTS",
+    "SLA",
+    "TRITON_MODULE",
+    "SLACore",
+    "block_indices",
+    "block_logits",
+    "block_map",
+    "block_scores",
+    "gather_chunk_blocks",
+    "indices_to_map",
+    "mean_pool",
+    "num_blocks",
+    "selected_count",
+    "sla_gather_parts",
+    "sla_parts",
+    "sla_reference_parts",
+    "sla_triton_parts",
 ]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..base import FastPath
 from ..softmax.reference import accumulation_dtype
 from .blocks import FEATURE_MAPS, _split_blocks, num_blocks, selection_bytes
 

@@ -46,13 +46,11 @@ rounded terms); the readout ``φ(q)S`` keeps S in float32 (TF32 operands for
 half inputs). Float32 inputs use IEEE float32 dots throughout (correct but
 slow on GPU: ptxas spills heavily -- float32 is for tests, bf16 is the target).
 
-Compiled for sm_90 (triton 3.9, checked without a GPU), DiT-XL/2 shapes
-(d = 72, 64×64 blocks, bf16, 8 warps): the sparse loop spills nothing in any
-mode ("output": 252 registers); "gemm" spills ~60 B/thread in the epilogue
-only, "state" ~70 B in the loop; 4-warp configs spill. The autotuner picks
-among 4/8 warps × 2/3 stages per shape.
+``attnbench.bench.compile_check`` compiles every autotuning config for sm_90/sm_80
+without a GPU and reports registers and spills; the autotuner picks among
+4/8 warps × 2/3 stages per shape.
 
-Forward only (``differentiable=False`` in the registry): training uses the
+Forward only (``grad_devices=()`` in the registry): training uses the
 pure-torch ``gather`` path.
 """
 
@@ -62,9 +60,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .constants import CORRECTION, CORRECTIONS
 from .._triton import as_bhnd, cdiv, interpret_requested, next_pow2
 from ..lit.triton import FEATURES, _phi, _rmax, _rsum, block_states, dot_precision, linear_state
+from .constants import CORRECTION, CORRECTIONS
 
 INTERPRETED = interpret_requested()
 MAX_HEAD_DIM = 128
