@@ -72,6 +72,13 @@ def _list(args: argparse.Namespace) -> int:
             scope = " [mixer]" if opt["mixer_only"] else ""
             choices = f" one of {opt['choices']}" if opt["choices"] else ""
             print(f"  {'':<9}   {opt['name']}={opt['default']!r}{scope}: {opt['help']}{choices}")
+            if opt.get("source"):
+                print(f"  {'':<9}     default from: {opt['source']}")
+        for kind in ("conversion_recipe", "distill_recipe"):
+            recipe = info.get(kind)
+            if recipe:
+                print(f"  {'':<9}   {kind.replace('_', ' ')}: {recipe['name']} "
+                      f"(source: {recipe['source']})")
     for name, reason in errors.items():
         print(f"\n  plugin {name!r} failed to load: {reason}")
     return 0

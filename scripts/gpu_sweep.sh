@@ -93,7 +93,7 @@ if [[ -z "${SKIP_TESTS:-}" ]]; then
 fi
 
 echo "== 2/4 device ceilings and every kernel against its floor at 8192 px"
-"$PY" -m attnbench.attention.kernels.floor measure --model DiT-XL/2 --res 8192 \
+"$PY" -m attnbench.bench.floor measure --model DiT-XL/2 --res 8192 \
     --dtype bfloat16 --out "$OUT" || echo "!! floor measurement failed (see above)"
 
 echo "== 3/4 the sweep: DiT-XL/2, bf16, $RES px, levels $LEVELS"
@@ -101,6 +101,6 @@ echo "== 3/4 the sweep: DiT-XL/2, bf16, $RES px, levels $LEVELS"
     --level "$LEVELS" --methods "$METHODS" --budget "$BUDGET" --out "$OUT/sweep" --no-progress
 
 echo "== 4/4 targets and report"
-"$PY" -m attnbench.attention.kernels.floor targets "$OUT/sweep" --res 8192 || true
+"$PY" -m attnbench.bench.floor targets "$OUT/sweep" --res 8192 || true
 [[ -f "$OUT/sweep/report.html" ]] || "$PY" -m attnbench report "$OUT/sweep" || true
 echo "== done: $OUT (commit it: raw results, report, floor and targets)"

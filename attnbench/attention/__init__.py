@@ -18,6 +18,7 @@ from .base import (
     Flops,
     Memory,
     Option,
+    Selection,
     dense_flops,
 )
 from .layout import Layout
@@ -39,6 +40,7 @@ __all__ = [
     "Layout",
     "Memory",
     "Option",
+    "Selection",
     "available",
     "dense_flops",
     "get",

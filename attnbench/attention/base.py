@@ -21,15 +21,19 @@ divisions) is not counted. Backward is not modelled here.
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import functools
+import importlib.util
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._names import closest
 from .layout import Layout
+from .recipes import ConversionRecipe, DistillRecipe
 
 Grid = tuple[int, int]
 
@@ -53,6 +57,9 @@ class Option:
     check: Callable[[Any], str | None] | None = None
     #: a parameter of the mixer (e.g. LiT's conv kernel), not of ``attend``
     mixer_only: bool = False
+    #: where the default comes from (the official code's file, the paper's setting, or
+    #: "attnbench's choice" with the reason); ``attnbench list`` shows it
+    source: str = ""
 
     def coerce(self, value: Any) -> Any:
         """Convert ``value`` (possibly a CLI string) to the option's type."""
@@ -99,14 +106,6 @@ def non_negative(value: float) -> str | None:
 
 def unit_fraction(value: float) -> str | None:
     return None if 0 < value <= 1 else "must lie in (0, 1] (a fraction, e.g. 0.05 for 5%)"
-
-
-def closest(name: str, candidates: Sequence[str]) -> str:
-    """``"; did you mean 'x'?"`` or the list of valid names, for error messages."""
-    matches = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.5)
-    if matches:
-        return "; did you mean " + " or ".join(repr(m) for m in matches) + "?"
-    return f"; valid: {', '.join(candidates) or '(none)'}"
 
 
 # --------------------------------------------------------------------------- results
@@ -157,38 +156,182 @@ def dense_flops(batch: int, heads: int, tokens: int, head_dim: int) -> float:
 
 # --------------------------------------------------------------------------- fast paths
 
+#: the floating dtypes attnbench's contract accepts
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+DTypes = tuple[torch.dtype, ...]
+
+
+def _dtype_names(dtypes: DTypes) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+
 
 @dataclass(frozen=True)
 class FastPath:
-    """An implementation of a method's ``attend`` other than its reference.
+    """An implementation of a method's ``attend`` other than its reference, and what it needs.
 
     ``fn(q, k, v, grid=grid, **options)`` must match the reference to the
-    precision of its dtype; ``available(device, dtype, shape)`` returns ``None``
-    or the reason it cannot run there (not installed, no CPU kernel, ...).
-    ``differentiable`` says whether autograd can run through it (a bool, or a
-    function of the device: FlexAttention has no CPU backward, for instance).
+    precision of its dtype. Where it can run is data: ``devices`` (device types,
+    ``None`` = any), ``dtypes`` (a tuple, or a ``{device type: tuple}`` mapping;
+    missing or ``None`` = any floating dtype), head-dim limits, ``requires``
+    (importable module names, any one suffices; ``install`` says how to get
+    one) and ``grad_devices`` (where autograd runs through it; ``None`` = wherever
+    it runs). :meth:`not_supported_reasons` turns that data into every reason
+    it cannot run, the way xformers' ``not_supported_reasons`` does; ``probe``
+    adds what data cannot say (no C++ compiler, Triton's interpreter, a package
+    that is installed but does not load). ``workspace`` is the path's memory
+    model: bytes it keeps alive beside q, k, v and the output, called as
+    ``workspace(batch, heads, tokens, head_dim, grid, element_size=..., **options)``.
     """
 
     name: str
     fn: Callable[..., torch.Tensor]
-    available: Callable[[torch.device, torch.dtype, tuple[int, ...] | None], str | None]
-    differentiable: bool | Callable[[torch.device], bool] = True
+    devices: tuple[str, ...] | None = None
+    dtypes: DTypes | Mapping[str, DTypes] | None = None
+    head_dim_max: int | None = None
+    head_dim_multiple: int | None = None
+    grad_devices: tuple[str, ...] | None = None
+    requires: tuple[str, ...] = ()
+    install: str = ""
+    probe: Callable[[torch.device, torch.dtype, tuple[int, ...] | None], str | None] | None = None
+    workspace: Callable[..., float] | None = None
     #: False for compiled paths that ``FlopCounterMode`` (a dispatch mode) cannot trace:
     #: counting them would fail and leave dynamo refusing the function afterwards
     flop_countable: bool = True
     doc: str = ""
+    #: what the path's kernels are called in messages ("FlashAttention kernels")
+    label: str = ""
 
-    def supports_grad(self, device: torch.device) -> bool:
+    def accepted_dtypes(self, device_type: str) -> DTypes:
+        """The dtypes this path takes on a device type."""
+        dtypes = self.dtypes
+        if isinstance(dtypes, Mapping):
+            dtypes = dtypes.get(device_type, dtypes.get("*"))
+        return FLOAT_DTYPES if dtypes is None else tuple(dtypes)
+
+    def not_supported_reasons(
+        self,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        shape: tuple[int, ...] | None = None,
+    ) -> list[str]:
+        """Every reason this path cannot run on ``device``/``dtype``/``shape`` (``[]``: it can)."""
+        device = torch.device(device)
+        reasons: list[str] = []
+        if self.devices is not None and device.type not in self.devices:
+            where = "/".join(_DEVICE_NAMES.get(d, d) for d in self.devices)
+            subject = f"{self.label} are" if self.label else "this path runs"
+            here = _DEVICE_NAMES.get(device.type, device.type)
+            reasons.append(f"{subject} {where}-only (no {here} kernel)")
+        accepted = self.accepted_dtypes(device.type)
+        if dtype not in accepted:
+            where = f" on {device.type}" if isinstance(self.dtypes, Mapping) else ""
+            reasons.append(f"takes {_dtype_names(accepted)}{where}, not "
+                           f"{str(dtype).removeprefix('torch.')}")
+        if shape is not None and len(shape) == 4:
+            d = shape[-1]
+            if self.head_dim_max is not None and d > self.head_dim_max:
+                reasons.append(f"needs head_dim <= {self.head_dim_max}, got {d}")
+            if self.head_dim_multiple is not None and d % self.head_dim_multiple:
+                reasons.append(f"needs head_dim a multiple of {self.head_dim_multiple}, got {d}")
+        if self.requires and not any(_importable(m) for m in self.requires):
+            names = " or ".join(self.requires)
+            reasons.append(f"{names} is not installed"
+                           + (f" ({self.install})" if self.install else ""))
+        if self.probe is not None and not reasons:  # probes may import: only when data allows
+            try:
+                extra = self.probe(device, dtype, shape)
+            except Exception as err:  # an availability probe must never crash a sweep
+                extra = f"availability check failed: {type(err).__name__}: {err}"
+            if extra:
+                reasons.append(extra)
+        return reasons
+
+    def available(
+        self,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        shape: tuple[int, ...] | None = None,
+    ) -> str | None:
+        """``None`` when this path can run here, else its reasons in one sentence."""
+        reasons = self.not_supported_reasons(device, dtype, shape)
+        return "; ".join(reasons) if reasons else None
+
+    def supports_grad(self, device: torch.device | str) -> bool:
         """Whether autograd runs through this path on ``device``."""
-        d = self.differentiable
-        return d(device) if callable(d) else d
+        grad = self.grad_devices
+        return True if grad is None else torch.device(device).type in grad
+
+    def workspace_bytes(self, *args: Any, **kwargs: Any) -> float:
+        """The path's memory model (0: a flash-style kernel that keeps only O(N·d))."""
+        return 0.0 if self.workspace is None else float(self.workspace(*args, **kwargs))
+
+    def capabilities(self) -> dict[str, Any]:
+        """The path's requirements as JSON-able data (``attnbench list``)."""
+        dtypes = self.dtypes
+        if isinstance(dtypes, Mapping):
+            shown: Any = {k: _dtype_names(v) for k, v in dtypes.items()}
+        else:
+            shown = _dtype_names(dtypes) if dtypes else "any float"
+        return {
+            "devices": list(self.devices) if self.devices else "any",
+            "dtypes": shown,
+            "head_dim_max": self.head_dim_max,
+            "head_dim_multiple": self.head_dim_multiple,
+            "autograd": list(self.grad_devices) if self.grad_devices is not None else "yes",
+            "requires": list(self.requires),
+            "doc": self.doc,
+        }
+
+
+_DEVICE_NAMES = {"cuda": "CUDA", "cpu": "CPU", "mps": "MPS", "xpu": "XPU"}
+
+
+@functools.cache
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The implementation ``attend`` runs on some inputs, and why faster ones did not.
+
+    ``passed_over`` maps every fast path listed ahead of ``path`` to the reasons
+    it could not run (a results row records both: a GPU without Triton then
+    says so instead of silently measuring a slower path).
+    """
+
+    path: str
+    passed_over: dict[str, list[str]] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        if not self.passed_over:
+            return self.path
+        why = "; ".join(f"{name}: {', '.join(r)}" for name, r in self.passed_over.items())
+        return f"{self.path} (passed over {why})"
 
 
 # --------------------------------------------------------------------------- checks
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Raise ``ValueError`` unless q, k, v are ``[B, H, N, d]`` and agree."""
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str = "") -> None:
+    """Raise ``ValueError`` unless q, k, v are floating ``[B, H, N, d]`` tensors that agree.
+
+    Integer, bool and complex inputs are refused here, before any work, with
+    one message for every method (attention is defined on real numbers; an
+    integer input would otherwise give an integer result or a torch error).
+    """
+    where = f"{method}: " if method else ""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{where}{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(
+                f"{where}{name} has dtype {str(t.dtype).removeprefix('torch.')}; attention takes "
+                f"floating-point tensors ({_dtype_names(FLOAT_DTYPES)}): convert with .float()"
+            )
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(
@@ -239,25 +382,50 @@ def square_grid(tokens: int) -> Grid:
 # --------------------------------------------------------------------------- backend
 
 
+def plain_grid(geometry: Grid | Layout | None, method: str) -> Grid:
+    """The image grid of a plain layout (no text tokens, not video); ValueError otherwise."""
+    layout = Layout.coerce(geometry if isinstance(geometry, Layout) else None,
+                           None if isinstance(geometry, Layout) else geometry)
+    if not layout.is_plain:
+        raise ValueError(
+            f"{method} takes a plain image grid here; layout {layout.describe()} "
+            "(text tokens or a video grid) is not supported by this method"
+        )
+    return tuple(layout.grid)  # type: ignore[return-value]
+
+
 class AttentionBackend:
     """Base class of every attention method (see the module docstring).
 
     Subclasses set ``name``, ``summary``, ``paper``, ``options``, implement
-    ``reference`` and ``flop_model`` (and ``workspace_model``, ``mixer_flops``,
-    ``overhead_steps`` where they have them), list their ``fast_paths`` and give
-    ``mixer_class``. Everything else -- option resolution and validation,
-    dispatch, availability, the public ``flops``/``memory`` -- lives here once.
+    ``reference`` and ``flop_model`` (and ``reference_workspace``,
+    ``mixer_flops``, ``overhead_steps``, ``density_model``, ``rounded_options``
+    where they have them), list their ``fast_paths`` (each carrying its
+    capabilities and memory model), give ``core_class`` (the learned parts) and
+    their recipes. Everything else -- option resolution and validation,
+    dispatch, availability, the public ``flops``/``memory``/``density`` --
+    lives here once.
     """
 
     name: str = ""
     summary: str = ""
     paper: str = ""
     options: tuple[Option, ...] = ()
-    #: the mixer ``nn.Module`` class; ``mixer()`` instantiates it.
+    #: the mixer ``nn.Module`` class; ``mixer()`` instantiates it (qkv + core + proj).
     mixer_class: type[AttentionMixer] | None = None
-    #: the method's conversion recipe: does a converted student inherit the softmax
-    #: q/k/v/out projections (CLEAR, SLA: yes) or re-initialise them (LiT's rule)?
-    inherits_projections: bool = True
+    #: how a softmax DiT becomes a student of this method (``models/convert.py`` reads it)
+    conversion_recipe: ConversionRecipe | None = None
+    #: how such a student is distilled (``distill/recipes.py`` reads it)
+    distill_recipe: DistillRecipe | None = None
+    #: other distillation recipes of the method, selectable by name (e.g. a variant of
+    #: the official one kept for comparison)
+    distill_alternatives: tuple[DistillRecipe, ...] = ()
+
+    @property
+    def inherits_projections(self) -> bool:
+        """Whether a converted student inherits the softmax q/k/v/out projections."""
+        recipe = self.conversion_recipe
+        return True if recipe is None else recipe.inherit_projections
 
     # ----- options ------------------------------------------------------------------
     def resolve(
@@ -312,6 +480,14 @@ class AttentionBackend:
         fast = [p.name for p in self.fast_paths]
         return fast if self.kernel_only() else ["reference", *fast]
 
+    def fast_path(self, name: str) -> FastPath:
+        """The fast path called ``name`` (ValueError with suggestions otherwise)."""
+        for p in self.fast_paths:
+            if p.name == name:
+                return p
+        raise ValueError(f"{self.name}: unknown implementation {name!r}"
+                         + closest(name, self.paths()))
+
     def path_reasons(
         self, device: torch.device | str, dtype: torch.dtype, shape: tuple[int, ...] | None = None
     ) -> dict[str, str | None]:
@@ -319,11 +495,43 @@ class AttentionBackend:
         device = torch.device(device)
         reasons: dict[str, str | None] = {} if self.kernel_only() else {"reference": None}
         for p in self.fast_paths:
-            try:
-                reasons[p.name] = p.available(device, dtype, shape)
-            except Exception as err:  # an availability probe must never crash a sweep
-                reasons[p.name] = f"availability check failed: {err}"
+            reasons[p.name] = p.available(device, dtype, shape)
         return reasons
+
+    def selection(
+        self,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        shape: tuple[int, ...] | None = None,
+        *,
+        needs_grad: bool = False,
+        impl: str = "auto",
+    ) -> Selection:
+        """The implementation ``attend`` runs here and why each path ahead of it did not.
+
+        ``impl="auto"`` takes the first fast path that can run (and supports
+        autograd on ``device`` when ``needs_grad``), else the reference; a
+        forced ``impl`` is checked and returned with nothing passed over. A
+        kernel-only method with no runnable path raises ValueError.
+        """
+        device = torch.device(device)
+        if impl != "auto":
+            if impl != "reference" or self.kernel_only():
+                reasons = self.fast_path(impl).not_supported_reasons(device, dtype, shape)
+                if reasons:
+                    raise ValueError(f"{self.name}[{impl}] cannot run here: {'; '.join(reasons)}")
+            return Selection(impl)
+        passed: dict[str, list[str]] = {}
+        for p in self.fast_paths:
+            reasons = p.not_supported_reasons(device, dtype, shape)
+            if not reasons and needs_grad and not p.supports_grad(device):
+                reasons = [f"no autograd on {device.type} (gradients are needed)"]
+            if not reasons:
+                return Selection(p.name, passed)
+            passed[p.name] = reasons
+        if self.kernel_only():
+            raise ValueError(f"{self.name} cannot run here: {self.available(device, dtype, shape)}")
+        return Selection("reference", passed)
 
     def select(
         self,
@@ -334,24 +542,8 @@ class AttentionBackend:
         impl: str = "auto",
         needs_grad: bool = False,
     ) -> str:
-        """The implementation ``attend`` will run: ``impl`` or the first available fast path."""
-        device = torch.device(device)
-        reasons = self.path_reasons(device, dtype, shape)
-        if impl != "auto":
-            if impl not in reasons:
-                raise ValueError(
-                    f"{self.name}: unknown implementation {impl!r}" + closest(impl, list(reasons))
-                )
-            if reasons[impl]:
-                raise ValueError(f"{self.name}[{impl}] cannot run here: {reasons[impl]}")
-            return impl
-        for p in self.fast_paths:
-            if reasons[p.name] is None and (not needs_grad or p.supports_grad(device)):
-                return p.name
-        if self.kernel_only():
-            reason = self.available(device, dtype, shape)
-            raise ValueError(f"{self.name} cannot run here: {reason}")
-        return "reference"
+        """The implementation ``attend`` will run (``selection(...).path``)."""
+        return self.selection(device, dtype, shape, needs_grad=needs_grad, impl=impl).path
 
     def overhead_steps(
         self, q, k, v, *, grid: Grid, impl: str, **options: Any
@@ -373,15 +565,23 @@ class AttentionBackend:
         """True for methods that only exist as a fast path (flash, xformers)."""
         return False
 
+    @staticmethod
+    def needs_grad(*tensors: torch.Tensor | None) -> bool:
+        """Whether autograd will run back through any of ``tensors``."""
+        return torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in tensors
+        )
+
     def prepare(
-        self, q, k, v, *, grid: Grid, impl: str, options: dict[str, Any]
+        self, q, k, v, *, grid: Grid, impl: str, options: dict[str, Any],
+        needs_grad: bool | None = None,
     ) -> tuple[str, Grid, dict[str, Any]]:
         """Checks shared by every entry point: ``(implementation, grid, resolved options)``."""
-        check_qkv(q, k, v)
+        check_qkv(q, k, v, self.name)
         opts = self.resolve(options)
         grid = check_grid(grid, k.shape[2], extra=self.grid_extra_tokens(opts))
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        chosen = self.select(q.device, q.dtype, tuple(q.shape), impl=impl, needs_grad=needs_grad)
+        grad = self.needs_grad(q, k, v) if needs_grad is None else needs_grad
+        chosen = self.select(q.device, q.dtype, tuple(q.shape), impl=impl, needs_grad=grad)
         return chosen, grid, opts
 
     #: True for methods that ignore the token geometry (softmax) and so accept any
@@ -408,28 +608,21 @@ class AttentionBackend:
         they require grad), else the reference; ``impl="reference"`` or a fast
         path's name forces one.
         """
+        check_qkv(q, k, v, self.name)
         layout = Layout.coerce(layout, grid)
         if self.any_layout and not layout.is_plain:
-            check_qkv(q, k, v)
             layout.check(k.shape[2])
             opts = self.resolve(options)
-            needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
             chosen = self.select(q.device, q.dtype, tuple(q.shape), impl=impl,
-                                 needs_grad=needs_grad)
+                                 needs_grad=self.needs_grad(q, k, v))
             geometry = {"layout": layout}
         else:
-            if not layout.is_plain:
-                raise ValueError(
-                    f"{self.name} takes a plain image grid here; layout {layout.describe()} "
-                    "(text tokens or a video grid) is not supported by this method"
-                )
-            chosen, grid, opts = self.prepare(q, k, v, grid=layout.grid, impl=impl,
-                                              options=options)
+            chosen, grid, opts = self.prepare(q, k, v, grid=plain_grid(layout, self.name),
+                                              impl=impl, options=options)
             geometry = {"grid": grid}
         if chosen == "reference":
             return self.reference(q, k, v, **geometry, **opts)
-        path = next(p for p in self.fast_paths if p.name == chosen)
-        return path.fn(q, k, v, **geometry, **opts)
+        return self.fast_path(chosen).fn(q, k, v, **geometry, **opts)
 
     def available(
         self,
@@ -444,32 +637,37 @@ class AttentionBackend:
         """
         if not self.kernel_only():
             return None
-        fast = self.path_reasons(device, dtype, shape)
-        if any(r is None for r in fast.values()):
+        device = torch.device(device)
+        fast = {p.name: p.not_supported_reasons(device, dtype, shape) for p in self.fast_paths}
+        if any(not r for r in fast.values()):
             return None
-        if len(set(fast.values())) == 1:  # one reason for every path: say it once
-            return next(iter(fast.values()))
-        return "; ".join(f"{name}: {r}" for name, r in fast.items())
+        if len(fast) == 1:
+            return "; ".join(next(iter(fast.values())))
+        firsts = {r[0] for r in fast.values()}
+        if len(firsts) == 1:  # the same first obstacle for every path: say it once
+            return next(iter(firsts))
+        return "; ".join(f"{name}: {'; '.join(r)}" for name, r in fast.items())
 
     # ----- the module ---------------------------------------------------------------
     def mixer(self, dim: int, num_heads: int, **options: Any) -> AttentionMixer:
         """The ``nn.Module`` replacing a DiT block's attention (``x [B,N,C] → [B,N,C]``)."""
-        if self.mixer_class is None:  # pragma: no cover - every built-in method has one
-            raise ValueError(f"{self.name} has no mixer")
         qkv_bias = options.pop("qkv_bias", True)
         impl = options.pop("impl", "auto")
         opts = self.resolve(options, mixer=True)
-        return self.mixer_class(self, dim, num_heads, qkv_bias=qkv_bias, impl=impl, **opts)
+        cls = self.mixer_class or AttentionMixer
+        return cls(self, dim, num_heads, qkv_bias=qkv_bias, impl=impl, **opts)
 
-    #: the ``nn.Module`` class of the method on already-projected heads (``core()``)
+    #: the ``nn.Module`` class of the method on already-projected heads (``core()``):
+    #: where the method's learned parts live
     core_class: type[AttentionCore] | None = None
 
     def core(self, num_heads: int, head_dim: int, **options: Any) -> AttentionCore:
         """The method on projected heads, learned parts included: ``q, k, v [B,H,N,d] → [B,H,N,d]``.
 
         What a model that owns its projections (a diffusers transformer's
-        ``to_q``/``to_k``/``to_v``/``to_out``) plugs in: everything of the method
-        except the projections. ``impl`` forces a path as in ``attend``.
+        ``to_q``/``to_k``/``to_v``/``to_out``) plugs in, and what every mixer
+        holds as ``core``: everything of the method except the projections.
+        ``impl`` forces a path as in ``attend``.
         """
         impl = options.pop("impl", "auto")
         opts = self.resolve(options, mixer=True)
@@ -522,10 +720,27 @@ class AttentionBackend:
         )
         return Memory(io=io, workspace=float(workspace), dense=io)
 
+    def workspace_model(
+        self, batch, heads, tokens, head_dim, grid: Grid, *, element_size: int, impl: str, **opts
+    ) -> float:
+        """Bytes kept alive beside q, k, v and the output by ``impl``: the reference's
+        model (``reference_workspace``) or the one the fast path carries."""
+        if impl == "reference":
+            return self.reference_workspace(batch, heads, tokens, head_dim, grid,
+                                            element_size=element_size, **opts)
+        return self.fast_path(impl).workspace_bytes(batch, heads, tokens, head_dim, grid,
+                                                    element_size=element_size, **opts)
+
+    def reference_workspace(
+        self, batch, heads, tokens, head_dim, grid: Grid, *, element_size: int, **opts
+    ) -> float:
+        """Bytes the reference keeps alive beside q, k, v and the output."""
+        return 0.0
+
     def mixer_flops(
         self, batch: int, heads: int, tokens: int, head_dim: int, **options: Any
     ) -> float:
-        """FLOPs of the mixer's own learned parts, beyond ``attend`` and the projections.
+        """FLOPs of the core's own learned parts, beyond ``attend`` and the projections.
 
         LiT's depth-wise conv, SLA's ``proj_l``: part of a block's cost, not of
         the attention kernel's. ``options`` are the mixer's (mixer-only ones included).
@@ -535,11 +750,63 @@ class AttentionBackend:
     def flop_model(self, batch, heads, tokens, head_dim, grid: Grid, **options) -> Flops:
         raise NotImplementedError  # pragma: no cover - every method defines it
 
-    def workspace_model(
-        self, batch, heads, tokens, head_dim, grid: Grid, *, element_size: int, impl: str, **opts
-    ) -> float:
-        """Bytes kept alive beside q, k, v and the output (0 for flash-style kernels)."""
-        return 0.0
+    # ----- honest labels ------------------------------------------------------------
+    def _label_args(self, geometry: Grid | Layout, options: dict[str, Any]):
+        opts = self.resolve(self.attend_options(options))
+        if isinstance(geometry, Layout):
+            if not geometry.is_plain and not self.any_layout:
+                plain_grid(geometry, self.name)  # raises: this method takes plain grids
+            grid = tuple(geometry.grid) if geometry.is_plain else None
+            tokens = geometry.tokens
+        else:
+            grid = tuple(int(s) for s in geometry)
+            tokens = math.prod(grid) + self.grid_extra_tokens(opts)
+        return grid, tokens, opts
+
+    def density(self, geometry: Grid | Layout, **options: Any) -> float:
+        """Fraction of the N×N query–key pairs this method computes exactly, in [0, 1].
+
+        Softmax-exact methods 1; a local or sparse method the pairs it attends
+        with exact softmax over N²; a linear method 0 (it computes no exact pair).
+        ``options`` as for ``attend`` (mixer-only ones are ignored).
+        """
+        grid, tokens, opts = self._label_args(geometry, options)
+        return float(self.density_model(grid, tokens, **opts))
+
+    def density_model(self, grid: Grid | None, tokens: int, **options: Any) -> float:
+        return 1.0
+
+    def effective_options(self, geometry: Grid | Layout, **options: Any) -> dict[str, Any]:
+        """The options as they act at this geometry: resolved, plus what rounding made of
+        them (SLA's kept blocks, CLEAR's integer distance limit and pooled tokens)."""
+        grid, tokens, opts = self._label_args(geometry, options)
+        return {**opts, **self.rounded_options(grid, tokens, **opts)}
+
+    def rounded_options(self, grid: Grid | None, tokens: int, **options: Any) -> dict[str, Any]:
+        """What the method's rounding makes of ``options`` at this geometry (``{}``: none)."""
+        return {}
+
+    #: relative distance between a requested and an effective value that is worth a warning
+    ROUNDING_TOLERANCE = 0.2
+
+    def rounding_warning(self, geometry: Grid | Layout, **options: Any) -> str | None:
+        """A sentence when rounding moves an option more than 20% (relative) from the
+        request, e.g. ``"sla:topk=0.05 keeps 1 of 4 blocks (25%)"``; else ``None``."""
+        grid, tokens, opts = self._label_args(geometry, options)
+        for requested, effective, sentence in self.rounding_checks(grid, tokens, **opts):
+            if requested == effective:
+                continue
+            if requested == 0 or abs(effective - requested) > self.ROUNDING_TOLERANCE * abs(
+                requested
+            ):
+                return sentence
+        return None
+
+    def rounding_checks(
+        self, grid: Grid | None, tokens: int, **options: Any
+    ) -> list[tuple[float, float, str]]:
+        """``(requested, effective, sentence)`` for each option that rounds (``[]``: none)."""
+        return []
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary for ``attnbench list``."""
@@ -555,27 +822,32 @@ class AttentionBackend:
                     "choices": list(o.choices) if o.choices else None,
                     "mixer_only": o.mixer_only,
                     "help": o.help,
+                    "source": o.source,
                 }
                 for o in self.options
             ],
             "implementations": self.paths(),
+            "capabilities": {p.name: p.capabilities() for p in self.fast_paths},
+            "conversion_recipe": self.conversion_recipe.to_dict()
+            if self.conversion_recipe else None,
+            "distill_recipe": self.distill_recipe.to_dict() if self.distill_recipe else None,
         }
 
     def __repr__(self) -> str:
         return f"<attention backend {self.name!r}>"
 
 
-# --------------------------------------------------------------------------- mixer
+# --------------------------------------------------------------------------- core and mixer
 
 
 class AttentionCore(nn.Module):
     """A method on projected heads: ``q, k, v [B, H, N, d] → [B, H, N, d]`` over a layout.
 
     Holds the method's learned parts (none for the plain methods) so that they
-    are parameters of whatever model it is plugged into and train with it.
-    Subclasses add their parts, override ``forward`` and declare them in
-    ``new_parameters()`` (all of a core's parameters are new: a softmax
-    checkpoint has none of them).
+    are parameters of whatever model it is plugged into -- a DiT block's mixer
+    or a diffusers attention processor -- and train with it. Subclasses add
+    their parts, override ``forward`` and ``reset_new_parameters``. Every
+    parameter of a core is new: a softmax checkpoint has none of them.
     """
 
     def __init__(
@@ -594,6 +866,10 @@ class AttentionCore(nn.Module):
         return self.backend.attend(q, k, v, layout=layout, grid=grid, impl=self.impl,
                                    **self.attend_options)
 
+    def plain_grid(self, layout: Layout | None, grid: Grid | None) -> Grid:
+        """The image grid of a plain layout; ValueError for text tokens or video (for now)."""
+        return plain_grid(Layout.coerce(layout, grid), self.backend.name)
+
     def reset_new_parameters(self) -> None:
         """Initialise the method's learned parts as its paper prescribes."""
 
@@ -608,13 +884,15 @@ class AttentionCore(nn.Module):
 
 
 class AttentionMixer(nn.Module):
-    """A DiT block's attention: ``x [B, N, C] → [B, N, C]`` over a token grid.
+    """A DiT block's attention: ``x [B, N, C] → [B, N, C]`` = ``proj(core(qkv(x)))``.
 
     Owns ``qkv`` (Linear C→3C) and ``proj`` (Linear C→C) under the names of
     timm's ``Attention`` that DiT uses, so ``blocks.{i}.attn.qkv.*`` and
-    ``blocks.{i}.attn.proj.*`` of a softmax checkpoint map onto every method.
-    Subclasses add the method's learned parts and declare them in
-    ``new_parameters()`` (parameters a softmax checkpoint has no value for).
+    ``blocks.{i}.attn.proj.*`` of a softmax checkpoint map onto every method;
+    the method itself, learned parts included, is ``core`` (the backend's
+    :class:`AttentionCore`): ``blocks.{i}.attn.core.*`` are the parameters a
+    softmax checkpoint has no value for. The core's output, before ``proj``, is
+    what a forward hook on ``core`` sees (CLEAR's attention distillation term).
     """
 
     #: parameter-name prefixes that have a softmax counterpart of identical meaning
@@ -645,6 +923,7 @@ class AttentionMixer(nn.Module):
         self.options = dict(options)
         self.attend_options = backend.attend_options(options)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.core = backend.core(num_heads, self.head_dim, impl=impl, **options)
         self.proj = nn.Linear(dim, dim)
 
     def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -653,25 +932,23 @@ class AttentionMixer(nn.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
-    def core(self, q, k, v, grid: Grid) -> torch.Tensor:
-        """The method on one layer's heads; subclasses add their learned parts here."""
-        return self.backend.attend(q, k, v, grid=grid, impl=self.impl, **self.attend_options)
-
     def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"expected x of shape [B, N, {self.dim}], got {tuple(x.shape)}")
         q, k, v = self.split_heads(x)
-        out = self.core(q, k, v, tuple(grid))
+        out = self.core(q, k, v, grid=tuple(grid))
         b, _, n, _ = out.shape
         return self.proj(out.transpose(1, 2).reshape(b, n, self.dim))
 
     def reset_new_parameters(self) -> None:
-        """Initialise the method's new parameters as its paper prescribes.
+        """Initialise the method's new parameters (the core's) as its paper prescribes.
 
-        Called by the mixer's constructor and again by models after their own
-        weight init (DiT's Xavier init of every Linear would otherwise overwrite,
-        e.g., SLA's zero-initialised projection). The projections are not touched.
+        Called by the constructor (through the core's) and again by models after
+        their own weight init (DiT's Xavier init of every Linear would otherwise
+        overwrite, e.g., SLA's zero-initialised projection). The projections are
+        not touched.
         """
+        self.core.reset_new_parameters()
 
     def new_parameters(self) -> list[str]:
         """Names of parameters a softmax checkpoint cannot provide (init by the method)."""

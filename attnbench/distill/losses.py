@@ -12,21 +12,34 @@ from .recipes import DistillRecipe
 
 
 class AttentionTap:
-    """Records the output of every block's attention mixer during a forward pass.
+    """Records the attention output of the tapped blocks during a forward pass.
 
-    ``with AttentionTap(model) as tap: model(x, t, y)`` leaves ``tap.outputs``
-    ``[depth × [B, N, C]]`` (CLEAR's per-layer term compares them).
+    ``with AttentionTap(model, recipe) as tap: model(x, t, y)`` leaves
+    ``tap.outputs``, one tensor per tapped block (CLEAR's per-layer term
+    compares them). ``recipe.attn_tap`` says where: ``"pre_proj"`` -- the
+    output of the mixer's ``core`` (``[B, H, N, d]``: the heads before the output
+    projection, where the official CLEAR code takes it) -- or ``"post_proj"``,
+    the mixer's output ``[B, N, C]``; blocks whose index is a multiple of
+    ``recipe.attn_every`` are tapped (CLEAR: 4; its FLUX rule is single-stream
+    blocks with index % 4 == 0, and every DiT block is single-stream). An MSE
+    over the elements does not depend on the heads' layout, so ``pre_proj`` needs
+    no reshaping.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, recipe: DistillRecipe | None = None) -> None:
         self.model = model
+        self.tap = recipe.attn_tap if recipe is not None else "post_proj"
+        self.every = recipe.attn_every if recipe is not None else 1
         self.outputs: list[torch.Tensor] = []
         self._handles: list = []
 
     def __enter__(self) -> AttentionTap:
         self.outputs = []
-        for block in _blocks(self.model):
-            self._handles.append(block.attn.register_forward_hook(self._hook))
+        for i, block in enumerate(_blocks(self.model)):
+            if i % self.every:
+                continue
+            module = block.attn.core if self.tap == "pre_proj" else block.attn
+            self._handles.append(module.register_forward_hook(self._hook))
         return self
 
     def _hook(self, module, inputs, output) -> None:
@@ -75,7 +88,7 @@ def recipe_losses(
     xt = diffusion.q_sample(x0, t, noise)
     tm = diffusion.model_timesteps(t)
     want_attn = recipe.needs_attention
-    with AttentionTap(student) if want_attn else _nothing() as s_tap:
+    with AttentionTap(student, recipe) if want_attn else _nothing() as s_tap:
         s_out = student(xt, tm, y)
     terms = diffusion.losses_from_output(s_out, x0, xt, t, noise)
     out: dict[str, torch.Tensor] = {"mse": terms["mse"].mean()}
@@ -85,7 +98,7 @@ def recipe_losses(
     if recipe.needs_teacher:
         if teacher is None:
             raise ValueError(f"recipe {recipe.name!r} needs a teacher")
-        with torch.no_grad(), AttentionTap(teacher) if want_attn else _nothing() as t_tap:
+        with torch.no_grad(), AttentionTap(teacher, recipe) if want_attn else _nothing() as t_tap:
             t_out = teacher(xt, tm, y)
         c = x0.shape[1]
         if "kd_eps" in weights:

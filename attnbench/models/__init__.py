@@ -22,13 +22,12 @@ from .checkpoint import (
 )
 from .configs import CPU_DEFAULT, DIT_CONFIGS, TEST_MODEL, DiTConfig, config_names, get_config
 from .convert import (
-    RECIPES,
     REPORT_FILE,
     InheritanceReport,
     Recipe,
     get_recipe,
     recipe_for,
-    register_recipe,
+    recipe_names,
     save_student,
 )
 from .dit import DiT, DiTBlock, build_dit, sincos_pos_embed
@@ -36,7 +35,7 @@ from .dit import DiT, DiTBlock, build_dit, sincos_pos_embed
 __all__ = [
     "CPU_DEFAULT",
     "DIT_CONFIGS",
-    "RECIPES",
+    "recipe_names",
     "REPORT_FILE",
     "TEST_MODEL",
     "CheckpointInfo",
@@ -55,7 +54,7 @@ __all__ = [
     "model_from_state_dict",
     "read_checkpoint",
     "recipe_for",
-    "register_recipe",
+
     "save_dit",
     "save_student",
     "sincos_pos_embed",

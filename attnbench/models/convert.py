@@ -7,37 +7,22 @@ inherits, lets the method initialise the rest, and returns the student with an
 
 What is inherited is decided from the mixers' own declarations, never from the
 method's name: a mixer's ``inheritable_parameters()`` (the q/k/v/out
-projections) have a softmax counterpart, its ``new_parameters()`` do not and
-are initialised by its ``reset_new_parameters()``. A :class:`Recipe` only
-decides two things a paper prescribes: whether the projections are inherited or
-re-initialised, and how many heads the student has. Recipes:
+projections) have a softmax counterpart, its ``new_parameters()`` (those of its
+``core``) do not and are initialised by the core's ``reset_new_parameters()``.
+The recipe -- whether the projections are inherited or re-initialised, and how
+many heads the student has, with its source -- is declared by the method as
+data (``backend.conversion_recipe``, an :class:`attnbench.attention.recipes.
+ConversionRecipe`); this module has no per-method rule. A method without one
+gets ``inherit``: every parameter with a counterpart, the teacher's heads.
 
-* ``lit`` -- LiT's rule (arXiv 2501.12976, guideline 4; its class-to-image code
-  drops every key containing ``attn``): everything except the attention is
-  inherited; q/k/v/proj are re-initialised (Xavier-uniform, bias 0 -- DiT's
-  init of every Linear) unless ``inherit_projections=True``. Few heads
-  (guideline 2): the paper uses 2 for DiT-S/2 (6 heads) and 4 for DiT-XL/2
-  (16); the rule ``max(2, heads // 4)`` reproduces both and is used for every
-  size (B: 3, L: 4). The qkv weights are the same whatever the split, so
-  inheriting them with fewer heads splits the same projections differently.
-* ``clear`` -- CLEAR (arXiv 2412.16112): q/k/v/out inherited, the same
-  projections, teacher's heads; nothing new unless the mixer adds down-sampled
-  KV tokens (``down_factor``).
-* ``sla`` -- SLA (arXiv 2509.24006): q/k/v/out inherited; the linear branch's
-  projection is zero-initialised by the mixer, so a fresh student is
-  block-sparse attention.
-* ``inherit`` -- every other method: inherit what has a counterpart (the
-  projections, unless the backend's ``inherits_projections`` is False), keep
-  the teacher's heads.
-
-Every recipe is overridable: ``recipe=``, ``num_heads=``, ``inherit_projections=``.
+Every recipe is overridable: ``recipe=`` (another method's name or a
+``ConversionRecipe``), ``num_heads=``, ``inherit_projections=``.
 """
 
 from __future__ import annotations
 
 import json
 import platform
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +30,8 @@ from typing import Any
 import torch
 
 from .. import attention
+from ..attention.base import closest
+from ..attention.recipes import ConversionRecipe
 from .checkpoint import CheckpointInfo, load_dit, save_dit
 from .configs import DiTConfig
 from .dit import DiT
@@ -55,103 +42,40 @@ REPORT_FILE = "inheritance.json"
 
 # --------------------------------------------------------------------------- recipes
 
+#: the recipe of a method that declares none
+INHERIT = ConversionRecipe(
+    "inherit",
+    "inherit every parameter with a softmax counterpart (the projections); the method "
+    "initialises its new parameters; teacher's heads",
+    "attnbench's default",
+)
+
+#: the name older code used
+Recipe = ConversionRecipe
+
+
+def recipe_names() -> list[str]:
+    """``inherit`` and every registered method that declares a conversion recipe."""
+    return ["inherit", *(n for n in attention.names() if attention.get(n).conversion_recipe)]
+
+
+def get_recipe(name: str) -> ConversionRecipe:
+    """The conversion recipe called ``name``: ``inherit`` or a method's own."""
+    if name == "inherit":
+        return INHERIT
+    if name in attention.names() and attention.get(name).conversion_recipe:
+        return attention.get(name).conversion_recipe
+    raise ValueError(f"unknown conversion recipe {name!r}{closest(name, recipe_names())}")
+
+
+def recipe_for(method: str) -> ConversionRecipe:
+    """The default recipe of ``method``: its own if it declares one, else ``inherit``."""
+    return attention.get(method).conversion_recipe or INHERIT
+
 
 def lit_heads(teacher: DiTConfig) -> int:
-    """LiT's few heads: ``max(2, heads // 4)`` (S/2: 6 → 2, XL/2: 16 → 4, as in the paper).
-
-    Lowered to the nearest count dividing the hidden size if it does not.
-    """
-    heads = max(2, teacher.num_heads // 4)
-    while heads > 1 and teacher.hidden_size % heads:
-        heads -= 1
-    return heads
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How a softmax DiT becomes a student of a method (see the module docstring).
-
-    ``inherit_projections=None`` follows the backend's ``inherits_projections``;
-    ``heads=None`` keeps the teacher's heads.
-    """
-
-    name: str
-    summary: str
-    source: str = ""
-    inherit_projections: bool | None = None
-    heads: Callable[[DiTConfig], int] | None = None
-
-    def student_heads(self, teacher: DiTConfig) -> int:
-        return self.heads(teacher) if self.heads else teacher.num_heads
-
-    def inherits(self, backend: attention.AttentionBackend) -> bool:
-        if self.inherit_projections is None:
-            return bool(backend.inherits_projections)
-        return self.inherit_projections
-
-
-RECIPES: dict[str, Recipe] = {}
-
-
-def register_recipe(recipe: Recipe) -> Recipe:
-    """Add a recipe (named after a method to become its default); names are unique."""
-    if recipe.name in RECIPES and RECIPES[recipe.name] != recipe:
-        raise ValueError(f"conversion recipe {recipe.name!r} is already registered")
-    RECIPES[recipe.name] = recipe
-    return recipe
-
-
-register_recipe(
-    Recipe(
-        "inherit",
-        "inherit every parameter with a softmax counterpart (projections per the method's "
-        "inherits_projections); the method initialises its new parameters; teacher's heads",
-        "attnbench default",
-    )
-)
-register_recipe(
-    Recipe(
-        "lit",
-        "LiT: inherit everything except the attention (q/k/v/proj re-initialised "
-        "Xavier-uniform, bias 0); few heads max(2, heads//4): S/2 2, XL/2 4",
-        "LiT, arXiv 2501.12976, guidelines 2 and 4",
-        inherit_projections=False,
-        heads=lit_heads,
-    )
-)
-register_recipe(
-    Recipe(
-        "clear",
-        "CLEAR: inherit q/k/v/out (the same projections); new parameters only with "
-        "down-sampled KV tokens (down_factor); teacher's heads",
-        "CLEAR, arXiv 2412.16112",
-        inherit_projections=True,
-    )
-)
-register_recipe(
-    Recipe(
-        "sla",
-        "SLA: inherit q/k/v/out; the linear-branch projection is zero-initialised so the "
-        "fresh student equals block-sparse attention; teacher's heads",
-        "SLA, arXiv 2509.24006",
-        inherit_projections=True,
-    )
-)
-
-
-def get_recipe(name: str) -> Recipe:
-    try:
-        return RECIPES[name]
-    except KeyError:
-        from ..attention.base import closest
-
-        hint = closest(name, list(RECIPES))
-        raise ValueError(f"unknown conversion recipe {name!r}{hint}") from None
-
-
-def recipe_for(method: str) -> Recipe:
-    """The default recipe of ``method``: its own if registered, else ``inherit``."""
-    return RECIPES.get(method, RECIPES["inherit"])
+    """LiT's few heads for ``teacher`` (the rule is LiT's: ``attention.lit.lit_heads``)."""
+    return get_recipe("lit").student_heads(teacher.num_heads, teacher.hidden_size)
 
 
 # --------------------------------------------------------------------------- the report
@@ -194,6 +118,10 @@ class InheritanceReport:
     versions: dict[str, str] = field(default_factory=dict)
     #: what a user should know before training this student (printed by the CLIs)
     warnings: list[str] = field(default_factory=list)
+    #: the method's distillation recipe (``backend.distill_recipe``) and its source, so
+    #: the student's folder says how it is meant to be trained and on whose authority
+    distill_recipe: str = ""
+    distill_recipe_source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -276,7 +204,8 @@ def convert(
     rec = get_recipe(recipe) if isinstance(recipe, str) else (recipe or recipe_for(method))
     t_cfg = teacher.config
 
-    heads = rec.student_heads(t_cfg) if num_heads is None else num_heads
+    heads = rec.student_heads(t_cfg.num_heads, t_cfg.hidden_size) if num_heads is None \
+        else num_heads
     if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0:
         raise ValueError(f"num_heads must be a positive integer, got {heads!r}")
     if t_cfg.hidden_size % heads:
@@ -284,7 +213,8 @@ def convert(
             f"num_heads={heads} does not divide the hidden size {t_cfg.hidden_size}; "
             f"choose one of {_divisors(t_cfg.hidden_size)}"
         )
-    inherit = rec.inherits(backend) if inherit_projections is None else bool(inherit_projections)
+    inherit = rec.inherit_projections if inherit_projections is None \
+        else bool(inherit_projections)
 
     impl = options.pop("impl", None)
     if impl is not None and impl not in ("auto", *backend.paths()):
@@ -375,6 +305,8 @@ def convert(
         seed=seed,
         versions=_versions(),
         warnings=_dense_warning(backend, resolved, t_cfg, heads),
+        distill_recipe=backend.distill_recipe.describe() if backend.distill_recipe else "",
+        distill_recipe_source=backend.distill_recipe.source if backend.distill_recipe else "",
     )
     student.inheritance = report
     return student, report

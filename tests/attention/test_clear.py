@@ -125,10 +125,10 @@ def test_reference_is_the_definition(case, gen):
 
 def test_reference_in_many_chunks_is_the_definition(gen, monkeypatch):
     """Forced into one grid row per chunk, the key band still covers every circle."""
-    monkeypatch.setattr(clear, "REFERENCE_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(clear.window, "REFERENCE_CHUNK_ELEMENTS", 1)
     case = (2, 2, (9, 7), 3, 2, 2.9, 16)
     q, k, v = _inputs(gen, case)
-    assert clear._row_block(clear.Layout.build((9, 7), 2.9, 3, 2), 4) == 1
+    assert clear.window._row_block(clear.Window.build((9, 7), 2.9, 3, 2), 4) == 1
     out = CLEAR.attend(q, k, v, grid=(9, 7), impl="reference", **_opts(case))
     torch.testing.assert_close(out, naive_clear(q, k, v, (9, 7), **_opts(case)), atol=1e-12, rtol=0)
 
@@ -147,18 +147,18 @@ def test_radius_covering_the_grid_is_softmax(global_tokens, impl, gen):
 def test_reference_at_a_128_by_128_grid_stays_chunked(gen, monkeypatch):
     """16,384 tokens: no chunk of scores comes near the 16384² matrix."""
     seen = []
-    inner = clear.softmax_reference
+    inner = clear.reference.softmax_reference
 
     def spy(q, k, v, **kw):
         seen.append(q.shape[2] * k.shape[2])
         return inner(q, k, v, **kw)
 
-    monkeypatch.setattr(clear, "softmax_reference", spy)
+    monkeypatch.setattr(clear.reference, "softmax_reference", spy)
     n = 128 * 128
     q, k, v = (torch.randn(1, 1, n, 4, generator=gen) for _ in range(3))
     out = CLEAR.attend(q, k, v, grid=(128, 128), radius=8, impl="reference")
     assert out.shape == q.shape and torch.isfinite(out).all()
-    assert len(seen) > 1 and max(seen) <= clear.MASK_CHUNK_ELEMENTS <= n * n // 64
+    assert len(seen) > 1 and max(seen) <= clear.window.MASK_CHUNK_ELEMENTS <= n * n // 64
     # spot check one query in the middle against its own neighbourhood
     i = 64 * 128 + 70
     ky, kx = torch.arange(n) // 128, torch.arange(n) % 128
@@ -213,8 +213,8 @@ def test_flex_matches_the_reference(grid, global_tokens, down_factor, radius, ge
     [((20, 20), 130, 3, 2.0), ((30, 17), 0, 4, 2.5), ((16, 40), 5, 0, 2.0)],
 )
 def test_block_mask_tiles_are_the_dense_mask_reduced(grid, g, f, r):
-    layout = clear.Layout.build(grid, r, g, f)
-    partial, full = clear._block_flags(layout, torch.device("cpu"))
+    layout = clear.Window.build(grid, r, g, f)
+    partial, full = clear.flex._block_flags(layout, torch.device("cpu"))
     mask = naive_mask(grid, r, g, f)
     n, m, bs = mask.shape[0], mask.shape[1], clear.FLEX_BLOCK
     padded = torch.zeros(-(-n // bs) * bs, -(-m // bs) * bs, dtype=torch.long)
@@ -367,7 +367,7 @@ def test_invalid_options_are_value_errors(gen):
         CLEAR.reference(*qkv(gen, 1, 1, 20, 8), grid=(4, 4))
     with pytest.raises(ValueError, match=r"pool_weight must be \[2, 2\]"):
         CLEAR.attend(q, k, v, grid=(4, 4), down_factor=2, pool_weight=torch.ones(3, 3))
-    with pytest.raises(ValueError, match="down_factor is 0"):
+    with pytest.raises(ValueError, match="down_factor is 1"):
         CLEAR.attend(q, k, v, grid=(4, 4), pool_weight=torch.ones(2, 2))
     assert CLEAR.resolve({"radius": "16", "down_factor": "4"})["radius"] == 16.0
 
@@ -378,13 +378,13 @@ def test_invalid_options_are_value_errors(gen):
 def test_mixer_new_parameters_are_the_pool_weights():
     assert CLEAR.mixer(48, 4).new_parameters() == []
     mixer = CLEAR.mixer(48, 4, down_factor=4)
-    assert mixer.new_parameters() == ["pool_weight"]
-    assert mixer.pool_weight.shape == (4, 4)
-    torch.testing.assert_close(mixer.pool_weight.data, torch.full((4, 4), 1 / 16))
+    assert mixer.new_parameters() == ["core.pool_weight"]
+    assert mixer.core.pool_weight.shape == (4, 4)
+    torch.testing.assert_close(mixer.core.pool_weight.data, torch.full((4, 4), 1 / 16))
     with torch.no_grad():
-        mixer.pool_weight.mul_(3)
+        mixer.core.pool_weight.mul_(3)
     mixer.reset_new_parameters()
-    torch.testing.assert_close(mixer.pool_weight.data, torch.full((4, 4), 1 / 16))
+    torch.testing.assert_close(mixer.core.pool_weight.data, torch.full((4, 4), 1 / 16))
 
 
 def test_mixer_with_global_tokens_uses_its_weights(gen):
@@ -395,10 +395,10 @@ def test_mixer_with_global_tokens_uses_its_weights(gen):
         q, k, v = mixer.split_heads(x)
         at_init = CLEAR.attend(q, k, v, grid=grid, radius=2.5, global_tokens=g, down_factor=2)
         assert mixer(x, grid).shape == x.shape
-        torch.testing.assert_close(mixer.core(q, k, v, grid), at_init, atol=1e-12, rtol=1e-12)
-        mixer.pool_weight.copy_(torch.randn(2, 2, generator=gen, dtype=torch.float64))
-        learned = mixer.core(q, k, v, grid)
-    expected = naive_clear(q, k, v, grid, 2.5, g, 2, weight=mixer.pool_weight.detach())
+        torch.testing.assert_close(mixer.core(q, k, v, grid=grid), at_init, atol=1e-12, rtol=1e-12)
+        mixer.core.pool_weight.copy_(torch.randn(2, 2, generator=gen, dtype=torch.float64))
+        learned = mixer.core(q, k, v, grid=grid)
+    expected = naive_clear(q, k, v, grid, 2.5, g, 2, weight=mixer.core.pool_weight.detach())
     torch.testing.assert_close(learned, expected, atol=1e-12, rtol=1e-12)
     assert not torch.allclose(learned, at_init)
 
@@ -409,7 +409,7 @@ def test_mixer_gradients_flow_on_cpu(gen):
     x = torch.randn(2, g + 30, 32, generator=gen, requires_grad=True)
     assert CLEAR.select("cpu", torch.float32, (2, 4, g + 30, 8), needs_grad=True) == "masked_sdpa"
     mixer(x, grid).square().mean().backward()
-    for name in ("pool_weight", "qkv.weight", "proj.weight"):
+    for name in ("core.pool_weight", "qkv.weight", "proj.weight"):
         grad = dict(mixer.named_parameters())[name].grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
     assert x.grad is not None and x.grad.abs().sum() > 0
@@ -422,4 +422,47 @@ def test_pooling_alone_trains_with_frozen_projections(gen):
         p.requires_grad_(False)
     x = torch.randn(1, 30, 32, generator=gen)
     mixer(x, (5, 6)).sum().backward()
-    assert mixer.pool_weight.grad is not None and mixer.pool_weight.grad.abs().sum() > 0
+    assert mixer.core.pool_weight.grad is not None and mixer.core.pool_weight.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- official semantics
+
+
+@pytest.mark.parametrize("impl", ["reference", "masked_sdpa"])
+def test_down_factor_one_is_no_pooling(impl, gen):
+    """The official meaning: 1 (the default of distill.py) and 0 append no pooled keys."""
+    q, k, v = qkv(gen, 1, 2, 8 * 8, 16)
+    none = CLEAR.attend(q, k, v, grid=(8, 8), radius=2.5, down_factor=0, impl=impl)
+    one = CLEAR.attend(q, k, v, grid=(8, 8), radius=2.5, down_factor=1, impl=impl)
+    torch.testing.assert_close(one, none, atol=0, rtol=0)
+    assert clear.Window.build((8, 8), 2.5, 0, 1).pooled == 0
+    assert clear.allowed_pairs((8, 8), 2.5, 0, 1) == clear.allowed_pairs((8, 8), 2.5)
+    assert CLEAR.core(2, 16, down_factor=1).new_parameters() == []
+    assert CLEAR.core(2, 16, down_factor=2).new_parameters() == ["pool_weight"]
+
+
+def test_defaults_are_the_official_training_defaults():
+    opts = CLEAR.resolve()
+    assert opts["radius"] == 16.0 and opts["down_factor"] == 1
+    sources = {o.name: o.source for o in CLEAR.options}
+    assert "window_size 16" in sources["radius"] and "down_factor 1" in sources["down_factor"]
+
+
+def test_density_is_the_windows_pairs_over_n_squared():
+    grid, r = (16, 16), 3.0
+    assert CLEAR.density(grid, radius=r) == clear.local_pairs(grid, r) / 256**2
+    dense = CLEAR.density(grid, radius=100.0)
+    assert dense == 1.0
+    pooled = CLEAR.density(grid, radius=r, down_factor=4)  # + 16 pooled keys per image query
+    assert pooled == pytest.approx((clear.local_pairs(grid, r) + 256 * 16) / 256**2)
+    assert CLEAR.density(attention.Layout((16, 16)), radius=r) == CLEAR.density(grid, radius=r)
+    with pytest.raises(ValueError, match="plain image grid"):
+        CLEAR.density(attention.Layout((16, 16), text=4), radius=r)
+
+
+def test_effective_options_and_rounding_warning():
+    eff = CLEAR.effective_options((4, 4), radius=2.5, down_factor=8)
+    assert eff["max_sq_distance"] == 6 and eff["pooled_tokens"] == 0
+    assert "adds no pooled keys" in CLEAR.rounding_warning((4, 4), radius=2.5, down_factor=8)
+    assert "covers the whole 4×4 grid" in CLEAR.rounding_warning((4, 4), radius=40.0)
+    assert CLEAR.rounding_warning((32, 32), radius=8.0) is None

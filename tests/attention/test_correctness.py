@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from attnbench import attention
-from attnbench.attention import softmax as softmax_module
+from attnbench.attention.softmax import reference as softmax_module
 from attnbench.bench.flops import count_flops
 from tests.helpers import qkv
 
@@ -74,16 +74,31 @@ def test_softmax_reference_chunks_queries(gen, monkeypatch):
 
 
 def test_lit_from_its_definition(gen):
-    """LiT against the per-query formula O_i = φ(q_i)S / (φ(q_i)z + eps), in float64."""
+    """LiT against the official per-query formula, in float64:
+    φ(x) = relu(x) + 1e-6, O_i = Σ_j w_ij v_j / N / (Σ_j w_ij / N + eps), w_ij = φ(q_i)·φ(k_j)."""
     q, k, v = qkv(gen, 1, 2, 24, 8)
     eps = 1e-6
-    fq, fk = q.relu(), k.relu()
+    fq, fk = q.relu() + 1e-6, k.relu() + 1e-6
     expected = torch.empty_like(q)
     for i in range(24):
-        weights = fq[:, :, i : i + 1] @ fk.transpose(-1, -2)  # [B, H, 1, N]
+        weights = fq[:, :, i : i + 1] @ fk.transpose(-1, -2) / 24  # [B, H, 1, N]
         expected[:, :, i] = ((weights @ v) / (weights.sum(-1, keepdim=True) + eps))[:, :, 0]
     out = attention.get("lit").attend(q, k, v, grid=(4, 6), eps=eps)
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_lit_query_with_every_entry_negative_gives_about_the_mean_of_v(gen):
+    """The official feature map keeps φ(q) = 1e-6 > 0: such a row averages V, it is not 0."""
+    q, k, _ = qkv(gen, 1, 1, 16, 8)
+    v = torch.full((1, 1, 16, 8), 3.0, dtype=torch.float64)  # every value the same
+    q[:, :, 5] = -torch.rand(8, generator=gen, dtype=torch.float64) - 0.1  # all negative
+    out = attention.get("lit").attend(q, k, v, grid=(4, 4))
+    row = out[0, 0, 5]
+    # φ(q)·mean φ(k) = 1e-6·Σ_d mean φ(k) ≫ eps here, so the row is close to 3, far from 0
+    ratio = (1e-6 * (k.relu() + 1e-6).mean(2).sum()) / (1e-6 * (k.relu() + 1e-6).mean(2).sum()
+                                                         + 1e-6)
+    torch.testing.assert_close(row, torch.full_like(row, 3.0) * ratio, atol=1e-12, rtol=1e-12)
+    assert (row > 2.0).all()
 
 
 def test_lit_half_precision_accumulates_in_float32(gen):
@@ -169,3 +184,44 @@ def test_memory_models_are_consistent():
     assert lit.memory(1, 16, 4096, 72, impl="reference").workspace < ref.workspace
     # the Triton kernel applies φ on the fly: only the float32 state (and its partials)
     assert lit.memory(1, 16, 4096, 72).workspace == 2 * 16 * (72 * 72 + 72) * 4
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("name", list(attention.names()))
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
+def test_non_floating_inputs_are_one_value_error(name, dtype):
+    """Integer, bool and complex tensors: the same ValueError for every method, before work."""
+    q = torch.ones(1, 1, 16, 8, dtype=dtype)
+    with pytest.raises(ValueError, match=rf"q has dtype {str(dtype)[6:]}; attention takes "
+                                         r"floating-point tensors"):
+        attention.get(name).attend(q, q, q, grid=(4, 4))
+
+
+def _nan_cases():
+    for name in attention.names():
+        for impl in attention.get(name).paths():
+            yield pytest.param(name, impl, id=f"{name}-{impl}")
+
+
+@pytest.mark.parametrize("name, impl", list(_nan_cases()))
+@pytest.mark.parametrize("where", ["q_all", "q_row", "k_token", "v_token"])
+def test_non_finite_input_is_never_hidden(name, impl, where, gen):
+    """Every path is NaN wherever its method's reference is (an all-NaN q: all NaN)."""
+    backend = attention.get(name)
+    shape = (1, 2, 64, 16)
+    reason = backend.path_reasons("cpu", torch.float32, shape)[impl]
+    if reason:
+        pytest.skip(reason)
+    q, k, v = (t.float() for t in qkv(gen, *shape))
+    target = {"q_all": (q, slice(None)), "q_row": (q, 5), "k_token": (k, 9), "v_token": (v, 9)}
+    tensor, index = target[where]
+    tensor[:, :, index] = float("nan")
+    opts = {"radius": 2.5} if name == "clear" else {}
+    out = backend.attend(q, k, v, grid=(8, 8), impl=impl, **opts)
+    reference_nan = backend.reference(q, k, v, grid=(8, 8), **backend.resolve(opts)).isnan()
+    assert reference_nan.any()
+    assert out.isnan()[reference_nan].all(), f"{name}[{impl}] hides a NaN of the reference"
+    if where == "q_all":
+        assert out.isnan().all()

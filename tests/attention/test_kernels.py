@@ -3,7 +3,7 @@
 Where the kernels run here: on a CUDA GPU, compiled (float32, float16,
 bfloat16); on CPU, in Triton's interpreter (float32 and float16 -- its bfloat16
 arithmetic is wrong). Triton decides interpreted-or-compiled when a kernel is
-decorated, i.e. when ``attnbench.attention.kernels.*_triton`` is imported, so
+decorated, i.e. when ``attnbench.attention.{lit,sla}.triton`` is imported, so
 the ``kernels`` fixture (module scope) sets ``TRITON_INTERPRET=1`` on CPU,
 imports the kernel modules under it, and restores the environment afterwards.
 Other tests of the same process are unaffected: outside this module the CPU
@@ -23,9 +23,9 @@ import pytest
 import torch
 
 from attnbench import attention
-from attnbench.attention import clear, sla
-from attnbench.attention.kernels import _triton
+from attnbench.attention import _triton, clear, lit, sla
 from attnbench.attention.lit import linear_attention
+from attnbench.attention.lit.naive import PHI_SHIFT
 from tests.helpers import qkv
 
 LIT = attention.get("lit")
@@ -48,12 +48,12 @@ def kernels():
     if not ON_GPU:
         os.environ["TRITON_INTERPRET"] = "1"
     try:
-        for name in ("lit_triton", "sla_triton"):
+        for name in (lit.TRITON_MODULE, sla.TRITON_MODULE):
             mode = _triton.loaded_mode(name)
             if mode is not None and mode == ON_GPU:
                 pytest.skip(f"{name} was imported {'interpreted' if mode else 'compiled'} "
                             "earlier in this process")
-        yield _triton.load("lit_triton"), _triton.load("sla_triton")
+        yield _triton.load(lit.TRITON_MODULE), _triton.load(sla.TRITON_MODULE)
     finally:
         if saved is None:
             os.environ.pop("TRITON_INTERPRET", None)
@@ -99,9 +99,27 @@ def test_lit_forward_matches_the_reference(kernels, b, h, n, d, splits, dtype, g
     lit_triton, _ = kernels
     q, k, v = _inputs(gen, b, h, n, d)
     expected = linear_attention(q, k, v, eps=1e-6)
-    out, *_ = lit_triton.forward(_on(q, dtype), _on(k, dtype), _on(v, dtype), 1e-6, splits=splits)
+    out, *_ = lit_triton.forward(_on(q, dtype), _on(k, dtype), _on(v, dtype), 1e-6,
+                                 phi_shift=PHI_SHIFT, splits=splits)
     assert out.dtype == dtype and out.shape == q.shape
     _close(out, expected, dtype)
+
+
+@needs_triton
+def test_lit_kernel_follows_the_official_feature_map(kernels, gen):
+    """A query row with every entry negative: ≈ the mean of V (not 0), as the reference;
+    and phi_shift=0 is the plain ReLU kernel on both sides."""
+    lit_triton, _ = kernels
+    q, k, v = _inputs(gen, 1, 2, 64, 16)
+    q[:, :, 7] = -q[:, :, 7].abs() - 0.1
+    f32 = [_on(t, torch.float32) for t in (q, k, v)]
+    out = lit_triton.linear_attention(*f32, eps=1e-6, phi_shift=PHI_SHIFT)
+    expected = linear_attention(q, k, v, eps=1e-6)
+    _close(out, expected, torch.float32)
+    assert out[:, :, 7].abs().sum() > 0
+    plain = lit_triton.linear_attention(*f32, eps=1e-6, phi_shift=0.0)
+    _close(plain, linear_attention(q, k, v, eps=1e-6, phi_shift=0.0), torch.float32)
+    assert (plain[:, :, 7] == 0).all()
 
 
 @needs_triton
@@ -112,7 +130,7 @@ def test_lit_forward_takes_strided_inputs(kernels, gen):
     qkv_proj = torch.randn(b, n, 3, h, d, generator=gen, dtype=torch.float64)
     q, k, v = qkv_proj.permute(2, 0, 3, 1, 4).unbind(0)
     f32 = [_on(t, torch.float32) for t in (q, k, v)]
-    out = lit_triton.linear_attention(*f32, eps=1e-6)
+    out = lit_triton.linear_attention(*f32, eps=1e-6, phi_shift=PHI_SHIFT)
     _close(out, linear_attention(q, k, v, eps=1e-6), torch.float32)
 
 
@@ -125,7 +143,8 @@ def test_lit_backward_matches_autograd(kernels, b, h, n, d, dtype, gen):
     grad = torch.randn(b, h, n, d, generator=gen, dtype=torch.float64)
     linear_attention(q, k, v, eps=1e-6).backward(grad)
     leaves = [_on(t.detach(), dtype).requires_grad_() for t in (q, k, v)]
-    lit_triton.linear_attention(*leaves, eps=1e-6).backward(_on(grad, dtype))
+    lit_triton.linear_attention(*leaves, eps=1e-6, phi_shift=PHI_SHIFT).backward(
+        _on(grad, dtype))
     for leaf, ref in zip(leaves, (q, k, v), strict=True):
         scale = ref.grad.abs().max().item()  # gradients are not O(1): compare relative to max
         _close(leaf.grad / scale, ref.grad / scale, dtype, scale=2.0)
@@ -258,7 +277,7 @@ def test_without_the_interpreter_flag_cpu_keeps_the_torch_paths(monkeypatch):
 
 
 def test_tile_permutation_orders_tiles_row_by_row():
-    layout = clear.Layout.build((3, 10), 2.0, global_tokens=2, down_factor=2)
+    layout = clear.Window.build((3, 10), 2.0, global_tokens=2, down_factor=2)
     perm = clear.tile_permutation(layout)
     assert sorted(perm.tolist()) == list(range(layout.keys))
     assert perm[:2].tolist() == [0, 1] and perm[32:].tolist() == list(range(32, 37))
@@ -272,9 +291,9 @@ def test_tile_permutation_orders_tiles_row_by_row():
     "grid, g, f, r", [((20, 44), 130, 4, 3.0), ((33, 41), 0, 0, 5.5), ((9, 70), 5, 3, 2.0)]
 )
 def test_tile_order_block_flags_are_the_permuted_mask_reduced(grid, g, f, r):
-    layout = clear.Layout.build(grid, r, g, f)
+    layout = clear.Window.build(grid, r, g, f)
     perm = clear.tile_permutation(layout)
-    partial, full = clear._block_flags(layout, torch.device("cpu"), perm)
+    partial, full = clear.flex._block_flags(layout, torch.device("cpu"), perm)
     mask = clear.dense_mask(grid, r, g, f)[perm[: layout.tokens]][:, perm]
     n, m, bs = layout.tokens, layout.keys, clear.FLEX_BLOCK
     padded = torch.zeros(-(-n // bs) * bs, -(-m // bs) * bs, dtype=torch.long)
@@ -290,9 +309,9 @@ def test_tile_order_skips_more_blocks_at_64_by_64():
     tiled = 1 - clear.block_density((64, 64), 8.0, tiled=True)
     assert row == pytest.approx(0.738, abs=1e-3)
     assert tiled == pytest.approx(0.785, abs=1e-3)
-    layout = clear.Layout.build((64, 64), 8.0)
+    layout = clear.Window.build((64, 64), 8.0)
     assert clear.flex_tile_order(layout)
-    assert not clear.flex_tile_order(clear.Layout.build((32, 32), 8.0))  # row order skips more
+    assert not clear.flex_tile_order(clear.Window.build((32, 32), 8.0))  # row order skips more
     built = clear.block_mask((64, 64), 8.0, tiled=True)
     assert clear.block_mask((64, 64), 8.0, tiled=True) is built  # cached per layout
 
@@ -304,7 +323,7 @@ FLEX_REASON = CLEAR.path_reasons("cpu", torch.float32, (1, 2, 1000, 64))["flex"]
 def test_flex_in_tile_order_matches_the_reference(gen):
     grid, opts = (17, 40), {"radius": 3.5, "global_tokens": 3, "down_factor": 4}
     n = 3 + 17 * 40
-    assert clear.flex_tile_order(clear.Layout.build(grid, **opts))
+    assert clear.flex_tile_order(clear.Window.build(grid, **opts))
     q, k, v = qkv(gen, 1, 2, n, 64)
     expected = CLEAR.reference(q, k, v, grid=grid, **opts)
     out = CLEAR.attend(q.float(), k.float(), v.float(), grid=grid, impl="flex", **opts)

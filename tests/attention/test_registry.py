@@ -90,7 +90,7 @@ def test_invalid_options_are_value_errors(gen):
 
 def test_options_from_strings_are_coerced():
     lit = attention.get("lit")
-    assert lit.resolve({"eps": "1e-5"}) == {"eps": 1e-5}
+    assert lit.resolve({"eps": "1e-5"}) == {"eps": 1e-5, "phi_shift": 1e-6}
     assert lit.resolve({"dwc_kernel": "3"}, mixer=True)["dwc_kernel"] == 3
     with pytest.raises(ValueError, match="must be 0 .off. or odd"):
         lit.resolve({"dwc_kernel": 4}, mixer=True)
@@ -115,8 +115,8 @@ def test_mixer_contract(name, gen):
 
 def test_lit_mixer_new_parameters_are_the_dwc():
     mixer = attention.get("lit").mixer(64, 2)
-    assert mixer.new_parameters() == ["dwc.weight", "dwc.bias"]
-    assert mixer.dwc.weight.shape == (32, 1, 5, 5)  # depth-wise over d_head, shared by heads
+    assert mixer.new_parameters() == ["core.dwc.weight", "core.dwc.bias"]
+    assert mixer.core.dwc.weight.shape == (32, 1, 5, 5)  # depth-wise over d_head, shared by heads
     assert attention.get("lit").mixer(64, 2, dwc_kernel=0).new_parameters() == []
 
 
@@ -179,3 +179,29 @@ def test_register_refuses_a_second_method_of_the_same_name():
 
     with pytest.raises(ValueError, match="already registered"):
         attention.register(Impostor)
+
+
+# --------------------------------------------------------------------------- capabilities
+
+
+def test_selection_says_why_faster_paths_were_passed_over():
+    lit = attention.get("lit")
+    sel = lit.selection("cpu", torch.float64, (1, 2, 64, 16))
+    assert isinstance(sel, attention.Selection) and sel.path == "reference"
+    assert any("float64" in r for r in sel.passed_over["triton"])
+    clear = attention.get("clear")
+    sel = clear.selection("cpu", torch.float32, (1, 2, 64, 16), needs_grad=True)
+    assert sel.path == "masked_sdpa" and "no autograd on cpu" in sel.passed_over["flex"][0]
+    forced = clear.selection("cpu", torch.float32, impl="reference")
+    assert forced == attention.Selection("reference")
+    assert clear.select("cpu", torch.float32, (1, 2, 64, 16), needs_grad=True) == "masked_sdpa"
+
+
+def test_capabilities_are_data_and_every_reason_is_listed():
+    flash = attention.get("flash").fast_path("flash_attn")
+    reasons = flash.not_supported_reasons("cpu", torch.float32, (1, 1, 16, 300))
+    assert any("CUDA-only" in r for r in reasons)
+    assert any("float16" in r for r in reasons)
+    assert any("head_dim <= 256" in r for r in reasons)
+    assert any("head_dim a multiple of 8" in r for r in reasons)
+    assert attention.get("softmax").describe()["capabilities"]["sdpa"]["devices"] == "any"

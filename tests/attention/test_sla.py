@@ -166,7 +166,8 @@ def test_reference_chunks_query_blocks(linear_over, gen, monkeypatch):
     q, k, v = qkv(gen, 2, 2, 150, 8)
     opts = _options(topk=0.5, block_q=16, block_kv=16, linear_over=linear_over)
     whole = SLA.reference(q, k, v, grid=(10, 15), **opts)
-    monkeypatch.setattr(sla_module, "REFERENCE_CHUNK_ELEMENTS", 2 * 2 * 150 * 40)  # 2 blocks
+    # 2 blocks per chunk
+    monkeypatch.setattr(sla_module.reference, "REFERENCE_CHUNK_ELEMENTS", 2 * 2 * 150 * 40)
     chunked = SLA.reference(q, k, v, grid=(10, 15), **opts)
     torch.testing.assert_close(chunked, whole, atol=1e-13, rtol=1e-13)
 
@@ -242,7 +243,7 @@ def test_gather_chunks_query_blocks(gen, monkeypatch):
     q, k, v = qkv(gen, 1, 2, 200, 8)
     opts = {"topk": 0.5, "block_q": 16, "block_kv": 16}
     whole = SLA.attend(q, k, v, grid=(10, 20), impl="gather", **opts)
-    monkeypatch.setattr(sla_module, "GATHER_CHUNK_ELEMENTS", 1)  # one query block per chunk
+    monkeypatch.setattr(sla_module.gather, "GATHER_CHUNK_ELEMENTS", 1)  # one query block per chunk
     assert sla_module.gather_chunk_blocks(1, 2, 6, 16, 8) == 1
     chunked = SLA.attend(q, k, v, grid=(10, 20), impl="gather", **opts)
     torch.testing.assert_close(chunked, whole, atol=1e-13, rtol=1e-13)
@@ -298,8 +299,8 @@ def test_memory_model_follows_the_path_that_runs():
 def test_mixer_zero_init_is_block_sparse_attention(gen):
     torch.manual_seed(0)
     mixer = SLA.mixer(64, 2, topk=0.4, block_q=16, block_kv=16).double()
-    assert mixer.proj_l.weight.shape == (32, 32) and mixer.proj_l.bias.shape == (32,)
-    assert mixer.new_parameters() == ["proj_l.weight", "proj_l.bias"]
+    assert mixer.core.proj_l.weight.shape == (32, 32) and mixer.core.proj_l.bias.shape == (32,)
+    assert mixer.new_parameters() == ["core.proj_l.weight", "core.proj_l.bias"]
     x = torch.randn(2, 10 * 12, 64, generator=gen, dtype=torch.float64)
     q, k, v = mixer.split_heads(x)
     o_s, o_l = SLA.attend_parts(q, k, v, grid=(10, 12), topk=0.4, block_q=16, block_kv=16)
@@ -308,12 +309,12 @@ def test_mixer_zero_init_is_block_sparse_attention(gen):
     torch.testing.assert_close(mixer(x, (10, 12)), sparse_only, atol=1e-12, rtol=1e-12)
 
     # a model's own init (DiT: Xavier on every Linear) is undone by reset_new_parameters
-    torch.nn.init.xavier_uniform_(mixer.proj_l.weight)
-    torch.nn.init.normal_(mixer.proj_l.bias)
-    with_linear = mixer.proj((o_s + mixer.proj_l(o_l)).transpose(1, 2).reshape(2, 120, 64))
+    torch.nn.init.xavier_uniform_(mixer.core.proj_l.weight)
+    torch.nn.init.normal_(mixer.core.proj_l.bias)
+    with_linear = mixer.proj((o_s + mixer.core.proj_l(o_l)).transpose(1, 2).reshape(2, 120, 64))
     torch.testing.assert_close(mixer(x, (10, 12)), with_linear, atol=1e-12, rtol=1e-12)
     mixer.reset_new_parameters()
-    assert not mixer.proj_l.weight.any() and not mixer.proj_l.bias.any()
+    assert not mixer.core.proj_l.weight.any() and not mixer.core.proj_l.bias.any()
     assert mixer.inheritable_parameters() == ["qkv.weight", "qkv.bias", "proj.weight", "proj.bias"]
 
 
@@ -419,3 +420,26 @@ def test_describe_and_paths():
         "linear_over": "marginal",
         "eps": 1e-5,
     }
+
+
+# --------------------------------------------------------------------------- honest labels
+
+
+def test_kept_blocks_density_and_the_rounding_warning():
+    """topk=0.05 at 256 tokens (4 blocks of 64) keeps 1 block: 25%, not 5%."""
+    sla = attention.get("sla")
+    eff = sla.effective_options((16, 16))
+    assert (eff["kv_blocks"], eff["kept_blocks"], eff["effective_topk"]) == (4, 1, 0.25)
+    assert sla.density((16, 16)) == 0.25
+    assert sla.rounding_warning((16, 16)) == "sla:topk=0.05 keeps 1 of 4 blocks (25%)"
+    assert sla.rounding_warning((160, 160), topk=0.05) is None  # 400 blocks: 20 kept = 5%
+    assert sla.density((160, 160)) == pytest.approx(0.05)
+    assert sla.density((16, 16), topk=1.0) == 1.0
+    # a partial last block (N = 100: blocks of 64 and 36) counts its real tokens
+    assert sla.density((10, 10), topk=0.5) == pytest.approx(1 * (64 + 36) / 2 / 100)
+
+
+def test_recipe_sources_say_when_they_are_attnbench_s_choice():
+    sla = attention.get("sla")
+    assert "attnbench's choice" in sla.distill_recipe.source
+    assert sla.conversion_recipe.inherit_projections

@@ -75,6 +75,32 @@ def test_recipe_losses(method, terms, gen):
         assert float(same[key].detach()) == 0.0
 
 
+def test_clear_attention_term_is_the_official_one_and_the_old_one_an_option(gen):
+    """Official: before the output projection, blocks with index % 4 == 0; the earlier
+    definition (after the projection, every block) stays selectable by name."""
+    from attnbench.distill.losses import AttentionTap
+
+    official, old = RECIPES["clear"], get_recipe("clear-post-proj")
+    assert (official.attn_tap, official.attn_every) == ("pre_proj", 4)
+    assert (old.attn_tap, old.attn_every) == ("post_proj", 1) and old.weights == official.weights
+    assert "Huage001/CLEAR" in official.source
+    teacher = tiny_teacher()
+    x = torch.rand(2, 3, 16, 16, generator=gen)
+    t, y = torch.tensor([3, 500]), torch.tensor([1, 2])
+    depth = len(teacher.blocks)
+    with torch.no_grad():
+        with AttentionTap(teacher, official) as tap:
+            teacher(x, t, y)
+        heads = teacher.blocks[0].attn.num_heads
+        assert len(tap.outputs) == len(range(0, depth, 4))
+        assert tap.outputs[0].shape[:2] == (2, heads) and tap.outputs[0].dim() == 4
+        with AttentionTap(teacher, old) as tap:
+            teacher(x, t, y)
+        assert len(tap.outputs) == depth and tap.outputs[0].dim() == 3
+    with pytest.raises(ValueError, match="attn_tap"):
+        official.with_overrides(attn_tap="inside")
+
+
 def test_batch_plan_is_a_pure_function_of_the_step():
     a = plan_batch(0, 7, 8, (3, 4, 4), 100, 1000, 0.1)
     b = plan_batch(0, 7, 8, (3, 4, 4), 100, 1000, 0.1)

@@ -165,7 +165,7 @@ def test_lit_options_inherit_projections_and_heads(teacher, gen):
 def test_recipe_is_selectable(teacher):
     _, report = attnbench.convert(teacher, "lit", recipe="inherit")
     assert report.recipe == "inherit" and report.student_heads == 4
-    assert not report.inherit_projections  # the backend's own inherits_projections
+    assert report.inherit_projections  # "inherit": every parameter with a counterpart
     _, report = attnbench.convert(teacher, "softmax", recipe=get_recipe("lit"))
     assert report.student_heads == 2 and report.reinitialised
 
@@ -265,3 +265,19 @@ def test_student_follows_the_teachers_dtype_and_mode(teacher):
     teacher = teacher.double().train()
     student, _ = attnbench.convert(teacher, "sla")
     assert student.training and student.pos_embed.dtype == torch.float64
+
+
+def test_report_carries_the_recipes_sources(teacher):
+    _, report = attnbench.convert(teacher, "sla")
+    assert "arXiv 2509.24006" in report.recipe_source
+    assert "attnbench's choice" in report.distill_recipe_source
+    _, report = attnbench.convert(teacher, "clear", radius=2.0)
+    assert "Huage001/CLEAR" in report.distill_recipe_source
+    assert "kd_attn pre-proj" in report.distill_recipe
+
+
+def test_student_core_keys_and_the_teacher_loads_unchanged(teacher):
+    student, report = attnbench.convert(teacher, "lit")
+    assert "blocks.0.attn.core.dwc.weight" in report.new
+    assert not any(k.startswith("blocks.0.attn.dwc") for k in student.state_dict())
+    assert all(".core." not in k for k in teacher.state_dict())  # softmax cores own nothing

@@ -1,6 +1,6 @@
 """Compile the Triton kernels for a GPU architecture without a GPU: errors, registers, spills.
 
-``python -m attnbench.attention.kernels.compile_check [--arch 90] [--dtype bf16]``
+``python -m attnbench.bench.compile_check [--arch 90] [--dtype bf16]``
 
 Triton's front end, its NVIDIA passes and the bundled ``ptxas`` run on any
 machine, so every autotuning config of every kernel can be compiled here for
@@ -48,8 +48,8 @@ def _compile(jit, arch: int, types: dict, constexprs: dict, num_warps: int, num_
 
 def cases(dtype: str):
     """``(label, kernel, pointer types, constexprs, configs)`` for DiT-XL/2 shapes."""
-    from . import lit_triton as lit
-    from . import sla_triton as sla
+    from ..attention.lit import triton as lit
+    from ..attention.sla import triton as sla
 
     p, f32 = f"*{dtype}", "*fp32"
     prec = "ieee" if dtype == "fp32" else "tf32"

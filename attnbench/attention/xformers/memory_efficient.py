@@ -1,4 +1,4 @@
-"""xformers' ``memory_efficient_attention``: exact softmax by the xformers kernels.
+"""xformers' ``memory_efficient_attention`` as a fast path.
 
 Unavailable with the precise reason when the package is missing, when its
 compiled extensions do not load (a build for another torch or CUDA), or on a
@@ -13,13 +13,11 @@ import warnings
 
 import torch
 
-from .base import AttentionMixer, FastPath
-from .registry import register
-from .softmax import Softmax
+from ..base import FastPath
 
 
 @functools.cache
-def _xformers_ops():
+def xformers_ops():
     """``(ops module, None)`` or ``(None, reason)``; the import is tried once."""
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -39,34 +37,24 @@ def _xformers_ops():
     return ops, None
 
 
-def _available(device: torch.device, dtype: torch.dtype, shape) -> str | None:
-    ops, reason = _xformers_ops()
-    if ops is None:
-        return reason
-    if device.type != "cuda":
-        return "xformers memory_efficient_attention has no CPU kernel"
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"xformers needs float16, bfloat16 or float32, got {dtype}"
-    return None
+def _loads(device, dtype, shape) -> str | None:
+    return xformers_ops()[1]
 
 
-def _memory_efficient(q, k, v, **_geometry) -> torch.Tensor:
-    ops, _ = _xformers_ops()
+def memory_efficient(q, k, v, **_geometry) -> torch.Tensor:
+    ops, _ = xformers_ops()
     out = ops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
 
 
-@register
-class Xformers(Softmax):
-    """Softmax attention computed only by xformers' memory-efficient kernels."""
-
-    name = "xformers"
-    summary = "exact softmax by xformers.ops.memory_efficient_attention; CUDA only"
-    paper = "Lefaudeux et al. 2022; Rabe & Staats 2021"
-    mixer_class = AttentionMixer
-    fast_paths = (
-        FastPath("memory_efficient", _memory_efficient, _available, doc="xformers fmha"),
-    )
-
-    def kernel_only(self) -> bool:
-        return True
+MEMORY_EFFICIENT = FastPath(
+    "memory_efficient",
+    memory_efficient,
+    devices=("cuda",),
+    label="xformers' kernels",
+    dtypes=(torch.float16, torch.bfloat16, torch.float32),
+    requires=("xformers",),
+    install="pip install 'attnbench[xformers]'",
+    probe=_loads,
+    doc="xformers fmha",
+)

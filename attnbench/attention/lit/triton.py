@@ -1,7 +1,10 @@
-"""LiT's ReLU linear attention as fused Triton kernels: forward and backward.
+"""LiT's linear attention as fused Triton kernels: forward and backward.
 
-``O_i = φ(q_i) S / (φ(q_i) z + eps)``, ``S = Σ_j φ(k_j)ᵀ v_j`` (d×d), ``z = Σ_j φ(k_j)``,
-φ = ReLU, everything accumulated in float32 (as :func:`attnbench.attention.lit.linear_attention`).
+``O_i = φ(q_i) S̄ / (φ(q_i) z̄ + eps)``, ``S̄ = Σ_j φ(k_j)ᵀ v_j / N`` (d×d),
+``z̄ = Σ_j φ(k_j) / N``, ``φ(x) = relu(x) + shift`` (0 outside the valid head
+dims and tokens), everything accumulated in float32: the formula of
+:func:`attnbench.attention.lit.naive.linear_attention`. The sums are the
+kernels'; the division by N is one scaling of the small state.
 
 Forward, two launches and one tiny reduction:
 
@@ -20,7 +23,7 @@ HBM traffic is therefore ``4·B·H·N·d·s`` bytes (q, k, v read once, out writ
 once; ``s`` = element size) plus O(B·H·d²) for the states: the floor of any
 implementation. Work per token and head is ``4·DP²`` FLOPs (DP = T·BD, the
 padded dim), far below the tensor-core ridge of an H100 at d = 64 or 72, so
-the kernel is bound by memory bandwidth (:mod:`.floor` measures both).
+the kernel is bound by memory bandwidth (``attnbench.bench.floor`` measures both).
 
 Precision: ``φ(k)ᵀv`` runs on the tensor cores in the input dtype (ReLU of a
 half value is exact; other feature maps, used by SLA, are rounded to it) with
@@ -28,9 +31,8 @@ float32 accumulation; the readout ``φ(q)·S`` keeps S in float32 (TF32 operands
 for half inputs -- exact for the bf16/fp16 ``φ(q)``, 2⁻¹¹ relative on S; IEEE
 float32 for float32 inputs).
 
-Compiled for sm_90 without a GPU (triton 3.9, bf16, d = 72 → 3 tiles of 32):
-no register spills for the 8-warp configs of any kernel here; the autotuner
-picks BLOCK_N/BLOCK_M, warps and stages per shape.
+``attnbench.bench.compile_check`` compiles every autotuning config for sm_90/sm_80
+without a GPU and reports register spills.
 
 Backward (a ``torch.autograd.Function``, all Triton, for distillation): with
 ``w_i = 1/den_i`` and ``g_i = −(dO_i·O_i)/den_i`` (``_bwd_pre_kernel``),
@@ -46,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import as_bhnd, cdiv, interpret_requested, next_pow2, program_target
+from .._triton import as_bhnd, cdiv, interpret_requested, next_pow2, program_target
 
 #: decided once, as ``@triton.jit`` below decides: interpreted or compiled kernels
 INTERPRETED = interpret_requested()
@@ -143,7 +145,7 @@ def _phi(x, valid, FEATURE: tl.constexpr, AXIS: tl.constexpr):
     The softmax needs the whole row in ``x``; rows with no valid element give 0.
     """
     if FEATURE == 0:
-        y = tl.maximum(x, 0.0)
+        y = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif FEATURE == 1:
         x = tl.where(valid, x, float("-inf"))
         top = _rmax(x, AXIS)
@@ -169,7 +171,7 @@ _STATE_CONFIGS = [
 @triton.jit
 def _state_kernel(
     A, B, W, U, S_part, Z_part,
-    H, N, D, CHUNK, T, SDIM, SBLK, ZBLK,
+    H, N, D, CHUNK, T, SDIM, SBLK, ZBLK, SHIFT,
     sa_b, sa_h, sa_n, sb_b, sb_h, sb_n,
     FEATURE: tl.constexpr, HAS_W: tl.constexpr, HAS_U: tl.constexpr,
     F32_DOT: tl.constexpr, PREC: tl.constexpr, BD: tl.constexpr, DROW: tl.constexpr,
@@ -216,6 +218,7 @@ def _state_kernel(
             fa = tl.where(a_ok, tl.exp(a - top[:, None]) / total[:, None], 0.0)
         else:
             fa = _phi(a, a_ok, FEATURE, 1)
+        fa = tl.where(a_ok, fa + SHIFT, 0.0)  # LiT's relu(x) + shift; 0 for SLA's maps
         bt = tl.load(b_ptr + rows * sb_n + offs_v[None, :], mask=n_ok[:, None] & v_ok[None, :],
                      other=0.0)
         if HAS_W:
@@ -251,7 +254,7 @@ _READOUT_CONFIGS = [
 @triton.jit
 def _readout_kernel(
     Q, S, Z, OUT, DEN,
-    H, N, D, T, eps,
+    H, N, D, T, eps, SHIFT,
     sq_b, sq_h, sq_n, so_b, so_h, so_n,
     STORE_DEN: tl.constexpr, PREC: tl.constexpr, BD: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
@@ -276,8 +279,9 @@ def _readout_kernel(
     for tk in range(0, T):
         offs_k = tk * BD + tl.arange(0, BD)
         q_ok = m_ok[:, None] & (offs_k < D)[None, :]
-        fq = tl.maximum(tl.load(q_ptr + offs_r * sq_n + offs_k[None, :], mask=q_ok, other=0.0)
-                        .to(tl.float32), 0.0)
+        xq = tl.load(q_ptr + offs_r * sq_n + offs_k[None, :], mask=q_ok, other=0.0)
+        fq = tl.maximum(xq.to(tl.float32), 0.0, propagate_nan=tl.PropagateNan.ALL)
+        fq = tl.where(q_ok, fq + SHIFT, 0.0)
         s = tl.load(s_ptr + offs_k[:, None] * dp + offs_v[None, :])
         z = tl.load(z_ptr + offs_k)
         num = tl.dot(fq, s, num, input_precision=PREC)
@@ -329,7 +333,7 @@ _BWD_CONFIGS = [
 @triton.jit
 def _bwd_apply_kernel(
     Q, K, V, DO, W, U, S, Z, DS, DZ, DQ, DK, DV,
-    H, N, D, T,
+    H, N, D, T, SHIFT,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sd_b, sd_h, sd_n,
     sg_b, sg_h, sg_n,
     PREC: tl.constexpr, BD: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -366,7 +370,7 @@ def _bwd_apply_kernel(
         do = do.to(tl.float32) * w[:, None]
         vj = tl.load(v_ptr + rows * sv_n + offs_j[None, :], mask=j_ok, other=0.0)
         kj = tl.load(k_ptr + rows * sk_n + offs_j[None, :], mask=j_ok, other=0.0)
-        fkj = tl.maximum(kj.to(tl.float32), 0.0)
+        fkj = tl.where(j_ok, tl.maximum(kj.to(tl.float32), 0.0) + SHIFT, 0.0)
         s_tj = tl.load(s_ptr + offs_t[None, :] * dp + offs_j[:, None])  # S[t, j]ᵀ
         ds_tj = tl.load(ds_ptr + offs_t[None, :] * dp + offs_j[:, None])  # dS[t, j]ᵀ
         ds_jt = tl.load(ds_ptr + offs_j[:, None] * dp + offs_t[None, :])  # dS[j, t]
@@ -392,7 +396,8 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _launch_state(a, b, s_part, z_part, splits, chunk, sdim, sblk, zblk, bd, feature, w, u):
+def _launch_state(a, b, s_part, z_part, splits, chunk, sdim, sblk, zblk, bd, feature, w, u,
+                  shift=0.0):
     bsz, heads, n, d = a.shape
     t = cdiv(d, bd)
     if bsz * heads > 65535 or splits > 65535:
@@ -401,7 +406,7 @@ def _launch_state(a, b, s_part, z_part, splits, chunk, sdim, sblk, zblk, bd, fea
         )
     _state_kernel[(t * t, bsz * heads, splits)](
         a, b, w if w is not None else s_part, u if u is not None else s_part, s_part, z_part,
-        heads, n, d, chunk, t, sdim, sblk, zblk, *_strides(a), *_strides(b),
+        heads, n, d, chunk, t, sdim, sblk, zblk, float(shift), *_strides(a), *_strides(b),
         FEATURE=FEATURES[feature], HAS_W=w is not None, HAS_U=u is not None,
         F32_DOT=a.dtype == torch.float32 or w is not None, PREC=dot_precision(a.dtype), BD=bd,
         DROW=max(16, next_pow2(d)), **_meta("state"),
@@ -417,13 +422,15 @@ def linear_state(
     u: torch.Tensor | None = None,
     tile: int | None = None,
     splits: int | None = None,
+    shift: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``(S, z, BD)``: ``S = Σ_n φ(a_n)ᵀ (w_n b_n)`` float32 ``[B·H, DP, DP]`` and
     ``z = Σ_n u_n φ(a_n)`` ``[B·H, DP]``, DP = ``ceil(d/BD)·BD`` (zero padding).
 
     ``a``, ``b``: ``[B, H, N, d]`` with unit stride over d; ``w``, ``u``: optional
     float32 ``[B·H, N]`` row weights (the backward's). The softmax feature map
-    takes its row max and sum from the whole row, whatever the tile.
+    takes its row max and sum from the whole row, whatever the tile. ``shift`` is
+    added to φ on valid entries (LiT's ``relu(x) + 1e-6``).
     """
     bsz, heads, n, d = a.shape
     bd = tile or head_tile(d)
@@ -432,7 +439,8 @@ def linear_state(
     n_split, chunk = split_plan(n, bh * cdiv(d, bd) ** 2, a.device, splits)
     s_part = torch.empty(bh, n_split, dp, dp, dtype=torch.float32, device=a.device)
     z_part = torch.empty(bh, n_split, dp, dtype=torch.float32, device=a.device)
-    _launch_state(a, b, s_part, z_part, n_split, chunk, dp, dp * dp, dp, bd, feature, w, u)
+    _launch_state(a, b, s_part, z_part, n_split, chunk, dp, dp * dp, dp, bd, feature, w, u,
+                  shift)
     if n_split == 1:
         return s_part[:, 0], z_part[:, 0], bd
     return s_part.sum(dim=1), z_part.sum(dim=1), bd
@@ -455,7 +463,7 @@ def block_states(
     return out
 
 
-def _readout(q, state, normaliser, bd, eps, need_den):
+def _readout(q, state, normaliser, bd, eps, shift, need_den):
     bsz, heads, n, d = q.shape
     t = cdiv(d, bd)
     out = torch.empty(bsz, heads, n, d, dtype=q.dtype, device=q.device)
@@ -465,22 +473,28 @@ def _readout(q, state, normaliser, bd, eps, need_den):
         return (t * cdiv(n, meta["BLOCK_M"]), bsz * heads)
 
     _readout_kernel[grid](
-        q, state, normaliser, out, den, heads, n, d, t, float(eps), *_strides(q), *_strides(out),
+        q, state, normaliser, out, den, heads, n, d, t, float(eps), float(shift),
+        *_strides(q), *_strides(out),
         STORE_DEN=need_den, PREC=dot_precision(q.dtype), BD=bd, **_meta("readout"),
     )  # fmt: skip
     return out, (den if need_den else None)
 
 
-def forward(q, k, v, eps: float, *, need_den: bool = False, splits: int | None = None):
-    """``(out, S, z, den, BD)`` of LiT linear attention (``den`` only when ``need_den``)."""
+def forward(q, k, v, eps: float, *, phi_shift: float = 0.0, need_den: bool = False,
+            splits: int | None = None):
+    """``(out, S̄, z̄, den, BD)`` of LiT linear attention (``den`` only when ``need_den``)."""
     q, k, v = as_bhnd(q), as_bhnd(k), as_bhnd(v)
-    state, normaliser, bd = linear_state(k, v, feature="relu", splits=splits)
-    out, den = _readout(q, state, normaliser, bd, eps, need_den)
+    state, normaliser, bd = linear_state(k, v, feature="relu", splits=splits, shift=phi_shift)
+    n = max(1, k.shape[2])
+    state, normaliser = state / n, normaliser / n  # sums → the means of the formula
+    out, den = _readout(q, state, normaliser, bd, eps, phi_shift, need_den)
     return out, state, normaliser, den, bd
 
 
-def backward(q, k, v, out, do, state, normaliser, den, bd, *, splits: int | None = None):
-    """``(dq, dk, dv)`` of LiT linear attention (see the module docstring)."""
+def backward(q, k, v, out, do, state, normaliser, den, bd, *, phi_shift: float = 0.0,
+             splits: int | None = None):
+    """``(dq, dk, dv)`` of LiT linear attention (see the module docstring); ``state`` and
+    ``normaliser`` are the means S̄, z̄, so the state gradients are divided by N."""
     bsz, heads, n, d = q.shape
     t = cdiv(d, bd)
     do = as_bhnd(do)
@@ -490,7 +504,9 @@ def backward(q, k, v, out, do, state, normaliser, den, bd, *, splits: int | None
     _bwd_pre_kernel[(cdiv(n, block), bsz * heads)](
         do, out, den, w, u, heads, n, d, t, *_strides(do), *_strides(out), BD=bd, BLOCK_M=block,
     )  # fmt: skip
-    dstate, dnorm, _ = linear_state(q, do, feature="relu", w=w, u=u, tile=bd, splits=splits)
+    dstate, dnorm, _ = linear_state(q, do, feature="relu", w=w, u=u, tile=bd, splits=splits,
+                                    shift=phi_shift)
+    dstate, dnorm = dstate / max(1, n), dnorm / max(1, n)
     dq, dk, dv = (torch.empty(bsz, heads, n, d, dtype=q.dtype, device=q.device) for _ in range(3))
 
     def grid(meta):
@@ -498,6 +514,7 @@ def backward(q, k, v, out, do, state, normaliser, den, bd, *, splits: int | None
 
     _bwd_apply_kernel[grid](
         q, k, v, do, w, u, state, normaliser, dstate, dnorm, dq, dk, dv, heads, n, d, t,
+        float(phi_shift),
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         PREC=dot_precision(q.dtype), BD=bd, **_meta("bwd"),
     )  # fmt: skip
@@ -508,26 +525,31 @@ class LinearAttention(torch.autograd.Function):
     """Autograd through the Triton forward and backward kernels."""
 
     @staticmethod
-    def forward(ctx, q, k, v, eps):
+    def forward(ctx, q, k, v, eps, phi_shift):
         need = any(ctx.needs_input_grad[:3])
-        out, state, normaliser, den, bd = forward(q, k, v, eps, need_den=need)
+        out, state, normaliser, den, bd = forward(q, k, v, eps, phi_shift=phi_shift,
+                                                  need_den=need)
         if need:
             ctx.save_for_backward(q, k, v, out, state, normaliser, den)
-            ctx.bd = bd
+            ctx.bd, ctx.phi_shift = bd, phi_shift
         return out
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, state, normaliser, den = ctx.saved_tensors
         q, k, v = as_bhnd(q), as_bhnd(k), as_bhnd(v)
-        dq, dk, dv = backward(q, k, v, out, do, state, normaliser, den, ctx.bd)
-        return dq, dk, dv, None
+        dq, dk, dv = backward(q, k, v, out, do, state, normaliser, den, ctx.bd,
+                              phi_shift=ctx.phi_shift)
+        return dq, dk, dv, None, None
 
 
-def linear_attention(q, k, v, *, eps: float) -> torch.Tensor:
-    """LiT linear attention ``[B, H, N, d]`` in and out, differentiable."""
+def linear_attention(q, k, v, *, eps: float, phi_shift: float = 0.0) -> torch.Tensor:
+    """LiT linear attention ``[B, H, N, d]`` in and out, differentiable.
+
+    ``phi_shift=0`` is the plain ReLU kernel; LiT's backend passes its 1e-6.
+    """
     if q.shape[2] == 0:
         return torch.empty_like(q)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return LinearAttention.apply(q, k, v, eps)
-    return forward(q, k, v, eps)[0]
+        return LinearAttention.apply(q, k, v, eps, phi_shift)
+    return forward(q, k, v, eps, phi_shift=phi_shift)[0]

@@ -1,6 +1,6 @@
 """The kernels against their floors on this GPU, and the issue's speed targets.
 
-``python -m attnbench.attention.kernels.floor measure --out DIR`` (CUDA only):
+``python -m attnbench.bench.floor measure --out DIR`` (CUDA only):
 
 1. the device's own ceilings, measured: HBM bandwidth (a device-to-device copy
    of a 2 GiB buffer: 2 bytes moved per byte copied) and dense bf16 tensor-core
@@ -24,7 +24,7 @@
 
    Writes ``floor.json`` and ``floor.md`` into DIR.
 
-``python -m attnbench.attention.kernels.floor targets RUN_DIR`` reads a sweep's
+``python -m attnbench.bench.floor targets RUN_DIR`` reads a sweep's
 ``results.csv`` and states each target of the issue (speed-ups over SDPA flash at
 8192 px, attention and model level) as met / missed / not measured, into
 ``RUN_DIR/targets.md``.
@@ -110,8 +110,9 @@ def _entry(name, timing, *, floor_s=None, bytes_=None, flops=None, note=""):
 def measure_kernels(model: str, resolution: int, dtype: torch.dtype, batch: int = 1) -> dict:
     """Every kernel at one DiT point against its floor (module docstring)."""
     from attnbench import attention
-    from attnbench.attention import clear, sla
-    from attnbench.attention.kernels import _triton
+    from attnbench.attention import _triton, clear, sla
+    from attnbench.attention import lit as _lit
+    from attnbench.attention import sla as _sla
     from attnbench.bench.environment import environment
     from attnbench.bench.workloads import Point
     from attnbench.models.configs import get_config
@@ -128,11 +129,12 @@ def measure_kernels(model: str, resolution: int, dtype: torch.dtype, batch: int 
     io = 4.0 * b * h * n * d * esize
 
     # ---- LiT
-    reason = _triton.kernel_reason("lit_triton", device, dtype, q.shape)
+    reason = _triton.kernel_reason(_lit.TRITON_MODULE, device, dtype, q.shape)
     if reason is None:
-        lit = _triton.load("lit_triton")
+        lit = _triton.load(_lit.TRITON_MODULE)
         results.append(_entry(
-            "lit_triton forward", _time(lambda: lit.linear_attention(q, k, v, eps=1e-6), device),
+            "lit_triton forward",
+            _time(lambda: lit.linear_attention(q, k, v, eps=1e-6, phi_shift=1e-6), device),
             floor_s=io / bw, bytes_=io, note="memory-bound: q, k, v read once, out written once",
         ))
         state = _time(lambda: lit.linear_state(k, v), device)
@@ -143,7 +145,7 @@ def measure_kernels(model: str, resolution: int, dtype: torch.dtype, batch: int 
                               _time(lambda: lit._readout(q, s, z, bd, 1e-6, False), device),
                               floor_s=io / 2 / bw, bytes_=io / 2))
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        out = lit.linear_attention(*leaves, eps=1e-6)
+        out = lit.linear_attention(*leaves, eps=1e-6, phi_shift=1e-6)
         grad = torch.randn_like(out)
         bwd_bytes = 9.0 * b * h * n * d * esize
         results.append(_entry(
@@ -177,13 +179,13 @@ def measure_kernels(model: str, resolution: int, dtype: torch.dtype, batch: int 
                               flops=dense, note="compute-bound: 4·B·H·N²·d"))
 
     # ---- SLA at 95% sparsity
-    reason = _triton.kernel_reason("sla_triton", device, dtype, q.shape)
+    reason = _triton.kernel_reason(_sla.TRITON_MODULE, device, dtype, q.shape)
     opts = {"block_q": 64, "block_kv": 64, "feature_map": "softmax", "linear_over": "marginal",
             "eps": 1e-5}
     results.append(_entry("SLA block map (pooled scores + top-k)",
                           _time(lambda: sla.block_indices(q, k, 64, 64, 0.05), device)))
     if reason is None:
-        kern = _triton.load("sla_triton")
+        kern = _triton.load(_sla.TRITON_MODULE)
         indices = sla.block_indices(q, k, 64, 64, 0.05)
         nq, kk = indices.shape[-2], indices.shape[-1]
         da, db = kern.head_pieces(d)
@@ -316,7 +318,7 @@ def targets_markdown(run_dir: Path, resolution: int = 8192) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m attnbench.attention.kernels.floor",
+    parser = argparse.ArgumentParser(prog="python -m attnbench.bench.floor",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,4 +1,4 @@
-"""Whether attnbench's Triton kernels can run here, and why not.
+"""Whether attnbench's Triton kernels can run here, and why not (shared by LiT and SLA).
 
 Triton stays optional: nothing here imports it at module import time, and the
 availability checks import only ``triton`` itself (never a kernel module), so
@@ -28,7 +28,6 @@ from types import ModuleType
 import torch
 
 INSTALL_HINT = "triton is not installed (pip install 'attnbench[triton]')"
-PACKAGE = __name__.rpartition(".")[0]  # attnbench.attention.kernels
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -55,14 +54,15 @@ def interpret_requested() -> bool:
 
 
 def loaded_mode(module: str) -> bool | None:
-    """``True``/``False``: ``module`` was imported interpreted / compiled; ``None``: not yet."""
-    mod = sys.modules.get(f"{PACKAGE}.{module}")
+    """``True``/``False``: kernel module ``module`` (its full dotted name) was imported
+    interpreted / compiled; ``None``: not yet."""
+    mod = sys.modules.get(module)
     return None if mod is None else bool(mod.INTERPRETED)
 
 
 def load(module: str) -> ModuleType:
-    """Import the kernel module ``module`` (``lit_triton``, ``sla_triton``)."""
-    return importlib.import_module(f"{PACKAGE}.{module}")
+    """Import the kernel module ``module`` (full name, e.g. ``attnbench.attention.lit.triton``)."""
+    return importlib.import_module(module)
 
 
 @functools.cache
@@ -75,17 +75,15 @@ def kernel_reason(
     device: torch.device,
     dtype: torch.dtype,
     shape: tuple[int, ...] | None = None,
-    *,
-    max_head_dim: int | None = None,
 ) -> str | None:
-    """``None`` when the kernels of ``module`` can run on ``device``/``dtype``, else why not."""
+    """``None`` when the kernels of ``module`` can run on ``device``/``dtype``, else why not.
+
+    The probe of the Triton fast paths: what their capability data cannot say
+    (triton imports, the GPU's compute capability, the interpreter's mode).
+    """
     reason = triton_import_error()
     if reason:
         return reason
-    if dtype not in KERNEL_DTYPES:
-        return f"the Triton kernels take float32, float16 or bfloat16, not {dtype}"
-    if shape is not None and max_head_dim is not None and shape[-1] > max_head_dim:
-        return f"the Triton kernel supports head_dim <= {max_head_dim}, got {shape[-1]}"
     mode = loaded_mode(module)
     if device.type == "cuda":
         if mode:

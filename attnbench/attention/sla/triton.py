@@ -7,7 +7,7 @@ shared :func:`attnbench.attention.sla.block_indices` (the LUT), in one pass:
   (``exp2`` with the scale folded in; a partial last block is masked);
 * ``O_l`` (``linear_over="marginal"``): "total minus selected". The total
   state ``S = Σ_all φ(K_j)ᵀV_j``, ``z = Σ_all φ(K_j)`` is built once per (batch,
-  head) by :func:`.lit_triton.linear_state` (LiT's state kernel, here with
+  head) by :func:`attnbench.attention.lit.triton.linear_state` (LiT's state kernel, here with
   SLA's feature map); while a critical block's K and V are on chip, the
   share of the critical blocks is taken out in one of three ways (``correction``):
 
@@ -46,13 +46,11 @@ rounded terms); the readout ``φ(q)S`` keeps S in float32 (TF32 operands for
 half inputs). Float32 inputs use IEEE float32 dots throughout (correct but
 slow on GPU: ptxas spills heavily -- float32 is for tests, bf16 is the target).
 
-Compiled for sm_90 (triton 3.9, checked without a GPU), DiT-XL/2 shapes
-(d = 72, 64×64 blocks, bf16, 8 warps): the sparse loop spills nothing in any
-mode ("output": 252 registers); "gemm" spills ~60 B/thread in the epilogue
-only, "state" ~70 B in the loop; 4-warp configs spill. The autotuner picks
-among 4/8 warps × 2/3 stages per shape.
+``attnbench.bench.compile_check`` compiles every autotuning config for sm_90/sm_80
+without a GPU and reports registers and spills; the autotuner picks among
+4/8 warps × 2/3 stages per shape.
 
-Forward only (``differentiable=False`` in the registry): training uses the
+Forward only (``grad_devices=()`` in the registry): training uses the
 pure-torch ``gather`` path.
 """
 
@@ -62,9 +60,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import CORRECTION, CORRECTIONS
-from ._triton import as_bhnd, cdiv, interpret_requested, next_pow2
-from .lit_triton import FEATURES, _phi, _rmax, _rsum, block_states, dot_precision, linear_state
+from .._triton import as_bhnd, cdiv, interpret_requested, next_pow2
+from ..lit.triton import FEATURES, _phi, _rmax, _rsum, block_states, dot_precision, linear_state
+from .constants import CORRECTION, CORRECTIONS
 
 INTERPRETED = interpret_requested()
 MAX_HEAD_DIM = 128
@@ -327,7 +325,7 @@ def _sla_kernel(
 def gemm_corrections(k, v, lut, kv_blocks: int, feature_map: str, block_kv: int) -> torch.Tensor:
     """``[ΔS_i | Δz_i]`` per query block: ``[B·H, nq, d·d + d]``, the critical blocks' share.
 
-    Per-block states ``[h_j | z_j]`` (:func:`.lit_triton.block_states`, one pass
+    Per-block states ``[h_j | z_j]`` (:func:`attnbench.attention.lit.triton.block_states`, one pass
     over K and V) summed over each query block's critical blocks by one batched
     matmul with the 0/1 selection map: ``2·nq·nk·(d² + d)`` FLOPs per (batch,
     head) on the tensor cores -- at 95% sparsity about 16% of the sparse

@@ -1,0 +1,284 @@
+"""CLEAR: local attention inside a circle on the token grid (Liu et al., arXiv 2412.16112).
+
+Each image token ``(qy, qx)`` of a row-major ``Hg × Wg`` grid attends only to
+the image tokens with ``(qy−ky)² + (qx−kx)² < r²`` (strict), with exact
+softmax over that neighbourhood; cost O(N·πr²·d) instead of O(N²·d).
+
+Two additions of the official code (Huage001/CLEAR, ``attention_processor.py``,
+``distill.py``, ``distill.sh``; checked against them):
+
+* ``global_tokens`` -- a prefix of G non-grid tokens (FLUX's text tokens) that
+  attend to every text and image token and are attended by every image token.
+* ``down_factor`` -- f > 1 appends ``(Hg//f)·(Wg//f)`` extra key/value tokens,
+  each the weighted sum of one f×f patch of the image keys (and values); 1 (the
+  official default) and 0 mean no pooled tokens, as ``distill.py`` does (f = 1
+  selects the plain local processor there). Who sees them follows
+  ``init_local_downsample_mask_flex``: every *image* query attends to all of
+  them; the global (text) queries do not. The weights are one ``[f, f]``
+  tensor per layer, shared by heads, channels, K and V (``spatial_weight``,
+  initialised ``1/f²``): the stateless ``attend`` uses that initial average,
+  the core (``core.py``) owns and learns them. Grid sides that are not a
+  multiple of f pool the top-left ``(Hg//f·f) × (Wg//f·f)`` region only.
+
+Defaults: radius 16 without pooling, the official training default
+(``distill.py``: ``--window_size 16``, ``--down_factor 1``); the paper's 8192²
+headline uses r = 8 (its README notes r = 8 without pooling repeats patterns).
+
+Files: ``window.py`` the mask and pair counts (:class:`Window`),
+``pooling.py`` the pooled keys, ``reference.py`` the float64-capable
+reference, ``flex.py`` (FlexAttention, tokens in tile order) and
+``masked_sdpa.py`` (dense boolean mask) the fast paths, ``core.py`` the
+learned part.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..base import (
+    AttentionBackend,
+    Flops,
+    Grid,
+    Option,
+    check_qkv,
+    dense_flops,
+    non_negative,
+    plain_grid,
+)
+from ..layout import Layout
+from ..recipes import ConversionRecipe, DistillRecipe
+from ..registry import register
+from .core import ClearCore
+from .flex import (
+    FLEX,
+    FLEX_BLOCK,
+    FLEX_RECOMPILE_LIMIT,
+    TILE,
+    _build_block_mask,
+    _cached_block_mask,
+    _cached_tile_perm,
+    _tile_permute_step,
+    block_density,
+    block_mask,
+    build_block_mask,
+    compiled_flex_attention,
+    flex_tile_order,
+    tile_permutation,
+)
+from .masked_sdpa import MASKED_SDPA, _cached_dense_mask, _dense_mask, dense_mask
+from .pooling import _check_weight, _window_of, extend_kv, pool_patches
+from .reference import clear_reference, reference_workspace
+from .window import (
+    DEFAULT_DOWN_FACTOR,
+    DEFAULT_RADIUS,
+    Window,
+    _finite_positive,
+    allowed,
+    allowed_pairs,
+    local_pairs,
+    pools,
+)
+
+SOURCE = "Huage001/CLEAR distill.py (training default)"
+
+
+def clear_mask_caches() -> None:
+    """Drop the cached block and dense masks and tile permutations (e.g. between cases)."""
+    _cached_block_mask.cache_clear()
+    _cached_dense_mask.cache_clear()
+    _cached_tile_perm.cache_clear()
+
+
+@register
+class Clear(AttentionBackend):
+    """CLEAR local (circular-window) attention; reference, FlexAttention and masked SDPA."""
+
+    name = "clear"
+    summary = "CLEAR: softmax inside a circle of radius r on the token grid"
+    paper = "Liu et al., CLEAR, arXiv 2412.16112"
+    options = (
+        Option(
+            "radius",
+            DEFAULT_RADIUS,
+            "circle radius in grid tokens: attend where dy²+dx² < r² (released: 8, 16, 32; "
+            "the paper's 8192² headline uses 8)",
+            float,
+            check=_finite_positive,
+            source=SOURCE + ": --window_size 16",
+        ),
+        Option(
+            "global_tokens",
+            0,
+            "non-grid prefix tokens (MM-DiT text) that attend to and are seen by all",
+            int,
+            check=non_negative,
+            source="DiT has no text tokens (FLUX: 512)",
+        ),
+        Option(
+            "down_factor",
+            DEFAULT_DOWN_FACTOR,
+            "0 or 1 = no pooling; f > 1 adds one K/V token per f×f patch, seen by every "
+            "image query (released: 4)",
+            int,
+            check=non_negative,
+            source=SOURCE + ": --down_factor 1",
+        ),
+    )
+    core_class = ClearCore
+    fast_paths = (FLEX, MASKED_SDPA)
+    conversion_recipe = ConversionRecipe(
+        "clear",
+        "CLEAR: inherit q/k/v/out (the same projections); new parameters only with "
+        "pooled KV tokens (down_factor > 1); teacher's heads",
+        "CLEAR, arXiv 2412.16112; Huage001/CLEAR distill.py (loads every teacher weight)",
+        inherit_projections=True,
+    )
+    distill_recipe = DistillRecipe(
+        "clear", {"diffusion": 1.0, "kd_out": 0.5, "kd_attn": 0.5}, "attention",
+        "CLEAR: diffusion + 0.5·output MSE + 0.5·attention MSE before the output "
+        "projection on blocks with index % 4 == 0; only the attention trains. The official "
+        "code taps FLUX's single-stream blocks with index % 4 == 0; every DiT block is "
+        "single-stream, so DiT taps blocks 0, 4, 8, ...",
+        "Huage001/CLEAR distill.py (loss = loss_fm + 0.5·loss_distill + 0.5·loss_attn)",
+        attn_tap="pre_proj",
+        attn_every=4,
+    )
+    distill_alternatives = (
+        DistillRecipe(
+            "clear-post-proj", {"diffusion": 1.0, "kd_out": 0.5, "kd_attn": 0.5}, "attention",
+            "CLEAR's weights with kd_attn after the output projection on every block "
+            "(attnbench's earlier definition, kept for comparison)",
+            "attnbench's choice (a variant of Huage001/CLEAR distill.py)",
+            attn_tap="post_proj",
+            attn_every=1,
+        ),
+    )
+
+    def grid_extra_tokens(self, options: dict[str, Any]) -> int:
+        return int(options["global_tokens"])
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        grid: Grid | None = None,
+        layout=None,
+        impl: str = "auto",
+        pool_weight: torch.Tensor | None = None,
+        **options: Any,
+    ) -> torch.Tensor:
+        """As :meth:`AttentionBackend.attend`, plus the core's learned ``pool_weight``.
+
+        ``pool_weight`` (``[f, f]``) replaces the uniform 1/f² patch average; a
+        weight that requires grad makes the choice a differentiable path even
+        when q, k, v do not (projections frozen, pooling trained).
+        """
+        check_qkv(q, k, v, self.name)
+        grid = plain_grid(Layout.coerce(layout, grid), self.name)
+        chosen, grid, opts = self.prepare(q, k, v, grid=grid, impl=impl, options=options,
+                                          needs_grad=self.needs_grad(q, k, v, pool_weight))
+        _check_weight(pool_weight, opts["down_factor"])
+        if chosen == "reference":
+            return self.reference(q, k, v, grid=grid, pool_weight=pool_weight, **opts)
+        return self.fast_path(chosen).fn(q, k, v, grid=grid, pool_weight=pool_weight, **opts)
+
+    def reference(
+        self,
+        q,
+        k,
+        v,
+        *,
+        grid: Grid,
+        radius: float = DEFAULT_RADIUS,
+        global_tokens: int = 0,
+        down_factor: int = DEFAULT_DOWN_FACTOR,
+        pool_weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        window = _window_of(q, grid, radius, global_tokens, down_factor, pool_weight)
+        return clear_reference(q, k, v, window, pool_weight)
+
+    def overhead_steps(self, q, k, v, *, grid: Grid, impl: str, **options: Any):
+        """CLEAR's work besides the attention proper, each step from scratch (uncached).
+
+        ``pool_kv`` (when ``down_factor`` > 1): the pooled K/V tokens and the
+        concatenation; ``block_mask`` (flex) or ``dense_mask`` (masked_sdpa): the
+        mask, which the paths otherwise build once per window and cache;
+        ``tile_permute`` (flex, when it runs in tile order): building the
+        permutation and re-ordering q, k, v into tiles and an output back. The
+        reference builds its small chunk masks inline; it has no separate step.
+        """
+        impl, grid, opts = self.prepare(q, k, v, grid=grid, impl=impl, options=options)
+        window = Window.build(grid, **opts)
+        steps: dict[str, Any] = {}
+        if window.pooled:
+            steps["pool_kv"] = lambda: extend_kv(k, v, window)
+        if impl == "flex":
+            tiled = flex_tile_order(window)
+            steps["block_mask"] = lambda: _build_block_mask(window, q.device, tiled=tiled)
+            if tiled:
+                steps["tile_permute"] = lambda: _tile_permute_step(window, q, k, v)
+        elif impl == "masked_sdpa":
+            steps["dense_mask"] = lambda: _dense_mask(window, q.device)
+        return steps
+
+    # ----- cost models --------------------------------------------------------------
+    def flop_model(
+        self, batch, heads, tokens, head_dim, grid, *, radius, global_tokens, down_factor
+    ) -> Flops:
+        """``4·B·H·pairs·d`` over the allowed pairs only (CLEAR's own convention).
+
+        No implementation here computes exactly that many (flex computes whole
+        128×128 tiles, masked_sdpa and the reference dense rows); the pooling is
+        element-wise and not counted.
+        """
+        pairs = allowed_pairs(grid, radius, global_tokens, down_factor)
+        return Flops(
+            actual=4.0 * batch * heads * pairs * head_dim,
+            dense=dense_flops(batch, heads, tokens, head_dim),
+        )
+
+    def reference_workspace(self, batch, heads, tokens, head_dim, grid, *, element_size,
+                            radius, global_tokens, down_factor) -> float:
+        window = Window.build(grid, radius, global_tokens, down_factor)
+        return reference_workspace(window, batch, heads, head_dim, element_size=element_size)
+
+    # ----- honest labels ------------------------------------------------------------
+    def density_model(self, grid, tokens, *, radius, global_tokens, down_factor) -> float:
+        """The window's exact pairs over N²: the circle, the text rows and columns and the
+        pooled columns (N = text + image tokens; pooled keys can push it past 1)."""
+        return allowed_pairs(grid, radius, global_tokens, down_factor) / float(tokens) ** 2
+
+    def rounded_options(self, grid, tokens, *, radius, global_tokens, down_factor):
+        window = Window.build(grid, radius, global_tokens, down_factor)
+        return {
+            "max_sq_distance": window.limit,  # dy² + dx² ≤ this integer
+            "covers_grid": window.limit >= (window.hg - 1) ** 2 + (window.wg - 1) ** 2,
+            "pooled_tokens": window.pooled,
+            "keys": window.keys,
+        }
+
+    def rounding_checks(self, grid, tokens, *, radius, global_tokens, down_factor):
+        window = Window.build(grid, radius, global_tokens, down_factor)
+        hg, wg = grid
+        checks = []
+        diameter = math.sqrt((hg - 1) ** 2 + (wg - 1) ** 2)
+        if radius > diameter:
+            checks.append((radius, diameter, f"clear:radius={radius:g} covers the whole "
+                           f"{hg}×{wg} grid (diameter {diameter:.1f}): exact softmax attention"))
+        if pools(down_factor) and not window.pooled:
+            checks.append((float(down_factor), 0.0, f"clear:down_factor={down_factor} adds no "
+                           f"pooled keys on a {hg}×{wg} grid (smaller than one patch)"))
+        return checks
+
+
+__all__ = [
+    "DEFAULT_RADIUS", "FLEX_BLOCK", "FLEX_RECOMPILE_LIMIT", "TILE", "Clear", "ClearCore",
+    "Window", "allowed", "allowed_pairs", "block_density", "block_mask", "build_block_mask",
+    "clear_mask_caches", "clear_reference", "compiled_flex_attention", "dense_mask", "extend_kv",
+    "flex_tile_order", "local_pairs", "pool_patches", "tile_permutation",
+]

@@ -1,0 +1,36 @@
+"""CLEAR's learned part: the weights of the pooled keys, in the method's core."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..base import AttentionCore
+from .window import pools
+
+
+class ClearCore(AttentionCore):
+    """CLEAR on projected heads; the softmax projections around it are inherited unchanged.
+
+    Its only parameter, when ``down_factor`` f > 1, is ``pool_weight`` ``[f, f]``:
+    the weights of the patch sums that make the pooled K/V tokens, shared by
+    heads, channels, K and V (the official ``spatial_weight``), initialised to
+    the mean (1/f²) so a freshly converted layer equals the stateless ``attend``.
+    Plain image grids only for now: text tokens and video grids raise ValueError.
+    """
+
+    def __init__(self, backend, num_heads, head_dim, **kw) -> None:
+        super().__init__(backend, num_heads, head_dim, **kw)
+        f = self.options["down_factor"]
+        self.pool_weight = nn.Parameter(torch.empty(f, f)) if pools(f) else None
+        self.reset_new_parameters()
+
+    def reset_new_parameters(self) -> None:
+        if self.pool_weight is not None:
+            f = self.pool_weight.shape[0]
+            with torch.no_grad():
+                self.pool_weight.fill_(1.0 / (f * f))
+
+    def forward(self, q, k, v, *, layout=None, grid=None):
+        return self.backend.attend(q, k, v, grid=self.plain_grid(layout, grid), impl=self.impl,
+                                   pool_weight=self.pool_weight, **self.attend_options)

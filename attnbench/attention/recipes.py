@@ -1,0 +1,145 @@
+"""Recipes as data: how a method's student is made from a softmax DiT and how it is trained.
+
+Each method declares one :class:`ConversionRecipe` (which softmax projections
+its student inherits, how many heads it has) and one :class:`DistillRecipe`
+(the loss terms and their weights, which parameters train) on its backend,
+with the source of every choice -- the paper, the official code, or
+"attnbench's choice" where nothing is published. ``models/convert.py`` and
+``distill/`` read them; they hold no per-method rule of their own.
+
+The loss terms a distillation recipe may name (``distill/losses.py`` computes them):
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from ._names import closest
+
+#: the loss terms (every one a batch mean)
+TERMS: dict[str, str] = {
+    "diffusion": "DiT's loss on the data: MSE(ε) + VB (learned variance)",
+    "kd_eps": "‖ε_T − ε_S‖², the ε channels (LiT λ1)",
+    "kd_sigma": "‖Σ_T − Σ_S‖², the learned-variance channels (LiT λ2)",
+    "kd_out": "‖f_T − f_S‖², the whole output (CLEAR, SLA)",
+    "kd_attn": "mean over the tapped layers of ‖attn_T − attn_S‖² (CLEAR)",
+}
+#: which parameters train: every one, or only the attention (projections + the core)
+TRAINABLE = ("all", "attention")
+#: where ``kd_attn`` taps a layer: the core's output before the output projection (the
+#: official CLEAR code) or the mixer's output after it
+ATTN_TAPS = ("pre_proj", "post_proj")
+#: the statement a recipe carries when no published recipe exists
+OWN_CHOICE = "attnbench's choice (no published recipe)"
+
+
+@dataclass(frozen=True)
+class ConversionRecipe:
+    """How a softmax DiT becomes a student of a method (weight inheritance).
+
+    ``inherit_projections``: the student copies the softmax q/k/v/out
+    projections (CLEAR, SLA) or re-initialises them (LiT's rule). ``heads``:
+    ``heads(teacher_heads, hidden_size) -> student heads``; ``None`` keeps the
+    teacher's. Everything else outside the attention is always inherited; the
+    core's own parameters are always new.
+    """
+
+    name: str
+    summary: str
+    source: str
+    inherit_projections: bool = True
+    heads: Callable[[int, int], int] | None = None
+    heads_rule: str = "the teacher's heads"
+
+    def student_heads(self, teacher_heads: int, hidden_size: int) -> int:
+        return self.heads(teacher_heads, hidden_size) if self.heads else teacher_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "summary": self.summary, "source": self.source,
+                "inherit_projections": self.inherit_projections, "heads": self.heads_rule}
+
+
+@dataclass(frozen=True)
+class DistillRecipe:
+    """A named set of loss weights, the parameters that train, and where they come from.
+
+    ``attn_tap`` and ``attn_every`` define ``kd_attn``: the per-layer term is
+    taken at ``attn_tap`` (:data:`ATTN_TAPS`) on the blocks whose index is a
+    multiple of ``attn_every`` (1 = every block).
+    """
+
+    name: str
+    weights: dict[str, float] = field(default_factory=dict)
+    trainable: str = "all"
+    summary: str = ""
+    source: str = ""
+    attn_tap: str = "pre_proj"
+    attn_every: int = 1
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.weights) - set(TERMS))
+        if unknown:
+            raise ValueError(f"unknown loss term(s) {unknown}; valid: {', '.join(TERMS)}")
+        for key, value in self.weights.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ValueError(f"loss weight {key}={value!r} must be a number >= 0")
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {list(TRAINABLE)}, got "
+                             f"{self.trainable!r}")
+        if self.attn_tap not in ATTN_TAPS:
+            raise ValueError(f"attn_tap must be one of {list(ATTN_TAPS)}, got {self.attn_tap!r}")
+        if isinstance(self.attn_every, bool) or not isinstance(self.attn_every, int) \
+                or self.attn_every < 1:
+            raise ValueError(f"attn_every must be a positive integer, got {self.attn_every!r}")
+        if not any(v > 0 for v in self.weights.values()):
+            raise ValueError(f"recipe {self.name!r}: every loss weight is 0, nothing to train")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(self.weights.get(k, 0) > 0 for k in TERMS if k.startswith("kd_"))
+
+    @property
+    def needs_attention(self) -> bool:
+        return self.weights.get("kd_attn", 0) > 0
+
+    def tapped(self, layer: int) -> bool:
+        """Whether block ``layer`` contributes to ``kd_attn``."""
+        return layer % self.attn_every == 0
+
+    def active(self) -> dict[str, float]:
+        """The terms with a non-zero weight."""
+        return {k: float(v) for k, v in self.weights.items() if v > 0}
+
+    def with_overrides(self, weights: dict[str, Any] | None = None,
+                       trainable: str | None = None, **fields: Any) -> DistillRecipe:
+        """A copy with weights (CLI strings allowed), ``trainable`` and/or ``attn_tap`` /
+        ``attn_every`` replaced; the name gets ``+custom`` when anything changed."""
+        merged = dict(self.weights)
+        for key, value in (weights or {}).items():
+            if key not in TERMS:
+                raise ValueError(f"unknown loss term {key!r}" + closest(key, list(TERMS)))
+            try:
+                merged[key] = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"loss weight {key}={value!r} is not a number") from None
+        unknown = sorted(set(fields) - {"attn_tap", "attn_every"})
+        if unknown:
+            raise ValueError(f"unknown recipe field(s) {unknown}; valid: attn_tap, attn_every")
+        changed = (merged != self.weights or (trainable and trainable != self.trainable)
+                   or any(getattr(self, k) != v for k, v in fields.items()))
+        return replace(self, weights=merged, trainable=trainable or self.trainable,
+                       name=self.name + ("+custom" if changed else ""), **fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        terms = " + ".join(f"{w:g}·{k}" for k, w in self.active().items())
+        attn = ""
+        if self.needs_attention:
+            layers = "every block" if self.attn_every == 1 else \
+                f"blocks with index % {self.attn_every} == 0"
+            attn = f" (kd_attn {self.attn_tap.replace('_', '-')}, {layers})"
+        return f"{self.name}: {terms}{attn}; trains {self.trainable} parameters"
