@@ -18,22 +18,32 @@ torchvision workaround of ``compat.py``).
 
 from .build import ModelShapes, build_transformer, flux_ids, make_inputs, model_shapes
 from .compat import SUPPORTED, import_diffusers
+from .flops import StepFlops, step_flops
 from .geometry import Geometry
+from .loading import load_transformer, read_transformer_config, transformer_folder
 from .processors import AttnbenchProcessor
 from .swap import FAMILIES, SwapHandle, family_of, swap_attention
+from .workload import DiffusersWorkload, diffusers_workload
 
 __all__ = [
     "FAMILIES",
     "SUPPORTED",
     "AttnbenchProcessor",
+    "DiffusersWorkload",
     "Geometry",
     "ModelShapes",
+    "StepFlops",
     "SwapHandle",
     "build_transformer",
+    "diffusers_workload",
     "family_of",
     "flux_ids",
     "import_diffusers",
+    "load_transformer",
     "make_inputs",
     "model_shapes",
+    "read_transformer_config",
+    "step_flops",
     "swap_attention",
+    "transformer_folder",
 ]
