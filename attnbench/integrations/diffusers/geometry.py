@@ -8,12 +8,15 @@ stores them in a :class:`Geometry` that every installed processor holds:
 
 * FLUX -- the grid from ``img_ids`` columns 1, 2 (rows, columns of the packed
   latent; it must be one row-major grid from 0: FLUX Kontext's several images
-  are refused), the text length from ``len(txt_ids)``;
+  are refused; checking it costs one device sync per forward), the text length
+  from ``len(txt_ids)``;
 * SD3, PixArt, SANA, DiT -- the latent ``[B, C, H, W]`` over the patch size;
 * Wan -- the latent video ``[B, C, F, H, W]`` over the 3-D patch size.
 
 Where the text sits (FLUX: first, SD3: last) is the processors' business: it
-is the order their stock processor concatenates.
+is the order their stock processor concatenates. The geometry is kept after the
+forward (not cleared), so activation checkpointing's recomputation in the
+backward pass sees the same grid.
 """
 
 from __future__ import annotations

@@ -170,12 +170,12 @@ class SwapHandle:
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary for results rows and reports."""
+        new = set(self.new_parameters)
         return {
             "method": self.method, "options": dict(self.options), "family": self.family,
             "modules": len(self.modules), "new_parameters": len(self.new_parameters),
-            "new_parameter_count": sum(
-                p.numel() for n, p in self.transformer.named_parameters()
-                if n in set(self.new_parameters)),
+            "new_parameter_count": sum(p.numel() for n, p in self.transformer.named_parameters()
+                                       if n in new),
             "projections": "re-initialised" if self.reinitialised else "inherited",
         }
 
