@@ -1,0 +1,264 @@
+"""A zoo entry as a diffusers transformer: built on a device, its true shapes, its inputs.
+
+* :func:`build_transformer` -- random weights, made directly on the device in
+  the run's dtype (no float32 copy of a 12B model on the CPU first); speed and
+  memory need no trained weights. Modules the model keeps in float32 when
+  diffusers loads it in half precision (``_keep_in_fp32_modules``) stay float32.
+* :func:`model_shapes` -- tokens, text tokens, the self-attention layout, heads
+  and head_dim at a resolution (and ``frames`` for video), with a clear error
+  where the model cannot run (not a multiple of its token size, beyond SD3's
+  position embedding, DiT's square-only inputs).
+* :func:`make_inputs` -- the forward inputs of one denoising step at those shapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...attention import Layout
+from ...models.diffusers_configs import DiffusersConfig, get_diffusers_config
+from .compat import import_diffusers
+
+
+def transformer_class(entry: DiffusersConfig) -> type[nn.Module]:
+    return getattr(import_diffusers(), entry.class_name)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_transformer(
+    entry: str | DiffusersConfig,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> nn.Module:
+    """The transformer of ``entry`` with random weights, created on ``device`` in ``dtype``.
+
+    Parameters are allocated where they will run (a ``torch.device`` context)
+    in the requested dtype (the default dtype while constructing); diffusers'
+    constructors build their fixed tables (RoPE frequencies, sin-cos position
+    embeddings) in explicit float32/float64, so those are unaffected.
+    """
+    entry = get_diffusers_config(entry)
+    cls = transformer_class(entry)
+    device = torch.device(device)
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating type, got {dtype}")
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        torch.manual_seed(seed)
+        with torch.device(device), _default_dtype(dtype):
+            model = cls(**entry.config)
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    half = dtype in (torch.float16, torch.bfloat16)
+    for name, param in model.named_parameters():
+        want = torch.float32 if half and any(m in name for m in keep) else dtype
+        if param.dtype != want:
+            param.data = param.data.to(want)
+    return model.eval().requires_grad_(False)
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    """The true shapes of one denoising step of a diffusers model at one resolution.
+
+    ``grid`` -- image (H, W) or video (F, H, W) tokens; ``text_tokens`` -- the
+    prompt length; ``layout`` -- the layout of the self-attention (text joined
+    for FLUX, first, and SD3, last; image or video tokens only elsewhere);
+    ``attention_layers`` -- self-attention calls per step, ``image_only_layers``
+    of them on image tokens alone (SD3.5's dual attention); ``cross_layers`` --
+    cross-attention calls (image queries, text keys: PixArt, SANA, Wan).
+    """
+
+    model: str
+    family: str
+    resolution: tuple[int, int]
+    frames: int | None
+    latent: tuple[int, ...]
+    grid: tuple[int, ...]
+    text_tokens: int
+    layout: Layout
+    heads: int
+    head_dim: int
+    attention_layers: int
+    image_only_layers: int = 0
+    cross_layers: int = 0
+    cross_heads: int = 0
+    cross_head_dim: int = 0
+
+    @property
+    def image_tokens(self) -> int:
+        return self.layout.image_tokens
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of the main self-attention (text included where it is joint)."""
+        return self.layout.tokens
+
+    def attention_shape(self, batch: int = 1) -> tuple[int, int, int, int, Layout]:
+        """``(B, H, N, d, layout)`` of the main self-attention call."""
+        return batch, self.heads, self.tokens, self.head_dim, self.layout
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "family": self.family,
+            "resolution": f"{self.resolution[0]}x{self.resolution[1]}", "frames": self.frames,
+            "layout": self.layout.describe(), "tokens": self.tokens,
+            "text_tokens": self.text_tokens, "heads": self.heads, "head_dim": self.head_dim,
+        }
+
+
+def _pair(res: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(res, (tuple, list)):
+        if len(res) != 2:
+            raise ValueError(f"resolution must be px or (height, width) px, got {res!r}")
+        return int(res[0]), int(res[1])
+    return int(res), int(res)
+
+
+def _heads(entry: DiffusersConfig) -> tuple[int, int]:
+    c = entry.config
+    return int(c["num_attention_heads"]), int(c["attention_head_dim"])
+
+
+def model_shapes(
+    entry: str | DiffusersConfig, res: int | tuple[int, int] | None = None,
+    frames: int | None = None,
+) -> ModelShapes:
+    """True shapes of ``entry`` at ``res`` px (square or ``(height, width)``) and ``frames``.
+
+    ``ValueError`` (a sentence a results row can carry as its skip reason) when the
+    model cannot run at that size.
+    """
+    entry = get_diffusers_config(entry)
+    height, width = _pair(res if res is not None else entry.default_res)
+    ph, pw = entry.pixels_per_token
+    if height <= 0 or width <= 0 or height % ph or width % pw:
+        raise ValueError(
+            f"--res {height}x{width}: {entry.name} needs positive multiples of {ph} px "
+            f"(VAE ×{entry.vae_factor} × {ph // entry.vae_factor} latent positions per token)")
+    lh, lw = height // entry.vae_factor, width // entry.vae_factor
+    gh, gw = height // ph, width // pw
+    c = entry.config
+    if entry.is_video:
+        frames = entry.default_frames if frames is None else int(frames)
+        if frames <= 0 or (frames - 1) % entry.vae_temporal:
+            raise ValueError(f"--frames {frames}: {entry.name} takes 1 + {entry.vae_temporal}·k "
+                             f"frames (e.g. 81), the VAE's temporal stride")
+        lf = 1 + (frames - 1) // entry.vae_temporal
+        pt = entry.patch[0]
+        if lf % pt:
+            raise ValueError(f"--frames {frames}: {lf} latent frames are not divisible by the "
+                             f"temporal patch {pt}")
+        grid: tuple[int, ...] = (lf // pt, gh, gw)
+        latent: tuple[int, ...] = (entry.latent_channels, lf, lh, lw)
+    else:
+        if frames is not None:
+            raise ValueError(f"--frames: {entry.name} is an image model (frames are for video)")
+        grid = (gh, gw)
+        latent = ((gh * gw, int(c["in_channels"])) if entry.family == "flux"
+                  else (entry.latent_channels, lh, lw))
+    if entry.family == "sd3" and max(gh, gw) > int(c["pos_embed_max_size"]):
+        side = int(c["pos_embed_max_size"])
+        raise ValueError(f"{entry.name}: its position embedding covers at most {side}×{side} "
+                         f"patches ({side * ph} px); {height}x{width} px needs {gh}×{gw}")
+    if entry.family == "dit" and gh != gw:
+        raise ValueError(f"{entry.name}: diffusers' DiT takes square inputs only, got "
+                         f"{height}x{width}")
+    heads, head_dim = _heads(entry)
+    text = entry.text_tokens
+    joint = {"flux": Layout(grid, text=text, text_first=True),
+             "sd3": Layout(grid, text=text, text_first=False)}
+    layout = joint.get(entry.family, Layout(grid))
+    layers = {"flux": c.get("num_layers", 19) + c.get("num_single_layers", 38)}
+    image_only = len(c.get("dual_attention_layers", ())) if entry.family == "sd3" else 0
+    cross = 0
+    cross_heads, cross_dim = heads, head_dim
+    if entry.family in ("pixart", "wan"):
+        cross = int(c["num_layers"])
+    if entry.family == "sana" and c.get("cross_attention_dim") is not None:
+        cross = int(c["num_layers"])
+        cross_heads = int(c.get("num_cross_attention_heads", heads))
+        cross_dim = int(c.get("cross_attention_head_dim", head_dim))
+    return ModelShapes(
+        model=entry.name, family=entry.family, resolution=(height, width),
+        frames=frames if entry.is_video else None, latent=latent, grid=grid, text_tokens=text,
+        layout=layout, heads=heads, head_dim=head_dim,
+        attention_layers=int(layers.get(entry.family, c["num_layers"])),
+        image_only_layers=image_only, cross_layers=cross,
+        cross_heads=cross_heads if cross else 0, cross_head_dim=cross_dim if cross else 0,
+    )
+
+
+def flux_ids(grid: tuple[int, int], text: int, device=None, dtype=torch.float32):
+    """FLUX's ``(img_ids [H·W, 3], txt_ids [T, 3])`` as its pipeline makes them."""
+    h, w = grid
+    img = torch.zeros(h, w, 3, device=device, dtype=dtype)
+    img[..., 1] = torch.arange(h, device=device, dtype=dtype)[:, None]
+    img[..., 2] = torch.arange(w, device=device, dtype=dtype)[None, :]
+    return img.reshape(h * w, 3), torch.zeros(text, 3, device=device, dtype=dtype)
+
+
+def make_inputs(
+    entry: str | DiffusersConfig,
+    shapes: ModelShapes,
+    *,
+    batch: int = 1,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    generator: torch.Generator | None = None,
+) -> dict[str, Any]:
+    """Keyword inputs of one forward (one denoising step) of ``entry`` at ``shapes``.
+
+    Random latents and text embeddings (the text encoders are not part of the
+    step); the timestep in the unit each pipeline passes (FLUX: t/1000).
+    ``return_dict=False`` so the forward returns a tuple.
+    """
+    entry = get_diffusers_config(entry)
+    c = entry.config
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+
+    b, t = batch, shapes.text_tokens
+    inputs: dict[str, Any] = {"hidden_states": randn(b, *shapes.latent), "return_dict": False}
+    step = torch.full((b,), 500.0)
+    if entry.family == "flux":
+        img_ids, txt_ids = flux_ids(shapes.grid, t, device=device, dtype=dtype)
+        inputs.update(encoder_hidden_states=randn(b, t, c["joint_attention_dim"]),
+                      pooled_projections=randn(b, c["pooled_projection_dim"]),
+                      timestep=(step / 1000).to(device, dtype), img_ids=img_ids, txt_ids=txt_ids)
+        if c.get("guidance_embeds"):
+            inputs["guidance"] = torch.full((b,), 3.5, device=device, dtype=dtype)
+    elif entry.family == "sd3":
+        inputs.update(encoder_hidden_states=randn(b, t, c["joint_attention_dim"]),
+                      pooled_projections=randn(b, c["pooled_projection_dim"]),
+                      timestep=step.to(device, dtype))
+    elif entry.family in ("pixart", "sana"):
+        inputs.update(encoder_hidden_states=randn(b, t, c["caption_channels"]),
+                      timestep=step.long().to(device))
+        if entry.family == "pixart":
+            inputs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+    elif entry.family == "wan":
+        inputs.update(encoder_hidden_states=randn(b, t, c["text_dim"]),
+                      timestep=step.long().to(device))
+    elif entry.family == "dit":
+        classes = int(c.get("num_embeds_ada_norm", 1000))
+        inputs.update(timestep=step.long().to(device),
+                      class_labels=torch.randint(0, classes, (b,), generator=generator).to(device))
+    return inputs

@@ -1,0 +1,257 @@
+"""``swap_attention``: put a registered method into a diffusers transformer, and take it out.
+
+>>> handle = swap_attention(transformer, "clear", radius=16)   # doctest: +SKIP
+>>> out = transformer(**inputs)                                # CLEAR in every self-attention
+>>> handle.new_parameters                                      # the method's learned parts
+>>> handle.restore()                                           # the stock processors again
+
+Which modules are replaced, per family (cross-attention is left as it is):
+
+=========  =====================================================  =========================
+family     modules                                                stock processor
+=========  =====================================================  =========================
+FLUX       ``transformer_blocks.*.attn``, ``single_transformer_``  ``FluxAttnProcessor``
+           ``blocks.*.attn``
+SD3        ``transformer_blocks.*.attn`` (joint), ``.attn2``       ``JointAttnProcessor2_0``
+           (SD3.5 dual attention, image only)
+PixArt     ``transformer_blocks.*.attn1``                          ``AttnProcessor2_0``
+DiT        ``transformer_blocks.*.attn1``                          ``AttnProcessor2_0``
+SANA       ``transformer_blocks.*.attn1``                          ``SanaLinearAttnProcessor2_0``
+Wan        ``blocks.*.attn1``                                      ``WanAttnProcessor``
+=========  =====================================================  =========================
+
+The conversion recipe is the one attnbench's DiT conversion uses: the stock
+model's q/k/v/out projections are inherited, unless the method's
+``inherits_projections`` is False (LiT re-initialises them: Xavier-uniform,
+bias 0), and the method's own parts are new. The model's heads are kept:
+its QK norms are per head, so the split is fixed by the checkpoint (LiT's
+"few heads" would need new norms; attnbench does not change it here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ... import attention
+from . import geometry as geo
+from .processors import (
+    AttnbenchProcessor,
+    FluxProcessor,
+    JointProcessor,
+    SanaProcessor,
+    SelfProcessor,
+    WanProcessor,
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one diffusers transformer class is swapped: blocks, modules, stock, geometry."""
+
+    name: str
+    blocks: tuple[str, ...]
+    modules: tuple[str, ...]
+    processor: type[AttnbenchProcessor]
+    geometry: Callable[[nn.Module, dict[str, Any]], tuple[tuple[int, ...], int]]
+
+
+FAMILIES: dict[str, Family] = {
+    "FluxTransformer2DModel": Family("flux", ("transformer_blocks", "single_transformer_blocks"),
+                                     ("attn",), FluxProcessor, geo.flux_geometry),
+    "SD3Transformer2DModel": Family("sd3", ("transformer_blocks",), ("attn", "attn2"),
+                                    JointProcessor,
+                                    geo.image_geometry("SD3", "joint_attention_kwargs")),
+    "PixArtTransformer2DModel": Family("pixart", ("transformer_blocks",), ("attn1",),
+                                       SelfProcessor,
+                                       geo.image_geometry("PixArt", "cross_attention_kwargs")),
+    "DiTTransformer2DModel": Family("dit", ("transformer_blocks",), ("attn1",), SelfProcessor,
+                                    geo.image_geometry("DiT")),
+    "SanaTransformer2DModel": Family("sana", ("transformer_blocks",), ("attn1",), SanaProcessor,
+                                     geo.image_geometry("SANA", "attention_kwargs")),
+    "WanTransformer3DModel": Family("wan", ("blocks",), ("attn1",), WanProcessor,
+                                    geo.wan_geometry),
+}
+
+#: projection names of a diffusers attention module (image stream, then the text stream)
+PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+               "to_add_out")
+
+
+def family_of(transformer: nn.Module) -> Family:
+    """The :class:`Family` of ``transformer``, or ``ValueError`` naming the supported classes."""
+    for cls in type(transformer).__mro__:
+        if cls.__name__ in FAMILIES:
+            return FAMILIES[cls.__name__]
+    raise ValueError(f"swap_attention: {type(transformer).__name__} is not supported; "
+                     f"supported: {', '.join(FAMILIES)}")
+
+
+def attention_modules(transformer: nn.Module, family: Family) -> list[tuple[str, nn.Module]]:
+    """``(state-dict prefix, module)`` of every self-attention module the family swaps."""
+    found = []
+    for blocks in family.blocks:
+        for i, block in enumerate(getattr(transformer, blocks, None) or ()):
+            for attr in family.modules:
+                module = getattr(block, attr, None)
+                if module is not None:
+                    found.append((f"{blocks}.{i}.{attr}", module))
+    return found
+
+
+def _check_stock(name: str, module: nn.Module, family: Family) -> None:
+    """Refuse modules whose current processor is not the stock one this adapter reproduces."""
+    processor = module.processor
+    if isinstance(processor, AttnbenchProcessor):
+        raise ValueError(f"{name}: attnbench processors are installed already; "
+                         "restore() the previous swap first")
+    stock = family.processor.stock
+    if type(processor).__name__ != stock:
+        raise ValueError(
+            f"{name}: processor {type(processor).__name__} is not the stock {stock} "
+            "(IP-Adapter, PAG, fused projections and custom processors are not handled); "
+            "set the stock processor back first"
+        )
+    if getattr(processor, "_parallel_config", None) is not None:
+        raise ValueError(f"{name}: context parallelism is not handled by attnbench's processors")
+    if getattr(module, "fused_projections", False):
+        raise ValueError(f"{name}: fused QKV projections are not handled; call "
+                         "transformer.unfuse_qkv_projections() first")
+    for part in ("spatial_norm", "group_norm"):
+        if getattr(module, part, None) is not None:
+            raise ValueError(f"{name}: {part} is not handled by attnbench's processors")
+
+
+def _heads(module: nn.Module) -> tuple[int, int]:
+    heads = int(module.heads)
+    return heads, int(module.to_q.out_features) // heads
+
+
+@dataclass
+class SwapHandle:
+    """What ``swap_attention`` did, and ``restore()`` to undo it.
+
+    ``modules`` -- the swapped modules' names; ``new_parameters`` -- state-dict
+    keys of the method's learned parts (``…processor.core.*``); ``inherited`` --
+    the projections kept from the stock model; ``reinitialised`` -- those
+    re-initialised by the recipe (LiT). ``restore()`` puts back the original
+    processors and removes the hook; re-initialised projections stay as they are.
+    """
+
+    transformer: nn.Module
+    method: str
+    options: dict[str, Any]
+    family: str
+    modules: list[str]
+    new_parameters: list[str]
+    inherited: list[str]
+    reinitialised: list[str]
+    geometry: geo.Geometry
+    _originals: dict[str, Any] = field(default_factory=dict, repr=False)
+    _hooks: list[Any] = field(default_factory=list, repr=False)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._hooks)
+
+    def restore(self) -> None:
+        """Put the stock processors back and remove the geometry hook (idempotent)."""
+        by_name = dict(self.transformer.named_modules())
+        for name, processor in self._originals.items():
+            by_name[name].set_processor(processor)
+        self._originals.clear()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able summary for results rows and reports."""
+        new = set(self.new_parameters)
+        return {
+            "method": self.method, "options": dict(self.options), "family": self.family,
+            "modules": len(self.modules), "new_parameters": len(self.new_parameters),
+            "new_parameter_count": sum(p.numel() for n, p in self.transformer.named_parameters()
+                                       if n in new),
+            "projections": "re-initialised" if self.reinitialised else "inherited",
+        }
+
+
+def _reinitialise(module: nn.Module, prefix: str) -> list[str]:
+    """LiT's recipe on one attention module: Xavier-uniform projections, zero biases."""
+    names = []
+    for proj in PROJECTIONS:
+        linear = module.get_submodule(proj) if _has(module, proj) else None
+        if not isinstance(linear, nn.Linear):
+            continue
+        nn.init.xavier_uniform_(linear.weight)
+        names.append(f"{prefix}.{proj}.weight")
+        if linear.bias is not None:
+            nn.init.zeros_(linear.bias)
+            names.append(f"{prefix}.{proj}.bias")
+    return names
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _projection_names(module: nn.Module, prefix: str) -> list[str]:
+    return [f"{prefix}.{proj}.{n}" for proj in PROJECTIONS if _has(module, proj)
+            for n, _ in module.get_submodule(proj).named_parameters()]
+
+
+def swap_attention(
+    transformer: nn.Module,
+    method: str | attention.AttentionBackend,
+    *,
+    inherit_projections: bool | None = None,
+    impl: str = "auto",
+    **options: Any,
+) -> SwapHandle:
+    """Install ``method`` in every self-attention of a diffusers transformer.
+
+    ``method`` -- a registered name or an :class:`~attnbench.attention.AttentionBackend`;
+    ``options`` -- the method's options (its mixer options included), validated
+    before anything changes; ``impl`` forces an implementation as in ``attend``;
+    ``inherit_projections=None`` follows the method's recipe
+    (``backend.inherits_projections``). Raises ``ValueError`` for an unsupported
+    class or a module whose processor is not the stock one.
+    """
+    backend = method if isinstance(method, attention.AttentionBackend) else attention.get(method)
+    resolved = backend.resolve(dict(options), mixer=True)  # bad options fail before any change
+    family = family_of(transformer)
+    targets = attention_modules(transformer, family)
+    if not targets:
+        raise ValueError(f"swap_attention: no attention modules found in "
+                         f"{type(transformer).__name__}")
+    for name, module in targets:
+        _check_stock(name, module, family)
+    inherit = (bool(backend.inherits_projections) if inherit_projections is None
+               else bool(inherit_projections))
+    geometry = geo.Geometry()
+    handle = SwapHandle(transformer, backend.name, resolved, family.name, [], [], [], [],
+                        geometry)
+    for name, module in targets:
+        weight = module.to_q.weight
+        core = backend.core(*_heads(module), impl=impl, **resolved)
+        core = core.to(device=weight.device, dtype=weight.dtype)
+        processor = family.processor(core, geometry, where=name)
+        handle._originals[name] = module.processor
+        module.set_processor(processor)
+        handle.modules.append(name)
+        handle.new_parameters += [f"{name}.processor.core.{p}" for p in core.new_parameters()]
+        if inherit:
+            handle.inherited += _projection_names(module, name)
+        else:
+            with torch.no_grad():
+                handle.reinitialised += _reinitialise(module, name)
+    handle._hooks.append(geo.install_hook(transformer, geometry, family.geometry))
+    return handle
