@@ -159,8 +159,8 @@ GPU = Profile(
 )
 DRY_RUN = Profile(
     name="dry-run", device="cpu", dtype="float32", model="DiT-T/2", attention_res=128,
-    attention_methods=("softmax", "lit", "clear:radius=8", "sla:topk=0.05", "flash"),
-    model_res=32, model_more_res=(16,), model_methods=("lit", "softmax"), flux="flux-tiny",
+    attention_methods=("softmax", "lit", "sla:topk=0.05", "flash"),  # no FlexAttention compile
+    model_res=32, model_more_res=(), model_methods=("lit", "softmax"), flux="flux-tiny",
     flux_model_res=(32, 64), flux_attention_res=64, wan="wan-tiny",
     wan_args=("--frames", "5", "--res", "48x80"),
     kernel_test_args=("-k", "head_tiles or head_pieces or availability"), list_methods=False,
@@ -453,13 +453,14 @@ def attention_jobs(ctx: Context) -> list[Job]:
 
 def model_jobs(ctx: Context) -> list[Job]:
     p = ctx.profile
-    return [
-        _run_job(ctx, f"{p.model} model {p.model_res}px", "model", "model", [p.model_res],
-                 p.model_methods),
+    jobs = [_run_job(ctx, f"{p.model} model {p.model_res}px", "model", "model", [p.model_res],
+                     p.model_methods)]
+    if p.model_more_res:
         # the baseline first at the smaller sizes: cheap there, and every speed-up needs it
-        _run_job(ctx, f"{p.model} model {'/'.join(map(str, p.model_more_res))}px", "model",
-                 "model", p.model_more_res, p.model_methods[-1:] + p.model_methods[:-1]),
-    ]
+        jobs.append(_run_job(ctx, f"{p.model} model {'/'.join(map(str, p.model_more_res))}px",
+                             "model", "model", p.model_more_res,
+                             p.model_methods[-1:] + p.model_methods[:-1]))
+    return jobs
 
 
 def diffusers_jobs(ctx: Context) -> list[Job] | str:
@@ -476,8 +477,6 @@ def diffusers_jobs(ctx: Context) -> list[Job] | str:
         reasons.append(f"`attnbench run` has no {DIFFUSERS_RUN_FLAG}: diffusers models are not "
                        "wired into run yet")
     else:
-        jobs.append(_run_job(ctx, f"{p.flux} model", "flux-model", "model", p.flux_model_res,
-                             FLUX_METHODS, model=p.flux))
         jobs.append(_run_job(ctx, f"{p.flux} attention", "flux-attention", "attention",
                              [p.flux_attention_res], FLUX_METHODS, model=p.flux))
     if p.wan not in zoo:
@@ -487,6 +486,10 @@ def diffusers_jobs(ctx: Context) -> list[Job] | str:
     else:
         jobs.append(_run_job(ctx, f"{p.wan} attention", "wan-attention", "attention", (),
                              WAN_METHODS, model=p.wan, extra=p.wan_args))
+    if p.flux in zoo and DIFFUSERS_RUN_FLAG in help_text:
+        # the costliest last: a 12 B-parameter step per point, softmax at 4096 px
+        jobs.append(_run_job(ctx, f"{p.flux} model", "flux-model", "model", p.flux_model_res,
+                             FLUX_METHODS, model=p.flux))
     if not jobs:
         return "; ".join(reasons)
     for reason in reasons:
@@ -509,7 +512,7 @@ STAGES = (
     Stage("kernels", "kernel tests compiled on the device (fp32, fp16, bf16)", 0.17, kernel_jobs),
     Stage("attention", "attention level at the largest size: exact vs lit/clear/sla", 0.22,
           attention_jobs),
-    Stage("model", "model level: one denoising step at three sizes", 0.28, model_jobs),
+    Stage("model", "model level: one denoising step, the largest size first", 0.28, model_jobs),
     Stage("diffusers", "FLUX.1-dev and Wan2.1-1.3B shapes (diffusers adapter)", 0.15,
           diffusers_jobs),
     Stage("floors", "device ceilings and each kernel's fraction of its floor", 0.12, floor_jobs),
@@ -1082,8 +1085,11 @@ def _call_wall(t: float) -> float:
     return 3 * t + max(t, 0.2) + max(3 * t, 0.5) + t + (t if t < 2.0 else 0.0)
 
 
-def plan(profile: Profile) -> str:
-    """Each stage's points and their predicted seconds on an H200 (attnbench's FLOP/byte models)."""
+def plan(profile: Profile, kernel_tests: int | None = None) -> str:
+    """Each stage's points and their predicted seconds on an H200 (attnbench's FLOP/byte models).
+
+    ``kernel_tests``: how many kernel tests run on the GPU (default: counted by collecting them).
+    """
     import torch
 
     from attnbench import attention
@@ -1099,6 +1105,8 @@ def plan(profile: Profile) -> str:
              f"{H200_BYTES_PER_S / 1e12:.1f} TB/s and {H200_FLOPS_PER_S / 1e12:.0f} TFLOP/s; "
              f"{profile.total_s:.0f} s in all", ""]
     totals: dict[str, float] = {}
+    slow: dict[str, float] = {}  # points the budget rule skips, measured with fewer repetitions
+    shares = {s.key: s.share * profile.total_s for s in STAGES}
 
     def point(level: str, res: int, spec: str) -> tuple[float, float]:
         name, opts = parse_spec(spec)
@@ -1115,7 +1123,14 @@ def plan(profile: Profile) -> str:
         t = linear / H200_FLOPS_PER_S + config.depth * t_attn + params * esize / H200_BYTES_PER_S
         return t, params / INIT_PER_S
 
+    try:
+        from attnbench.bench.sweep import EXTRA_CALLS, PREDICTION_MARGIN
+    except ImportError:  # the sweep's rule as it stood: 4 extra calls, 3 repetitions, ×2
+        EXTRA_CALLS, PREDICTION_MARGIN = 4, 2.0
+    budget_calls = (EXTRA_CALLS + 3) * PREDICTION_MARGIN
+
     def run_estimate(stage: str, level: str, res_list, methods) -> None:
+        budget = shares[stage] - profile.startup_s
         seconds = profile.startup_s
         compiled_flex = False
         for res in res_list:
@@ -1128,6 +1143,15 @@ def plan(profile: Profile) -> str:
                                  "xformers is installed (0 s)")
                     continue
                 t, setup = point(level, res, spec)
+                predicted = t * budget_calls
+                if predicted > budget:
+                    lines.append(f"  {spec:16} {level:9} {res:>5} px: one call {t * 1e3:10.2f} ms, "
+                                 f"predicted {predicted:.0f} s > budget {budget:.0f} s: skipped "
+                                 "by run's budget rule unless slow points take fewer "
+                                 f"repetitions (then ~{3 * t + setup:.0f} s: one untimed, one "
+                                 "timed and one memory call)")
+                    slow[stage] = slow.get(stage, 0.0) + 3 * t + setup
+                    continue
                 wall = _call_wall(t) + setup
                 if name == "clear" and not compiled_flex:
                     wall += FLEX_COMPILE_S
@@ -1137,8 +1161,7 @@ def plan(profile: Profile) -> str:
                              f"point ~{wall:6.1f} s (setup {setup:.1f} s)")
         totals[stage] = totals.get(stage, 0.0) + seconds
 
-    shares = {s.key: s.share * profile.total_s for s in STAGES}
-    tests = _kernel_test_count()
+    tests = _kernel_test_count() if kernel_tests is None else kernel_tests
     workers = 8
     totals["kernels"] = profile.startup_s + tests * TEST_COMPILE_S / workers
     lines.append(f"kernels: ~{tests} tests compiled (fp32, fp16, bf16), {TEST_COMPILE_S:g} s "
@@ -1166,6 +1189,10 @@ def plan(profile: Profile) -> str:
         note = "  <- over its share: cut short, later points lost" if est > shares[s.key] else ""
         lines.append(f"{s.key:10} {shares[s.key]:8.0f} {est:11.0f}{note}")
     lines.append(f"{'report':10} {REPORT_SHARE * profile.total_s:8.0f}")
+    for key, extra in slow.items():
+        lines.append(f"{key}: +{extra:.0f} s where run measures its slow points with fewer "
+                     "repetitions instead of skipping them (time earlier stages leave unused "
+                     "goes to the next stage)")
     lines.append(f"{'total':10} {profile.total_s:8.0f} "
                  f"{sum(min(totals.get(s.key, 0.0), shares[s.key]) for s in STAGES):11.0f}"
                  "  (each stage capped at its share)")
