@@ -147,6 +147,9 @@ class Profile:
     total_s: float
     #: seconds an ``attnbench run`` needs before its first point (imports, device, calibration)
     startup_s: float
+    #: ``run --budget``: the seconds one point may take (at most the time left in the stage),
+    #: so that slow points take few repetitions and no point takes a stage's share alone
+    point_budget_s: float
 
 
 GPU = Profile(
@@ -155,7 +158,7 @@ GPU = Profile(
     model_methods=MODEL_METHODS, flux="flux.1-dev", flux_model_res=(1024, 2048, 4096),
     flux_attention_res=8192, wan="wan2.1-t2v-1.3b",
     wan_args=("--frames", "81", "--res", "480x832"), kernel_test_args=(), list_methods=True,
-    total_s=480.0, startup_s=15.0,
+    total_s=480.0, startup_s=15.0, point_budget_s=60.0,
 )
 DRY_RUN = Profile(
     name="dry-run", device="cpu", dtype="float32", model="DiT-T/2", attention_res=128,
@@ -164,7 +167,7 @@ DRY_RUN = Profile(
     flux_model_res=(32, 64), flux_attention_res=64, wan="wan-tiny",
     wan_args=("--frames", "5", "--res", "48x80"),
     kernel_test_args=("-k", "head_tiles or head_pieces or availability"), list_methods=False,
-    total_s=240.0, startup_s=3.0,
+    total_s=240.0, startup_s=3.0, point_budget_s=20.0,
 )
 
 
@@ -597,7 +600,7 @@ def run_stage(ctx: Context, index: int) -> StageRecord:
         argv = list(job.argv)
         if job.budget:
             left = deadline - time.monotonic() - ctx.profile.startup_s
-            jr.budget_s = round(max(5.0, left), 1)
+            jr.budget_s = round(max(5.0, min(ctx.profile.point_budget_s, left)), 1)
             argv += ["--budget", f"{jr.budget_s:g}"]
         ctx.log(f"   {job.name}: {' '.join(_short(a) for a in argv)}")
         out = run_job(argv, deadline=deadline, log=ctx.log, env=ctx.env(),
@@ -1130,7 +1133,7 @@ def plan(profile: Profile, kernel_tests: int | None = None) -> str:
     budget_calls = (EXTRA_CALLS + 3) * PREDICTION_MARGIN
 
     def run_estimate(stage: str, level: str, res_list, methods) -> None:
-        budget = shares[stage] - profile.startup_s
+        budget = min(profile.point_budget_s, shares[stage] - profile.startup_s)
         seconds = profile.startup_s
         compiled_flex = False
         for res in res_list:

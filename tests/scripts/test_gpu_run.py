@@ -51,12 +51,13 @@ def calls(tmp_path_factory):
     """Two dry runs on one folder: the first cut short in the model stage, the second resuming."""
     root = tmp_path_factory.mktemp("gpu_run")
     run_dir = root / "run"
-    first = _dry_run(run_dir, root / "out1", "--stage-seconds", "model=5")
+    first = _dry_run(run_dir, root / "out1", "--stage-seconds", "model=5",
+                     "--total-seconds", "400")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     model_rows = (run_dir / "model" / "results.jsonl")
     kept = model_rows.read_text().splitlines() if model_rows.exists() else []
     attention = (run_dir / "attention" / "results.jsonl").read_text().splitlines()
-    second = _dry_run(run_dir, root / "out2", "--redo", "attention")
+    second = _dry_run(run_dir, root / "out2", "--redo", "attention", "--total-seconds", "400")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     return {"root": root, "run_dir": run_dir, "kept_model": kept, "attention": attention,
             "first": first, "second": second}
@@ -87,7 +88,7 @@ def test_the_summary_lists_every_stage_and_target_with_a_status(calls):
                    if line.startswith("| ") and line.split("|")[1].strip().isdigit()}
     assert set(stage_lines) == {s.key for s in gpu_run.STAGES}
     statuses = ("done", "done earlier", "cut short", "failed", "skipped", "not started")
-    for key, line in stage_lines.items():
+    for line in stage_lines.values():
         assert line.split("|")[3].strip() in statuses, line
     for target in gpu_run.TARGETS:
         line = next(ln for ln in text.splitlines() if ln.startswith(f"| {target.name} |"))
