@@ -918,19 +918,20 @@ def save_state(ctx: Context) -> None:
 
 
 def placeholders(ctx: Context) -> None:
-    """kernel_tests.txt and floor.md: the stage's output, or why there is none."""
+    """kernel_tests.txt and floor.md: the stage's output, or a line saying why there is none."""
     for name, stage in (("kernel_tests.txt", "kernels"), ("floor.md", "floors")):
         path = ctx.run_dir / name
         source = ctx.run_dir / "floor" / "floor.md" if name == "floor.md" else None
         if source is not None and source.exists():
             shutil.copyfile(source, path)
             continue
-        if path.exists() and path.stat().st_size:
-            continue
+        marker = f"{stage}: "
+        if path.exists() and path.stat().st_size and not path.read_text().startswith(marker):
+            continue  # the stage's own output
         r = ctx.records.get(stage)
         why = (f"{r.status}: {r.reason}" if r and r.reason else r.status if r
                else "the stage has not run")
-        path.write_text(f"{stage}: {why}\n")
+        path.write_text(f"{marker}{why}\n")
 
 
 def pack(ctx: Context) -> None:
