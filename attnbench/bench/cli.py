@@ -18,7 +18,7 @@ import torch
 from .. import attention
 from ..models.configs import CPU_DEFAULT, get_config
 from .environment import REPO_ROOT, environment
-from .results import STATUS_OK, ResultsWriter, to_dataframe
+from ..results import STATUS_OK, ResultsWriter, label, to_dataframe
 from .sweep import RESOLUTIONS, SweepPlan, parse_methods
 from .workloads import LEVELS
 
@@ -63,14 +63,6 @@ def _ints(text: str, what: str) -> list[int]:
 def _default_methods(device: torch.device, dtype: torch.dtype) -> str:
     reasons = attention.available(device, dtype)
     return ",".join(name for name, reason in reasons.items() if reason is None)
-
-
-def label(method: str, options: str) -> str:
-    """``clear:radius=16.0`` from a row's method and canonical options JSON."""
-    import json
-
-    opts = json.loads(options) if options else {}
-    return ":".join([method, *(f"{k}={v}" for k, v in sorted(opts.items()))])
 
 
 def summary_frame(rows):
@@ -177,7 +169,7 @@ def _write_report(out: Path) -> None:
 def import_benchmark(args: argparse.Namespace) -> int:
     import json
 
-    from .results import rows_from_pytest_benchmark
+    from .benchmark_json import rows_from_pytest_benchmark
 
     path = Path(args.file)
     if not path.is_file():

@@ -23,7 +23,7 @@ from .. import attention
 from ..models.configs import DiTConfig
 from .flops import count_flops
 from .memory import free_memory, peak_memory
-from .results import (
+from ..results import (
     STATUS_ERROR,
     STATUS_OK,
     STATUS_OOM,
@@ -32,6 +32,7 @@ from .results import (
     Result,
     ResultsWriter,
     canonical_options,
+    label,
     point_key,
 )
 from .timer import measure, synchronize
@@ -56,9 +57,7 @@ class MethodSpec:
 
     @property
     def label(self) -> str:
-        if not self.options:
-            return self.name
-        return self.name + ":" + ":".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return label(self.name, canonical_options(self.options))
 
 
 def parse_methods(

@@ -10,7 +10,7 @@ when a quality stage is asked for). It samples ``num`` images with DiT's protoco
 * ``fidelity`` -- PSNR / SSIM against the teacher from the same noise and labels,
   and the per-step ε error (:mod:`.fidelity`).
 
-The row (one per evaluated model; :class:`~attnbench.bench.results.Result`,
+The row (one per evaluated model; :class:`~attnbench.results.Result`,
 ``level = "quality"``) follows the report's convention for quality rows
 (:mod:`attnbench.report.tables`): the numbers in ``extra["metrics"]``, their
 direction in ``extra["higher_is_better"]``, the sample ``.npz`` in
@@ -33,17 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..results import HIGHER_IS_BETTER, Result, ResultsWriter, canonical_options
+from ..results import label as result_label
 from .sample import SampleSettings, checkpoint_sha256, generate, is_pixel_model, save_npz
 
 METRIC_GROUPS = ("fid", "geneval", "fidelity")
-#: direction of every metric this stage writes (the report needs it for the unknown ones)
-HIGHER_IS_BETTER: dict[str, bool] = {
-    "fid": False, "kid": False, "inception_score": True, "precision": True, "recall": True,
-    "geneval": True, "geneval_strict": True,
-    "psnr": True, "ssim": True, "eps_mse_vs_teacher": False,
-    **{f"geneval_{t}": True for t in ("single_object", "two_object", "counting", "colors",
-                                      "position", "color_attr")},
-}
 
 
 @dataclass
@@ -93,9 +87,7 @@ def _device(name: str | None) -> torch.device:
 
 def quality_row(model, settings: SampleSettings, device: torch.device, extra: dict[str, Any],
                 latency: float | None, repetitions: int | None):
-    """The :class:`~attnbench.bench.results.Result` of one evaluated model."""
-    from ..bench.results import Result, canonical_options
-
+    """The :class:`~attnbench.results.Result` of one evaluated model."""
     cfg = model.config
     pixel = is_pixel_model(cfg)
     side = cfg.input_size * (1 if pixel else 8)
@@ -149,7 +141,6 @@ def evaluate(ckpt: str | Path | None, config: EvalConfig, run_dir: str | Path, *
              progress: bool = True, log=print) -> dict[str, Any]:
     """Run the quality stage (module docstring); returns ``{"row", "metrics", "run_dir"}``."""
     from ..bench.environment import environment
-    from ..bench.results import ResultsWriter
     from ..models import load_dit
 
     device = _device(config.device)
@@ -178,10 +169,7 @@ def evaluate(ckpt: str | Path | None, config: EvalConfig, run_dir: str | Path, *
     writer = ResultsWriter(run_dir, {**environment(device, ["python", "-m", "attnbench",
                                                             *(argv or [])]),
                                      "stage": "quality"})
-    from ..bench.cli import label as _label
-    from ..bench.results import canonical_options
-
-    label = _label(cfg.attention, canonical_options(dict(cfg.attention_options or {})))
+    label = result_label(cfg.attention, canonical_options(dict(cfg.attention_options or {})))
     metrics: dict[str, float] = {}
     extra: dict[str, Any] = {
         "checkpoint": str(ckpt), "checkpoint_sha256": checkpoint_sha256(model),

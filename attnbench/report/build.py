@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..bench.results import STATUS_OK
+from ..results import STATUS_OK
 from . import baselines as bl
 from .plots import Plot, pareto_plot, samples_plot, speed_plots
 from .render import Bullets, Document, Figure, Heading, Note, Para, Table, to_html, to_markdown

@@ -23,7 +23,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 from matplotlib.transforms import blended_transform_factory
 
-from ..bench.results import STATUS_OK
+from ..results import STATUS_OK
 from . import baselines as bl
 from .tables import (
     Run,

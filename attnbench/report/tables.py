@@ -1,7 +1,7 @@
 """Run directories in, readable tables out.
 
 A *run* is a directory written by ``python -m attnbench run`` (or a ``results.json``):
-the results table (one row per point, see :mod:`attnbench.bench.results`) and its
+the results table (one row per point, see :mod:`attnbench.results`) and its
 ``meta.json``. This module loads runs, adds the columns a reader wants (labels, ms,
 MiB, GFLOP), finds quality rows, and formats numbers. It draws nothing.
 
@@ -10,13 +10,14 @@ Quality rows (what the quality stage writes, and how the report finds them)
 A row carries *quality metrics* when any of these holds a finite number:
 
 * ``extra["metrics"]``: a dict ``{metric name: value}`` (any name; the preferred form);
-* a key of ``extra`` named in :data:`QUALITY_METRICS` (``extra["fid"] = 12.3``);
-* a column of the table named in :data:`QUALITY_METRICS` (for a later schema).
+* a key of ``extra`` named in :data:`~attnbench.results.HIGHER_IS_BETTER`
+  (``extra["fid"] = 12.3``);
+* a column of the table named there (for a later schema).
 
 Rows with ``level == "quality"`` are quality rows: they are left out of the speed
 tables and plots. A row of another level that also carries metrics appears in both.
 Only rows with status ``ok`` and at least one metric enter the quality section and the
-Pareto plot. Whether higher is better comes from :data:`QUALITY_METRICS`, or from
+Pareto plot. Whether higher is better comes from that table, or from
 ``extra["higher_is_better"] = {metric: bool}``; a metric of unknown direction is shown
 but gets no Pareto front. The speed of a quality point is its own ``latency_median_s``
 if set, else the latency of the same run / method / options / resolution at the model
@@ -35,7 +36,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..bench.results import STATUS_OK, SchemaError, load_table
+from ..results import HIGHER_IS_BETTER, STATUS_OK, SchemaError, label, load_table
 
 LEVEL_ORDER = ("attention", "block", "model")
 QUALITY_LEVEL = "quality"
@@ -45,13 +46,6 @@ LEVEL_TITLES = {
     "model": "model level: one denoising step of the whole DiT",
 }
 
-#: quality metrics the report knows, and whether higher is better
-QUALITY_METRICS: dict[str, bool] = {
-    "fid": False, "sfid": False, "fid_vs_teacher": False, "kid": False, "lpips": False,
-    "mse": False, "mse_vs_teacher": False, "fd_dinov2": False,
-    "inception_score": True, "is": True, "precision": True, "recall": True,
-    "geneval": True, "clip_score": True, "psnr": True, "ssim": True,
-}
 SAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -73,7 +67,7 @@ def load_run(path: Path | str, name: str | None = None) -> Run:
     """A run directory (or its ``results.json``), schema-checked, with reader columns added.
 
     Raises ``FileNotFoundError`` for a missing or empty directory and
-    :class:`~attnbench.bench.results.SchemaError` (a ``ValueError``) for a results
+    :class:`~attnbench.results.SchemaError` (a ``ValueError``) for a results
     file from another attnbench version, each with a one-line message.
     """
     path = Path(path)
@@ -112,16 +106,6 @@ def _run_name(path: Path) -> str:
 
 
 # --------------------------------------------------------------------------- columns
-
-
-def label(method: str, options: str) -> str:
-    """``clear:radius=16.0`` (the label ``run`` prints) from method + canonical options JSON."""
-    from ..bench.cli import label as _label
-
-    try:
-        return _label(method, options)
-    except (ValueError, TypeError):
-        return f"{method}:{options}" if options and options != "{}" else method
 
 
 def method_order() -> list[str]:
@@ -207,11 +191,11 @@ def row_metrics(row: pd.Series) -> dict[str, float]:
     """The quality metrics of one row (see the module docstring), finite numbers only."""
     extra = row.get("extra_dict") or {}
     found: dict[str, Any] = {}
-    for name in QUALITY_METRICS:
+    for name in HIGHER_IS_BETTER:
         if name in row.index and name not in NUMERIC:
             found[name] = row[name]
     for name, value in extra.items():
-        if name in QUALITY_METRICS:
+        if name in HIGHER_IS_BETTER:
             found[name] = value
     metrics = extra.get("metrics")
     if isinstance(metrics, dict):
@@ -231,7 +215,7 @@ def higher_is_better(metric: str, extra: dict[str, Any] | None = None) -> bool |
     override = (extra or {}).get("higher_is_better")
     if isinstance(override, dict) and metric in override:
         return bool(override[metric])
-    return QUALITY_METRICS.get(metric.lower())
+    return HIGHER_IS_BETTER.get(metric.lower())
 
 
 def quality_table(frame: pd.DataFrame) -> pd.DataFrame:

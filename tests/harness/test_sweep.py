@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from attnbench.bench import results, sweep
-from attnbench.bench.results import ResultsWriter, SchemaError, load_table
+from attnbench import results
+from attnbench.bench import sweep
+from attnbench.results import ResultsWriter, SchemaError, load_table
 from attnbench.cli import main
 from attnbench.models.configs import get_config
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnbench.bench.results import load_table
+from attnbench.results import load_table
 from attnbench.cli import main
 
 FAST = ["--num", "24", "--steps", "4", "--batch", "12", "--no-progress", "--device", "cpu"]

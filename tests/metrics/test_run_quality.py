@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from attnbench.bench.results import load_table
+from attnbench.results import load_table
 from attnbench.cli import main
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attnbench.bench.results import Result, ResultsWriter, canonical_options
+from attnbench.results import Result, ResultsWriter, canonical_options
 from attnbench.cli import main
 
 #: (method, options, latency at 256 px in s, exponent of its growth with tokens)

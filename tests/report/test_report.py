@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from attnbench.bench.results import load_table
+from attnbench.results import load_table
 from attnbench.cli import main
 from attnbench.report import write_report
 from attnbench.report.plots import PALETTE, Styles, pareto_front
