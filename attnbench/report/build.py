@@ -16,6 +16,7 @@ from .tables import (
     DASH,
     Run,
     _finite,
+    density_text,
     label_order,
     level_title,
     levels,
@@ -118,6 +119,9 @@ def build_document(runs: list[Run], plot_dir: Path, published: pd.DataFrame,
     doc.add(_setup_table(runs))
     if not speed.empty:
         doc.add(Heading("Results per resolution"))
+        doc.add(Para("*density*: the fraction of query–key pairs computed exactly (softmax "
+                     "100%, LiT 0%; — where unknown). Where rounding changed a request, the "
+                     "method column shows what was kept, e.g. `sla:topk=0.05 (kept 25%)`."))
         doc.add(*_details(speed, multi=len(runs) > 1))
     doc.add(*_not_measured(speed, multi=len(runs) > 1))
     doc.add(*_published_section(frame, published))
@@ -175,8 +179,10 @@ def _lead(runs: list[Run], frame: pd.DataFrame) -> str:
 # --------------------------------------------------------------------------- at a glance
 
 
-def _row_name(row: pd.Series, multi: bool) -> str:
-    return f"{row['label']} [{row['run']}]" if multi else row["label"]
+def _row_name(row: pd.Series, multi: bool, ran: bool = False) -> str:
+    """The row's label (``ran``: what ran, e.g. ``sla:topk=0.05 (kept 25%)``), with its run."""
+    name = row["label_ran"] if ran else row["label"]
+    return f"{name} [{row['run']}]" if multi else name
 
 
 def _glance(speed: pd.DataFrame) -> list:
@@ -282,8 +288,8 @@ def _findings(rows: pd.DataFrame, level: str) -> list:
 
 # --------------------------------------------------------------------------- details
 
-DETAIL_COLUMNS = ["method", "impl", "status", "latency ms (p20–p80)", "speedup vs softmax",
-                  "peak MiB", "memory vs softmax", "GFLOP actual", "GFLOP dense-equiv.",
+DETAIL_COLUMNS = ["method", "impl", "status", "density", "latency ms (p20–p80)",
+                  "speedup vs softmax", "peak MiB", "memory vs softmax", "GFLOP actual", "GFLOP dense-equiv.",
                   "achieved TFLOP/s", "overheads (ms)", "reps", "reason / note"]
 
 
@@ -304,7 +310,8 @@ def _details(speed: pd.DataFrame, multi: bool) -> list:
             for _, r in at.iterrows():
                 ok = r["status"] == STATUS_OK
                 table_rows.append([
-                    _row_name(r, multi), r["impl"] or DASH, r["status"],
+                    _row_name(r, multi, ran=True), r["impl"] or DASH, r["status"],
+                    density_text(r["density"]),
                     ms_range(r) if ok else DASH, times(r["speedup_vs_softmax"]),
                     num(r["peak_mib"]) if ok else DASH, times(r["memory_ratio_vs_softmax"]),
                     num(r["gflop_actual"]), num(r["gflop_dense"]),
@@ -314,7 +321,7 @@ def _details(speed: pd.DataFrame, multi: bool) -> list:
                     _note(r),
                 ])
                 kinds.append("" if ok else r["status"])
-            blocks.append(Table(DETAIL_COLUMNS, table_rows, align="lll" + "r" * 9 + "l",
+            blocks.append(Table(DETAIL_COLUMNS, table_rows, align="lll" + "r" * 10 + "l",
                                 caption=caption, row_kinds=kinds))
     return blocks
 

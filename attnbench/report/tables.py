@@ -36,7 +36,14 @@ from typing import Any
 
 import pandas as pd
 
-from ..results import HIGHER_IS_BETTER, STATUS_OK, SchemaError, label, load_table
+from ..results import (
+    HIGHER_IS_BETTER,
+    STATUS_OK,
+    SchemaError,
+    effective_label,
+    label,
+    load_table,
+)
 
 LEVEL_ORDER = ("attention", "block", "model")
 QUALITY_LEVEL = "quality"
@@ -118,22 +125,30 @@ def method_order() -> list[str]:
         return ["softmax", "flash", "xformers", "lit", "clear", "sla"]
 
 
-NUMERIC = ["resolution", "tokens", "batch", "heads", "head_dim", "latency_median_s",
+NUMERIC = ["resolution", "tokens", "batch", "heads", "head_dim", "density", "latency_median_s",
            "latency_p20_s", "latency_p80_s", "repetitions", "peak_memory_bytes", "flops_actual",
            "flops_dense", "flops_counted", "tflops_achieved", "overhead_s", "predicted_s",
            "predicted_bytes", "speedup_vs_softmax", "memory_ratio_vs_softmax"]
 
 
 def enrich(frame: pd.DataFrame) -> pd.DataFrame:
-    """Add ``label``, ``variant``, ms / MiB / GFLOP columns and parsed ``extra``."""
+    """Add ``label`` (what was asked: the key of rows and colours), ``label_ran`` (what ran,
+    e.g. ``sla:topk=0.05 (kept 25%)``), ms / MiB / GFLOP columns and parsed ``extra``."""
     frame = frame.copy()
     for col in NUMERIC:
         if col in frame:
             frame[col] = pd.to_numeric(frame[col], errors="coerce")
-    for col in ("options", "reason", "impl", "overheads", "status", "level", "method"):
+    if "density" not in frame:  # a results.json written before the column existed
+        frame["density"] = math.nan
+    if "effective" not in frame:
+        frame["effective"] = ""
+    for col in ("options", "effective", "reason", "impl", "overheads", "status", "level",
+                "method"):
         if col in frame:
             frame[col] = frame[col].fillna("").astype(str)
     frame["label"] = [label(m, o) for m, o in zip(frame["method"], frame["options"], strict=True)]
+    frame["label_ran"] = [effective_label(m, o, e, d) for m, o, e, d in zip(
+        frame["method"], frame["options"], frame["effective"], frame["density"], strict=True)]
     frame["extra_dict"] = [_as_dict(e) for e in frame.get("extra", [None] * len(frame))]
     frame["latency_ms"] = frame["latency_median_s"] * 1e3
     frame["latency_p20_ms"] = frame["latency_p20_s"] * 1e3
@@ -304,6 +319,11 @@ def num(x: Any, digits: int = 3) -> str:
     decimals = max(0, digits - 1 - math.floor(math.log10(mag)))
     text = f"{x:,.{decimals}f}"
     return text
+
+
+def density_text(x: Any) -> str:
+    """``25%``: the fraction of query–key pairs computed exactly, as a percentage."""
+    return DASH if not _finite(x) else f"{float(x) * 100:.3g}%"
 
 
 def times(x: Any) -> str:
