@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import cliutil
 from ..results import HIGHER_IS_BETTER, Result, ResultsWriter, canonical_options
 from ..results import label as result_label
 from .sample import SampleSettings, checkpoint_sha256, generate, is_pixel_model, save_npz
@@ -73,16 +74,6 @@ def is_shapes_model(config) -> bool:
     from ..data.shapes import NUM_CLASSES
 
     return is_pixel_model(config) and config.num_classes == NUM_CLASSES
-
-
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is visible to torch {torch.__version__}; "
-                         "use --device cpu")
-    return device
 
 
 def quality_row(model, settings: SampleSettings, device: torch.device, extra: dict[str, Any],
@@ -143,7 +134,7 @@ def evaluate(ckpt: str | Path | None, config: EvalConfig, run_dir: str | Path, *
     from ..bench.environment import environment
     from ..models import load_dit
 
-    device = _device(config.device)
+    device = cliutil.device(config.device)
     if ckpt is None:
         from ..distill.teacher import default_teacher_path
 
