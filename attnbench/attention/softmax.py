@@ -19,7 +19,6 @@ from .base import (
     AttentionMixer,
     FastPath,
     Flops,
-    Grid,
     dense_flops,
 )
 from .registry import register

@@ -21,8 +21,6 @@ import torch
 
 from .. import attention
 from ..models.configs import DiTConfig
-from .flops import count_flops
-from .memory import free_memory, peak_memory
 from ..results import (
     STATUS_ERROR,
     STATUS_OK,
@@ -35,6 +33,8 @@ from ..results import (
     label,
     point_key,
 )
+from .flops import count_flops
+from .memory import free_memory, peak_memory
 from .timer import measure, synchronize
 from .workloads import Point, build_workload, check_resolution
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..cliutil import UsageError, parse_options, positive_int, non_negative_int
+from ..cliutil import UsageError, non_negative_int, parse_options, positive_int
 
 
 def _steps_spec(text: str) -> int | str:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import versions
 from ..diffusion import Diffusion
 from . import dist as _dist
 from .io import (
@@ -234,15 +235,6 @@ def check_out(out: str | Path, *, resume: bool, force: bool) -> None:
             f"--out {out} already holds a run ({', '.join(existing)}): pass --resume to "
             "continue it, --force to start over, or choose another directory"
         )
-
-
-def _versions() -> dict[str, str]:
-    import platform
-
-    from .. import __version__
-
-    return {"attnbench": __version__, "torch": torch.__version__,
-            "python": platform.python_version()}
 
 
 class Trainer:
@@ -487,7 +479,7 @@ class Trainer:
         return {"identity": self.identity, "recipe": self.recipe.to_dict(),
                 "config": asdict(self.config), "world_size": self.dist.world_size,
                 "backend": self.dist.backend, "device": str(self.device),
-                "data": self.source.describe(), **self.info, "versions": _versions(),
+                "data": self.source.describe(), **self.info, "versions": versions(),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
     def _save(self, model, ema, optimizer, step, initial_eval, elapsed) -> None:

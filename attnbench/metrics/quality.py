@@ -36,7 +36,7 @@ import torch
 from .. import cliutil
 from ..results import HIGHER_IS_BETTER, Result, ResultsWriter, canonical_options
 from ..results import label as result_label
-from .sample import SampleSettings, checkpoint_sha256, generate, is_pixel_model, save_npz
+from .sample import SampleSettings, checkpoint_sha256, generate, save_npz
 
 METRIC_GROUPS = ("fid", "geneval", "fidelity")
 
@@ -73,14 +73,14 @@ def parse_metrics(text: str) -> tuple[str, ...]:
 def is_shapes_model(config) -> bool:
     from ..data.shapes import NUM_CLASSES
 
-    return is_pixel_model(config) and config.num_classes == NUM_CLASSES
+    return config.is_pixel and config.num_classes == NUM_CLASSES
 
 
 def quality_row(model, settings: SampleSettings, device: torch.device, extra: dict[str, Any],
                 latency: float | None, repetitions: int | None):
     """The :class:`~attnbench.results.Result` of one evaluated model."""
     cfg = model.config
-    pixel = is_pixel_model(cfg)
+    pixel = cfg.is_pixel
     side = cfg.input_size * (1 if pixel else 8)
     grid = cfg.input_size // cfg.patch_size
     return Result(
@@ -147,7 +147,7 @@ def evaluate(ckpt: str | Path | None, config: EvalConfig, run_dir: str | Path, *
                          f"{cfg.in_channels}-channel model with {cfg.num_classes} classes")
     settings = config.sampling
     vae = None
-    if not is_pixel_model(cfg):
+    if not cfg.is_pixel:
         if config.vae is None and config.samples is None:
             raise ValueError(f"{ckpt} samples latents: pass --vae PATH (a diffusers "
                              "AutoencoderKL folder) to decode them")
@@ -273,7 +273,7 @@ def _fidelity(model, ckpt, teacher_path, config: EvalConfig, device, vae,
                               clip_denoised=base.clip_denoised)
     log(f"eval: fidelity to the teacher on {settings.num} samples (same noise and labels)")
     diffusion = Diffusion(1000)
-    pixel = is_pixel_model(s_cfg)
+    pixel = s_cfg.is_pixel
     clip = pixel if settings.clip_denoised is None else settings.clip_denoised
     student_imgs, teacher_imgs, curves, timesteps = [], [], [], None
     for c, rows in enumerate(chunk_ranges(settings.num, settings.batch)):

@@ -36,7 +36,6 @@ Every recipe is overridable: ``recipe=``, ``num_heads=``, ``inherit_projections=
 from __future__ import annotations
 
 import json
-import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ from typing import Any
 
 import torch
 
-from .. import attention
+from .. import attention, versions
 from .checkpoint import CheckpointInfo, load_dit, save_dit
 from .configs import DiTConfig
 from .dit import DiT
@@ -236,16 +235,6 @@ class InheritanceReport:
 # --------------------------------------------------------------------------- convert
 
 
-def _versions() -> dict[str, str]:
-    from .. import __version__
-
-    return {
-        "attnbench": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -373,7 +362,7 @@ def convert(
         student_config=s_cfg.to_dict(),
         source=source,
         seed=seed,
-        versions=_versions(),
+        versions=versions(),
         warnings=_dense_warning(backend, resolved, t_cfg, heads),
     )
     student.inheritance = report

@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..results import STATUS_OK
+from ..results import BASELINE_METHOD, STATUS_OK
 from . import baselines as bl
 from .plots import Plot, pareto_plot, samples_plot, speed_plots
 from .render import Bullets, Document, Figure, Heading, Note, Para, Table, to_html, to_markdown
@@ -228,7 +228,7 @@ def _glance_cell(sel: pd.DataFrame, res: int, what: str) -> str:
     else:
         text = f"{num(row['peak_mib'])} MiB"
         ratio = row["memory_ratio_vs_softmax"]
-    if row["method"] != "softmax" and _finite(ratio):
+    if row["method"] != BASELINE_METHOD and _finite(ratio):
         text += f" · **{times(ratio)}**" if what == "latency" else f" · {times(ratio)}"
     return text
 
@@ -239,7 +239,7 @@ def _findings(rows: pd.DataFrame, level: str) -> list:
     multi = rows["run"].nunique() > 1
     for run in dict.fromkeys(rows["run"]):
         sel = rows[(rows["run"] == run) & (rows["status"] == STATUS_OK)]
-        base = sel[sel["method"] == "softmax"]
+        base = sel[sel["method"] == BASELINE_METHOD]
         where = f"{level_title(level)}" + (f", run `{run}`" if multi else "")
         if base.empty:
             if len(sel):
@@ -248,7 +248,7 @@ def _findings(rows: pd.DataFrame, level: str) -> list:
             continue
         res = int(base["resolution"].max())
         soft = base[base["resolution"] == res].iloc[0]
-        at = sel[(sel["resolution"] == res) & (sel["method"] != "softmax")]
+        at = sel[(sel["resolution"] == res) & (sel["method"] != BASELINE_METHOD)]
         if at.empty:
             continue
         items = []
@@ -289,8 +289,9 @@ def _findings(rows: pd.DataFrame, level: str) -> list:
 # --------------------------------------------------------------------------- details
 
 DETAIL_COLUMNS = ["method", "impl", "status", "density", "latency ms (p20–p80)",
-                  "speedup vs softmax", "peak MiB", "memory vs softmax", "GFLOP actual", "GFLOP dense-equiv.",
-                  "achieved TFLOP/s", "overheads (ms)", "reps", "reason / note"]
+                  "speedup vs softmax", "peak MiB", "memory vs softmax", "GFLOP actual",
+                  "GFLOP dense-equiv.", "achieved TFLOP/s", "overheads (ms)", "reps",
+                  "reason / note"]
 
 
 def _details(speed: pd.DataFrame, multi: bool) -> list:
@@ -401,7 +402,7 @@ def _quality_section(frame: pd.DataFrame, pareto: Plot | None, samples: Plot | N
 # --------------------------------------------------------------------------- published
 
 
-PAPERS = {"softmax": "softmax attention (the dense teacher / baseline)"}
+PAPERS = {BASELINE_METHOD: "softmax attention (the dense teacher / baseline)"}
 EFFICIENCY_FIRST = {"speedup": 0, "latency": 1, "peak_memory": 2, "flops": 3, "gflops": 4}
 
 
@@ -418,7 +419,7 @@ def _published_section(frame: pd.DataFrame, published: pd.DataFrame) -> list:
                        "against it. *Measured here*: this report's number for the same "
                        "method, level and resolution, where there is one.",
                        kind="published"))
-    for method in dict.fromkeys(["softmax", *methods]):
+    for method in dict.fromkeys([BASELINE_METHOD, *methods]):
         group = rows[rows["method"] == method]
         if group.empty:
             continue

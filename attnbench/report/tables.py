@@ -37,6 +37,7 @@ from typing import Any
 import pandas as pd
 
 from ..results import (
+    BASELINE_METHOD,
     HIGHER_IS_BETTER,
     STATUS_OK,
     SchemaError,
@@ -122,7 +123,7 @@ def method_order() -> list[str]:
 
         return list(attention.names())
     except Exception:  # a broken environment must not stop a report
-        return ["softmax", "flash", "xformers", "lit", "clear", "sla"]
+        return [BASELINE_METHOD, "flash", "xformers", "lit", "clear", "sla"]
 
 
 NUMERIC = ["resolution", "tokens", "batch", "heads", "head_dim", "density", "latency_median_s",

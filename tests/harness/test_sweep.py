@@ -9,9 +9,9 @@ import torch
 
 from attnbench import results
 from attnbench.bench import sweep
-from attnbench.results import ResultsWriter, SchemaError, load_table
 from attnbench.cli import main
 from attnbench.models.configs import get_config
+from attnbench.results import ResultsWriter, SchemaError, load_table
 
 TINY = get_config("DiT-T/2")
 

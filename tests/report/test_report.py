@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from attnbench.results import load_table
 from attnbench.cli import main
 from attnbench.report import write_report
 from attnbench.report.plots import PALETTE, Styles, pareto_front
 from attnbench.report.render import Document, Para, Table, to_html, to_markdown
 from attnbench.report.tables import load_run, quality_table
+from attnbench.results import load_table
 
 from .conftest import point, speed_rows, write_run
 
