@@ -1,8 +1,9 @@
 """Tests of attnbench.bench, and its pytest-benchmark suite (method × resolution × level).
 
 The benchmarks (tests that use the ``benchmark`` fixture) are parametrised from the
-registry; plain ``pytest`` skips them and runs the unit tests beside them; ``pytest --benchmark-only`` runs it (CPU: small
-resolutions of a small DiT; extend with ``--bench-res``, ``--bench-model``).
+registry; plain ``pytest`` skips them and runs the unit tests beside them;
+``pytest --benchmark-only`` runs them (CPU: small resolutions of a small DiT; extend
+with ``--bench-res``, ``--bench-model``).
 ``python -m attnbench import-benchmark FILE.json`` turns the JSON that
 ``--benchmark-json`` writes into the results table.
 """
