@@ -581,9 +581,9 @@ def _sdpa_backends(device: torch.device, autocast_dtype: torch.dtype | None):
     """SDPA kernels for a training step: PyTorch's choice, except bf16 on a CPU.
 
     There the flash kernel's backward is slow at the short sequences of small models
-    (measured on a 2-core AMD EPYC, torch 2.13, the shipped teacher's 64 tokens, batch 64:
-    23 ms per layer, 41% of the step) and the math kernel is 1.3x faster per step. The
-    backward kernel is fixed by the forward's choice, so the forward's context suffices.
+    (such as the shipped teacher's 64 tokens), where the math kernel makes a faster step.
+    The backward kernel is fixed by the forward's choice, so the forward's context
+    suffices.
     """
     if device.type == "cpu" and autocast_dtype == torch.bfloat16:
         from torch.nn.attention import SDPBackend, sdpa_kernel

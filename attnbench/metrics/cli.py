@@ -70,7 +70,7 @@ def _settings(args: argparse.Namespace, num: int) -> SampleSettings:
 def _add_sampling_flags(p: argparse.ArgumentParser, *, num_default: int | None) -> None:
     g = p.add_argument_group("sampling (DiT's protocol by default)")
     # --num-samples / -n: under torchrun, whose parser takes --num for an ambiguous prefix of
-    # its own --numa-binding (torch 2.13) before the script sees it
+    # its own --numa-binding before the script sees it
     names = ("--num", "--num-samples", "-n")
     if num_default is None:
         g.add_argument(*names, dest="num", type=positive_int, required=True,
