@@ -3,6 +3,16 @@
 __version__ = "0.1.0"
 
 
+def versions() -> dict[str, str]:
+    """attnbench, torch and Python versions: what every saved artefact records."""
+    import platform
+
+    import torch
+
+    return {"attnbench": __version__, "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
 def __getattr__(name: str):
     # ``attnbench.convert`` without importing torch at ``import attnbench``
     if name == "convert":

@@ -13,40 +13,18 @@ import json
 import sys
 from collections.abc import Sequence
 
-import torch
+from . import cliutil
 
 EXIT_USAGE = 2
-
-
-class UsageError(ValueError):
-    """Bad command-line input: printed as one line, exit code 2."""
-
-
-def parse_options(pairs: Sequence[str] | None) -> dict[str, str]:
-    """``["radius=8", "topk=0.05"]`` → ``{"radius": "8", "topk": "0.05"}`` (coerced later)."""
-    options: dict[str, str] = {}
-    for pair in pairs or ():
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"option {pair!r} is not KEY=VALUE (e.g. --option radius=8)")
-        options[key.strip()] = value.strip()
-    return options
 
 
 # --------------------------------------------------------------------------- list
 
 
-def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise UsageError(f"unknown dtype {name!r} (e.g. float32, bfloat16, float16)")
-    return dtype
-
-
 def _list(args: argparse.Namespace) -> int:
     from . import attention
 
-    dtype = _dtype(args.dtype)
+    dtype = cliutil.dtype(args.dtype)
     rows = []
     for name in attention.names():
         backend = attention.get(name)
@@ -95,8 +73,8 @@ def _add_list(subparsers) -> None:
 # --------------------------------------------------------------------------- main
 
 #: stage modules contributing subcommands, each with ``add_parser(subparsers)``
-STAGES: tuple[str, ...] = ("models.cli", "bench.cli", "data.cli", "distill.cli", "report.cli",
-                           "metrics.cli")
+STAGES: tuple[str, ...] = ("models.cli", "pipeline", "bench.cli", "data.cli", "distill.cli",
+                           "report.cli", "metrics.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from attnbench import attention
-from attnbench.cli import main, parse_options
+from attnbench.cli import main
+from attnbench.cliutil import parse_options
 
 
 def test_list_prints_every_method_with_its_availability(capsys):
@@ -35,7 +36,7 @@ def test_list_json_is_machine_readable(capsys):
 def test_bad_input_is_one_line_and_exit_code_2(capsys):
     assert main(["list", "--dtype", "float33"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "unknown dtype 'float33'" in err
+    assert err.count("\n") == 1 and "'float33' is not a floating dtype" in err
     assert "Traceback" not in err
 
 

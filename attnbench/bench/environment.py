@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .. import __version__
+from .. import versions
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,15 +64,13 @@ def environment(
     """Everything a reader needs to know to trust, or reproduce, a measurement."""
     device = torch.device(device)
     info: dict[str, Any] = {
-        "attnbench": __version__,
+        **versions(),
         "git_revision": git_revision(),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join(command if command is not None else sys.argv),
         "device": str(device),
         "device_name": device_name(device),
-        "python": platform.python_version(),
         "platform": platform.platform(),
-        "torch": torch.__version__,
         "triton": _version("triton"),
         "xformers": _version("xformers"),
         "flash_attn": _version("flash-attn") or _version("flash_attn"),

@@ -290,7 +290,7 @@ def targets_markdown(run_dir: Path, resolution: int = 8192) -> str:
     """The issue's speed targets against a sweep's results (met / missed / not measured)."""
     import pandas as pd
 
-    from attnbench.bench.cli import label
+    from attnbench.results import label
 
     frame = pd.read_csv(run_dir / "results.csv")
     frame = frame[(frame["resolution"] == resolution) & (frame["status"] == "ok")]

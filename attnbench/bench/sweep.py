@@ -6,12 +6,20 @@ FLOP/s and copy bandwidth). A point predicted over the time budget or over
 the free memory is recorded as ``skipped`` with the reason; a real
 out-of-memory is caught and recorded as ``oom``; any other failure as
 ``error`` with its message. Every row is written the moment it exists.
+
+A slow point takes fewer repetitions (down to one timed call after the untimed
+one), so the budget bounds a point's total time rather than its repetition count.
+The baseline (softmax) is never dropped for time while a method compared with it
+ran at the same size and level: the sweep measures it after them and, if it was
+predicted over the budget, runs it anyway and says so in the row (a point that
+would not fit in memory is still skipped).
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -21,9 +29,8 @@ import torch
 
 from .. import attention
 from ..models.configs import DiTConfig
-from .flops import count_flops
-from .memory import free_memory, peak_memory
-from .results import (
+from ..results import (
+    BASELINE_METHOD,
     STATUS_ERROR,
     STATUS_OK,
     STATUS_OOM,
@@ -32,14 +39,17 @@ from .results import (
     Result,
     ResultsWriter,
     canonical_options,
+    label,
     point_key,
 )
+from .flops import count_flops
+from .memory import free_memory, peak_memory
 from .timer import measure, synchronize
 from .workloads import Point, build_workload, check_resolution
 
 RESOLUTIONS = (256, 512, 1024, 2048, 4096, 8192)
-#: calls a point makes beyond the timed repetitions: first call, 2 estimates, 1 memory
-EXTRA_CALLS = 4
+#: the fewest calls a measured point makes: the untimed first call, one timed, one for memory
+MIN_CALLS = 3
 #: predictions are optimistic (peak FLOP/s, no overheads); a point is run only when
 #: this multiple of its predicted time fits the budget
 PREDICTION_MARGIN = 2.0
@@ -56,9 +66,7 @@ class MethodSpec:
 
     @property
     def label(self) -> str:
-        if not self.options:
-            return self.name
-        return self.name + ":" + ":".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return label(self.name, canonical_options(self.options))
 
 
 def parse_methods(
@@ -174,11 +182,23 @@ def _is_oom(err: BaseException) -> bool:
     return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
 
 
+def point_density(spec: MethodSpec, point: Point) -> float:
+    """The fraction of query–key pairs ``spec`` computes exactly at ``point``: the one
+    place a row's ``density`` comes from (NaN until the method reports it)."""
+    return math.nan
+
+
 def run_point(
-    plan: SweepPlan, res: int, level: str, spec: MethodSpec, calib: Calibration
+    plan: SweepPlan, res: int, level: str, spec: MethodSpec, calib: Calibration,
+    *, keep_baseline: bool = False,
 ) -> Result:
-    """Measure one point, or say why it was not measured. Never raises for the point."""
+    """Measure one point, or say why it was not measured. Never raises for the point.
+
+    ``keep_baseline``: methods compared with this baseline point ran, so it is measured
+    even when predicted over the time budget (the row's ``extra`` says so).
+    """
     row = _base_row(plan, res, level, spec)
+    row.density = point_density(spec, Point(plan.config, res, plan.batch))
     backend = attention.get(spec.name)
     shape = (plan.batch, row.heads, row.tokens, row.head_dim)
     reason = backend.available(plan.device, plan.dtype, shape)
@@ -194,13 +214,20 @@ def run_point(
         row.predicted_bytes = workload.predicted_bytes
         row.predicted_s = (workload.flops.actual / calib.flops_per_s
                            + workload.predicted_bytes / calib.bytes_per_s)
-        skip = _over_budget(plan, row)
+        skip = _over_memory(plan, row)
+        over_time = _over_time(plan, row)
+        if over_time and keep_baseline and not skip:
+            row.extra["past_budget"] = (f"{over_time}: measured anyway, as the baseline of "
+                                        "the methods that ran at this size")
+        else:
+            skip = skip or over_time
         if skip:
             row.status, row.reason = STATUS_SKIPPED, skip
             return row
         with torch.inference_mode():
             timing = measure(workload.fn, plan.device, budget_s=plan.rep_budget_s,
-                             warmup_s=min(0.2, plan.rep_budget_s / 5))
+                             warmup_s=min(0.2, plan.rep_budget_s / 5),
+                             limit_s=plan.budget_s / PREDICTION_MARGIN)
             memory = peak_memory(workload.fn, plan.device)
             overheads = {
                 name: measure(step, plan.device, budget_s=plan.rep_budget_s / 5,
@@ -234,15 +261,28 @@ def run_point(
     return row
 
 
-def _over_budget(plan: SweepPlan, row: Result) -> str | None:
-    calls = EXTRA_CALLS + 3  # the timer's minimum repetitions
-    predicted = row.predicted_s * calls * PREDICTION_MARGIN
+def _over_time(plan: SweepPlan, row: Result) -> str | None:
+    """Why the fewest calls of the point would not fit the budget, or None."""
+    predicted = row.predicted_s * MIN_CALLS * PREDICTION_MARGIN
     if predicted > plan.budget_s:
         return f"predicted {predicted:.3g} s > budget {plan.budget_s:g} s"
+    return None
+
+
+def _over_memory(plan: SweepPlan, row: Result) -> str | None:
+    """Why the point would not fit in the free memory, or None."""
     free = free_memory(plan.device)
     if row.predicted_bytes and row.predicted_bytes > 0.9 * free:
         return f"needs {row.predicted_bytes / 2**30:.3g} GiB, {free / 2**30:.3g} GiB free"
     return None
+
+
+def baseline_last(points: list[tuple[int, str, MethodSpec]]) -> list[tuple[int, str, MethodSpec]]:
+    """``points`` with each (resolution, level)'s baseline after the methods compared with it."""
+    first: dict[tuple[int, str], int] = {}
+    for i, (res, level, _) in enumerate(points):
+        first.setdefault((res, level), i)
+    return sorted(points, key=lambda p: (first[p[0], p[1]], p[2].name == BASELINE_METHOD))
 
 
 def run_sweep(plan: SweepPlan, writer: ResultsWriter, *, progress: bool = True) -> list[Result]:
@@ -251,7 +291,7 @@ def run_sweep(plan: SweepPlan, writer: ResultsWriter, *, progress: bool = True) 
 
     done = writer.done()
     todo = []
-    for res, level, spec in plan.points():
+    for res, level, spec in baseline_last(plan.points()):
         base = _base_row(plan, res, level, spec)
         key = point_key(base.method, base.options, level, res, plan.batch, base.dtype,
                         base.device, base.model)
@@ -264,7 +304,10 @@ def run_sweep(plan: SweepPlan, writer: ResultsWriter, *, progress: bool = True) 
     for res, level, spec in bar:
         bar.set_description(f"{spec.label} {level} {res}px")
         started = time.perf_counter()
-        row = run_point(plan, res, level, spec, calib)
+        compared = spec.name == BASELINE_METHOD and any(
+            r.method != BASELINE_METHOD and r.status == STATUS_OK and r.resolution == res
+            and r.level == level for r in writer.rows)
+        row = run_point(plan, res, level, spec, calib, keep_baseline=compared)
         row.extra["wall_s"] = round(time.perf_counter() - started, 3)
         writer.append(row)
     bar.close()

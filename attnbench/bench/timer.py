@@ -11,6 +11,12 @@ The protocol of ``triton.testing.do_bench``, for CUDA and CPU alike:
    outside the timed region; on CPU by ``perf_counter`` around the call.
 5. median, p20 and p80 over the repetitions.
 
+``min_reps`` is for fast calls. With ``limit_s`` (what the whole measurement may
+take), a call too slow for the protocol above to fit in it skips the second
+estimate and the warm-up and takes as many repetitions as fit in the limit, down
+to one: its first timed call is then the estimate and a repetition, and ``reps``
+says how many there were.
+
 Nothing is timed without synchronising the device first.
 """
 
@@ -101,6 +107,7 @@ def measure(
     min_reps: int = 3,
     max_reps: int = 1000,
     flush_l2: bool = True,
+    limit_s: float | None = None,
 ) -> Timing:
     """Time ``fn()`` by the protocol in the module docstring."""
     device = torch.device(device)
@@ -108,7 +115,10 @@ def measure(
     fn()  # first call: compilation, allocator and cache warm-up
     synchronize(device)
 
-    estimate = min(_timed_call(fn, device, flush) for _ in range(2))
+    first = _timed_call(fn, device, flush)
+    if limit_s is not None and first * (min_reps + 2) + warmup_s > limit_s:
+        return _slow(fn, device, flush, first, min_reps, limit_s)
+    estimate = min(first, _timed_call(fn, device, flush))
     warm_until = time.perf_counter() + warmup_s
     while time.perf_counter() < warm_until:
         fn()
@@ -117,13 +127,28 @@ def measure(
     reps = int(budget_s / max(estimate, 1e-9))
     reps = max(min_reps, min(max_reps, reps))
     times = [_timed_call(fn, device, flush) for _ in range(reps)]
+    return _timing(times, warmup_s, device, flush)
+
+
+def _slow(fn: Callable[[], Any], device: torch.device, flush: _L2Flusher, first: float,
+          min_reps: int, limit_s: float) -> Timing:
+    """Repetitions of a call too slow for ``min_reps`` in ``limit_s``: the first timed call
+    and as many more as fit (at most ``min_reps`` in all), without warm-up."""
+    times = [first]
+    while len(times) < min_reps and sum(times) + max(times) <= limit_s:
+        times.append(_timed_call(fn, device, flush))
+    return _timing(times, 0.0, device, flush)
+
+
+def _timing(times: list[float], warmup_s: float, device: torch.device,
+            flush: _L2Flusher) -> Timing:
     return Timing(
         median=statistics.median(times),
         p20=quantile(times, 0.2),
         p80=quantile(times, 0.8),
         mean=statistics.fmean(times),
         min=min(times),
-        reps=reps,
+        reps=len(times),
         warmup_s=warmup_s,
         timer="cuda_events" if device.type == "cuda" else "perf_counter",
         l2_flush=flush.buffer is not None,

@@ -14,27 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..cli import UsageError, parse_options
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+from ..cliutil import UsageError, non_negative_int, parse_options, positive_int
 
 
 def _steps_spec(text: str) -> int | str:
@@ -45,12 +25,12 @@ def _add_training_flags(p: argparse.ArgumentParser, *, steps: int, batch: int, l
                         ema: float, warmup: int, schedule: str = "constant",
                         precision: str = "fp32") -> None:
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=_positive_int, default=steps, help=f"steps (default {steps})")
-    g.add_argument("--batch-size", type=_positive_int, default=batch,
+    g.add_argument("--steps", type=positive_int, default=steps, help=f"steps (default {steps})")
+    g.add_argument("--batch-size", type=positive_int, default=batch,
                    help=f"global batch, split over the processes (default {batch})")
     g.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate (default {lr})")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--warmup-steps", type=_non_negative_int, default=warmup,
+    g.add_argument("--warmup-steps", type=non_negative_int, default=warmup,
                    help=f"linear learning-rate warm-up (default {warmup})")
     g.add_argument("--lr-schedule", choices=("constant", "cosine"), default=schedule,
                    help=f"after the warm-up: constant, or cosine decay to 0 (default {schedule})")
@@ -61,16 +41,16 @@ def _add_training_flags(p: argparse.ArgumentParser, *, steps: int, batch: int, l
     g.add_argument("--precision", choices=("fp32", "bf16"), default=precision,
                    help=f"autocast dtype of the forward passes (default {precision})")
     g.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
-    g.add_argument("--ckpt-every", type=_non_negative_int, default=0,
+    g.add_argument("--ckpt-every", type=non_negative_int, default=0,
                    help="save checkpoint.pt every K steps (default 0: at the end only)")
-    g.add_argument("--eval-samples", type=_non_negative_int, default=64,
+    g.add_argument("--eval-samples", type=non_negative_int, default=64,
                    help="held-out samples of the ε evaluation before and after (default 64)")
-    g.add_argument("--eval-every", type=_non_negative_int, default=0,
+    g.add_argument("--eval-every", type=non_negative_int, default=0,
                    help="also evaluate every K steps, to eval.jsonl (default 0: before/after)")
     g.add_argument("--max-minutes", type=float, default=None,
                    help="stop (and save) after this much training time")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    g.add_argument("--threads", type=_positive_int, default=None,
+    g.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads of torch (1 is fastest on a busy machine: "
                         "oversubscribed threads wait on each other)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -178,7 +158,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--option", "--options", dest="option", action="extend", nargs="+",
                    default=[], metavar="KEY=VALUE",
                    help="a method option, repeatable (e.g. --option radius=3)")
-    p.add_argument("--num-heads", type=_positive_int, default=None,
+    p.add_argument("--num-heads", type=positive_int, default=None,
                    help="student heads (default: the conversion recipe's; LiT: few heads)")
     p.add_argument("--convert-seed", type=int, default=0,
                    help="seed of the non-inherited initialisation (default 0)")
@@ -211,11 +191,11 @@ def add_parser(subparsers) -> None:
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--data-seed", type=int, default=0, help="seed of the shapes world")
     m = t.add_argument_group("model (default: the shipped teacher's config)")
-    m.add_argument("--hidden-size", type=_positive_int, default=None)
-    m.add_argument("--depth", type=_positive_int, default=None)
-    m.add_argument("--num-heads", type=_positive_int, default=None)
-    m.add_argument("--patch-size", type=_positive_int, default=None)
-    m.add_argument("--input-size", type=_positive_int, default=None,
+    m.add_argument("--hidden-size", type=positive_int, default=None)
+    m.add_argument("--depth", type=positive_int, default=None)
+    m.add_argument("--num-heads", type=positive_int, default=None)
+    m.add_argument("--patch-size", type=positive_int, default=None)
+    m.add_argument("--input-size", type=positive_int, default=None,
                    help="image side in pixels (32 or 64)")
     t.add_argument("--no-grid", action="store_true", help="skip the sample grid")
     # the shipped teacher's recipe: bf16 autocast is 1.36x faster per step than fp32 on the

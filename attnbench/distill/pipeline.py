@@ -20,6 +20,7 @@ from ..data.images import make_grid, save_png, upscale
 from ..data.shapes import PROMPTS, TASKS, ShapesWorld, to_uint8
 from ..data.sources import TensorSource, check_compatible, open_source
 from ..diffusion import Diffusion
+from ..diffusion.sampling import sample_images
 from ..models.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from ..models.configs import DiTConfig
 from ..models.dit import DiT
@@ -32,11 +33,6 @@ from .trainer import TrainConfig, Trainer, check_out, step_seed
 #: the file of teacher-generated training samples, reused by --resume
 SELF_SAMPLES_FILE = "teacher_samples.npz"
 DISTILL_FILE = "distill.json"
-
-
-def is_pixel_model(config: DiTConfig) -> bool:
-    """3 channels = RGB pixels in [-1, 1] (clip x̂_0 when sampling); 4 = SD-VAE latents."""
-    return config.in_channels == 3
 
 
 # --------------------------------------------------------------------------- sampling
@@ -54,35 +50,17 @@ def sample_labels(n: int) -> list[int]:
     return labels
 
 
-@torch.no_grad()
-def sample_images(model: DiT, labels: list[int], *, steps: int | str = 100,
-                  sampler: str = "ddpm", cfg_scale: float = 1.0, seed: int = 0,
-                  batch: int = 64) -> torch.Tensor:
-    """Samples ``[N, C, H, W]`` of ``model`` for ``labels`` (seeded, in batches)."""
-    diffusion = Diffusion(1000)
-    device = next(model.parameters()).device
-    size = model.config.input_size
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for start in range(0, len(labels), batch):
-        y = torch.tensor(labels[start:start + batch], device=device)
-        out.append(diffusion.sample(model, (len(y), model.config.in_channels, size, size), y,
-                                    steps=steps, sampler=sampler, cfg_scale=cfg_scale,
-                                    cfg_channels=None, generator=g,
-                                    clip_denoised=is_pixel_model(model.config)).cpu())
-    return torch.cat(out)
-
-
 def write_sample_grid(model: DiT, path: str | Path, *, n: int = 64, nrow: int = 8,
                       steps: int | str = 100, sampler: str = "ddpm", cfg_scale: float = 1.0,
                       seed: int = 0, scale: int = 4) -> dict[str, Any]:
     """A PNG grid of ``n`` samples (labels across the six tasks); returns its description."""
-    if not is_pixel_model(model.config):
+    if not model.config.is_pixel:
         raise ValueError("sample grids need a pixel-space (3-channel) model; latents need the "
                          "SD VAE to decode")
     labels = sample_labels(n)
-    images = sample_images(model, labels, steps=steps, sampler=sampler,
-                           cfg_scale=cfg_scale, seed=seed)
+    images = sample_images(model, torch.tensor(labels), steps=steps, sampler=sampler,
+                           cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(seed),
+                           batch=64).cpu()
     save_png(path, upscale(make_grid(to_uint8(images), nrow=nrow), scale))
     return {"path": str(path), "samples": n, "steps": steps, "sampler": sampler,
             "cfg_scale": cfg_scale, "seed": seed,
@@ -197,11 +175,10 @@ def generate_teacher_samples(teacher: DiT, count: int, *, seed: int, steps: int 
         chunks = tqdm(chunks, desc=f"teacher samples ({count}, {steps} DDIM steps)",
                       leave=False)
     for start in chunks:
-        noise = torch.stack(noises[start:start + batch]).to(device)
-        y = torch.tensor(labels[start:start + batch], device=device)
-        xs.append(diffusion.sample(teacher, tuple(noise.shape), y, steps=steps,
-                                   sampler="ddim", cfg_scale=cfg_scale, cfg_channels=None,
-                                   noise=noise, clip_denoised=is_pixel_model(cfg)).cpu())
+        xs.append(sample_images(teacher, torch.tensor(labels[start:start + batch]),
+                                steps=steps, sampler="ddim", cfg_scale=cfg_scale,
+                                noise=torch.stack(noises[start:start + batch]),
+                                diffusion=diffusion, device=device).cpu())
     x = torch.cat(xs) if xs else torch.empty((0, *shape))
     y = torch.tensor(labels, dtype=torch.long)
     x = _dist.gather_rows(info, x, count)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import versions
 from ..diffusion import Diffusion
 from . import dist as _dist
 from .io import (
@@ -234,15 +235,6 @@ def check_out(out: str | Path, *, resume: bool, force: bool) -> None:
             f"--out {out} already holds a run ({', '.join(existing)}): pass --resume to "
             "continue it, --force to start over, or choose another directory"
         )
-
-
-def _versions() -> dict[str, str]:
-    import platform
-
-    from .. import __version__
-
-    return {"attnbench": __version__, "torch": torch.__version__,
-            "python": platform.python_version()}
 
 
 class Trainer:
@@ -487,7 +479,7 @@ class Trainer:
         return {"identity": self.identity, "recipe": self.recipe.to_dict(),
                 "config": asdict(self.config), "world_size": self.dist.world_size,
                 "backend": self.dist.backend, "device": str(self.device),
-                "data": self.source.describe(), **self.info, "versions": _versions(),
+                "data": self.source.describe(), **self.info, "versions": versions(),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
     def _save(self, model, ema, optimizer, step, initial_eval, elapsed) -> None:
@@ -589,9 +581,9 @@ def _sdpa_backends(device: torch.device, autocast_dtype: torch.dtype | None):
     """SDPA kernels for a training step: PyTorch's choice, except bf16 on a CPU.
 
     There the flash kernel's backward is slow at the short sequences of small models
-    (measured on a 2-core AMD EPYC, torch 2.13, the shipped teacher's 64 tokens, batch 64:
-    23 ms per layer, 41% of the step) and the math kernel is 1.3x faster per step. The
-    backward kernel is fixed by the forward's choice, so the forward's context suffices.
+    (such as the shipped teacher's 64 tokens), where the math kernel makes a faster step.
+    The backward kernel is fixed by the forward's choice, so the forward's context
+    suffices.
     """
     if device.type == "cpu" and autocast_dtype == torch.bfloat16:
         from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -20,20 +20,11 @@ import json
 import sys
 from pathlib import Path
 
+from ..cliutil import positive_int
 from .engines import CLEAN_MODES, ENGINES, EXTRACTORS
 from .fid import METRICS as FID_METRICS
 from .quality import METRIC_GROUPS, EvalConfig, evaluate, parse_metrics
 from .sample import LABEL_MODES, SampleSettings, run_sampling
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _steps(text: str) -> int | str:
@@ -79,13 +70,13 @@ def _settings(args: argparse.Namespace, num: int) -> SampleSettings:
 def _add_sampling_flags(p: argparse.ArgumentParser, *, num_default: int | None) -> None:
     g = p.add_argument_group("sampling (DiT's protocol by default)")
     # --num-samples / -n: under torchrun, whose parser takes --num for an ambiguous prefix of
-    # its own --numa-binding (torch 2.13) before the script sees it
+    # its own --numa-binding before the script sees it
     names = ("--num", "--num-samples", "-n")
     if num_default is None:
-        g.add_argument(*names, dest="num", type=_positive_int, required=True,
+        g.add_argument(*names, dest="num", type=positive_int, required=True,
                        help="number of samples (under torchrun write --num-samples or -n)")
     else:
-        g.add_argument(*names, dest="num", type=_positive_int, default=num_default,
+        g.add_argument(*names, dest="num", type=positive_int, default=num_default,
                        help=f"number of samples (default {num_default}; DiT: 50,000; under "
                             "torchrun write --num-samples or -n)")
     g.add_argument("--steps", type=_steps, default=250,
@@ -99,7 +90,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser, *, num_default: int | None) 
     g.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm",
                    help="ancestral DDPM (DiT's evaluation) or DDIM (default ddpm)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
-    g.add_argument("--batch", type=_positive_int, default=64,
+    g.add_argument("--batch", type=positive_int, default=64,
                    help="samples per chunk; each chunk has its own seed (default 64)")
     g.add_argument("--seed", type=int, default=0, help="global seed (default 0)")
     g.add_argument("--labels", type=_labels, default="uniform",
@@ -206,11 +197,11 @@ def add_parser(subparsers) -> None:
                    help="clean-fid's resize mode for Inception (default clean)")
     g.add_argument("--reference", help="shapes[:N] (default for shapes-world models), an ADM "
                    "reference batch / .npz with arr_0 or mu/sigma, or an image folder")
-    g.add_argument("--ref-num", type=_positive_int,
+    g.add_argument("--ref-num", type=positive_int,
                    help="reference images (default: max(samples, 1000) for shapes)")
     g.add_argument("--ref-seed", type=int, default=1, help="shapes-world reference seed")
     g = p.add_argument_group("fidelity to the teacher")
-    g.add_argument("--fidelity-num", type=_positive_int, default=64,
+    g.add_argument("--fidelity-num", type=positive_int, default=64,
                    help="samples drawn by both student and teacher (default 64)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

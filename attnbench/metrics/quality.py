@@ -10,7 +10,7 @@ when a quality stage is asked for). It samples ``num`` images with DiT's protoco
 * ``fidelity`` -- PSNR / SSIM against the teacher from the same noise and labels,
   and the per-step ε error (:mod:`.fidelity`).
 
-The row (one per evaluated model; :class:`~attnbench.bench.results.Result`,
+The row (one per evaluated model; :class:`~attnbench.results.Result`,
 ``level = "quality"``) follows the report's convention for quality rows
 (:mod:`attnbench.report.tables`): the numbers in ``extra["metrics"]``, their
 direction in ``extra["higher_is_better"]``, the sample ``.npz`` in
@@ -33,17 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .sample import SampleSettings, checkpoint_sha256, generate, is_pixel_model, save_npz
+from .. import cliutil
+from ..results import HIGHER_IS_BETTER, Result, ResultsWriter, canonical_options
+from ..results import label as result_label
+from .sample import SampleSettings, checkpoint_sha256, generate, save_npz
 
 METRIC_GROUPS = ("fid", "geneval", "fidelity")
-#: direction of every metric this stage writes (the report needs it for the unknown ones)
-HIGHER_IS_BETTER: dict[str, bool] = {
-    "fid": False, "kid": False, "inception_score": True, "precision": True, "recall": True,
-    "geneval": True, "geneval_strict": True,
-    "psnr": True, "ssim": True, "eps_mse_vs_teacher": False,
-    **{f"geneval_{t}": True for t in ("single_object", "two_object", "counting", "colors",
-                                      "position", "color_attr")},
-}
 
 
 @dataclass
@@ -78,26 +73,14 @@ def parse_metrics(text: str) -> tuple[str, ...]:
 def is_shapes_model(config) -> bool:
     from ..data.shapes import NUM_CLASSES
 
-    return is_pixel_model(config) and config.num_classes == NUM_CLASSES
-
-
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is visible to torch {torch.__version__}; "
-                         "use --device cpu")
-    return device
+    return config.is_pixel and config.num_classes == NUM_CLASSES
 
 
 def quality_row(model, settings: SampleSettings, device: torch.device, extra: dict[str, Any],
                 latency: float | None, repetitions: int | None):
-    """The :class:`~attnbench.bench.results.Result` of one evaluated model."""
-    from ..bench.results import Result, canonical_options
-
+    """The :class:`~attnbench.results.Result` of one evaluated model."""
     cfg = model.config
-    pixel = is_pixel_model(cfg)
+    pixel = cfg.is_pixel
     side = cfg.input_size * (1 if pixel else 8)
     grid = cfg.input_size // cfg.patch_size
     return Result(
@@ -149,10 +132,9 @@ def evaluate(ckpt: str | Path | None, config: EvalConfig, run_dir: str | Path, *
              progress: bool = True, log=print) -> dict[str, Any]:
     """Run the quality stage (module docstring); returns ``{"row", "metrics", "run_dir"}``."""
     from ..bench.environment import environment
-    from ..bench.results import ResultsWriter
     from ..models import load_dit
 
-    device = _device(config.device)
+    device = cliutil.device(config.device)
     if ckpt is None:
         from ..distill.teacher import default_teacher_path
 
@@ -165,7 +147,7 @@ def evaluate(ckpt: str | Path | None, config: EvalConfig, run_dir: str | Path, *
                          f"{cfg.in_channels}-channel model with {cfg.num_classes} classes")
     settings = config.sampling
     vae = None
-    if not is_pixel_model(cfg):
+    if not cfg.is_pixel:
         if config.vae is None and config.samples is None:
             raise ValueError(f"{ckpt} samples latents: pass --vae PATH (a diffusers "
                              "AutoencoderKL folder) to decode them")
@@ -178,10 +160,7 @@ def evaluate(ckpt: str | Path | None, config: EvalConfig, run_dir: str | Path, *
     writer = ResultsWriter(run_dir, {**environment(device, ["python", "-m", "attnbench",
                                                             *(argv or [])]),
                                      "stage": "quality"})
-    from ..bench.cli import label as _label
-    from ..bench.results import canonical_options
-
-    label = _label(cfg.attention, canonical_options(dict(cfg.attention_options or {})))
+    label = result_label(cfg.attention, canonical_options(dict(cfg.attention_options or {})))
     metrics: dict[str, float] = {}
     extra: dict[str, Any] = {
         "checkpoint": str(ckpt), "checkpoint_sha256": checkpoint_sha256(model),
@@ -294,7 +273,7 @@ def _fidelity(model, ckpt, teacher_path, config: EvalConfig, device, vae,
                               clip_denoised=base.clip_denoised)
     log(f"eval: fidelity to the teacher on {settings.num} samples (same noise and labels)")
     diffusion = Diffusion(1000)
-    pixel = is_pixel_model(s_cfg)
+    pixel = s_cfg.is_pixel
     clip = pixel if settings.clip_denoised is None else settings.clip_denoised
     student_imgs, teacher_imgs, curves, timesteps = [], [], [], None
     for c, rows in enumerate(chunk_ranges(settings.num, settings.batch)):

@@ -34,6 +34,7 @@ import torch
 
 from ..data.shapes import NUM_CLASSES, TASKS, task_labels, to_uint8
 from ..diffusion import SAMPLERS, Diffusion
+from ..diffusion.sampling import sample_images
 
 NPZ_FILE = "samples.npz"
 INFO_FILE = "samples.json"
@@ -95,11 +96,6 @@ def balanced_labels(n: int, num_classes: int = NUM_CLASSES) -> list[int]:
     members = [task_labels(t) for t in TASKS]
     return [members[i % len(TASKS)][(i // len(TASKS)) % len(members[i % len(TASKS)])]
             for i in range(n)]
-
-
-def is_pixel_model(config) -> bool:
-    """3 channels = RGB pixels in [-1, 1]; anything else is a VAE latent."""
-    return config.in_channels == 3
 
 
 # --------------------------------------------------------------------------- VAE
@@ -176,18 +172,15 @@ def sample_chunk(model, settings: SampleSettings, chunk: int, *, device: torch.d
         y = torch.tensor([int(given[i % len(given)]) for i in rows], dtype=torch.long)
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= config.num_classes):
         raise ValueError(f"labels must lie in [0, {config.num_classes}) for this model")
-    pixel = is_pixel_model(config)
+    pixel = config.is_pixel
     if not pixel and vae is None:
         raise ValueError(f"the model samples {config.in_channels}-channel latents: pass --vae "
                          "PATH (a diffusers AutoencoderKL folder, e.g. sd-vae-ft-ema) to "
                          "decode them")
-    clip = pixel if settings.clip_denoised is None else settings.clip_denoised
-    diffusion = diffusion or Diffusion(1000)
-    shape = (len(rows), config.in_channels, config.input_size, config.input_size)
-    x = diffusion.sample(timer or model, shape, y, steps=settings.steps,
-                         sampler=settings.sampler, cfg_scale=settings.cfg_scale,
-                         cfg_channels=settings.cfg_channels, eta=settings.eta,
-                         clip_denoised=clip, generator=g, device=device)
+    x = sample_images(timer or model, y, steps=settings.steps, sampler=settings.sampler,
+                      cfg_scale=settings.cfg_scale, cfg_channels=settings.cfg_channels,
+                      eta=settings.eta, clip_denoised=settings.clip_denoised, generator=g,
+                      diffusion=diffusion, device=device)
     if not pixel:
         x = decode(vae, x)
     return to_uint8(x.cpu()), y.numpy()
@@ -220,7 +213,7 @@ def generate(model, settings: SampleSettings, *, device: torch.device | str = "c
         labels.append(ys)
         indices.extend(ranges[c])
     config = model.config
-    side = config.input_size * (1 if is_pixel_model(config) else 8)
+    side = config.input_size * (1 if config.is_pixel else 8)
     return {
         "indices": np.array(indices, dtype=np.int64),
         "images": np.concatenate(images) if images else np.zeros((0, side, side, 3), np.uint8),

@@ -18,9 +18,9 @@ mean for the world's 64-px images; nothing at 32 px).
 
 The weights ship in ``attnbench/assets/shapes_classifier/`` (``model.safetensors``,
 ``config.json``, ``training.json``, ``SHA256SUMS``); ``python -m
-attnbench.metrics.shapes_classifier --out DIR`` retrains them (about ten minutes
-on 2 CPU cores). :func:`register_torch_fidelity` registers the extractor with
-torch-fidelity as ``"attnbench-shapes"``.
+attnbench.metrics.shapes_classifier --out DIR`` retrains them (minutes on a CPU;
+``training.json`` records the run that made them). :func:`register_torch_fidelity`
+registers the extractor with torch-fidelity as ``"attnbench-shapes"``.
 """
 
 from __future__ import annotations

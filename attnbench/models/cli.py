@@ -14,17 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..cli import UsageError, parse_options
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+from ..cliutil import UsageError, parse_options, positive_int
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -86,7 +76,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--recipe", default=None,
                    help="conversion recipe (default: the method's own, else 'inherit')")
-    p.add_argument("--num-heads", type=_positive_int, default=None,
+    p.add_argument("--num-heads", type=positive_int, default=None,
                    help="heads of the student's attention (default: the recipe's)")
     p.add_argument(
         "--inherit-projections", action=argparse.BooleanOptionalAction, default=None,
@@ -94,7 +84,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--config", default=None,
                    help="zoo config the checkpoint must match (e.g. DiT-XL/2); inferred if omitted")
-    p.add_argument("--teacher-heads", type=_positive_int, default=None,
+    p.add_argument("--teacher-heads", type=positive_int, default=None,
                    help="heads of the checkpoint, when its size is not in the zoo")
     p.add_argument("--entry", default=None,
                    help="state dict entry of a train.py checkpoint (default: ema, else model)")

@@ -124,6 +124,11 @@ class DiTConfig:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
     @property
+    def is_pixel(self) -> bool:
+        """3 channels = RGB pixels in [-1, 1] (samplers clip x̂_0); anything else a VAE latent."""
+        return self.in_channels == 3
+
+    @property
     def heads(self) -> int:
         """Heads of the attention mixers (``attention_heads`` or ``num_heads``)."""
         return self.attention_heads or self.num_heads

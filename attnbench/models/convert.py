@@ -22,14 +22,13 @@ Every recipe is overridable: ``recipe=`` (another method's name or a
 from __future__ import annotations
 
 import json
-import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .. import attention
+from .. import attention, versions
 from ..attention.base import closest
 from ..attention.recipes import ConversionRecipe
 from .checkpoint import CheckpointInfo, load_dit, save_dit
@@ -164,16 +163,6 @@ class InheritanceReport:
 # --------------------------------------------------------------------------- convert
 
 
-def _versions() -> dict[str, str]:
-    from .. import __version__
-
-    return {
-        "attnbench": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -303,7 +292,7 @@ def convert(
         student_config=s_cfg.to_dict(),
         source=source,
         seed=seed,
-        versions=_versions(),
+        versions=versions(),
         warnings=_dense_warning(backend, resolved, t_cfg, heads),
         distill_recipe=backend.distill_recipe.describe() if backend.distill_recipe else "",
         distill_recipe_source=backend.distill_recipe.source if backend.distill_recipe else "",

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..bench.environment import REPO_ROOT
+from ..results import BASELINE_METHOD
 
 DEFAULT_BASELINES = REPO_ROOT / "baselines" / "published.csv"
 COLUMNS = ["method", "options", "model", "setting", "resolution", "level", "metric", "value",
@@ -48,7 +49,7 @@ def load_baselines(paths: list[Path | str] | None = None) -> pd.DataFrame:
 
 def relevant(baselines: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
     """Published rows of the measured methods (softmax always: it is every method's baseline)."""
-    keep = set(methods) | {"softmax"}
+    keep = set(methods) | {BASELINE_METHOD}
     return baselines[baselines["method"].isin(keep)]
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..bench.results import STATUS_OK
+from ..results import BASELINE_METHOD, STATUS_OK
 from . import baselines as bl
 from .plots import Plot, pareto_plot, samples_plot, speed_plots
 from .render import Bullets, Document, Figure, Heading, Note, Para, Table, to_html, to_markdown
@@ -16,6 +16,7 @@ from .tables import (
     DASH,
     Run,
     _finite,
+    density_text,
     label_order,
     level_title,
     levels,
@@ -118,6 +119,9 @@ def build_document(runs: list[Run], plot_dir: Path, published: pd.DataFrame,
     doc.add(_setup_table(runs))
     if not speed.empty:
         doc.add(Heading("Results per resolution"))
+        doc.add(Para("*density*: the fraction of query–key pairs computed exactly (softmax "
+                     "100%, LiT 0%; — where unknown). Where rounding changed a request, the "
+                     "method column shows what was kept, e.g. `sla:topk=0.05 (kept 25%)`."))
         doc.add(*_details(speed, multi=len(runs) > 1))
     doc.add(*_not_measured(speed, multi=len(runs) > 1))
     doc.add(*_published_section(frame, published))
@@ -175,8 +179,10 @@ def _lead(runs: list[Run], frame: pd.DataFrame) -> str:
 # --------------------------------------------------------------------------- at a glance
 
 
-def _row_name(row: pd.Series, multi: bool) -> str:
-    return f"{row['label']} [{row['run']}]" if multi else row["label"]
+def _row_name(row: pd.Series, multi: bool, ran: bool = False) -> str:
+    """The row's label (``ran``: what ran, e.g. ``sla:topk=0.05 (kept 25%)``), with its run."""
+    name = row["label_ran"] if ran else row["label"]
+    return f"{name} [{row['run']}]" if multi else name
 
 
 def _glance(speed: pd.DataFrame) -> list:
@@ -222,7 +228,7 @@ def _glance_cell(sel: pd.DataFrame, res: int, what: str) -> str:
     else:
         text = f"{num(row['peak_mib'])} MiB"
         ratio = row["memory_ratio_vs_softmax"]
-    if row["method"] != "softmax" and _finite(ratio):
+    if row["method"] != BASELINE_METHOD and _finite(ratio):
         text += f" · **{times(ratio)}**" if what == "latency" else f" · {times(ratio)}"
     return text
 
@@ -233,7 +239,7 @@ def _findings(rows: pd.DataFrame, level: str) -> list:
     multi = rows["run"].nunique() > 1
     for run in dict.fromkeys(rows["run"]):
         sel = rows[(rows["run"] == run) & (rows["status"] == STATUS_OK)]
-        base = sel[sel["method"] == "softmax"]
+        base = sel[sel["method"] == BASELINE_METHOD]
         where = f"{level_title(level)}" + (f", run `{run}`" if multi else "")
         if base.empty:
             if len(sel):
@@ -242,7 +248,7 @@ def _findings(rows: pd.DataFrame, level: str) -> list:
             continue
         res = int(base["resolution"].max())
         soft = base[base["resolution"] == res].iloc[0]
-        at = sel[(sel["resolution"] == res) & (sel["method"] != "softmax")]
+        at = sel[(sel["resolution"] == res) & (sel["method"] != BASELINE_METHOD)]
         if at.empty:
             continue
         items = []
@@ -282,9 +288,10 @@ def _findings(rows: pd.DataFrame, level: str) -> list:
 
 # --------------------------------------------------------------------------- details
 
-DETAIL_COLUMNS = ["method", "impl", "status", "latency ms (p20–p80)", "speedup vs softmax",
-                  "peak MiB", "memory vs softmax", "GFLOP actual", "GFLOP dense-equiv.",
-                  "achieved TFLOP/s", "overheads (ms)", "reps", "reason / note"]
+DETAIL_COLUMNS = ["method", "impl", "status", "density", "latency ms (p20–p80)",
+                  "speedup vs softmax", "peak MiB", "memory vs softmax", "GFLOP actual",
+                  "GFLOP dense-equiv.", "achieved TFLOP/s", "overheads (ms)", "reps",
+                  "reason / note"]
 
 
 def _details(speed: pd.DataFrame, multi: bool) -> list:
@@ -304,7 +311,8 @@ def _details(speed: pd.DataFrame, multi: bool) -> list:
             for _, r in at.iterrows():
                 ok = r["status"] == STATUS_OK
                 table_rows.append([
-                    _row_name(r, multi), r["impl"] or DASH, r["status"],
+                    _row_name(r, multi, ran=True), r["impl"] or DASH, r["status"],
+                    density_text(r["density"]),
                     ms_range(r) if ok else DASH, times(r["speedup_vs_softmax"]),
                     num(r["peak_mib"]) if ok else DASH, times(r["memory_ratio_vs_softmax"]),
                     num(r["gflop_actual"]), num(r["gflop_dense"]),
@@ -314,7 +322,7 @@ def _details(speed: pd.DataFrame, multi: bool) -> list:
                     _note(r),
                 ])
                 kinds.append("" if ok else r["status"])
-            blocks.append(Table(DETAIL_COLUMNS, table_rows, align="lll" + "r" * 9 + "l",
+            blocks.append(Table(DETAIL_COLUMNS, table_rows, align="lll" + "r" * 10 + "l",
                                 caption=caption, row_kinds=kinds))
     return blocks
 
@@ -394,7 +402,7 @@ def _quality_section(frame: pd.DataFrame, pareto: Plot | None, samples: Plot | N
 # --------------------------------------------------------------------------- published
 
 
-PAPERS = {"softmax": "softmax attention (the dense teacher / baseline)"}
+PAPERS = {BASELINE_METHOD: "softmax attention (the dense teacher / baseline)"}
 EFFICIENCY_FIRST = {"speedup": 0, "latency": 1, "peak_memory": 2, "flops": 3, "gflops": 4}
 
 
@@ -411,7 +419,7 @@ def _published_section(frame: pd.DataFrame, published: pd.DataFrame) -> list:
                        "against it. *Measured here*: this report's number for the same "
                        "method, level and resolution, where there is one.",
                        kind="published"))
-    for method in dict.fromkeys(["softmax", *methods]):
+    for method in dict.fromkeys([BASELINE_METHOD, *methods]):
         group = rows[rows["method"] == method]
         if group.empty:
             continue

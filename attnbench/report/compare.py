@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from ..bench.results import STATUS_OK
+from ..results import STATUS_OK
 from .tables import DASH, LEVEL_ORDER, Run, _finite, label_order, num, quality_table
 
 KEY = ["method", "options", "level", "resolution", "batch", "dtype", "model"]

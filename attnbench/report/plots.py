@@ -23,7 +23,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 from matplotlib.transforms import blended_transform_factory
 
-from ..bench.results import STATUS_OK
+from ..results import BASELINE_METHOD, STATUS_OK
 from . import baselines as bl
 from .tables import (
     Run,
@@ -220,7 +220,7 @@ def speed_plots(runs: list[Run], frame: pd.DataFrame, out: Path, subtitle: str,
     for name, (column, title, ylabel, caption) in SPEED_METRICS.items():
         values = ok[column]
         if name == "speedup":
-            values = ok[ok["method"] != "softmax"][column]
+            values = ok[ok["method"] != BASELINE_METHOD][column]
         if not (values > 0).any():
             continue
         with rc_context(STYLE):
@@ -253,12 +253,12 @@ def _panel(ax, frame: pd.DataFrame, level: str, name: str, column: str, styles: 
         ax.axhline(1.0, color=PALETTE[0], linewidth=1.0, linestyle="-", alpha=0.6, zorder=1)
         extras.setdefault("softmax = 1×", Line2D([], [], color=PALETTE[0], alpha=0.6))
     missing_slot, drawn = 0, 0
-    soft = frame[(frame["method"] == "softmax") & (frame["status"] == STATUS_OK)]
+    soft = frame[(frame["method"] == BASELINE_METHOD) & (frame["status"] == STATUS_OK)]
     softmax_flops = soft.groupby("resolution")["gflop_actual"].first()
     for lab in styles.labels:
         for run in styles.runs:
             rows = frame[(frame["label"] == lab) & (frame["run"] == run)].sort_values("resolution")
-            if rows.empty or (name == "speedup" and rows["method"].iloc[0] == "softmax"):
+            if rows.empty or (name == "speedup" and rows["method"].iloc[0] == BASELINE_METHOD):
                 continue
             st = styles(lab, run)
             good = rows[(rows["status"] == STATUS_OK) & (rows[column] > 0)]
@@ -343,7 +343,7 @@ def _legend(fig: Figure, frame: pd.DataFrame, styles: Styles, extras: dict,
             skip_softmax: bool = False) -> None:
     handles, names = [], []
     present = set(zip(frame["label"], frame["run"], strict=True))
-    softmax = set(frame[frame["method"] == "softmax"]["label"])
+    softmax = set(frame[frame["method"] == BASELINE_METHOD]["label"])
     for lab in styles.labels:
         for run in styles.runs:
             if (lab, run) not in present or (skip_softmax and lab in softmax):
@@ -374,7 +374,7 @@ def _not_drawn_note(frame: pd.DataFrame, column: str, name: str) -> str:
     ok = frame[frame["status"] == STATUS_OK]
     zero = ok[~(ok[column] > 0)]
     if name == "speedup":
-        zero = zero[zero["method"] != "softmax"]
+        zero = zero[zero["method"] != BASELINE_METHOD]
     bad = int((frame["status"] != STATUS_OK).sum())
     notes = []
     if bad:

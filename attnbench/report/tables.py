@@ -1,7 +1,7 @@
 """Run directories in, readable tables out.
 
 A *run* is a directory written by ``python -m attnbench run`` (or a ``results.json``):
-the results table (one row per point, see :mod:`attnbench.bench.results`) and its
+the results table (one row per point, see :mod:`attnbench.results`) and its
 ``meta.json``. This module loads runs, adds the columns a reader wants (labels, ms,
 MiB, GFLOP), finds quality rows, and formats numbers. It draws nothing.
 
@@ -10,13 +10,14 @@ Quality rows (what the quality stage writes, and how the report finds them)
 A row carries *quality metrics* when any of these holds a finite number:
 
 * ``extra["metrics"]``: a dict ``{metric name: value}`` (any name; the preferred form);
-* a key of ``extra`` named in :data:`QUALITY_METRICS` (``extra["fid"] = 12.3``);
-* a column of the table named in :data:`QUALITY_METRICS` (for a later schema).
+* a key of ``extra`` named in :data:`~attnbench.results.HIGHER_IS_BETTER`
+  (``extra["fid"] = 12.3``);
+* a column of the table named there (for a later schema).
 
 Rows with ``level == "quality"`` are quality rows: they are left out of the speed
 tables and plots. A row of another level that also carries metrics appears in both.
 Only rows with status ``ok`` and at least one metric enter the quality section and the
-Pareto plot. Whether higher is better comes from :data:`QUALITY_METRICS`, or from
+Pareto plot. Whether higher is better comes from that table, or from
 ``extra["higher_is_better"] = {metric: bool}``; a metric of unknown direction is shown
 but gets no Pareto front. The speed of a quality point is its own ``latency_median_s``
 if set, else the latency of the same run / method / options / resolution at the model
@@ -35,7 +36,15 @@ from typing import Any
 
 import pandas as pd
 
-from ..bench.results import STATUS_OK, SchemaError, load_table
+from ..results import (
+    BASELINE_METHOD,
+    HIGHER_IS_BETTER,
+    STATUS_OK,
+    SchemaError,
+    effective_label,
+    label,
+    load_table,
+)
 
 LEVEL_ORDER = ("attention", "block", "model")
 QUALITY_LEVEL = "quality"
@@ -45,13 +54,6 @@ LEVEL_TITLES = {
     "model": "model level: one denoising step of the whole DiT",
 }
 
-#: quality metrics the report knows, and whether higher is better
-QUALITY_METRICS: dict[str, bool] = {
-    "fid": False, "sfid": False, "fid_vs_teacher": False, "kid": False, "lpips": False,
-    "mse": False, "mse_vs_teacher": False, "fd_dinov2": False,
-    "inception_score": True, "is": True, "precision": True, "recall": True,
-    "geneval": True, "clip_score": True, "psnr": True, "ssim": True,
-}
 SAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -73,7 +75,7 @@ def load_run(path: Path | str, name: str | None = None) -> Run:
     """A run directory (or its ``results.json``), schema-checked, with reader columns added.
 
     Raises ``FileNotFoundError`` for a missing or empty directory and
-    :class:`~attnbench.bench.results.SchemaError` (a ``ValueError``) for a results
+    :class:`~attnbench.results.SchemaError` (a ``ValueError``) for a results
     file from another attnbench version, each with a one-line message.
     """
     path = Path(path)
@@ -114,16 +116,6 @@ def _run_name(path: Path) -> str:
 # --------------------------------------------------------------------------- columns
 
 
-def label(method: str, options: str) -> str:
-    """``clear:radius=16.0`` (the label ``run`` prints) from method + canonical options JSON."""
-    from ..bench.cli import label as _label
-
-    try:
-        return _label(method, options)
-    except (ValueError, TypeError):
-        return f"{method}:{options}" if options and options != "{}" else method
-
-
 def method_order() -> list[str]:
     """The registry's order of methods (softmax first): the order of rows and colours."""
     try:
@@ -131,25 +123,33 @@ def method_order() -> list[str]:
 
         return list(attention.names())
     except Exception:  # a broken environment must not stop a report
-        return ["softmax", "flash", "xformers", "lit", "clear", "sla"]
+        return [BASELINE_METHOD, "flash", "xformers", "lit", "clear", "sla"]
 
 
-NUMERIC = ["resolution", "tokens", "batch", "heads", "head_dim", "latency_median_s",
+NUMERIC = ["resolution", "tokens", "batch", "heads", "head_dim", "density", "latency_median_s",
            "latency_p20_s", "latency_p80_s", "repetitions", "peak_memory_bytes", "flops_actual",
            "flops_dense", "flops_counted", "tflops_achieved", "overhead_s", "predicted_s",
            "predicted_bytes", "speedup_vs_softmax", "memory_ratio_vs_softmax"]
 
 
 def enrich(frame: pd.DataFrame) -> pd.DataFrame:
-    """Add ``label``, ``variant``, ms / MiB / GFLOP columns and parsed ``extra``."""
+    """Add ``label`` (what was asked: the key of rows and colours), ``label_ran`` (what ran,
+    e.g. ``sla:topk=0.05 (kept 25%)``), ms / MiB / GFLOP columns and parsed ``extra``."""
     frame = frame.copy()
     for col in NUMERIC:
         if col in frame:
             frame[col] = pd.to_numeric(frame[col], errors="coerce")
-    for col in ("options", "reason", "impl", "overheads", "status", "level", "method"):
+    if "density" not in frame:  # a results.json written before the column existed
+        frame["density"] = math.nan
+    if "effective" not in frame:
+        frame["effective"] = ""
+    for col in ("options", "effective", "reason", "impl", "overheads", "status", "level",
+                "method"):
         if col in frame:
             frame[col] = frame[col].fillna("").astype(str)
     frame["label"] = [label(m, o) for m, o in zip(frame["method"], frame["options"], strict=True)]
+    frame["label_ran"] = [effective_label(m, o, e, d) for m, o, e, d in zip(
+        frame["method"], frame["options"], frame["effective"], frame["density"], strict=True)]
     frame["extra_dict"] = [_as_dict(e) for e in frame.get("extra", [None] * len(frame))]
     frame["latency_ms"] = frame["latency_median_s"] * 1e3
     frame["latency_p20_ms"] = frame["latency_p20_s"] * 1e3
@@ -207,11 +207,11 @@ def row_metrics(row: pd.Series) -> dict[str, float]:
     """The quality metrics of one row (see the module docstring), finite numbers only."""
     extra = row.get("extra_dict") or {}
     found: dict[str, Any] = {}
-    for name in QUALITY_METRICS:
+    for name in HIGHER_IS_BETTER:
         if name in row.index and name not in NUMERIC:
             found[name] = row[name]
     for name, value in extra.items():
-        if name in QUALITY_METRICS:
+        if name in HIGHER_IS_BETTER:
             found[name] = value
     metrics = extra.get("metrics")
     if isinstance(metrics, dict):
@@ -231,7 +231,7 @@ def higher_is_better(metric: str, extra: dict[str, Any] | None = None) -> bool |
     override = (extra or {}).get("higher_is_better")
     if isinstance(override, dict) and metric in override:
         return bool(override[metric])
-    return QUALITY_METRICS.get(metric.lower())
+    return HIGHER_IS_BETTER.get(metric.lower())
 
 
 def quality_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -320,6 +320,11 @@ def num(x: Any, digits: int = 3) -> str:
     decimals = max(0, digits - 1 - math.floor(math.log10(mag)))
     text = f"{x:,.{decimals}f}"
     return text
+
+
+def density_text(x: Any) -> str:
+    """``25%``: the fraction of query–key pairs computed exactly, as a percentage."""
+    return DASH if not _finite(x) else f"{float(x) * 100:.3g}%"
 
 
 def times(x: Any) -> str:

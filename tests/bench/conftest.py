@@ -1,7 +1,9 @@
-"""The pytest-benchmark suite: method × resolution × level, parametrised from the registry.
+"""Tests of attnbench.bench, and its pytest-benchmark suite (method × resolution × level).
 
-Plain ``pytest`` skips it; ``pytest --benchmark-only`` runs it (CPU: small
-resolutions of a small DiT; extend with ``--bench-res``, ``--bench-model``).
+The benchmarks (tests that use the ``benchmark`` fixture) are parametrised from the
+registry; plain ``pytest`` skips them and runs the unit tests beside them;
+``pytest --benchmark-only`` runs them (CPU: small resolutions of a small DiT; extend
+with ``--bench-res``, ``--bench-model``).
 ``python -m attnbench import-benchmark FILE.json`` turns the JSON that
 ``--benchmark-json`` writes into the results table.
 """
@@ -28,7 +30,7 @@ def pytest_collection_modifyitems(config, items) -> None:
         return
     skip = pytest.mark.skip(reason="a benchmark: run it with pytest --benchmark-only")
     for item in items:
-        if HERE in Path(item.fspath).parents:
+        if HERE in Path(item.fspath).parents and "benchmark" in getattr(item, "fixturenames", ()):
             item.add_marker(skip)
 
 

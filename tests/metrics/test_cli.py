@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from attnbench.bench.results import load_table
 from attnbench.cli import main
+from attnbench.results import load_table
 
 FAST = ["--num", "24", "--steps", "4", "--batch", "12", "--no-progress", "--device", "cpu"]
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from attnbench.bench.results import load_table
 from attnbench.cli import main
+from attnbench.results import load_table
 
 
 def test_run_with_a_quality_stage(tmp_path, teacher_dir, student_dir):

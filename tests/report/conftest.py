@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attnbench.bench.results import Result, ResultsWriter, canonical_options
 from attnbench.cli import main
+from attnbench.results import Result, ResultsWriter, canonical_options
 
 #: (method, options, latency at 256 px in s, exponent of its growth with tokens)
 METHODS = [("softmax", {}, 4e-3, 2.0), ("lit", {}, 1e-3, 1.0), ("clear", {}, 3e-3, 1.1),

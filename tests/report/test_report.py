@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from attnbench.bench.results import load_table
 from attnbench.cli import main
 from attnbench.report import write_report
 from attnbench.report.plots import PALETTE, Styles, pareto_front
 from attnbench.report.render import Document, Para, Table, to_html, to_markdown
 from attnbench.report.tables import load_run, quality_table
+from attnbench.results import load_table
 
 from .conftest import point, speed_rows, write_run
 
@@ -232,3 +232,16 @@ def test_frame_numbers_are_formatted_for_people():
         "1,319", "27.3", "0.492", "1.23e-04", "—"]
     assert times(48.33) == "48.3×" and times(None) == "—"
     assert pd.isna(pd.NA) and num(pd.NA) == "—"
+
+
+def test_density_and_what_ran_are_in_the_tables(tmp_path):
+    asked, kept = {"topk": 0.05}, {"topk": 0.25}
+    rows = [point("softmax", {}, "attention", 256, density=1.0, latency_median_s=4e-3),
+            point("sla", asked, "attention", 256, density=0.25,
+                  effective=json.dumps(kept, sort_keys=True), latency_median_s=2e-3),
+            point("lit", {}, "attention", 256, latency_median_s=1e-3)]
+    md = write_report([write_run(tmp_path / "dense", rows)]).markdown.read_text()
+    assert "| density |" in md
+    assert "| sla:topk=0.05 (kept 25%) | reference | ok | 25% |" in md
+    assert "| softmax | reference | ok | 100% |" in md
+    assert "| lit | reference | ok | — |" in md

@@ -1,4 +1,8 @@
-"""The one results table: a row per (method, options, level, resolution, ...) point.
+"""The one results schema: a row per (method, options, level, resolution, ...) point.
+
+A leaf module (it imports nothing of attnbench, and not torch): the sweep and the
+quality stage write rows, the report reads them, and all three share the statuses,
+the point key, the baseline, the metric directions and :func:`label` from here.
 
 Rows are appended to ``results.jsonl`` as they are measured (and mirrored to
 ``results.csv``), so an interrupted sweep keeps everything it measured and a
@@ -12,12 +16,14 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 #: bump when a column changes meaning; readers refuse other versions with a clear message
 SCHEMA_VERSION = 1
+#: the method every other is compared with (speedup and memory ratios, plots)
 BASELINE_METHOD = "softmax"
 
 STATUS_OK = "ok"
@@ -26,6 +32,17 @@ STATUS_OOM = "oom"  # ran out of memory for real
 STATUS_UNAVAILABLE = "unavailable"  # the method cannot run on this device/dtype
 STATUS_ERROR = "error"  # anything else; retried on resume
 FINAL_STATUSES = {STATUS_OK, STATUS_SKIPPED, STATUS_OOM, STATUS_UNAVAILABLE}
+
+#: whether higher is better, for every quality metric attnbench writes or the report knows
+HIGHER_IS_BETTER: dict[str, bool] = {
+    "fid": False, "sfid": False, "fid_vs_teacher": False, "kid": False, "lpips": False,
+    "mse": False, "mse_vs_teacher": False, "fd_dinov2": False, "eps_mse_vs_teacher": False,
+    "inception_score": True, "is": True, "precision": True, "recall": True,
+    "clip_score": True, "psnr": True, "ssim": True,
+    "geneval": True, "geneval_strict": True,
+    **{f"geneval_{t}": True for t in ("single_object", "two_object", "counting", "colors",
+                                      "position", "color_attr")},
+}
 
 
 @dataclass
@@ -44,6 +61,10 @@ class Result:
     heads: int
     head_dim: int
     impl: str = ""
+    #: fraction of query–key pairs computed exactly (softmax 1, LiT 0); NaN when unknown
+    density: float = math.nan
+    #: canonical JSON of the options after rounding, when they differ from ``options``
+    effective: str = ""
     status: str = STATUS_OK
     reason: str = ""
     latency_median_s: float | None = None
@@ -76,6 +97,8 @@ class Result:
 
 
 COLUMNS = [f.name for f in fields(Result)]
+#: columns added within schema 1, with a default: rows written before them still read
+OPTIONAL_COLUMNS = {"density", "effective"}
 
 
 def point_key(method, options, level, resolution, batch, dtype, device, model) -> tuple:
@@ -85,6 +108,39 @@ def point_key(method, options, level, resolution, batch, dtype, device, model) -
 
 def canonical_options(options: dict[str, Any]) -> str:
     return json.dumps(options, sort_keys=True, default=str)
+
+
+def label(method: str, options: str) -> str:
+    """``clear:radius=16.0`` from a row's method and canonical options JSON.
+
+    Text that is not an options JSON object is shown as it is (``method:text``).
+    """
+    try:
+        opts = json.loads(options) if options else {}
+    except (ValueError, TypeError):
+        opts = None
+    if not isinstance(opts, dict):
+        return f"{method}:{options}" if options and options != "{}" else method
+    return ":".join([method, *(f"{k}={v}" for k, v in sorted(opts.items()))])
+
+
+def effective_label(method: str, options: str, effective: str = "",
+                    density: float = math.nan) -> str:
+    """The label of what ran: ``sla:topk=0.05 (kept 25%)`` when rounding changed the request.
+
+    The requested label alone when the effective options equal the requested ones
+    (or are unknown); the density in the parentheses when it is known, else the
+    effective options.
+    """
+    requested = label(method, options)
+    if not effective or effective == options:
+        return requested
+    try:
+        known = math.isfinite(float(density))
+    except (TypeError, ValueError):
+        known = False
+    ran = f"kept {float(density) * 100:.3g}%" if known else label(method, effective)
+    return f"{requested} ({ran})"
 
 
 class SchemaError(ValueError):
@@ -170,7 +226,7 @@ def load_rows(path: Path) -> list[Result]:
 
 
 def _result_from_row(data: dict[str, Any], where: str) -> Result:
-    missing = [c for c in COLUMNS if c not in data]
+    missing = [c for c in COLUMNS if c not in data and c not in OPTIONAL_COLUMNS]
     unknown = [c for c in data if c not in COLUMNS]
     if missing or unknown:
         raise SchemaError(
@@ -237,43 +293,3 @@ def load_table(path: Path | str):
         )
     rows = [_result_from_row(row, str(path)) for row in table.get("rows", [])]
     return to_dataframe(rows), table.get("meta", {})
-
-
-def rows_from_pytest_benchmark(data: dict[str, Any]) -> tuple[list[Result], dict[str, Any]]:
-    """``(rows, meta)`` from the JSON ``pytest --benchmark-json`` writes for tests/bench/.
-
-    Latency quantiles come from the raw timings when the JSON has them
-    (``--benchmark-save-data``); otherwise p20/p80 stay empty and pytest-benchmark's
-    quartiles are kept in ``extra``. Benchmarks without attnbench's ``extra_info``
-    are not ours and are refused.
-    """
-    from .timer import quantile
-
-    if not isinstance(data, dict) or "benchmarks" not in data:
-        raise SchemaError("not a pytest-benchmark JSON file (no 'benchmarks' list)")
-    rows = []
-    for bench in data["benchmarks"]:
-        info, stats = bench.get("extra_info", {}), bench.get("stats", {})
-        needed = {"method", "level", "resolution", "tokens", "device", "model"}
-        if not needed <= set(info):
-            raise SchemaError(
-                f"benchmark {bench.get('name')!r} has no attnbench extra_info "
-                f"(missing {sorted(needed - set(info))}): only tests/bench/ results import"
-            )
-        known = {k: v for k, v in info.items() if k in COLUMNS}
-        row = Result(**known)
-        raw = stats.get("data")
-        row.latency_median_s = stats.get("median")
-        if raw:
-            row.latency_p20_s, row.latency_p80_s = quantile(raw, 0.2), quantile(raw, 0.8)
-        row.repetitions = stats.get("rounds")
-        row.timer = "pytest-benchmark pedantic"
-        row.extra = {"q1": stats.get("q1"), "q3": stats.get("q3"), "benchmark": bench.get("name")}
-        if row.flops_actual and row.latency_median_s:
-            row.tflops_achieved = row.flops_actual / row.latency_median_s / 1e12
-        rows.append(row)
-    add_ratios(rows)
-    meta = {"source": "pytest-benchmark", "machine_info": data.get("machine_info"),
-            "commit_info": data.get("commit_info"), "datetime": data.get("datetime"),
-            "version": data.get("version")}
-    return rows, meta

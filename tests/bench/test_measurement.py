@@ -80,3 +80,35 @@ def test_predicted_bytes_are_those_of_the_path_that_runs(method):
     expected = backend.memory(2, point.heads, point.tokens, point.head_dim, point.grid,
                               element_size=4, impl=work.impl)
     assert work.predicted_bytes == expected.actual
+
+
+class _FakeClock:
+    """``perf_counter`` that advances only when the timed function runs."""
+
+    def __init__(self, seconds_per_call: float) -> None:
+        self.now, self.step, self.calls = 0.0, seconds_per_call, 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def fn(self) -> None:
+        self.calls += 1
+        self.now += self.step
+
+
+@pytest.mark.parametrize("seconds, limit, reps", [(2.0, 9.0, 3), (2.0, 5.0, 2), (2.0, 1.0, 1)])
+def test_a_slow_call_takes_fewer_repetitions_within_the_limit(monkeypatch, seconds, limit, reps):
+    clock = _FakeClock(seconds)
+    monkeypatch.setattr(timer.time, "perf_counter", clock)
+    timing = timer.measure(clock.fn, "cpu", budget_s=0.5, warmup_s=0.2, min_reps=3, limit_s=limit)
+    assert timing.reps == reps and timing.warmup_s == 0.0
+    assert clock.calls == 1 + reps  # the untimed first call, then only timed ones
+    assert timing.median == pytest.approx(seconds)
+
+
+def test_a_fast_call_keeps_the_minimum_repetitions(monkeypatch):
+    clock = _FakeClock(1e-3)
+    monkeypatch.setattr(timer.time, "perf_counter", clock)
+    timing = timer.measure(clock.fn, "cpu", budget_s=1e-3, warmup_s=0.0, min_reps=3,
+                           limit_s=30.0)
+    assert timing.reps == 3 and clock.calls == 1 + 2 + 3

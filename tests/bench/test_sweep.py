@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from attnbench.bench import results, sweep
-from attnbench.bench.results import ResultsWriter, SchemaError, load_table
+from attnbench import results
+from attnbench.bench import memory, sweep, timer
 from attnbench.cli import main
 from attnbench.models.configs import get_config
+from attnbench.results import ResultsWriter, SchemaError, load_table
 
 TINY = get_config("DiT-T/2")
 
@@ -166,3 +167,42 @@ def test_import_benchmark_json(tmp_path, capsys):
     path.write_text(json.dumps({"benchmarks": [{"name": "other", "extra_info": {}}]}))
     assert main(["import-benchmark", str(path)]) == 2
     assert "only tests/bench/ results import" in capsys.readouterr().err
+
+
+def _fake_measure(calls):
+    def measure(fn, device, **kwargs):
+        calls.append(kwargs.get("limit_s"))
+        return timer.Timing(median=1.0, p20=1.0, p80=1.0, mean=1.0, min=1.0, reps=1,
+                            warmup_s=0.0, timer="fake", l2_flush=False)
+    return measure
+
+
+def test_the_baseline_is_measured_past_the_budget_when_the_others_ran(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sweep, "measure", _fake_measure(calls))
+    monkeypatch.setattr(sweep, "calibrate", lambda device, dtype: CALIB)
+    monkeypatch.setattr(sweep, "peak_memory", lambda fn, device: memory.PeakMemory(1, 0, "fake"))
+    slow = {"softmax": 1e3, "lit": 0.0}  # predicted seconds: softmax far over the budget
+
+    def predicted(plan, row):
+        return (f"predicted {slow[row.method]:g} s > budget {plan.budget_s:g} s"
+                if slow[row.method] > plan.budget_s else None)
+
+    monkeypatch.setattr(sweep, "_over_time", predicted)
+    plan = _plan(methods=sweep.parse_methods("softmax,lit"))
+    rows = sweep.run_sweep(plan, ResultsWriter(tmp_path / "a", {}), progress=False)
+    soft = next(r for r in rows if r.method == "softmax")
+    assert soft.status == "ok" and "measured anyway" in soft.extra["past_budget"]
+    assert soft.speedup_vs_softmax == 1.0 and calls and all(c == 15.0 for c in calls)
+    # alone, nothing is compared with it: the prediction skips it
+    alone = sweep.run_sweep(_plan(methods=sweep.parse_methods("softmax")),
+                            ResultsWriter(tmp_path / "b", {}), progress=False)
+    assert alone[0].status == "skipped" and alone[0].reason.startswith("predicted 1000 s")
+
+
+def test_the_baseline_runs_after_the_methods_compared_with_it():
+    specs = sweep.parse_methods("softmax,lit,clear")
+    points = sweep.baseline_last([(r, "attention", s) for r in (64, 128) for s in specs])
+    assert [(r, s.name) for r, _, s in points] == [
+        (64, "lit"), (64, "clear"), (64, "softmax"), (128, "lit"), (128, "clear"),
+        (128, "softmax")]

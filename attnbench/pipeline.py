@@ -1,0 +1,173 @@
+"""``python -m attnbench run``: the main job -- sweep → quality → report.
+
+A resolution sweep of every method (:mod:`attnbench.bench`), optionally the quality
+stage (:mod:`attnbench.metrics`), then the run's report (:mod:`attnbench.report`).
+This is the only module that imports all three stages.
+
+Defaults depend on the device, and the output says which were used: on a GPU
+DiT-XL/2 shapes in bfloat16 at every resolution from 256 to 8192 px; on CPU a
+small DiT (``CPU_DEFAULT``) in float32 at 256-1024 px, a run of minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from . import attention, cliutil
+from .bench.environment import REPO_ROOT, environment
+from .bench.sweep import RESOLUTIONS, SweepPlan, parse_methods, run_sweep
+from .bench.workloads import LEVELS
+from .metrics.quality import EvalConfig, evaluate, parse_metrics
+from .metrics.sample import SampleSettings
+from .models import load_dit
+from .models.configs import CPU_DEFAULT, get_config
+from .report import write_report
+from .results import STATUS_OK, ResultsWriter, label, to_dataframe
+
+GPU_DEFAULTS = {"model": "DiT-XL/2", "dtype": "bfloat16", "res": RESOLUTIONS,
+                "levels": ("attention", "model"), "budget": 120.0}
+CPU_DEFAULTS = {"model": CPU_DEFAULT, "dtype": "float32", "res": (256, 512, 1024),
+                "levels": ("attention", "model"), "budget": 30.0}
+SUMMARY_COLUMNS = ["label", "level", "resolution", "tokens", "status", "latency_ms",
+                   "speedup_vs_softmax", "peak_mib", "memory_ratio_vs_softmax", "tflops_achieved",
+                   "overhead_ms", "reason"]
+
+
+def _default_methods(device: torch.device, dtype: torch.dtype) -> str:
+    reasons = attention.available(device, dtype)
+    return ",".join(name for name, reason in reasons.items() if reason is None)
+
+
+def summary_frame(rows):
+    """The columns a person reads first, in readable units."""
+    frame = to_dataframe(rows)
+    if frame.empty:
+        return frame
+    frame["label"] = [label(m, o) for m, o in zip(frame["method"], frame["options"], strict=True)]
+    frame["latency_ms"] = frame["latency_median_s"] * 1e3
+    frame["peak_mib"] = frame["peak_memory_bytes"] / 2**20
+    frame["overhead_ms"] = frame["overhead_s"] * 1e3
+    return frame[SUMMARY_COLUMNS]
+
+
+def run(args: argparse.Namespace) -> int:
+    device = cliutil.device(args.device)
+    defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+    dtype = cliutil.dtype(args.dtype or defaults["dtype"])
+    config = get_config(args.model or defaults["model"])
+    if args.ckpt:
+        config = load_dit(args.ckpt).config
+    levels = [lvl.strip() for lvl in (args.level or ",".join(defaults["levels"])).split(",")]
+    for lvl in levels:
+        if lvl not in LEVELS:
+            raise ValueError(f"--level {lvl!r} is not one of {', '.join(LEVELS)}")
+    resolutions = cliutil.int_list(args.res, "--res") if args.res else list(defaults["res"])
+    methods = parse_methods(args.methods or _default_methods(device, dtype), args.method_options)
+    plan = SweepPlan(config=config, methods=methods, resolutions=resolutions, levels=levels,
+                     batch=args.batch, dtype=dtype, device=device,
+                     budget_s=args.budget or defaults["budget"])
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else REPO_ROOT / "reports" / "runs" / stamp
+    meta = environment(device, ["python", "-m", "attnbench", *args.argv])
+    meta.update({
+        "model": config.name, "model_config": config.to_dict(), "dtype": str(dtype),
+        "levels": levels, "resolutions": resolutions, "batch": args.batch,
+        "methods": [m.label for m in methods], "budget_s": plan.budget_s,
+        "timer": "warm-up + repetitions by time budget, synchronised; median, p20, p80; "
+                 "CUDA events with L2 flush on GPU, perf_counter on CPU",
+        "flop_convention": "forward, 2 FLOPs per multiply-add of matrix contractions; "
+                           "element-wise work not counted",
+    })
+    writer = ResultsWriter(out, meta)
+    print(f"attnbench run: {config.name} on {meta['device_name']}, {args.batch}× "
+          f"{', '.join(map(str, resolutions))} px, levels {', '.join(levels)}, {dtype}"
+          f"{' (CPU defaults: a small model)' if device.type == 'cpu' and not args.model else ''}",
+          file=sys.stderr)
+    rows = run_sweep(plan, writer, progress=not args.no_progress)
+    with pd.option_context("display.max_rows", 500, "display.width", 200,
+                           "display.max_colwidth", 60, "display.float_format", "{:.4g}".format):
+        print(summary_frame(rows).to_string(index=False))
+    ok = sum(r.status == STATUS_OK for r in rows)
+    print(f"\n{ok}/{len(rows)} points measured; results in {out}", file=sys.stderr)
+    if args.quality:
+        _quality_stage(args, out, device)
+    if not getattr(args, "no_report", False):
+        _write_report(out)
+    return 0
+
+
+def _quality_stage(args: argparse.Namespace, out: Path, device: torch.device) -> None:
+    """Quality rows beside the speed rows: ``eval`` of each ``--quality-ckpt`` into ``out``.
+
+    With no checkpoint given, the shipped teacher is evaluated. Sampling defaults are
+    cheap on CPU (64 samples, 50 DDPM steps) and DiT's protocol on a GPU (250 steps);
+    each row records the settings it was made with.
+    """
+    gpu = device.type == "cuda"
+    settings = SampleSettings(num=args.quality_num or (1000 if gpu else 64),
+                              steps=args.quality_steps or (250 if gpu else 50))
+    config = EvalConfig(metrics=parse_metrics(args.quality), sampling=settings,
+                        device=str(device), fidelity_num=min(64, settings.num))
+    for ckpt in args.quality_ckpt or [None]:
+        evaluate(ckpt, config, out, teacher=args.teacher, argv=["python", "-m", "attnbench",
+                 *args.argv], progress=not args.no_progress)
+
+
+def _write_report(out: Path) -> None:
+    """The run's report (report.md / report.html / plots) into its directory, if it can be.
+
+    A report failure never loses the results (already written) nor fails the run:
+    it is one line on stderr, and ``python -m attnbench report DIR`` can retry it.
+    """
+    try:
+        files = write_report([out])
+        print(f"report: {files.html} and {files.markdown.name}", file=sys.stderr)
+    except Exception as err:  # the results are safe: say why and go on
+        message = " ".join(str(err).split())[:300]
+        print(f"attnbench run: report not written ({type(err).__name__}: {message}); "
+              f"retry with python -m attnbench report {out}", file=sys.stderr)
+
+
+def add_parser(subparsers) -> None:
+
+    p = subparsers.add_parser(
+        "run", help="latency, memory and FLOPs of every method across resolutions",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--res", help="image resolutions in px, e.g. 256,1024,8192 "
+                   "(default: GPU 256…8192, CPU 256,512,1024)")
+    p.add_argument("--methods", help="comma-separated methods, variants as clear:radius=16 "
+                   "(default: every method available here)")
+    p.add_argument("--method-options", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="an option for every run of a method, e.g. clear.radius=8 (repeatable)")
+    p.add_argument("--level", help=f"comma-separated levels: {', '.join(LEVELS)} "
+                   "(default attention,model)")
+    p.add_argument("--dtype", help="float32, bfloat16, float16 (default: GPU bf16, CPU fp32)")
+    p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when visible)")
+    p.add_argument("--budget", type=float, help="seconds one point may take; points predicted "
+                   "to exceed it are skipped with the reason (default GPU 120, CPU 30)")
+    p.add_argument("--model", help="DiT config name whose shapes are measured "
+                   f"(default: GPU DiT-XL/2, CPU {CPU_DEFAULT})")
+    p.add_argument("--ckpt", help="take the model config from this DiT checkpoint instead")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    p.add_argument("--out", help="run directory (default reports/runs/<timestamp>/); "
+                   "an existing one resumes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--quality", metavar="METRICS",
+                   help="also write quality rows: fid,geneval,fidelity (see python -m attnbench "
+                   "eval); of each --quality-ckpt, or of the shipped teacher")
+    p.add_argument("--quality-ckpt", action="append", metavar="CKPT",
+                   help="a model (e.g. a distilled student) to evaluate; repeatable")
+    p.add_argument("--teacher", help="teacher for the fidelity metrics (default: the shipped one)")
+    p.add_argument("--quality-num", type=int, help="samples per model (default GPU 1000, CPU 64)")
+    p.add_argument("--quality-steps", type=int,
+                   help="DDPM steps (default GPU 250 = DiT's protocol, CPU 50)")
+    p.add_argument("--no-report", action="store_true",
+                   help="do not write report.md / report.html into the run directory")
+    p.set_defaults(func=run)
