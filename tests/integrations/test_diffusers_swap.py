@@ -71,10 +71,14 @@ def test_softmax_swap_is_the_stock_model(name, gen):
 
 
 def test_lit_without_conv_reproduces_sanas_linear_attention(gen):
-    """SANA's stock attention is ReLU linear attention (no 1/√d, eps 1e-15): LiT's core."""
+    """SANA's stock attention is ReLU linear attention (no 1/√d, no shift of φ, eps 1e-15).
+
+    LiT's core with φ = relu (phi_shift 0) is the same function: the mean form of its
+    normaliser differs from SANA's sum form only in where the (negligible) eps sits.
+    """
     model, _, inputs = tiny("sana-tiny", gen)
     stock = run(model, inputs)
-    swap_attention(model, "lit", eps=1e-15, dwc_kernel=0, inherit_projections=True)
+    swap_attention(model, "lit", eps=1e-15, phi_shift=0.0, dwc_kernel=0, inherit_projections=True)
     assert (run(model, inputs) - stock).abs().max().item() < 1e-5
 
 
