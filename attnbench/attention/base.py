@@ -633,16 +633,19 @@ class AttentionBackend:
                              layout=layout)
         return chosen, layout, opts
 
-    def run(self, impl: str, q, k, v, layout: Layout, **kwargs: Any):
-        """Run implementation ``impl`` on ``layout``: the one place text after the grid is
-        handled. The text tokens move to the front (one ``torch.cat`` of q, k, v), the
-        implementation computes on the text-first layout and its output (a tensor or a
-        tuple of them) moves back. Plain grids go as ``grid=(H, W)``, others as ``layout=``.
+    def run(self, impl: str, q, k, v, layout: Layout, *, fn: Callable[..., Any] | None = None,
+            **kwargs: Any):
+        """Run implementation ``impl`` (or ``fn``, a function of it such as SLA's parts) on
+        ``layout``: the one place text after the grid is handled. The text tokens move to
+        the front (one ``torch.cat`` of q, k, v), the implementation computes on the
+        text-first layout and its output (a tensor or a tuple of them) moves back. Plain
+        grids go as ``grid=(H, W)``, others as ``layout=``.
         """
         first = layout.text_first_form
         q, k, v = (layout.to_text_first(t) for t in (q, k, v))
         geometry = {"grid": first.grid} if first.is_plain else {"layout": first}
-        fn = self.reference if impl == "reference" else self.fast_path(impl).fn
+        if fn is None:
+            fn = self.reference if impl == "reference" else self.fast_path(impl).fn
         out = fn(q, k, v, **geometry, **kwargs)
         if isinstance(out, tuple):
             return tuple(layout.from_text_first(o) for o in out)
