@@ -112,3 +112,38 @@ def test_lit_conv_flops_count_image_tokens_only():
     assert lit.mixer_flops(1, 2, 17, 8, layout=Layout((3, 4), text=5), dwc_kernel=5) == plain
     assert lit.mixer_flops(1, 2, 12, 8, dwc_kernel=5, dwc_3d=True) == 5 * plain
     assert lit.density(Layout((2, 3, 4), text=3)) == 0.0
+
+
+def test_a_fast_path_declares_the_layouts_it_computes():
+    """A path outside its layouts is passed over with the reason, never run silently wrong."""
+    from attnbench.attention import FastPath
+
+    path = FastPath("images_only", lambda q, k, v, **_: q, layouts=("image", "image+text"))
+    video = Layout((2, 3, 4), text=1)
+    reasons = path.not_supported_reasons("cpu", torch.float32, None, video)
+    assert reasons == ["takes image, image+text layouts, not video+text (1 text + 2x3x4)"]
+    assert path.not_supported_reasons("cpu", torch.float32, None, Layout((3, 4), text=2)) == []
+    assert path.capabilities()["layouts"] == ["image", "image+text"]
+
+
+def test_text_last_is_moved_once_and_paths_refuse_it_directly():
+    layout = Layout((2, 3), text=2, text_first=False)
+    x = torch.arange(8).view(1, 1, 8, 1)
+    first = layout.to_text_first(x)
+    assert first.flatten().tolist() == [6, 7, 0, 1, 2, 3, 4, 5]
+    assert torch.equal(layout.from_text_first(first), x)
+    with pytest.raises(ValueError, match="paths take text tokens first"):
+        attention.get("clear").reference(*(torch.zeros(1, 1, 8, 4),) * 3, layout=layout)
+
+
+def test_a_method_defines_its_layout_kinds():
+    class PlainOnly(attention.AttentionBackend):
+        name = "plain_only"
+
+        def reference(self, q, k, v, *, grid):
+            return v
+
+    q = torch.zeros(1, 1, 12, 4)
+    assert PlainOnly().attend(q, q, q, grid=(3, 4)) is q
+    with pytest.raises(ValueError, match=r"plain_only takes image layouts; layout 2x2x3"):
+        PlainOnly().attend(q, q, q, layout=Layout((2, 2, 3)))
