@@ -9,7 +9,8 @@ One method = one :class:`AttentionBackend` subclass, registered once (see
   ``grid=(Hgrid, Wgrid)`` is the plain image case. Text after the grid is moved
   to the front and back in one place (:meth:`AttentionBackend.run`), so methods
   define "text prefix + grid" only; which kinds of layout a method defines is
-  data (``layout_kinds``), and so is which ones a fast path computes (``layouts``). The pure-PyTorch ``reference`` runs anywhere in any dtype
+  data (``layout_kinds``), and so is which ones a fast path computes
+  (``layouts``). The pure-PyTorch ``reference`` runs anywhere in any dtype
   (float64 included); fast paths (:class:`FastPath`) are picked by capability
   and every one of them is tested against that reference.
 * ``mixer(dim, num_heads, **options)`` -- the ``nn.Module`` that replaces a DiT
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ._names import closest
-from .layout import KINDS, Layout
+from .layout import Layout
 from .recipes import ConversionRecipe, DistillRecipe
 
 Grid = tuple[int, int]

@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 
-
 #: every kind of layout (:attr:`Layout.kind`), for capability data
 KINDS = ("image", "image+text", "video", "video+text")
 

@@ -74,7 +74,8 @@ def _linear_over_all(q, k, v, eps=1e-6, shift=1e-6):
                                                     + eps)
 
 
-@pytest.mark.parametrize("layout", [Layout((3, 4), text=5), Layout((3, 4), text=5, text_first=False),
+@pytest.mark.parametrize("layout", [Layout((3, 4), text=5),
+                                    Layout((3, 4), text=5, text_first=False),
                                     Layout((2, 3, 4)), Layout((2, 3, 4), text=3, text_first=False)],
                          ids=lambda lay: lay.describe().replace(" ", ""))
 @pytest.mark.parametrize("dwc_3d", [False, True])

@@ -5,10 +5,10 @@ runs in a locality-preserving order (``order.py``: 8×8 tiles of an image, 4×4�
 cubes of a video, text tokens after them in blocks of their own;
 ``order="row-major"`` keeps the given order, as the reference code does). Every
 path -- the block map, the selection, both branches, gather and Triton -- runs
-on the tokens in that order; the outputs go back to the layout's. Per query block, the ``topk`` fraction of KV blocks with the highest
-pooled score are *critical* and get exact softmax attention restricted to them
-(``O_s``); the other, *marginal*, blocks are summarised by linear attention
-(``O_l``)::
+on the tokens in that order; the outputs go back to the layout's. Per query
+block, the ``topk`` fraction of KV blocks with the highest pooled score are
+*critical* and get exact softmax attention restricted to them (``O_s``); the
+other, *marginal*, blocks are summarised by linear attention (``O_l``)::
 
     O_s = softmax(Q Kᵀ/√d restricted to the critical blocks) V
     O_l = φ(Q) Σ_j φ(K_j)ᵀV_j / (φ(Q) Σ_j φ(K_j)ᵀ + eps)      j over the marginal blocks
