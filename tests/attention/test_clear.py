@@ -459,8 +459,8 @@ def test_density_is_the_windows_pairs_over_n_squared():
     pooled = CLEAR.density(grid, radius=r, down_factor=4)  # + 16 pooled keys per image query
     assert pooled == pytest.approx((clear.local_pairs(grid, r) + 256 * 16) / 256**2)
     assert CLEAR.density(attention.Layout((16, 16)), radius=r) == CLEAR.density(grid, radius=r)
-    with pytest.raises(ValueError, match="plain image grid"):
-        CLEAR.density(attention.Layout((16, 16), text=4), radius=r)
+    text = CLEAR.density(attention.Layout((16, 16), text=4), radius=r)  # 4 rows + 4 columns
+    assert text == pytest.approx((clear.local_pairs(grid, r) + 4 * 260 + 256 * 4) / 260**2)
 
 
 def test_effective_options_and_rounding_warning():
