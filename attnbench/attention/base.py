@@ -3,9 +3,14 @@
 One method = one :class:`AttentionBackend` subclass, registered once (see
 ``registry.py``). The contract (DESIGN.md, "The attention interface"):
 
-* ``attend(q, k, v, *, grid, impl="auto", **options)`` -- the stateless core,
-  ``[B, H, N, d]`` in and out, ``grid = (Hgrid, Wgrid)`` the row-major layout of
-  the image tokens. The pure-PyTorch ``reference`` runs anywhere in any dtype
+* ``attend(q, k, v, *, layout, impl="auto", **options)`` -- the stateless core,
+  ``[B, H, N, d]`` in and out; the :class:`~attnbench.attention.layout.Layout` says
+  where the tokens sit (an image or video grid, text tokens before or after it),
+  ``grid=(Hgrid, Wgrid)`` is the plain image case. Text after the grid is moved
+  to the front and back in one place (:meth:`AttentionBackend.run`), so methods
+  define "text prefix + grid" only; which kinds of layout a method defines is
+  data (``layout_kinds``), and so is which ones a fast path computes
+  (``layouts``). The pure-PyTorch ``reference`` runs anywhere in any dtype
   (float64 included); fast paths (:class:`FastPath`) are picked by capability
   and every one of them is tested against that reference.
 * ``mixer(dim, num_heads, **options)`` -- the ``nn.Module`` that replaces a DiT
@@ -23,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,8 +173,9 @@ def _dtype_names(dtypes: DTypes) -> str:
 class FastPath:
     """An implementation of a method's ``attend`` other than its reference, and what it needs.
 
-    ``fn(q, k, v, grid=grid, **options)`` must match the reference to the
-    precision of its dtype. Where it can run is data: ``devices`` (device types,
+    ``fn(q, k, v, grid=(H, W), **options)`` (plain grids) or ``fn(q, k, v,
+    layout=layout, **options)`` (text first, or video) must match the reference to
+    the precision of its dtype. Where it can run is data: ``devices`` (device types,
     ``None`` = any), ``dtypes`` (a tuple, or a ``{device type: tuple}`` mapping;
     missing or ``None`` = any floating dtype), head-dim limits, ``requires``
     (importable module names, any one suffices; ``install`` says how to get
@@ -180,7 +185,8 @@ class FastPath:
     adds what data cannot say (no C++ compiler, Triton's interpreter, a package
     that is installed but does not load). ``workspace`` is the path's memory
     model: bytes it keeps alive beside q, k, v and the output, called as
-    ``workspace(batch, heads, tokens, head_dim, grid, element_size=..., **options)``.
+    ``workspace(batch, heads, tokens, head_dim, layout, element_size=..., **options)``
+    with the text-first :class:`Layout`.
     """
 
     name: str
@@ -200,6 +206,10 @@ class FastPath:
     doc: str = ""
     #: what the path's kernels are called in messages ("FlashAttention kernels")
     label: str = ""
+    #: the layout kinds (:data:`attnbench.attention.layout.KINDS`) the path computes
+    #: correctly; ``None`` = every kind its method accepts. A layout outside them is a
+    #: reason in :meth:`not_supported_reasons`, so ``attend`` never runs it silently wrong
+    layouts: tuple[str, ...] | None = None
 
     def accepted_dtypes(self, device_type: str) -> DTypes:
         """The dtypes this path takes on a device type."""
@@ -213,10 +223,15 @@ class FastPath:
         device: torch.device | str,
         dtype: torch.dtype,
         shape: tuple[int, ...] | None = None,
+        layout: Layout | None = None,
     ) -> list[str]:
-        """Every reason this path cannot run on ``device``/``dtype``/``shape`` (``[]``: it can)."""
+        """Every reason this path cannot run on ``device``/``dtype``/``shape``/``layout``
+        (``[]``: it can)."""
         device = torch.device(device)
         reasons: list[str] = []
+        if layout is not None and self.layouts is not None and layout.kind not in self.layouts:
+            reasons.append(f"takes {', '.join(self.layouts)} layouts, not {layout.kind} "
+                           f"({layout.describe()})")
         if self.devices is not None and device.type not in self.devices:
             where = "/".join(_DEVICE_NAMES.get(d, d) for d in self.devices)
             subject = f"{self.label} are" if self.label else "this path runs"
@@ -251,9 +266,10 @@ class FastPath:
         device: torch.device | str,
         dtype: torch.dtype,
         shape: tuple[int, ...] | None = None,
+        layout: Layout | None = None,
     ) -> str | None:
         """``None`` when this path can run here, else its reasons in one sentence."""
-        reasons = self.not_supported_reasons(device, dtype, shape)
+        reasons = self.not_supported_reasons(device, dtype, shape, layout)
         return "; ".join(reasons) if reasons else None
 
     def supports_grad(self, device: torch.device | str) -> bool:
@@ -279,6 +295,7 @@ class FastPath:
             "head_dim_multiple": self.head_dim_multiple,
             "autograd": list(self.grad_devices) if self.grad_devices is not None else "yes",
             "requires": list(self.requires),
+            "layouts": list(self.layouts) if self.layouts is not None else "all of the method's",
             "doc": self.doc,
         }
 
@@ -382,18 +399,6 @@ def square_grid(tokens: int) -> Grid:
 # --------------------------------------------------------------------------- backend
 
 
-def plain_grid(geometry: Grid | Layout | None, method: str) -> Grid:
-    """The image grid of a plain layout (no text tokens, not video); ValueError otherwise."""
-    layout = Layout.coerce(geometry if isinstance(geometry, Layout) else None,
-                           None if isinstance(geometry, Layout) else geometry)
-    if not layout.is_plain:
-        raise ValueError(
-            f"{method} takes a plain image grid here; layout {layout.describe()} "
-            "(text tokens or a video grid) is not supported by this method"
-        )
-    return tuple(layout.grid)  # type: ignore[return-value]
-
-
 class AttentionBackend:
     """Base class of every attention method (see the module docstring).
 
@@ -461,9 +466,44 @@ class AttentionBackend:
     def check_options(self, options: dict[str, Any]) -> None:
         """Cross-option checks; raise ValueError. Single options check themselves."""
 
-    def grid_extra_tokens(self, options: dict[str, Any]) -> int:
-        """How many tokens before the grid are not image tokens (0 for most methods)."""
-        return 0
+    #: the layout kinds (:data:`attnbench.attention.layout.KINDS`) the method defines;
+    #: the default, plain image grids, suits a method that reads ``grid=(H, W)`` only
+    layout_kinds: tuple[str, ...] = ("image",)
+
+    def fold_layout(
+        self, layout: Layout, options: dict[str, Any]
+    ) -> tuple[Layout, dict[str, Any]]:
+        """``(layout, options)`` after options that also describe geometry (CLEAR's
+        deprecated ``global_tokens``) are folded into the layout and reset in the options;
+        both unchanged for most methods."""
+        return layout, options
+
+    def check_layout(self, layout: Layout, options: dict[str, Any]) -> None:
+        """Raise ValueError, before any work, for a layout the method does not define
+        (or not with these options)."""
+        if layout.kind not in self.layout_kinds:
+            raise ValueError(
+                f"{self.name} takes {', '.join(self.layout_kinds)} layouts; layout "
+                f"{layout.describe()} ({layout.kind}) is not supported by this method"
+            )
+
+    def geometry(
+        self, layout: Layout | None, grid: Any, options: dict[str, Any], tokens: int | None = None,
+        *, square: bool = False,
+    ) -> tuple[Layout, dict[str, Any]]:
+        """The checked, folded ``(layout, options)`` of a call or a cost model (``tokens``:
+        the input's; with ``square``, a shape-only caller without a geometry gets the
+        square image grid of ``tokens``)."""
+        if layout is None and grid is None and square and tokens is not None:
+            extra = self.fold_layout(Layout((1, 1)), options)[0].text
+            layout = Layout(square_grid(tokens - extra))
+        if isinstance(grid, Layout):
+            layout, grid = grid, None
+        layout, options = self.fold_layout(Layout.coerce(layout, grid), options)
+        if tokens is not None:
+            layout.check(tokens)
+        self.check_layout(layout, options)
+        return layout, options
 
     # ----- the computation ----------------------------------------------------------
     fast_paths: tuple[FastPath, ...] = ()
@@ -489,13 +529,14 @@ class AttentionBackend:
                          + closest(name, self.paths()))
 
     def path_reasons(
-        self, device: torch.device | str, dtype: torch.dtype, shape: tuple[int, ...] | None = None
+        self, device: torch.device | str, dtype: torch.dtype, shape: tuple[int, ...] | None = None,
+        layout: Layout | None = None,
     ) -> dict[str, str | None]:
         """``{path: None or why not}`` for every implementation of this method."""
         device = torch.device(device)
         reasons: dict[str, str | None] = {} if self.kernel_only() else {"reference": None}
         for p in self.fast_paths:
-            reasons[p.name] = p.available(device, dtype, shape)
+            reasons[p.name] = p.available(device, dtype, shape, layout)
         return reasons
 
     def selection(
@@ -506,6 +547,7 @@ class AttentionBackend:
         *,
         needs_grad: bool = False,
         impl: str = "auto",
+        layout: Layout | None = None,
     ) -> Selection:
         """The implementation ``attend`` runs here and why each path ahead of it did not.
 
@@ -517,13 +559,13 @@ class AttentionBackend:
         device = torch.device(device)
         if impl != "auto":
             if impl != "reference" or self.kernel_only():
-                reasons = self.fast_path(impl).not_supported_reasons(device, dtype, shape)
+                reasons = self.fast_path(impl).not_supported_reasons(device, dtype, shape, layout)
                 if reasons:
                     raise ValueError(f"{self.name}[{impl}] cannot run here: {'; '.join(reasons)}")
             return Selection(impl)
         passed: dict[str, list[str]] = {}
         for p in self.fast_paths:
-            reasons = p.not_supported_reasons(device, dtype, shape)
+            reasons = p.not_supported_reasons(device, dtype, shape, layout)
             if not reasons and needs_grad and not p.supports_grad(device):
                 reasons = [f"no autograd on {device.type} (gradients are needed)"]
             if not reasons:
@@ -541,12 +583,15 @@ class AttentionBackend:
         *,
         impl: str = "auto",
         needs_grad: bool = False,
+        layout: Layout | None = None,
     ) -> str:
         """The implementation ``attend`` will run (``selection(...).path``)."""
-        return self.selection(device, dtype, shape, needs_grad=needs_grad, impl=impl).path
+        return self.selection(device, dtype, shape, needs_grad=needs_grad, impl=impl,
+                              layout=layout).path
 
     def overhead_steps(
-        self, q, k, v, *, grid: Grid, impl: str, **options: Any
+        self, q, k, v, *, grid: Grid | None = None, layout: Layout | None = None, impl: str,
+        **options: Any
     ) -> dict[str, Callable[[], Any]]:
         """Work an ``attend`` call does besides the attention proper, as callables.
 
@@ -573,21 +618,38 @@ class AttentionBackend:
         )
 
     def prepare(
-        self, q, k, v, *, grid: Grid, impl: str, options: dict[str, Any],
-        needs_grad: bool | None = None,
-    ) -> tuple[str, Grid, dict[str, Any]]:
-        """Checks shared by every entry point: ``(implementation, grid, resolved options)``."""
+        self, q, k, v, *, grid: Grid | None = None, impl: str, options: dict[str, Any],
+        needs_grad: bool | None = None, layout: Layout | None = None,
+    ) -> tuple[str, Layout, dict[str, Any]]:
+        """Checks shared by every entry point, before any work:
+        ``(implementation, layout, resolved options)``."""
         check_qkv(q, k, v, self.name)
-        opts = self.resolve(options)
-        grid = check_grid(grid, k.shape[2], extra=self.grid_extra_tokens(opts))
+        layout, opts = self.geometry(layout, grid, self.resolve(options), tokens=k.shape[2])
+        if q.shape[2] != k.shape[2]:
+            raise ValueError(f"{self.name}: q has {q.shape[2]} tokens but k has {k.shape[2]}; "
+                             "a layout describes one token sequence")
         grad = self.needs_grad(q, k, v) if needs_grad is None else needs_grad
-        chosen = self.select(q.device, q.dtype, tuple(q.shape), impl=impl, needs_grad=grad)
-        return chosen, grid, opts
+        chosen = self.select(q.device, q.dtype, tuple(q.shape), impl=impl, needs_grad=grad,
+                             layout=layout)
+        return chosen, layout, opts
 
-    #: True for methods that ignore the token geometry (softmax) and so accept any
-    #: :class:`Layout` (text tokens, video grids); they receive ``layout=`` for those and
-    #: ``grid=`` for plain image grids
-    any_layout: bool = False
+    def run(self, impl: str, q, k, v, layout: Layout, *, fn: Callable[..., Any] | None = None,
+            **kwargs: Any):
+        """Run implementation ``impl`` (or ``fn``, a function of it such as SLA's parts) on
+        ``layout``: the one place text after the grid is handled. The text tokens move to
+        the front (one ``torch.cat`` of q, k, v), the implementation computes on the
+        text-first layout and its output (a tensor or a tuple of them) moves back. Plain
+        grids go as ``grid=(H, W)``, others as ``layout=``.
+        """
+        first = layout.text_first_form
+        q, k, v = (layout.to_text_first(t) for t in (q, k, v))
+        geometry = {"grid": first.grid} if first.is_plain else {"layout": first}
+        if fn is None:
+            fn = self.reference if impl == "reference" else self.fast_path(impl).fn
+        out = fn(q, k, v, **geometry, **kwargs)
+        if isinstance(out, tuple):
+            return tuple(layout.from_text_first(o) for o in out)
+        return layout.from_text_first(out)
 
     def attend(
         self,
@@ -608,21 +670,9 @@ class AttentionBackend:
         they require grad), else the reference; ``impl="reference"`` or a fast
         path's name forces one.
         """
-        check_qkv(q, k, v, self.name)
-        layout = Layout.coerce(layout, grid)
-        if self.any_layout and not layout.is_plain:
-            layout.check(k.shape[2])
-            opts = self.resolve(options)
-            chosen = self.select(q.device, q.dtype, tuple(q.shape), impl=impl,
-                                 needs_grad=self.needs_grad(q, k, v))
-            geometry = {"layout": layout}
-        else:
-            chosen, grid, opts = self.prepare(q, k, v, grid=plain_grid(layout, self.name),
-                                              impl=impl, options=options)
-            geometry = {"grid": grid}
-        if chosen == "reference":
-            return self.reference(q, k, v, **geometry, **opts)
-        return self.fast_path(chosen).fn(q, k, v, **geometry, **opts)
+        chosen, layout, opts = self.prepare(q, k, v, grid=grid, layout=layout, impl=impl,
+                                            options=options)
+        return self.run(chosen, q, k, v, layout, **opts)
 
     def available(
         self,
@@ -675,11 +725,9 @@ class AttentionBackend:
         return cls(self, num_heads, head_dim, impl=impl, **opts)
 
     # ----- cost models --------------------------------------------------------------
-    def _cost_args(self, tokens: int, grid: Grid | None, options: dict[str, Any]):
-        opts = self.resolve(options)
-        extra = self.grid_extra_tokens(opts)
-        grid = square_grid(tokens - extra) if grid is None else grid
-        return check_grid(grid, tokens, extra=extra), opts
+    def _cost_args(self, tokens: int, grid: Grid | Layout | None, layout: Layout | None,
+                   options: dict[str, Any]) -> tuple[Layout, dict[str, Any]]:
+        return self.geometry(layout, grid, self.resolve(options), tokens=tokens, square=True)
 
     def flops(
         self,
@@ -687,12 +735,18 @@ class AttentionBackend:
         heads: int,
         tokens: int,
         head_dim: int,
-        grid: Grid | None = None,
+        grid: Grid | Layout | None = None,
+        *,
+        layout: Layout | None = None,
         **options: Any,
     ) -> Flops:
-        """Analytic forward FLOPs of ``attend`` on these shapes (module docstring)."""
-        grid, opts = self._cost_args(tokens, grid, options)
-        return self.flop_model(batch, heads, tokens, head_dim, grid, **opts)
+        """Analytic forward FLOPs of ``attend`` on these shapes (module docstring).
+
+        ``grid`` (or ``layout``) as for ``attend``; a :class:`Layout` counts text tokens
+        and video frames; neither: the square image grid of ``tokens``.
+        """
+        layout, opts = self._cost_args(tokens, grid, layout, options)
+        return self.flop_model(batch, heads, tokens, head_dim, layout.text_first_form, **opts)
 
     def memory(
         self,
@@ -700,90 +754,97 @@ class AttentionBackend:
         heads: int,
         tokens: int,
         head_dim: int,
-        grid: Grid | None = None,
+        grid: Grid | Layout | None = None,
         *,
+        layout: Layout | None = None,
         element_size: int = 2,
         impl: str = "fast",
         **options: Any,
     ) -> Memory:
         """Analytic bytes of one forward call of ``impl``: a path's name, ``"reference"``,
-        or ``"fast"`` (the first fast path: what runs where every kernel is available)."""
+        or ``"fast"`` (the first fast path: what runs where every kernel is available).
+        ``grid``/``layout`` as for :meth:`flops`; a text-last layout adds the text-first
+        copies of q, k, v and the output that ``attend`` makes."""
         if impl == "fast":
             impl = self.fast_paths[0].name if self.fast_paths else "reference"
         elif impl not in ("reference", *self.paths()):
             raise ValueError(f"{self.name}: unknown implementation {impl!r}; valid: fast, "
                              f"{', '.join(dict.fromkeys(['reference', *self.paths()]))}")
-        grid, opts = self._cost_args(tokens, grid, options)
+        layout, opts = self._cost_args(tokens, grid, layout, options)
         io = 4.0 * batch * heads * tokens * head_dim * element_size
         workspace = self.workspace_model(
-            batch, heads, tokens, head_dim, grid, element_size=element_size, impl=impl, **opts
+            batch, heads, tokens, head_dim, layout.text_first_form, element_size=element_size,
+            impl=impl, **opts
         )
+        if layout.text and not layout.text_first:
+            workspace += io  # the text-first copies of q, k, v and the output
         return Memory(io=io, workspace=float(workspace), dense=io)
 
     def workspace_model(
-        self, batch, heads, tokens, head_dim, grid: Grid, *, element_size: int, impl: str, **opts
+        self, batch, heads, tokens, head_dim, layout: Layout, *, element_size: int, impl: str,
+        **opts
     ) -> float:
         """Bytes kept alive beside q, k, v and the output by ``impl``: the reference's
-        model (``reference_workspace``) or the one the fast path carries."""
+        model (``reference_workspace``) or the one the fast path carries (both called with
+        the text-first layout in the grid's place)."""
         if impl == "reference":
-            return self.reference_workspace(batch, heads, tokens, head_dim, grid,
+            return self.reference_workspace(batch, heads, tokens, head_dim, layout,
                                             element_size=element_size, **opts)
-        return self.fast_path(impl).workspace_bytes(batch, heads, tokens, head_dim, grid,
+        return self.fast_path(impl).workspace_bytes(batch, heads, tokens, head_dim, layout,
                                                     element_size=element_size, **opts)
 
     def reference_workspace(
-        self, batch, heads, tokens, head_dim, grid: Grid, *, element_size: int, **opts
+        self, batch, heads, tokens, head_dim, layout: Layout, *, element_size: int, **opts
     ) -> float:
         """Bytes the reference keeps alive beside q, k, v and the output."""
         return 0.0
 
     def mixer_flops(
-        self, batch: int, heads: int, tokens: int, head_dim: int, **options: Any
+        self, batch: int, heads: int, tokens: int, head_dim: int, *,
+        layout: Layout | None = None, **options: Any
     ) -> float:
         """FLOPs of the core's own learned parts, beyond ``attend`` and the projections.
 
         LiT's depth-wise conv, SLA's ``proj_l``: part of a block's cost, not of
-        the attention kernel's. ``options`` are the mixer's (mixer-only ones included).
+        the attention kernel's. ``options`` are the mixer's (mixer-only ones included);
+        ``layout`` (default: every token an image token) says which tokens they act on.
         """
         return 0.0
 
-    def flop_model(self, batch, heads, tokens, head_dim, grid: Grid, **options) -> Flops:
+    def flop_model(self, batch, heads, tokens, head_dim, layout: Layout, **options) -> Flops:
         raise NotImplementedError  # pragma: no cover - every method defines it
 
     # ----- honest labels ------------------------------------------------------------
     def _label_args(self, geometry: Grid | Layout, options: dict[str, Any]):
         opts = self.resolve(self.attend_options(options))
         if isinstance(geometry, Layout):
-            if not geometry.is_plain and not self.any_layout:
-                plain_grid(geometry, self.name)  # raises: this method takes plain grids
-            grid = tuple(geometry.grid) if geometry.is_plain else None
-            tokens = geometry.tokens
+            layout, opts = self.geometry(geometry, None, opts)
         else:
-            grid = tuple(int(s) for s in geometry)
-            tokens = math.prod(grid) + self.grid_extra_tokens(opts)
-        return grid, tokens, opts
+            layout, opts = self.geometry(None, tuple(int(s) for s in geometry), opts)
+        return layout.text_first_form, opts
 
     def density(self, geometry: Grid | Layout, **options: Any) -> float:
         """Fraction of the N×N query–key pairs this method computes exactly, in [0, 1].
 
         Softmax-exact methods 1; a local or sparse method the pairs it attends
         with exact softmax over N²; a linear method 0 (it computes no exact pair).
-        ``options`` as for ``attend`` (mixer-only ones are ignored).
+        ``geometry`` is ``(H, W)`` or a :class:`Layout` (N counts its text tokens and
+        every frame); ``options`` as for ``attend`` (mixer-only ones are ignored).
         """
-        grid, tokens, opts = self._label_args(geometry, options)
-        return float(self.density_model(grid, tokens, **opts))
+        layout, opts = self._label_args(geometry, options)
+        return float(self.density_model(layout, **opts))
 
-    def density_model(self, grid: Grid | None, tokens: int, **options: Any) -> float:
+    def density_model(self, layout: Layout, **options: Any) -> float:
         return 1.0
 
     def effective_options(self, geometry: Grid | Layout, **options: Any) -> dict[str, Any]:
         """The options as they act at this geometry: resolved, plus what rounding made of
-        them (SLA's kept blocks, CLEAR's integer distance limit and pooled tokens)."""
-        grid, tokens, opts = self._label_args(geometry, options)
-        return {**opts, **self.rounded_options(grid, tokens, **opts)}
+        them (SLA's kept blocks, CLEAR's integer distance limits and pooled tokens)."""
+        layout, opts = self._label_args(geometry, options)
+        return {**opts, **self.rounded_options(layout, **opts)}
 
-    def rounded_options(self, grid: Grid | None, tokens: int, **options: Any) -> dict[str, Any]:
-        """What the method's rounding makes of ``options`` at this geometry (``{}``: none)."""
+    def rounded_options(self, layout: Layout, **options: Any) -> dict[str, Any]:
+        """What the method's rounding makes of ``options`` at this layout (``{}``: none)."""
         return {}
 
     #: relative distance between a requested and an effective value that is worth a warning
@@ -792,8 +853,8 @@ class AttentionBackend:
     def rounding_warning(self, geometry: Grid | Layout, **options: Any) -> str | None:
         """A sentence when rounding moves an option more than 20% (relative) from the
         request, e.g. ``"sla:topk=0.05 keeps 1 of 4 blocks (25%)"``; else ``None``."""
-        grid, tokens, opts = self._label_args(geometry, options)
-        for requested, effective, sentence in self.rounding_checks(grid, tokens, **opts):
+        layout, opts = self._label_args(geometry, options)
+        for requested, effective, sentence in self.rounding_checks(layout, **opts):
             if requested == effective:
                 continue
             if requested == 0 or abs(effective - requested) > self.ROUNDING_TOLERANCE * abs(
@@ -802,9 +863,7 @@ class AttentionBackend:
                 return sentence
         return None
 
-    def rounding_checks(
-        self, grid: Grid | None, tokens: int, **options: Any
-    ) -> list[tuple[float, float, str]]:
+    def rounding_checks(self, layout: Layout, **options: Any) -> list[tuple[float, float, str]]:
         """``(requested, effective, sentence)`` for each option that rounds (``[]``: none)."""
         return []
 
@@ -827,6 +886,7 @@ class AttentionBackend:
                 for o in self.options
             ],
             "implementations": self.paths(),
+            "layouts": list(self.layout_kinds),
             "capabilities": {p.name: p.capabilities() for p in self.fast_paths},
             "conversion_recipe": self.conversion_recipe.to_dict()
             if self.conversion_recipe else None,
@@ -866,9 +926,6 @@ class AttentionCore(nn.Module):
         return self.backend.attend(q, k, v, layout=layout, grid=grid, impl=self.impl,
                                    **self.attend_options)
 
-    def plain_grid(self, layout: Layout | None, grid: Grid | None) -> Grid:
-        """The image grid of a plain layout; ValueError for text tokens or video (for now)."""
-        return plain_grid(Layout.coerce(layout, grid), self.backend.name)
 
     def reset_new_parameters(self) -> None:
         """Initialise the method's learned parts as its paper prescribes."""

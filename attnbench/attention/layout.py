@@ -11,6 +11,12 @@ means exactly that.
 Methods that use the geometry (CLEAR's window, LiT's depth-wise conv, SLA's
 blocks) say what they do with text tokens and with video; methods that do not
 (softmax) accept every layout.
+
+Text after the grid (SD3) is handled once, by ``AttentionBackend.attend``: it
+moves the text tokens to the front (:meth:`Layout.to_text_first`, one
+``torch.cat``), runs the method on the text-first layout and moves them back
+(:meth:`Layout.from_text_first`). A method's reference and fast paths
+therefore only ever see "text prefix + grid" (:func:`text_first_geometry`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+#: every kind of layout (:attr:`Layout.kind`), for capability data
+KINDS = ("image", "image+text", "video", "video+text")
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,21 @@ class Layout:
         return not self.is_video and self.text == 0
 
     @property
+    def frame_tokens(self) -> int:
+        """Tokens of one frame: ``H·W``."""
+        return self.grid[-2] * self.grid[-1]
+
+    @property
+    def kind(self) -> str:
+        """``image``, ``image+text``, ``video`` or ``video+text`` (see :data:`KINDS`)."""
+        return ("video" if self.is_video else "image") + ("+text" if self.text else "")
+
+    @property
+    def text_first_form(self) -> Layout:
+        """The same tokens with the text before the grid: what methods compute on."""
+        return self if self.text_first or not self.text else Layout(self.grid, self.text, True)
+
+    @property
     def image_slice(self) -> slice:
         start = self.text if self.text_first else 0
         return slice(start, start + self.image_tokens)
@@ -109,6 +133,20 @@ class Layout:
         """The inverse of :meth:`split`: text and image tokens in this layout's order."""
         parts = (text, image) if self.text_first else (image, text)
         return torch.cat(parts, dim=dim)
+
+    def to_text_first(self, x: torch.Tensor, dim: int = -2) -> torch.Tensor:
+        """``x`` in :attr:`text_first_form` order (``x`` itself when it already is)."""
+        if self.text_first or not self.text:
+            return x
+        text, image = self.split(x, dim)
+        return torch.cat((text, image), dim=dim)
+
+    def from_text_first(self, x: torch.Tensor, dim: int = -2) -> torch.Tensor:
+        """The inverse of :meth:`to_text_first`: ``x`` back in this layout's order."""
+        if self.text_first or not self.text:
+            return x
+        return self.join(x.narrow(dim, 0, self.text),
+                         x.narrow(dim, self.text, self.image_tokens), dim)
 
     def describe(self) -> str:
         """A short label: ``16x16``, ``4x16x16``, ``512 text + 64x64``, ``64x64 + 333 text``."""
@@ -141,3 +179,19 @@ class Layout:
             raise ValueError(f"grid must be a pair (Hgrid, Wgrid), got {grid!r} "
                              "(a video grid goes in layout=Layout((T, H, W)))")
         return cls(sides)
+
+
+def text_first_geometry(layout: Layout | None = None, grid: Any = None) -> Layout:
+    """The layout a method's reference or fast path was called with, text first.
+
+    Paths receive ``grid=(H, W)`` for plain image grids and ``layout=`` otherwise,
+    always with any text tokens in front (``attend`` moves them); a text-last
+    layout here means the path was called around ``attend``: ValueError.
+    """
+    layout = Layout.coerce(layout, grid)
+    if layout.text and not layout.text_first:
+        raise ValueError(
+            f"layout {layout.describe()}: a method's paths take text tokens first; call "
+            "backend.attend(...), which moves them to the front and back"
+        )
+    return layout

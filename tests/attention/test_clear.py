@@ -361,8 +361,11 @@ def test_invalid_options_are_value_errors(gen):
         CLEAR.attend(q, k, v, grid=(4, 4), down_factor=-2)
     with pytest.raises(ValueError, match="takes an integer"):
         CLEAR.attend(q, k, v, grid=(4, 4), global_tokens=1.5)
-    with pytest.raises(ValueError, match=r"grid 3x4 \+ 2 global tokens = 14 tokens.* has 16"):
+    with pytest.raises(ValueError, match=r"grid 2 text \+ 3x4 = 14 tokens.* has 16"), \
+            pytest.warns(DeprecationWarning):
         CLEAR.attend(q, k, v, grid=(3, 4), global_tokens=2)
+    with pytest.raises(ValueError, match=r"option 'radius_t'=-1: must be >= 0"):
+        CLEAR.attend(q, k, v, grid=(4, 4), radius_t=-1)
     with pytest.raises(ValueError, match="grid 4x4 = 16 tokens, but the input has 20"):
         CLEAR.reference(*qkv(gen, 1, 1, 20, 8), grid=(4, 4))
     with pytest.raises(ValueError, match=r"pool_weight must be \[2, 2\]"):
@@ -456,8 +459,8 @@ def test_density_is_the_windows_pairs_over_n_squared():
     pooled = CLEAR.density(grid, radius=r, down_factor=4)  # + 16 pooled keys per image query
     assert pooled == pytest.approx((clear.local_pairs(grid, r) + 256 * 16) / 256**2)
     assert CLEAR.density(attention.Layout((16, 16)), radius=r) == CLEAR.density(grid, radius=r)
-    with pytest.raises(ValueError, match="plain image grid"):
-        CLEAR.density(attention.Layout((16, 16), text=4), radius=r)
+    text = CLEAR.density(attention.Layout((16, 16), text=4), radius=r)  # 4 rows + 4 columns
+    assert text == pytest.approx((clear.local_pairs(grid, r) + 4 * 260 + 256 * 4) / 260**2)
 
 
 def test_effective_options_and_rounding_warning():
@@ -466,3 +469,121 @@ def test_effective_options_and_rounding_warning():
     assert "adds no pooled keys" in CLEAR.rounding_warning((4, 4), radius=2.5, down_factor=8)
     assert "covers the whole 4×4 grid" in CLEAR.rounding_warning((4, 4), radius=40.0)
     assert CLEAR.rounding_warning((32, 32), radius=8.0) is None
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def naive_layout_mask(layout, radius, radius_t=None) -> torch.Tensor:
+    """``[N, N]`` bool straight from a layout, in its own token order (text first or last):
+    text↔all, image→text and the cylinder ``dy² + dx² < r²``, ``|dt| ≤ radius_t``."""
+    text = set(range(layout.tokens)[layout.text_slice])
+    image = list(range(layout.tokens)[layout.image_slice])
+    hg, wg = layout.frame_grid
+    where = {i: divmod(p, hg * wg) for p, i in enumerate(image)}  # i -> (t, y·wg + x)
+    n = layout.tokens
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        for j in range(n):
+            if i in text or j in text:
+                mask[i, j] = True
+                continue
+            (qt, qr), (kt, kr) = where[i], where[j]
+            (qy, qx), (ky, kx) = divmod(qr, wg), divmod(kr, wg)
+            near = (qy - ky) ** 2 + (qx - kx) ** 2 < radius**2
+            mask[i, j] = near and (radius_t is None or abs(qt - kt) <= radius_t)
+    return mask
+
+
+def masked_softmax(q, k, v, mask):
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v
+
+
+LAYOUTS = [
+    attention.Layout((5, 7), text=4),  # FLUX: text first
+    attention.Layout((5, 7), text=4, text_first=False),  # SD3: text last
+    attention.Layout((3, 4, 5)),  # video
+    attention.Layout((3, 4, 5), text=3, text_first=False),  # video + text last
+    attention.Layout((4, 3, 6), text=2),  # video + text first
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: lay.describe().replace(" ", ""))
+@pytest.mark.parametrize("radius_t", [None, 0, 1])
+def test_every_path_is_the_definition_on_every_layout(layout, radius_t, gen):
+    q, k, v = qkv(gen, 2, 2, layout.tokens, 8)
+    expected = masked_softmax(q, k, v, naive_layout_mask(layout, 2.3, radius_t))
+    for impl in ("reference", "masked_sdpa"):
+        out = CLEAR.attend(q, k, v, layout=layout, radius=2.3, radius_t=radius_t, impl=impl)
+        torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: lay.describe().replace(" ", ""))
+def test_pair_counts_are_the_layout_mask_sums(layout):
+    for radius_t in (None, 0, 1):
+        mask = naive_layout_mask(layout, 2.3, radius_t)
+        density = CLEAR.density(layout, radius=2.3, radius_t=radius_t)
+        assert density == pytest.approx(int(mask.sum()) / layout.tokens**2, rel=1e-12)
+        flops = CLEAR.flops(2, 3, layout.tokens, 8, layout, radius=2.3, radius_t=radius_t)
+        assert flops.actual == 4 * 2 * 3 * 8 * int(mask.sum())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: lay.describe().replace(" ", ""))
+def test_a_window_covering_every_layout_is_softmax(layout, gen):
+    q, k, v = qkv(gen, 1, 2, layout.tokens, 8)
+    expected = SOFTMAX.attend(q, k, v, layout=layout, impl="reference")
+    for impl in ("reference", "masked_sdpa"):
+        out = CLEAR.attend(q, k, v, layout=layout, radius=10.0, impl=impl)
+        torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    assert CLEAR.effective_options(layout, radius=10.0)["covers_grid"]
+    assert CLEAR.density(layout, radius=10.0) == 1.0
+
+
+def test_radius_t_zero_is_clear_frame_by_frame(gen):
+    """With |dt| ≤ 0 each frame is an image of its own: CLEAR on each frame's grid."""
+    layout = attention.Layout((3, 4, 5))
+    q, k, v = qkv(gen, 1, 2, 60, 8)
+    out = CLEAR.attend(q, k, v, layout=layout, radius=2.0, radius_t=0)
+    for t in range(3):
+        part = slice(20 * t, 20 * (t + 1))
+        frame = CLEAR.attend(q[:, :, part], k[:, :, part], v[:, :, part], grid=(4, 5), radius=2.0)
+        torch.testing.assert_close(out[:, :, part], frame, atol=1e-12, rtol=1e-12)
+
+
+def test_global_tokens_is_the_text_prefix_of_a_layout(gen):
+    q, k, v = qkv(gen, 1, 2, 3 + 30, 8)
+    with pytest.warns(DeprecationWarning, match="global_tokens is deprecated"):
+        old = CLEAR.attend(q, k, v, grid=(5, 6), radius=2.0, global_tokens=3)
+    new = CLEAR.attend(q, k, v, layout=attention.Layout((5, 6), text=3), radius=2.0)
+    torch.testing.assert_close(old, new, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="global_tokens=3 and a layout with 3 text tokens"):
+        CLEAR.attend(q, k, v, layout=attention.Layout((5, 6), text=3), global_tokens=3)
+
+
+def test_pooled_keys_on_video_are_refused_before_work(gen):
+    q, k, v = qkv(gen, 1, 1, 2 * 8 * 8, 8)
+    with pytest.raises(ValueError, match="down_factor=4 .pooled keys. is defined on image grids"):
+        CLEAR.attend(q, k, v, layout=attention.Layout((2, 8, 8)), down_factor=4)
+    with pytest.raises(ValueError, match="defined on image grids"):
+        CLEAR.density(attention.Layout((2, 8, 8)), down_factor=4)
+
+
+def test_video_rounding_says_what_radius_t_means():
+    layout = attention.Layout((3, 4, 5))
+    assert CLEAR.effective_options(layout, radius=2.0, radius_t=7)["max_frame_distance"] == 2
+    assert "reaches every one of the 3 frames" in CLEAR.rounding_warning(
+        layout, radius=2.0, radius_t=7)
+
+
+@pytest.mark.skipif(FLEX_REASON is not None, reason=f"flex cannot run here: {FLEX_REASON}")
+@pytest.mark.parametrize("layout", [attention.Layout((5, 44), text=20, text_first=False),
+                                    attention.Layout((2, 4, 30), text=20)],
+                         ids=["text-last-tiled", "video-text-first"])
+def test_flex_on_layouts_matches_the_reference(layout, gen):
+    """One shape (N = 240): one compile; the 44-wide grid runs in tile order."""
+    q, k, v = qkv(gen, 1, 2, layout.tokens, 16)
+    opts = {"radius": 3.2, "radius_t": 1}
+    expected = CLEAR.attend(q, k, v, layout=layout, impl="reference", **opts)
+    out = CLEAR.attend(q.float(), k.float(), v.float(), layout=layout, impl="flex", **opts)
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)

@@ -55,6 +55,61 @@ def test_matches_float64_reference(name, impl, dtype, shape, gen):
     torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
 
 
+#: one token count (N = 60) for every layout: FlexAttention compiles once per shape
+LAYOUTS = [
+    attention.Layout((6, 9), text=6),  # image + text first (FLUX)
+    attention.Layout((6, 9), text=6, text_first=False),  # image + text last (SD3)
+    attention.Layout((3, 4, 5)),  # video (Wan)
+    attention.Layout((2, 4, 6), text=12, text_first=False),  # video + text
+]
+#: options that make the geometry matter at these sizes (the defaults cover N = 60)
+LAYOUT_OPTIONS = {"clear": {"radius": 2.5, "radius_t": 1},
+                  "sla": {"topk": 0.5, "block_q": 16, "block_kv": 16}}
+
+
+def _layout_id(layout) -> str:
+    return layout.describe().replace(" ", "")
+
+
+@pytest.mark.parametrize("name, impl, dtype", list(_cpu_cases()))
+@pytest.mark.parametrize("layout", LAYOUTS, ids=_layout_id)
+def test_matches_float64_reference_on_every_layout(name, impl, dtype, layout, gen):
+    """Every path a method has, on every layout kind it defines, against its float64
+    reference (the per-method tests check the references against independent constructions)."""
+    backend = attention.get(name)
+    shape = (2, 2, layout.tokens, 16)
+    if layout.kind not in backend.layout_kinds:
+        pytest.skip(f"{name} does not define {layout.kind} layouts")
+    reason = backend.path_reasons("cpu", dtype, shape, layout)[impl]
+    if reason:
+        pytest.skip(f"{name}[{impl}] on cpu/{dtype} at {layout.describe()}: {reason}")
+    q, k, v = qkv(gen, *shape)
+    opts = LAYOUT_OPTIONS.get(name, {})
+    expected = backend.attend(q, k, v, layout=layout, impl="reference", **opts) \
+        if not backend.kernel_only() else attention.get("softmax").attend(q, k, v, layout=layout)
+    out = backend.attend(q.to(dtype), k.to(dtype), v.to(dtype), layout=layout, impl=impl, **opts)
+    assert out.shape == q.shape and out.dtype == dtype
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("name", list(attention.names()))
+def test_every_builtin_defines_every_layout_and_its_labels(name):
+    """Density, effective options, FLOPs and memory take a Layout and count its tokens."""
+    backend = attention.get(name)
+    assert set(backend.layout_kinds) == set(attention.layout.KINDS)
+    layout = attention.Layout((2, 4, 6), text=12, text_first=False)
+    opts = LAYOUT_OPTIONS.get(name, {})
+    assert 0.0 <= backend.density(layout, **opts) <= 1.0
+    assert isinstance(backend.effective_options(layout, **opts), dict)
+    flops = backend.flops(1, 2, 60, 16, layout, **opts)
+    assert flops.dense == 4 * 2 * 60 * 60 * 16
+    memory = backend.memory(1, 2, 60, 16, layout=layout, **opts)
+    assert memory.io == 4 * 2 * 60 * 16 * 2
+    with pytest.raises(ValueError, match="= 60 tokens"):
+        backend.flops(1, 2, 61, 16, layout, **opts)
+
+
 def test_reference_is_not_a_fast_path_copy(gen):
     """The softmax reference itself against a from-the-definition float64 computation."""
     q, k, v = qkv(gen, 2, 2, 30, 16)

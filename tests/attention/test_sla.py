@@ -143,7 +143,8 @@ def _sla_from_definition(q, k, v, selected, block_q, block_kv, phi, linear_over,
 def test_reference_from_its_definition(feature_map, linear_over, gen):
     q, k, v = qkv(gen, 2, 2, 45, 8)
     opts = _options(
-        topk=0.4, block_q=8, block_kv=10, feature_map=feature_map, linear_over=linear_over
+        topk=0.4, block_q=8, block_kv=10, feature_map=feature_map, linear_over=linear_over,
+        order="row-major",
     )
     selected = sla_module.block_map(q, k, 8, 10, 0.4)
     phi = sla_module.FEATURE_MAPS[feature_map]
@@ -419,6 +420,7 @@ def test_describe_and_paths():
         "feature_map": "softmax",
         "linear_over": "marginal",
         "eps": 1e-5,
+        "order": "tiles",
     }
 
 
@@ -443,3 +445,107 @@ def test_recipe_sources_say_when_they_are_attnbench_s_choice():
     sla = attention.get("sla")
     assert "attnbench's choice" in sla.distill_recipe.source
     assert sla.conversion_recipe.inherit_projections
+
+
+# --------------------------------------------------------------------------- layouts
+
+Layout = attention.Layout
+
+
+def _naive_order(layout, tile):
+    """SLA's order built by sorting explicit (patch, position-in-patch) keys; text last."""
+    pt, ph, pw = tile
+    t, (h, w) = layout.frames, layout.frame_grid
+    text = layout.text if layout.text_first else 0
+    keys = []
+    for f in range(t):
+        for y in range(h):
+            for x in range(w):
+                patch = (f // pt, y // ph, x // pw)
+                keys.append((patch, (f % pt, y % ph, x % pw), text + (f * h + y) * w + x))
+    image = [i for _, _, i in sorted(keys)]
+    return torch.tensor(image + list(range(text)))
+
+
+@pytest.mark.parametrize("layout, block, tile", [
+    (Layout((16, 16)), 64, (1, 8, 8)),
+    (Layout((9, 13), text=5), 64, (1, 8, 8)),
+    (Layout((4, 8, 8)), 64, (4, 4, 4)),
+    (Layout((2, 8, 8)), 64, (1, 8, 8)),  # fewer frames than the cube: tiles per frame
+    (Layout((5, 6, 7), text=3), 32, (2, 2, 2)),
+])
+def test_token_order_is_tiles_or_cubes_then_text(layout, block, tile):
+    from attnbench.attention.sla import order
+
+    assert order.patch_shape(layout, block) == tile
+    got = order.token_order(layout, "tiles", block, "cpu")
+    expected = _naive_order(layout, tile)
+    perm = torch.arange(layout.tokens) if got is None else got[0]
+    assert torch.equal(perm, expected)
+    if got is not None:
+        assert torch.equal(got[0][got[1]], torch.arange(layout.tokens))
+    assert order.token_order(layout, "row-major", block, "cpu") is None
+
+
+def test_a_block_of_the_order_is_an_8x8_tile_and_text_has_its_own_blocks():
+    from attnbench.attention.sla import order
+
+    layout = Layout((16, 16), text=64)  # text first in the layout, last in SLA's order
+    perm, _ = order.token_order(layout, "tiles", 64, "cpu")
+    first = perm[:64] - 64
+    assert set((first // 16).tolist()) == set(range(8)) and set((first % 16).tolist()) == set(
+        range(8))
+    assert torch.equal(perm[-64:], torch.arange(64))
+
+
+LAYOUTS = [Layout((6, 9), text=10), Layout((6, 9), text=10, text_first=False),
+           Layout((3, 4, 5)), Layout((4, 4, 4), text=6, text_first=False)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: lay.describe().replace(" ", ""))
+@pytest.mark.parametrize("order", ["tiles", "row-major"])
+def test_every_block_selected_is_softmax_on_every_layout(layout, order, gen):
+    q, k, v = qkv(gen, 2, 2, layout.tokens, 8)
+    expected = attention.get("softmax").attend(q, k, v, layout=layout, impl="reference")
+    for impl in ("reference", "gather"):
+        out = SLA.attend(q, k, v, layout=layout, topk=1.0, block_q=16, block_kv=16, order=order,
+                         impl=impl)
+        torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: lay.describe().replace(" ", ""))
+def test_tiles_are_row_major_sla_on_the_reordered_tokens(layout, gen):
+    """Built independently: move the text first, permute by the naive order, run SLA in
+    the given order, permute back, move the text back."""
+    q, k, v = qkv(gen, 1, 2, layout.tokens, 8)
+    opts = {"topk": 0.4, "block_q": 16, "block_kv": 16}
+    perm = _naive_order(layout.text_first_form, (1, 4, 4) if not layout.is_video else
+                        order_patch(layout))
+    text_first = [layout.to_text_first(t) for t in (q, k, v)]
+    qp, kp, vp = (t[:, :, perm] for t in text_first)
+    plain = SLA.attend(qp, kp, vp, grid=(layout.tokens, 1), order="row-major", impl="reference",
+                       **opts)
+    back = torch.empty_like(plain)
+    back[:, :, perm] = plain
+    expected = layout.from_text_first(back)
+    for impl in ("reference", "gather"):
+        out = SLA.attend(q, k, v, layout=layout, impl=impl, **opts)
+        torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
+    bmap = SLA.block_map(q, k, layout=layout, **opts)
+    assert torch.equal(bmap, sla_module.block_map(qp, kp, 16, 16, 0.4))
+
+
+def order_patch(layout):
+    from attnbench.attention.sla import order
+
+    return order.patch_shape(layout, 16)
+
+
+def test_sla_labels_count_text_tokens_and_say_the_blocks():
+    layout = Layout((4, 8, 8), text=64)
+    eff = SLA.effective_options(layout, topk=0.25)
+    assert eff["kv_blocks"] == 5 and eff["kept_blocks"] == 1 and eff["blocks"] == "cubes 4x4x4"
+    assert SLA.density(layout, topk=0.4) == pytest.approx(2 / 5)
+    assert SLA.flops(1, 2, 320, 8, layout).dense == 4 * 2 * 320 * 320 * 8
+    plain = SLA.memory(1, 2, 320, 8, layout, order="row-major").workspace
+    assert SLA.memory(1, 2, 320, 8, layout).workspace == plain + 5 * 2 * 320 * 8 * 2

@@ -4,11 +4,27 @@ Each image token ``(qy, qx)`` of a row-major ``Hg × Wg`` grid attends only to
 the image tokens with ``(qy−ky)² + (qx−kx)² < r²`` (strict), with exact
 softmax over that neighbourhood; cost O(N·πr²·d) instead of O(N²·d).
 
-Two additions of the official code (Huage001/CLEAR, ``attention_processor.py``,
-``distill.py``, ``distill.sh``; checked against them):
+Text tokens (the layout's ``text``; official, Huage001/CLEAR
+``attention_processor.py`` and ``distill.py``, checked against them): every text
+token attends to every text and image token, and every image token attends to
+every text token besides its circle -- FLUX's 512 T5 tokens, placed before the
+image. Text after the grid (SD3) is the same window: ``attend`` moves the text
+to the front and back (``AttentionBackend.run``). The older option
+``global_tokens`` G (a text prefix of G tokens on a plain grid) still works, is
+deprecated, and is folded into the layout; giving both is an error.
 
-* ``global_tokens`` -- a prefix of G non-grid tokens (FLUX's text tokens) that
-  attend to every text and image token and are attended by every image token.
+Video (attnbench's extension; the official code and paper are image-only): on a
+``T × Hg × Wg`` layout an image token ``(t, y, x)`` attends to ``(t', y', x')``
+when the circle holds in the frame plane *and* ``|t − t'| ≤ radius_t`` -- a
+cylinder, the spatial circle repeated over the frames within reach.
+``radius_t`` defaults to ``None``, every frame: the window is local in space,
+where the paper showed locality suffices, and global in time, where nothing
+shows it does; an integer bounds it (``0``: each frame alone, CLEAR per frame).
+Pooled keys (``down_factor`` > 1) are defined on image grids only: a video
+layout with them is refused before any work.
+
+The official code's pooling addition (``distill.py``, ``distill.sh``):
+
 * ``down_factor`` -- f > 1 appends ``(Hg//f)·(Wg//f)`` extra key/value tokens,
   each the weighted sum of one f×f patch of the image keys (and values); 1 (the
   official default) and 0 mean no pooled tokens, as ``distill.py`` does (f = 1
@@ -34,6 +50,7 @@ learned part.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -46,9 +63,8 @@ from ..base import (
     check_qkv,
     dense_flops,
     non_negative,
-    plain_grid,
 )
-from ..layout import Layout
+from ..layout import KINDS, Layout
 from ..recipes import ConversionRecipe, DistillRecipe
 from ..registry import register
 from .core import ClearCore
@@ -72,6 +88,8 @@ from .masked_sdpa import MASKED_SDPA, _cached_dense_mask, _dense_mask, dense_mas
 from .pooling import _check_weight, _window_of, extend_kv, pool_patches
 from .reference import clear_reference, reference_workspace
 from .window import (
+    _BOTH_TEXT,
+    _POOLED_VIDEO,
     DEFAULT_DOWN_FACTOR,
     DEFAULT_RADIUS,
     Window,
@@ -110,12 +128,22 @@ class Clear(AttentionBackend):
             source=SOURCE + ": --window_size 16",
         ),
         Option(
-            "global_tokens",
-            0,
-            "non-grid prefix tokens (MM-DiT text) that attend to and are seen by all",
+            "radius_t",
+            None,
+            "video: largest frame distance |dt| of the window (none = every frame; 0 = "
+            "each frame alone)",
             int,
             check=non_negative,
-            source="DiT has no text tokens (FLUX: 512)",
+            source="attnbench's choice (the official code is image-only): local in space, "
+            "every frame in time unless bounded",
+        ),
+        Option(
+            "global_tokens",
+            0,
+            "deprecated: a text prefix of G tokens; give the layout's text count instead",
+            int,
+            check=non_negative,
+            source="DiT has no text tokens (FLUX: 512, as Layout(grid, text=512))",
         ),
         Option(
             "down_factor",
@@ -129,6 +157,7 @@ class Clear(AttentionBackend):
     )
     core_class = ClearCore
     fast_paths = (FLEX, MASKED_SDPA)
+    layout_kinds = KINDS
     conversion_recipe = ConversionRecipe(
         "clear",
         "CLEAR: inherit q/k/v/out (the same projections); new parameters only with "
@@ -157,8 +186,21 @@ class Clear(AttentionBackend):
         ),
     )
 
-    def grid_extra_tokens(self, options: dict[str, Any]) -> int:
-        return int(options["global_tokens"])
+    def fold_layout(self, layout: Layout, options: dict[str, Any]):
+        """``global_tokens`` G > 0 (deprecated) is a text prefix: ``Layout(grid, text=G)``."""
+        g = int(options.get("global_tokens") or 0)
+        if not g:
+            return layout, options
+        if layout.text:
+            raise ValueError(_BOTH_TEXT.format(g=g, text=layout.text))
+        warnings.warn("clear: global_tokens is deprecated; pass layout=Layout(grid, text=G)",
+                      DeprecationWarning, stacklevel=4)
+        return Layout(layout.grid, text=g), {**options, "global_tokens": 0}
+
+    def check_layout(self, layout: Layout, options: dict[str, Any]) -> None:
+        super().check_layout(layout, options)
+        if layout.is_video and pools(options["down_factor"]):
+            raise ValueError(_POOLED_VIDEO.format(f=options["down_factor"]))
 
     def attend(
         self,
@@ -167,7 +209,7 @@ class Clear(AttentionBackend):
         v: torch.Tensor,
         *,
         grid: Grid | None = None,
-        layout=None,
+        layout: Layout | None = None,
         impl: str = "auto",
         pool_weight: torch.Tensor | None = None,
         **options: Any,
@@ -179,13 +221,11 @@ class Clear(AttentionBackend):
         when q, k, v do not (projections frozen, pooling trained).
         """
         check_qkv(q, k, v, self.name)
-        grid = plain_grid(Layout.coerce(layout, grid), self.name)
-        chosen, grid, opts = self.prepare(q, k, v, grid=grid, impl=impl, options=options,
-                                          needs_grad=self.needs_grad(q, k, v, pool_weight))
+        chosen, layout, opts = self.prepare(q, k, v, grid=grid, layout=layout, impl=impl,
+                                            options=options,
+                                            needs_grad=self.needs_grad(q, k, v, pool_weight))
         _check_weight(pool_weight, opts["down_factor"])
-        if chosen == "reference":
-            return self.reference(q, k, v, grid=grid, pool_weight=pool_weight, **opts)
-        return self.fast_path(chosen).fn(q, k, v, grid=grid, pool_weight=pool_weight, **opts)
+        return self.run(chosen, q, k, v, layout, pool_weight=pool_weight, **opts)
 
     def reference(
         self,
@@ -193,28 +233,35 @@ class Clear(AttentionBackend):
         k,
         v,
         *,
-        grid: Grid,
+        grid: Grid | None = None,
+        layout: Layout | None = None,
         radius: float = DEFAULT_RADIUS,
+        radius_t: int | None = None,
         global_tokens: int = 0,
         down_factor: int = DEFAULT_DOWN_FACTOR,
         pool_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        window = _window_of(q, grid, radius, global_tokens, down_factor, pool_weight)
+        window = _window_of(q, layout, grid, radius, radius_t, global_tokens, down_factor,
+                            pool_weight)
         return clear_reference(q, k, v, window, pool_weight)
 
-    def overhead_steps(self, q, k, v, *, grid: Grid, impl: str, **options: Any):
+    def overhead_steps(self, q, k, v, *, grid=None, layout=None, impl: str, **options: Any):
         """CLEAR's work besides the attention proper, each step from scratch (uncached).
 
-        ``pool_kv`` (when ``down_factor`` > 1): the pooled K/V tokens and the
+        ``text_first`` (text after the grid): moving the text tokens of q, k, v to the
+        front; ``pool_kv`` (when ``down_factor`` > 1): the pooled K/V tokens and the
         concatenation; ``block_mask`` (flex) or ``dense_mask`` (masked_sdpa): the
         mask, which the paths otherwise build once per window and cache;
         ``tile_permute`` (flex, when it runs in tile order): building the
         permutation and re-ordering q, k, v into tiles and an output back. The
         reference builds its small chunk masks inline; it has no separate step.
         """
-        impl, grid, opts = self.prepare(q, k, v, grid=grid, impl=impl, options=options)
-        window = Window.build(grid, **opts)
+        impl, layout, opts = self.prepare(q, k, v, grid=grid, layout=layout, impl=impl,
+                                          options=options)
+        window = self.window(layout, opts)
         steps: dict[str, Any] = {}
+        if layout.text and not layout.text_first:
+            steps["text_first"] = lambda: tuple(layout.to_text_first(t) for t in (q, k, v))
         if window.pooled:
             steps["pool_kv"] = lambda: extend_kv(k, v, window)
         if impl == "flex":
@@ -226,50 +273,70 @@ class Clear(AttentionBackend):
             steps["dense_mask"] = lambda: _dense_mask(window, q.device)
         return steps
 
+    @staticmethod
+    def window(layout: Layout, options: dict[str, Any]) -> Window:
+        """The :class:`Window` of a layout (text first or last) and resolved options."""
+        return Window.of(layout.text_first_form, options["radius"], options["global_tokens"],
+                         options["down_factor"], options["radius_t"])
+
     # ----- cost models --------------------------------------------------------------
-    def flop_model(
-        self, batch, heads, tokens, head_dim, grid, *, radius, global_tokens, down_factor
-    ) -> Flops:
-        """``4·B·H·pairs·d`` over the allowed pairs only (CLEAR's own convention).
+    def flop_model(self, batch, heads, tokens, head_dim, layout, **opts) -> Flops:
+        """``4·B·H·pairs·d`` over the allowed pairs only (CLEAR's own convention): the
+        window on every frame pair within reach, the text rows and columns, the pooled
+        columns.
 
         No implementation here computes exactly that many (flex computes whole
         128×128 tiles, masked_sdpa and the reference dense rows); the pooling is
         element-wise and not counted.
         """
-        pairs = allowed_pairs(grid, radius, global_tokens, down_factor)
         return Flops(
-            actual=4.0 * batch * heads * pairs * head_dim,
+            actual=4.0 * batch * heads * self._pairs(layout, opts) * head_dim,
             dense=dense_flops(batch, heads, tokens, head_dim),
         )
 
-    def reference_workspace(self, batch, heads, tokens, head_dim, grid, *, element_size,
-                            radius, global_tokens, down_factor) -> float:
-        window = Window.build(grid, radius, global_tokens, down_factor)
-        return reference_workspace(window, batch, heads, head_dim, element_size=element_size)
+    def _pairs(self, layout: Layout, opts: dict[str, Any]) -> int:
+        return allowed_pairs(layout.grid, opts["radius"], layout.text, opts["down_factor"],
+                             opts["radius_t"])
+
+    def reference_workspace(self, batch, heads, tokens, head_dim, layout, *, element_size,
+                            **opts) -> float:
+        return reference_workspace(self.window(layout, opts), batch, heads, head_dim,
+                                   element_size=element_size)
 
     # ----- honest labels ------------------------------------------------------------
-    def density_model(self, grid, tokens, *, radius, global_tokens, down_factor) -> float:
-        """The window's exact pairs over N²: the circle, the text rows and columns and the
-        pooled columns (N = text + image tokens; pooled keys can push it past 1)."""
-        return allowed_pairs(grid, radius, global_tokens, down_factor) / float(tokens) ** 2
+    def density_model(self, layout, **opts) -> float:
+        """The window's exact pairs over N²: the window, the text rows and columns and the
+        pooled columns (N = text + image tokens of every frame; pooled keys can push it
+        past 1)."""
+        return self._pairs(layout, opts) / float(layout.tokens) ** 2
 
-    def rounded_options(self, grid, tokens, *, radius, global_tokens, down_factor):
-        window = Window.build(grid, radius, global_tokens, down_factor)
-        return {
+    def rounded_options(self, layout, **opts):
+        window = self.window(layout, opts)
+        rounded = {
             "max_sq_distance": window.limit,  # dy² + dx² ≤ this integer
-            "covers_grid": window.limit >= (window.hg - 1) ** 2 + (window.wg - 1) ** 2,
+            "covers_grid": window.covers_grid,
             "pooled_tokens": window.pooled,
             "keys": window.keys,
+            "text_tokens": window.global_tokens,
         }
+        if layout.is_video:
+            rounded["max_frame_distance"] = window.limit_t  # |dt| ≤ this integer
+        return rounded
 
-    def rounding_checks(self, grid, tokens, *, radius, global_tokens, down_factor):
-        window = Window.build(grid, radius, global_tokens, down_factor)
-        hg, wg = grid
+    def rounding_checks(self, layout, **opts):
+        window = self.window(layout, opts)
+        hg, wg = layout.frame_grid
+        radius, radius_t, down_factor = opts["radius"], opts["radius_t"], opts["down_factor"]
         checks = []
         diameter = math.sqrt((hg - 1) ** 2 + (wg - 1) ** 2)
         if radius > diameter:
             checks.append((radius, diameter, f"clear:radius={radius:g} covers the whole "
-                           f"{hg}×{wg} grid (diameter {diameter:.1f}): exact softmax attention"))
+                           f"{hg}×{wg} grid (diameter {diameter:.1f}): exact softmax attention"
+                           + (" in each frame" if layout.is_video else "")))
+        if layout.is_video and radius_t is not None and radius_t > window.frames - 1:
+            checks.append((float(radius_t), float(window.frames - 1),
+                           f"clear:radius_t={radius_t} reaches every one of the "
+                           f"{window.frames} frames"))
         if pools(down_factor) and not window.pooled:
             checks.append((float(down_factor), 0.0, f"clear:down_factor={down_factor} adds no "
                            f"pooled keys on a {hg}×{wg} grid (smaller than one patch)"))

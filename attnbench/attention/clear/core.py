@@ -16,7 +16,7 @@ class ClearCore(AttentionCore):
     the weights of the patch sums that make the pooled K/V tokens, shared by
     heads, channels, K and V (the official ``spatial_weight``), initialised to
     the mean (1/f²) so a freshly converted layer equals the stateless ``attend``.
-    Plain image grids only for now: text tokens and video grids raise ValueError.
+    Every layout the method defines (text tokens, video grids) goes to ``attend``.
     """
 
     def __init__(self, backend, num_heads, head_dim, **kw) -> None:
@@ -32,5 +32,5 @@ class ClearCore(AttentionCore):
                 self.pool_weight.fill_(1.0 / (f * f))
 
     def forward(self, q, k, v, *, layout=None, grid=None):
-        return self.backend.attend(q, k, v, grid=self.plain_grid(layout, grid), impl=self.impl,
+        return self.backend.attend(q, k, v, layout=layout, grid=grid, impl=self.impl,
                                    pool_weight=self.pool_weight, **self.attend_options)

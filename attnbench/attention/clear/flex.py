@@ -44,6 +44,7 @@ def build_block_mask(
     *,
     device: torch.device | str | None = None,
     tiled: bool = False,
+    radius_t: int | None = None,
 ):
     """FlexAttention ``BlockMask`` of CLEAR, built without an N×M tensor (uncached).
 
@@ -53,25 +54,28 @@ def build_block_mask(
     to per-tile "partial" / "full" flags and handed to ``BlockMask.from_kv_blocks``.
     Full tiles skip the ``mask_mod`` inside the kernel. ``tiled=True``: the mask
     of the tokens in tile order (:func:`tile_permutation`), what the flex path runs.
+    ``grid`` is ``(H, W)`` or ``(T, H, W)``.
     """
-    window = Window.build(grid, radius, global_tokens, down_factor)
+    window = Window.build(grid, radius, global_tokens, down_factor, radius_t)
     return _build_block_mask(window, torch.device(device or "cpu"), tiled=tiled)
 
 
 def tile_permutation(window: Window, device: torch.device | str | None = None) -> torch.Tensor:
     """Long ``[M]``: the row-major index of the key at each tile-order position.
 
-    The grid is cut into ``TILE×TILE`` tiles (the last row and column of tiles
-    may be partial), taken row by row, each tile's tokens row by row. The
-    global prefix and the pooled suffix keep their places; the first N entries
-    are the permutation of the queries.
+    Each frame's grid is cut into ``TILE×TILE`` tiles (the last row and column of
+    tiles may be partial), taken frame by frame, row by row, each tile's tokens
+    row by row. The text prefix and the pooled suffix keep their places; the
+    first N entries are the permutation of the queries.
     """
     device = torch.device(device or "cpu")
     g, hg, wg, t = window.global_tokens, window.hg, window.wg, TILE
-    y = torch.arange(hg, device=device).repeat_interleave(wg)
-    x = torch.arange(wg, device=device).repeat(hg)
-    tiles_per_row = -(-wg // t)
-    key = ((y // t) * tiles_per_row + x // t) * (t * t) + (y % t) * t + x % t
+    frame = torch.arange(window.frames, device=device).repeat_interleave(hg * wg)
+    y = torch.arange(hg, device=device).repeat_interleave(wg).repeat(window.frames)
+    x = torch.arange(wg, device=device).repeat(hg * window.frames)
+    tiles_per_row, tile_rows = -(-wg // t), -(-hg // t)
+    tile = (frame * tile_rows + y // t) * tiles_per_row + x // t
+    key = tile * (t * t) + (y % t) * t + x % t
     return torch.cat(
         [
             torch.arange(g, device=device),
@@ -95,14 +99,20 @@ def _cached_tile_perm(window: Window, device: torch.device):
 
 
 def _box(window: Window, tokens: torch.Tensor, device) -> torch.Tensor:
-    """Keys image queries ``tokens`` (row-major indices) can see: global, the grid box
-    within reach of their bounding box, pooled (a superset, as :func:`_band`)."""
-    g, wg, hg, reach = window.global_tokens, window.wg, window.hg, window.reach
-    ys, xs = (tokens - g) // wg, (tokens - g) % wg
+    """Keys image queries ``tokens`` (row-major indices) can see: text, the grid box
+    within reach of their bounding box in the frames within reach, pooled (a superset,
+    as :func:`_band`)."""
+    g, wg, hg, reach, frame = window.global_tokens, window.wg, window.hg, window.reach, \
+        window.frame
+    image = tokens - g
+    ts, ys, xs = image // frame, (image % frame) // wg, image % wg
+    t0 = max(0, int(ts.min()) - window.limit_t)
+    t1 = min(window.frames, int(ts.max()) + window.limit_t + 1)
     y0, y1 = max(0, int(ys.min()) - reach), min(hg, int(ys.max()) + reach + 1)
     x0, x1 = max(0, int(xs.min()) - reach), min(wg, int(xs.max()) + reach + 1)
-    rows, cols = _index(y0, y1, device), _index(x0, x1, device)
-    box = (g + rows[:, None] * wg + cols[None, :]).flatten()
+    frames, rows, cols = _index(t0, t1, device), _index(y0, y1, device), _index(x0, x1, device)
+    box = (g + frames[:, None, None] * frame + rows[None, :, None] * wg
+           + cols[None, None, :]).flatten()
     return torch.cat([_index(0, g, device), box, _index(window.tokens, window.keys, device)])
 
 
@@ -195,9 +205,10 @@ def block_mask(
     *,
     device: torch.device | str | None = None,
     tiled: bool = False,
+    radius_t: int | None = None,
 ):
-    """:func:`build_block_mask`, cached per (grid, radius, G, f, device, tiled): built once."""
-    window = Window.build(grid, radius, global_tokens, down_factor)
+    """:func:`build_block_mask`, cached per (window, device, tiled): built once."""
+    window = Window.build(grid, radius, global_tokens, down_factor, radius_t)
     return _cached_block_mask(window, torch.device(device or "cpu"), tiled)
 
 
@@ -208,6 +219,7 @@ def block_density(
     down_factor: int = 0,
     *,
     tiled: bool = False,
+    radius_t: int | None = None,
 ) -> float:
     """Fraction of FlexAttention's 128×128 tiles that are computed.
 
@@ -215,7 +227,7 @@ def block_density(
     runs). Compare with ``flops().ratio``: the gap is work the kernel does on
     masked pairs inside partially allowed tiles.
     """
-    window = Window.build(grid, radius, global_tokens, down_factor)
+    window = Window.build(grid, radius, global_tokens, down_factor, radius_t)
     perm = tile_permutation(window) if tiled else None
     partial, full = _block_flags(window, torch.device("cpu"), perm)
     return float((partial | full).sum()) / partial.numel()
@@ -275,8 +287,10 @@ def keep_nonfinite(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch
     return out.masked_fill(~ok, float("nan"))
 
 
-def _flex(q, k, v, *, grid, radius, global_tokens, down_factor, pool_weight=None):
-    window = _window_of(q, grid, radius, global_tokens, down_factor, pool_weight)
+def _flex(q, k, v, *, grid=None, layout=None, radius, radius_t=None, global_tokens=0,
+          down_factor, pool_weight=None):
+    window = _window_of(q, layout, grid, radius, radius_t, global_tokens, down_factor,
+                        pool_weight)
     q_in, k_in = q, k
     k, v = extend_kv(k, v, window, pool_weight)
     tiled = flex_tile_order(window)
@@ -329,10 +343,10 @@ def _flex_available(device: torch.device, dtype: torch.dtype, shape) -> str | No
 
 
 
-def _workspace(batch, heads, tokens, head_dim, grid, *, element_size, radius, global_tokens,
-               down_factor) -> float:
+def _workspace(batch, heads, tokens, head_dim, layout, *, element_size, radius, radius_t=None,
+               global_tokens=0, down_factor) -> float:
     """Block-mask indices, the extended K/V, the tile-order copies and the logsumexp."""
-    window = Window.build(grid, radius, global_tokens, down_factor)
+    window = Window.of(layout, radius, global_tokens, down_factor, radius_t)
     bh, n, m = batch * heads, window.tokens, window.keys
     q_tiles, kv_tiles = -(-n // FLEX_BLOCK), -(-m // FLEX_BLOCK)
     # int32 indices + counts, partial and full, kv-major and q-major.

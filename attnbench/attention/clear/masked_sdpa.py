@@ -31,13 +31,15 @@ def dense_mask(
     down_factor: int = 0,
     *,
     device: torch.device | str | None = None,
+    radius_t: int | None = None,
 ) -> torch.Tensor:
     """The ``[N, M]`` boolean mask of CLEAR (True = attend); the masked_sdpa overhead.
 
     Evaluated in chunks of query rows and, for image queries, only over the keys
-    within reach (``_band``); the result itself is N·M bytes.
+    within reach (``_band``); the result itself is N·M bytes. ``grid`` is ``(H, W)``
+    or ``(T, H, W)``.
     """
-    window = Window.build(grid, radius, global_tokens, down_factor)
+    window = Window.build(grid, radius, global_tokens, down_factor, radius_t)
     return _dense_mask(window, torch.device(device or "cpu"))
 
 
@@ -60,8 +62,10 @@ def _cached_dense_mask(window: Window, device: torch.device) -> torch.Tensor:
     return _dense_mask(window, device)
 
 
-def _masked_sdpa(q, k, v, *, grid, radius, global_tokens, down_factor, pool_weight=None):
-    window = _window_of(q, grid, radius, global_tokens, down_factor, pool_weight)
+def _masked_sdpa(q, k, v, *, grid=None, layout=None, radius, radius_t=None, global_tokens=0,
+                 down_factor, pool_weight=None):
+    window = _window_of(q, layout, grid, radius, radius_t, global_tokens, down_factor,
+                        pool_weight)
     k, v = extend_kv(k, v, window, pool_weight)
     mask = _cached_dense_mask(window, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -87,10 +91,10 @@ def _masked_sdpa_available(device: torch.device, dtype: torch.dtype, shape) -> s
 
 
 
-def _workspace(batch, heads, tokens, head_dim, grid, *, element_size, radius, global_tokens,
-               down_factor) -> float:
+def _workspace(batch, heads, tokens, head_dim, layout, *, element_size, radius, radius_t=None,
+               global_tokens=0, down_factor) -> float:
     """The masks, the extended K/V and, for float64 (SDPA's math path), full scores."""
-    window = Window.build(grid, radius, global_tokens, down_factor)
+    window = Window.of(layout, radius, global_tokens, down_factor, radius_t)
     bh, n, m = batch * heads, window.tokens, window.keys
     scores = 2.0 * bh * n * m * element_size if element_size >= 8 else 0.0
     return extended_bytes(window, bh, head_dim, element_size) + _mask_bytes(n, m, element_size) \

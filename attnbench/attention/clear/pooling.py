@@ -58,10 +58,13 @@ def _check_weight(weight: torch.Tensor | None, down_factor: int) -> None:
 
 
 
-def _window_of(q, grid, radius, global_tokens, down_factor, pool_weight) -> Window:
-    """The window of one call of a path, its pooling weight checked against it."""
+def _window_of(q, layout, grid, radius, radius_t, global_tokens, down_factor,
+               pool_weight) -> Window:
+    """The window of one call of a path (``layout=`` or ``grid=``, text first), its
+    pooling weight checked against it."""
     _check_weight(pool_weight, down_factor)
-    return _window(grid, q.shape[2], radius, global_tokens, down_factor)
+    geometry = layout if layout is not None else grid
+    return _window(geometry, q.shape[2], radius, global_tokens, down_factor, radius_t)
 
 
 def extended_bytes(window: Window, batch_heads: int, head_dim: int, element_size: int) -> float:

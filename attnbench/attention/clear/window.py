@@ -1,8 +1,9 @@
 """CLEAR's window: which key each query of one call may attend, in exact integer arithmetic.
 
-A :class:`Window` holds the geometry of one call (G global tokens, the
-``Hg × Wg`` grid, pooled keys) and the circle as an integer limit on the
-squared grid distance. :func:`allowed` is the one mask every path uses; the
+A :class:`Window` holds the geometry of one call (G text tokens first, the
+``Hg × Wg`` grid or ``T × Hg × Wg`` video grid, pooled keys), the circle as an
+integer limit on the squared distance within a frame and the temporal reach as
+an integer limit on the frame distance. :func:`allowed` is the one mask every path uses; the
 pair counts (:func:`local_pairs`, :func:`allowed_pairs`) are closed forms of it.
 """
 
@@ -13,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..base import Grid, check_grid
+from ..base import Grid
+from ..layout import Layout, text_first_geometry
 
 #: score elements one reference chunk may hold (16 Mi elements = 64 MiB in fp32).
 REFERENCE_CHUNK_ELEMENTS = 1 << 24
@@ -38,13 +40,15 @@ def _finite_positive(value: float) -> str | None:
 
 @dataclass(frozen=True)
 class Window:
-    """Where every token of one CLEAR call sits: G global, then the grid, then pooled.
+    """Where every token of one CLEAR call sits: G text, then the grid, then pooled.
 
-    Queries are ``[0, tokens)``; keys are ``[0, keys)`` = the same tokens plus
-    ``pooled`` down-sampled ones (``down_factor`` f > 1: one per f×f patch; 0 and
-    1 mean none, as in the official code). ``limit`` is the largest allowed squared grid
-    distance (an integer: ``dy² + dx² < r²`` ⇔ ``dy² + dx² ≤ ceil(r²) − 1``), so
-    every mask here is exact integer arithmetic, never a float comparison.
+    The grid is ``frames × hg × wg`` tokens, frame-major (``frames`` = 1 for an
+    image). Queries are ``[0, tokens)``; keys are ``[0, keys)`` = the same tokens
+    plus ``pooled`` down-sampled ones (``down_factor`` f > 1, images only: one per
+    f×f patch; 0 and 1 mean none, as in the official code). ``limit`` is the
+    largest allowed squared distance within a frame (an integer: ``dy² + dx² < r²``
+    ⇔ ``dy² + dx² ≤ ceil(r²) − 1``) and ``limit_t`` the largest allowed frame
+    distance ``|dt|``, so every mask here is exact integer arithmetic.
     """
 
     hg: int
@@ -52,14 +56,22 @@ class Window:
     global_tokens: int
     down_factor: int
     limit: int
+    frames: int = 1
+    limit_t: int = 0
 
     @classmethod
-    def build(cls, grid: Grid, radius: float = DEFAULT_RADIUS, global_tokens: int = 0,
-              down_factor: int = 0):
-        """Validate the pieces (for callers that bypass ``resolve``) and derive ``limit``."""
-        hg, wg = (int(s) for s in grid)
-        if hg <= 0 or wg <= 0:
-            raise ValueError(f"grid sides must be positive, got {grid!r}")
+    def build(cls, grid, radius: float = DEFAULT_RADIUS, global_tokens: int = 0,
+              down_factor: int = 0, radius_t: int | None = None):
+        """Validate the pieces (for callers that bypass ``resolve``) and derive the limits.
+
+        ``grid`` is ``(H, W)`` or ``(T, H, W)``; ``radius_t`` the largest frame distance
+        (``None``: every frame).
+        """
+        sides = tuple(int(s) for s in grid)
+        if len(sides) not in (2, 3) or any(s <= 0 for s in sides):
+            raise ValueError(f"grid must be (H, W) or (T, H, W) with positive sides, "
+                             f"got {grid!r}")
+        frames, hg, wg = (1, *sides) if len(sides) == 2 else sides
         reason = _finite_positive(radius)
         if reason:
             raise ValueError(f"clear: radius={radius!r} {reason}")
@@ -68,16 +80,38 @@ class Window:
                 f"clear: global_tokens={global_tokens!r} and down_factor={down_factor!r} "
                 "must be >= 0"
             )
+        if radius_t is not None and radius_t < 0:
+            raise ValueError(f"clear: radius_t={radius_t!r} must be >= 0 (or None: every frame)")
+        if frames > 1 and pools(down_factor):
+            raise ValueError(_POOLED_VIDEO.format(f=down_factor))
         # Clamp to the grid's diameter: beyond it every radius means "the whole grid",
         # and the integer stays small enough for int32 index arithmetic in kernels.
         diameter2 = (hg - 1) ** 2 + (wg - 1) ** 2
         r2 = float(radius) ** 2
         limit = diameter2 if r2 > diameter2 else math.ceil(r2) - 1
-        return cls(hg, wg, int(global_tokens), int(down_factor), limit)
+        limit_t = frames - 1 if radius_t is None else min(int(radius_t), frames - 1)
+        return cls(hg, wg, int(global_tokens), int(down_factor), limit, frames, limit_t)
+
+    @classmethod
+    def of(cls, layout: Layout, radius: float = DEFAULT_RADIUS, global_tokens: int = 0,
+           down_factor: int = 0, radius_t: int | None = None) -> Window:
+        """The window of a text-first layout; ``global_tokens`` (the deprecated spelling
+        of the layout's text count) only on a layout without text."""
+        if global_tokens and layout.text:
+            raise ValueError(_BOTH_TEXT.format(g=global_tokens, text=layout.text))
+        if layout.text and not layout.text_first:
+            raise ValueError("clear: a window's text tokens come first (attend moves them)")
+        return cls.build(layout.grid, radius, layout.text or global_tokens, down_factor,
+                         radius_t)
+
+    @property
+    def frame(self) -> int:
+        """Tokens of one frame: ``hg·wg``."""
+        return self.hg * self.wg
 
     @property
     def image(self) -> int:
-        return self.hg * self.wg
+        return self.frames * self.frame
 
     @property
     def tokens(self) -> int:
@@ -104,32 +138,55 @@ class Window:
         """Largest |dy| (and |dx|) inside the circle."""
         return math.isqrt(self.limit)
 
+    @property
+    def covers_grid(self) -> bool:
+        """Whether every image token sees every other: exact softmax attention."""
+        return (self.limit >= (self.hg - 1) ** 2 + (self.wg - 1) ** 2
+                and self.limit_t >= self.frames - 1)
 
-def _window(grid, tokens: int, radius, global_tokens=0, down_factor=0) -> Window:
-    grid = check_grid(grid, tokens, extra=int(global_tokens))
-    return Window.build(grid, radius, global_tokens, down_factor)
+
+_POOLED_VIDEO = ("clear: down_factor={f} (pooled keys) is defined on image grids; a video "
+                 "layout takes down_factor 0 or 1")
+_BOTH_TEXT = ("clear: global_tokens={g} and a layout with {text} text tokens both give the "
+              "text count: pass the layout only (global_tokens is its older spelling)")
+
+
+def _window(layout_or_grid, tokens: int, radius, global_tokens=0, down_factor=0,
+            radius_t=None) -> Window:
+    """The window of one path call, checked against the input's token count."""
+    layout = text_first_geometry(layout_or_grid) if isinstance(layout_or_grid, Layout) \
+        else Layout.coerce(grid=layout_or_grid)
+    window = Window.of(layout, radius, global_tokens, down_factor, radius_t)
+    if window.tokens != tokens:
+        text = f" + {window.global_tokens} text tokens" if window.global_tokens else ""
+        raise ValueError(f"grid {'x'.join(map(str, layout.grid))}{text} = {window.tokens} "
+                         f"tokens, but the input has {tokens}")
+    return window
 
 
 def allowed(q_idx: torch.Tensor, kv_idx: torch.Tensor, window_args) -> torch.Tensor:
     """True where query ``q_idx`` may attend key ``kv_idx`` (broadcasting index tensors).
 
-    ``window_args = (G, Wg, N, limit)`` as Python ints or 0-d tensors. This one
-    function is the mask of every path: the dense mask, the reference's chunk
-    masks and the FlexAttention ``mask_mod`` (where tensors keep it from being
-    recompiled for every grid and radius).
+    ``window_args = (G, Wg, Hg·Wg, N, limit, limit_t)`` as Python ints or 0-d tensors.
+    This one function is the mask of every path: the dense mask, the reference's
+    chunk masks and the FlexAttention ``mask_mod`` (where tensors keep it from being
+    recompiled for every grid and radius). Image tokens are ``(t, y, x)`` frame-major;
+    a pair is local when ``dy² + dx² ≤ limit`` and ``|dt| ≤ limit_t``.
     """
-    g, wg, n, limit = window_args
+    g, wg, frame, n, limit, limit_t = window_args
     qi, ki = q_idx - g, kv_idx - g
-    dy, dx = qi // wg - ki // wg, qi % wg - ki % wg
-    local = dy * dy + dx * dx <= limit
+    qr, kr = qi % frame, ki % frame
+    dy, dx, dt = qr // wg - kr // wg, qr % wg - kr % wg, qi // frame - ki // frame
+    local = (dy * dy + dx * dx <= limit) & (dt * dt <= limit_t * limit_t)
     image_query = q_idx >= g
     global_query = (~image_query) & (kv_idx < n)  # text sees text + image, not pooled
-    image_sees = (kv_idx < g) | (kv_idx >= n) | local  # text, pooled, the circle
+    image_sees = (kv_idx < g) | (kv_idx >= n) | local  # text, pooled, the window
     return global_query | (image_query & image_sees)
 
 
-def _args(window: Window) -> tuple[int, int, int, int]:
-    return window.global_tokens, window.wg, window.tokens, window.limit
+def _args(window: Window) -> tuple[int, int, int, int, int, int]:
+    return (window.global_tokens, window.wg, window.frame, window.tokens, window.limit,
+            window.limit_t)
 
 
 def _row_block(window: Window, batch_heads: int) -> int:
@@ -150,10 +207,15 @@ def _row_block(window: Window, batch_heads: int) -> int:
     return rows
 
 
+def _frame_reach(window: Window) -> int:
+    """Frames one query sees: ``2·limit_t + 1``, at most all of them."""
+    return min(window.frames, 2 * window.limit_t + 1)
+
+
 def _band_keys(window: Window, rows: int) -> int:
-    """Keys one chunk of ``rows`` grid rows looks at: global + band + pooled."""
+    """Keys one chunk of ``rows`` grid rows of one frame looks at: text + band + pooled."""
     band = min(window.hg, rows + 2 * window.reach)
-    return window.global_tokens + band * window.wg + window.pooled
+    return window.global_tokens + _frame_reach(window) * band * window.wg + window.pooled
 
 
 def _index(start: int, stop: int, device) -> torch.Tensor:
@@ -161,40 +223,52 @@ def _index(start: int, stop: int, device) -> torch.Tensor:
 
 
 def _band(window: Window, q0: int, q1: int, device) -> torch.Tensor:
-    """Keys image queries ``[q0, q1)`` can see: global, the grid rows within reach, pooled.
+    """Keys image queries ``[q0, q1)`` can see: text, the grid rows within reach in the
+    frames within reach, pooled.
 
     Every other key is masked for them, so the mask (and the scores) of these
     queries need only these columns: O(rows·(G + band + pooled)), not O(rows·M).
+    Queries spanning several frames get whole frames (a superset).
     """
-    g, wg, hg, reach = window.global_tokens, window.wg, window.hg, window.reach
-    y0, y1 = (q0 - g) // wg, (q1 - 1 - g) // wg + 1
-    ky0, ky1 = max(0, y0 - reach), min(hg, y1 + reach)
+    g, wg, hg, reach, frame = window.global_tokens, window.wg, window.hg, window.reach, \
+        window.frame
+    t0, t1 = (q0 - g) // frame, (q1 - 1 - g) // frame
+    if t0 == t1:
+        y0, y1 = (q0 - g - t0 * frame) // wg, (q1 - 1 - g - t0 * frame) // wg + 1
+        ky0, ky1 = max(0, y0 - reach), min(hg, y1 + reach)
+    else:
+        ky0, ky1 = 0, hg
+    frames = range(max(0, t0 - window.limit_t), min(window.frames, t1 + window.limit_t + 1))
     return torch.cat(
         [
             _index(0, g, device),
-            _index(g + ky0 * wg, g + ky1 * wg, device),
+            *(_index(g + t * frame + ky0 * wg, g + t * frame + ky1 * wg, device)
+              for t in frames),
             _index(window.tokens, window.keys, device),
         ]
     )
 
 
 def _image_chunks(window: Window, batch_heads: int, device):
-    """``(q0, q1, keys)`` per chunk of whole grid rows of image queries (see ``_row_block``)."""
-    g, wg = window.global_tokens, window.wg
+    """``(q0, q1, keys)`` per chunk of whole grid rows of one frame (see ``_row_block``)."""
+    g, wg, frame = window.global_tokens, window.wg, window.frame
     rows = _row_block(window, batch_heads)
-    for y0 in range(0, window.hg, rows):
-        q0, q1 = g + y0 * wg, g + min(window.hg, y0 + rows) * wg
-        yield q0, q1, _band(window, q0, q1, device)
+    for t in range(window.frames):
+        for y0 in range(0, window.hg, rows):
+            q0 = g + t * frame + y0 * wg
+            q1 = g + t * frame + min(window.hg, y0 + rows) * wg
+            yield q0, q1, _band(window, q0, q1, device)
 
 
-def local_pairs(grid: Grid, radius: float) -> int:
-    """Allowed (query, key) image pairs, in closed form over the circle's offsets.
+def local_pairs(grid, radius: float, radius_t: int | None = None) -> int:
+    """Allowed (query, key) image pairs, in closed form over the window's offsets.
 
-    ``Σ_{dy²+dx²<r²} (Hg−|dy|)(Wg−|dx|)`` (terms ≤ 0 dropped): each offset
-    occurs once for every query whose shifted key is still on the grid. The sum
-    over dx for a given dy is an arithmetic series, so this is O(r), not O(N).
+    Per frame pair ``Σ_{dy²+dx²<r²} (Hg−|dy|)(Wg−|dx|)`` (terms ≤ 0 dropped): each
+    offset occurs once for every query whose shifted key is still on the grid. The
+    sum over dx for a given dy is an arithmetic series, so this is O(r), not O(N).
+    A video multiplies it by the frame pairs within reach, ``Σ_{|dt|≤limit_t} (T−|dt|)``.
     """
-    window = Window.build(grid, radius)
+    window = Window.build(grid, radius, radius_t=radius_t)
     hg, wg = window.hg, window.wg
     total = 0
     for dy in range(-window.reach, window.reach + 1):
@@ -203,17 +277,18 @@ def local_pairs(grid: Grid, radius: float) -> int:
             continue
         m = min(math.isqrt(window.limit - dy * dy), wg - 1)  # |dx| ≤ m
         total += rows * (wg + 2 * (m * wg - m * (m + 1) // 2))
-    return total
+    t, lt = window.frames, window.limit_t
+    return total * (t + lt * (2 * t - lt - 1))
 
 
-def allowed_pairs(grid: Grid, radius: float, global_tokens: int = 0, down_factor: int = 0) -> int:
-    """Every allowed pair: the circle + global rows and columns + pooled columns."""
-    window = Window.build(grid, radius, global_tokens, down_factor)
+def allowed_pairs(grid, radius: float, global_tokens: int = 0, down_factor: int = 0,
+                  radius_t: int | None = None) -> int:
+    """Every allowed pair: the window + text rows and columns + pooled columns."""
+    window = Window.build(grid, radius, global_tokens, down_factor, radius_t)
     g, img = window.global_tokens, window.image
     return (
-        local_pairs(grid, radius)
-        + g * window.tokens  # global queries: every text and image key
-        + img * g  # image queries: every global key
+        local_pairs(grid, radius, radius_t)
+        + g * window.tokens  # text queries: every text and image key
+        + img * g  # image queries: every text key
         + img * window.pooled  # image queries: every pooled key
     )
-

@@ -7,6 +7,12 @@ nothing N×N is ever formed, so no query–key pair is computed exactly (density
 0). The core adds LiT's depth-wise 5×5 conv on V (``core.py``); LiT is meant
 for few heads (guideline 2), chosen by the conversion recipe.
 
+Layouts: the linear attention does not depend on where tokens sit, so every
+layout is the same formula over all N tokens (text tokens join the sums as
+queries, keys and values); the conv acts on the image tokens only, per frame
+for video or as a 3-D conv (``dwc_3d``) -- see ``core.py`` (attnbench's
+extension: LiT's code is image-only).
+
 Files: ``naive.py`` the reference, ``triton.py`` the fused Triton kernels
 (forward and backward, the same formula), ``core.py`` the learned part.
 """
@@ -20,12 +26,12 @@ from ..base import (
     AttentionBackend,
     FastPath,
     Flops,
-    Grid,
     Option,
     dense_flops,
     non_negative,
     positive,
 )
+from ..layout import KINDS, Layout
 from ..recipes import ConversionRecipe, DistillRecipe
 from ..registry import register
 from .core import LiTCore
@@ -35,7 +41,7 @@ from .naive import EPS, PHI_SHIFT, feature_map, linear_attention, reference_work
 TRITON_MODULE = f"{__name__}.triton"
 
 
-def _triton_linear(q, k, v, *, grid: Grid, eps: float, phi_shift: float) -> torch.Tensor:
+def _triton_linear(q, k, v, *, eps: float, phi_shift: float, **_geometry) -> torch.Tensor:
     return _triton.load(TRITON_MODULE).linear_attention(q, k, v, eps=eps, phi_shift=phi_shift)
 
 
@@ -43,7 +49,7 @@ def _triton_probe(device, dtype, shape) -> str | None:
     return _triton.kernel_reason(TRITON_MODULE, device, dtype, shape)
 
 
-def _triton_workspace(batch, heads, tokens, head_dim, grid, *, element_size, **_opts) -> float:
+def _triton_workspace(batch, heads, tokens, head_dim, layout, *, element_size, **_opts) -> float:
     """The float32 state ``S, z`` per head as per-split partials and their sum (a few
     splits fill the GPU; counted as two copies); φ is applied on the fly."""
     return float(2 * batch * heads * (head_dim * head_dim + head_dim) * 4)
@@ -96,7 +102,12 @@ class LiT(AttentionBackend):
         Option("dwc_kernel", 5, "kernel of the depth-wise conv on V (0 = none)", int,
                check=_odd_or_zero, mixer_only=True,
                source="LiT paper, guideline 1 (DWC kernel 5) and its code (kernel_size=5)"),
+        Option("dwc_3d", False, "video: one k×k×k 3-D conv over (T, H, W) instead of the "
+               "k×k conv per frame", bool, mixer_only=True,
+               source="attnbench's choice (LiT is image-only): per frame by default, as an "
+               "image model's conv sees each frame"),
     )
+    layout_kinds = KINDS
     core_class = LiTCore
     fast_paths = (TRITON,)
     conversion_recipe = ConversionRecipe(
@@ -115,22 +126,28 @@ class LiT(AttentionBackend):
         "LiT, arXiv 2501.12976, guideline 5",
     )
 
-    def reference(self, q, k, v, *, grid: Grid, eps: float, phi_shift: float) -> torch.Tensor:
+    def reference(self, q, k, v, *, eps: float, phi_shift: float, **_geometry) -> torch.Tensor:
         return linear_attention(q, k, v, eps=eps, phi_shift=phi_shift)
 
-    def flop_model(self, batch, heads, tokens, head_dim, grid, **_opts) -> Flops:
+    def flop_model(self, batch, heads, tokens, head_dim, layout, **_opts) -> Flops:
         # φ(K)ᵀV and φ(Q)S: 2·N·d² each; φ(Q)z: 2·N·d.
         actual = batch * heads * (4.0 * tokens * head_dim * head_dim + 2.0 * tokens * head_dim)
         return Flops(actual=actual, dense=dense_flops(batch, heads, tokens, head_dim))
 
-    def mixer_flops(self, batch, heads, tokens, head_dim, **options) -> float:
-        kernel = self.resolve(options, mixer=True)["dwc_kernel"]
-        return 2.0 * batch * heads * tokens * head_dim * kernel * kernel  # depth-wise conv
+    def mixer_flops(self, batch, heads, tokens, head_dim, *, layout: Layout | None = None,
+                    **options) -> float:
+        """The depth-wise conv: ``2·k²`` (``2·k³`` for ``dwc_3d``) FLOPs per image token and
+        channel; text tokens have no conv term."""
+        opts = self.resolve(options, mixer=True)
+        kernel = opts["dwc_kernel"]
+        image = tokens if layout is None else layout.image_tokens
+        taps = kernel ** (3 if opts["dwc_3d"] else 2)
+        return 2.0 * batch * heads * image * head_dim * taps
 
-    def reference_workspace(self, batch, heads, tokens, head_dim, grid, *, element_size, **_o):
+    def reference_workspace(self, batch, heads, tokens, head_dim, layout, *, element_size, **_o):
         return reference_workspace(batch, heads, tokens, head_dim, element_size=element_size)
 
-    def density_model(self, grid, tokens, **options) -> float:
+    def density_model(self, layout, **options) -> float:
         return 0.0  # linear attention computes no query–key pair exactly
 
 

@@ -1,11 +1,14 @@
 """SLA: Sparse-Linear Attention (Zhang et al., arXiv 2509.24006; code thu-ml/SLA).
 
-Tokens are cut into blocks of ``block_q`` queries and ``block_kv`` keys (1-D
-runs in the row-major token order, as the reference code does; the grid is only
-validated). Per query block, the ``topk`` fraction of KV blocks with the highest
-pooled score are *critical* and get exact softmax attention restricted to them
-(``O_s``); the other, *marginal*, blocks are summarised by linear attention
-(``O_l``)::
+Tokens are cut into blocks of ``block_q`` queries and ``block_kv`` keys: 1-D
+runs in a locality-preserving order (``order.py``: 8×8 tiles of an image, 4×4×4
+cubes of a video, text tokens after them in blocks of their own;
+``order="row-major"`` keeps the given order, as the reference code does). Every
+path -- the block map, the selection, both branches, gather and Triton -- runs
+on the tokens in that order; the outputs go back to the layout's. Per query
+block, the ``topk`` fraction of KV blocks with the highest pooled score are
+*critical* and get exact softmax attention restricted to them (``O_s``); the
+other, *marginal*, blocks are summarised by linear attention (``O_l``)::
 
     O_s = softmax(Q Kᵀ/√d restricted to the critical blocks) V
     O_l = φ(Q) Σ_j φ(K_j)ᵀV_j / (φ(Q) Σ_j φ(K_j)ᵀ + eps)      j over the marginal blocks
@@ -23,7 +26,8 @@ fraction, beside the output (here :meth:`SLA.effective_options`).
 
 Files: ``blocks.py`` the selection, ``reference.py`` the naive parts,
 ``gather.py`` and ``triton.py`` (the Triton kernel) the fast paths,
-``core.py`` the learned ``proj_l``, ``constants.py`` the shared constants.
+``core.py`` the learned ``proj_l``, ``constants.py`` the shared constants,
+``order.py`` the token order.
 The pieces, each usable alone (benchmarks time :func:`block_map` as overhead):
 
 * :func:`block_logits` / :func:`block_scores` -- pooled, centred block scores;
@@ -38,6 +42,7 @@ The pieces, each usable alone (benchmarks time :func:`block_map` as overhead):
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -53,6 +58,7 @@ from ..base import (
     positive,
     unit_fraction,
 )
+from ..layout import KINDS, Layout, text_first_geometry
 from ..recipes import OWN_CHOICE, ConversionRecipe, DistillRecipe
 from ..registry import register
 from . import gather as _gather_module
@@ -72,6 +78,7 @@ from .blocks import (
 from .constants import BLOCK_KV, BLOCK_Q, CORRECTION, CORRECTIONS, EPS, TOPK
 from .core import SLACore
 from .gather import gather_chunk_blocks, sla_gather_parts
+from .order import ORDERS, describe_order, token_order
 from .reference import sla_reference_parts
 
 #: the kernel module (imports triton; loaded lazily by the path)
@@ -99,10 +106,22 @@ def sla_parts(
     feature_map: str,
     linear_over: str,
     eps: float,
+    order: str = "row-major",
+    grid=None,
+    layout: Layout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(O_s, O_l)`` by implementation ``impl``, the selection by :func:`block_indices`."""
+    """``(O_s, O_l)`` by implementation ``impl`` on a text-first layout (``grid=`` or
+    ``layout=``): the tokens into SLA's ``order``, the selection by :func:`block_indices`,
+    the parts, and back. Without a geometry the tokens are taken in the given order."""
+    perm = None
+    if layout is not None or grid is not None:
+        geometry = text_first_geometry(layout, grid)
+        geometry.check(k.shape[2])
+        perm = token_order(geometry, order, min(block_q, block_kv), q.device)
+    if perm is not None:
+        q, k, v = (t.index_select(2, perm[0]) for t in (q, k, v))
     indices = block_indices(q, k, block_q, block_kv, topk)
-    return PARTS[impl](
+    o_s, o_l = PARTS[impl](
         q,
         k,
         v,
@@ -113,14 +132,17 @@ def sla_parts(
         linear_over=linear_over,
         eps=eps,
     )
+    if perm is not None:
+        o_s, o_l = o_s.index_select(2, perm[1]), o_l.index_select(2, perm[1])
+    return o_s, o_l
 
 
-def _gather(q, k, v, *, grid: Grid, **options) -> torch.Tensor:
+def _gather(q, k, v, **options) -> torch.Tensor:
     o_s, o_l = sla_parts("gather", q, k, v, **options)
     return o_s + o_l
 
 
-def _triton_attend(q, k, v, *, grid: Grid, **options) -> torch.Tensor:
+def _triton_attend(q, k, v, **options) -> torch.Tensor:
     o_s, o_l = sla_parts("triton", q, k, v, **options)
     return o_s + o_l
 
@@ -129,7 +151,7 @@ def _triton_probe(device, dtype, shape) -> str | None:
     return _triton.kernel_reason(TRITON_MODULE, device, dtype, shape)
 
 
-def _triton_workspace(batch, heads, tokens, head_dim, grid, *, element_size, topk, block_q,
+def _triton_workspace(batch, heads, tokens, head_dim, layout, *, element_size, topk, block_q,
                       block_kv, linear_over, **_opts) -> float:
     """The selection, then the int32 LUT, the second output, the float32 total state and,
     for the "gemm" correction, the per-block states, the 0/1 selection and its product
@@ -196,7 +218,13 @@ class SLA(AttentionBackend):
                source="SLA paper (the main branch's code runs it over all tokens)"),
         Option("eps", EPS, "added to the linear branch's normaliser", float, check=positive,
                source=OFFICIAL + " (1e-5)"),
+        Option("order", "tiles",
+               "token order of the blocks: 8×8 tiles / 4×4×4 cubes, text after (tiles), or "
+               "the order given (row-major, as the official code)", str, choices=ORDERS,
+               source="attnbench's choice: a block is a compact patch of the grid, not a "
+               "strip of a row; the official code blocks the given order (row-major)"),
     )
+    layout_kinds = KINDS
     core_class = SLACore
     fast_paths = (TRITON, GATHER)
     conversion_recipe = ConversionRecipe(
@@ -214,30 +242,54 @@ class SLA(AttentionBackend):
         OWN_CHOICE,
     )
 
-    def reference(self, q, k, v, *, grid: Grid, **options) -> torch.Tensor:
+    def reference(self, q, k, v, **options) -> torch.Tensor:
         o_s, o_l = sla_parts("reference", q, k, v, **options)
         return o_s + o_l
 
     def attend_parts(
-        self, q, k, v, *, grid: Grid, impl: str = "auto", **options: Any
+        self, q, k, v, *, grid: Grid | None = None, layout: Layout | None = None,
+        impl: str = "auto", **options: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(O_s, O_l)`` separately, checked and dispatched exactly as ``attend``.
 
         The core needs them apart to apply ``proj_l`` to the linear branch only.
         """
-        chosen, _, opts = self.prepare(q, k, v, grid=grid, impl=impl, options=options)
-        return sla_parts(chosen, q, k, v, **opts)
+        chosen, layout, opts = self.prepare(q, k, v, grid=grid, layout=layout, impl=impl,
+                                            options=options)
+        return self.run(chosen, q, k, v, layout, fn=functools.partial(sla_parts, chosen),
+                        **opts)
 
-    def block_map(self, q: torch.Tensor, k: torch.Tensor, **options: Any) -> torch.Tensor:
-        """The critical-block map ``attend`` would use with these options (the overhead)."""
+    def block_map(self, q: torch.Tensor, k: torch.Tensor, *, grid: Grid | None = None,
+                  layout: Layout | None = None, **options: Any) -> torch.Tensor:
+        """The critical-block map ``attend`` would use with these options (the overhead):
+        over the blocks of SLA's token order when a geometry is given."""
         opts = self.resolve(options)
+        if layout is not None or grid is not None:
+            layout, opts = self.geometry(layout, grid, opts, tokens=k.shape[2])
+            perm = token_order(layout, opts["order"], min(opts["block_q"], opts["block_kv"]),
+                               q.device)
+            if perm is not None:
+                q, k = layout.to_text_first(q), layout.to_text_first(k)
+                q, k = q.index_select(2, perm[0]), k.index_select(2, perm[0])
         return block_map(q, k, opts["block_q"], opts["block_kv"], opts["topk"])
 
-    def overhead_steps(self, q, k, v, *, grid: Grid, impl: str, **options: Any):
-        """The block map (pooling, scoring, top-k): timed apart from the attention."""
-        return {"block_map": lambda: self.block_map(q, k, **options)}
+    def overhead_steps(self, q, k, v, *, grid=None, layout=None, impl: str, **options: Any):
+        """The block map (the token order, pooling, scoring, top-k): timed apart from the
+        attention."""
+        return {"block_map": lambda: self.block_map(q, k, grid=grid, layout=layout, **options)}
 
-    def mixer_flops(self, batch, heads, tokens, head_dim, **options) -> float:
+    def workspace_model(self, batch, heads, tokens, head_dim, layout, *, element_size, impl,
+                        **opts) -> float:
+        """The path's model plus, when the tokens are re-ordered, the re-ordered q, k, v
+        and the two parts before they go back."""
+        base = super().workspace_model(batch, heads, tokens, head_dim, layout,
+                                       element_size=element_size, impl=impl, **opts)
+        block = min(opts["block_q"], opts["block_kv"])
+        ordered = opts["order"] != "row-major" and token_order(layout, opts["order"], block,
+                                                                "cpu") is not None
+        return base + (5.0 * batch * heads * tokens * head_dim * element_size if ordered else 0)
+
+    def mixer_flops(self, batch, heads, tokens, head_dim, *, layout=None, **options) -> float:
         return 2.0 * batch * heads * tokens * head_dim * head_dim  # proj_l on O_l
 
     def flop_model(
@@ -246,7 +298,7 @@ class SLA(AttentionBackend):
         heads,
         tokens,
         head_dim,
-        grid,
+        layout,
         *,
         topk,
         block_q,
@@ -254,6 +306,7 @@ class SLA(AttentionBackend):
         feature_map,
         linear_over,
         eps,
+        order,
     ) -> Flops:
         """FLOPs of the gather path (what FlopCounterMode counts on it).
 
@@ -284,23 +337,25 @@ class SLA(AttentionBackend):
         nq, nk = num_blocks(tokens, block_q), num_blocks(tokens, block_kv)
         return nq, nk, selected_count(nk, topk)
 
-    def density_model(self, grid, tokens, *, topk, block_q, block_kv, **_opts) -> float:
+    def density_model(self, layout, *, topk, block_q, block_kv, **_opts) -> float:
         """Exact pairs of the kept blocks over N²: every query block keeps ``kk`` KV blocks;
         a partial last block (queries or keys) counts its real tokens only. The selection
         depends on the data, so the count of a partial last KV block is taken at its
         share ``kk/nk`` of the query blocks' choices (exact when bkv divides N)."""
+        tokens = layout.tokens
         _, nk, kk = self._kept(tokens, block_q, block_kv, topk)
         last = tokens - (nk - 1) * block_kv  # tokens of the last KV block
         keys_per_query = kk * block_kv if last == block_kv else \
             kk * ((nk - 1) * block_kv + last) / nk
         return min(1.0, tokens * keys_per_query / float(tokens) ** 2)
 
-    def rounded_options(self, grid, tokens, *, topk, block_q, block_kv, **_opts):
-        nq, nk, kk = self._kept(tokens, block_q, block_kv, topk)
-        return {"q_blocks": nq, "kv_blocks": nk, "kept_blocks": kk, "effective_topk": kk / nk}
+    def rounded_options(self, layout, *, topk, block_q, block_kv, order, **_opts):
+        nq, nk, kk = self._kept(layout.tokens, block_q, block_kv, topk)
+        return {"q_blocks": nq, "kv_blocks": nk, "kept_blocks": kk, "effective_topk": kk / nk,
+                "blocks": describe_order(layout, order, min(block_q, block_kv))}
 
-    def rounding_checks(self, grid, tokens, *, topk, block_q, block_kv, **_opts):
-        _, nk, kk = self._kept(tokens, block_q, block_kv, topk)
+    def rounding_checks(self, layout, *, topk, block_q, block_kv, **_opts):
+        _, nk, kk = self._kept(layout.tokens, block_q, block_kv, topk)
         return [(topk, kk / nk,
                  f"sla:topk={topk:g} keeps {kk} of {nk} blocks ({kk / nk:.0%})")]
 

@@ -13,8 +13,7 @@ class SLACore(AttentionCore):
     ``proj_l`` is the official ``nn.Linear(head_dim, head_dim)`` (with bias),
     shared by all heads and zero-initialised, so a freshly converted model is
     block-sparse attention and fine-tuning learns how much of the linear branch
-    to let in. Plain image grids only for now: text tokens and video grids
-    raise ValueError.
+    to let in. Every layout the method defines goes to ``attend_parts``.
     """
 
     def __init__(self, backend, num_heads, head_dim, **kw) -> None:
@@ -27,6 +26,6 @@ class SLACore(AttentionCore):
         nn.init.zeros_(self.proj_l.bias)
 
     def forward(self, q, k, v, *, layout=None, grid=None):
-        o_s, o_l = self.backend.attend_parts(q, k, v, grid=self.plain_grid(layout, grid),
+        o_s, o_l = self.backend.attend_parts(q, k, v, layout=layout, grid=grid,
                                              impl=self.impl, **self.attend_options)
         return o_s + self.proj_l(o_l.to(self.proj_l.weight.dtype)).to(o_s.dtype)

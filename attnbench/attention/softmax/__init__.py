@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from ..base import AttentionBackend, Flops, dense_flops
+from ..layout import KINDS
 from ..registry import register
 from .reference import (
     REFERENCE_CHUNK_ELEMENTS,
@@ -29,16 +30,16 @@ class Softmax(AttentionBackend):
     paper = "Vaswani et al. 2017"
     options = ()
     fast_paths = (SDPA,)
-    any_layout = True  # exact attention does not depend on where the tokens sit
+    layout_kinds = KINDS  # exact attention does not depend on where the tokens sit
 
     def reference(self, q, k, v, **_geometry):
         return softmax_reference(q, k, v)
 
-    def flop_model(self, batch, heads, tokens, head_dim, grid) -> Flops:
+    def flop_model(self, batch, heads, tokens, head_dim, layout) -> Flops:
         dense = dense_flops(batch, heads, tokens, head_dim)
         return Flops(actual=dense, dense=dense)
 
-    def reference_workspace(self, batch, heads, tokens, head_dim, grid, *, element_size):
+    def reference_workspace(self, batch, heads, tokens, head_dim, layout, *, element_size):
         return reference_workspace(batch, heads, tokens)
 
 
