@@ -61,7 +61,8 @@ def test_workload_from_the_zoo(gen):
     assert w.attention_shape == (2, 2, 22, 16, Layout((3, 5), text=7, text_first=True))
     assert w.description["weights"] == "random (seed 0)"
     assert w.description["projections"] == "re-initialised"  # LiT's recipe
-    assert w.description["flops"]["attention"] is None  # LiT has no text-token FLOP model yet
+    flops = w.description["flops"]
+    assert 0 < flops["attention"] < flops["attention_dense"]  # LiT counts its text tokens
     assert w.description["tokens"] == 22 and w.description["text_tokens"] == 7
     sd3 = diffusers_workload("sd3-tiny", (48, 80))
     assert [count for count, _ in sd3.attention_calls()] == [2, 1]

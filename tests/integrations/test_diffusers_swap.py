@@ -128,15 +128,14 @@ def test_lit_recipe_reinitialises_the_projections(gen):
 
 
 class _Recorder(AttentionCore):
-    """CLEAR on FLUX's text-first layout via its global-token prefix, recording each layout."""
+    """CLEAR's reference on the layout the processor hands over, recording each layout."""
 
     seen: ClassVar[list[Layout]] = []
 
     def forward(self, q, k, v, *, layout=None, grid=None):
         type(self).seen.append(layout)
         clear = attention.get("clear")
-        return clear.attend(q, k, v, grid=layout.grid, global_tokens=layout.text,
-                            impl="reference", radius=RADIUS)
+        return clear.attend(q, k, v, layout=layout, impl="reference", radius=RADIUS)
 
 
 RADIUS = 2.5
@@ -174,6 +173,18 @@ def test_flux_layout_matches_a_dense_mask_from_img_ids(gen):
     assert _Recorder.seen == [Layout((3, 5), text=text, text_first=True)] * 2
     assert (out - stock).abs().max().item() < 1e-5
     assert (out - stock_transposed).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("impl", ["reference", "masked_sdpa", "auto"])
+def test_clear_on_flux_matches_a_dense_mask_from_img_ids(gen, impl):
+    """The registered CLEAR, swapped into FLUX, computes the stock model under CLEAR's
+    mask built from FLUX's own ids (text tokens official: they see and are seen by all)."""
+    model, _shapes, inputs = tiny("flux-tiny", gen)
+    text = inputs["txt_ids"].shape[0]
+    mask = clear_mask_from_ids(inputs["img_ids"], text, RADIUS)
+    stock = run(model, {**inputs, "joint_attention_kwargs": {"attention_mask": mask}})
+    swap_attention(model, "clear", radius=RADIUS, impl=impl)
+    assert (run(model, inputs) - stock).abs().max().item() < 1e-5
 
 
 def test_flux_refuses_masks_and_several_grids(gen):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attnbench import attention
+
 pytest.importorskip("diffusers")
 
 from attnbench.attention import Layout
@@ -102,8 +104,14 @@ def test_step_flops_of_a_method_and_unmodelled_layouts():
     assert lit.linear == step_flops(model, shapes, "softmax").linear
     assert lit.attention < lit.attention_dense
     flux = build_transformer("flux-tiny", device="meta")
-    clear = step_flops(flux, model_shapes("flux-tiny", (48, 80)), "clear")
-    assert clear.attention is None and clear.total is None  # text tokens: not modelled yet
+    flux_shapes = model_shapes("flux-tiny", (48, 80))
+    clear = step_flops(flux, flux_shapes, "clear", options={"radius": 2})
+    assert 0 < clear.attention < clear.attention_dense  # the window, text tokens counted
+    softmax = type(attention.get("softmax"))
+    image_only = type("ImageOnly", (softmax,), {"name": "image-only",
+                                                "layout_kinds": ("image",)})()
+    unmodelled = step_flops(flux, flux_shapes, image_only)
+    assert unmodelled.attention is None and unmodelled.total is None
 
 
 def test_inputs_and_build_in_half_precision(gen):

@@ -106,14 +106,14 @@ def attention_flops(
     backend: attention.AttentionBackend, batch: int, heads: int, head_dim: int, layout: Layout,
     options: dict[str, Any],
 ) -> float | None:
-    """The method's FLOPs of one self-attention call over ``layout`` (``None`` if unmodelled)."""
+    """The method's FLOPs of one self-attention call over ``layout`` (``None`` if the
+    method does not define that layout)."""
     opts = backend.resolve(backend.attend_options(options))
-    if layout.is_plain:
-        return backend.flops(batch, heads, layout.tokens, head_dim, layout.grid, **opts).actual
-    if backend.any_layout:
-        return backend.flop_model(batch, heads, layout.tokens, head_dim, layout.frame_grid,
-                                  **opts).actual
-    return None
+    try:
+        backend.check_layout(layout, opts)
+    except ValueError:
+        return None
+    return backend.flops(batch, heads, layout.tokens, head_dim, layout=layout, **opts).actual
 
 
 def step_flops(
