@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from . import runfolder
+
 EXIT_USAGE = 2
 
 
@@ -125,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"attnbench {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        runfolder.release_all()  # the folder locks the command took
 
 
 if __name__ == "__main__":  # pragma: no cover

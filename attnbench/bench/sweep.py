@@ -35,7 +35,7 @@ from .results import (
     point_key,
 )
 from .timer import measure, synchronize
-from .workloads import Point, build_workload, check_resolution
+from .workloads import Point, block_linear_flops, build_workload, check_resolution, model_flops
 
 RESOLUTIONS = (256, 512, 1024, 2048, 4096, 8192)
 #: calls a point makes beyond the timed repetitions: first call, 2 estimates, 1 memory
@@ -187,6 +187,10 @@ def run_point(
         return row
     workload = None
     try:
+        skip = _predicted_before_allocating(plan, row, spec, calib)
+        if skip:
+            row.status, row.reason = STATUS_SKIPPED, skip
+            return row
         workload = build_workload(level, spec.name, spec.options, Point(plan.config, res,
                                   plan.batch), plan.dtype, plan.device)
         row.impl = workload.impl
@@ -232,6 +236,36 @@ def run_point(
             synchronize(plan.device)
             torch.cuda.empty_cache()
     return row
+
+
+def _predicted_before_allocating(plan: SweepPlan, row: Result, spec: MethodSpec,
+                                 calib: Calibration) -> str | None:
+    """Why a point cannot fit, from the analytic models alone, before its inputs exist.
+
+    The inputs of a huge point (``--res 100000``: tens of GB) must not be allocated
+    to find out. The level's FLOPs and the attention's bytes are a lower bound of
+    what the workload would predict; the same budget and memory checks apply.
+    """
+    backend = attention.get(spec.name)
+    options = backend.resolve(backend.attend_options(spec.options))
+    b, h, n, d = plan.batch, row.heads, row.tokens, row.head_dim
+    grid = Point(plan.config, row.resolution, plan.batch).grid
+    element = torch.empty((), dtype=plan.dtype).element_size()
+    attn = backend.flops(b, h, n, d, grid, **options)
+    flops = attn.actual
+    if row.level == "block":
+        flops += block_linear_flops(plan.config, b, n)
+    elif row.level == "model":
+        flops = model_flops(plan.config, b, n, attn).actual
+    memory = backend.memory(b, h, n, d, grid, element_size=element, **options)
+    probe = Result(**{**row.__dict__, "extra": {}})
+    probe.predicted_s = flops / calib.flops_per_s + memory.actual / calib.bytes_per_s
+    probe.predicted_bytes = memory.actual
+    skip = _over_budget(plan, probe)
+    if skip:
+        row.predicted_s, row.predicted_bytes = probe.predicted_s, probe.predicted_bytes
+        return f"{skip} (predicted before allocating the inputs)"
+    return None
 
 
 def _over_budget(plan: SweepPlan, row: Result) -> str | None:

@@ -24,7 +24,8 @@ EXIT_REGRESSION = 1
 def report(args: argparse.Namespace) -> int:
     from .build import write_report
 
-    files = write_report(args.runs, args.out, args.baselines or None, args.title)
+    files = write_report(args.runs, args.out, args.baselines or None, args.title,
+                         force=args.force)
     print(f"report: {files.markdown}", file=sys.stderr)
     print(f"report: {files.html} (self-contained), {len(files.plots)} plots in "
           f"{files.html.parent / 'plots'}", file=sys.stderr)
@@ -84,6 +85,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--baselines", action="append", default=[], metavar="CSV",
                    help="published-numbers CSV (default baselines/published.csv; repeatable)")
     p.add_argument("--title", help="report title")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite a report.md / report.html that attnbench did not write")
     p.set_defaults(func=report)
 
     p = subparsers.add_parser(
