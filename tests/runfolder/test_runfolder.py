@@ -95,7 +95,7 @@ def test_append_repairs_a_partial_last_line(tmp_path, tail, kept):
     assert len(runfolder.read_jsonl(path)) == kept
     runfolder.append_jsonl(path, {"a": 4})
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [r["a"] for r in rows] == [1, 2, 3, 4][:kept] + [4]
+    assert [r["a"] for r in rows] == [*[1, 2, 3][:kept], 4]
 
 
 def test_a_damaged_middle_line_is_named(tmp_path):
