@@ -25,12 +25,13 @@ from tests.runfolder.helpers import TINY_RUN, spawn, temporaries, wait_for
 KILLS = 10
 
 
-def _kill_at_random(args, folder, rng: random.Random, window: float) -> int | None:
-    """Start ``args``; SIGKILL it ``U(0, window)`` s after it holds the lock. Its exit code."""
+def _kill_at_random(args, folder, rng: random.Random, window: float, ready=None) -> int | None:
+    """Start ``args``; SIGKILL it ``U(0, window)`` s after it holds the lock (or after
+    ``ready()`` turns true). Its exit code, None when killed."""
+    ready = ready or (lambda: (folder / runfolder.LOCK_FILE).exists())
     proc = spawn(args)
     try:
-        wait_for(lambda: (folder / runfolder.LOCK_FILE).exists() or proc.poll() is not None,
-                 timeout=120)
+        wait_for(lambda: ready() or proc.poll() is not None, timeout=180)
         try:
             proc.wait(timeout=rng.uniform(0.0, window))
         except Exception:
@@ -116,8 +117,15 @@ def test_distill_survives_random_kills(tmp_path, teacher):
         if kills >= KILLS:
             break
         started = (folder / "run.json").exists()
+        logged = len(_complete_rows(folder / "metrics.jsonl")) if started else 0
+
+        def training(logged=logged):  # this process logged a step of its own
+            return len(_complete_rows(folder / "metrics.jsonl")) > logged
+
+        # every other kill lands in the training loop (the rest anywhere after the lock)
         code = _kill_at_random(args(folder, *(["--resume"] if started else [])), folder, rng,
-                               window=6.0)
+                               window=1.0 if kills % 2 else 4.0,
+                               ready=training if kills % 2 else None)
         if code == 0:
             break
         assert code is None, code
