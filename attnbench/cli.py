@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from . import cliutil
+from . import cliutil, runfolder
 
 EXIT_USAGE = 2
 
@@ -110,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"attnbench {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        runfolder.release_all()  # the folder locks the command took
 
 
 if __name__ == "__main__":  # pragma: no cover

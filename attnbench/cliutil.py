@@ -1,15 +1,19 @@
-"""What every subcommand parses the same way: options, integers, devices, dtypes.
+"""What every subcommand parses the same way: options, integers, lists, devices, dtypes.
 
 A leaf module (it imports nothing of attnbench), so every stage's ``cli`` module and
 the library functions that take a device by name share one parser of each.
-Bad input raises :class:`UsageError` (a ``ValueError``) naming the flag, or
-``argparse.ArgumentTypeError`` inside argparse ``type=`` converters.
+Bad input raises :class:`UsageError` (a ``ValueError``) naming the flag, what is
+wrong and what it accepts, before any work starts, or ``argparse.ArgumentTypeError``
+inside argparse ``type=`` converters. Lists given twice are merged, with a note:
+measuring a point twice is never what was meant.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import math
+import sys
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -49,12 +53,71 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "an integer >= 0")
 
 
-def int_list(text: str, flag: str) -> list[int]:
-    """``"256,512"`` → ``[256, 512]``; ``flag`` names the option in the error."""
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"{flag} takes comma-separated integers, got {text!r}") from None
+def require_positive_int(flag: str, value: int, *, example: str = "1") -> int:
+    """``value`` (already parsed, e.g. ``type=int``) is an integer > 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UsageError(f"{flag} {value!r}: must be an integer > 0 (e.g. {example})")
+    return value
+
+
+def require_positive_float(flag: str, value: float, *, unit: str = "",
+                           example: str = "30") -> float:
+    """A finite number > 0 (``nan``, ``inf``, 0 and negatives refused)."""
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise UsageError(f"{flag} {value!r}: must be a finite number > 0"
+                         f"{' ' + unit if unit else ''} (e.g. {example})")
+    return float(value)
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def unique(flag: str, items: Sequence, *, key: Callable | None = None,
+           note: Callable[[str], None] | None = None) -> list:
+    """``items`` without repeats (first occurrence kept, compared by ``key``), with a note."""
+    key = key or (lambda item: item)
+    seen: dict = {}
+    for item in items:
+        seen.setdefault(key(item), []).append(item)
+    if any(len(group) > 1 for group in seen.values()):
+        twice = [str(k) for k, group in seen.items() if len(group) > 1]
+        (note or _note)(f"note: {flag} names {', '.join(twice)} more than once: measured once")
+    return [group[0] for group in seen.values()]
+
+
+def name_list(flag: str, text: str | None, *, accepted: Iterable[str] | str) -> list[str]:
+    """The comma-separated names of ``text``; an empty list is refused."""
+    names = [s.strip() for s in (text or "").split(",") if s.strip()]
+    if not names:
+        shown = accepted if isinstance(accepted, str) else ", ".join(accepted)
+        raise UsageError(f"{flag} is empty: give one or more of {shown} (comma-separated)")
+    return names
+
+
+def choices(flag: str, text: str | None, accepted: Sequence[str]) -> list[str]:
+    """Comma-separated names, each one of ``accepted``; repeats merged with a note."""
+    names = name_list(flag, text, accepted=accepted)
+    bad = [n for n in names if n not in accepted]
+    if bad:
+        raise UsageError(f"{flag} {bad[0]!r} is not one of {', '.join(accepted)}")
+    return unique(flag, names)
+
+
+def int_list(text: str, flag: str, *, example: str = "256,512,1024") -> list[int]:
+    """``"256,512"`` → ``[256, 512]``: comma-separated integers > 0, repeats merged with a note."""
+    parts = name_list(flag, text, accepted=f"integers > 0, e.g. {example}")
+    values = []
+    for part in parts:
+        try:
+            value = int(part)
+        except ValueError:
+            raise UsageError(f"{flag} takes comma-separated integers > 0 (e.g. {example}), "
+                             f"got {part!r}") from None
+        if value <= 0:
+            raise UsageError(f"{flag} {value}: must be > 0 (e.g. {example})")
+        values.append(value)
+    return unique(flag, values)
 
 
 def device(name: str | None, flag: str = "--device") -> torch.device:

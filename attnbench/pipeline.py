@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from . import attention, cliutil
+from . import attention, cliutil, runfolder
 from .bench.environment import REPO_ROOT, environment
 from .bench.sweep import RESOLUTIONS, SweepPlan, parse_methods, run_sweep
 from .bench.workloads import LEVELS
@@ -63,17 +63,31 @@ def run(args: argparse.Namespace) -> int:
     config = get_config(args.model or defaults["model"])
     if args.ckpt:
         config = load_dit(args.ckpt).config
-    levels = [lvl.strip() for lvl in (args.level or ",".join(defaults["levels"])).split(",")]
-    for lvl in levels:
-        if lvl not in LEVELS:
-            raise ValueError(f"--level {lvl!r} is not one of {', '.join(LEVELS)}")
-    resolutions = cliutil.int_list(args.res, "--res") if args.res else list(defaults["res"])
-    methods = parse_methods(args.methods or _default_methods(device, dtype), args.method_options)
+    levels = cliutil.choices("--level", ",".join(defaults["levels"]) if args.level is None
+                             else args.level, LEVELS)
+    resolutions = (list(defaults["res"]) if args.res is None
+                   else cliutil.int_list(args.res, "--res"))
+    if args.methods is None:
+        method_items = _default_methods(device, dtype)
+    else:
+        method_items = cliutil.unique("--methods", cliutil.name_list(
+            "--methods", args.methods, accepted=attention.names()))
+    methods = cliutil.unique("--methods", parse_methods(method_items, args.method_options),
+                             key=lambda m: m.label)
+    budget = (defaults["budget"] if args.budget is None
+              else cliutil.require_positive_float("--budget", args.budget, unit="seconds"))
+    cliutil.require_positive_int("--batch", args.batch)
+    if args.quality is not None:
+        _check_quality_inputs(args)
     plan = SweepPlan(config=config, methods=methods, resolutions=resolutions, levels=levels,
-                     batch=args.batch, dtype=dtype, device=device,
-                     budget_s=args.budget or defaults["budget"])
+                     batch=args.batch, dtype=dtype, device=device, budget_s=budget)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else REPO_ROOT / "reports" / "runs" / stamp
+    if not args.no_report:  # before any work: a user's report.md is never overwritten
+        from .report.build import REPORT_FILES, is_report_file  # lazily: matplotlib
+
+        runfolder.lock_folder(out, "run")
+        runfolder.claim_files(out, REPORT_FILES, force=args.force, ours=is_report_file)
     meta = environment(device, ["python", "-m", "attnbench", *args.argv])
     meta.update({
         "model": config.name, "model_config": config.to_dict(), "dtype": str(dtype),
@@ -84,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         "flop_convention": "forward, 2 FLOPs per multiply-add of matrix contractions; "
                            "element-wise work not counted",
     })
-    writer = ResultsWriter(out, meta)
+    writer = ResultsWriter(out, meta, force=args.force)
     print(f"attnbench run: {config.name} on {meta['device_name']}, {args.batch}× "
           f"{', '.join(map(str, resolutions))} px, levels {', '.join(levels)}, {dtype}"
           f"{' (CPU defaults: a small model)' if device.type == 'cpu' and not args.model else ''}",
@@ -102,6 +116,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_quality_inputs(args: argparse.Namespace) -> None:
+    """The quality stage's flags, checked before the speed sweep starts."""
+    parse_metrics(args.quality, flag="--quality")
+    for ckpt in args.quality_ckpt or []:
+        if not Path(ckpt).exists():
+            raise FileNotFoundError(f"--quality-ckpt {ckpt}: no such file or folder")
+    if args.teacher is not None and not Path(args.teacher).exists():
+        raise FileNotFoundError(f"--teacher {args.teacher}: no such file or folder")
+    for flag, value in (("--quality-num", args.quality_num),
+                        ("--quality-steps", args.quality_steps)):
+        if value is not None:
+            cliutil.require_positive_int(flag, value)
+
+
 def _quality_stage(args: argparse.Namespace, out: Path, device: torch.device) -> None:
     """Quality rows beside the speed rows: ``eval`` of each ``--quality-ckpt`` into ``out``.
 
@@ -112,7 +140,7 @@ def _quality_stage(args: argparse.Namespace, out: Path, device: torch.device) ->
     gpu = device.type == "cuda"
     settings = SampleSettings(num=args.quality_num or (1000 if gpu else 64),
                               steps=args.quality_steps or (250 if gpu else 50))
-    config = EvalConfig(metrics=parse_metrics(args.quality), sampling=settings,
+    config = EvalConfig(metrics=parse_metrics(args.quality, flag="--quality"), sampling=settings,
                         device=str(device), fidelity_num=min(64, settings.num))
     for ckpt in args.quality_ckpt or [None]:
         evaluate(ckpt, config, out, teacher=args.teacher, argv=["python", "-m", "attnbench",
@@ -158,6 +186,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--out", help="run directory (default reports/runs/<timestamp>/); "
                    "an existing one resumes")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite files in --out that attnbench did not write")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--quality", metavar="METRICS",
                    help="also write quality rows: fid,geneval,fidelity (see python -m attnbench "

@@ -1,6 +1,7 @@
 """The one results schema: a row per (method, options, level, resolution, ...) point.
 
-A leaf module (it imports nothing of attnbench, and not torch): the sweep and the
+A leaf module (of attnbench it imports only :mod:`attnbench.runfolder`, itself a
+stdlib-only leaf, for locks, claimed files and atomic writes; not torch): the sweep and the
 quality stage write rows, the report reads them, and all three share the statuses,
 the point key, the baseline, the metric directions and :func:`label` from here.
 
@@ -20,6 +21,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from . import runfolder
 
 #: bump when a column changes meaning; readers refuse other versions with a clear message
 SCHEMA_VERSION = 1
@@ -150,7 +153,8 @@ class SchemaError(ValueError):
 class ResultsWriter:
     """Appends rows to a run directory and finalises the table."""
 
-    def __init__(self, run_dir: Path | str, meta: dict[str, Any]) -> None:
+    def __init__(self, run_dir: Path | str, meta: dict[str, Any], *, force: bool = False,
+                 command: str = "run") -> None:
         self.run_dir = Path(run_dir)
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -159,10 +163,13 @@ class ResultsWriter:
             probe.unlink()
         except OSError as err:
             raise ValueError(f"cannot write to run directory {self.run_dir}: {err}") from None
+        runfolder.lock_folder(self.run_dir, command)
+        runfolder.claim_files(self.run_dir, RESULT_FILES, force=force, ours=_is_results_file)
         self.jsonl = self.run_dir / "results.jsonl"
+        runfolder.repair_tail(self.jsonl)
         self.rows: list[Result] = load_rows(self.jsonl) if self.jsonl.exists() else []
         meta_path = self.run_dir / "meta.json"
-        previous = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        previous = read_meta(meta_path) if meta_path.exists() else {}
         history = previous.get("history", [])
         if previous:
             history.append({k: previous.get(k) for k in ("command", "date", "git_revision")})
@@ -170,7 +177,11 @@ class ResultsWriter:
         self.write_meta()
 
     def write_meta(self) -> None:
-        (self.run_dir / "meta.json").write_text(json.dumps(self.meta, indent=2, default=str))
+        runfolder.atomic_write(self.run_dir / "meta.json",
+                               json.dumps(self.meta, indent=2, default=str), kept=self._kept())
+
+    def _kept(self) -> str:
+        return f"{len(self.rows)} rows kept in {self.jsonl.name}"
 
     def done(self) -> set[tuple]:
         """Keys of points already measured to a final status (skipped on resume)."""
@@ -178,9 +189,8 @@ class ResultsWriter:
 
     def append(self, result: Result) -> None:
         """Persist one row at once (JSONL is the source of truth; CSV mirrors it)."""
+        runfolder.append_jsonl(self.jsonl, result.as_row(), kept=self._kept())
         self.rows = [r for r in self.rows if r.key() != result.key()] + [result]
-        with self.jsonl.open("a") as out:
-            out.write(json.dumps(result.as_row(), default=str) + "\n")
         write_csv(self.run_dir / "results.csv", self.rows)
 
     def finalize(self) -> list[Result]:
@@ -189,7 +199,8 @@ class ResultsWriter:
         write_csv(self.run_dir / "results.csv", self.rows)
         table = {"schema_version": SCHEMA_VERSION, "meta": self.meta,
                  "rows": [r.as_row() for r in self.rows]}
-        (self.run_dir / "results.json").write_text(json.dumps(table, indent=2, default=str))
+        runfolder.atomic_write(self.run_dir / "results.json",
+                               json.dumps(table, indent=2, default=str), kept=self._kept())
         try:
             to_dataframe(self.rows).to_parquet(self.run_dir / "results.parquet")
         except ImportError:  # pyarrow / fastparquet not installed: CSV and JSON suffice
@@ -197,29 +208,61 @@ class ResultsWriter:
         return self.rows
 
 
+#: the files a results table consists of (claimed in its folder: see runfolder.claim_files)
+RESULT_FILES = ("results.jsonl", "results.csv", "results.json", "results.parquet", "meta.json")
+
+
+def _is_results_file(path: Path) -> bool:
+    """A results file of a folder written before attnbench recorded its files."""
+    try:
+        if path.suffix == ".csv":
+            return path.open().readline().strip().split(",")[:len(COLUMNS)] == COLUMNS
+        if path.suffix in (".json", ".jsonl"):
+            first = path.open().readline() if path.suffix == ".jsonl" else path.read_text()
+            data = json.loads(first)
+            return isinstance(data, dict) and ("schema_version" in data or "method" in data)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return path.suffix == ".parquet" and (path.parent / "results.jsonl").exists()
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """A run's ``meta.json``, checked: a JSON object of this schema version."""
+    remedy = "restore it, delete it (the rows in results.jsonl are kept), or use another folder"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SchemaError(f"{path} is not readable JSON ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}): {remedy}") from None
+    if not isinstance(data, dict):
+        raise SchemaError(f"{path} holds a JSON {type(data).__name__}, not the object attnbench "
+                          f"writes: {remedy}")
+    version = data.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise SchemaError(f"{path} has results schema {version!r}, this attnbench writes "
+                          f"{SCHEMA_VERSION}: re-run into a new folder (or use the attnbench "
+                          "version that made it)")
+    return data
+
+
 def write_csv(path: Path, rows: list[Result]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=COLUMNS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow(r.as_row())
-    tmp.replace(path)
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as out:
+            writer = csv.DictWriter(out, fieldnames=COLUMNS)
+            writer.writeheader()
+            for r in rows:
+                writer.writerow(r.as_row())
+
+    runfolder.atomic_write(path, write, kept=f"{len(rows)} rows kept in results.jsonl")
 
 
 def load_rows(path: Path) -> list[Result]:
     """Rows of a ``results.jsonl`` (the last row of a key wins), schema-checked."""
     rows: dict[tuple, Result] = {}
-    lines = path.read_text().splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                continue  # a row cut short by an interruption: measure it again
-            raise SchemaError(f"{path}:{number} is not a JSON row") from None
+    for number, data in runfolder.read_jsonl(path):  # a row cut short is measured again
+        if not isinstance(data, dict):
+            raise SchemaError(f"{path}:{number} is not a results row (a JSON "
+                              f"{type(data).__name__}): re-run the sweep into a new directory")
         result = _result_from_row(data, f"{path}:{number}")
         rows[result.key()] = result
     return list(rows.values())
@@ -269,14 +312,16 @@ def load_table(path: Path | str):
     """``(DataFrame, meta)`` of a run directory or a ``results.json`` file, schema-checked."""
     path = Path(path)
     if path.is_dir():
-        if (path / "results.json").exists():
-            path = path / "results.json"
-        elif (path / "results.jsonl").exists():
+        # results.jsonl is the source of truth: results.json is only rewritten when a
+        # command finishes, so after an interruption it misses the last rows measured
+        if (path / "results.jsonl").exists():
             meta_path = path / "meta.json"
-            meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+            meta = read_meta(meta_path) if meta_path.exists() else {}
             rows = load_rows(path / "results.jsonl")
             add_ratios(rows)
             return to_dataframe(rows), meta
+        elif (path / "results.json").exists():
+            path = path / "results.json"
         else:
             raise FileNotFoundError(f"{path} holds no results (results.json / results.jsonl)")
     if not path.exists():
@@ -291,5 +336,13 @@ def load_table(path: Path | str):
             f"{path} has results schema {version!r}, this attnbench reads {SCHEMA_VERSION}: "
             "re-run the sweep with this version"
         )
-    rows = [_result_from_row(row, str(path)) for row in table.get("rows", [])]
-    return to_dataframe(rows), table.get("meta", {})
+    rows, meta = table.get("rows", []), table.get("meta", {})
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise SchemaError(f"{path}: 'rows' is not a list of result rows: the file was damaged "
+                          "or not written by attnbench; re-run the sweep")
+    if not isinstance(meta, dict):
+        raise SchemaError(f"{path}: 'meta' is not an object: the file was damaged or not "
+                          "written by attnbench; re-run the sweep")
+    rows = [_result_from_row(row, str(path)) for row in rows]
+    return to_dataframe(rows), meta
+

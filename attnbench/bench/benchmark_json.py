@@ -16,8 +16,9 @@ def rows_from_pytest_benchmark(data: dict[str, Any]) -> tuple[list[Result], dict
     quartiles are kept in ``extra``. Benchmarks without attnbench's ``extra_info``
     are not ours and are refused.
     """
-    if not isinstance(data, dict) or "benchmarks" not in data:
-        raise SchemaError("not a pytest-benchmark JSON file (no 'benchmarks' list)")
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list) \
+            or not all(isinstance(b, dict) for b in data["benchmarks"]):
+        raise SchemaError("not a pytest-benchmark JSON file (no 'benchmarks' list of objects)")
     rows = []
     for bench in data["benchmarks"]:
         info, stats = bench.get("extra_info", {}), bench.get("stats", {})

@@ -45,7 +45,7 @@ from ..results import (
 from .flops import count_flops
 from .memory import free_memory, peak_memory
 from .timer import measure, synchronize
-from .workloads import Point, build_workload, check_resolution
+from .workloads import Point, block_linear_flops, build_workload, check_resolution, model_flops
 
 RESOLUTIONS = (256, 512, 1024, 2048, 4096, 8192)
 #: the fewest calls a measured point makes: the untimed first call, one timed, one for memory
@@ -207,6 +207,11 @@ def run_point(
         return row
     workload = None
     try:
+        skip = _predicted_before_allocating(plan, row, spec, calib,
+                                            keep_baseline=keep_baseline)
+        if skip:
+            row.status, row.reason = STATUS_SKIPPED, skip
+            return row
         workload = build_workload(level, spec.name, spec.options, Point(plan.config, res,
                                   plan.batch), plan.dtype, plan.device)
         row.impl = workload.impl
@@ -214,13 +219,7 @@ def run_point(
         row.predicted_bytes = workload.predicted_bytes
         row.predicted_s = (workload.flops.actual / calib.flops_per_s
                            + workload.predicted_bytes / calib.bytes_per_s)
-        skip = _over_memory(plan, row)
-        over_time = _over_time(plan, row)
-        if over_time and keep_baseline and not skip:
-            row.extra["past_budget"] = (f"{over_time}: measured anyway, as the baseline of "
-                                        "the methods that ran at this size")
-        else:
-            skip = skip or over_time
+        skip = _skip_reason(plan, row, keep_baseline=keep_baseline)
         if skip:
             row.status, row.reason = STATUS_SKIPPED, skip
             return row
@@ -259,6 +258,51 @@ def run_point(
             synchronize(plan.device)
             torch.cuda.empty_cache()
     return row
+
+
+def _predicted_before_allocating(plan: SweepPlan, row: Result, spec: MethodSpec,
+                                 calib: Calibration, *, keep_baseline: bool) -> str | None:
+    """Why a point cannot fit, from the analytic models alone, before its inputs exist.
+
+    The inputs of a huge point (``--res 100000``: tens of GB) must not be allocated
+    to find out. The level's FLOPs and the attention's bytes are a lower bound of
+    what the workload would predict; the same budget and memory checks apply.
+    """
+    backend = attention.get(spec.name)
+    options = backend.resolve(backend.attend_options(spec.options))
+    b, h, n, d = plan.batch, row.heads, row.tokens, row.head_dim
+    grid = Point(plan.config, row.resolution, plan.batch).grid
+    element = torch.empty((), dtype=plan.dtype).element_size()
+    attn = backend.flops(b, h, n, d, grid, **options)
+    flops = attn.actual
+    if row.level == "block":
+        flops += block_linear_flops(plan.config, b, n)
+    elif row.level == "model":
+        flops = model_flops(plan.config, b, n, attn).actual
+    memory = backend.memory(b, h, n, d, grid, element_size=element, **options)
+    probe = Result(**{**row.__dict__, "extra": {}})
+    probe.predicted_s = flops / calib.flops_per_s + memory.actual / calib.bytes_per_s
+    probe.predicted_bytes = memory.actual
+    skip = _skip_reason(plan, probe, keep_baseline=keep_baseline)
+    if skip:
+        row.predicted_s, row.predicted_bytes = probe.predicted_s, probe.predicted_bytes
+        return f"{skip} (predicted before allocating the inputs)"
+    return None
+
+
+def _skip_reason(plan: SweepPlan, row: Result, *, keep_baseline: bool) -> str | None:
+    """Why the point is not run (memory, then time), or None.
+
+    A kept baseline (``keep_baseline``) predicted over the time budget alone is run,
+    and ``row.extra["past_budget"]`` says so.
+    """
+    over_memory = _over_memory(plan, row)
+    over_time = _over_time(plan, row)
+    if over_time and keep_baseline and not over_memory:
+        row.extra["past_budget"] = (f"{over_time}: measured anyway, as the baseline of "
+                                    "the methods that ran at this size")
+        return None
+    return over_memory or over_time
 
 
 def _over_time(plan: SweepPlan, row: Result) -> str | None:

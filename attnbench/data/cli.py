@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def _world(args: argparse.Namespace) -> int:
@@ -25,6 +26,8 @@ def _world(args: argparse.Namespace) -> int:
     labels = task_labels(args.task) if args.task else None
     world = ShapesWorld(args.size, seed=args.seed, labels=labels)
     if args.scene is not None:
+        if args.scene < 0:
+            raise ValueError(f"--scene {args.scene}: image indices are integers >= 0")
         scene = world.scene(args.scene)
         print(json.dumps(scene.to_dict(), indent=2) if args.json else
               f"image {scene.index}: {scene.prompt.text!r} ({scene.prompt.task})\n"
@@ -34,6 +37,9 @@ def _world(args: argparse.Namespace) -> int:
         if args.count <= 0:
             raise ValueError("--count must be > 0")
         images = np.stack([world.image(i) for i in range(args.count)])
+        blocking = [p for p in Path(args.render).parents if p.exists() and not p.is_dir()]
+        if blocking:
+            raise ValueError(f"--render {args.render}: {blocking[0]} is a file, not a folder")
         path = save_png(args.render, upscale(make_grid(images, nrow=args.nrow), args.scale))
         print(f"wrote {path} ({args.count} images, {args.size}px, seed {args.seed})")
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from .. import runfolder
 from ..cliutil import UsageError, non_negative_int, parse_options, positive_int
 
 
@@ -102,6 +103,7 @@ def _distill(args: argparse.Namespace) -> int:
     from .pipeline import distill
 
     config = _train_config(args)
+    runfolder.lock_folder(args.out, "distill")
     weights = parse_options(args.weight)
     options = parse_options(args.option)
     gen_steps = _steps_spec(args.gen_steps)
@@ -123,6 +125,7 @@ def _train_teacher(args: argparse.Namespace) -> int:
     from .teacher import TEACHER_CONFIG
 
     config = _train_config(args)
+    runfolder.lock_folder(args.out, "train-teacher")
     overrides = {}
     for key in ("hidden_size", "depth", "num_heads", "patch_size", "input_size"):
         value = getattr(args, key)

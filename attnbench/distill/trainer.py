@@ -28,6 +28,9 @@ import csv
 import itertools
 import json
 import math
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import versions
+from .. import runfolder, versions
 from ..diffusion import Diffusion
 from . import dist as _dist
 from .io import (
@@ -225,7 +228,7 @@ def check_out(out: str | Path, *, resume: bool, force: bool) -> None:
         raise ValueError(f"--out {out} is a file: pass a directory")
     existing = [n for n in (CHECKPOINT_FILE, RUN_FILE, METRICS_JSONL) if (out / n).exists()]
     if resume:
-        if not (out / CHECKPOINT_FILE).exists():
+        if not (out / CHECKPOINT_FILE).exists() and not (out / RUN_FILE).exists():
             raise FileNotFoundError(
                 f"--resume: {out} holds no {CHECKPOINT_FILE} to resume"
                 + (f" (it has {', '.join(existing)})" if existing else "")
@@ -300,8 +303,20 @@ class Trainer:
         return params
 
     def prepare_directory(self, resume: bool, force: bool) -> dict[str, Any] | None:
-        """Check ``out`` against ``resume``/``force``; the checkpoint to resume, if any."""
+        """Check ``out`` against ``resume``/``force``; the checkpoint to resume, if any.
+
+        A run stopped before its first checkpoint resumes from step 0 (same identity).
+        """
         check_out(self.out, resume=resume, force=force)
+        if resume and not (self.out / CHECKPOINT_FILE).exists():
+            try:
+                saved = json.loads((self.out / RUN_FILE).read_text()).get("identity", {})
+            except (OSError, ValueError, AttributeError):
+                saved = {}
+            self._check_identity(saved)
+            print(f"attnbench: {self.out} was stopped before its first checkpoint: starting "
+                  "from step 0", file=sys.stderr, flush=True)
+            return None
         if resume:
             state = load_training_checkpoint(self.out / CHECKPOINT_FILE)
             self._check_identity(state.get("run", {}))
@@ -366,6 +381,8 @@ class Trainer:
             elapsed_before = float(state.get("elapsed_s", 0.0))
             if d.is_main:
                 self._truncate_metrics(start)
+                print(f"attnbench: resuming {self.out} from step {start} of {cfg.steps}",
+                      file=sys.stderr, flush=True)
         elif d.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             for name in (METRICS_JSONL, METRICS_CSV, EVAL_JSONL, SUMMARY_FILE):
@@ -394,8 +411,12 @@ class Trainer:
         step_times: list[float] = []
         step = start
         stopped_early = False
+        stop = _StopSignals()
         try:
+            stop.install()
             while step < cfg.steps:
+                if _dist.broadcast_flag(d, stop.signum is not None):
+                    break
                 t0 = time.perf_counter()
                 plan = plan_batch(cfg.seed, step, cfg.batch_size, self.sample_shape,
                                   self.num_train, self.diffusion.num_steps,
@@ -462,9 +483,20 @@ class Trainer:
                         stopped_early = True
                         break
         finally:
+            stop.restore()
             if bar is not None:
                 bar.close()
         elapsed = elapsed_before + time.perf_counter() - t_start
+        if stop.signum is not None and step < cfg.steps:
+            if d.is_main:
+                self._save(model, ema, optimizer, step, initial_eval, elapsed)
+                print(f"attnbench: {signal.Signals(stop.signum).name} at step {step} of "
+                      f"{cfg.steps}: {self.out / CHECKPOINT_FILE} saved; continue with the same "
+                      "command and --resume", file=sys.stderr, flush=True)
+            _dist.barrier(d)
+            if stop.signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + stop.signum)
         summary: dict[str, Any] = {}
         if d.is_main:
             if step > start or state is None:
@@ -495,8 +527,7 @@ class Trainer:
         }, self.out / CHECKPOINT_FILE)
 
     def _log(self, row: dict[str, Any]) -> None:
-        with open(self.out / METRICS_JSONL, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        runfolder.append_jsonl(self.out / METRICS_JSONL, row)
         path = self.out / METRICS_CSV
         new = not path.exists()
         with open(path, "a", newline="") as f:
@@ -508,37 +539,39 @@ class Trainer:
     def _log_eval(self, step: int, model: nn.Module, ema: dict[str, torch.Tensor]) -> None:
         row = {"step": step, "ema": self._evaluate(self.ema_model(model, ema)),
                "raw": self._evaluate(model)}
-        with open(self.out / EVAL_JSONL, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        runfolder.append_jsonl(self.out / EVAL_JSONL, row)
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop rows logged after the checkpoint being resumed (they will be redone)."""
+        """Drop rows logged after the checkpoint being resumed (they will be redone).
+
+        A row cut short by a kill is dropped; ``metrics.csv`` is rebuilt from the kept
+        JSONL rows (its own last line may be cut anywhere, even inside the step).
+        """
+        metrics: list[dict[str, Any]] = []
         for path in (self.out / METRICS_JSONL, self.out / EVAL_JSONL):
             if not path.exists():
                 continue
             kept = []
             for line in path.read_text().splitlines():
                 try:
-                    if json.loads(line).get("step", 0) <= step:
+                    row = json.loads(line)
+                    if row.get("step", 0) <= step:
                         kept.append(line)
-                except json.JSONDecodeError:
+                        if path.name == METRICS_JSONL:
+                            metrics.append(row)
+                except (json.JSONDecodeError, AttributeError):
                     continue
             atomic_write_text(path, "".join(line + "\n" for line in kept))
         csv_path = self.out / METRICS_CSV
         if csv_path.exists():
-            with open(csv_path, newline="") as f:
-                reader = csv.DictReader(f)
-                fields = reader.fieldnames or []
-                rows = [r for r in reader if float(r.get("step") or 0) <= step]
-            lines = []
             from io import StringIO
 
             buf = StringIO()
-            writer = csv.DictWriter(buf, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-            lines.append(buf.getvalue())
-            atomic_write_text(csv_path, "".join(lines))
+            if metrics:
+                writer = csv.DictWriter(buf, fieldnames=list(metrics[0]))
+                writer.writeheader()
+                writer.writerows(metrics)
+            atomic_write_text(csv_path, buf.getvalue())
 
     def _evaluate(self, model: nn.Module) -> dict[str, Any] | None:
         if self.eval_data is None:
@@ -575,6 +608,38 @@ class Trainer:
         }
         atomic_write_json(self.out / SUMMARY_FILE, summary)
         return summary
+
+
+class _StopSignals:
+    """SIGINT / SIGTERM ask the loop to stop after the current step and save a checkpoint.
+
+    The first signal sets ``signum``; a second one interrupts at once (the atomic
+    checkpoint write keeps the previous checkpoint intact). Installed only in the
+    main thread, where Python delivers signals.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            self.restore()
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 def _sdpa_backends(device: torch.device, autocast_dtype: torch.dtype | None):

@@ -143,7 +143,7 @@ def _eval(args: argparse.Namespace) -> int:
         print(message, file=sys.stderr, flush=True)
 
     result = evaluate(args.ckpt, config, out, teacher=args.teacher, argv=args.argv,
-                      progress=not args.no_progress, log=log)
+                      progress=not args.no_progress, log=log, force=args.force)
     metrics = result["metrics"]
     if args.json:
         print(json.dumps({"label": result["label"], "run_dir": str(out), "metrics": metrics},
@@ -204,5 +204,7 @@ def add_parser(subparsers) -> None:
     g.add_argument("--fidelity-num", type=positive_int, default=64,
                    help="samples drawn by both student and teacher (default 64)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite files in --out that attnbench did not write")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_eval)

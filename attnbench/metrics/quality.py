@@ -62,11 +62,11 @@ class EvalConfig:
     vae: str | None = None
 
 
-def parse_metrics(text: str) -> tuple[str, ...]:
+def parse_metrics(text: str, flag: str = "--metrics") -> tuple[str, ...]:
     names = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
     bad = [m for m in names if m not in METRIC_GROUPS]
     if bad or not names:
-        raise ValueError(f"--metrics {text!r}: choose from {', '.join(METRIC_GROUPS)}")
+        raise ValueError(f"{flag} {text!r}: choose from {', '.join(METRIC_GROUPS)}")
     return names
 
 
@@ -129,7 +129,7 @@ def merge_row(writer, row) -> None:
 
 def evaluate(ckpt: str | Path | None, config: EvalConfig, run_dir: str | Path, *,
              teacher: str | Path | None = None, argv: list[str] | None = None,
-             progress: bool = True, log=print) -> dict[str, Any]:
+             progress: bool = True, log=print, force: bool = False) -> dict[str, Any]:
     """Run the quality stage (module docstring); returns ``{"row", "metrics", "run_dir"}``."""
     from ..bench.environment import environment
     from ..models import load_dit
@@ -156,10 +156,16 @@ def evaluate(ckpt: str | Path | None, config: EvalConfig, run_dir: str | Path, *
 
             vae = load_vae(config.vae, device)
 
+    ref_spec = config.reference or ("shapes" if shapes else None)
+    extractor = config.extractor or ("shapes" if shapes else "inception")
+    if "fid" in config.metrics:  # every input of the metrics, before minutes of sampling
+        _check_fid_inputs(config, ref_spec, extractor)
+    if "fidelity" in config.metrics and teacher is not None and not Path(teacher).exists():
+        raise FileNotFoundError(f"--teacher {teacher}: no such file or folder")
     run_dir = Path(run_dir)
     writer = ResultsWriter(run_dir, {**environment(device, ["python", "-m", "attnbench",
                                                             *(argv or [])]),
-                                     "stage": "quality"})
+                                     "stage": "quality"}, force=force, command="eval")
     label = result_label(cfg.attention, canonical_options(dict(cfg.attention_options or {})))
     metrics: dict[str, float] = {}
     extra: dict[str, Any] = {
@@ -167,6 +173,7 @@ def evaluate(ckpt: str | Path | None, config: EvalConfig, run_dir: str | Path, *
         "model_config": cfg.to_dict(),
     }
     latency = repetitions = None
+    warnings = weight_warnings(model)
 
     images = labels = None
     if "fid" in config.metrics or "geneval" in config.metrics:
@@ -189,15 +196,13 @@ def evaluate(ckpt: str | Path | None, config: EvalConfig, run_dir: str | Path, *
                 latency, repetitions = float(np.median(steps)), len(steps)
             extra["sampling"] = {**settings.describe(), "seconds": round(drawn["seconds"], 3),
                                  "seconds_per_image": round(drawn["seconds"] / settings.num, 5)}
+        warnings += sample_warnings(images)
+        for warning in warnings:
+            log(f"eval: warning: {label}: {warning}")
 
     if "fid" in config.metrics:
         from .fid import load_reference, quality_metrics
 
-        ref_spec = config.reference or ("shapes" if shapes else None)
-        if ref_spec is None:
-            raise ValueError("--reference is needed for FID of a non-shapes model (an ADM "
-                             "reference batch .npz, an .npz with arr_0, or an image folder)")
-        extractor = config.extractor or ("shapes" if shapes else "inception")
         weights = config.shapes_weights if extractor == "shapes" else config.inception_weights
         reference = load_reference(ref_spec, image_size=images.shape[1],
                                    num=config.ref_num or (max(len(images), 1000)
@@ -233,12 +238,61 @@ def evaluate(ckpt: str | Path | None, config: EvalConfig, run_dir: str | Path, *
     if "fidelity" in config.metrics:
         extra["fidelity"] = _fidelity(model, ckpt, teacher, config, device, vae, metrics, log)
 
+    if images is None:
+        for warning in warnings:
+            log(f"eval: warning: {label}: {warning}")
+    if warnings:
+        extra["warnings"] = warnings
     extra["metrics"] = metrics
     extra["higher_is_better"] = {k: v for k, v in HIGHER_IS_BETTER.items() if k in metrics}
     row = quality_row(model, settings, device, extra, latency, repetitions)
     merge_row(writer, row)
     writer.finalize()
     return {"row": row, "metrics": metrics, "run_dir": run_dir, "label": label}
+
+
+def _check_fid_inputs(config: EvalConfig, ref_spec: str | None, extractor: str) -> None:
+    """The FID reference and feature-extractor weights exist (never found out after sampling)."""
+    if ref_spec is None:
+        raise ValueError("--reference is needed for FID of a non-shapes model (an ADM "
+                         "reference batch .npz, an .npz with arr_0, or an image folder)")
+    if not str(ref_spec).startswith("shapes") and not Path(ref_spec).exists():
+        raise FileNotFoundError(f"--reference {ref_spec}: no such file or folder")
+    if extractor == "inception":
+        from .engines import inception_weights
+
+        inception_weights(config.engine, config.inception_weights)
+    elif config.shapes_weights is not None and not Path(config.shapes_weights).is_file():
+        raise FileNotFoundError(f"--shapes-weights {config.shapes_weights}: no such file")
+
+
+def weight_warnings(model) -> list[str]:
+    """What is wrong with a model's weights that makes its samples meaningless."""
+    bad = [name for name, p in model.state_dict().items()
+           if p.is_floating_point() and not torch.isfinite(p).all()]
+    if not bad:
+        return []
+    return [f"{len(bad)} weight tensor(s) hold NaN or inf ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}): its samples and every metric of them are "
+            "meaningless"]
+
+
+def sample_warnings(images: np.ndarray) -> list[str]:
+    """Samples that are constant (one colour: NaN weights decode to black) or non-finite."""
+    flat = np.asarray(images).reshape(len(images), -1)
+    if not len(flat):
+        return []
+    warnings = []
+    if flat.dtype.kind == "f":
+        nonfinite = int((~np.isfinite(flat)).any(axis=1).sum())
+        if nonfinite:
+            warnings.append(f"{nonfinite} of {len(flat)} samples hold NaN or inf")
+    constant = int((np.nanmax(flat, axis=1) == np.nanmin(flat, axis=1)).sum())
+    if constant:
+        warnings.append(f"{constant} of {len(flat)} samples are constant images (one colour): "
+                        "the model's output is degenerate (NaN weights give black images); "
+                        "its metrics do not measure quality")
+    return warnings
 
 
 def _fidelity(model, ckpt, teacher_path, config: EvalConfig, device, vae,

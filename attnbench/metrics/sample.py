@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import runfolder
 from ..data.shapes import NUM_CLASSES, TASKS, task_labels, to_uint8
 from ..diffusion import SAMPLERS, Diffusion
 from ..diffusion.sampling import sample_images
@@ -246,7 +247,9 @@ def run_sampling(ckpt: str | Path | None, settings: SampleSettings, out: str | P
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    runfolder.lock_folder(out, "sample")
+    if out.is_dir() and any(p.name not in runfolder.BOOKKEEPING for p in out.iterdir()) \
+            and not force:
         raise ValueError(f"--out {out} is not empty: choose a new directory or pass --force")
     if ckpt is None:
         from ..distill.teacher import default_teacher_path
@@ -287,7 +290,8 @@ def run_sampling(ckpt: str | Path | None, settings: SampleSettings, out: str | P
                 "seconds_rank0": round(mine["seconds"], 3),
                 "command": " ".join(["python -m attnbench", *(argv or [])]),
             }
-            (out / INFO_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            runfolder.atomic_write(out / INFO_FILE, json.dumps(summary, indent=2, default=str)
+                                   + "\n")
         dist.barrier(info)
         return summary
     finally:

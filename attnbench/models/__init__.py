@@ -35,7 +35,6 @@ from .dit import DiT, DiTBlock, build_dit, sincos_pos_embed
 __all__ = [
     "CPU_DEFAULT",
     "DIT_CONFIGS",
-    "recipe_names",
     "REPORT_FILE",
     "TEST_MODEL",
     "CheckpointInfo",
@@ -54,7 +53,7 @@ __all__ = [
     "model_from_state_dict",
     "read_checkpoint",
     "recipe_for",
-
+    "recipe_names",
     "save_dit",
     "save_student",
     "sincos_pos_embed",

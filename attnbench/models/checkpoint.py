@@ -124,6 +124,7 @@ def _resolve_path(path: str | Path) -> tuple[Path, dict[str, Any] | None]:
             f"{path} is a directory without {WEIGHTS_FILE}: pass a checkpoint file, or a "
             "directory written by attnbench.models.save_dit / `python -m attnbench convert`"
         )
+    _check_sums(path)
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         return weights, None
@@ -140,6 +141,34 @@ def _resolve_path(path: str | Path) -> tuple[Path, dict[str, Any] | None]:
             "or delete it to infer the config from the tensors"
         )
     return weights, data["config"]
+
+
+SUMS_FILE = "SHA256SUMS"
+
+
+def _check_sums(folder: Path) -> None:
+    """A model folder's files against its ``SHA256SUMS`` (``HASH  NAME`` lines), if it has one.
+
+    A folder whose weights do not match is refused: they were damaged, or replaced
+    without updating the sums.
+    """
+    sums = folder / SUMS_FILE
+    if not sums.is_file():
+        return
+    for number, line in enumerate(sums.read_text(errors="replace").splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or len(parts[0]) != 64:
+            raise ValueError(f"{sums}:{number} is not a 'SHA256  FILE' line: restore the file")
+        expected, name = parts[0].lower(), parts[1].lstrip("*")
+        target = folder / name
+        if not target.is_file():
+            raise ValueError(f"{sums} lists {name}, which {folder} does not hold: restore it")
+        if file_sha256(target) != expected:
+            raise ValueError(f"{target} does not match its sha256 in {sums}: the file was damaged "
+                             "or replaced; restore it (or, if the change is intended, write new "
+                             "sums with sha256sum)")
 
 
 def _sniff(path: Path) -> str:

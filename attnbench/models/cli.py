@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+from .. import runfolder
 from ..cliutil import UsageError, parse_options, positive_int
 
 
@@ -24,6 +25,7 @@ def _convert(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file: pass a directory")
+    runfolder.lock_folder(out, "convert")
     clash = [n for n in (WEIGHTS_FILE, CONFIG_FILE, REPORT_FILE) if (out / n).exists()]
     if clash and not args.force:
         raise UsageError(

@@ -24,7 +24,8 @@ EXIT_REGRESSION = 1
 def report(args: argparse.Namespace) -> int:
     from .build import write_report
 
-    files = write_report(args.runs, args.out, args.baselines or None, args.title)
+    files = write_report(args.runs, args.out, args.baselines or None, args.title,
+                         force=args.force)
     print(f"report: {files.markdown}", file=sys.stderr)
     print(f"report: {files.html} (self-contained), {len(files.plots)} plots in "
           f"{files.html.parent / 'plots'}", file=sys.stderr)
@@ -53,11 +54,24 @@ def compare(args: argparse.Namespace) -> int:
                             quality=args.quality_threshold,
                             memory_floor_mib=args.memory_floor_mib)
     result = compare_frames(run_a.frame, run_b.frame, thresholds)
+    speed = {len(run_a.frame[run_a.frame["level"] != "quality"]),
+             len(run_b.frame[run_b.frame["level"] != "quality"])}
+    common = int((result.points["_merge"] == "both").sum()) if len(result.points) else 0
+    if not common and not len(result.quality) and speed != {0}:
+        raise ValueError(f"{args.run_a} and {args.run_b} share no point (method, options, "
+                         "level, resolution, batch, dtype, model): nothing to compare; compare "
+                         "runs of the same sweep")
     text = to_markdown(run_a, run_b, result, only_flagged=args.only_flagged)
     if args.out:
+        from .. import runfolder
+
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+        if out.is_dir():
+            raise ValueError(f"--out {out} is a folder: give a file name, e.g. {out}/compare.md")
+        try:
+            runfolder.atomic_write(out, text)
+        except (FileExistsError, NotADirectoryError) as err:
+            raise ValueError(f"--out {out}: cannot write there ({err.strerror})") from None
     print(text)
     if args.fail_if_regression and result.regressions:
         print(f"attnbench compare: {result.regressions} regression(s) beyond the thresholds",
@@ -84,6 +98,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--baselines", action="append", default=[], metavar="CSV",
                    help="published-numbers CSV (default baselines/published.csv; repeatable)")
     p.add_argument("--title", help="report title")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite a report.md / report.html that attnbench did not write")
     p.set_defaults(func=report)
 
     p = subparsers.add_parser(

@@ -12,8 +12,9 @@ Flags (B against A, thresholds relative, each an option):
   both values are under ``--memory-floor-mib`` (default 1 MiB: the CPU meter counts pages);
 * quality: a metric worse by more than ``t`` relative (default 0.05) in its known
   direction (FID down is better, PSNR up is better) is a regression;
-* a point measured in A and not in B (skipped, oom, error, unavailable) is a regression;
-  the reverse an improvement; points present in one run only are listed, not flagged.
+* a point measured in A and not in B (skipped, oom, error, unavailable, or missing from
+  B: a half-finished run must not pass a CI gate) is a regression; the reverse an
+  improvement; points only in B are listed, not flagged.
 """
 
 from __future__ import annotations
@@ -109,6 +110,8 @@ def compare_frames(a: pd.DataFrame, b: pd.DataFrame, thresholds: Thresholds) -> 
 
 def _point_flags(row: pd.Series, t: Thresholds) -> tuple[list[str], list[str]]:
     if row["_merge"] == "left_only":
+        if row["status_a"] == STATUS_OK:
+            return ["**only in A**"], ["regression"]
         return ["only in A"], []
     if row["_merge"] == "right_only":
         return ["only in B"], []

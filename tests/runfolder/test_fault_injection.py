@@ -1,0 +1,148 @@
+"""SIGKILL at seeded random moments: every resume ends with the uninterrupted run's data.
+
+``run`` and ``distill`` are killed at least 10 times each (moments drawn from a
+seeded generator, after the process has taken its folder's lock, so the kills
+land in the work and its writes), then resumed. After every kill each file
+parses (a row cut short is the only allowed damage, repaired by the next writer)
+and no row is duplicated; after the last resume the points equal an uninterrupted
+run's and no temporary is left.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import signal
+
+import pytest
+
+from attnbench import runfolder
+from attnbench.models import save_dit
+from tests.helpers import tiny_pixel_dit
+from tests.runfolder.helpers import TINY_RUN, spawn, temporaries, wait_for
+
+KILLS = 10
+
+
+def _kill_at_random(args, folder, rng: random.Random, window: float, ready=None) -> int | None:
+    """Start ``args``; SIGKILL it ``U(0, window)`` s after it holds the lock (or after
+    ``ready()`` turns true). Its exit code, None when killed."""
+    ready = ready or (lambda: (folder / runfolder.LOCK_FILE).exists())
+    proc = spawn(args)
+    try:
+        wait_for(lambda: ready() or proc.poll() is not None, timeout=180)
+        try:
+            proc.wait(timeout=rng.uniform(0.0, window))
+        except Exception:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return None
+        return proc.returncode
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def _complete_rows(path) -> list[dict]:
+    """The complete lines of a JSONL file, each of which must parse."""
+    return [row for _, row in runfolder.read_jsonl(path)] if path.exists() else []
+
+
+def _run_keys(folder) -> list[tuple]:
+    rows = _complete_rows(folder / "results.jsonl")
+    return [(r["method"], r["level"], r["resolution"]) for r in rows]
+
+
+def _check_files_parse(folder) -> None:
+    for name in ("meta.json", "results.json", "summary.json", "run.json"):
+        if (folder / name).exists():
+            json.loads((folder / name).read_text())
+    for name in ("results.csv", "metrics.csv"):
+        if (folder / name).exists():
+            with open(folder / name, newline="") as f:
+                list(csv.DictReader(f))
+
+
+def _finish(args, folder) -> None:
+    proc = spawn(args)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+
+
+def test_run_survives_random_kills(tmp_path):
+    args = [*TINY_RUN, "--res", "64,128,192"]
+    reference, folder = tmp_path / "reference", tmp_path / "killed"
+    _finish([*args, "--out", str(reference)], reference)
+    rng = random.Random(13)
+    kills = 0
+    while kills < KILLS:
+        code = _kill_at_random([*args, "--out", str(folder)], folder, rng, window=2.0)
+        assert code in (None, 0), code
+        kills += code is None
+        keys = _run_keys(folder)
+        assert len(keys) == len(set(keys)), keys  # no duplicate row
+        _check_files_parse(folder)
+        if code == 0:  # finished before the kill: start over to keep killing
+            break
+    _finish([*args, "--out", str(folder)], folder)
+    assert sorted(_run_keys(folder)) == sorted(_run_keys(reference))
+    assert len(_run_keys(folder)) == 6
+    json.loads((folder / "results.json").read_text())
+    assert not temporaries(folder) and not (folder / runfolder.LOCK_FILE).exists()
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fault") / "teacher"
+    save_dit(tiny_pixel_dit(), path)
+    return path
+
+
+def test_distill_survives_random_kills(tmp_path, teacher):
+    def args(out, *extra):
+        return ["distill", "--teacher", str(teacher), "--method", "lit", "--out", str(out),
+                "--steps", "40", "--batch-size", "2", "--gen-samples", "4", "--gen-steps", "2",
+                "--eval-samples", "2", "--ckpt-every", "3", "--threads", "1", "--no-progress",
+                *extra]
+
+    reference, folder = tmp_path / "reference", tmp_path / "killed"
+    _finish(args(reference), reference)
+    rng = random.Random(7)
+    kills = mid_training = 0
+    for _ in range(4 * KILLS):
+        if kills >= KILLS:
+            break
+        started = (folder / "run.json").exists()
+        logged = len(_complete_rows(folder / "metrics.jsonl")) if started else 0
+
+        def training(logged=logged):  # this process logged a step of its own
+            return len(_complete_rows(folder / "metrics.jsonl")) > logged
+
+        # every other kill lands in the training loop (the rest anywhere after the lock)
+        code = _kill_at_random(args(folder, *(["--resume"] if started else [])), folder, rng,
+                               window=1.0 if kills % 2 else 4.0,
+                               ready=training if kills % 2 else None)
+        if code == 0:
+            break
+        assert code is None, code
+        kills += 1
+        mid_training += (folder / "checkpoint.pt").exists()
+        steps = [r["step"] for r in _complete_rows(folder / "metrics.jsonl")]
+        assert len(steps) == len(set(steps)), steps
+        _check_files_parse(folder)
+    assert kills >= KILLS and mid_training >= 3  # the kills reached the training loop
+    # what the errors say: --resume a run that started, rerun one killed before it started
+    _finish(args(folder, *(["--resume"] if (folder / "run.json").exists() else [])), folder)
+    ref = _complete_rows(reference / "metrics.jsonl")
+    got = _complete_rows(folder / "metrics.jsonl")
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, 41))
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in ref], rel=1e-4)
+    _check_files_parse(folder)
+    with open(folder / "metrics.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 41))
+    assert (folder / "student" / "model.safetensors").is_file()
+    assert not temporaries(folder) and not (folder / runfolder.LOCK_FILE).exists()
