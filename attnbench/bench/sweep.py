@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 
 from .. import attention
+from ..attention.layout import Layout
 from ..models.configs import DiTConfig
 from ..results import (
     BASELINE_METHOD,
@@ -182,10 +184,38 @@ def _is_oom(err: BaseException) -> bool:
     return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
 
 
+def _geometry(point: Point) -> tuple[int, ...] | Layout:
+    """What the label API takes for ``point``: a plain grid as ``(H, W)``, else the Layout."""
+    layout = point.layout
+    return tuple(layout.grid) if layout.is_plain else layout
+
+
 def point_density(spec: MethodSpec, point: Point) -> float:
     """The fraction of query–key pairs ``spec`` computes exactly at ``point``: the one
-    place a row's ``density`` comes from (NaN until the method reports it)."""
-    return math.nan
+    place a row's ``density`` comes from (``backend.density`` at the point's geometry;
+    NaN where the method does not take the point's layout)."""
+    try:
+        return attention.get(spec.name).density(_geometry(point), **spec.options)
+    except ValueError:
+        return math.nan
+
+
+def label_row(row: Result, spec: MethodSpec, point: Point) -> None:
+    """Fill what ran into ``row``: ``density``, ``effective`` (the options after rounding,
+    when they differ from the request) and ``extra["warning"]`` (a request rounded more
+    than 20% away from itself). A layout the method does not take leaves them unknown."""
+    row.density = point_density(spec, point)
+    backend = attention.get(spec.name)
+    geometry = _geometry(point)
+    try:
+        effective = backend.effective_options(geometry, **spec.options)
+        warning = backend.rounding_warning(geometry, **spec.options)
+    except ValueError:
+        return
+    if effective != backend.resolve(backend.attend_options(spec.options)):
+        row.effective = canonical_options(effective)
+    if warning:
+        row.extra["warning"] = warning
 
 
 def run_point(
@@ -198,7 +228,7 @@ def run_point(
     even when predicted over the time budget (the row's ``extra`` says so).
     """
     row = _base_row(plan, res, level, spec)
-    row.density = point_density(spec, Point(plan.config, res, plan.batch))
+    label_row(row, spec, Point(plan.config, res, plan.batch))
     backend = attention.get(spec.name)
     shape = (plan.batch, row.heads, row.tokens, row.head_dim)
     reason = backend.available(plan.device, plan.dtype, shape)
@@ -210,6 +240,8 @@ def run_point(
         workload = build_workload(level, spec.name, spec.options, Point(plan.config, res,
                                   plan.batch), plan.dtype, plan.device)
         row.impl = workload.impl
+        if workload.passed_over:
+            row.extra["passed_over"] = workload.passed_over
         row.flops_actual, row.flops_dense = workload.flops.actual, workload.flops.dense
         row.predicted_bytes = workload.predicted_bytes
         row.predicted_s = (workload.flops.actual / calib.flops_per_s
@@ -309,6 +341,9 @@ def run_sweep(plan: SweepPlan, writer: ResultsWriter, *, progress: bool = True) 
             and r.level == level for r in writer.rows)
         row = run_point(plan, res, level, spec, calib, keep_baseline=compared)
         row.extra["wall_s"] = round(time.perf_counter() - started, 3)
+        if row.extra.get("warning"):
+            bar.write(f"warning: {spec.label} {level} {res}px: {row.extra['warning']}",
+                      file=sys.stderr)
         writer.append(row)
     bar.close()
     return writer.finalize()

@@ -21,6 +21,7 @@ import torch
 
 from .. import attention
 from ..attention.base import Flops
+from ..attention.layout import Layout
 from ..models.configs import VAE_DOWNSAMPLE, DiTConfig
 
 LEVELS = ("attention", "block", "model")
@@ -47,6 +48,11 @@ class Point:
     def tokens(self) -> int:
         hg, wg = self.grid
         return hg * wg
+
+    @property
+    def layout(self) -> Layout:
+        """The attention's token layout: the plain image grid of a DiT."""
+        return Layout(self.grid)
 
     @property
     def heads(self) -> int:
@@ -77,6 +83,8 @@ class Workload:
     overheads: dict[str, Callable[[], Any]] = field(default_factory=dict)
     #: whether FlopCounterMode can run through ``fn`` (not through compiled FlexAttention)
     countable: bool = True
+    #: why each fast path ahead of ``impl`` could not run (``Selection.passed_over``)
+    passed_over: dict[str, list[str]] = field(default_factory=dict)
 
 
 def block_linear_flops(config: DiTConfig, batch: int, tokens: int) -> float:
@@ -130,7 +138,8 @@ def build_workload(
     element = torch.empty((), dtype=dtype).element_size()
     attn_flops = backend.flops(b, h, n, d, grid, **attend_options)
     layer = backend.mixer_flops(b, h, n, d, **options)  # the mixer's learned parts
-    impl = backend.select(device, dtype, (b, h, n, d))
+    selection = backend.selection(device, dtype, (b, h, n, d))
+    impl, passed = selection.path, selection.passed_over
     # the bytes of the implementation that will run (LiT's Triton kernel keeps no φ(q), φ(k))
     attn_mem = backend.memory(b, h, n, d, grid, element_size=element, impl=impl,
                               **attend_options)
@@ -147,7 +156,7 @@ def build_workload(
             return backend.attend(q, k, v, grid=grid, **attend_options)
 
         overheads = backend.overhead_steps(q, k, v, grid=grid, impl=impl, **attend_options)
-        return Workload(fn, attn_flops, attn_mem.actual, impl, overheads, countable)
+        return Workload(fn, attn_flops, attn_mem.actual, impl, overheads, countable, passed)
 
     config = point.config.replace(attention=method, attention_options=dict(options))
     activations = _activation_bytes(config, b, n, element)
@@ -165,7 +174,7 @@ def build_workload(
         flops = Flops(linear + attn_flops.actual, linear + attn_flops.dense, attn_flops.overhead)
         params = sum(p.numel() for p in block.parameters()) * element
         return Workload(fn, flops, params + activations + attn_mem.workspace, impl,
-                        countable=countable)
+                        countable=countable, passed_over=passed)
 
     from ..models.dit import DiT
 
@@ -180,5 +189,5 @@ def build_workload(
     params = sum(p.numel() for p in model.parameters()) * element
     flops = model_flops(config, b, n, attn_flops, mixer_flops=layer)
     return Workload(fn, flops, params + activations + attn_mem.workspace, impl,
-                    countable=countable)
+                    countable=countable, passed_over=passed)
 

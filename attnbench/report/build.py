@@ -332,6 +332,13 @@ def _note(row: pd.Series) -> str:
         return row["reason"] or "(no reason recorded)"
     extra = row["extra_dict"]
     notes = []
+    if extra.get("warning"):
+        notes.append(f"warning: {extra['warning']}")
+    passed = extra.get("passed_over")
+    if isinstance(passed, dict) and passed:
+        notes.append("passed over " + "; ".join(
+            f"{name} ({', '.join(map(str, why)) if isinstance(why, list) else why})"
+            for name, why in passed.items()))
     if extra.get("memory_reason"):
         notes.append(str(extra["memory_reason"]))
     if _finite(row["flops_counted"]) and _finite(row["flops_actual"]) and row["flops_actual"]:
