@@ -404,7 +404,7 @@ def build_diffusers_workload(
 
         overheads = (backend.overhead_steps(q, k, v, grid=tuple(layout.grid), impl=impl,
                                             **attend_options) if layout.is_plain else {})
-        extra["weights"] = "none: one attention call on random q, k, v (speed needs no weights)"
+        extra["weights"] = "none (attention level: random q, k, v)"
         return Workload(fn, Flops(dense if actual is None else actual, dense), attn_bytes, impl,
                         overheads, countable, passed, flops_modelled=actual is not None,
                         extra=extra)
@@ -416,8 +416,8 @@ def build_diffusers_workload(
     step = step_flops(meta, point.shapes, backend, backend.resolve(options, mixer=True), b)
     del meta
     predicted = weights + _diffusers_activation_bytes(point, element) + attn_bytes
-    extra["weights"] = (f"random (seed {seed}): speed and memory need no trained weights"
-                        if point.model.folder is None else f"--model-path {point.model.folder}")
+    extra["weights"] = (f"random (seed {seed})" if point.model.folder is None
+                        else f"--model-path {point.model.folder}")
     extra["weight_bytes"] = weights
     built: dict[str, Any] = {}
 
