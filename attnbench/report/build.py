@@ -466,10 +466,13 @@ def _measured_here(frame: pd.DataFrame, row: pd.Series) -> str:
     level = bl.MEASURED_LEVEL.get(row["level"])
     metric = row["metric"]
     absolute = metric in ("peak_memory", "latency", "flops")
-    if absolute and (row["level"] == "end-to-end" or row["model"] not in set(ok["model"])):
+    same_model = ok["model"].astype(str).str.lower() == str(row["model"]).lower()
+    if absolute and (row["level"] == "end-to-end" or not same_model.any()):
         return DASH  # another quantity or another model: not comparable
+    # a number published on a model of the diffusers zoo is matched on that model only
+    model_bound = absolute or bl.is_zoo_model(row["model"])
     if metric in ("speedup", "peak_memory", "latency", "flops") and level:
-        sel = ok[(ok["level"] == level) & (ok["model"] == row["model"])] if absolute else (
+        sel = ok[(ok["level"] == level) & same_model] if model_bound else (
             ok[ok["level"] == level])
         column, fmt = {
             "speedup": ("speedup_vs_softmax", times),
@@ -494,8 +497,8 @@ def _measured_here(frame: pd.DataFrame, row: pd.Series) -> str:
 
 
 def _setup_table(runs: list[Run]) -> Table:
-    keys = ["device", "dtype", "model shapes", "weights", "levels", "resolutions", "batch", "methods",
-            "method defaults", "implementations", "timer", "repetitions", "memory meter",
+    keys = ["device", "dtype", "model shapes", "weights", "levels", "resolutions", "batch",
+            "methods", "method defaults", "implementations", "timer", "repetitions", "memory meter",
             "FLOP convention", "time budget per point", "calibration", "library versions",
             "platform", "attnbench", "git revision", "date", "command line", "results"]
     columns = ["", *[r.name for r in runs]] if len(runs) > 1 else ["", "value"]
