@@ -40,7 +40,7 @@ GPU_DEFAULTS = {"model": "DiT-XL/2", "dtype": "bfloat16", "res": RESOLUTIONS,
                 "levels": ("attention", "model"), "budget": 120.0}
 CPU_DEFAULTS = {"model": CPU_DEFAULT, "dtype": "float32", "res": (256, 512, 1024),
                 "levels": ("attention", "model"), "budget": 30.0}
-SUMMARY_COLUMNS = ["label", "level", "resolution", "tokens", "status", "latency_ms",
+SUMMARY_COLUMNS = ["label", "level", "resolution", "tokens", "status", "density", "latency_ms",
                    "speedup_vs_softmax", "peak_mib", "memory_ratio_vs_softmax", "tflops_achieved",
                    "overhead_ms", "reason"]
 
