@@ -7,6 +7,11 @@ This is the only module that imports all three stages.
 Defaults depend on the device, and the output says which were used: on a GPU
 DiT-XL/2 shapes in bfloat16 at every resolution from 256 to 8192 px; on CPU a
 small DiT (``CPU_DEFAULT``) in float32 at 256-1024 px, a run of minutes.
+
+``--model`` also takes the diffusers zoo (FLUX.1-dev, SD3.5, PixArt-Σ, SANA, Wan2.1 and
+their ``*-tiny`` versions) and ``--model-path`` a local diffusers transformer folder:
+measured at their true shapes (text tokens, video frames with ``--frames``) with random
+weights unless loaded -- speed and memory need no trained weights.
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ import torch
 from . import attention, cliutil, runfolder
 from .bench.environment import REPO_ROOT, environment
 from .bench.sweep import RESOLUTIONS, SweepPlan, parse_methods, run_sweep
-from .bench.workloads import LEVELS
+from .bench.workloads import LEVELS, DiffusersModel, diffusers_model
 from .metrics.quality import EvalConfig, evaluate, parse_metrics
 from .metrics.sample import SampleSettings
 from .models import load_dit
-from .models.configs import CPU_DEFAULT, get_config
+from .models.configs import CPU_DEFAULT, DiTConfig, config_names, get_config
+from .models.diffusers_configs import DIFFUSERS_CONFIGS, diffusers_config_names
 from .report import write_report
 from .results import STATUS_OK, ResultsWriter, label, to_dataframe
 
@@ -34,7 +40,7 @@ GPU_DEFAULTS = {"model": "DiT-XL/2", "dtype": "bfloat16", "res": RESOLUTIONS,
                 "levels": ("attention", "model"), "budget": 120.0}
 CPU_DEFAULTS = {"model": CPU_DEFAULT, "dtype": "float32", "res": (256, 512, 1024),
                 "levels": ("attention", "model"), "budget": 30.0}
-SUMMARY_COLUMNS = ["label", "level", "resolution", "tokens", "status", "latency_ms",
+SUMMARY_COLUMNS = ["label", "level", "resolution", "tokens", "status", "density", "latency_ms",
                    "speedup_vs_softmax", "peak_mib", "memory_ratio_vs_softmax", "tflops_achieved",
                    "overhead_ms", "reason"]
 
@@ -60,11 +66,12 @@ def run(args: argparse.Namespace) -> int:
     device = cliutil.device(args.device)
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     dtype = cliutil.dtype(args.dtype or defaults["dtype"])
-    config = get_config(args.model or defaults["model"])
-    if args.ckpt:
-        config = load_dit(args.ckpt).config
+    config = _model(args, defaults)
     levels = cliutil.choices("--level", ",".join(defaults["levels"]) if args.level is None
                              else args.level, LEVELS)
+    if "block" in levels and isinstance(config, DiffusersModel):
+        raise cliutil.UsageError(f"--level block is DiT-only (attnbench's DiT block); "
+                                 f"{config.name} is measured at --level attention,model")
     resolutions = (list(defaults["res"]) if args.res is None
                    else cliutil.int_list(args.res, "--res"))
     if args.methods is None:
@@ -89,8 +96,10 @@ def run(args: argparse.Namespace) -> int:
         runfolder.lock_folder(out, "run")
         runfolder.claim_files(out, REPORT_FILES, force=args.force, ours=is_report_file)
     meta = environment(device, ["python", "-m", "attnbench", *args.argv])
+    described = ({"diffusers_model": config.describe()} if isinstance(config, DiffusersModel)
+                 else {"model_config": config.to_dict()})
     meta.update({
-        "model": config.name, "model_config": config.to_dict(), "dtype": str(dtype),
+        "model": config.name, **described, "dtype": str(dtype),
         "levels": levels, "resolutions": resolutions, "batch": args.batch,
         "methods": [m.label for m in methods], "budget_s": plan.budget_s,
         "timer": "warm-up + repetitions by time budget, synchronised; median, p20, p80; "
@@ -99,10 +108,10 @@ def run(args: argparse.Namespace) -> int:
                            "element-wise work not counted",
     })
     writer = ResultsWriter(out, meta, force=args.force)
+    cpu_default = device.type == "cpu" and not (args.model or args.model_path)
     print(f"attnbench run: {config.name} on {meta['device_name']}, {args.batch}× "
           f"{', '.join(map(str, resolutions))} px, levels {', '.join(levels)}, {dtype}"
-          f"{' (CPU defaults: a small model)' if device.type == 'cpu' and not args.model else ''}",
-          file=sys.stderr)
+          f"{' (CPU defaults: a small model)' if cpu_default else ''}", file=sys.stderr)
     rows = run_sweep(plan, writer, progress=not args.no_progress)
     with pd.option_context("display.max_rows", 500, "display.width", 200,
                            "display.max_colwidth", 60, "display.float_format", "{:.4g}".format):
@@ -128,6 +137,34 @@ def _check_quality_inputs(args: argparse.Namespace) -> None:
                         ("--quality-steps", args.quality_steps)):
         if value is not None:
             cliutil.require_positive_int(flag, value)
+
+
+def _model(args: argparse.Namespace, defaults: dict) -> DiTConfig | DiffusersModel:
+    """The model of ``--model`` / ``--model-path`` / ``--ckpt`` (with ``--frames``), checked."""
+    given = [flag for flag, value in (("--model", args.model), ("--model-path", args.model_path),
+                                      ("--ckpt", args.ckpt)) if value]
+    if len(given) > 1 and given != ["--model", "--ckpt"]:
+        raise cliutil.UsageError(f"{' and '.join(given)}: give one model (a DiT or diffusers "
+                                 "name with --model, or a folder with --model-path)")
+    if args.frames is not None and args.frames <= 0:
+        raise cliutil.UsageError(f"--frames {args.frames}: must be a positive frame count")
+    name = args.model or ("" if args.model_path else defaults["model"])
+    if args.model_path or name.strip().lower() in DIFFUSERS_CONFIGS:
+        if args.ckpt:
+            raise cliutil.UsageError("--ckpt is a DiT checkpoint; it does not combine with a "
+                                     "diffusers model")
+        return diffusers_model(name or None, args.model_path, args.frames)
+    if args.frames is not None:
+        raise cliutil.UsageError(f"--frames: {name} is an image DiT; --frames is for video "
+                                 "diffusers models (e.g. wan2.1-t2v-1.3b)")
+    if args.ckpt:
+        return load_dit(args.ckpt).config
+    try:
+        return get_config(name)
+    except ValueError:
+        raise cliutil.UsageError(
+            f"--model {name!r} is neither a DiT config ({', '.join(config_names())}) nor a "
+            f"diffusers model ({', '.join(diffusers_config_names())})") from None
 
 
 def _quality_stage(args: argparse.Namespace, out: Path, device: torch.device) -> None:
@@ -175,13 +212,22 @@ def add_parser(subparsers) -> None:
     p.add_argument("--method-options", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="an option for every run of a method, e.g. clear.radius=8 (repeatable)")
     p.add_argument("--level", help=f"comma-separated levels: {', '.join(LEVELS)} "
-                   "(default attention,model)")
+                   "(default attention,model); block is DiT-only (diffusers models: "
+                   "attention = one self-attention call at the model's true layout, model "
+                   "= one denoising step)")
     p.add_argument("--dtype", help="float32, bfloat16, float16 (default: GPU bf16, CPU fp32)")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when visible)")
     p.add_argument("--budget", type=float, help="seconds one point may take; points predicted "
                    "to exceed it are skipped with the reason (default GPU 120, CPU 30)")
-    p.add_argument("--model", help="DiT config name whose shapes are measured "
+    p.add_argument("--model", help="the model whose shapes are measured: a DiT config "
+                   f"({', '.join(config_names())}) or a diffusers model "
+                   f"({', '.join(diffusers_config_names())}), built with random weights "
                    f"(default: GPU DiT-XL/2, CPU {CPU_DEFAULT})")
+    p.add_argument("--model-path", metavar="DIR",
+                   help="a local diffusers transformer folder (or a pipeline folder with "
+                   "transformer/), loaded from local files only")
+    p.add_argument("--frames", type=int, help="frames of a video model (default: the model's "
+                   "usual frames, e.g. 81 for wan2.1); refused for image models")
     p.add_argument("--ckpt", help="take the model config from this DiT checkpoint instead")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--out", help="run directory (default reports/runs/<timestamp>/); "

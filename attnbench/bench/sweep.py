@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 
 from .. import attention
+from ..attention.layout import Layout
 from ..models.configs import DiTConfig
 from ..results import (
     BASELINE_METHOD,
@@ -45,7 +47,16 @@ from ..results import (
 from .flops import count_flops
 from .memory import free_memory, peak_memory
 from .timer import measure, synchronize
-from .workloads import Point, block_linear_flops, build_workload, check_resolution, model_flops
+from .workloads import (
+    DiffusersModel,
+    DiffusersPoint,
+    Point,
+    Refused,
+    block_linear_flops,
+    build_workload,
+    check_resolution,
+    model_flops,
+)
 
 RESOLUTIONS = (256, 512, 1024, 2048, 4096, 8192)
 #: the fewest calls a measured point makes: the untimed first call, one timed, one for memory
@@ -140,7 +151,8 @@ def calibrate(device: torch.device, dtype: torch.dtype) -> Calibration:
 class SweepPlan:
     """Everything a sweep runs; ``points()`` lists them in order."""
 
-    config: DiTConfig
+    #: attnbench's DiT, or a diffusers transformer (measured at its true shapes)
+    config: DiTConfig | DiffusersModel
     methods: list[MethodSpec]
     resolutions: list[int]
     levels: list[str]
@@ -151,15 +163,23 @@ class SweepPlan:
     rep_budget_s: float = 0.5
 
     def __post_init__(self) -> None:
+        if isinstance(self.config, DiffusersModel):
+            return  # a size the model cannot run is a skipped row with the reason
         for res in self.resolutions:
             check_resolution(res, self.config.patch_size)
+
+    def point(self, res: int) -> Point | DiffusersPoint:
+        """The model's shapes at ``res`` px."""
+        if isinstance(self.config, DiffusersModel):
+            return self.config.point(res, self.batch)
+        return Point(self.config, res, self.batch)
 
     def points(self) -> list[tuple[int, str, MethodSpec]]:
         return [(r, lvl, m) for r in self.resolutions for lvl in self.levels for m in self.methods]
 
 
 def _base_row(plan: SweepPlan, res: int, level: str, spec: MethodSpec) -> Result:
-    point = Point(plan.config, res, plan.batch)
+    point = plan.point(res)
     return Result(
         method=spec.name,
         options=canonical_options(spec.options),
@@ -182,10 +202,41 @@ def _is_oom(err: BaseException) -> bool:
     return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
 
 
-def point_density(spec: MethodSpec, point: Point) -> float:
+def _geometry(point: Point | DiffusersPoint) -> tuple[int, ...] | Layout:
+    """What the label API takes for ``point``: a plain grid as ``(H, W)``, else the Layout
+    (ValueError for a size the model cannot run)."""
+    layout = point.layout
+    if layout is None:
+        raise ValueError(getattr(point, "error", "no layout"))
+    return tuple(layout.grid) if layout.is_plain else layout
+
+
+def point_density(spec: MethodSpec, point: Point | DiffusersPoint) -> float:
     """The fraction of query–key pairs ``spec`` computes exactly at ``point``: the one
-    place a row's ``density`` comes from (NaN until the method reports it)."""
-    return math.nan
+    place a row's ``density`` comes from (``backend.density`` at the point's geometry;
+    NaN where the method does not take the point's layout)."""
+    try:
+        return attention.get(spec.name).density(_geometry(point), **spec.options)
+    except ValueError:
+        return math.nan
+
+
+def label_row(row: Result, spec: MethodSpec, point: Point | DiffusersPoint) -> None:
+    """Fill what ran into ``row``: ``density``, ``effective`` (the options after rounding,
+    when they differ from the request) and ``extra["warning"]`` (a request rounded more
+    than 20% away from itself). A layout the method does not take leaves them unknown."""
+    row.density = point_density(spec, point)
+    backend = attention.get(spec.name)
+    try:
+        geometry = _geometry(point)
+        effective = backend.effective_options(geometry, **spec.options)
+        warning = backend.rounding_warning(geometry, **spec.options)
+    except ValueError:
+        return
+    if effective != backend.resolve(backend.attend_options(spec.options)):
+        row.effective = canonical_options(effective)
+    if warning:
+        row.extra["warning"] = warning
 
 
 def run_point(
@@ -198,7 +249,8 @@ def run_point(
     even when predicted over the time budget (the row's ``extra`` says so).
     """
     row = _base_row(plan, res, level, spec)
-    row.density = point_density(spec, Point(plan.config, res, plan.batch))
+    point = plan.point(res)
+    label_row(row, spec, point)
     backend = attention.get(spec.name)
     shape = (plan.batch, row.heads, row.tokens, row.head_dim)
     reason = backend.available(plan.device, plan.dtype, shape)
@@ -207,15 +259,24 @@ def run_point(
         return row
     workload = None
     try:
-        skip = _predicted_before_allocating(plan, row, spec, calib,
-                                            keep_baseline=keep_baseline)
-        if skip:
-            row.status, row.reason = STATUS_SKIPPED, skip
-            return row
-        workload = build_workload(level, spec.name, spec.options, Point(plan.config, res,
-                                  plan.batch), plan.dtype, plan.device)
+        if not isinstance(point, DiffusersPoint):  # a diffusers workload predicts before
+            skip = _predicted_before_allocating(plan, row, spec, calib,  # it builds weights
+                                                keep_baseline=keep_baseline)
+            if skip:
+                row.status, row.reason = STATUS_SKIPPED, skip
+                return row
+        workload = build_workload(level, spec.name, spec.options, point, plan.dtype,
+                                  plan.device)
         row.impl = workload.impl
+        row.extra.update(workload.extra)
+        if workload.passed_over:
+            row.extra["passed_over"] = workload.passed_over
         row.flops_actual, row.flops_dense = workload.flops.actual, workload.flops.dense
+        if not workload.flops_modelled:
+            row.flops_actual = None
+            row.extra["flops_reason"] = (f"{spec.name}'s FLOP model does not cover layout "
+                                         f"{row.extra.get('layout', '')}: predicted from the "
+                                         "dense count")
         row.predicted_bytes = workload.predicted_bytes
         row.predicted_s = (workload.flops.actual / calib.flops_per_s
                            + workload.predicted_bytes / calib.bytes_per_s)
@@ -223,6 +284,8 @@ def run_point(
         if skip:
             row.status, row.reason = STATUS_SKIPPED, skip
             return row
+        if workload.prepare is not None:
+            workload.prepare()
         with torch.inference_mode():
             timing = measure(workload.fn, plan.device, budget_s=plan.rep_budget_s,
                              warmup_s=min(0.2, plan.rep_budget_s / 5),
@@ -244,10 +307,13 @@ def run_point(
         row.peak_memory_bytes, row.memory_meter = memory.peak_bytes, memory.meter
         if memory.reason:
             row.extra["memory_reason"] = memory.reason
-        row.tflops_achieved = workload.flops.actual / timing.median / 1e12
+        if row.flops_actual is not None:
+            row.tflops_achieved = row.flops_actual / timing.median / 1e12
         row.overheads = json.dumps(overheads, sort_keys=True)
         row.overhead_s = sum(overheads.values()) if overheads else None
         row.status = STATUS_OK
+    except Refused as err:  # cannot run here, said before building: not an error
+        row.status, row.reason = err.status, str(err)
     except Exception as err:  # a point must never crash the sweep
         row.status = STATUS_OOM if _is_oom(err) else STATUS_ERROR
         row.reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:500]
@@ -271,7 +337,7 @@ def _predicted_before_allocating(plan: SweepPlan, row: Result, spec: MethodSpec,
     backend = attention.get(spec.name)
     options = backend.resolve(backend.attend_options(spec.options))
     b, h, n, d = plan.batch, row.heads, row.tokens, row.head_dim
-    grid = Point(plan.config, row.resolution, plan.batch).grid
+    grid = plan.point(row.resolution).grid
     element = torch.empty((), dtype=plan.dtype).element_size()
     attn = backend.flops(b, h, n, d, grid, **options)
     flops = attn.actual
@@ -353,6 +419,9 @@ def run_sweep(plan: SweepPlan, writer: ResultsWriter, *, progress: bool = True) 
             and r.level == level for r in writer.rows)
         row = run_point(plan, res, level, spec, calib, keep_baseline=compared)
         row.extra["wall_s"] = round(time.perf_counter() - started, 3)
+        if row.extra.get("warning"):
+            bar.write(f"warning: {spec.label} {level} {res}px: {row.extra['warning']}",
+                      file=sys.stderr)
         writer.append(row)
     bar.close()
     return writer.finalize()

@@ -12,8 +12,9 @@ torch-fidelity / clean-fid and the feature extractors, ``shapes_classifier.py``
 the shipped shapes-world extractor and its training, ``geneval.py`` the exact
 detector and GenEval's rules, ``fidelity.py`` PSNR / SSIM / ε error,
 ``quality.py`` the quality stage, ``cli.py`` the ``sample`` and ``eval``
-subcommands, ``torchvision_compat.py`` the one workaround that lets the real
-torch-fidelity and clean-fid import next to a CPU torch.
+subcommands. The one workaround that lets the real torch-fidelity and clean-fid
+import next to a CPU torch is the leaf module :mod:`attnbench.torchvision_compat`
+(diffusers needs it too).
 
 Importing this package imports neither torchvision nor the FID libraries.
 """

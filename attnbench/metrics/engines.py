@@ -1,6 +1,6 @@
 """The FID engines (torch-fidelity, clean-fid) and the feature extractors they run.
 
-Both engines are the real libraries (imported through :mod:`.torchvision_compat`);
+Both engines are the real libraries (imported through :mod:`attnbench.torchvision_compat`);
 attnbench feeds them features and float64 statistics and calls their own metric
 functions:
 
@@ -72,19 +72,19 @@ def engine_version(engine: str) -> str:
 
 
 def torchvision_info() -> dict[str, Any]:
-    from .torchvision_compat import torchvision_status
+    from ..torchvision_compat import torchvision_status
 
     return torchvision_status()
 
 
 def _torch_fidelity():
-    from .torchvision_compat import import_torch_fidelity
+    from ..torchvision_compat import import_torch_fidelity
 
     return import_torch_fidelity()
 
 
 def _cleanfid():
-    from .torchvision_compat import import_cleanfid
+    from ..torchvision_compat import import_cleanfid
 
     return import_cleanfid()
 

@@ -114,8 +114,9 @@ def load_vae(path: str | Path, device: torch.device | str = "cpu"):
 
 
 def import_diffusers():
-    """``diffusers`` (optional; it imports torchvision, hence :mod:`.torchvision_compat` first)."""
-    from .torchvision_compat import import_torchvision
+    """``diffusers`` (optional; it imports torchvision, so the workaround of
+    :mod:`attnbench.torchvision_compat` comes first)."""
+    from ..torchvision_compat import import_torchvision
 
     import_torchvision()
     try:

@@ -187,7 +187,7 @@ def extractor_class() -> type:
     global _EXTRACTOR_CLASS
     if _EXTRACTOR_CLASS is not None:
         return _EXTRACTOR_CLASS
-    from .torchvision_compat import import_torch_fidelity
+    from ..torchvision_compat import import_torch_fidelity
 
     import_torch_fidelity()
     from torch_fidelity.feature_extractor_base import FeatureExtractorBase
@@ -227,7 +227,7 @@ def extractor_class() -> type:
 
 def register_torch_fidelity() -> str:
     """Register the extractor with torch-fidelity (idempotent); its registry name."""
-    from .torchvision_compat import import_torch_fidelity
+    from ..torchvision_compat import import_torch_fidelity
 
     import_torch_fidelity()
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor

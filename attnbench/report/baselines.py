@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..bench.environment import REPO_ROOT
+from ..models.diffusers_configs import DIFFUSERS_CONFIGS
 from ..results import BASELINE_METHOD
 
 DEFAULT_BASELINES = REPO_ROOT / "baselines" / "published.csv"
@@ -45,6 +46,12 @@ def load_baselines(paths: list[Path | str] | None = None) -> pd.DataFrame:
     for col in ("options", "unit", "note", "provenance", "table_or_section"):
         table[col] = table[col].fillna("").astype(str)
     return table
+
+
+def is_zoo_model(model: str) -> bool:
+    """Whether a published row's ``model`` names a diffusers zoo entry (``flux.1-dev``):
+    such numbers sit beside points measured on that model only."""
+    return str(model).strip().lower() in DIFFUSERS_CONFIGS
 
 
 def relevant(baselines: pd.DataFrame, methods: list[str]) -> pd.DataFrame:

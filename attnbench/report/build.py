@@ -347,6 +347,13 @@ def _note(row: pd.Series) -> str:
         return row["reason"] or "(no reason recorded)"
     extra = row["extra_dict"]
     notes = []
+    if extra.get("warning"):
+        notes.append(f"warning: {extra['warning']}")
+    passed = extra.get("passed_over")
+    if isinstance(passed, dict) and passed:
+        notes.append("passed over " + "; ".join(
+            f"{name} ({', '.join(map(str, why)) if isinstance(why, list) else why})"
+            for name, why in passed.items()))
     if extra.get("memory_reason"):
         notes.append(str(extra["memory_reason"]))
     if _finite(row["flops_counted"]) and _finite(row["flops_actual"]) and row["flops_actual"]:
@@ -474,10 +481,13 @@ def _measured_here(frame: pd.DataFrame, row: pd.Series) -> str:
     level = bl.MEASURED_LEVEL.get(row["level"])
     metric = row["metric"]
     absolute = metric in ("peak_memory", "latency", "flops")
-    if absolute and (row["level"] == "end-to-end" or row["model"] not in set(ok["model"])):
+    same_model = ok["model"].astype(str).str.lower() == str(row["model"]).lower()
+    if absolute and (row["level"] == "end-to-end" or not same_model.any()):
         return DASH  # another quantity or another model: not comparable
+    # a number published on a model of the diffusers zoo is matched on that model only
+    model_bound = absolute or bl.is_zoo_model(row["model"])
     if metric in ("speedup", "peak_memory", "latency", "flops") and level:
-        sel = ok[(ok["level"] == level) & (ok["model"] == row["model"])] if absolute else (
+        sel = ok[(ok["level"] == level) & same_model] if model_bound else (
             ok[ok["level"] == level])
         column, fmt = {
             "speedup": ("speedup_vs_softmax", times),
@@ -502,14 +512,27 @@ def _measured_here(frame: pd.DataFrame, row: pd.Series) -> str:
 
 
 def _setup_table(runs: list[Run]) -> Table:
-    keys = ["device", "dtype", "model shapes", "levels", "resolutions", "batch", "methods",
-            "method defaults", "implementations", "timer", "repetitions", "memory meter",
+    keys = ["device", "dtype", "model shapes", "weights", "levels", "resolutions", "batch",
+            "methods", "method defaults", "implementations", "timer", "repetitions", "memory meter",
             "FLOP convention", "time budget per point", "calibration", "library versions",
             "platform", "attnbench", "git revision", "date", "command line", "results"]
     columns = ["", *[r.name for r in runs]] if len(runs) > 1 else ["", "value"]
     values = [_setup(r) for r in runs]
+    keys = [k for k in keys if k != "weights" or any(k in v for v in values)]
     rows = [[k, *[v.get(k, DASH) for v in values]] for k in keys]
     return Table(columns, rows, align="l" * len(columns))
+
+
+def _diffusers_shapes(model: dict[str, Any], frame: pd.DataFrame) -> str:
+    """``flux.1-dev: FluxTransformer2DModel (flux), layouts 512 text + 64x64, ...; source``."""
+    layouts = list(dict.fromkeys(str(e["layout"]) for e in frame["extra_dict"]
+                                 if e.get("layout")))
+    text = f"{model.get('name')}: {model.get('class')} ({model.get('family')})"
+    if layouts:
+        text += f", self-attention layouts {', '.join(layouts)}"
+    if model.get("frames"):
+        text += f", {model['frames']} frames"
+    return text + (f"; configuration: {model['source']}" if model.get("source") else "")
 
 
 def _setup(run: Run) -> dict[str, str]:
@@ -530,8 +553,15 @@ def _setup(run: Run) -> dict[str, str]:
                                 f"{cfg.get('hidden_size')}, {cfg.get('num_heads')} heads, patch "
                                 f"{cfg.get('patch_size')}; latent = image / 8 with "
                                 f"{cfg.get('in_channels')} channels")
+    elif m.get("diffusers_model"):
+        info["model shapes"] = _diffusers_shapes(m["diffusers_model"], f)
     else:
         info["model shapes"] = model
+    weights = list(dict.fromkeys(str(e["weights"]) for e in f["extra_dict"] if e.get("weights")))
+    if weights:
+        info["weights"] = "; ".join(weights) + (
+            " — latency, memory and FLOPs depend on the shapes only, so speed needs no "
+            "trained weights" if any(w.startswith(("random", "none")) for w in weights) else "")
     info["levels"] = "; ".join(level_title(lvl) for lvl in levels(run.frame)) or DASH
     pairs = f[["resolution", "tokens"]].drop_duplicates().sort_values("resolution")
     info["resolutions"] = ", ".join(f"{int(r)} px ({int(t):,} tokens)" for r, t in

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from ...metrics.torchvision_compat import import_torchvision
+from ...torchvision_compat import import_torchvision
 
 #: diffusers releases whose processors this adapter reproduces (tested in CI)
 SUPPORTED = ">=0.42.1,<0.43"

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from attnbench.metrics.torchvision_compat import (
+from attnbench.torchvision_compat import (
     import_cleanfid,
     import_torch_fidelity,
     import_torchvision,
@@ -48,7 +48,7 @@ def test_compiled_ops_still_fail_loudly():
 
 def test_fresh_process_import_order():
     """torch-fidelity imported first thing in a new interpreter (no torchvision yet)."""
-    code = ("from attnbench.metrics.torchvision_compat import import_torch_fidelity as f; "
+    code = ("from attnbench.torchvision_compat import import_torch_fidelity as f; "
             "import sys; f(); print('torch_fidelity' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
