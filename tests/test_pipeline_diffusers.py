@@ -9,8 +9,6 @@ import pytest
 
 pytest.importorskip("diffusers")
 
-from attnbench import attention
-from attnbench.attention import Layout
 from attnbench.cli import main
 from attnbench.integrations.diffusers import build_transformer
 
@@ -42,8 +40,7 @@ def folder_run(flux_folder, tmp_path_factory):
 
 
 def test_model_path_measures_every_method(folder_run, flux_folder):
-    """Every method has a row with a status; softmax is measured; a row not measured says
-    why (lit/clear/sla refuse text tokens until their layouts land)."""
+    """Every method has a row with a status; softmax is measured; a row not measured says why."""
     assert set(folder_run) == set(METHODS)
     soft = folder_run["softmax"]
     assert soft["status"] == "ok" and soft["latency_median_s"] > 0
@@ -57,20 +54,12 @@ def test_model_path_measures_every_method(folder_run, flux_folder):
             assert row["reason"], method
 
 
-def _takes_text_tokens(method: str) -> bool:
-    try:
-        attention.get(method).effective_options(Layout((2, 2), text=3))
-    except ValueError:
-        return False
-    return True
-
-
 @pytest.mark.parametrize("method", ["lit", "clear", "sla"])
-def test_model_path_all_ok_once_the_method_takes_text_tokens(folder_run, method):
-    """The strict form of the test above: it runs once ``method`` accepts a text layout."""
-    if not _takes_text_tokens(method):
-        pytest.skip(f"{method} does not take text-token layouts yet")
-    assert folder_run[method]["status"] == "ok", folder_run[method]["reason"]
+def test_model_path_measures_every_method_with_text_tokens(folder_run, method):
+    """FLUX's 512 text tokens + the image grid: every method runs on that layout."""
+    row = folder_run[method]
+    assert row["status"] == "ok", row["reason"]
+    assert row["extra"]["layout"] == "512 text + 2x2" and row["flops_actual"] > 0
 
 
 def test_zoo_model_at_attention_and_model_levels(tmp_path):
