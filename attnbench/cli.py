@@ -89,7 +89,7 @@ def _add_list(subparsers) -> None:
 
 #: stage modules contributing subcommands, each with ``add_parser(subparsers)``
 STAGES: tuple[str, ...] = ("models.cli", "bench.cli", "data.cli", "distill.cli", "report.cli",
-                           "metrics.cli")
+                           "metrics.cli", "metrics.zero_shot_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
