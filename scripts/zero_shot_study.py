@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import torch
+    from distill_study import quality_of
 
     from attnbench.bench.environment import environment
     from attnbench.distill.pipeline import SELF_SAMPLES_FILE, resolve_teacher
@@ -121,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     from attnbench.metrics.zero_shot_cli import write_outputs
     from attnbench.models import load_dit
     from attnbench.report.zero_shot import write_zero_shot_report
-    from distill_study import quality_of
 
     started = time.perf_counter()
     out = Path(args.out)

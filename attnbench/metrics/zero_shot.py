@@ -139,8 +139,8 @@ def parse_variants(text: str, method_options: Sequence[str] = ()) -> list[Varian
 
 def with_softmax(variants: list[Variant]) -> list[Variant]:
     """Softmax first (the check that the measurement reads 0 and 1), then the rest."""
-    rest = [v for v in variants if not (v.method == "softmax" and not v.options and v.heads is None)]
-    return [Variant("softmax"), *rest]
+    softmax = Variant("softmax")
+    return [softmax, *(v for v in variants if v != softmax)]
 
 
 # --------------------------------------------------------------------------- heads
@@ -541,7 +541,7 @@ def zero_shot_fidelity(teacher, config: FidelityConfig, *, progress: bool = True
         bar.update(1)
         bar.set_postfix_str(f"trajectory {label}")
     bar.close()
-    for label, data in info.items():
+    for data in info.values():
         data.pop("inherits")
     return FidelityResult(layers, e2e, locality, summaries, info,
                           elapsed_s=time.perf_counter() - started)

@@ -12,7 +12,6 @@ from ..bench.results import STATUS_OK
 from . import baselines as bl
 from .plots import Plot, pareto_plot, samples_plot, speed_plots
 from .render import Bullets, Document, Figure, Heading, Note, Para, Table, to_html, to_markdown
-from .zero_shot import FIDELITY_LEVEL, zero_shot_section
 from .tables import (
     DASH,
     Run,
@@ -29,6 +28,7 @@ from .tables import (
     status_counts,
     times,
 )
+from .zero_shot import FIDELITY_LEVEL, zero_shot_section
 
 PLOT_NAMES = ("latency", "speedup", "memory", "flops", "tflops", "pareto", "samples")
 MEMORY_METERS = {

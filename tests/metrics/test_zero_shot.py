@@ -131,7 +131,7 @@ def test_softmax_on_the_teacher_has_error_zero_and_mass_one(teacher_layer):
 
 
 def test_a_clear_radius_covering_the_grid_is_softmax(teacher_layer):
-    err, cos, recall, _ = _measure(*teacher_layer, "clear:radius=12")  # 8×8 grid: d < 10
+    err, _cos, recall, _ = _measure(*teacher_layer, "clear:radius=12")  # 8×8 grid: d < 10
     assert err < 1e-10 and recall == pytest.approx(1, abs=1e-12)
 
 
