@@ -185,7 +185,7 @@ def zero_shot_blocks(directory: Path, plot_dir: Path, title: str = SECTION) -> l
              if pd.isna(r["mass_recall"]) and isinstance(r["mass_recall_note"], str)}
     if notes:
         blocks.append(Para("Mass recall not defined: " + "; ".join(
-            f"`{k}`: {v}" for k, v in notes.items()) + "."))
+            f"`{k}`: {v.removeprefix('not defined: ')}" for k, v in notes.items()) + "."))
     heat = plot_dir / PLOT_FILES[0]
     if _heatmaps(layers, heat):
         blocks.append(Figure(heat, "Zero-shot relative error per layer × timestep",
