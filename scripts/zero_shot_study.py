@@ -101,13 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--teacher", default=None, help="default: the shipped teacher")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--eval-samples", type=int, default=128)
     p.add_argument("--gen-samples", type=int, default=512)
     p.add_argument("--quality-num", type=int, default=256)
-    p.add_argument("--quality-steps", type=int, default=50)
+    p.add_argument("--quality-steps", type=int, default=25)
     p.add_argument("--zero-shot-num", type=int, default=8)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     from attnbench.distill.pipeline import SELF_SAMPLES_FILE, resolve_teacher
     from attnbench.distill.trainer import TrainConfig
     from attnbench.metrics.zero_shot import FidelityConfig, parse_variants, zero_shot_fidelity
-    from attnbench.metrics.zero_shot_cli import write_outputs
+    from attnbench.metrics.zero_shot_cli import SUMMARY_FILE, write_outputs
     from attnbench.models import load_dit
     from attnbench.report.zero_shot import write_zero_shot_report
 
@@ -134,12 +134,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. zero-shot fidelity of every variant, right after conversion
     zs_config = FidelityConfig(variants=variants, num=args.zero_shot_num, device=args.device)
-    print("zero-shot fidelity ...", flush=True)
-    zs = zero_shot_fidelity(model, zs_config, progress=False)
-    write_outputs(out / "zero-shot", zs, model, zs_config, {**meta, "stage": "fidelity"})
-    write_zero_shot_report(out / "zero-shot")
-    zero_shot = {s["label"]: s for s in zs.summaries}
-    meta["zero_shot_s"] = zs.elapsed_s
+    done = out / "zero-shot" / SUMMARY_FILE
+    if not done.is_file():  # kept from an earlier run of the study: the same measurement
+        print("zero-shot fidelity ...", flush=True)
+        zs = zero_shot_fidelity(model, zs_config, progress=False)
+        write_outputs(out / "zero-shot", zs, model, zs_config, {**meta, "stage": "fidelity"})
+        write_zero_shot_report(out / "zero-shot")
+    measured = json.loads(done.read_text())
+    zero_shot = {s["label"]: s for s in measured["summaries"]}
+    meta["zero_shot_s"] = measured["elapsed_s"]
 
     # 2. a short distillation of each, then its ε error and FID
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
