@@ -74,7 +74,7 @@ def _add_list(subparsers) -> None:
 
 #: stage modules contributing subcommands, each with ``add_parser(subparsers)``
 STAGES: tuple[str, ...] = ("models.cli", "pipeline", "bench.cli", "data.cli", "distill.cli",
-                           "report.cli", "metrics.cli")
+                           "report.cli", "metrics.cli", "fidelity")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,6 +40,17 @@ from .layout import Layout
 from .recipes import ConversionRecipe, DistillRecipe
 
 Grid = tuple[int, int]
+#: rows ``(r0, r1)`` → bool mask ``[B|1, H|1, r1 - r0, N]`` of the pairs computed exactly
+ExactRows = Callable[[int, int], torch.Tensor]
+
+
+def rows_in_order(rows: ExactRows, positions: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """Rows ``r0:r1`` of a text-first mask ``rows``, both axes in the caller's order
+    (``positions[i]`` = token i's text-first index)."""
+    wanted = positions[r0:r1]
+    lo, hi = int(wanted.min()), int(wanted.max()) + 1
+    block = rows(lo, hi)
+    return block.index_select(-2, wanted - lo).index_select(-1, positions)
 
 
 # --------------------------------------------------------------------------- options
@@ -836,6 +847,41 @@ class AttentionBackend:
 
     def density_model(self, layout: Layout, **options: Any) -> float:
         return 1.0
+
+    def exact_pairs(self, q: torch.Tensor, k: torch.Tensor, geometry: Grid | Layout,
+                    **options: Any) -> ExactRows | None:
+        """The query–key pairs this method computes exactly on ``q, k``, row by row.
+
+        Returns ``rows(r0, r1)``: a bool mask broadcastable to ``[B, H, r1 - r0, N]``
+        (True = the pair is computed by exact softmax), in the call's token order; or
+        ``None`` for a method that computes no pair exactly (linear attention). The
+        pairs whose softmax probability mass a method keeps (zero-shot fidelity's
+        mass recall); rows keep the memory at O(rows · N). Pooled or extra key tokens
+        that are not input tokens are not pairs.
+        """
+        layout, opts = self._label_args(geometry, options)
+        given = geometry if isinstance(geometry, Layout) else layout
+        given.check(k.shape[2])
+        density = self.density_model(layout, **opts)
+        if density == 0.0:
+            return None
+        if density == 1.0 and not self.sparse_pairs:
+            n = k.shape[2]
+            return lambda r0, r1: torch.ones(1, 1, r1 - r0, n, dtype=torch.bool, device=k.device)
+        rows = self.exact_rows_model(given.to_text_first(q), given.to_text_first(k), layout,
+                                     **opts)
+        if given.text_first or not given.text:
+            return rows
+        pos = given.text_first_positions(k.device)
+        return lambda r0, r1: rows_in_order(rows, pos, r0, r1)
+
+    #: True for methods whose exact pairs are a strict subset of all pairs in general
+    #: (CLEAR's window, SLA's blocks): ``exact_pairs`` asks ``exact_rows_model`` then
+    sparse_pairs: bool = False
+
+    def exact_rows_model(self, q, k, layout: Layout, **options: Any) -> ExactRows:
+        """``exact_pairs`` on text-first ``q, k`` over the text-first ``layout``."""
+        raise NotImplementedError  # pragma: no cover - methods with sparse_pairs define it
 
     def effective_options(self, geometry: Grid | Layout, **options: Any) -> dict[str, Any]:
         """The options as they act at this geometry: resolved, plus what rounding made of

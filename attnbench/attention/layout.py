@@ -148,6 +148,13 @@ class Layout:
         return self.join(x.narrow(dim, 0, self.text),
                          x.narrow(dim, self.text, self.image_tokens), dim)
 
+    def text_first_positions(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """For each token in this layout's order, its index in :attr:`text_first_form`."""
+        order = self.to_text_first(torch.arange(self.tokens, device=device).unsqueeze(-1))
+        positions = torch.empty_like(order.squeeze(-1))
+        positions[order.squeeze(-1)] = torch.arange(self.tokens, device=device)
+        return positions
+
     def describe(self) -> str:
         """A short label: ``16x16``, ``4x16x16``, ``512 text + 64x64``, ``64x64 + 333 text``."""
         grid = "x".join(str(g) for g in self.grid)

@@ -30,6 +30,7 @@ from .tables import (
     status_counts,
     times,
 )
+from .zero_shot import FIDELITY_LEVEL, zero_shot_section
 
 PLOT_NAMES = ("latency", "speedup", "memory", "flops", "tflops", "pareto", "samples")
 MEMORY_METERS = {
@@ -100,6 +101,7 @@ def write_report(run_paths: list[Path | str], out: Path | str | None = None,
 def build_document(runs: list[Run], plot_dir: Path, published: pd.DataFrame,
                    title: str | None = None) -> tuple[Document, list[Plot]]:
     frame = pd.concat([r.frame for r in runs], ignore_index=True)
+    frame = frame[frame["level"] != FIDELITY_LEVEL]  # rendered by zero_shot_section
     names = ", ".join(r.name for r in runs)
     doc = Document(title or f"attnbench report: {names}")
     speed = speed_rows(frame)
@@ -130,6 +132,7 @@ def build_document(runs: list[Run], plot_dir: Path, published: pd.DataFrame,
                       "logarithmic."))
         doc.add(*[Figure(p.path, p.title, p.caption) for p in plots])
     doc.add(*_quality_section(frame, quality_plot, sample_plot))
+    doc.add(*zero_shot_section(runs, plot_dir))
     doc.add(Heading("What was measured and how"))
     doc.add(_setup_table(runs))
     if not speed.empty:

@@ -279,6 +279,14 @@ class Clear(AttentionBackend):
         return Window.of(layout.text_first_form, options["radius"], options["global_tokens"],
                          options["down_factor"], options["radius_t"])
 
+    sparse_pairs = True
+
+    def exact_rows_model(self, q, k, layout, **opts):
+        """The window's mask over the input tokens (pooled keys are not input pairs)."""
+        n = k.shape[2]
+        mask = _cached_dense_mask(self.window(layout, opts), k.device)[:, :n]
+        return lambda r0, r1: mask[r0:r1]
+
     # ----- cost models --------------------------------------------------------------
     def flop_model(self, batch, heads, tokens, head_dim, layout, **opts) -> Flops:
         """``4·B·H·pairs·d`` over the allowed pairs only (CLEAR's own convention): the

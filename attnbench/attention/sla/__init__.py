@@ -273,6 +273,20 @@ class SLA(AttentionBackend):
                 q, k = q.index_select(2, perm[0]), k.index_select(2, perm[0])
         return block_map(q, k, opts["block_q"], opts["block_kv"], opts["topk"])
 
+    sparse_pairs = True
+
+    def exact_rows_model(self, q, k, layout, **opts):
+        """The selected blocks' pairs, each token placed in its block of SLA's order."""
+        selected = self.block_map(q, k, layout=layout, **opts)  # [B, H, nq, nk]
+        n = k.shape[2]
+        place = torch.arange(n, device=k.device)
+        perm = token_order(layout, opts["order"], min(opts["block_q"], opts["block_kv"]),
+                           k.device)
+        if perm is not None:
+            place = perm[1]  # token t sits at perm[1][t] in SLA's order
+        q_block, kv_block = place // opts["block_q"], place // opts["block_kv"]
+        return lambda r0, r1: selected[:, :, q_block[r0:r1]][..., kv_block]
+
     def overhead_steps(self, q, k, v, *, grid=None, layout=None, impl: str, **options: Any):
         """The block map (the token order, pooling, scoring, top-k): timed apart from the
         attention."""

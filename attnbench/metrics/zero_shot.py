@@ -1,0 +1,545 @@
+"""Zero-shot fidelity: how close each method is to softmax on a model's own activations.
+
+Before any training, on the *same* inputs, this asks of every attention method (and
+option variant) how far it lands from the softmax attention the model was trained
+with -- per attention layer and per diffusion timestep, then end to end. (Not to be
+confused with :mod:`.fidelity`, which compares *samples* of a trained student with
+its teacher's.)
+
+Per layer × timestep × variant, on the q, k, v the model itself computes there
+(captured with a forward pre-hook on each block's mixer and re-projected with the
+mixer's own ``split_heads``, in float64; nothing in the model changes):
+
+* ``rel_error`` = ‖O_m − O_sm‖ / ‖O_sm‖ and ``cosine`` of O_m and O_sm, over the
+  whole layer output before the output projection (all images, tokens, channels);
+  O_sm is softmax attention in float64, computed in query-row chunks;
+* ``mass_recall`` -- the fraction of softmax's probability mass that lies on the
+  pairs the method computes exactly (mean over query rows, heads and images):
+  1 for softmax; CLEAR's circular window with its global tokens; SLA's critical
+  blocks. Not defined (NaN, with the reason in ``mass_recall_note``) where the
+  method computes no pair exactly (LiT) or splits the heads differently from the
+  model (the maps would not be the model's);
+* for softmax itself: ``entropy`` of the attention rows (nats; ``entropy_norm``
+  divides by log N), the ``erank`` (effective rank, Roy & Vetterli 2007: exp of
+  the entropy of the normalised singular values) of the maps -- CLEAR's
+  "high-rank" factor -- and the locality curve: the mass within grid radius r
+  (``dy² + dx² < r²``, CLEAR's window) for every r (``locality.csv``), summarised
+  by ``radius_50`` / ``radius_90``, the smallest radius that holds half / 90 %.
+
+What "the method" computes on a layer: when the converted student inherits the
+model's projections at that layer (CLEAR, SLA), it is the student's own layer
+(its ``core`` in float64: SLA's zero-initialised linear-branch projection makes a
+fresh SLA layer block-sparse softmax, CLEAR's pooled tokens use their initial
+weights); when conversion re-initialises the projections (LiT's recipe), the
+student's layer sees other q, k, v, so what is measured is the method's operator
+(``attend``) on the model's q, k, v, learned parts (LiT's depth-wise conv) left
+out. The ``computed`` column says which. A variant with other heads than the
+model (``lit:heads=2``) splits the same q, k, v projections into its heads.
+
+End to end, every layer swapped at once (:func:`attnbench.convert`, the student
+as it runs, in float32): the relative error and MSE of the student's ε against
+the model's on the same noised inputs, per timestep, and the PSNR of a short DDIM
+trajectory of each from the same noise and labels.
+
+Cost: one layer's q, k, v at a time (the analysis runs inside the hook), N×N
+quantities in chunks of query rows (``chunk_elements`` scores at once), the
+effective rank on a uniform sample of query rows (``erank_elements`` at once;
+exact when every row fits).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import attention
+from ..bench.sweep import parse_methods
+from ..attention.base import Grid
+
+#: the ``level`` of zero-shot rows in the results table
+FIDELITY_LEVEL = "fidelity"
+#: files a ``fidelity`` run writes beside the results table
+FIDELITY_CSV = "fidelity.csv"
+END_TO_END_CSV = "end_to_end.csv"
+LOCALITY_CSV = "locality.csv"
+#: the shipped teacher's grid is 8×8 tokens: SLA's blocks of 64 would cover it whole
+DEFAULT_METHODS = "lit,clear:radius=2,clear:radius=3,sla:topk=0.25:block_q=8:block_kv=8"
+DEFAULT_TIMESTEPS = (100, 300, 500, 700, 900)
+#: scores held at once by the row-chunked softmax pass (float64: 32 MiB)
+CHUNK_ELEMENTS = 1 << 22
+#: attention-map entries kept for the effective rank (float64: 128 MiB)
+ERANK_ELEMENTS = 1 << 24
+#: pass-through option: the student's head count (a conversion choice, not attend's)
+HEADS_OPTION = "heads"
+#: metrics of a variant's summary row and their direction
+HIGHER_IS_BETTER = {"rel_error": False, "cosine": True, "mass_recall": True,
+                    "eps_rel_error": False, "eps_mse": False, "psnr_trajectory": True}
+#: methods whose every pair is exact softmax
+LIT_NOTE = "not defined: LiT computes no pair exactly (every score is φ(q)·φ(k))"
+
+
+# --------------------------------------------------------------------------- variants
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One method with its options and the student's head count (``None``: the recipe's)."""
+
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    heads: int | None = None
+
+    @property
+    def label(self) -> str:
+        parts = [f"{k}={v}" for k, v in sorted(self.options.items())]
+        if self.heads is not None:
+            parts.append(f"{HEADS_OPTION}={self.heads}")
+        return ":".join([self.method, *parts])
+
+
+def parse_variants(text: str, method_options: Sequence[str] = ()) -> list[Variant]:
+    """``"softmax,lit:heads=2,clear:radius=3"`` → variants (``run``'s syntax, plus ``heads=``).
+
+    The method options go through :func:`attnbench.bench.sweep.parse_methods` (the one
+    parser of method specs); ``heads=N`` is taken off first: it is the student's
+    head count at conversion, not an option of the method.
+    """
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise ValueError("--methods is empty: give e.g. lit,clear:radius=3")
+    plain, heads = [], []
+    for item in items:
+        kept, count = [], None
+        for i, part in enumerate(item.split(":")):
+            key, sep, value = part.partition("=")
+            if i and sep and key.strip() == HEADS_OPTION:
+                try:
+                    count = int(value)
+                except ValueError:
+                    count = -1
+                if count <= 0:
+                    raise ValueError(f"--methods {item!r}: heads={value!r} is not a positive "
+                                     "integer (the student's head count, e.g. lit:heads=2)")
+                continue
+            kept.append(part)
+        plain.append(":".join(kept))
+        heads.append(count)
+    specs = parse_methods(plain, method_options)
+    return [Variant(s.name, dict(s.options), h) for s, h in zip(specs, heads, strict=True)]
+
+
+def with_softmax(variants: list[Variant]) -> list[Variant]:
+    """Softmax first (the check that the measurement reads 0 and 1), then the rest."""
+    softmax = Variant("softmax")
+    return [softmax, *(v for v in variants if v != softmax)]
+
+
+# --------------------------------------------------------------------------- heads
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, N, d]`` → ``[B, N, H·d]`` (the layout the output projection reads)."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, H, N, d]`` → ``[B, heads, N, H·d/heads]``: the same channels, other heads."""
+    if heads == x.shape[1]:
+        return x
+    b, _, n, _ = x.shape
+    return merge_heads(x).reshape(b, n, heads, -1).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------- exact pairs
+
+
+#: ``mask(r0, r1)`` → bool broadcastable to ``[B, H, r1 - r0, N]``: pairs computed exactly
+MaskFn = Callable[[int, int], torch.Tensor]
+
+
+def exact_pairs(variant: Variant, q: torch.Tensor, k: torch.Tensor, grid: Grid,
+                options: dict[str, Any]) -> tuple[MaskFn | None, str]:
+    """The pairs ``variant`` computes exactly on these q, k (the model's heads), or why none.
+
+    The method's own :meth:`~attnbench.attention.AttentionBackend.exact_pairs` (CLEAR's
+    window and text tokens, SLA's critical blocks in its token order, every pair for
+    softmax). ``options`` are the variant's resolved options. Returns ``(mask, note)``;
+    ``mask`` is ``None`` when mass recall is not defined, and ``note`` says why.
+    """
+    if variant.heads is not None and variant.heads != q.shape[1] and variant.method != "lit":
+        return None, (f"not defined: {variant.heads} heads split the maps differently from "
+                      f"the model's {q.shape[1]}")
+    backend = attention.get(variant.method)
+    rows = backend.exact_pairs(q, k, grid, **backend.attend_options(options))
+    if rows is None:
+        return None, (LIT_NOTE if variant.method == "lit" else
+                      f"not defined: {variant.method} computes no pair exactly")
+    pooled = (" (pooled K/V tokens are not exact pairs)"
+              if options.get("down_factor", 0) > 1 else "")
+    return rows, f"{backend.density(grid, **backend.attend_options(options)):.1%} of pairs" + pooled
+
+
+# --------------------------------------------------------------------------- softmax pass
+
+
+@dataclass
+class SoftmaxPass:
+    """Softmax attention of one layer and its statistics, from the row-chunked pass."""
+
+    out: torch.Tensor  # [B, H, N, d], float64
+    entropy: float  # mean over rows, heads, images (nats)
+    entropy_norm: float  # entropy / log N
+    erank: float  # mean over heads and images
+    erank_rows: int  # query rows the effective rank was computed on (N: exact)
+    locality: torch.Tensor  # [D2 + 1]: mean mass per squared grid distance (sums to 1)
+    mass_recall: dict[str, float]  # per mask name
+
+
+def squared_distances(grid: Grid, r0: int, r1: int, device=None) -> torch.Tensor:
+    """``[r1 - r0, N]`` integer ``dy² + dx²`` between query rows and every key (row-major)."""
+    _, wg = grid
+    n = grid[0] * grid[1]
+    qi = torch.arange(r0, r1, device=device)[:, None]
+    ki = torch.arange(n, device=device)[None, :]
+    dy, dx = qi // wg - ki // wg, qi % wg - ki % wg
+    return dy * dy + dx * dx
+
+
+def effective_rank(maps: torch.Tensor) -> torch.Tensor:
+    """exp(entropy of σ / Σσ) of each matrix ``[..., m, N]`` (Roy & Vetterli 2007)."""
+    sigma = torch.linalg.svdvals(maps)
+    p = sigma / sigma.sum(-1, keepdim=True).clamp_min(torch.finfo(sigma.dtype).tiny)
+    return torch.exp(-torch.special.xlogy(p, p).sum(-1))
+
+
+def erank_sample(n: int, batch_heads: int, budget: int = ERANK_ELEMENTS) -> torch.Tensor:
+    """Query rows the effective rank is computed on: all of them, or an even spread."""
+    m = max(1, min(n, budget // max(1, batch_heads * n)))
+    if m == n:
+        return torch.arange(n)
+    return torch.linspace(0, n - 1, m, dtype=torch.float64).round().long().unique()
+
+
+def softmax_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid,
+                 masks: dict[str, MaskFn] | None = None, *,
+                 chunk_elements: int = CHUNK_ELEMENTS,
+                 erank_elements: int = ERANK_ELEMENTS) -> SoftmaxPass:
+    """Softmax attention of ``q, k, v`` ``[B, H, N, d]`` and its statistics, streamed.
+
+    Query rows go in chunks of ``chunk_elements // (B·H·N)`` (at least one): per chunk
+    the probabilities ``P`` (float64) give the output rows, their entropy, their mass
+    per squared grid distance and the mass on each mask's pairs. The rows of
+    :func:`erank_sample` are kept for the effective rank. Nothing N×N is held.
+    """
+    q, k, v = q.double(), k.double(), v.double()
+    b, h, n, d = q.shape
+    if grid[0] * grid[1] != n:
+        raise ValueError(f"grid {grid} has {grid[0] * grid[1]} tokens, q has {n}: the "
+                         "zero-shot statistics need a plain image grid")
+    masks = masks or {}
+    scale = d ** -0.5
+    rows = max(1, chunk_elements // max(1, b * h * n))
+    sample = erank_sample(n, b * h, erank_elements).to(q.device)
+    kept = torch.empty(b, h, len(sample), n, dtype=torch.float64, device=q.device)
+    max_d2 = (grid[0] - 1) ** 2 + (grid[1] - 1) ** 2
+    hist = torch.zeros(max_d2 + 1, dtype=torch.float64, device=q.device)
+    out = torch.empty_like(v)
+    entropy = 0.0
+    recall = dict.fromkeys(masks, 0.0)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        p = torch.softmax(torch.matmul(q[:, :, r0:r1], k.transpose(-1, -2)) * scale, dim=-1)
+        out[:, :, r0:r1] = torch.matmul(p, v)
+        entropy -= torch.special.xlogy(p, p).sum().item()
+        d2 = squared_distances(grid, r0, r1, q.device)
+        hist.scatter_add_(0, d2.flatten(), p.sum((0, 1)).flatten())
+        for name, mask in masks.items():
+            recall[name] += (p * mask(r0, r1)).sum().item()
+        here = (sample >= r0) & (sample < r1)
+        if here.any():
+            kept[:, :, here] = p[:, :, sample[here] - r0]
+    total_rows = b * h * n
+    erank = effective_rank(kept).mean().item()
+    return SoftmaxPass(
+        out=out, entropy=entropy / total_rows,
+        entropy_norm=entropy / total_rows / math.log(n) if n > 1 else 0.0,
+        erank=erank, erank_rows=len(sample), locality=hist / total_rows,
+        mass_recall={name: value / total_rows for name, value in recall.items()},
+    )
+
+
+def mass_within(locality: torch.Tensor, radius: float) -> float:
+    """Mass with ``dy² + dx² < radius²`` from a per-squared-distance histogram."""
+    limit = math.ceil(radius * radius)
+    return float(locality[: max(0, limit)].sum())
+
+
+def radius_holding(locality: torch.Tensor, fraction: float) -> int:
+    """The smallest integer radius whose window holds ``fraction`` of the mass."""
+    radius = 1
+    while mass_within(locality, radius) < fraction - 1e-12 and radius * radius <= len(locality):
+        radius += 1
+    return radius
+
+
+# --------------------------------------------------------------------------- one layer
+
+
+def layer_outputs(variant: Variant, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  grid: Grid, options: dict[str, Any], heads: int,
+                  student_mixer=None) -> torch.Tensor:
+    """What ``variant`` computes on the model's q, k, v: ``[B, N, C]`` float64 (module doc).
+
+    ``student_mixer``: the converted student's mixer of this layer when it inherits
+    the model's projections (its ``core`` runs, in a float64 copy, on the reference
+    path); ``None``: the method's ``attend`` operator. ``heads``: the student's count.
+    """
+    qs, ks, vs = (split_heads(t.double(), heads) for t in (q, k, v))
+    if student_mixer is not None:
+        mixer = copy.deepcopy(student_mixer).double()
+        mixer.impl = "reference"
+        with torch.no_grad():
+            return merge_heads(mixer.core(qs, ks, vs, grid=tuple(grid)))
+    backend = attention.get(variant.method)
+    return merge_heads(backend.attend(qs, ks, vs, grid=tuple(grid), impl="reference",
+                                      **backend.attend_options(options)))
+
+
+def compare(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """``(‖out − ref‖ / ‖ref‖, cosine(out, ref))`` over every element, in float64."""
+    out, ref = out.double().flatten(), ref.double().flatten()
+    ref_norm = ref.norm().item()
+    err = (out - ref).norm().item() / ref_norm if ref_norm else float("nan")
+    denom = out.norm().item() * ref_norm
+    cos = (out @ ref).item() / denom if denom else float("nan")
+    return err, cos
+
+
+# --------------------------------------------------------------------------- capture
+
+
+@contextmanager
+def on_each_layer(model, fn: Callable[[int, Any, torch.Tensor, Grid], None]) -> Iterator[None]:
+    """Call ``fn(layer, mixer, x, grid)`` before every block's attention (forward pre-hooks).
+
+    ``x`` is the mixer's input ``[B, N, C]``; the model's computation is unchanged.
+    """
+    handles = []
+    for index, mixer in enumerate(model.mixers()):
+        def hook(module, args, index=index):
+            fn(index, module, args[0].detach(), tuple(args[1]))
+        handles.append(mixer.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# --------------------------------------------------------------------------- the study
+
+
+@dataclass
+class FidelityConfig:
+    """Everything ``fidelity`` needs besides the model (CLI flags map 1:1)."""
+
+    variants: list[Variant]
+    timesteps: tuple[int, ...] = DEFAULT_TIMESTEPS
+    num: int = 8
+    seed: int = 0
+    sample_steps: int = 20
+    chunk_elements: int = CHUNK_ELEMENTS
+    erank_elements: int = ERANK_ELEMENTS
+    device: str = "cpu"
+
+
+@dataclass
+class FidelityResult:
+    """The long tables (lists of dicts) and one summary per variant."""
+
+    layers: list[dict[str, Any]]
+    end_to_end: list[dict[str, Any]]
+    locality: list[dict[str, Any]]
+    summaries: list[dict[str, Any]]
+    students: dict[str, dict[str, Any]]  # per label: heads, computed, options, impl
+    elapsed_s: float = 0.0
+
+
+def shapes_inputs(config, num: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x0, y, noise)``: ``num`` shapes-world images and labels and fixed noise."""
+    from ..data.shapes import ShapesWorld
+
+    x0, y = ShapesWorld(config.input_size, seed=seed).get(range(num))
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=generator)
+    return x0, y, noise
+
+
+def check_timesteps(timesteps: Sequence[int], num_steps: int) -> tuple[int, ...]:
+    bad = [t for t in timesteps if not 0 <= int(t) < num_steps]
+    if bad or not timesteps:
+        raise ValueError(f"--timesteps {list(timesteps)}: each must be an integer in "
+                         f"[0, {num_steps - 1}] (the training schedule's steps)")
+    return tuple(int(t) for t in timesteps)
+
+
+def convert_variant(teacher, variant: Variant):
+    """The converted student of ``variant`` (``attnbench.convert``, seed 0), in eval mode."""
+    from ..models.convert import convert
+
+    student, report = convert(teacher, variant.method, num_heads=variant.heads, seed=0,
+                              **variant.options)
+    return student.eval(), report
+
+
+def inherits_layer(student, teacher, layer: int) -> bool:
+    """Does the student's layer hold the teacher's q/k/v projection (same values)?"""
+    s, t = student.blocks[layer].attn.qkv.weight, teacher.blocks[layer].attn.qkv.weight
+    return s.shape == t.shape and torch.equal(s.detach().cpu(), t.detach().cpu())
+
+
+@torch.no_grad()
+def zero_shot_fidelity(teacher, config: FidelityConfig, *, progress: bool = True,
+                       log: Callable[[str], None] | None = None) -> FidelityResult:
+    """Run the whole measurement (module docstring) of ``config.variants`` on ``teacher``."""
+    from ..diffusion import Diffusion
+    from .fidelity import psnr
+
+    started = time.perf_counter()
+    device = torch.device(config.device)
+    teacher = teacher.to(device).eval()
+    cfg = teacher.config
+    diffusion = Diffusion(num_steps=1000)
+    timesteps = check_timesteps(config.timesteps, diffusion.num_steps)
+    x0, y, noise = (t.to(device) for t in shapes_inputs(cfg, config.num, config.seed))
+    variants = with_softmax(list(config.variants))
+    students, info = {}, {}
+    for variant in variants:
+        backend = attention.get(variant.method)
+        student, _ = convert_variant(teacher, variant)
+        students[variant.label] = student.to(device)
+        heads = student.config.heads
+        inherit = [inherits_layer(student, teacher, i) for i in range(cfg.depth)]
+        info[variant.label] = {
+            "method": variant.method, "heads": heads,
+            "options": backend.resolve(variant.options, mixer=True),
+            "computed": "converted layer" if all(inherit) else
+                        "operator (attend) on the model's q, k, v: projections re-initialised "
+                        "at conversion, learned parts left out",
+            "inherits": inherit,
+        }
+    teacher64 = copy.deepcopy(teacher).double()
+    depth = cfg.depth
+    bar = _progress(len(timesteps) * depth + len(variants), progress)
+    layers, locality, e2e = [], [], []
+
+    for t in timesteps:
+        tt = torch.full((config.num,), t, dtype=torch.long, device=device)
+        xt = diffusion.q_sample(x0, tt, noise)
+
+        def analyse(layer: int, mixer, x: torch.Tensor, grid: Grid, t=t) -> None:
+            q, k, v = mixer.split_heads(x.double())
+            masks, notes, resolved = {}, {}, {}
+            for variant in variants:
+                opts = info[variant.label]["options"]
+                resolved[variant.label] = opts
+                mask, notes[variant.label] = exact_pairs(variant, q, k, grid, opts)
+                if mask is not None:
+                    masks[variant.label] = mask
+            sm = softmax_pass(q, k, v, grid, masks, chunk_elements=config.chunk_elements,
+                              erank_elements=config.erank_elements)
+            ref = merge_heads(sm.out)
+            stats = {"entropy": sm.entropy, "entropy_norm": sm.entropy_norm,
+                     "erank": sm.erank, "erank_rows": sm.erank_rows,
+                     "radius_50": radius_holding(sm.locality, 0.5),
+                     "radius_90": radius_holding(sm.locality, 0.9)}
+            for variant in variants:
+                label = variant.label
+                student_mixer = (students[label].blocks[layer].attn
+                                 if info[label]["inherits"][layer] else None)
+                out = layer_outputs(variant, q, k, v, grid, resolved[label],
+                                    info[label]["heads"], student_mixer)
+                err, cos = compare(out, ref)
+                layers.append({
+                    "method": variant.method, "options": _options_text(variant),
+                    "label": label, "layer": layer, "timestep": t, "rel_error": err,
+                    "cosine": cos, "mass_recall": sm.mass_recall.get(label, float("nan")),
+                    "mass_recall_note": notes[label],
+                    "computed": "converted layer" if student_mixer is not None else "operator",
+                    **stats,
+                })
+            radius_max = math.isqrt(len(sm.locality) - 1) + 1
+            for radius in range(1, radius_max + 1):
+                locality.append({"layer": layer, "timestep": t, "radius": radius,
+                                 "mass_within": mass_within(sm.locality, radius)})
+            bar.update(1)
+            bar.set_postfix_str(f"t={t} layer {layer}")
+
+        with on_each_layer(teacher64, analyse):
+            teacher64(xt.double(), tt, y)
+        eps_t = teacher(xt, tt, y)[:, : cfg.in_channels]
+        for variant in variants:
+            eps_s = students[variant.label](xt, tt, y)[:, : cfg.in_channels]
+            err, _ = compare(eps_s, eps_t)
+            e2e.append({"method": variant.method, "options": _options_text(variant),
+                        "label": variant.label, "timestep": t, "eps_rel_error": err,
+                        "eps_mse": ((eps_s.double() - eps_t.double()) ** 2).mean().item()})
+
+    shape = tuple(x0.shape)
+    steps = f"ddim{config.sample_steps}"
+    clip = cfg.in_channels == 3
+
+    def trajectory(model) -> torch.Tensor:
+        return diffusion.sample(model, shape, y, steps=steps, sampler="ddim",
+                                clip_denoised=clip, noise=noise, device=device)
+
+    reference = trajectory(teacher)
+    summaries = []
+    for variant in variants:
+        label = variant.label
+        images = reference if label == "softmax" else trajectory(students[label])
+        value = psnr(images, reference).mean().item()
+        rows = [r for r in layers if r["label"] == label]
+        ends = [r for r in e2e if r["label"] == label]
+        summaries.append({
+            "method": variant.method, "options": _options_text(variant), "label": label,
+            "heads": info[label]["heads"], "computed": info[label]["computed"],
+            "rel_error": _mean(r["rel_error"] for r in rows),
+            "cosine": _mean(r["cosine"] for r in rows),
+            "mass_recall": _mean(r["mass_recall"] for r in rows),
+            "mass_recall_note": rows[0]["mass_recall_note"] if rows else "",
+            "eps_rel_error": _mean(r["eps_rel_error"] for r in ends),
+            "eps_mse": _mean(r["eps_mse"] for r in ends),
+            "psnr_trajectory": value,
+        })
+        bar.update(1)
+        bar.set_postfix_str(f"trajectory {label}")
+    bar.close()
+    for data in info.values():
+        data.pop("inherits")
+    return FidelityResult(layers, e2e, locality, summaries, info,
+                          elapsed_s=time.perf_counter() - started)
+
+
+def _options_text(variant: Variant) -> str:
+    return ":".join(variant.label.split(":")[1:])
+
+
+def _mean(values) -> float:
+    values = [float(v) for v in values]
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite and len(finite) == len(values) else float("nan")
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="zero-shot fidelity", unit="layer", disable=not enabled)
