@@ -33,8 +33,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 #: the teacher's grid is 8×8 tokens and 64 tokens: SLA with blocks of one token row
 #: keeps 1, 2 or 4 of the 8 KV blocks; CLEAR's radii cover ~24 %, ~44 %, ~68 % of the pairs
 VARIANTS = ("clear:radius=2", "clear:radius=3", "clear:radius=4",
-            "sla:topk=0.125:block_q=8:block_kv=8:order=row-major", "sla:topk=0.25:block_q=8:block_kv=8:order=row-major",
-            "sla:topk=0.5:block_q=8:block_kv=8:order=row-major", "lit:heads=2", "lit:heads=4")
+            *(f"sla:topk={k}:block_q=8:block_kv=8:order=row-major" for k in (0.125, 0.25, 0.5)),
+            "lit:heads=2", "lit:heads=4")
 PREDICTORS = {  # zero-shot number: what "better" is
     "rel_error": "lower", "cosine": "higher", "mass_recall": "higher",
     "eps_rel_error": "lower", "psnr_trajectory": "higher",
@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     from attnbench.bench.environment import environment
     from attnbench.distill.pipeline import SELF_SAMPLES_FILE, resolve_teacher
     from attnbench.distill.trainer import TrainConfig
-    from attnbench.metrics.zero_shot import FidelityConfig, parse_variants, zero_shot_fidelity
     from attnbench.fidelity import SUMMARY_FILE, write_outputs
+    from attnbench.metrics.zero_shot import FidelityConfig, parse_variants, zero_shot_fidelity
     from attnbench.models import load_dit
     from attnbench.report.zero_shot import write_zero_shot_report
 

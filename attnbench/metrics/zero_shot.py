@@ -60,8 +60,8 @@ from typing import Any
 import torch
 
 from .. import attention
-from ..bench.sweep import parse_methods
 from ..attention.base import Grid
+from ..bench.sweep import parse_methods
 
 #: the ``level`` of zero-shot rows in the results table
 FIDELITY_LEVEL = "fidelity"

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from attnbench import attention
-
 from attnbench.cli import main
 from attnbench.metrics import zero_shot as zs
 
