@@ -84,6 +84,17 @@ def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.unflatten(-1, (-1, head_dim))
 
 
+def _project(attn, hidden_states: torch.Tensor):
+    """q, k, v ``[B, N, H, d]`` of a stock ``Attention``: its projections and QK norms."""
+    d = attn.inner_dim // attn.heads
+    q, k, v = (_heads(p(hidden_states), d) for p in (attn.to_q, attn.to_k, attn.to_v))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    return q, k, v
+
+
 class FluxProcessor(AttnbenchProcessor):
     """``FluxAttnProcessor``: double-stream ([text; image] joined here) and single-stream
     blocks ([text; image] joined by the block), RMS QK norms, RoPE on the joint sequence.
@@ -128,12 +139,7 @@ class JointProcessor(AttnbenchProcessor):
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
         self.refuse(attention_mask)
-        d = attn.inner_dim // attn.heads
-        q, k, v = (_heads(p(hidden_states), d) for p in (attn.to_q, attn.to_k, attn.to_v))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q, k, v = _project(attn, hidden_states)
         text = 0
         if encoder_hidden_states is not None:
             text = encoder_hidden_states.shape[1]
@@ -169,12 +175,7 @@ class SelfProcessor(AttnbenchProcessor):
         if encoder_hidden_states is not None or hidden_states.ndim != 3:
             raise ValueError(f"{self.where}: attnbench's processor takes self-attention on "
                              "[B, N, C] tokens only")
-        d = attn.inner_dim // attn.heads
-        q, k, v = (_heads(p(hidden_states), d) for p in (attn.to_q, attn.to_k, attn.to_v))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q, k, v = _project(attn, hidden_states)
         out = attn.to_out[1](attn.to_out[0](self.attend(q, k, v, self.geometry.layout())))
         if attn.residual_connection:
             out = out + hidden_states
