@@ -143,7 +143,7 @@ class JointProcessor(AttnbenchProcessor):
         text = 0
         if encoder_hidden_states is not None:
             text = encoder_hidden_states.shape[1]
-            eq, ek, ev = (_heads(p(encoder_hidden_states), d)
+            eq, ek, ev = (_heads(p(encoder_hidden_states), attn.inner_dim // attn.heads)
                           for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
             if attn.norm_added_q is not None:
                 eq = attn.norm_added_q(eq)
