@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import runfolder
+from . import cliutil, runfolder
 from .bench.environment import REPO_ROOT, environment
 from .distill.teacher import default_teacher_path
 from .metrics.quality import is_shapes_model
@@ -62,12 +62,6 @@ def _ints(text: str, flag: str) -> list[int]:
     if not values:
         raise ValueError(f"{flag} is empty: give e.g. 100,500,900")
     return values
-
-
-def _positive(value: int, flag: str) -> int:
-    if value <= 0:
-        raise ValueError(f"{flag} must be a positive integer, got {value}")
-    return value
 
 
 def _load_model(ckpt: str | None, device: str):
@@ -159,9 +153,9 @@ def fidelity(args: argparse.Namespace) -> int:
     variants = parse_variants(args.methods, args.method_options)
     timesteps = check_timesteps(_ints(args.timesteps, "--timesteps"), 1000) if args.timesteps \
         else DEFAULT_TIMESTEPS
-    num = _positive(args.num, "--num")
-    steps = _positive(args.sample_steps, "--sample-steps")
-    chunk = _positive(args.chunk_elements, "--chunk-elements")
+    num = cliutil.require_positive_int("--num", args.num)
+    steps = cliutil.require_positive_int("--sample-steps", args.sample_steps)
+    chunk = cliutil.require_positive_int("--chunk-elements", args.chunk_elements)
     if args.device != "cpu" and not args.device.startswith("cuda"):
         raise ValueError(f"--device {args.device!r}: use cpu or cuda[:N]")
     import torch
