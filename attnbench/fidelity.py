@@ -85,12 +85,21 @@ def _load_model(ckpt: str | None, device: str):
     return model, ckpt
 
 
+#: the files the command writes beside the results table and the report
+OUTPUT_FILES = (FIDELITY_CSV, END_TO_END_CSV, LOCALITY_CSV, SUMMARY_FILE)
+
+
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """``rows`` as a CSV, atomically (a kill leaves the previous file or none)."""
     fields = list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as out:
+            writer = csv.DictWriter(out, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    runfolder.atomic_write(path, write)
 
 
 def result_rows(result: FidelityResult, model, config: FidelityConfig, device: str) -> list:
@@ -143,7 +152,7 @@ def write_outputs(out: Path, result: FidelityResult, model, config: FidelityConf
     for row in result_rows(result, model, config, meta.get("device", "cpu")):
         writer.append(row)
     writer.finalize()
-    (out / SUMMARY_FILE).write_text(json.dumps(
+    runfolder.atomic_write(out / SUMMARY_FILE, json.dumps(
         {"summaries": result.summaries, "students": result.students,
          "inputs": _inputs(config), "elapsed_s": result.elapsed_s}, indent=2, default=str))
 
@@ -167,6 +176,7 @@ def fidelity(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else REPO_ROOT / "reports" / "runs" / f"fidelity-{stamp}"
     runfolder.lock_folder(out, "fidelity")  # before any work: one writer, a user's files kept
+    runfolder.claim_files(out, OUTPUT_FILES, force=args.force)
     runfolder.claim_files(out, REPORT_FILES, force=args.force, ours=is_report_file)
     config = FidelityConfig(variants=variants, timesteps=timesteps, num=num, seed=args.seed,
                             sample_steps=steps, chunk_elements=chunk, device=args.device)

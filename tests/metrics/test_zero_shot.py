@@ -216,3 +216,13 @@ def test_bad_input_exits_2_with_a_clear_message(argv, message, capsys, tmp_path)
     err = capsys.readouterr().err
     assert "attnbench fidelity: error:" in err and message in err
     assert not (tmp_path / "x").exists()  # refused before any work
+
+
+def test_a_users_file_in_out_is_never_overwritten(capsys, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "fidelity.csv").write_text("my own table\n")
+    assert main(["fidelity", *FAST, "--methods", "clear:radius=3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "fidelity.csv" in err and "--force" in err
+    assert (out / "fidelity.csv").read_text() == "my own table\n"
