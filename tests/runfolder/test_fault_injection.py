@@ -67,6 +67,15 @@ def _check_files_parse(folder) -> None:
                 list(csv.DictReader(f))
 
 
+def _fresh_folders(root):
+    """killed-0, killed-1, …: a run that finishes before its kills is checked and the
+    kills go on in a new folder, so a fast machine still gets every kill."""
+    index = 0
+    while True:
+        yield root / f"killed-{index}"
+        index += 1
+
+
 def _finish(args, folder) -> None:
     proc = spawn(args)
     _, err = proc.communicate(timeout=300)
@@ -75,24 +84,30 @@ def _finish(args, folder) -> None:
 
 def test_run_survives_random_kills(tmp_path):
     args = [*TINY_RUN, "--res", "64,128,192"]
-    reference, folder = tmp_path / "reference", tmp_path / "killed"
+    reference = tmp_path / "reference"
     _finish([*args, "--out", str(reference)], reference)
+
+    def check_finished(folder):
+        assert sorted(_run_keys(folder)) == sorted(_run_keys(reference))
+        assert len(_run_keys(folder)) == 6
+        json.loads((folder / "results.json").read_text())
+        assert not temporaries(folder) and not (folder / runfolder.LOCK_FILE).exists()
+
     rng = random.Random(13)
-    kills = 0
+    folders = _fresh_folders(tmp_path)
+    folder, kills = next(folders), 0
     while kills < KILLS:
         code = _kill_at_random([*args, "--out", str(folder)], folder, rng, window=2.0)
         assert code in (None, 0), code
-        kills += code is None
         keys = _run_keys(folder)
         assert len(keys) == len(set(keys)), keys  # no duplicate row
         _check_files_parse(folder)
-        if code == 0:  # finished before the kill: start over to keep killing
-            break
+        if code == 0:  # finished before the kill (a fast machine): check it, kill anew
+            check_finished(folder)
+            folder = next(folders)
+        kills += code is None
     _finish([*args, "--out", str(folder)], folder)
-    assert sorted(_run_keys(folder)) == sorted(_run_keys(reference))
-    assert len(_run_keys(folder)) == 6
-    json.loads((folder / "results.json").read_text())
-    assert not temporaries(folder) and not (folder / runfolder.LOCK_FILE).exists()
+    check_finished(folder)
 
 
 @pytest.fixture(scope="module")
@@ -109,25 +124,40 @@ def test_distill_survives_random_kills(tmp_path, teacher):
                 "--eval-samples", "2", "--ckpt-every", "3", "--threads", "1", "--no-progress",
                 *extra]
 
-    reference, folder = tmp_path / "reference", tmp_path / "killed"
+    reference = tmp_path / "reference"
     _finish(args(reference), reference)
+
+    def check_finished(folder):
+        ref = _complete_rows(reference / "metrics.jsonl")
+        got = _complete_rows(folder / "metrics.jsonl")
+        assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, 41))
+        assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in ref], rel=1e-4)
+        _check_files_parse(folder)
+        with open(folder / "metrics.csv", newline="") as f:
+            assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 41))
+        assert (folder / "student" / "model.safetensors").is_file()
+        assert not temporaries(folder) and not (folder / runfolder.LOCK_FILE).exists()
+
     rng = random.Random(7)
-    kills = mid_training = 0
+    folders = _fresh_folders(tmp_path)
+    folder, kills, mid_training = next(folders), 0, 0
     for _ in range(4 * KILLS):
         if kills >= KILLS:
             break
         started = (folder / "run.json").exists()
         logged = len(_complete_rows(folder / "metrics.jsonl")) if started else 0
 
-        def training(logged=logged):  # this process logged a step of its own
+        def training(folder=folder, logged=logged):  # this process logged a step of its own
             return len(_complete_rows(folder / "metrics.jsonl")) > logged
 
         # every other kill lands in the training loop (the rest anywhere after the lock)
         code = _kill_at_random(args(folder, *(["--resume"] if started else [])), folder, rng,
                                window=1.0 if kills % 2 else 4.0,
                                ready=training if kills % 2 else None)
-        if code == 0:
-            break
+        if code == 0:  # finished before the kill (a fast machine): check it, kill anew
+            check_finished(folder)
+            folder = next(folders)
+            continue
         assert code is None, code
         kills += 1
         mid_training += (folder / "checkpoint.pt").exists()
@@ -137,12 +167,4 @@ def test_distill_survives_random_kills(tmp_path, teacher):
     assert kills >= KILLS and mid_training >= 3  # the kills reached the training loop
     # what the errors say: --resume a run that started, rerun one killed before it started
     _finish(args(folder, *(["--resume"] if (folder / "run.json").exists() else [])), folder)
-    ref = _complete_rows(reference / "metrics.jsonl")
-    got = _complete_rows(folder / "metrics.jsonl")
-    assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, 41))
-    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in ref], rel=1e-4)
-    _check_files_parse(folder)
-    with open(folder / "metrics.csv", newline="") as f:
-        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 41))
-    assert (folder / "student" / "model.safetensors").is_file()
-    assert not temporaries(folder) and not (folder / runfolder.LOCK_FILE).exists()
+    check_finished(folder)
