@@ -104,22 +104,6 @@ def choices(flag: str, text: str | None, accepted: Sequence[str]) -> list[str]:
     return unique(flag, names)
 
 
-def int_list(text: str, flag: str, *, example: str = "256,512,1024") -> list[int]:
-    """``"256,512"`` → ``[256, 512]``: comma-separated integers > 0, repeats merged with a note."""
-    parts = name_list(flag, text, accepted=f"integers > 0, e.g. {example}")
-    values = []
-    for part in parts:
-        try:
-            value = int(part)
-        except ValueError:
-            raise UsageError(f"{flag} takes comma-separated integers > 0 (e.g. {example}), "
-                             f"got {part!r}") from None
-        if value <= 0:
-            raise UsageError(f"{flag} {value}: must be > 0 (e.g. {example})")
-        values.append(value)
-    return unique(flag, values)
-
-
 def device(name: str | None, flag: str = "--device") -> torch.device:
     """``cpu`` / ``cuda[:N]``, checked against this machine; ``None``: cuda when visible."""
     if name is None:

@@ -34,7 +34,7 @@ from .models import load_dit
 from .models.configs import CPU_DEFAULT, DiTConfig, config_names, get_config
 from .models.diffusers_configs import DIFFUSERS_CONFIGS, diffusers_config_names
 from .report import write_report
-from .results import STATUS_OK, ResultsWriter, label, to_dataframe
+from .results import STATUS_OK, ResultsWriter, Size, label, size_text, to_dataframe
 
 GPU_DEFAULTS = {"model": "DiT-XL/2", "dtype": "bfloat16", "res": RESOLUTIONS,
                 "levels": ("attention", "model"), "budget": 120.0}
@@ -56,10 +56,28 @@ def summary_frame(rows):
     if frame.empty:
         return frame
     frame["label"] = [label(m, o) for m, o in zip(frame["method"], frame["options"], strict=True)]
+    frame["resolution"] = [size_text(r, h) for r, h in zip(frame["resolution"], frame["height"],
+                                                          strict=True)]
     frame["latency_ms"] = frame["latency_median_s"] * 1e3
     frame["peak_mib"] = frame["peak_memory_bytes"] / 2**20
     frame["overhead_ms"] = frame["overhead_s"] * 1e3
     return frame[SUMMARY_COLUMNS]
+
+
+def parse_sizes(text: str, flag: str = "--res") -> list[Size]:
+    """``"256,480x832"`` → square 256 px and 480 (height) × 832 (width) px, checked."""
+    example = "256,1024 or 480x832"
+    sizes = []
+    for part in cliutil.name_list(flag, text, accepted=f"px or HEIGHTxWIDTH, e.g. {example}"):
+        try:
+            size = Size.of(part)
+        except ValueError:
+            raise cliutil.UsageError(f"{flag} takes comma-separated px or HEIGHTxWIDTH sizes "
+                                     f"(e.g. {example}), got {part!r}") from None
+        if min(size) <= 0:
+            raise cliutil.UsageError(f"{flag} {part}: every side must be > 0 (e.g. {example})")
+        sizes.append(size)
+    return cliutil.unique(flag, sizes)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,8 +90,12 @@ def run(args: argparse.Namespace) -> int:
     if "block" in levels and isinstance(config, DiffusersModel):
         raise cliutil.UsageError(f"--level block is DiT-only (attnbench's DiT block); "
                                  f"{config.name} is measured at --level attention,model")
-    resolutions = (list(defaults["res"]) if args.res is None
-                   else cliutil.int_list(args.res, "--res"))
+    if args.res is not None:
+        resolutions = parse_sizes(args.res)
+    elif isinstance(config, DiffusersModel) and config.entry.is_video:
+        resolutions = [Size.of(config.entry.default_res)]  # a video at its published size
+    else:
+        resolutions = [Size.of(r) for r in defaults["res"]]
     if args.methods is None:
         method_items = _default_methods(device, dtype)
     else:
@@ -100,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
                  else {"model_config": config.to_dict()})
     meta.update({
         "model": config.name, **described, "dtype": str(dtype),
-        "levels": levels, "resolutions": resolutions, "batch": args.batch,
+        "levels": levels, "resolutions": [r.width if r.square else str(r) for r in resolutions],
+        "batch": args.batch,
         "methods": [m.label for m in methods], "budget_s": plan.budget_s,
         "timer": "warm-up + repetitions by time budget, synchronised; median, p20, p80; "
                  "CUDA events with L2 flush on GPU, perf_counter on CPU",
@@ -205,8 +228,9 @@ def add_parser(subparsers) -> None:
         "run", help="latency, memory and FLOPs of every method across resolutions",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--res", help="image resolutions in px, e.g. 256,1024,8192 "
-                   "(default: GPU 256…8192, CPU 256,512,1024)")
+    p.add_argument("--res", help="image sizes in px, e.g. 256,1024,8192 (square) or 480x832 "
+                   "(height x width: Wan's 480p) (default: GPU 256…8192, CPU 256,512,1024; "
+                   "a video model: its published size)")
     p.add_argument("--methods", help="comma-separated methods, variants as clear:radius=16 "
                    "(default: every method available here)")
     p.add_argument("--method-options", action="append", default=[], metavar="METHOD.KEY=VALUE",

@@ -20,7 +20,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import runfolder
 
@@ -48,6 +48,52 @@ HIGHER_IS_BETTER: dict[str, bool] = {
 }
 
 
+class Size(NamedTuple):
+    """An image size in px, ``height × width``; a square one reads as its side.
+
+    Rows keep the width in ``resolution`` and the height in ``height`` only when it
+    differs (0 = square), so every square run reads as before."""
+
+    height: int
+    width: int
+
+    @classmethod
+    def of(cls, value: int | str | tuple[int, int] | Size) -> Size:
+        """``1024`` or ``"1024"`` (square), ``"480x832"`` or ``(480, 832)`` (height × width)."""
+        if isinstance(value, str):
+            parts = value.strip().lower().replace("×", "x").split("x")
+            if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+                raise ValueError(f"{value!r} is not a size: give px (1024) or HEIGHTxWIDTH "
+                                 "(480x832)")
+            value = tuple(int(p) for p in parts)
+        if isinstance(value, (tuple, list)):
+            if len(value) == 1:
+                value = value[0]
+            elif len(value) == 2:
+                return cls(int(value[0]), int(value[1]))
+            else:
+                raise ValueError(f"a size is px or (height, width) px, got {value!r}")
+        return cls(int(value), int(value))
+
+    @property
+    def square(self) -> bool:
+        return self.height == self.width
+
+    @property
+    def side(self) -> float:
+        """√(height·width): the square side of the same area (a resolution axis)."""
+        return math.sqrt(self.height * self.width)
+
+    def __str__(self) -> str:
+        return str(self.width) if self.square else f"{self.height}x{self.width}"
+
+
+def size_text(resolution: Any, height: Any = 0) -> str:
+    """A row's image size as text: ``1024`` (square) or ``480x832`` (height × width)."""
+    h = int(height) if height == height and height else 0  # NaN / None / 0: square
+    return str(Size(h or int(resolution), int(resolution)))
+
+
 @dataclass
 class Result:
     """One measured (or skipped) point. Times in seconds, memory in bytes, FLOPs forward."""
@@ -55,7 +101,7 @@ class Result:
     method: str
     options: str  # canonical JSON of the method's resolved options
     level: str  # attention | block | model
-    resolution: int  # image pixels (square)
+    resolution: int  # image width in px (the side of a square image)
     tokens: int
     batch: int
     dtype: str
@@ -68,6 +114,8 @@ class Result:
     density: float = math.nan
     #: canonical JSON of the options after rounding, when they differ from ``options``
     effective: str = ""
+    #: image height in px when it differs from ``resolution`` (the width); 0: square
+    height: int = 0
     status: str = STATUS_OK
     reason: str = ""
     latency_median_s: float | None = None
@@ -89,9 +137,13 @@ class Result:
     memory_ratio_vs_softmax: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def size(self) -> Size:
+        return Size(self.height or self.resolution, self.resolution)
+
     def key(self) -> tuple:
         return point_key(self.method, self.options, self.level, self.resolution, self.batch,
-                         self.dtype, self.device, self.model)
+                         self.dtype, self.device, self.model, self.height)
 
     def as_row(self) -> dict[str, Any]:
         row = asdict(self)
@@ -101,12 +153,16 @@ class Result:
 
 COLUMNS = [f.name for f in fields(Result)]
 #: columns added within schema 1, with a default: rows written before them still read
-OPTIONAL_COLUMNS = {"density", "effective"}
+OPTIONAL_COLUMNS = {"density", "effective", "height"}
 
 
-def point_key(method, options, level, resolution, batch, dtype, device, model) -> tuple:
-    """What identifies a point across runs (for resuming and comparing)."""
-    return (method, options, level, int(resolution), int(batch), str(dtype), str(device), model)
+def point_key(method, options, level, resolution, batch, dtype, device, model,
+              height=0) -> tuple:
+    """What identifies a point across runs (for resuming and comparing); ``height`` equal
+    to ``resolution`` is the square image (0)."""
+    height = 0 if int(height or 0) == int(resolution) else int(height or 0)
+    return (method, options, level, int(resolution), height, int(batch), str(dtype),
+            str(device), model)
 
 
 def canonical_options(options: dict[str, Any]) -> str:
@@ -216,7 +272,8 @@ def _is_results_file(path: Path) -> bool:
     """A results file of a folder written before attnbench recorded its files."""
     try:
         if path.suffix == ".csv":
-            return path.open().readline().strip().split(",")[:len(COLUMNS)] == COLUMNS
+            header = set(path.open().readline().strip().split(","))
+            return set(COLUMNS) - OPTIONAL_COLUMNS <= header <= set(COLUMNS)
         if path.suffix in (".json", ".jsonl"):
             first = path.open().readline() if path.suffix == ".jsonl" else path.read_text()
             data = json.loads(first)
@@ -283,14 +340,18 @@ def _result_from_row(data: dict[str, Any], where: str) -> Result:
     return Result(**data)
 
 
+def _baseline_key(r: Result) -> tuple:
+    return (r.level, r.size, r.batch, r.dtype, r.device, r.model)
+
+
 def add_ratios(rows: list[Result]) -> None:
     """Speedup and memory ratio against softmax at the same level/resolution/batch/dtype/device."""
     base: dict[tuple, Result] = {}
     for r in rows:
         if r.method == BASELINE_METHOD and r.status == STATUS_OK:
-            base[(r.level, r.resolution, r.batch, r.dtype, r.device, r.model)] = r
+            base[_baseline_key(r)] = r
     for r in rows:
-        ref = base.get((r.level, r.resolution, r.batch, r.dtype, r.device, r.model))
+        ref = base.get(_baseline_key(r))
         r.speedup_vs_softmax = r.memory_ratio_vs_softmax = None
         if ref is None or r.status != STATUS_OK:
             continue

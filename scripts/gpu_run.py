@@ -157,9 +157,8 @@ GPU = Profile(
     attention_methods=ATTENTION_METHODS, model_res=8192, model_more_res=(4096, 2048),
     model_methods=MODEL_METHODS, flux="flux.1-dev", flux_model_res=(1024, 2048, 4096),
     flux_attention_res=8192, wan="wan2.1-t2v-1.3b",
-    # run takes square sizes: 832x832 (21 latent frames x 52x52 tokens), not the paper's
-    # 480x832 (21 x 30x52); the summary states the size that ran
-    wan_args=("--frames", "81", "--res", "832"), kernel_test_args=(), list_methods=True,
+    # Wan2.1's 480p: 81 frames of 480x832 px, 21 latent frames x 30x52 tokens
+    wan_args=("--frames", "81", "--res", "480x832"), kernel_test_args=(), list_methods=True,
     total_s=480.0, startup_s=15.0, point_budget_s=60.0,
 )
 DRY_RUN = Profile(
@@ -167,7 +166,7 @@ DRY_RUN = Profile(
     attention_methods=("softmax", "lit", "sla:topk=0.05", "flash"),  # no FlexAttention compile
     model_res=32, model_more_res=(), model_methods=("lit", "softmax"), flux="flux-tiny",
     flux_model_res=(32, 64), flux_attention_res=64, wan="wan-tiny",
-    wan_args=("--frames", "5", "--res", "48"),
+    wan_args=("--frames", "5", "--res", "32x48"),
     kernel_test_args=("-k", "head_tiles or head_pieces or availability"), list_methods=False,
     total_s=240.0, startup_s=3.0, point_budget_s=20.0,
 )
@@ -178,8 +177,14 @@ DRY_RUN = Profile(
 
 def point_key(row: dict[str, Any]) -> tuple:
     """What identifies a point in a results table (as ``attnbench run`` resumes by)."""
-    return tuple(str(row.get(k)) for k in ("method", "options", "level", "resolution", "batch",
-                                             "dtype", "device", "model"))
+    return (*(str(row.get(k)) for k in ("method", "options", "level", "batch", "dtype",
+                                        "device", "model")), size_of(row))
+
+
+def size_of(row: dict[str, Any]) -> str:
+    """A row's image size as ``--res`` names it: ``1024`` (square) or ``480x832``."""
+    width, height = row.get("resolution"), row.get("height") or 0
+    return str(width) if not height or str(height) == str(width) else f"{height}x{width}"
 
 
 def read_rows(run_dir: Path) -> list[dict[str, Any]]:
@@ -561,10 +566,9 @@ def _job_rows(job: Job) -> list[dict[str, Any]]:
     if job.run_dir is None:
         return []
     res = _res_of(job)
-    by_res = all(r.isdigit() for r in res)  # a video size (480x832) is not a row's px
     return [r for r in read_rows(job.run_dir)
             if r.get("level") == _level_of(job) and any(matches(r, m) for m in _methods_of(job))
-            and (not by_res or str(r.get("resolution")) in res)]
+            and size_of(r) in res]
 
 
 def run_stage(ctx: Context, index: int) -> StageRecord:
@@ -822,7 +826,7 @@ def point_rows(ctx: Context) -> list[list[str]]:
             lat = r.get("latency_median_s")
             vs = (f"{base['latency_median_s'] / lat:.1f}×" if base and lat and r["status"] == "ok"
                   else "–")
-            out.append([folder, label_of(r), r["level"], r.get("resolution"), r["status"],
+            out.append([folder, label_of(r), r["level"], size_of(r), r["status"],
                         f"{lat * 1e3:.3f}" if lat else "–", vs, r.get("impl", ""),
                         r.get("repetitions") or "–",
                         "" if r.get("density") is None else f"{r['density']:.4g}",

@@ -92,6 +92,24 @@ def test_video_model_with_frames(tmp_path):
         assert len(r["extra"]["layout"].split("x")) == 3  # frames x H x W
 
 
+def test_video_model_at_its_true_non_square_size(tmp_path):
+    """Wan's sizes are height x width (480x832): the grid has both; no --res is the model's
+    published size (wan-tiny: 48x80)."""
+    out = tmp_path / "wan"
+    assert main(["run", "--model", "wan-tiny", "--frames", "5", "--res", "32x48", "--methods",
+                 "softmax,sla", "--level", "attention", "--out", str(out), *FAST]) == 0
+    rows = {r["method"]: r for r in _rows(out)}
+    soft = rows["softmax"]
+    assert (soft["resolution"], soft["height"]) == (48, 32)
+    assert soft["extra"]["layout"].endswith("2x2x3") and soft["tokens"] == 12
+    assert rows["sla"]["status"] == "ok" and rows["sla"]["tokens"] == 12
+    default = tmp_path / "default"
+    assert main(["run", "--model", "wan-tiny", "--frames", "5", "--methods", "softmax",
+                 "--level", "attention", "--out", str(default), *FAST]) == 0
+    (row,) = _rows(default)
+    assert (row["resolution"], row["height"], row["tokens"]) == (80, 48, 2 * 3 * 5)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "flux-tiny", "--frames", "5"], "--frames 5: flux-tiny is an image model"),
     (["--model", "DiT-T/2", "--frames", "5"], "--frames: DiT-T/2 is an image DiT"),

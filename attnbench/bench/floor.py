@@ -293,7 +293,8 @@ def targets_markdown(run_dir: Path, resolution: int = 8192) -> str:
     from attnbench.results import label
 
     frame = pd.read_csv(run_dir / "results.csv")
-    frame = frame[(frame["resolution"] == resolution) & (frame["status"] == "ok")]
+    square = frame["height"].fillna(0) == 0 if "height" in frame else True
+    frame = frame[(frame["resolution"] == resolution) & square & (frame["status"] == "ok")]
     frame = frame.assign(label=[label(m, o if isinstance(o, str) else "")
                                 for m, o in zip(frame["method"], frame["options"], strict=True)])
     lines = [f"# Targets at {resolution} px ({run_dir.name})", "",

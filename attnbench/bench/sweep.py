@@ -40,9 +40,9 @@ from ..results import (
     STATUS_UNAVAILABLE,
     Result,
     ResultsWriter,
+    Size,
     canonical_options,
     label,
-    point_key,
 )
 from .flops import count_flops
 from .memory import free_memory, peak_memory
@@ -154,7 +154,8 @@ class SweepPlan:
     #: attnbench's DiT, or a diffusers transformer (measured at its true shapes)
     config: DiTConfig | DiffusersModel
     methods: list[MethodSpec]
-    resolutions: list[int]
+    #: image sizes: px for a square image, or ``Size(height, width)``
+    resolutions: list[int | Size]
     levels: list[str]
     batch: int = 1
     dtype: torch.dtype = torch.float32
@@ -163,28 +164,32 @@ class SweepPlan:
     rep_budget_s: float = 0.5
 
     def __post_init__(self) -> None:
+        self.resolutions = [Size.of(r) for r in self.resolutions]
         if isinstance(self.config, DiffusersModel):
             return  # a size the model cannot run is a skipped row with the reason
         for res in self.resolutions:
             check_resolution(res, self.config.patch_size)
 
-    def point(self, res: int) -> Point | DiffusersPoint:
-        """The model's shapes at ``res`` px."""
+    def point(self, res: int | Size) -> Point | DiffusersPoint:
+        """The model's shapes at ``res`` (px of a square image, or a Size)."""
+        res = Size.of(res)
         if isinstance(self.config, DiffusersModel):
             return self.config.point(res, self.batch)
-        return Point(self.config, res, self.batch)
+        return Point(self.config, res.width, self.batch, 0 if res.square else res.height)
 
-    def points(self) -> list[tuple[int, str, MethodSpec]]:
+    def points(self) -> list[tuple[Size, str, MethodSpec]]:
         return [(r, lvl, m) for r in self.resolutions for lvl in self.levels for m in self.methods]
 
 
-def _base_row(plan: SweepPlan, res: int, level: str, spec: MethodSpec) -> Result:
+def _base_row(plan: SweepPlan, res: int | Size, level: str, spec: MethodSpec) -> Result:
+    res = Size.of(res)
     point = plan.point(res)
     return Result(
         method=spec.name,
         options=canonical_options(spec.options),
         level=level,
-        resolution=res,
+        resolution=res.width,
+        height=0 if res.square else res.height,
         tokens=point.tokens,
         batch=plan.batch,
         dtype=str(plan.dtype).replace("torch.", ""),
@@ -240,7 +245,7 @@ def label_row(row: Result, spec: MethodSpec, point: Point | DiffusersPoint) -> N
 
 
 def run_point(
-    plan: SweepPlan, res: int, level: str, spec: MethodSpec, calib: Calibration,
+    plan: SweepPlan, res: int | Size, level: str, spec: MethodSpec, calib: Calibration,
     *, keep_baseline: bool = False,
 ) -> Result:
     """Measure one point, or say why it was not measured. Never raises for the point.
@@ -337,7 +342,7 @@ def _predicted_before_allocating(plan: SweepPlan, row: Result, spec: MethodSpec,
     backend = attention.get(spec.name)
     options = backend.resolve(backend.attend_options(spec.options))
     b, h, n, d = plan.batch, row.heads, row.tokens, row.head_dim
-    grid = plan.point(row.resolution).grid
+    grid = plan.point(row.size).grid
     element = torch.empty((), dtype=plan.dtype).element_size()
     attn = backend.flops(b, h, n, d, grid, **options)
     flops = attn.actual
@@ -387,9 +392,9 @@ def _over_memory(plan: SweepPlan, row: Result) -> str | None:
     return None
 
 
-def baseline_last(points: list[tuple[int, str, MethodSpec]]) -> list[tuple[int, str, MethodSpec]]:
-    """``points`` with each (resolution, level)'s baseline after the methods compared with it."""
-    first: dict[tuple[int, str], int] = {}
+def baseline_last(points: list[tuple[Size, str, MethodSpec]]) -> list[tuple[Size, str, MethodSpec]]:
+    """``points`` with each (size, level)'s baseline after the methods compared with it."""
+    first: dict[tuple[Size, str], int] = {}
     for i, (res, level, _) in enumerate(points):
         first.setdefault((res, level), i)
     return sorted(points, key=lambda p: (first[p[0], p[1]], p[2].name == BASELINE_METHOD))
@@ -402,10 +407,7 @@ def run_sweep(plan: SweepPlan, writer: ResultsWriter, *, progress: bool = True) 
     done = writer.done()
     todo = []
     for res, level, spec in baseline_last(plan.points()):
-        base = _base_row(plan, res, level, spec)
-        key = point_key(base.method, base.options, level, res, plan.batch, base.dtype,
-                        base.device, base.model)
-        if key not in done:
+        if _base_row(plan, res, level, spec).key() not in done:
             todo.append((res, level, spec))
     calib = calibrate(plan.device, plan.dtype)
     writer.meta["calibration"] = {"flops_per_s": calib.flops_per_s,
@@ -415,7 +417,7 @@ def run_sweep(plan: SweepPlan, writer: ResultsWriter, *, progress: bool = True) 
         bar.set_description(f"{spec.label} {level} {res}px")
         started = time.perf_counter()
         compared = spec.name == BASELINE_METHOD and any(
-            r.method != BASELINE_METHOD and r.status == STATUS_OK and r.resolution == res
+            r.method != BASELINE_METHOD and r.status == STATUS_OK and r.size == res
             and r.level == level for r in writer.rows)
         row = run_point(plan, res, level, spec, calib, keep_baseline=compared)
         row.extra["wall_s"] = round(time.perf_counter() - started, 3)

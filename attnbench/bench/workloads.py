@@ -30,27 +30,36 @@ from ..attention.base import Flops
 from ..attention.layout import Layout
 from ..models.configs import VAE_DOWNSAMPLE, DiTConfig
 from ..models.diffusers_configs import DiffusersConfig, get_diffusers_config
-from ..results import STATUS_SKIPPED, STATUS_UNAVAILABLE
+from ..results import STATUS_SKIPPED, STATUS_UNAVAILABLE, Size
 
 LEVELS = ("attention", "block", "model")
 
 
 @dataclass(frozen=True)
 class Point:
-    """Where a workload sits: the model's shapes at one resolution."""
+    """Where a workload sits: the model's shapes at one image size.
+
+    ``resolution`` is the width in px; ``height`` the height when the image is not
+    square (0: square), as in a results row."""
 
     config: DiTConfig
     resolution: int
     batch: int
+    height: int = 0
 
     @property
-    def latent(self) -> int:
-        return self.resolution // VAE_DOWNSAMPLE
+    def size(self) -> Size:
+        return Size(self.height or self.resolution, self.resolution)
+
+    @property
+    def latent(self) -> tuple[int, int]:
+        """The latent's ``(height, width)``."""
+        return self.size.height // VAE_DOWNSAMPLE, self.size.width // VAE_DOWNSAMPLE
 
     @property
     def grid(self) -> tuple[int, int]:
-        side = self.latent // self.config.patch_size
-        return side, side
+        p = self.config.patch_size
+        return self.latent[0] // p, self.latent[1] // p
 
     @property
     def tokens(self) -> int:
@@ -71,15 +80,18 @@ class Point:
         return self.config.hidden_size // self.config.heads
 
 
-def check_resolution(resolution: int, patch_size: int) -> None:
-    """Resolutions are image pixels: a multiple of 8·patch (VAE ×8, then patches)."""
+def check_resolution(resolution: int | Size, patch_size: int) -> None:
+    """Sizes are image pixels: each side a multiple of 8·patch (VAE ×8, then patches)."""
     step = VAE_DOWNSAMPLE * patch_size
-    if resolution <= 0 or resolution % step:
-        lower = max(step, resolution // step * step)
-        raise ValueError(
-            f"resolution {resolution} px is not a multiple of {step} (8 × patch {patch_size}); "
-            f"nearest valid: {lower} or {lower + step}"
-        )
+    size = Size.of(resolution)
+    for name, side in (("height", size.height), ("width", size.width)):
+        if side <= 0 or side % step:
+            lower = max(step, side // step * step)
+            what = f"resolution {side} px" if size.square else f"{size}: the {name} {side} px"
+            raise ValueError(
+                f"{what} is not a multiple of {step} (8 × patch {patch_size}); "
+                f"nearest valid: {lower} or {lower + step}"
+            )
 
 
 @dataclass
@@ -196,7 +208,7 @@ def build_workload(
     from ..models.dit import DiT
 
     model = DiT(config).to(device=device, dtype=dtype).eval()
-    x = randn(b, config.in_channels, point.latent, point.latent)
+    x = randn(b, config.in_channels, *point.latent)
     t = torch.randint(0, 1000, (b,), generator=gen).to(device)
     y = torch.randint(0, config.num_classes, (b,), generator=gen).to(device)
 
@@ -240,11 +252,12 @@ class DiffusersModel:
             return self.entry.name
         return f"{self.entry.class_name} ({self.folder})"
 
-    def point(self, resolution: int, batch: int) -> DiffusersPoint:
+    def point(self, resolution: int | Size, batch: int) -> DiffusersPoint:
         from ..integrations.diffusers import model_shapes
 
+        resolution = Size.of(resolution)
         try:
-            shapes = model_shapes(self.entry, resolution, self.frames)
+            shapes = model_shapes(self.entry, tuple(resolution), self.frames)
         except ValueError as err:
             return DiffusersPoint(self, resolution, batch, error=str(err))
         return DiffusersPoint(self, resolution, batch, shapes)
@@ -285,10 +298,10 @@ def diffusers_model(name: str | None = None, path: str | Path | None = None,
 
 @dataclass(frozen=True)
 class DiffusersPoint:
-    """A diffusers model at one resolution: its true shapes, or why it cannot run there."""
+    """A diffusers model at one image size: its true shapes, or why it cannot run there."""
 
     model: DiffusersModel
-    resolution: int
+    resolution: Size
     batch: int
     shapes: Any = None  # integrations.diffusers.ModelShapes
     error: str = ""
@@ -418,9 +431,9 @@ def build_diffusers_workload(
     def prepare() -> None:
         try:
             built["w"] = diffusers_workload(
-                point.model.folder or point.model.entry, point.resolution, point.model.frames,
-                batch=b, dtype=dtype, device=device, method=backend, options=options,
-                seed=seed)
+                point.model.folder or point.model.entry, tuple(point.resolution),
+                point.model.frames, batch=b, dtype=dtype, device=device, method=backend,
+                options=options, seed=seed)
         except ValueError as err:  # refused before building (e.g. weights do not fit)
             raise Refused(str(err), STATUS_SKIPPED) from None
 

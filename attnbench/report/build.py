@@ -26,6 +26,7 @@ from .tables import (
     num,
     overheads_text,
     quality_table,
+    sizes,
     speed_rows,
     status_counts,
     times,
@@ -181,7 +182,7 @@ def _lead(runs: list[Run], frame: pd.DataFrame) -> str:
     measured = counts.get(STATUS_OK, 0)
     others = ", ".join(f"{n} {s}" for s, n in counts.items() if s != STATUS_OK)
     labels = label_order(speed) if not speed.empty else []
-    res = sorted({int(r) for r in speed["resolution"]}) if not speed.empty else []
+    res = sizes(speed) if not speed.empty else []
     lvls = levels(frame) if not speed.empty else []
     text = (f"**What**: latency, peak memory and FLOPs of {', '.join(f'`{x}`' for x in labels)}"
             f" at {', '.join(map(str, res))} px, at the {', '.join(lvls)} level"
@@ -210,8 +211,8 @@ def _glance(speed: pd.DataFrame) -> list:
         blocks += _findings(speed[speed["level"] == lvl], lvl)
     for lvl in levels(speed):
         rows = speed[speed["level"] == lvl]
-        res = sorted({int(r) for r in rows["resolution"]})
-        tokens = {int(r): int(t) for r, t in zip(rows["resolution"], rows["tokens"], strict=True)
+        res = sizes(rows)
+        tokens = {r: int(t) for r, t in zip(rows["size"], rows["tokens"], strict=True)
                   if _finite(t)}
         columns = ["method"] + [f"{r} px ({tokens[r]:,} tokens)" if r in tokens else f"{r} px"
                                 for r in res]
@@ -233,8 +234,8 @@ def _glance(speed: pd.DataFrame) -> list:
     return blocks
 
 
-def _glance_cell(sel: pd.DataFrame, res: int, what: str) -> str:
-    hit = sel[sel["resolution"] == res]
+def _glance_cell(sel: pd.DataFrame, res: str, what: str) -> str:
+    hit = sel[sel["size"] == res]
     if hit.empty:
         return ""
     row = hit.iloc[-1]
@@ -264,9 +265,9 @@ def _findings(rows: pd.DataFrame, level: str) -> list:
                 out.append(Para(f"**{where}**: softmax was not measured, so there are no "
                                 "speedups; the tables give absolute numbers."))
             continue
-        res = int(base["resolution"].max())
-        soft = base[base["resolution"] == res].iloc[0]
-        at = sel[(sel["resolution"] == res) & (sel["method"] != BASELINE_METHOD)]
+        res = sizes(base)[-1]
+        soft = base[base["size"] == res].iloc[0]
+        at = sel[(sel["size"] == res) & (sel["method"] != BASELINE_METHOD)]
         if at.empty:
             continue
         items = []
@@ -318,8 +319,8 @@ def _details(speed: pd.DataFrame, multi: bool) -> list:
         rows = speed[speed["level"] == lvl]
         blocks.append(Heading(level_title(lvl)[0].upper() + level_title(lvl)[1:], 3))
         order = {lab: i for i, lab in enumerate(label_order(rows))}
-        for res in sorted({int(r) for r in rows["resolution"]}):
-            at = rows[rows["resolution"] == res].copy()
+        for res in sizes(rows):
+            at = rows[rows["size"] == res].copy()
             at["_order"] = at["label"].map(order)
             at = at.sort_values(["_order", "run"])
             first = at.iloc[0]
@@ -375,8 +376,8 @@ def _not_measured(speed: pd.DataFrame, multi: bool) -> list:
         return [*blocks, Para("Every point was measured.")]
     order = {lab: i for i, lab in enumerate(label_order(speed))}
     bad = bad.assign(_order=bad["label"].map(order)).sort_values(
-        ["level", "resolution", "_order"])
-    rows = [[_row_name(r, multi), r["level"], f"{int(r['resolution'])}", r["status"],
+        ["level", "side", "_order"])
+    rows = [[_row_name(r, multi), r["level"], r["size"], r["status"],
              r["reason"] or "(no reason recorded)"] for _, r in bad.iterrows()]
     blocks.append(Para("`skipped`: predicted over the time budget or the free memory, not run; "
                        "`oom`: ran out of memory; `unavailable`: the method cannot run on this "
@@ -397,19 +398,19 @@ def _quality_section(frame: pd.DataFrame, pareto: Plot | None, samples: Plot | N
     if not quality.empty:
         multi = quality["run"].nunique() > 1
         metrics = list(dict.fromkeys(quality["metric"]))
-        keys = quality[["run", "label", "resolution"]].drop_duplicates()
+        keys = quality[["run", "label", "resolution", "size"]].drop_duplicates()
         order = {lab: i for i, lab in enumerate(label_order(frame))}
         keys = keys.assign(_o=keys["label"].map(order)).sort_values(["_o", "resolution", "run"])
         rows = []
         for _, k in keys.iterrows():
             sel = quality[(quality["run"] == k["run"]) & (quality["label"] == k["label"])
-                          & (quality["resolution"] == k["resolution"])]
+                          & (quality["size"] == k["size"])]
             name = f"{k['label']} [{k['run']}]" if multi else k["label"]
             values = {m: num(v, 4) for m, v in zip(sel["metric"], sel["value"], strict=True)}
             lat = sel["latency_ms"].dropna()
             speed = (f"{num(lat.iloc[0])} ({sel['speed_source'].iloc[0]})" if len(lat)
                      else DASH)
-            rows.append([name, f"{int(k['resolution'])}"]
+            rows.append([name, k["size"]]
                         + [values.get(m, DASH) for m in metrics] + [speed])
         arrows = {True: " ↑", False: " ↓", None: ""}
         heads = [m + arrows[quality[quality["metric"] == m]["higher_is_better"].iloc[0]]
@@ -478,9 +479,9 @@ def _published_section(frame: pd.DataFrame, published: pd.DataFrame) -> list:
 def _measured_here(frame: pd.DataFrame, row: pd.Series) -> str:
     if not _finite(row["resolution"]):
         return DASH
-    res = int(row["resolution"])
+    res = str(int(row["resolution"]))  # published sizes are square
     ok = frame[(frame["status"] == STATUS_OK) & (frame["method"] == row["method"])
-               & (frame["resolution"] == res)]
+               & (frame["size"] == res)]
     level = bl.MEASURED_LEVEL.get(row["level"])
     metric = row["metric"]
     absolute = metric in ("peak_memory", "latency", "flops")
@@ -504,7 +505,7 @@ def _measured_here(frame: pd.DataFrame, row: pd.Series) -> str:
     quality = quality_table(frame)
     if not quality.empty:
         sel = quality[(quality["method"] == row["method"]) & (quality["metric"] == metric)
-                      & (quality["resolution"] == res)]
+                      & (quality["size"] == res)]
         if len(sel):
             return "; ".join(f"{num(v, 4)} (`{lab}`)" for lab, v in
                              zip(sel["label"], sel["value"], strict=True))
@@ -566,9 +567,9 @@ def _setup(run: Run) -> dict[str, str]:
             " — latency, memory and FLOPs depend on the shapes only, so speed needs no "
             "trained weights" if any(w.startswith(("random", "none")) for w in weights) else "")
     info["levels"] = "; ".join(level_title(lvl) for lvl in levels(run.frame)) or DASH
-    pairs = f[["resolution", "tokens"]].drop_duplicates().sort_values("resolution")
-    info["resolutions"] = ", ".join(f"{int(r)} px ({int(t):,} tokens)" for r, t in
-                                    zip(pairs["resolution"], pairs["tokens"], strict=True)
+    pairs = f[["size", "side", "tokens"]].drop_duplicates().sort_values(["side", "tokens"])
+    info["resolutions"] = ", ".join(f"{r} px ({int(t):,} tokens)" for r, t in
+                                    zip(pairs["size"], pairs["tokens"], strict=True)
                                     if _finite(t)) or DASH
     info["batch"] = ", ".join(str(int(b)) for b in dict.fromkeys(f["batch"]) if _finite(b))
     info["methods"] = ", ".join(f"`{lab}`" for lab in label_order(f)) if len(f) else DASH

@@ -59,7 +59,7 @@ def compare(args: argparse.Namespace) -> int:
     common = int((result.points["_merge"] == "both").sum()) if len(result.points) else 0
     if not common and not len(result.quality) and speed != {0}:
         raise ValueError(f"{args.run_a} and {args.run_b} share no point (method, options, "
-                         "level, resolution, batch, dtype, model): nothing to compare; compare "
+                         "level, image size, batch, dtype, model): nothing to compare; compare "
                          "runs of the same sweep")
     text = to_markdown(run_a, run_b, result, only_flagged=args.only_flagged)
     if args.out:

@@ -1,7 +1,7 @@
 """Run-to-run comparison: ``python -m attnbench compare RUN_A RUN_B``.
 
 Points are matched on what identifies them across runs -- method, options, level,
-resolution, batch, dtype and model (not the device: comparing an H100 run with an H200
+image size, batch, dtype and model (not the device: comparing an H100 run with an H200
 run is a use) -- and compared on latency, peak memory and quality metrics.
 
 Flags (B against A, thresholds relative, each an option):
@@ -27,7 +27,7 @@ import pandas as pd
 from ..results import STATUS_OK
 from .tables import DASH, LEVEL_ORDER, Run, _finite, label_order, num, quality_table
 
-KEY = ["method", "options", "level", "resolution", "batch", "dtype", "model"]
+KEY = ["method", "options", "level", "resolution", "height", "batch", "dtype", "model"]
 
 
 @dataclass
@@ -72,11 +72,12 @@ def _pct(ratio: float) -> str:
 
 def compare_frames(a: pd.DataFrame, b: pd.DataFrame, thresholds: Thresholds) -> Comparison:
     """Match points of two enriched result frames (see :mod:`.tables`) and flag changes."""
-    cols = [*KEY, "label", "status", "latency_ms", "peak_mib"]
+    cols = [*KEY, "size", "label", "status", "latency_ms", "peak_mib"]
     left = a[a["level"] != "quality"][cols].drop_duplicates(KEY, keep="last")
     right = b[b["level"] != "quality"][cols].drop_duplicates(KEY, keep="last")
     merged = left.merge(right, on=KEY, how="outer", suffixes=("_a", "_b"), indicator=True)
     merged["label"] = merged["label_a"].fillna(merged["label_b"])
+    merged["size"] = merged["size_a"].fillna(merged["size_b"])
     for side in ("a", "b"):  # a number of a point that was not measured is no number
         bad = merged[f"status_{side}"] != STATUS_OK
         merged.loc[bad, [f"latency_ms_{side}", f"peak_mib_{side}"]] = float("nan")
@@ -101,8 +102,10 @@ def compare_frames(a: pd.DataFrame, b: pd.DataFrame, thresholds: Thresholds) -> 
     labels = {lab: i for i, lab in enumerate(label_order(pd.concat([a, b])))}
     lvls = {lvl: i for i, lvl in enumerate(LEVEL_ORDER)}
     merged = merged.assign(_l=merged["level"].map(lvls).fillna(len(lvls)),
+                           _s=merged["resolution"] * merged["height"].where(
+                               merged["height"] > 0, merged["resolution"]),
                            _o=merged["label"].map(labels)).sort_values(
-        ["_l", "level", "resolution", "_o"], kind="stable").reset_index(drop=True)
+        ["_l", "level", "_s", "_o"], kind="stable").reset_index(drop=True)
     return Comparison(merged, quality, t, regressions, improvements,
                       int((merged["_merge"] == "left_only").sum()),
                       int((merged["_merge"] == "right_only").sum()))
@@ -147,10 +150,10 @@ def _point_flags(row: pd.Series, t: Thresholds) -> tuple[list[str], list[str]]:
 
 def _quality(a: pd.DataFrame, b: pd.DataFrame, t: Thresholds) -> pd.DataFrame:
     qa, qb = quality_table(a), quality_table(b)
-    columns = ["label", "resolution", "metric", "value_a", "value_b", "change", "flag", "kind"]
+    columns = ["label", "size", "metric", "value_a", "value_b", "change", "flag", "kind"]
     if qa.empty or qb.empty:
         return pd.DataFrame(columns=columns)
-    on = ["label", "resolution", "metric"]
+    on = ["label", "size", "metric"]
     merged = qa[[*on, "value", "higher_is_better"]].drop_duplicates(on, keep="last").merge(
         qb[[*on, "value"]].drop_duplicates(on, keep="last"), on=on, suffixes=("_a", "_b"))
     records = []
@@ -166,7 +169,7 @@ def _quality(a: pd.DataFrame, b: pd.DataFrame, t: Thresholds) -> pd.DataFrame:
                 flag, kind = f"**worse {change:+.1%}**", "regression"
             else:
                 flag, kind = f"better {change:+.1%}", "improvement"
-        records.append({"label": r["label"], "resolution": r["resolution"],
+        records.append({"label": r["label"], "size": r["size"],
                         "metric": r["metric"], "value_a": va, "value_b": vb,
                         "change": change, "flag": flag.replace("-", "−"), "kind": kind})
     return pd.DataFrame.from_records(records, columns=columns)
@@ -183,7 +186,7 @@ def comparison_table(result: Comparison, only_flagged: bool = False
             continue
         sa = r["status_a"] if isinstance(r["status_a"], str) else DASH
         sb = r["status_b"] if isinstance(r["status_b"], str) else DASH
-        rows.append([r["label"], r["level"], f"{int(r['resolution'])}",
+        rows.append([r["label"], r["level"], r["size"],
                      sa if sa == sb else f"{sa} → {sb}",
                      num(r["latency_ms_a"]), num(r["latency_ms_b"]), _pct(r["latency_ratio"]),
                      num(r["peak_mib_a"]), num(r["peak_mib_b"]), _pct(r["memory_ratio"]),
@@ -227,7 +230,7 @@ def to_markdown(run_a: Run, run_b: Run, result: Comparison, only_flagged: bool =
         q = result.quality
         if only_flagged:
             q = q[q["kind"] != ""]
-        qrows = [[r["label"], f"{int(r['resolution'])}", r["metric"], num(r["value_a"], 4),
+        qrows = [[r["label"], r["size"], r["metric"], num(r["value_a"], 4),
                   num(r["value_b"], 4), f"{r['change']:+.1%}".replace("-", "−"), r["flag"]]
                  for _, r in q.iterrows()]
         if qrows:

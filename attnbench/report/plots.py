@@ -134,15 +134,18 @@ def _plain(value: float, _pos=None) -> str:
     return f"$10^{{{exponent}}}$" if abs(mantissa - 1) < 1e-9 else f"{value:.0e}"
 
 
-def _resolution_axis(ax, resolutions: list[int]) -> None:
-    resolutions = sorted(set(int(r) for r in resolutions))
+def _resolution_axis(ax, frame: pd.DataFrame) -> None:
+    """x: √(height·width) on a log axis, each tick named by its size (1024, 480x832)."""
+    names = dict(zip(frame["side"], frame["size"], strict=True))
+    sides = sorted(names)
     ax.set_xscale("log", base=2)
-    lo, hi = min(resolutions), max(resolutions)
-    ax.set_xlim(lo / 1.3, hi * 1.3)
-    ax.xaxis.set_major_locator(FixedLocator(resolutions))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlim(min(sides) / 1.3, max(sides) * 1.3)
+    ax.xaxis.set_major_locator(FixedLocator(sides))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: names.get(v, f"{v:g}")))
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xlabel("image resolution (px, square)")
+    square = all("x" not in name for name in names.values())
+    ax.set_xlabel("image resolution (px, square)" if square else
+                  "image size (px; height x width where not square, placed at √(h·w))")
 
 
 def _log_y(ax, speedup: bool = False) -> None:
@@ -247,24 +250,24 @@ def speed_plots(runs: list[Run], frame: pd.DataFrame, out: Path, subtitle: str,
 def _panel(ax, frame: pd.DataFrame, level: str, name: str, column: str, styles: Styles,
            extras: dict, baselines: pd.DataFrame | None) -> None:
     ax.set_title(level_title(level))
-    _resolution_axis(ax, list(frame["resolution"]))
+    _resolution_axis(ax, frame)
     _log_y(ax, speedup=name == "speedup")
     if name == "speedup":
         ax.axhline(1.0, color=PALETTE[0], linewidth=1.0, linestyle="-", alpha=0.6, zorder=1)
         extras.setdefault("softmax = 1×", Line2D([], [], color=PALETTE[0], alpha=0.6))
     missing_slot, drawn = 0, 0
     soft = frame[(frame["method"] == BASELINE_METHOD) & (frame["status"] == STATUS_OK)]
-    softmax_flops = soft.groupby("resolution")["gflop_actual"].first()
+    softmax_flops = soft.groupby("side")["gflop_actual"].first()
     for lab in styles.labels:
         for run in styles.runs:
-            rows = frame[(frame["label"] == lab) & (frame["run"] == run)].sort_values("resolution")
+            rows = frame[(frame["label"] == lab) & (frame["run"] == run)].sort_values("side")
             if rows.empty or (name == "speedup" and rows["method"].iloc[0] == BASELINE_METHOD):
                 continue
             st = styles(lab, run)
             good = rows[(rows["status"] == STATUS_OK) & (rows[column] > 0)]
             if len(good):
                 drawn += 1
-                x, y = good["resolution"].to_numpy(float), good[column].to_numpy(float)
+                x, y = good["side"].to_numpy(float), good[column].to_numpy(float)
                 ax.plot(x, y, color=st.colour, marker=st.marker, linestyle=st.linestyle,
                         linewidth=1.6, markersize=5.5, markerfacecolor=st.face,
                         markeredgewidth=1.3, zorder=3 if st.filled else 3.5)
@@ -279,7 +282,7 @@ def _panel(ax, frame: pd.DataFrame, level: str, name: str, column: str, styles: 
             bad = rows[rows["status"] != STATUS_OK]
             if len(bad):
                 trans = blended_transform_factory(ax.transData, ax.transAxes)
-                ax.plot(bad["resolution"].to_numpy(float),
+                ax.plot(bad["side"].to_numpy(float),
                         np.full(len(bad), 0.04 + 0.045 * missing_slot), transform=trans,
                         linestyle="none", marker="x", color=st.colour, markersize=7,
                         markeredgewidth=2, clip_on=False, zorder=4)
@@ -304,11 +307,11 @@ def _panel(ax, frame: pd.DataFrame, level: str, name: str, column: str, styles: 
 def _dense(ax, good: pd.DataFrame, st: Style, extras: dict, softmax: pd.Series) -> None:
     """The dense-equivalent FLOPs of a method, where they differ from softmax's (> 5 %)."""
     dense = good[good["gflop_dense"] > 0]
-    reference = dense["resolution"].map(softmax)
+    reference = dense["side"].map(softmax)
     differs = ~np.isclose(dense["gflop_dense"], reference, rtol=0.05)
     if dense.empty or not differs.any():
         return
-    ax.plot(dense["resolution"].to_numpy(float), dense["gflop_dense"].to_numpy(float),
+    ax.plot(dense["side"].to_numpy(float), dense["gflop_dense"].to_numpy(float),
             color=st.colour, linestyle=(0, (4, 3)), linewidth=1.0, alpha=0.8, zorder=2)
     extras.setdefault("dashed: dense-equivalent",
                       Line2D([], [], color="#555555", linestyle=(0, (4, 3)), linewidth=1.0))
@@ -416,13 +419,13 @@ def pareto_plot(runs: list[Run], frame: pd.DataFrame, out: Path, subtitle: str) 
         for ax, metric in zip(axes, metrics, strict=True):
             rows = quality[quality["metric"] == metric]
             better = rows["higher_is_better"].iloc[0]
-            one_res = rows["resolution"].nunique() == 1
+            one_res = rows["size"].nunique() == 1
             for n, (_, row) in enumerate(rows.sort_values("latency_ms").iterrows()):
                 st = styles(row["label"], row["run"])
                 ax.plot([row["latency_ms"]], [row["value"]], marker=st.marker, color=st.colour,
                         markerfacecolor=st.face, markeredgewidth=1.5,
                         markersize=8, linestyle="none", zorder=3)
-                text = row["label"] if one_res else f"{row['label']} @{int(row['resolution'])}px"
+                text = row["label"] if one_res else f"{row['label']} @{row['size']}px"
                 if len(runs) > 1:
                     text += f" [{row['run']}]"
                 ax.annotate(text, (row["latency_ms"], row["value"]),
@@ -442,7 +445,7 @@ def pareto_plot(runs: list[Run], frame: pd.DataFrame, out: Path, subtitle: str) 
             direction = {True: "higher is better", False: "lower is better",
                          None: "direction unknown"}[better]
             ax.set_ylabel(f"{metric} ({direction})")
-            ax.set_title(f"{metric} at {int(rows['resolution'].iloc[0])} px" if one_res
+            ax.set_title(f"{metric} at {rows['size'].iloc[0]} px" if one_res
                          else metric)
             ax.margins(x=0.25, y=0.15)
             _minor_labels(ax, "x")

@@ -44,6 +44,7 @@ from ..results import (
     effective_label,
     label,
     load_table,
+    size_text,
 )
 
 LEVEL_ORDER = ("attention", "block", "model")
@@ -126,10 +127,11 @@ def method_order() -> list[str]:
         return [BASELINE_METHOD, "flash", "xformers", "lit", "clear", "sla"]
 
 
-NUMERIC = ["resolution", "tokens", "batch", "heads", "head_dim", "density", "latency_median_s",
-           "latency_p20_s", "latency_p80_s", "repetitions", "peak_memory_bytes", "flops_actual",
-           "flops_dense", "flops_counted", "tflops_achieved", "overhead_s", "predicted_s",
-           "predicted_bytes", "speedup_vs_softmax", "memory_ratio_vs_softmax"]
+NUMERIC = ["resolution", "height", "tokens", "batch", "heads", "head_dim", "density",
+           "latency_median_s", "latency_p20_s", "latency_p80_s", "repetitions",
+           "peak_memory_bytes", "flops_actual", "flops_dense", "flops_counted",
+           "tflops_achieved", "overhead_s", "predicted_s", "predicted_bytes",
+           "speedup_vs_softmax", "memory_ratio_vs_softmax"]
 
 
 def enrich(frame: pd.DataFrame) -> pd.DataFrame:
@@ -143,6 +145,15 @@ def enrich(frame: pd.DataFrame) -> pd.DataFrame:
         frame["density"] = math.nan
     if "effective" not in frame:
         frame["effective"] = ""
+    if "height" not in frame:  # written before non-square sizes: every image square
+        frame["height"] = 0
+    frame["height"] = frame["height"].fillna(0)
+    # ``size``: the image size as text (1024, 480x832), the key of size groupings;
+    # ``side``: √(height·width), the size axis of plots (the side of a square one)
+    frame["size"] = [size_text(r, h) if _finite(r) else "" for r, h in zip(
+        frame["resolution"], frame["height"], strict=True)]
+    frame["side"] = [math.sqrt(r * (h or r)) if _finite(r) else math.nan for r, h in zip(
+        frame["resolution"], frame["height"], strict=True)]
     for col in ("options", "effective", "reason", "impl", "overheads", "status", "level",
                 "method"):
         if col in frame:
@@ -184,6 +195,13 @@ def label_order(frame: pd.DataFrame) -> list[str]:
                        r.options not in ("", "{}"), r.label),
     )
     return [r.label for r in keyed]
+
+
+def sizes(frame: pd.DataFrame) -> list[str]:
+    """The image sizes of ``frame`` (its ``size`` texts), smallest area first."""
+    keyed = frame[["size", "side", "resolution"]].drop_duplicates("size")
+    keyed = keyed[keyed["size"] != ""]
+    return list(keyed.sort_values(["side", "resolution"], kind="stable")["size"])
 
 
 def speed_rows(frame: pd.DataFrame) -> pd.DataFrame:
@@ -235,7 +253,7 @@ def higher_is_better(metric: str, extra: dict[str, Any] | None = None) -> bool |
 
 
 def quality_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """Long table of ok quality points: run, label, method, resolution, metric, value, speed."""
+    """Long table of ok quality points: run, label, method, size, metric, value, speed."""
     records = []
     for _, row in frame.iterrows():
         if row["status"] != STATUS_OK:
@@ -247,13 +265,14 @@ def quality_table(frame: pd.DataFrame) -> pd.DataFrame:
         for metric, value in metrics.items():
             records.append({
                 "run": row["run"], "label": row["label"], "method": row["method"],
-                "resolution": row["resolution"], "metric": metric, "value": value,
+                "resolution": row["resolution"], "size": row["size"], "metric": metric,
+                "value": value,
                 "higher_is_better": higher_is_better(metric, row["extra_dict"]),
                 "latency_ms": latency, "speed_source": source,
                 "extra": row["extra_dict"],
             })
-    columns = ["run", "label", "method", "resolution", "metric", "value", "higher_is_better",
-               "latency_ms", "speed_source", "extra"]
+    columns = ["run", "label", "method", "resolution", "size", "metric", "value",
+               "higher_is_better", "latency_ms", "speed_source", "extra"]
     return pd.DataFrame.from_records(records, columns=columns)
 
 
@@ -263,7 +282,7 @@ def _quality_speed(frame: pd.DataFrame, row: pd.Series) -> tuple[float | None, s
     if row["level"] != QUALITY_LEVEL and _finite(row["latency_ms"]):
         return float(row["latency_ms"]), f"{row['level']} level"
     same = frame[(frame["run"] == row["run"]) & (frame["label"] == row["label"])
-                 & (frame["resolution"] == row["resolution"]) & (frame["status"] == STATUS_OK)]
+                 & (frame["size"] == row["size"]) & (frame["status"] == STATUS_OK)]
     for lvl in ("model", "block", "attention"):
         hit = same[same["level"] == lvl]["latency_ms"].dropna()
         if len(hit):
