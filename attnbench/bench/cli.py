@@ -23,7 +23,8 @@ def import_benchmark(args: argparse.Namespace) -> int:
     rows, meta = rows_from_pytest_benchmark(data)
     out = Path(args.out) if args.out else path.with_suffix("")
     writer = ResultsWriter(out, {**meta, "command": " ".join(["python -m attnbench",
-                                                              *args.argv])})
+                                                              *args.argv])},
+                           force=args.force, command="import-benchmark")
     for row in rows:
         writer.append(row)
     writer.finalize()
@@ -36,4 +37,6 @@ def add_parser(subparsers) -> None:
         "import-benchmark", help="turn pytest-benchmark JSON (tests/bench) into a results table")
     p.add_argument("file", help="the JSON written by pytest --benchmark-only --benchmark-json")
     p.add_argument("--out", help="run directory to write (default: FILE without .json)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite results files in --out that attnbench did not write")
     p.set_defaults(func=import_benchmark)

@@ -23,6 +23,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 from matplotlib.transforms import blended_transform_factory
 
+from .. import runfolder
 from ..results import BASELINE_METHOD, STATUS_OK
 from . import baselines as bl
 from .tables import (
@@ -187,9 +188,10 @@ def _title(title: str, subtitle: str) -> str:
     return f"{title}\n{subtitle}"
 
 
-def _save(fig: Figure, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """``fig`` as a PNG at ``path``, written atomically (a killed report leaves no half file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    runfolder.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
 
 
 # --------------------------------------------------------------------------- speed plots
@@ -237,7 +239,7 @@ def speed_plots(runs: list[Run], frame: pd.DataFrame, out: Path, subtitle: str,
                     _minor_labels(ax)
             _legend(fig, frame, styles, extras, skip_softmax=name == "speedup")
             path = out / f"{name}.png"
-            _save(fig, path)
+            save_figure(fig, path)
         note = _not_drawn_note(frame, column, name)
         if any(key.startswith("published") for key in extras):
             note += (" Stars: speedups published in the papers, in their own setting (model, "
@@ -451,7 +453,7 @@ def pareto_plot(runs: list[Run], frame: pd.DataFrame, out: Path, subtitle: str) 
             _minor_labels(ax, "x")
         _legend(fig, frame[frame["label"].isin(set(quality["label"]))], styles, extras)
         path = out / "pareto.png"
-        _save(fig, path)
+        save_figure(fig, path)
     return Plot("pareto", path, "Quality vs speed",
                 "Each quality point against the latency of the same method and resolution "
                 "(its own latency, else the model level); the dashed step is the Pareto front.")
@@ -481,7 +483,7 @@ def samples_plot(runs: list[Run], out: Path, per_row: int = 8) -> Plot | None:
                     ax.set_ylabel(lab, rotation=0, ha="right", va="center", fontsize=9)
         fig.suptitle("Samples")
         path = out / "samples.png"
-        _save(fig, path)
+        save_figure(fig, path)
     return Plot("samples", path, "Samples", "The first images of each method's sample folder.")
 
 

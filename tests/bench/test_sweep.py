@@ -169,6 +169,23 @@ def test_import_benchmark_json(tmp_path, capsys):
     assert "only tests/bench/ results import" in capsys.readouterr().err
 
 
+def test_import_benchmark_keeps_a_users_file_without_force(tmp_path, capsys):
+    info = dict(method="softmax", options="{}", level="attention", resolution=64, tokens=16,
+                batch=1, dtype="float32", device="cpu", model="DiT-T/2", heads=4, head_dim=16)
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"benchmarks": [
+        {"name": "test_benchmark[softmax]", "extra_info": info,
+         "stats": {"median": 1e-3, "rounds": 3, "q1": 1e-3, "q3": 1e-3, "data": [1e-3] * 3}}]}))
+    out = tmp_path / "table"
+    out.mkdir()
+    (out / "results.csv").write_text("my,own\n1,2\n")
+    assert main(["import-benchmark", str(path), "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (out / "results.csv").read_text() == "my,own\n1,2\n"
+    assert main(["import-benchmark", str(path), "--out", str(out), "--force"]) == 0
+    assert load_table(out)[0]["method"].tolist() == ["softmax"]
+
+
 def _fake_measure(calls):
     def measure(fn, device, **kwargs):
         calls.append(kwargs.get("limit_s"))

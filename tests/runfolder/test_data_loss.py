@@ -130,10 +130,10 @@ def test_a_stale_lock_is_taken_over(tmp_path, capsys):
 # --------------------------------------------------------------------------- 4. user files
 
 
-@pytest.mark.parametrize("name", ["report.md", "results.csv"])
+@pytest.mark.parametrize("name", ["report.md", "results.csv", "plots/latency.png"])
 def test_a_users_file_is_not_overwritten(tmp_path, capsys, name):
     out = tmp_path / "notes"
-    out.mkdir()
+    (out / name).parent.mkdir(parents=True)
     (out / name).write_text("my own notes\n")
     args = [*TINY_RUN[:-1], "--res", "64", "--out", str(out)]  # with the report
     assert main(args) == 2
