@@ -43,15 +43,19 @@ from .metrics.zero_shot import (
     FidelityConfig,
     FidelityResult,
     check_timesteps,
+    load_inputs,
     parse_variants,
     zero_shot_fidelity,
 )
 from .models import load_dit
+from .models.configs import VAE_DOWNSAMPLE
 from .report.build import REPORT_FILES, is_report_file
 from .report.zero_shot import write_zero_shot_report
-from .results import Result, ResultsWriter, canonical_options
+from .results import Result, ResultsWriter, Size, canonical_options
 
 SUMMARY_FILE = "fidelity.json"
+#: shapes-world images measured when ``--num`` is not given
+DEFAULT_NUM = 8
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -64,21 +68,21 @@ def _ints(text: str, flag: str) -> list[int]:
     return values
 
 
-def _load_model(ckpt: str | None, device: str):
-    """The model to measure (default: the shipped teacher); only shapes-world pixel DiTs."""
-
+def _load_model(ckpt: str | None, device: str, given_inputs: bool):
+    """The model to measure (default: the shipped teacher): a softmax DiT; a shapes-world
+    pixel DiT unless the inputs come from a file (``--inputs``)."""
     if ckpt is None:
-
         ckpt = str(default_teacher_path())
     if not Path(ckpt).exists():
         raise FileNotFoundError(f"--ckpt {ckpt}: no such file or directory (an attnbench/DiT "
                                 "checkpoint; omit --ckpt for the shipped teacher)")
     model = load_dit(ckpt, device=device)
-    if not is_shapes_model(model.config):
-        raise ValueError(f"--ckpt {ckpt}: fidelity draws its inputs from the shapes world and "
-                         f"needs a shapes-world pixel model (3 channels, 91 classes); this one "
-                         f"has {model.config.in_channels} channels and "
-                         f"{model.config.num_classes} classes")
+    if not given_inputs and not is_shapes_model(model.config):
+        raise ValueError(f"--ckpt {ckpt}: without --inputs, fidelity draws its inputs from "
+                         f"the shapes world, which needs a shapes-world pixel model (3 "
+                         f"channels, 91 classes); this one has {model.config.in_channels} "
+                         f"channels and {model.config.num_classes} classes: pass --inputs "
+                         "FILE with clean inputs of its own (x0 [N, C, H, W], labels y)")
     if model.config.attention != "softmax":
         raise ValueError(f"--ckpt {ckpt}: the model's attention is {model.config.attention!r}; "
                          "zero-shot fidelity measures methods against a softmax model")
@@ -111,7 +115,8 @@ def result_rows(result: FidelityResult, model, config: FidelityConfig, device: s
     """
 
     cfg = model.config
-    grid = cfg.grid
+    size = _image_size(cfg, config)
+    hg, wg = _token_grid(cfg, config)
     rows = []
     for summary in result.summaries:
         info = result.students[summary["label"]]
@@ -120,7 +125,8 @@ def result_rows(result: FidelityResult, model, config: FidelityConfig, device: s
         rows.append(Result(
             method=summary["method"],
             options=canonical_options({**info["options"], HEADS_OPTION: heads}),
-            level=FIDELITY_LEVEL, resolution=cfg.input_size, tokens=grid[0] * grid[1],
+            level=FIDELITY_LEVEL, resolution=size.width,
+            height=0 if size.square else size.height, tokens=hg * wg,
             batch=config.num, dtype="float64", device=device, model=cfg.name or "custom",
             heads=heads, head_dim=cfg.hidden_size // heads,
             impl="reference (float64) per layer; the converted student end to end",
@@ -134,8 +140,29 @@ def result_rows(result: FidelityResult, model, config: FidelityConfig, device: s
     return rows
 
 
+def _token_grid(cfg, config: FidelityConfig) -> tuple[int, int]:
+    """The token grid the inputs make (the model's own grid for shapes-world images)."""
+    if config.inputs is None:
+        return cfg.grid
+    h, w = config.inputs.x0.shape[-2:]
+    return h // cfg.patch_size, w // cfg.patch_size
+
+
+def _image_size(cfg, config: FidelityConfig) -> Size:
+    """The image size of the inputs in px (latents: × the VAE's 8)."""
+    if config.inputs is None:
+        return Size.of(cfg.input_size)
+    h, w = config.inputs.x0.shape[-2:]
+    scale = 1 if cfg.is_pixel else VAE_DOWNSAMPLE
+    return Size(h * scale, w * scale)
+
+
 def _inputs(config: FidelityConfig) -> dict[str, Any]:
-    return {"data": "shapes world", "num": config.num, "seed": config.seed,
+    given = config.inputs
+    data = ("shapes world" if given is None else
+            f"--inputs {given.source}: x0 {list(given.x0.shape)}, labels y")
+    num = config.num if given is None else given.x0.shape[0]
+    return {"data": data, "num": num, "seed": config.seed,
             "timesteps": list(config.timesteps), "noise": f"torch.randn, seed {config.seed}",
             "trajectory": f"DDIM {config.sample_steps} steps (eta 0), no guidance, "
                           "same noise and labels for the model and each student"}
@@ -162,7 +189,7 @@ def fidelity(args: argparse.Namespace) -> int:
     variants = parse_variants(args.methods, args.method_options)
     timesteps = check_timesteps(_ints(args.timesteps, "--timesteps"), 1000) if args.timesteps \
         else DEFAULT_TIMESTEPS
-    num = cliutil.require_positive_int("--num", args.num)
+    num = None if args.num is None else cliutil.require_positive_int("--num", args.num)
     steps = cliutil.require_positive_int("--sample-steps", args.sample_steps)
     chunk = cliutil.require_positive_int("--chunk-elements", args.chunk_elements)
     if args.device != "cpu" and not args.device.startswith("cuda"):
@@ -171,24 +198,28 @@ def fidelity(args: argparse.Namespace) -> int:
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA GPU is visible here; use --device cpu")
-    model, ckpt = _load_model(args.ckpt, args.device)
+    model, ckpt = _load_model(args.ckpt, args.device, given_inputs=args.inputs is not None)
+    given = None if args.inputs is None else load_inputs(args.inputs, model.config, num)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
     out = Path(args.out) if args.out else REPO_ROOT / "reports" / "runs" / f"fidelity-{stamp}"
     runfolder.lock_folder(out, "fidelity")  # before any work: one writer, a user's files kept
     runfolder.claim_files(out, OUTPUT_FILES, force=args.force)
     runfolder.claim_files(out, REPORT_FILES, force=args.force, ours=is_report_file)
-    config = FidelityConfig(variants=variants, timesteps=timesteps, num=num, seed=args.seed,
-                            sample_steps=steps, chunk_elements=chunk, device=args.device)
+    config = FidelityConfig(variants=variants, timesteps=timesteps,
+                            num=given.x0.shape[0] if given else (num or DEFAULT_NUM),
+                            seed=args.seed, sample_steps=steps, chunk_elements=chunk,
+                            device=args.device, inputs=given)
     meta = environment(args.device, ["python", "-m", "attnbench", *args.argv])
     meta.update({"stage": FIDELITY_LEVEL, "model": model.config.name, "checkpoint": str(ckpt),
                  "model_config": model.config.to_dict(), "dtype": "float64",
                  "methods": ["softmax", *(v.label for v in variants)],
                  "inputs": _inputs(config)})
+    hg, wg = _token_grid(model.config, config)
+    source = "shapes-world images" if given is None else f"inputs from {args.inputs}"
     print(f"attnbench fidelity: {model.config.name} ({model.config.depth} layers, grid "
-          f"{model.config.grid[0]}×{model.config.grid[1]}), {len(variants)} method(s) + softmax, "
-          f"timesteps {', '.join(map(str, timesteps))}, {num} shapes-world images",
-          file=sys.stderr)
+          f"{hg}×{wg}), {len(variants)} method(s) + softmax, timesteps "
+          f"{', '.join(map(str, timesteps))}, {config.num} {source}", file=sys.stderr)
     result = zero_shot_fidelity(model, config, progress=not args.no_progress)
     write_outputs(out, result, model, config, meta, force=args.force)
     _print_ranking(result)
@@ -222,7 +253,13 @@ def add_parser(subparsers) -> None:
                    help="an option for every variant of a method (repeatable)")
     p.add_argument("--timesteps", help="comma-separated diffusion steps in [0, 999] "
                    f"(default {','.join(map(str, DEFAULT_TIMESTEPS))})")
-    p.add_argument("--num", type=int, default=8, help="shapes-world images (default 8)")
+    p.add_argument("--inputs", metavar="FILE",
+                   help="clean inputs of the model's own instead of the shapes world: a "
+                   ".safetensors / .npz / .pt file (never unpickled) holding x0 [N, C, H, W] "
+                   "(latents or pixels) and optionally y [N] (class labels; default the null "
+                   "class); any softmax DiT checkpoint then works with --ckpt")
+    p.add_argument("--num", type=int, help=f"shapes-world images (default {DEFAULT_NUM}); with "
+                   "--inputs the first NUM samples (default all)")
     p.add_argument("--seed", type=int, default=0, help="seed of images, labels and noise")
     p.add_argument("--sample-steps", type=int, default=20,
                    help="DDIM steps of the trajectory compared by PSNR (default 20)")

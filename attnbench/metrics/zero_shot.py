@@ -41,6 +41,10 @@ as it runs, in float32): the relative error and MSE of the student's ε against
 the model's on the same noised inputs, per timestep, and the PSNR of a short DDIM
 trajectory of each from the same noise and labels.
 
+Inputs: shapes-world images (the shipped teacher's world) noised to each timestep with
+fixed noise, or clean inputs of the model's own from a file (:func:`load_inputs`: any
+softmax DiT's latents or pixels, with its class labels).
+
 Cost: one layer's q, k, v at a time (the analysis runs inside the hook), N×N
 quantities in chunks of query rows (``chunk_elements`` scores at once), the
 effective rank on a uniform sample of query rows (``erank_elements`` at once;
@@ -348,6 +352,92 @@ def on_each_layer(model, fn: Callable[[int, Any, torch.Tensor, Grid], None]) -> 
 
 
 @dataclass
+class GivenInputs:
+    """Clean inputs from a file instead of the shapes world: ``x0`` ``[N, C, H, W]`` (the
+    model's latents or pixels), class labels ``y`` ``[N]``, and where they came from."""
+
+    x0: torch.Tensor
+    y: torch.Tensor
+    source: str
+
+
+def load_inputs(path, config, num: int | None = None, flag: str = "--inputs") -> GivenInputs:
+    """``x0`` (and ``y``) from a ``.safetensors``, ``.npz`` or ``.pt`` file, checked against
+    the model's ``config``; the first ``num`` samples when given.
+
+    Never unpickles: ``.npz`` loads with ``allow_pickle=False``, ``.pt`` with
+    ``weights_only=True``. Without ``y`` every sample takes the null class (the label
+    classifier-free guidance's unconditional half uses), when the model has one.
+    """
+    import hashlib
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{flag} {path}: no such file (a .safetensors, .npz or .pt file "
+                         "holding x0 [N, C, H, W] and optionally y [N])")
+    tensors = _read_tensors(path, flag)
+    x0 = tensors.get("x0", tensors.get("latents"))
+    if x0 is None:
+        raise ValueError(f"{flag} {path}: holds {sorted(tensors) or 'nothing'}; it needs x0 "
+                         "(or latents): the clean inputs [N, C, H, W]")
+    c, p = config.in_channels, config.patch_size
+    if x0.ndim != 4 or not x0.is_floating_point() or x0.shape[0] == 0:
+        raise ValueError(f"{flag} {path}: x0 is {x0.dtype} of shape {tuple(x0.shape)}; it must "
+                         f"be floating point [N, {c}, H, W] with N > 0")
+    if x0.shape[1] != c or x0.shape[2] % p or x0.shape[3] % p:
+        raise ValueError(f"{flag} {path}: x0 has shape {tuple(x0.shape)}; the model takes "
+                         f"[N, {c}, H, W] with H and W multiples of its patch size {p}")
+    if not torch.isfinite(x0).all():
+        raise ValueError(f"{flag} {path}: x0 holds NaN or infinite values")
+    y = tensors.get("y")
+    if y is None:
+        if config.label_rows == config.num_classes:
+            raise ValueError(f"{flag} {path}: no labels y, and the model has no null class "
+                             "(class_dropout_prob 0): store y [N] with the class labels")
+        y = torch.full((x0.shape[0],), config.num_classes, dtype=torch.long)
+    if y.shape != (x0.shape[0],) or y.is_floating_point() or y.is_complex():
+        raise ValueError(f"{flag} {path}: y is {y.dtype} of shape {tuple(y.shape)}; it must "
+                         f"hold {x0.shape[0]} integer class labels (one per x0)")
+    if y.numel() and not (0 <= int(y.min()) and int(y.max()) < config.label_rows):
+        null = " and the null class" if config.label_rows > config.num_classes else ""
+        raise ValueError(f"{flag} {path}: labels must lie in [0, {config.label_rows - 1}] "
+                         f"(the model's {config.num_classes} classes{null})")
+    if num is not None:
+        if num > x0.shape[0]:
+            raise ValueError(f"--num {num}: {path} holds {x0.shape[0]} samples")
+        x0, y = x0[:num], y[:num]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return GivenInputs(x0.float().contiguous(), y.long().contiguous(),
+                       f"{path} (sha256 {digest}…)")
+
+
+def _read_tensors(path, flag: str) -> dict[str, torch.Tensor]:
+    """The named tensors of ``path``, by its suffix, without unpickling anything."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return dict(load_file(str(path)))
+        if suffix == ".npz":
+            import numpy as np
+
+            with np.load(path, allow_pickle=False) as data:
+                return {k: torch.from_numpy(data[k].copy()) for k in data.files}
+        if suffix in (".pt", ".pth"):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(data, dict) or not all(
+                    isinstance(v, torch.Tensor) for v in data.values()):
+                raise ValueError("not a dict of tensors")
+            return data
+    except Exception as err:  # a damaged or foreign file: one line naming it
+        raise ValueError(f"{flag} {path}: cannot read it as {suffix} tensors "
+                         f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    raise ValueError(f"{flag} {path}: unknown suffix {suffix!r}; use .safetensors, .npz or .pt")
+
+
+@dataclass
 class FidelityConfig:
     """Everything ``fidelity`` needs besides the model (CLI flags map 1:1)."""
 
@@ -359,6 +449,8 @@ class FidelityConfig:
     chunk_elements: int = CHUNK_ELEMENTS
     erank_elements: int = ERANK_ELEMENTS
     device: str = "cpu"
+    #: clean inputs from a file (``--inputs``); None: ``num`` shapes-world images
+    inputs: GivenInputs | None = None
 
 
 @dataclass
@@ -419,7 +511,13 @@ def zero_shot_fidelity(teacher, config: FidelityConfig, *, progress: bool = True
     cfg = teacher.config
     diffusion = Diffusion(num_steps=1000)
     timesteps = check_timesteps(config.timesteps, diffusion.num_steps)
-    x0, y, noise = (t.to(device) for t in shapes_inputs(cfg, config.num, config.seed))
+    if config.inputs is None:
+        x0, y, noise = (t.to(device) for t in shapes_inputs(cfg, config.num, config.seed))
+    else:
+        x0, y = config.inputs.x0.to(device), config.inputs.y.to(device)
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(config.seed))
+        noise = noise.to(device)
+    count = x0.shape[0]
     variants = with_softmax(list(config.variants))
     students, info = {}, {}
     for variant in variants:
@@ -442,7 +540,7 @@ def zero_shot_fidelity(teacher, config: FidelityConfig, *, progress: bool = True
     layers, locality, e2e = [], [], []
 
     for t in timesteps:
-        tt = torch.full((config.num,), t, dtype=torch.long, device=device)
+        tt = torch.full((count,), t, dtype=torch.long, device=device)
         xt = diffusion.q_sample(x0, tt, noise)
 
         def analyse(layer: int, mixer, x: torch.Tensor, grid: Grid, t=t) -> None:
@@ -495,7 +593,7 @@ def zero_shot_fidelity(teacher, config: FidelityConfig, *, progress: bool = True
 
     shape = tuple(x0.shape)
     steps = f"ddim{config.sample_steps}"
-    clip = cfg.in_channels == 3
+    clip = cfg.is_pixel
 
     def trajectory(model) -> torch.Tensor:
         return diffusion.sample(model, shape, y, steps=steps, sampler="ddim",

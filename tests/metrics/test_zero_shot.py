@@ -226,3 +226,93 @@ def test_a_users_file_in_out_is_never_overwritten(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "fidelity.csv" in err and "--force" in err
     assert (out / "fidelity.csv").read_text() == "my own table\n"
+
+
+# --------------------------------------------------------------------------- given inputs
+
+LATENT = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4,
+              num_classes=10, learn_sigma=True, name="tiny-latent")
+
+
+@pytest.fixture(scope="module")
+def latent_ckpt(tmp_path_factory):
+    """A tiny latent (4-channel) softmax DiT: not a shapes-world model."""
+    from attnbench.models import DiTConfig, save_dit
+    from tests.helpers import tiny_pixel_dit
+
+    path = tmp_path_factory.mktemp("latent") / "dit"
+    save_dit(tiny_pixel_dit(config=DiTConfig(**LATENT)), path)
+    return path
+
+
+def _inputs_file(path, **tensors):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path
+
+
+def test_given_latents_on_a_latent_model(latent_ckpt, tmp_path):
+    """--inputs: a latent DiT on its own non-square latents (6x10: a 3x5 token grid)."""
+    g = torch.Generator().manual_seed(0)
+    inputs = _inputs_file(tmp_path / "x.safetensors", x0=torch.randn(3, 4, 6, 10, generator=g),
+                          y=torch.tensor([1, 7, 10]))  # 10: the null class
+    out = tmp_path / "run"
+    assert main(["fidelity", "--ckpt", str(latent_ckpt), "--inputs", str(inputs), "--num", "2",
+                 "--timesteps", "300", "--sample-steps", "2", "--no-progress",
+                 "--methods", "clear:radius=9", "--out", str(out)]) == 0
+    layers = pd.read_csv(out / zs.FIDELITY_CSV)
+    for label in ("softmax", "clear:radius=9.0"):  # a radius covering the 3x5 grid
+        rows = layers[layers["label"] == label]
+        assert len(rows) == 2 and (rows["rel_error"] < 1e-10).all(), label
+        assert ((rows["mass_recall"] - 1).abs() < 1e-12).all(), label
+    from attnbench.results import load_table
+
+    frame, meta = load_table(out)
+    row = frame[frame["method"] == "clear"].iloc[0]
+    assert (row["resolution"], row["height"], row["tokens"]) == (80, 48, 15)  # latents × 8
+    assert row["batch"] == 2
+    assert "--inputs" in meta["inputs"]["data"] and "sha256" in meta["inputs"]["data"]
+
+
+def test_labels_default_to_the_null_class(latent_ckpt, tmp_path):
+    from attnbench.models import load_dit
+
+    config = load_dit(latent_ckpt).config
+    given = zs.load_inputs(_inputs_file(tmp_path / "x.safetensors", x0=torch.zeros(2, 4, 8, 8)),
+                           config)
+    assert given.y.tolist() == [config.num_classes] * 2
+
+
+@pytest.mark.parametrize("tensors, suffix, message", [
+    ({"z": torch.zeros(1, 4, 8, 8)}, ".safetensors", "it needs x0"),
+    ({"x0": torch.zeros(1, 3, 8, 8)}, ".safetensors", "[N, 4, H, W]"),
+    ({"x0": torch.zeros(1, 4, 7, 8)}, ".safetensors", "multiples of its patch size 2"),
+    ({"x0": torch.full((1, 4, 8, 8), math.nan)}, ".safetensors", "NaN"),
+    ({"x0": torch.zeros(2, 4, 8, 8), "y": torch.tensor([0, 11])}, ".safetensors",
+     "labels must lie in [0, 10]"),
+    ({"x0": torch.zeros(2, 4, 8, 8), "y": torch.tensor([0])}, ".safetensors",
+     "2 integer class labels"),
+    ({"x0": torch.zeros(1, 4, 8, 8)}, ".bin", "unknown suffix"),
+    (None, ".pt", "cannot read it as .pt"),  # a pickled object: weights_only refuses it
+])
+def test_bad_inputs_exit_2_before_any_work(latent_ckpt, tmp_path, capsys, tensors, suffix,
+                                           message):
+    path = tmp_path / f"x{suffix}"
+    if tensors is None:
+        torch.save({"x0": torch.zeros(1, 4, 8, 8), "code": object()}, path)
+    elif suffix == ".safetensors":
+        _inputs_file(path, **tensors)
+    else:
+        path.write_bytes(b"\0" * 16)
+    out = tmp_path / "x"
+    assert main(["fidelity", "--ckpt", str(latent_ckpt), "--inputs", str(path),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--inputs" in err and message in err, err
+    assert not out.exists()
+
+
+def test_a_latent_model_without_inputs_is_told_to_pass_them(latent_ckpt, tmp_path, capsys):
+    assert main(["fidelity", "--ckpt", str(latent_ckpt), "--out", str(tmp_path / "x")]) == 2
+    assert "pass --inputs FILE" in capsys.readouterr().err
