@@ -65,6 +65,7 @@ import torch
 
 from .. import attention
 from ..attention.base import Grid
+from ..attention.layout import Layout
 from ..bench.sweep import parse_methods
 
 #: the ``level`` of zero-shot rows in the results table
@@ -203,18 +204,39 @@ class SoftmaxPass:
     entropy_norm: float  # entropy / log N
     erank: float  # mean over heads and images
     erank_rows: int  # query rows the effective rank was computed on (N: exact)
-    locality: torch.Tensor  # [D2 + 1]: mean mass per squared grid distance (sums to 1)
+    #: [D2 + 1]: mean mass per squared grid distance between image tokens (with
+    #: ``text_mass``, sums to 1)
+    locality: torch.Tensor
     mass_recall: dict[str, float]  # per mask name
+    #: mean mass on pairs with a text token (0 without text)
+    text_mass: float = 0.0
 
 
-def squared_distances(grid: Grid, r0: int, r1: int, device=None) -> torch.Tensor:
-    """``[r1 - r0, N]`` integer ``dy² + dx²`` between query rows and every key (row-major)."""
-    _, wg = grid
-    n = grid[0] * grid[1]
-    qi = torch.arange(r0, r1, device=device)[:, None]
-    ki = torch.arange(n, device=device)[None, :]
-    dy, dx = qi // wg - ki // wg, qi % wg - ki % wg
-    return dy * dy + dx * dx
+def token_coordinates(geometry: Grid | Layout, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([N, 3] (t, y, x) grid coordinates, [N] is-text)`` of the tokens of ``geometry``
+    in their order (a plain grid, or a layout with text tokens and frames)."""
+    layout = geometry if isinstance(geometry, Layout) else Layout(tuple(geometry))
+    _, h, w = layout.grid if layout.is_video else (1, *layout.grid)
+    index = torch.arange(layout.image_tokens, device=device)
+    coords = torch.zeros(layout.tokens, 3, dtype=torch.long, device=device)
+    coords[layout.image_slice] = torch.stack((index // (h * w), index // w % h, index % w), -1)
+    text = torch.zeros(layout.tokens, dtype=torch.bool, device=device)
+    text[layout.text_slice] = True
+    return coords, text
+
+
+def squared_distances(geometry: Grid | Layout, r0: int, r1: int, device=None) -> torch.Tensor:
+    """``[r1 - r0, N]`` integer ``dt² + dy² + dx²`` between query rows and every key; -1
+    where the query or the key is a text token (no place on the grid)."""
+    coords, text = token_coordinates(geometry, device)
+    diff = coords[r0:r1, None, :] - coords[None, :, :]
+    d2 = (diff * diff).sum(-1)
+    return d2.masked_fill(text[r0:r1, None] | text[None, :], -1)
+
+
+def max_squared_distance(geometry: Grid | Layout) -> int:
+    layout = geometry if isinstance(geometry, Layout) else Layout(tuple(geometry))
+    return sum((side - 1) ** 2 for side in layout.grid)
 
 
 def effective_rank(maps: torch.Tensor) -> torch.Tensor:
@@ -232,7 +254,7 @@ def erank_sample(n: int, batch_heads: int, budget: int = ERANK_ELEMENTS) -> torc
     return torch.linspace(0, n - 1, m, dtype=torch.float64).round().long().unique()
 
 
-def softmax_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid,
+def softmax_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid | Layout,
                  masks: dict[str, MaskFn] | None = None, *,
                  chunk_elements: int = CHUNK_ELEMENTS,
                  erank_elements: int = ERANK_ELEMENTS) -> SoftmaxPass:
@@ -245,16 +267,15 @@ def softmax_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid,
     """
     q, k, v = q.double(), k.double(), v.double()
     b, h, n, d = q.shape
-    if grid[0] * grid[1] != n:
-        raise ValueError(f"grid {grid} has {grid[0] * grid[1]} tokens, q has {n}: the "
-                         "zero-shot statistics need a plain image grid")
+    layout = grid if isinstance(grid, Layout) else Layout(tuple(grid))
+    layout.check(n)
     masks = masks or {}
     scale = d ** -0.5
     rows = max(1, chunk_elements // max(1, b * h * n))
     sample = erank_sample(n, b * h, erank_elements).to(q.device)
     kept = torch.empty(b, h, len(sample), n, dtype=torch.float64, device=q.device)
-    max_d2 = (grid[0] - 1) ** 2 + (grid[1] - 1) ** 2
-    hist = torch.zeros(max_d2 + 1, dtype=torch.float64, device=q.device)
+    hist = torch.zeros(max_squared_distance(layout) + 1, dtype=torch.float64, device=q.device)
+    text_mass = 0.0
     out = torch.empty_like(v)
     entropy = 0.0
     recall = dict.fromkeys(masks, 0.0)
@@ -263,8 +284,11 @@ def softmax_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid,
         p = torch.softmax(torch.matmul(q[:, :, r0:r1], k.transpose(-1, -2)) * scale, dim=-1)
         out[:, :, r0:r1] = torch.matmul(p, v)
         entropy -= torch.special.xlogy(p, p).sum().item()
-        d2 = squared_distances(grid, r0, r1, q.device)
-        hist.scatter_add_(0, d2.flatten(), p.sum((0, 1)).flatten())
+        d2 = squared_distances(layout, r0, r1, q.device)
+        mass = p.sum((0, 1))
+        on_grid = d2 >= 0
+        hist.scatter_add_(0, d2.clamp_min(0).flatten(), (mass * on_grid).flatten())
+        text_mass += mass[~on_grid].sum().item()
         for name, mask in masks.items():
             recall[name] += (p * mask(r0, r1)).sum().item()
         here = (sample >= r0) & (sample < r1)
@@ -277,6 +301,7 @@ def softmax_pass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid,
         entropy_norm=entropy / total_rows / math.log(n) if n > 1 else 0.0,
         erank=erank, erank_rows=len(sample), locality=hist / total_rows,
         mass_recall={name: value / total_rows for name, value in recall.items()},
+        text_mass=text_mass / total_rows,
     )
 
 
@@ -298,22 +323,24 @@ def radius_holding(locality: torch.Tensor, fraction: float) -> int:
 
 
 def layer_outputs(variant: Variant, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  grid: Grid, options: dict[str, Any], heads: int,
-                  student_mixer=None) -> torch.Tensor:
+                  grid: Grid | Layout, options: dict[str, Any], heads: int,
+                  student_core=None) -> torch.Tensor:
     """What ``variant`` computes on the model's q, k, v: ``[B, N, C]`` float64 (module doc).
 
-    ``student_mixer``: the converted student's mixer of this layer when it inherits
-    the model's projections (its ``core`` runs, in a float64 copy, on the reference
-    path); ``None``: the method's ``attend`` operator. ``heads``: the student's count.
+    ``student_core``: the converted student's attention core of this layer when the
+    student inherits the model's projections there (it runs, in a float64 copy, on
+    the reference path, with its learned parts as converted); ``None``: the method's
+    ``attend`` operator. ``heads``: the student's count.
     """
     qs, ks, vs = (split_heads(t.double(), heads) for t in (q, k, v))
-    if student_mixer is not None:
-        mixer = copy.deepcopy(student_mixer).double()
-        mixer.impl = "reference"
+    where = {"layout": grid} if isinstance(grid, Layout) else {"grid": tuple(grid)}
+    if student_core is not None:
+        core = copy.deepcopy(student_core).double()
+        core.impl = "reference"
         with torch.no_grad():
-            return merge_heads(mixer.core(qs, ks, vs, grid=tuple(grid)))
+            return merge_heads(core(qs, ks, vs, **where))
     backend = attention.get(variant.method)
-    return merge_heads(backend.attend(qs, ks, vs, grid=tuple(grid), impl="reference",
+    return merge_heads(backend.attend(qs, ks, vs, impl="reference", **where,
                                       **backend.attend_options(options)))
 
 
@@ -545,39 +572,12 @@ def zero_shot_fidelity(teacher, config: FidelityConfig, *, progress: bool = True
 
         def analyse(layer: int, mixer, x: torch.Tensor, grid: Grid, t=t) -> None:
             q, k, v = mixer.split_heads(x.double())
-            masks, notes, resolved = {}, {}, {}
-            for variant in variants:
-                opts = info[variant.label]["options"]
-                resolved[variant.label] = opts
-                mask, notes[variant.label] = exact_pairs(variant, q, k, grid, opts)
-                if mask is not None:
-                    masks[variant.label] = mask
-            sm = softmax_pass(q, k, v, grid, masks, chunk_elements=config.chunk_elements,
-                              erank_elements=config.erank_elements)
-            ref = merge_heads(sm.out)
-            stats = {"entropy": sm.entropy, "entropy_norm": sm.entropy_norm,
-                     "erank": sm.erank, "erank_rows": sm.erank_rows,
-                     "radius_50": radius_holding(sm.locality, 0.5),
-                     "radius_90": radius_holding(sm.locality, 0.9)}
-            for variant in variants:
-                label = variant.label
-                student_mixer = (students[label].blocks[layer].attn
-                                 if info[label]["inherits"][layer] else None)
-                out = layer_outputs(variant, q, k, v, grid, resolved[label],
-                                    info[label]["heads"], student_mixer)
-                err, cos = compare(out, ref)
-                layers.append({
-                    "method": variant.method, "options": _options_text(variant),
-                    "label": label, "layer": layer, "timestep": t, "rel_error": err,
-                    "cosine": cos, "mass_recall": sm.mass_recall.get(label, float("nan")),
-                    "mass_recall_note": notes[label],
-                    "computed": "converted layer" if student_mixer is not None else "operator",
-                    **stats,
-                })
-            radius_max = math.isqrt(len(sm.locality) - 1) + 1
-            for radius in range(1, radius_max + 1):
-                locality.append({"layer": layer, "timestep": t, "radius": radius,
-                                 "mass_within": mass_within(sm.locality, radius)})
+            cores = {label: students[label].blocks[layer].attn.core
+                     if info[label]["inherits"][layer] else None for label in students}
+            rows, curve = analyse_layer(q, k, v, grid, variants, info, cores, layer=layer,
+                                        timestep=t, config=config)
+            layers.extend(rows)
+            locality.extend(curve)
             bar.update(1)
             bar.set_postfix_str(f"t={t} layer {layer}")
 
@@ -586,10 +586,7 @@ def zero_shot_fidelity(teacher, config: FidelityConfig, *, progress: bool = True
         eps_t = teacher(xt, tt, y)[:, : cfg.in_channels]
         for variant in variants:
             eps_s = students[variant.label](xt, tt, y)[:, : cfg.in_channels]
-            err, _ = compare(eps_s, eps_t)
-            e2e.append({"method": variant.method, "options": _options_text(variant),
-                        "label": variant.label, "timestep": t, "eps_rel_error": err,
-                        "eps_mse": ((eps_s.double() - eps_t.double()) ** 2).mean().item()})
+            e2e.append(end_to_end_row(variant, t, eps_s, eps_t))
 
     shape = tuple(x0.shape)
     steps = f"ddim{config.sample_steps}"
@@ -600,11 +597,81 @@ def zero_shot_fidelity(teacher, config: FidelityConfig, *, progress: bool = True
                                 clip_denoised=clip, noise=noise, device=device)
 
     reference = trajectory(teacher)
-    summaries = []
+    psnrs = {}
     for variant in variants:
         label = variant.label
         images = reference if label == "softmax" else trajectory(students[label])
-        value = psnr(images, reference).mean().item()
+        psnrs[label] = psnr(images, reference).mean().item()
+        bar.update(1)
+        bar.set_postfix_str(f"trajectory {label}")
+    bar.close()
+    for data in info.values():
+        data.pop("inherits")
+    return FidelityResult(layers, e2e, locality, summarise(variants, info, layers, e2e, psnrs),
+                          info, elapsed_s=time.perf_counter() - started)
+
+
+def analyse_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geometry: Grid | Layout,
+                  variants: list[Variant], info: dict[str, dict[str, Any]],
+                  cores: dict[str, Any], *, layer: int, timestep: int,
+                  config: FidelityConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows of one layer at one timestep: one per variant, and the locality curve.
+
+    ``q, k, v`` ``[B, H, N, d]`` are the model's (float64), ``geometry`` their grid or
+    layout; ``info[label]`` holds the variant's resolved ``options`` and ``heads``;
+    ``cores[label]`` the converted student's core at this layer, or None (module doc).
+    """
+    masks, notes = {}, {}
+    for variant in variants:
+        mask, notes[variant.label] = exact_pairs(variant, q, k, geometry,
+                                                 info[variant.label]["options"])
+        if mask is not None:
+            masks[variant.label] = mask
+    sm = softmax_pass(q, k, v, geometry, masks, chunk_elements=config.chunk_elements,
+                      erank_elements=config.erank_elements)
+    ref = merge_heads(sm.out)
+    stats = {"entropy": sm.entropy, "entropy_norm": sm.entropy_norm,
+             "erank": sm.erank, "erank_rows": sm.erank_rows,
+             "radius_50": radius_holding(sm.locality, 0.5),
+             "radius_90": radius_holding(sm.locality, 0.9), "text_mass": sm.text_mass}
+    rows = []
+    for variant in variants:
+        label = variant.label
+        core = cores.get(label)
+        out = layer_outputs(variant, q, k, v, geometry, info[label]["options"],
+                            info[label]["heads"], core)
+        err, cos = compare(out, ref)
+        rows.append({
+            "method": variant.method, "options": _options_text(variant),
+            "label": label, "layer": layer, "timestep": timestep, "rel_error": err,
+            "cosine": cos, "mass_recall": sm.mass_recall.get(label, float("nan")),
+            "mass_recall_note": notes[label],
+            "computed": "converted layer" if core is not None else "operator",
+            **stats,
+        })
+    radius_max = math.isqrt(len(sm.locality) - 1) + 1
+    curve = [{"layer": layer, "timestep": timestep, "radius": radius,
+              "mass_within": mass_within(sm.locality, radius)}
+             for radius in range(1, radius_max + 1)]
+    return rows, curve
+
+
+def end_to_end_row(variant: Variant, timestep: int, out: torch.Tensor,
+                   ref: torch.Tensor) -> dict[str, Any]:
+    """The student's prediction against the model's on the same input, at ``timestep``."""
+    err, _ = compare(out, ref)
+    return {"method": variant.method, "options": _options_text(variant),
+            "label": variant.label, "timestep": timestep, "eps_rel_error": err,
+            "eps_mse": ((out.double() - ref.double()) ** 2).mean().item()}
+
+
+def summarise(variants: list[Variant], info: dict[str, dict[str, Any]],
+              layers: list[dict[str, Any]], e2e: list[dict[str, Any]],
+              psnrs: dict[str, float]) -> list[dict[str, Any]]:
+    """One summary per variant: the means over layers and timesteps, and the PSNR."""
+    summaries = []
+    for variant in variants:
+        label = variant.label
         rows = [r for r in layers if r["label"] == label]
         ends = [r for r in e2e if r["label"] == label]
         summaries.append({
@@ -616,15 +683,9 @@ def zero_shot_fidelity(teacher, config: FidelityConfig, *, progress: bool = True
             "mass_recall_note": rows[0]["mass_recall_note"] if rows else "",
             "eps_rel_error": _mean(r["eps_rel_error"] for r in ends),
             "eps_mse": _mean(r["eps_mse"] for r in ends),
-            "psnr_trajectory": value,
+            "psnr_trajectory": psnrs.get(label, float("nan")),
         })
-        bar.update(1)
-        bar.set_postfix_str(f"trajectory {label}")
-    bar.close()
-    for data in info.values():
-        data.pop("inherits")
-    return FidelityResult(layers, e2e, locality, summaries, info,
-                          elapsed_s=time.perf_counter() - started)
+    return summaries
 
 
 def _options_text(variant: Variant) -> str:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from attnbench import attention
+from attnbench.attention import Layout
 from attnbench.cli import main
 from attnbench.metrics import zero_shot as zs
 
@@ -119,8 +120,8 @@ def _measure(teacher, qkv, grid, spec):
     q, k, v = qkv
     mask, note = zs.exact_pairs(variant, q, k, grid, opts)
     sm = zs.softmax_pass(q, k, v, grid, {} if mask is None else {"m": mask})
-    mixer = student.blocks[2].attn if zs.inherits_layer(student, teacher, 2) else None
-    out = zs.layer_outputs(variant, q, k, v, grid, opts, student.config.heads, mixer)
+    core = student.blocks[2].attn.core if zs.inherits_layer(student, teacher, 2) else None
+    out = zs.layer_outputs(variant, q, k, v, grid, opts, student.config.heads, core)
     err, cos = zs.compare(out, zs.merge_heads(sm.out))
     return err, cos, sm.mass_recall.get("m", float("nan")), note
 
@@ -316,3 +317,41 @@ def test_bad_inputs_exit_2_before_any_work(latent_ckpt, tmp_path, capsys, tensor
 def test_a_latent_model_without_inputs_is_told_to_pass_them(latent_ckpt, tmp_path, capsys):
     assert main(["fidelity", "--ckpt", str(latent_ckpt), "--out", str(tmp_path / "x")]) == 2
     assert "pass --inputs FILE" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+@pytest.mark.parametrize("layout", [
+    Layout((3, 4), text=5), Layout((3, 4), text=5, text_first=False),
+    Layout((2, 3, 4)), Layout((2, 2, 3), text=4)])
+def test_streamed_statistics_on_text_and_video_layouts(layout):
+    """Locality over image–image pairs (dt² + dy² + dx², built here independently), the
+    rest of the mass on pairs with a text token; outputs and recall as with a grid."""
+    g = torch.Generator().manual_seed(5)
+    n = layout.tokens
+    q, k, v = (torch.randn(2, 2, n, 8, generator=g, dtype=torch.float64) * 2 for _ in range(3))
+    mask = torch.rand(n, n, generator=g) < 0.5
+    got = zs.softmax_pass(q, k, v, layout, {"m": lambda r0, r1: mask[r0:r1]}, chunk_elements=90)
+    p = torch.softmax(q @ k.transpose(-1, -2) * 8 ** -0.5, dim=-1)
+    position = {}  # token index -> (t, y, x) for image tokens
+    grid = layout.grid if layout.is_video else (1, *layout.grid)
+    first = layout.text if layout.text_first else 0
+    for i in range(layout.image_tokens):
+        position[first + i] = (i // (grid[1] * grid[2]), i // grid[2] % grid[1], i % grid[2])
+    hist = torch.zeros(sum((s - 1) ** 2 for s in grid) + 1, dtype=torch.float64)
+    text = 0.0
+    rows = p.shape[0] * p.shape[1] * n
+    for i in range(n):
+        for j in range(n):
+            mass = p[:, :, i, j].sum().item() / rows
+            if i in position and j in position:
+                hist[sum((a - b) ** 2 for a, b in zip(position[i], position[j]))] += mass
+            else:
+                text += mass
+    torch.testing.assert_close(got.out, p @ v, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.locality, hist, rtol=1e-10, atol=1e-12)
+    assert got.text_mass == pytest.approx(text, rel=1e-10, abs=1e-14)
+    assert got.locality.sum().item() + got.text_mass == pytest.approx(1.0, abs=1e-12)
+    assert got.mass_recall["m"] == pytest.approx((p * mask).sum().item() / rows, rel=1e-12)
+    assert (got.text_mass > 0) == bool(layout.text)
