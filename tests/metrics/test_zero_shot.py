@@ -346,7 +346,8 @@ def test_streamed_statistics_on_text_and_video_layouts(layout):
         for j in range(n):
             mass = p[:, :, i, j].sum().item() / rows
             if i in position and j in position:
-                hist[sum((a - b) ** 2 for a, b in zip(position[i], position[j], strict=True))] += mass
+                pairs = zip(position[i], position[j], strict=True)
+                hist[sum((a - b) ** 2 for a, b in pairs)] += mass
             else:
                 text += mass
     torch.testing.assert_close(got.out, p @ v, rtol=1e-12, atol=1e-12)
