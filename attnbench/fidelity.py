@@ -23,6 +23,7 @@ import csv
 import datetime as _dt
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ from .metrics.zero_shot import (
 )
 from .models import load_dit
 from .models.configs import VAE_DOWNSAMPLE
+from .models.diffusers_configs import DIFFUSERS_CONFIGS, diffusers_config_names
 from .report.build import REPORT_FILES, is_report_file
 from .report.zero_shot import write_zero_shot_report
 from .results import Result, ResultsWriter, Size, canonical_options
@@ -106,17 +108,34 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     runfolder.atomic_write(path, write)
 
 
-def result_rows(result: FidelityResult, model, config: FidelityConfig, device: str) -> list:
+@dataclass
+class Subject:
+    """What was measured, as the results rows name it: the model, the image size, the
+    tokens of one attention call, the model's width per head count, and the inputs."""
+
+    model: str
+    size: Size
+    tokens: int
+    width: int  # channels of q (heads × head_dim)
+    inputs: dict[str, Any]
+    impl: str = "reference (float64) per layer; the converted student end to end"
+
+
+def dit_subject(model, config: FidelityConfig) -> Subject:
+    cfg = model.config
+    hg, wg = _token_grid(cfg, config)
+    return Subject(cfg.name or "custom", _image_size(cfg, config), hg * wg, cfg.hidden_size,
+                   _inputs(config))
+
+
+def result_rows(result: FidelityResult, subject: Subject, config: FidelityConfig,
+                device: str) -> list:
     """One :class:`~attnbench.results.Result` per variant (``level = fidelity``).
 
     ``options`` hold the method's resolved options and the student's ``heads`` (two
     variants that differ only in heads are two rows); the numbers sit in
     ``extra["metrics"]`` with their direction in ``extra["higher_is_better"]``.
     """
-
-    cfg = model.config
-    size = _image_size(cfg, config)
-    hg, wg = _token_grid(cfg, config)
     rows = []
     for summary in result.summaries:
         info = result.students[summary["label"]]
@@ -125,16 +144,16 @@ def result_rows(result: FidelityResult, model, config: FidelityConfig, device: s
         rows.append(Result(
             method=summary["method"],
             options=canonical_options({**info["options"], HEADS_OPTION: heads}),
-            level=FIDELITY_LEVEL, resolution=size.width,
-            height=0 if size.square else size.height, tokens=hg * wg,
-            batch=config.num, dtype="float64", device=device, model=cfg.name or "custom",
-            heads=heads, head_dim=cfg.hidden_size // heads,
-            impl="reference (float64) per layer; the converted student end to end",
+            level=FIDELITY_LEVEL, resolution=subject.size.width,
+            height=0 if subject.size.square else subject.size.height, tokens=subject.tokens,
+            batch=config.num, dtype="float64", device=device, model=subject.model,
+            heads=heads, head_dim=subject.width // heads, impl=subject.impl,
             extra={
                 "metrics": metrics, "higher_is_better": dict(HIGHER_IS_BETTER),
                 "label": summary["label"], "computed": info["computed"],
                 "mass_recall_note": summary["mass_recall_note"],
-                "timesteps": list(config.timesteps), "inputs": _inputs(config),
+                **({"psnr_note": summary["psnr_note"]} if "psnr_note" in summary else {}),
+                "timesteps": list(config.timesteps), "inputs": subject.inputs,
             },
         ))
     return rows
@@ -168,7 +187,7 @@ def _inputs(config: FidelityConfig) -> dict[str, Any]:
                           "same noise and labels for the model and each student"}
 
 
-def write_outputs(out: Path, result: FidelityResult, model, config: FidelityConfig,
+def write_outputs(out: Path, result: FidelityResult, subject: Subject, config: FidelityConfig,
                   meta: dict[str, Any], *, force: bool = False) -> None:
     """The long tables, the results rows and ``fidelity.json`` into ``out``."""
 
@@ -176,12 +195,31 @@ def write_outputs(out: Path, result: FidelityResult, model, config: FidelityConf
     _write_csv(out / FIDELITY_CSV, result.layers)
     _write_csv(out / END_TO_END_CSV, result.end_to_end)
     _write_csv(out / LOCALITY_CSV, result.locality)
-    for row in result_rows(result, model, config, meta.get("device", "cpu")):
+    for row in result_rows(result, subject, config, meta.get("device", "cpu")):
         writer.append(row)
     writer.finalize()
     runfolder.atomic_write(out / SUMMARY_FILE, json.dumps(
         {"summaries": result.summaries, "students": result.students,
-         "inputs": _inputs(config), "elapsed_s": result.elapsed_s}, indent=2, default=str))
+         "inputs": subject.inputs, "elapsed_s": result.elapsed_s}, indent=2, default=str))
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"--device {device!r}: use cpu or cuda[:N]")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+
+
+def _claim(args: argparse.Namespace) -> Path:
+    """The run folder, locked, its files claimed (after every check, before any work)."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else REPO_ROOT / "reports" / "runs" / f"fidelity-{stamp}"
+    runfolder.lock_folder(out, "fidelity")  # one writer, a user's files kept
+    runfolder.claim_files(out, OUTPUT_FILES, force=args.force)
+    runfolder.claim_files(out, REPORT_FILES, force=args.force, ours=is_report_file)
+    return out
 
 
 def fidelity(args: argparse.Namespace) -> int:
@@ -192,38 +230,115 @@ def fidelity(args: argparse.Namespace) -> int:
     num = None if args.num is None else cliutil.require_positive_int("--num", args.num)
     steps = cliutil.require_positive_int("--sample-steps", args.sample_steps)
     chunk = cliutil.require_positive_int("--chunk-elements", args.chunk_elements)
-    if args.device != "cpu" and not args.device.startswith("cuda"):
-        raise ValueError(f"--device {args.device!r}: use cpu or cuda[:N]")
-    import torch
-
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA GPU is visible here; use --device cpu")
-    model, ckpt = _load_model(args.ckpt, args.device, given_inputs=args.inputs is not None)
-    given = None if args.inputs is None else load_inputs(args.inputs, model.config, num)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-
-    out = Path(args.out) if args.out else REPO_ROOT / "reports" / "runs" / f"fidelity-{stamp}"
-    runfolder.lock_folder(out, "fidelity")  # before any work: one writer, a user's files kept
-    runfolder.claim_files(out, OUTPUT_FILES, force=args.force)
-    runfolder.claim_files(out, REPORT_FILES, force=args.force, ours=is_report_file)
-    config = FidelityConfig(variants=variants, timesteps=timesteps,
-                            num=given.x0.shape[0] if given else (num or DEFAULT_NUM),
+    _check_device(args.device)
+    config = FidelityConfig(variants=variants, timesteps=timesteps, num=num or DEFAULT_NUM,
                             seed=args.seed, sample_steps=steps, chunk_elements=chunk,
-                            device=args.device, inputs=given)
+                            device=args.device)
+    if args.model or args.model_path:
+        return _fidelity_diffusers(args, config)
+    if args.res or args.frames:
+        raise ValueError(f"{'--res' if args.res else '--frames'} is for diffusers models "
+                         "(--model / --model-path); a DiT's size is its inputs'")
+    model, ckpt = _load_model(args.ckpt, args.device, given_inputs=args.inputs is not None)
+    if args.inputs is not None:
+        config.inputs = load_inputs(args.inputs, model.config, num)
+        config.num = config.inputs.x0.shape[0]
+    out = _claim(args)
+    subject = dit_subject(model, config)
     meta = environment(args.device, ["python", "-m", "attnbench", *args.argv])
     meta.update({"stage": FIDELITY_LEVEL, "model": model.config.name, "checkpoint": str(ckpt),
                  "model_config": model.config.to_dict(), "dtype": "float64",
                  "methods": ["softmax", *(v.label for v in variants)],
-                 "inputs": _inputs(config)})
+                 "inputs": subject.inputs})
     hg, wg = _token_grid(model.config, config)
-    source = "shapes-world images" if given is None else f"inputs from {args.inputs}"
+    source = "shapes-world images" if args.inputs is None else f"inputs from {args.inputs}"
     print(f"attnbench fidelity: {model.config.name} ({model.config.depth} layers, grid "
           f"{hg}×{wg}), {len(variants)} method(s) + softmax, timesteps "
           f"{', '.join(map(str, timesteps))}, {config.num} {source}", file=sys.stderr)
     result = zero_shot_fidelity(model, config, progress=not args.no_progress)
-    write_outputs(out, result, model, config, meta, force=args.force)
-    _print_ranking(result)
+    return _finish(out, result, subject, config, meta, args)
 
+
+def _fidelity_diffusers(args: argparse.Namespace, config: FidelityConfig) -> int:
+    """``fidelity --model NAME / --model-path DIR``: a diffusers transformer."""
+    from .bench.workloads import diffusers_model
+    from .metrics.zero_shot import read_tensors
+    from .metrics.zero_shot_diffusers import (
+        check_softmax_model,
+        step_inputs,
+        zero_shot_fidelity_diffusers,
+    )
+
+    if args.ckpt:
+        raise ValueError("--ckpt is an attnbench/DiT checkpoint; it does not combine with "
+                         "--model / --model-path")
+    if args.model and args.model_path:
+        raise ValueError("--model and --model-path: give one model")
+    if args.model and args.model.strip().lower() not in DIFFUSERS_CONFIGS:
+        raise ValueError(f"--model {args.model!r}: fidelity takes a diffusers zoo name "
+                         f"({', '.join(diffusers_config_names())}); a DiT goes in --ckpt")
+    import torch
+
+    from .integrations.diffusers import build_transformer, load_transformer, model_shapes
+
+    chosen = diffusers_model(args.model, args.model_path, args.frames)
+    entry = chosen.entry
+    check_softmax_model(entry, chosen.name)
+    for variant in config.variants:
+        if variant.heads is not None:
+            raise ValueError(f"--methods {variant.label}: a diffusers model keeps its heads "
+                             "(its QK norms are per head); leave heads= out")
+    try:
+        size = Size.of(args.res) if args.res else Size.of(entry.default_res)
+    except ValueError:
+        raise ValueError(f"--res {args.res!r}: one size, px (1024) or HEIGHTxWIDTH (480x832)") \
+            from None
+
+    shapes = model_shapes(entry, tuple(size), chosen.frames)  # a size it cannot run: here
+    given = None
+    if args.inputs is not None:
+        path = Path(args.inputs)
+        if not path.is_file():
+            raise ValueError(f"--inputs {path}: no such file (tensors named as the "
+                             "transformer's forward inputs, e.g. hidden_states)")
+        given = read_tensors(path, "--inputs")
+        step_inputs(entry, shapes, num=config.num, seed=config.seed, device="cpu",
+                    dtype=torch.float32, given=given)  # names and shapes checked here
+    if chosen.folder is None:
+        model = build_transformer(entry, seed=args.seed)
+        weights = (f"random (seed {args.seed}): an untrained model's zero-shot numbers say "
+                   "nothing about a trained one; use --model-path")
+        print(f"warning: {entry.name} with {weights}", file=sys.stderr)
+    else:
+        model, entry = load_transformer(chosen.folder, dtype=torch.float32)
+        weights = f"--model-path {chosen.folder}"
+    out = _claim(args)
+    meta = environment(args.device, ["python", "-m", "attnbench", *args.argv])
+    meta.update({"stage": FIDELITY_LEVEL, "model": chosen.name, "diffusers_model":
+                 chosen.describe(), "weights": weights, "dtype": "float64",
+                 "methods": ["softmax", *(v.label for v in config.variants)]})
+    print(f"attnbench fidelity: {chosen.name} ({shapes.attention_layers} attention layers, "
+          f"{shapes.layout.describe()} tokens), {len(config.variants)} method(s) + softmax, "
+          f"timesteps {', '.join(map(str, config.timesteps))}, {config.num} inputs",
+          file=sys.stderr)
+    result, clean = zero_shot_fidelity_diffusers(
+        model, entry, shapes, config, given=given, given_source=str(args.inputs),
+        progress=not args.no_progress)
+    inputs = {"data": clean.source, "num": config.num, "seed": config.seed,
+              "timesteps": list(config.timesteps), "noise": f"torch.randn, seed {config.seed + 1}",
+              "layout": shapes.layout.describe(), "weights": weights,
+              "trajectory": "not measured: attnbench has no sampler for diffusers models"}
+    meta["inputs"] = inputs
+    subject = Subject(chosen.name, size, shapes.layout.tokens, shapes.heads * shapes.head_dim,
+                      inputs, impl="reference (float64) per layer on the model's q, k, v; the "
+                                   "swapped student end to end")
+    return _finish(out, result, subject, config, meta, args)
+
+
+def _finish(out: Path, result: FidelityResult, subject: Subject, config: FidelityConfig,
+            meta: dict[str, Any], args: argparse.Namespace) -> int:
+    write_outputs(out, result, subject, config, meta, force=args.force)
+    _print_ranking(result)
     files = write_zero_shot_report(out)
     print(f"results in {out}; report: {files[0].name}, {files[1].name}", file=sys.stderr)
     return 0
@@ -253,11 +368,22 @@ def add_parser(subparsers) -> None:
                    help="an option for every variant of a method (repeatable)")
     p.add_argument("--timesteps", help="comma-separated diffusion steps in [0, 999] "
                    f"(default {','.join(map(str, DEFAULT_TIMESTEPS))})")
+    p.add_argument("--model", help="a diffusers zoo model (random weights: a check of the "
+                   "path, not of a trained model), e.g. flux-tiny; see --model-path")
+    p.add_argument("--model-path", metavar="DIR", help="a local diffusers transformer folder "
+                   "(a pipeline folder's transformer/ too; local files only)")
+    p.add_argument("--res", help="a diffusers model's image size, px or HEIGHTxWIDTH "
+                   "(default: its published size)")
+    p.add_argument("--frames", type=int, help="frames of a video diffusers model (default: "
+                   "the model's usual frames)")
     p.add_argument("--inputs", metavar="FILE",
                    help="clean inputs of the model's own instead of the shapes world: a "
                    ".safetensors / .npz / .pt file (never unpickled) holding x0 [N, C, H, W] "
                    "(latents or pixels) and optionally y [N] (class labels; default the null "
-                   "class); any softmax DiT checkpoint then works with --ckpt")
+                   "class); any softmax DiT checkpoint then works with --ckpt. With --model / "
+                   "--model-path: tensors named as the transformer's forward inputs "
+                   "(hidden_states: the clean latents, encoder_hidden_states, ...) in place of "
+                   "the random ones")
     p.add_argument("--num", type=int, help=f"shapes-world images (default {DEFAULT_NUM}); with "
                    "--inputs the first NUM samples (default all)")
     p.add_argument("--seed", type=int, default=0, help="seed of images, labels and noise")

@@ -24,7 +24,9 @@ mixer's own ``split_heads``, in float64; nothing in the model changes):
   the entropy of the normalised singular values) of the maps -- CLEAR's
   "high-rank" factor -- and the locality curve: the mass within grid radius r
   (``dy² + dx² < r²``, CLEAR's window) for every r (``locality.csv``), summarised
-  by ``radius_50`` / ``radius_90``, the smallest radius that holds half / 90 %.
+  by ``radius_50`` / ``radius_90``, the smallest radius that holds half / 90 % (of the
+  mass on image-token pairs; with text tokens, ``text_mass`` is the mass on pairs with a
+  text token, and the curve counts image pairs: distances over frames, rows, columns).
 
 What "the method" computes on a layer: when the converted student inherits the
 model's projections at that layer (CLEAR, SLA), it is the student's own layer
@@ -403,7 +405,7 @@ def load_inputs(path, config, num: int | None = None, flag: str = "--inputs") ->
     if not path.is_file():
         raise ValueError(f"{flag} {path}: no such file (a .safetensors, .npz or .pt file "
                          "holding x0 [N, C, H, W] and optionally y [N])")
-    tensors = _read_tensors(path, flag)
+    tensors = read_tensors(path, flag)
     x0 = tensors.get("x0", tensors.get("latents"))
     if x0 is None:
         raise ValueError(f"{flag} {path}: holds {sorted(tensors) or 'nothing'}; it needs x0 "
@@ -439,7 +441,7 @@ def load_inputs(path, config, num: int | None = None, flag: str = "--inputs") ->
                        f"{path} (sha256 {digest}…)")
 
 
-def _read_tensors(path, flag: str) -> dict[str, torch.Tensor]:
+def read_tensors(path, flag: str) -> dict[str, torch.Tensor]:
     """The named tensors of ``path``, by its suffix, without unpickling anything."""
     suffix = path.suffix.lower()
     try:
@@ -630,10 +632,11 @@ def analyse_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geometry: G
     sm = softmax_pass(q, k, v, geometry, masks, chunk_elements=config.chunk_elements,
                       erank_elements=config.erank_elements)
     ref = merge_heads(sm.out)
+    on_grid = sm.locality / sm.locality.sum().clamp_min(1e-300)  # of the image-pair mass
     stats = {"entropy": sm.entropy, "entropy_norm": sm.entropy_norm,
              "erank": sm.erank, "erank_rows": sm.erank_rows,
-             "radius_50": radius_holding(sm.locality, 0.5),
-             "radius_90": radius_holding(sm.locality, 0.9), "text_mass": sm.text_mass}
+             "radius_50": radius_holding(on_grid, 0.5),
+             "radius_90": radius_holding(on_grid, 0.9), "text_mass": sm.text_mass}
     rows = []
     for variant in variants:
         label = variant.label

@@ -139,15 +139,25 @@ def _softmax_table(layers: pd.DataFrame) -> Table | None:
     sm = layers[layers["label"] == "softmax"]
     if sm.empty or "entropy" not in sm:
         return None
-    per = sm.groupby("layer")[["entropy", "entropy_norm", "erank", "erank_rows", "radius_50",
-                               "radius_90"]].mean()
-    rows = [[str(layer), num(r["entropy"], 3), num(r["entropy_norm"], 3), num(r["erank"], 3),
-             str(int(r["erank_rows"])), num(r["radius_50"], 2), num(r["radius_90"], 2)]
+    text = "text_mass" in sm and bool((sm["text_mass"] > 0).any())
+    columns = ["entropy", "entropy_norm", "erank", "erank_rows", "radius_50", "radius_90",
+               *(["text_mass"] if text else [])]
+    per = sm.groupby("layer")[columns].mean()
+    names = (sm.groupby("layer")["module"].first() if "module" in sm else None)
+    rows = [[str(layer) if names is None else f"{layer} `{names[layer]}`", num(r["entropy"], 3),
+             num(r["entropy_norm"], 3), num(r["erank"], 3), str(int(r["erank_rows"])),
+             num(r["radius_50"], 2), num(r["radius_90"], 2),
+             *([f"{r['text_mass']:.1%}"] if text else [])]
             for layer, r in per.iterrows()]
+    caption = ("Softmax attention maps per layer (mean over timesteps, images and heads). "
+               "Effective rank over the listed number of query rows.")
+    if text:
+        caption += (" The radii hold 50 / 90 % of the mass on image-token pairs (grid "
+                    "distance over frames, rows and columns) and the locality curve counts "
+                    "those pairs; the mass on pairs with a text token is the last column.")
     return Table(["layer", "entropy (nats)", "entropy / log N", "effective rank", "rows",
-                  "radius holding 50 %", "radius holding 90 %"], rows,
-                 caption="Softmax attention maps per layer (mean over timesteps, images and "
-                         "heads). Effective rank over the listed number of query rows.")
+                  "radius holding 50 %", "radius holding 90 %",
+                  *(["mass on text pairs"] if text else [])], rows, caption=caption)
 
 
 def zero_shot_blocks(directory: Path, plot_dir: Path, title: str = SECTION) -> list[Block]:
