@@ -11,6 +11,10 @@ entropy, effective rank and locality, and end to end (every layer converted at
 once) the ε error per timestep and the PSNR of a short DDIM trajectory from the
 same noise. See ``attnbench.metrics.zero_shot``.
 
+Models: the shipped teacher, any softmax DiT checkpoint (``--ckpt``; with ``--inputs``
+when it is not a shapes-world model), or a diffusers transformer (``--model-path`` /
+``--model``: :mod:`attnbench.metrics.zero_shot_diffusers`).
+
 Writes into ``--out``: ``fidelity.csv`` (the long table), ``end_to_end.csv``,
 ``locality.csv``, the results table (one ``level = fidelity`` row per method) and
 ``report.md`` / ``report.html`` with the heatmaps, the ranking and the locality curve.
