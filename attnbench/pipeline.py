@@ -69,14 +69,17 @@ def parse_sizes(text: str, flag: str = "--res") -> list[Size]:
     example = "256,1024 or 480x832"
     sizes = []
     for part in cliutil.name_list(flag, text, accepted=f"px or HEIGHTxWIDTH, e.g. {example}"):
+        pieces = part.lower().replace("×", "x").split("x")
         try:
-            size = Size.of(part)
+            sides = [int(piece) for piece in pieces]
         except ValueError:
+            sides = []
+        if len(sides) not in (1, 2):
             raise cliutil.UsageError(f"{flag} takes comma-separated px or HEIGHTxWIDTH sizes "
-                                     f"(e.g. {example}), got {part!r}") from None
-        if min(size) <= 0:
-            raise cliutil.UsageError(f"{flag} {part}: every side must be > 0 (e.g. {example})")
-        sizes.append(size)
+                                     f"(e.g. {example}), got {part!r}")
+        if min(sides) <= 0:
+            raise cliutil.UsageError(f"{flag} {part}: must be > 0 (every side; e.g. {example})")
+        sizes.append(Size.of(tuple(sides)))
     return cliutil.unique(flag, sizes)
 
 

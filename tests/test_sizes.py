@@ -106,7 +106,8 @@ def test_resume_finds_every_size_done(mixed_run, capsys):
 
 @pytest.mark.parametrize("res, message", [
     ("128x", "--res takes comma-separated px or HEIGHTxWIDTH"),
-    ("0x64", "--res 0x64: every side must be > 0"),
+    ("0x64", "--res 0x64: must be > 0"),
+    ("-256", "--res -256: must be > 0"),
     ("128x60", "128x60: the width 60 px is not a multiple of 16"),
 ])
 def test_bad_sizes_exit_2_before_any_work(tmp_path, capsys, res, message):
