@@ -194,6 +194,9 @@ def zero_shot_blocks(directory: Path, plot_dir: Path, title: str = SECTION) -> l
     if notes:
         blocks.append(Para("Mass recall not defined: " + "; ".join(
             f"`{k}`: {v.removeprefix('not defined: ')}" for k, v in notes.items()) + "."))
+    psnr_notes = {s["psnr_note"] for s in summary.values() if s.get("psnr_note")}
+    if psnr_notes:
+        blocks.append(Para("Trajectory PSNR " + "; ".join(sorted(psnr_notes)) + "."))
     heat = plot_dir / PLOT_FILES[0]
     if _heatmaps(layers, heat):
         blocks.append(Figure(heat, "Zero-shot relative error per layer × timestep",
