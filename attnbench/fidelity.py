@@ -149,7 +149,7 @@ def result_rows(result: FidelityResult, subject: Subject, config: FidelityConfig
             method=summary["method"],
             options=canonical_options({**info["options"], HEADS_OPTION: heads}),
             level=FIDELITY_LEVEL, resolution=subject.size.width,
-            height=0 if subject.size.square else subject.size.height, tokens=subject.tokens,
+            height=subject.size.row_height, tokens=subject.tokens,
             batch=config.num, dtype="float64", device=device, model=subject.model,
             heads=heads, head_dim=subject.width // heads, impl=subject.impl,
             extra={

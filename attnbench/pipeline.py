@@ -69,17 +69,13 @@ def parse_sizes(text: str, flag: str = "--res") -> list[Size]:
     example = "256,1024 or 480x832"
     sizes = []
     for part in cliutil.name_list(flag, text, accepted=f"px or HEIGHTxWIDTH, e.g. {example}"):
-        pieces = part.lower().replace("×", "x").split("x")
-        try:
-            sides = [int(piece) for piece in pieces]
-        except ValueError:
-            sides = []
-        if len(sides) not in (1, 2):
+        sides = Size.sides(part)
+        if sides is None:
             raise cliutil.UsageError(f"{flag} takes comma-separated px or HEIGHTxWIDTH sizes "
                                      f"(e.g. {example}), got {part!r}")
         if min(sides) <= 0:
             raise cliutil.UsageError(f"{flag} {part}: must be > 0 (every side; e.g. {example})")
-        sizes.append(Size.of(tuple(sides)))
+        sizes.append(Size.of(sides))
     return cliutil.unique(flag, sizes)
 
 

@@ -52,20 +52,31 @@ class Size(NamedTuple):
     """An image size in px, ``height × width``; a square one reads as its side.
 
     Rows keep the width in ``resolution`` and the height in ``height`` only when it
-    differs (0 = square), so every square run reads as before."""
+    differs (0 = square), so every square run reads as before: :meth:`of_row` and
+    :attr:`row_height` are that mapping."""
 
     height: int
     width: int
+
+    @staticmethod
+    def sides(text: str) -> tuple[int, ...] | None:
+        """The integers of ``"1024"`` or ``"480x832"`` (``×``/``X`` too), or None when the
+        text is not of that form. Signs are read, not checked: callers say what is wrong."""
+        try:
+            sides = tuple(int(p) for p in text.strip().lower().replace("×", "x").split("x"))
+        except ValueError:
+            return None
+        return sides if len(sides) in (1, 2) else None
 
     @classmethod
     def of(cls, value: int | str | tuple[int, int] | Size) -> Size:
         """``1024`` or ``"1024"`` (square), ``"480x832"`` or ``(480, 832)`` (height × width)."""
         if isinstance(value, str):
-            parts = value.strip().lower().replace("×", "x").split("x")
-            if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+            sides = cls.sides(value)
+            if sides is None or min(sides) < 0:
                 raise ValueError(f"{value!r} is not a size: give px (1024) or HEIGHTxWIDTH "
                                  "(480x832)")
-            value = tuple(int(p) for p in parts)
+            value = sides
         if isinstance(value, (tuple, list)):
             if len(value) == 1:
                 value = value[0]
@@ -74,6 +85,17 @@ class Size(NamedTuple):
             else:
                 raise ValueError(f"a size is px or (height, width) px, got {value!r}")
         return cls(int(value), int(value))
+
+    @classmethod
+    def of_row(cls, resolution: Any, height: Any = 0) -> Size:
+        """The size of a row's ``resolution`` (width) and ``height`` (0, NaN or None: square)."""
+        h = int(height) if height == height and height else 0
+        return cls(h or int(resolution), int(resolution))
+
+    @property
+    def row_height(self) -> int:
+        """The ``height`` a row stores: 0 for a square image."""
+        return 0 if self.square else self.height
 
     @property
     def square(self) -> bool:
@@ -90,8 +112,7 @@ class Size(NamedTuple):
 
 def size_text(resolution: Any, height: Any = 0) -> str:
     """A row's image size as text: ``1024`` (square) or ``480x832`` (height × width)."""
-    h = int(height) if height == height and height else 0  # NaN / None / 0: square
-    return str(Size(h or int(resolution), int(resolution)))
+    return str(Size.of_row(resolution, height))
 
 
 @dataclass
@@ -139,7 +160,7 @@ class Result:
 
     @property
     def size(self) -> Size:
-        return Size(self.height or self.resolution, self.resolution)
+        return Size.of_row(self.resolution, self.height)
 
     def key(self) -> tuple:
         return point_key(self.method, self.options, self.level, self.resolution, self.batch,
@@ -160,9 +181,8 @@ def point_key(method, options, level, resolution, batch, dtype, device, model,
               height=0) -> tuple:
     """What identifies a point across runs (for resuming and comparing); ``height`` equal
     to ``resolution`` is the square image (0)."""
-    height = 0 if int(height or 0) == int(resolution) else int(height or 0)
-    return (method, options, level, int(resolution), height, int(batch), str(dtype),
-            str(device), model)
+    return (method, options, level, int(resolution), Size.of_row(resolution, height).row_height,
+            int(batch), str(dtype), str(device), model)
 
 
 def canonical_options(options: dict[str, Any]) -> str:

@@ -175,7 +175,7 @@ class SweepPlan:
         res = Size.of(res)
         if isinstance(self.config, DiffusersModel):
             return self.config.point(res, self.batch)
-        return Point(self.config, res.width, self.batch, 0 if res.square else res.height)
+        return Point(self.config, res.width, self.batch, res.row_height)
 
     def points(self) -> list[tuple[Size, str, MethodSpec]]:
         return [(r, lvl, m) for r in self.resolutions for lvl in self.levels for m in self.methods]
@@ -189,7 +189,7 @@ def _base_row(plan: SweepPlan, res: int | Size, level: str, spec: MethodSpec) ->
         options=canonical_options(spec.options),
         level=level,
         resolution=res.width,
-        height=0 if res.square else res.height,
+        height=res.row_height,
         tokens=point.tokens,
         batch=plan.batch,
         dtype=str(plan.dtype).replace("torch.", ""),

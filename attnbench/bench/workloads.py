@@ -49,7 +49,7 @@ class Point:
 
     @property
     def size(self) -> Size:
-        return Size(self.height or self.resolution, self.resolution)
+        return Size.of_row(self.resolution, self.height)
 
     @property
     def latent(self) -> tuple[int, int]:

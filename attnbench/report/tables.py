@@ -41,10 +41,10 @@ from ..results import (
     HIGHER_IS_BETTER,
     STATUS_OK,
     SchemaError,
+    Size,
     effective_label,
     label,
     load_table,
-    size_text,
 )
 
 LEVEL_ORDER = ("attention", "block", "model")
@@ -150,10 +150,10 @@ def enrich(frame: pd.DataFrame) -> pd.DataFrame:
     frame["height"] = frame["height"].fillna(0)
     # ``size``: the image size as text (1024, 480x832), the key of size groupings;
     # ``side``: √(height·width), the size axis of plots (the side of a square one)
-    frame["size"] = [size_text(r, h) if _finite(r) else "" for r, h in zip(
-        frame["resolution"], frame["height"], strict=True)]
-    frame["side"] = [math.sqrt(r * (h or r)) if _finite(r) else math.nan for r, h in zip(
-        frame["resolution"], frame["height"], strict=True)]
+    row_sizes = [Size.of_row(r, h) if _finite(r) else None
+                 for r, h in zip(frame["resolution"], frame["height"], strict=True)]
+    frame["size"] = [str(s) if s else "" for s in row_sizes]
+    frame["side"] = [s.side if s else math.nan for s in row_sizes]
     for col in ("options", "effective", "reason", "impl", "overheads", "status", "level",
                 "method"):
         if col in frame:
