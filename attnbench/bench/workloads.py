@@ -252,15 +252,15 @@ class DiffusersModel:
             return self.entry.name
         return f"{self.entry.class_name} ({self.folder})"
 
-    def point(self, resolution: int | Size, batch: int) -> DiffusersPoint:
+    def point(self, size: int | Size, batch: int) -> DiffusersPoint:
         from ..integrations.diffusers import model_shapes
 
-        resolution = Size.of(resolution)
+        size = Size.of(size)
         try:
-            shapes = model_shapes(self.entry, tuple(resolution), self.frames)
+            shapes = model_shapes(self.entry, tuple(size), self.frames)
         except ValueError as err:
-            return DiffusersPoint(self, resolution, batch, error=str(err))
-        return DiffusersPoint(self, resolution, batch, shapes)
+            return DiffusersPoint(self, size, batch, error=str(err))
+        return DiffusersPoint(self, size, batch, shapes)
 
     def describe(self) -> dict[str, Any]:
         """What the run's metadata records about the model."""
@@ -301,7 +301,7 @@ class DiffusersPoint:
     """A diffusers model at one image size: its true shapes, or why it cannot run there."""
 
     model: DiffusersModel
-    resolution: Size
+    size: Size
     batch: int
     shapes: Any = None  # integrations.diffusers.ModelShapes
     error: str = ""
@@ -431,7 +431,7 @@ def build_diffusers_workload(
     def prepare() -> None:
         try:
             built["w"] = diffusers_workload(
-                point.model.folder or point.model.entry, tuple(point.resolution),
+                point.model.folder or point.model.entry, tuple(point.size),
                 point.model.frames, batch=b, dtype=dtype, device=device, method=backend,
                 options=options, seed=seed)
         except ValueError as err:  # refused before building (e.g. weights do not fit)

@@ -72,12 +72,13 @@ def _pct(ratio: float) -> str:
 
 def compare_frames(a: pd.DataFrame, b: pd.DataFrame, thresholds: Thresholds) -> Comparison:
     """Match points of two enriched result frames (see :mod:`.tables`) and flag changes."""
-    cols = [*KEY, "size", "label", "status", "latency_ms", "peak_mib"]
+    cols = [*KEY, "size", "side", "label", "status", "latency_ms", "peak_mib"]
     left = a[a["level"] != "quality"][cols].drop_duplicates(KEY, keep="last")
     right = b[b["level"] != "quality"][cols].drop_duplicates(KEY, keep="last")
     merged = left.merge(right, on=KEY, how="outer", suffixes=("_a", "_b"), indicator=True)
     merged["label"] = merged["label_a"].fillna(merged["label_b"])
-    merged["size"] = merged["size_a"].fillna(merged["size_b"])
+    for column in ("size", "side"):  # derived from the key: the same on both sides
+        merged[column] = merged[f"{column}_a"].fillna(merged[f"{column}_b"])
     for side in ("a", "b"):  # a number of a point that was not measured is no number
         bad = merged[f"status_{side}"] != STATUS_OK
         merged.loc[bad, [f"latency_ms_{side}", f"peak_mib_{side}"]] = float("nan")
@@ -102,10 +103,8 @@ def compare_frames(a: pd.DataFrame, b: pd.DataFrame, thresholds: Thresholds) -> 
     labels = {lab: i for i, lab in enumerate(label_order(pd.concat([a, b])))}
     lvls = {lvl: i for i, lvl in enumerate(LEVEL_ORDER)}
     merged = merged.assign(_l=merged["level"].map(lvls).fillna(len(lvls)),
-                           _s=merged["resolution"] * merged["height"].where(
-                               merged["height"] > 0, merged["resolution"]),
                            _o=merged["label"].map(labels)).sort_values(
-        ["_l", "level", "_s", "_o"], kind="stable").reset_index(drop=True)
+        ["_l", "level", "side", "_o"], kind="stable").reset_index(drop=True)
     return Comparison(merged, quality, t, regressions, improvements,
                       int((merged["_merge"] == "left_only").sum()),
                       int((merged["_merge"] == "right_only").sum()))
