@@ -299,15 +299,12 @@ def _fidelity_diffusers(args: argparse.Namespace, config: FidelityConfig) -> int
             from None
 
     shapes = model_shapes(entry, tuple(size), chosen.frames)  # a size it cannot run: here
-    given = None
+    given, source = None, ""
     if args.inputs is not None:
-        path = Path(args.inputs)
-        if not path.is_file():
-            raise ValueError(f"--inputs {path}: no such file (tensors named as the "
-                             "transformer's forward inputs, e.g. hidden_states)")
-        given = read_tensors(path, "--inputs")
-        step_inputs(entry, shapes, num=config.num, seed=config.seed, device="cpu",
-                    dtype=torch.float32, given=given)  # names and shapes checked here
+        given, source = read_tensors(args.inputs, "--inputs", "tensors named as the "
+                                     "transformer's forward inputs, e.g. hidden_states")
+    clean = step_inputs(entry, shapes, num=config.num, seed=config.seed, device="cpu",
+                        dtype=torch.float32, given=given, source=source)  # names, shapes
     if chosen.folder is None:
         model = build_transformer(entry, seed=args.seed)
         weights = (f"random (seed {args.seed}): an untrained model's zero-shot numbers say "
@@ -325,9 +322,8 @@ def _fidelity_diffusers(args: argparse.Namespace, config: FidelityConfig) -> int
           f"{shapes.layout.describe()} tokens), {len(config.variants)} method(s) + softmax, "
           f"timesteps {', '.join(map(str, config.timesteps))}, {config.num} inputs",
           file=sys.stderr)
-    result, clean = zero_shot_fidelity_diffusers(
-        model, entry, shapes, config, given=given, given_source=str(args.inputs),
-        progress=not args.no_progress)
+    result = zero_shot_fidelity_diffusers(model, entry, shapes, config, clean=clean,
+                                          progress=not args.no_progress)
     inputs = {"data": clean.source, "num": config.num, "seed": config.seed,
               "timesteps": list(config.timesteps), "noise": f"torch.randn, seed {config.seed + 1}",
               "layout": shapes.layout.describe(), "weights": weights,

@@ -398,14 +398,8 @@ def load_inputs(path, config, num: int | None = None, flag: str = "--inputs") ->
     ``weights_only=True``. Without ``y`` every sample takes the null class (the label
     classifier-free guidance's unconditional half uses), when the model has one.
     """
-    import hashlib
-    from pathlib import Path
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{flag} {path}: no such file (a .safetensors, .npz or .pt file "
-                         "holding x0 [N, C, H, W] and optionally y [N])")
-    tensors = read_tensors(path, flag)
+    tensors, source = read_tensors(path, flag, "a .safetensors, .npz or .pt file holding "
+                                               "x0 [N, C, H, W] and optionally y [N]")
     x0 = tensors.get("x0", tensors.get("latents"))
     if x0 is None:
         raise ValueError(f"{flag} {path}: holds {sorted(tensors) or 'nothing'}; it needs x0 "
@@ -436,30 +430,39 @@ def load_inputs(path, config, num: int | None = None, flag: str = "--inputs") ->
         if num > x0.shape[0]:
             raise ValueError(f"--num {num}: {path} holds {x0.shape[0]} samples")
         x0, y = x0[:num], y[:num]
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return GivenInputs(x0.float().contiguous(), y.long().contiguous(),
-                       f"{path} (sha256 {digest}…)")
+    return GivenInputs(x0.float().contiguous(), y.long().contiguous(), source)
 
 
-def read_tensors(path, flag: str) -> dict[str, torch.Tensor]:
-    """The named tensors of ``path``, by its suffix, without unpickling anything."""
+def read_tensors(path, flag: str, holds: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The named tensors of ``path`` (by its suffix, without unpickling anything) and
+    ``"PATH (sha256 …)"``, from one read of the file. ``holds``: what the file should
+    hold, for the error when there is no such file."""
+    import hashlib
+    import io
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{flag} {path}: no such file ({holds})")
+    data = path.read_bytes()
+    source = f"{path} (sha256 {hashlib.sha256(data).hexdigest()[:16]}…)"
     suffix = path.suffix.lower()
     try:
         if suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load
 
-            return dict(load_file(str(path)))
+            return dict(load(data)), source
         if suffix == ".npz":
             import numpy as np
 
-            with np.load(path, allow_pickle=False) as data:
-                return {k: torch.from_numpy(data[k].copy()) for k in data.files}
+            with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+                return {k: torch.from_numpy(arrays[k].copy()) for k in arrays.files}, source
         if suffix in (".pt", ".pth"):
-            data = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(data, dict) or not all(
-                    isinstance(v, torch.Tensor) for v in data.values()):
+            tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            if not isinstance(tensors, dict) or not all(
+                    isinstance(v, torch.Tensor) for v in tensors.values()):
                 raise ValueError("not a dict of tensors")
-            return data
+            return tensors, source
     except Exception as err:  # a damaged or foreign file: one line naming it
         raise ValueError(f"{flag} {path}: cannot read it as {suffix} tensors "
                          f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
@@ -528,8 +531,8 @@ def inherits_layer(student, teacher, layer: int) -> bool:
 
 
 @torch.no_grad()
-def zero_shot_fidelity(teacher, config: FidelityConfig, *, progress: bool = True,
-                       log: Callable[[str], None] | None = None) -> FidelityResult:
+def zero_shot_fidelity(teacher, config: FidelityConfig, *,
+                       progress: bool = True) -> FidelityResult:
     """Run the whole measurement (module docstring) of ``config.variants`` on ``teacher``."""
     from ..diffusion import Diffusion
     from .fidelity import psnr

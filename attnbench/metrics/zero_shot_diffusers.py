@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +67,12 @@ class DiffusersInputs:
     inputs: dict[str, Any]
     source: str
 
+    def to(self, device, dtype: torch.dtype) -> DiffusersInputs:
+        """The inputs on ``device``, floating-point tensors in ``dtype`` (the model's)."""
+        moved = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+                 if isinstance(v, torch.Tensor) else v for k, v in self.inputs.items()}
+        return DiffusersInputs(moved, self.source)
+
 
 def step_inputs(entry, shapes, *, num: int, seed: int, device, dtype,
                 given: dict[str, torch.Tensor] | None = None,
@@ -87,7 +92,7 @@ def step_inputs(entry, shapes, *, num: int, seed: int, device, dtype,
             raise ValueError(f"--inputs: {name!r} is not an input of {entry.name}'s forward "
                              f"here; its tensors: {', '.join(known)}")
         want = tuple(inputs[name].shape)
-        if name != "timestep" and tuple(tensor.shape) != want:
+        if tuple(tensor.shape) != want:
             raise ValueError(f"--inputs: {name} has shape {tuple(tensor.shape)}; {entry.name} "
                              f"at this size and --num takes {want}")
         inputs[name] = tensor.to(device=device, dtype=inputs[name].dtype)
@@ -126,11 +131,10 @@ def prediction(entry, output: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def zero_shot_fidelity_diffusers(model, entry, shapes, config: FidelityConfig, *,
-                                 given: dict[str, torch.Tensor] | None = None,
-                                 given_source: str = "", progress: bool = True,
-                                 log: Callable[[str], None] | None = None
-                                 ) -> tuple[FidelityResult, DiffusersInputs]:
-    """The measurement of ``config.variants`` on a diffusers ``model`` at ``shapes``."""
+                                 clean: DiffusersInputs | None = None,
+                                 progress: bool = True) -> FidelityResult:
+    """The measurement of ``config.variants`` on a diffusers ``model`` at ``shapes``, on
+    ``clean`` step inputs (default: :func:`step_inputs` of ``config.num`` random ones)."""
     from ..integrations.diffusers import swap_attention
 
     check_softmax_model(entry, entry.name)
@@ -139,8 +143,10 @@ def zero_shot_fidelity_diffusers(model, entry, shapes, config: FidelityConfig, *
     model = model.to(device).eval()
     dtype = next(model.parameters()).dtype
     timesteps = check_timesteps(config.timesteps, 1000)
-    clean = step_inputs(entry, shapes, num=config.num, seed=config.seed, device=device,
-                        dtype=dtype, given=given, source=given_source)
+    if clean is None:
+        clean = step_inputs(entry, shapes, num=config.num, seed=config.seed, device=device,
+                            dtype=dtype)
+    clean = clean.to(device, dtype)
     x0 = clean.inputs["hidden_states"]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(config.seed + 1))
     noise = noise.to(device=device, dtype=x0.dtype)
@@ -208,8 +214,8 @@ def zero_shot_fidelity_diffusers(model, entry, shapes, config: FidelityConfig, *
     summaries = summarise(variants, info, layers, e2e, psnrs)
     for summary in summaries:
         summary["psnr_note"] = NO_TRAJECTORY
-    return (FidelityResult(layers, e2e, locality, summaries, info,
-                           elapsed_s=time.perf_counter() - started), clean)
+    return FidelityResult(layers, e2e, locality, summaries, info,
+                          elapsed_s=time.perf_counter() - started)
 
 
 __all__ = ["DiffusersInputs", "Variant", "noised", "prediction", "step_inputs",
