@@ -182,7 +182,9 @@ def point_key(row: dict[str, Any]) -> tuple:
 
 
 def size_of(row: dict[str, Any]) -> str:
-    """A row's image size as ``--res`` names it: ``1024`` (square) or ``480x832``."""
+    """A row's image size as ``--res`` names it: ``1024`` (square) or ``480x832`` (what
+    ``attnbench.results.size_text`` says; the run itself imports no attnbench module --
+    only ``--plan`` does -- so a broken install fails a stage's subprocess, not the run)."""
     width, height = row.get("resolution"), row.get("height") or 0
     return str(width) if not height or str(height) == str(width) else f"{height}x{width}"
 
