@@ -45,8 +45,6 @@ from .zero_shot import (
     with_softmax,
 )
 
-#: families trained with flow matching (the rest: DDPM)
-FLOW_FAMILIES = ("flux", "sd3", "sana", "wan")
 #: families whose own attention is not softmax (SANA: ReLU linear attention)
 NOT_SOFTMAX = {"sana": "ReLU linear attention"}
 NO_TRAJECTORY = "not measured: attnbench has no sampler for diffusers models"
@@ -104,15 +102,17 @@ def step_inputs(entry, shapes, *, num: int, seed: int, device, dtype,
 def noised(entry, inputs: dict[str, Any], noise: torch.Tensor, t: int) -> dict[str, Any]:
     """``inputs`` at timestep ``t``: latents noised as the family trains, the timestep set."""
     from ..diffusion import Diffusion
+    from ..integrations.diffusers.families import get_family
 
+    family = get_family(entry.family)
     x0 = inputs["hidden_states"]
     b = x0.shape[0]
     out = dict(inputs)
     step = inputs["timestep"]
-    if entry.family in FLOW_FAMILIES:
+    if family.objective == "flow":
         sigma = t / 1000
         out["hidden_states"] = (1 - sigma) * x0 + sigma * noise
-        value = sigma if entry.family == "flux" else float(t)  # FLUX takes σ, the others t
+        value = sigma * family.timestep_scale  # FLUX takes σ, the others t
     else:
         tt = torch.full((b,), t, dtype=torch.long, device=x0.device)
         out["hidden_states"] = Diffusion(num_steps=1000).q_sample(x0, tt, noise)

@@ -18,11 +18,12 @@ torchvision workaround of ``compat.py``).
 
 from .build import ModelShapes, build_transformer, flux_ids, make_inputs, model_shapes
 from .compat import SUPPORTED, import_diffusers
+from .families import FAMILIES, Family, family_of, get_family
 from .flops import StepFlops, step_flops
 from .geometry import Geometry
 from .loading import load_transformer, read_transformer_config, transformer_folder
 from .processors import AttnbenchProcessor
-from .swap import FAMILIES, SwapHandle, family_of, swap_attention
+from .swap import SwapHandle, swap_attention
 from .workload import DiffusersWorkload, diffusers_workload
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "SUPPORTED",
     "AttnbenchProcessor",
     "DiffusersWorkload",
+    "Family",
     "Geometry",
     "ModelShapes",
     "StepFlops",
@@ -38,6 +40,7 @@ __all__ = [
     "diffusers_workload",
     "family_of",
     "flux_ids",
+    "get_family",
     "import_diffusers",
     "load_transformer",
     "make_inputs",

@@ -24,6 +24,7 @@ from torch import nn
 from ...attention import Layout
 from ...models.diffusers_configs import DiffusersConfig, get_diffusers_config
 from .compat import import_diffusers
+from .families import flux_ids
 
 
 def transformer_class(entry: DiffusersConfig) -> type[nn.Module]:
@@ -203,15 +204,6 @@ def model_shapes(
         image_only_layers=image_only, cross_layers=cross,
         cross_heads=cross_heads if cross else 0, cross_head_dim=cross_dim if cross else 0,
     )
-
-
-def flux_ids(grid: tuple[int, int], text: int, device=None, dtype=torch.float32):
-    """FLUX's ``(img_ids [H·W, 3], txt_ids [T, 3])`` as its pipeline makes them."""
-    h, w = grid
-    img = torch.zeros(h, w, 3, device=device, dtype=dtype)
-    img[..., 1] = torch.arange(h, device=device, dtype=dtype)[:, None]
-    img[..., 2] = torch.arange(w, device=device, dtype=dtype)[None, :]
-    return img.reshape(h * w, 3), torch.zeros(text, 3, device=device, dtype=dtype)
 
 
 def make_inputs(

@@ -30,7 +30,6 @@ its QK norms are per head, so the split is fixed by the checkpoint (LiT's
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,56 +38,12 @@ from torch import nn
 
 from ... import attention
 from . import geometry as geo
-from .processors import (
-    AttnbenchProcessor,
-    FluxProcessor,
-    JointProcessor,
-    SanaProcessor,
-    SelfProcessor,
-    WanProcessor,
-)
-
-
-@dataclass(frozen=True)
-class Family:
-    """How one diffusers transformer class is swapped: blocks, modules, stock, geometry."""
-
-    name: str
-    blocks: tuple[str, ...]
-    modules: tuple[str, ...]
-    processor: type[AttnbenchProcessor]
-    geometry: Callable[[nn.Module, dict[str, Any]], tuple[tuple[int, ...], int]]
-
-
-FAMILIES: dict[str, Family] = {
-    "FluxTransformer2DModel": Family("flux", ("transformer_blocks", "single_transformer_blocks"),
-                                     ("attn",), FluxProcessor, geo.flux_geometry),
-    "SD3Transformer2DModel": Family("sd3", ("transformer_blocks",), ("attn", "attn2"),
-                                    JointProcessor,
-                                    geo.image_geometry("SD3", "joint_attention_kwargs")),
-    "PixArtTransformer2DModel": Family("pixart", ("transformer_blocks",), ("attn1",),
-                                       SelfProcessor,
-                                       geo.image_geometry("PixArt", "cross_attention_kwargs")),
-    "DiTTransformer2DModel": Family("dit", ("transformer_blocks",), ("attn1",), SelfProcessor,
-                                    geo.image_geometry("DiT")),
-    "SanaTransformer2DModel": Family("sana", ("transformer_blocks",), ("attn1",), SanaProcessor,
-                                     geo.image_geometry("SANA", "attention_kwargs")),
-    "WanTransformer3DModel": Family("wan", ("blocks",), ("attn1",), WanProcessor,
-                                    geo.wan_geometry),
-}
+from .families import Family, family_of
+from .processors import AttnbenchProcessor
 
 #: projection names of a diffusers attention module (image stream, then the text stream)
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                "to_add_out")
-
-
-def family_of(transformer: nn.Module) -> Family:
-    """The :class:`Family` of ``transformer``, or ``ValueError`` naming the supported classes."""
-    for cls in type(transformer).__mro__:
-        if cls.__name__ in FAMILIES:
-            return FAMILIES[cls.__name__]
-    raise ValueError(f"swap_attention: {type(transformer).__name__} is not supported; "
-                     f"supported: {', '.join(FAMILIES)}")
 
 
 def attention_modules(transformer: nn.Module, family: Family) -> list[tuple[str, nn.Module]]:
