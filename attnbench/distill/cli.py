@@ -104,6 +104,10 @@ def _distill(args: argparse.Namespace) -> int:
 
     config = _train_config(args)
     runfolder.lock_folder(args.out, "distill")
+    if args.model_path is not None:
+        from .diffusers_cli import distill_command
+
+        return _print_summary(distill_command(args, config), args.json) or 0
     weights = parse_options(args.weight)
     options = parse_options(args.option)
     gen_steps = _steps_spec(args.gen_steps)
@@ -156,6 +160,10 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--teacher", default=None,
                    help="DiT checkpoint (file or directory); default: the shipped teacher")
+    p.add_argument("--model-path", default=None,
+                   help="a local diffusers pipeline folder (FLUX, SD3, PixArt-Σ, SANA, Wan): "
+                        "distil its transformer with its family's objective "
+                        "(attnbench/distill/diffusers_distill.py)")
     p.add_argument("--method", required=True, help="attention method (python -m attnbench list)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--option", "--options", dest="option", action="extend", nargs="+",
@@ -179,6 +187,9 @@ def add_parser(subparsers) -> None:
     d.add_argument("--gen-cfg", type=float, default=1.0,
                    help="guidance scale of those samples (default 1.0: the teacher's own "
                         "distribution)")
+    from .diffusers_cli import add_pipeline_flags
+
+    add_pipeline_flags(p)
     _add_training_flags(p, steps=200, batch=32, lr=2e-4, ema=0.999, warmup=0)
     p.set_defaults(func=_distill)
 

@@ -279,14 +279,38 @@ class Trainer:
         self.num_train = num_train if num_train is not None else len(source)
         self.export_name, self.export_extra = export_name, dict(export_extra or {})
         self.device = self.dist.device
-        cfg = model.config
+        self.setup_batches()
+
+    # ----- what a subclass for another model kind replaces (diffusers_distill.py) ---------
+    def setup_batches(self) -> None:
+        """DiT's batches: class labels with label dropout to the null class, image noise."""
+        cfg, config = self.model.config, self.config
         self.null_label = cfg.num_classes
         self.drop_prob = (cfg.class_dropout_prob if config.label_dropout is None
                           else config.label_dropout)
         if self.drop_prob > 0 and cfg.class_dropout_prob <= 0:
             raise ValueError("label dropout needs a model with a null class "
                              "(class_dropout_prob > 0)")
-        self.sample_shape = (source.channels, source.image_size, source.image_size)
+        self.sample_shape = (self.source.channels, self.source.image_size,
+                             self.source.image_size)
+
+    def step_terms(self, net: nn.Module, step: int, rows: slice) -> dict[str, torch.Tensor]:
+        """This rank's rows of the global batch of ``step`` and the recipe's loss terms."""
+        plan = plan_batch(self.config.seed, step, self.config.batch_size, self.sample_shape,
+                          self.num_train, self.diffusion.num_steps,
+                          self.drop_prob).rows(rows.start, rows.stop)
+        x0, y = self.source.get(plan.indices.tolist())
+        x0, y = x0.to(self.device), y.to(self.device)
+        y = torch.where(plan.drop.to(self.device), torch.full_like(y, self.null_label), y)
+        t, noise = plan.t.to(self.device), plan.noise.to(self.device)
+        return recipe_losses(self.recipe, self.diffusion, net, self.teacher, x0, y, t, noise)
+
+    def model_config(self, model: nn.Module) -> dict[str, Any]:
+        return model.config.to_dict()
+
+    def export(self, exported: nn.Module) -> Path:
+        """Write the final (EMA) model into ``out/export_name``; its weights file."""
+        return atomic_save_model(exported, self.out / self.export_name, self.export_extra)
 
     # ----- set-up -------------------------------------------------------------------------
     def _trainable(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -418,22 +442,13 @@ class Trainer:
                 if _dist.broadcast_flag(d, stop.signum is not None):
                     break
                 t0 = time.perf_counter()
-                plan = plan_batch(cfg.seed, step, cfg.batch_size, self.sample_shape,
-                                  self.num_train, self.diffusion.num_steps,
-                                  self.drop_prob).rows(rows.start, rows.stop)
-                x0, y = self.source.get(plan.indices.tolist())
-                x0, y = x0.to(self.device), y.to(self.device)
-                y = torch.where(plan.drop.to(self.device), torch.full_like(y, self.null_label),
-                                y)
-                t, noise = plan.t.to(self.device), plan.noise.to(self.device)
                 lr = learning_rate(cfg, step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with torch.autocast(self.device.type, dtype=autocast_dtype or torch.float32,
                                     enabled=autocast_dtype is not None), \
                         _sdpa_backends(self.device, autocast_dtype):
-                    terms = recipe_losses(self.recipe, self.diffusion, net, self.teacher,
-                                          x0, y, t, noise)
+                    terms = self.step_terms(net, step, rows)
                 loss = terms["loss"]
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
@@ -521,7 +536,7 @@ class Trainer:
             "ema": {k: v.cpu() for k, v in ema.items()},
             "optimizer": optimizer.state_dict(),
             "run": self.identity,
-            "config": model.config.to_dict(),
+            "config": self.model_config(model),
             "initial_eval": initial_eval,
             "elapsed_s": elapsed,
         }, self.out / CHECKPOINT_FILE)
@@ -587,7 +602,7 @@ class Trainer:
     def _finish(self, model, ema, step, initial_eval, step_times, elapsed,
                 stopped_early) -> dict[str, Any]:
         exported = self.ema_model(model, ema)
-        weights = atomic_save_model(exported, self.out / self.export_name, self.export_extra)
+        weights = self.export(exported)
         timing = {}
         if step_times:
             times = sorted(step_times[1:] or step_times)  # the first step warms up

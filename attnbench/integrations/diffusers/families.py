@@ -87,6 +87,7 @@ class Family:
     inputs: Callable | None = None
     kd_streams: tuple[str, ...] = ()
     video: bool = False
+    call_kwargs: dict[str, Any] = field(default_factory=dict)
     source: str = ""
     notes: dict[str, str] = field(default_factory=dict)
 
@@ -194,7 +195,8 @@ _PIXART = Family(
     geo.image_geometry("PixArt", "cross_attention_kwargs"),
     Sampling(steps=20, guidance=4.5, max_sequence_length=300),
     objective="eps_vb", timestep_density="uniform", encode=_masked_encode,
-    inputs=_pixart_inputs, source="diffusers PixArtSigmaPipeline; PixArt-Σ: DDPM ε + learned "
+    inputs=_pixart_inputs, call_kwargs={"use_resolution_binning": False},
+    source="diffusers PixArtSigmaPipeline; PixArt-Σ: DDPM ε + learned "
                                   "variance, linear β, 1000 steps",
 )
 _SANA = Family(
@@ -204,7 +206,8 @@ _SANA = Family(
     geo.image_geometry("SANA", "attention_kwargs"),
     Sampling(steps=20, guidance=4.5, max_sequence_length=300),
     objective="flow", timestep_density="logit_normal", encode=_masked_encode,
-    inputs=_plain_inputs, source="diffusers SanaPipeline; SANA: flow matching, "
+    inputs=_plain_inputs, call_kwargs={"use_resolution_binning": False},
+    source="diffusers SanaPipeline; SANA: flow matching, "
                                  "logit-normal σ, flow_shift 3.0",
 )
 _WAN = Family(

@@ -1,0 +1,149 @@
+"""A local diffusers pipeline folder: checked before any weight loads, then loaded offline.
+
+``check_pipeline(DIR)`` reads ``model_index.json`` and refuses, with one line
+naming the flag and the fix, a folder that is not a pipeline of a supported
+family, lacks a component its family needs, or holds a component whose weights
+are pickles (``.bin``, ``.pt``, ``.ckpt``, ...) without safetensors: a
+checkpoint is untrusted input and attnbench never unpickles one.
+``load_pipeline`` is ``DiffusionPipeline.from_pretrained(DIR,
+local_files_only=True, use_safetensors=True)``: never a Hub download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .compat import import_diffusers
+from .families import Family, family_of_pipeline
+
+#: weight files that are pickles (never read)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+#: components whose folders hold weights
+WEIGHTED = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def check_pipeline(path: str | Path, flag: str = "--model-path") -> tuple[Path, Family]:
+    """``(folder, family)`` of a pipeline folder, or ``ValueError`` naming ``flag``."""
+    root = Path(path).expanduser()
+    index = root / "model_index.json"
+    if not root.is_dir():
+        raise ValueError(f"{flag} {root}: no such folder (pass a diffusers pipeline folder, "
+                         "as save_pretrained writes it)")
+    if not index.is_file():
+        raise ValueError(f"{flag} {root}: no model_index.json (a pipeline folder is needed "
+                         "here; a transformer folder alone cannot sample or encode prompts)")
+    try:
+        spec = json.loads(index.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{flag} {index}: not readable JSON ({err})") from None
+    try:
+        family = family_of_pipeline(spec.get("_class_name") if isinstance(spec, dict) else None)
+    except ValueError as err:
+        raise ValueError(f"{flag} {root}: {err}") from None
+    for part in family.components:
+        entry = spec.get(part)
+        if not isinstance(entry, list) or entry[0] is None or not (root / part).is_dir():
+            raise ValueError(f"{flag} {root}: the {family.pipeline} component {part!r} is "
+                             f"missing (model_index.json and {root / part}/); save the whole "
+                             "pipeline with save_pretrained")
+    for part in WEIGHTED:
+        folder = root / part
+        if not folder.is_dir():
+            continue
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles and not any(folder.glob("*.safetensors")):
+            raise ValueError(f"{flag} {folder}: weights {pickles[0]} are a pickle, which "
+                             "attnbench never loads; convert them to safetensors "
+                             "(save_pretrained(safe_serialization=True))")
+        if part in family.components and not any(folder.glob("*.safetensors")):
+            raise ValueError(f"{flag} {folder}: no *.safetensors weights (save the pipeline "
+                             "with save_pretrained(safe_serialization=True))")
+    return root, family
+
+
+def quiet() -> None:
+    """diffusers' and transformers' loading chatter off (progress bars are attnbench's)."""
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    except (ImportError, AttributeError):
+        pass
+    import_diffusers().utils.logging.set_verbosity_error()
+    import_diffusers().utils.logging.disable_progress_bar()
+
+
+def load_pipeline(path: str | Path, *, device: torch.device | str = "cpu",
+                  dtype: torch.dtype | None = None, flag: str = "--model-path"):
+    """``(pipeline, family)`` from a checked local folder, on ``device``, progress bar off."""
+    root, family = check_pipeline(path, flag)
+    diffusers = import_diffusers()
+    quiet()
+    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    pipe = diffusers.DiffusionPipeline.from_pretrained(root, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device), family
+
+
+def config_hash(transformer) -> str:
+    """SHA-256 of the transformer's configuration (canonical JSON, private keys dropped):
+    what a student records of its teacher, and checks on loading."""
+    config = {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")}
+    text = json.dumps(config, sort_keys=True, default=list)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def scheduler_config(pipe) -> dict[str, Any]:
+    return dict(pipe.scheduler.config)
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def size_rule(root: str | Path, family: Family) -> tuple[int, int]:
+    """``(pixels per token side, frames per latent frame)`` of a checked pipeline folder,
+    from its VAE's and transformer's configs (no weights read)."""
+    root = Path(root)
+    vae, tr = _json(root / "vae" / "config.json"), _json(root / "transformer" / "config.json")
+    if "temperal_downsample" in vae:  # AutoencoderKLWan
+        spatial = 2 ** len(vae["temperal_downsample"])
+        temporal = 2 ** sum(bool(x) for x in vae["temperal_downsample"])
+    else:
+        blocks = vae.get("block_out_channels") or vae.get("encoder_block_out_channels") or [0] * 4
+        spatial, temporal = 2 ** (len(blocks) - 1), 1
+    patch = tr.get("patch_size", 1)
+    patch = int(patch[-1] if isinstance(patch, (list, tuple)) else patch or 1)
+    pack = 2 if family.name == "flux" else 1  # FLUX's pipeline packs 2×2 latents per token
+    return spatial * patch * pack, temporal
+
+
+def check_size(root: str | Path, family: Family, height: int, width: int,
+               frames: int | None = None) -> None:
+    """``ValueError`` naming ``--height``/``--width``/``--frames`` when the VAE and the
+    transformer's patching cannot take that size."""
+    multiple, temporal = size_rule(root, family)
+    for flag, value in (("--height", height), ("--width", width)):
+        if value <= 0 or value % multiple:
+            raise ValueError(f"{flag} {value}: this {family.name} pipeline takes multiples of "
+                             f"{multiple} px (VAE × patch), e.g. "
+                             f"{max(1, value // multiple) * multiple}")
+    if family.video:
+        if frames is None or frames <= 0 or (frames - 1) % temporal:
+            raise ValueError(f"--frames {frames}: this {family.name} pipeline takes "
+                             f"1 + {temporal}·k frames (its VAE's temporal stride), e.g. "
+                             f"{1 + temporal}")
