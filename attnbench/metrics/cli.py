@@ -62,7 +62,8 @@ def _labels(text: str) -> str | list[int]:
 
 
 def _settings(args: argparse.Namespace, num: int) -> SampleSettings:
-    return SampleSettings(num=num, steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler,
+    steps = 250 if args.steps is None else args.steps
+    return SampleSettings(num=num, steps=steps, cfg_scale=args.cfg, sampler=args.sampler,
                           eta=args.eta, cfg_channels=args.cfg_channels, batch=args.batch,
                           seed=args.seed, labels=args.labels)
 
@@ -79,7 +80,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser, *, num_default: int | None) 
         g.add_argument(*names, dest="num", type=positive_int, default=num_default,
                        help=f"number of samples (default {num_default}; DiT: 50,000; under "
                             "torchrun write --num-samples or -n)")
-    g.add_argument("--steps", type=_steps, default=250,
+    g.add_argument("--steps", type=_steps, default=None,
                    help="sampling steps: respacing of the 1000 training steps (default 250); "
                         "also 'ddimN' or 'N1,N2,...'")
     g.add_argument("--cfg", type=float, default=1.5,
@@ -103,6 +104,13 @@ def _add_sampling_flags(p: argparse.ArgumentParser, *, num_default: int | None) 
 
 
 def _sample(args: argparse.Namespace) -> int:
+    if args.model_path is not None:
+        from .pipeline_sample import sample_command
+
+        summary = sample_command(args)
+        if summary:
+            print(f"{summary['num']} samples in {args.out}", file=sys.stderr)
+        return 0
     summary = run_sampling(args.ckpt, _settings(args, args.num), args.out, device=args.device,
                            vae_path=args.vae, png=not args.no_png, force=args.force,
                            progress=not args.no_progress, argv=args.argv)
@@ -165,6 +173,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-png", action="store_true", help="write only samples.npz")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from .pipeline_sample import add_pipeline_flags
+
+    add_pipeline_flags(p)
     p.set_defaults(func=_sample)
 
     p = subparsers.add_parser(
