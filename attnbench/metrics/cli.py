@@ -124,6 +124,8 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.pipeline_samples is not None:
+        return _eval_pipeline(args)
     fid_metrics = tuple(m.strip() for m in args.fid_metrics.split(",") if m.strip())
     bad = [m for m in fid_metrics if m not in FID_METRICS]
     if bad:
@@ -159,6 +161,27 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         print(f"{result['label']}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     print(f"quality row written to {out}/results.json", file=sys.stderr)
+    return 0
+
+
+def _eval_pipeline(args: argparse.Namespace) -> int:
+    """``eval --pipeline-samples DIR --teacher-samples DIR`` (:mod:`.pipeline_eval`)."""
+    from .pipeline_eval import GROUPS, evaluate_pair
+
+    if not args.teacher_samples or not args.out:
+        raise ValueError("--pipeline-samples needs --teacher-samples DIR (the teacher's "
+                         "`sample --model-path` folder) and --out RUN_DIR")
+    given = [g.strip() for g in args.metrics.split(",") if g.strip()]
+    groups = tuple(g for g in given if g in GROUPS) if args.metrics != ",".join(
+        METRIC_GROUPS) else GROUPS
+    result = evaluate_pair(args.pipeline_samples, args.teacher_samples, args.out,
+                           groups=groups or tuple(given), engine=args.fid_engine,
+                           extractor=args.feature_extractor or "inception",
+                           weights=args.shapes_weights if args.feature_extractor == "shapes"
+                           else args.inception_weights, device=args.device or "cpu",
+                           argv=args.argv, force=args.force)
+    print(f"{result['label']}: " + ", ".join(f"{k} {v:.4g}" for k, v in
+                                              result["metrics"].items()))
     return 0
 
 
@@ -211,6 +234,10 @@ def add_parser(subparsers) -> None:
     g.add_argument("--ref-num", type=positive_int,
                    help="reference images (default: max(samples, 1000) for shapes)")
     g.add_argument("--ref-seed", type=int, default=1, help="shapes-world reference seed")
+    g = p.add_argument_group("a diffusers pipeline's student (sample --model-path folders)")
+    g.add_argument("--pipeline-samples", help="the student's `sample --model-path` folder: "
+                   "PSNR/SSIM against --teacher-samples image by image, FID/KID against them")
+    g.add_argument("--teacher-samples", help="the teacher's folder (same prompts and seeds)")
     g = p.add_argument_group("fidelity to the teacher")
     g.add_argument("--fidelity-num", type=positive_int, default=64,
                    help="samples drawn by both student and teacher (default 64)")
