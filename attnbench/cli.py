@@ -57,6 +57,17 @@ def _list(args: argparse.Namespace) -> int:
             if recipe:
                 print(f"  {'':<9}   {kind.replace('_', ' ')}: {recipe['name']} "
                       f"(source: {recipe['source']})")
+        recipe = info.get("distill_recipe")
+        if recipe:
+            optimisation = recipe["optimisation"]
+            print(f"  {'':<9}     {recipe['describe']}")
+            print(f"  {'':<9}     optimisation from: {optimisation['source']}")
+            if optimisation["substitutes"]:
+                print(f"  {'':<9}     attnbench differs: {optimisation['substitutes']}")
+        for other in info.get("distill_alternatives", []):
+            print(f"  {'':<9}   other recipe: {other}")
+        for note in info.get("notes", []):
+            print(f"  {'':<9}   note: {note}")
     for name, reason in errors.items():
         print(f"\n  plugin {name!r} failed to load: {reason}")
     return 0

@@ -436,6 +436,9 @@ class AttentionBackend:
     #: other distillation recipes of the method, selectable by name (e.g. a variant of
     #: the official one kept for comparison)
     distill_alternatives: tuple[DistillRecipe, ...] = ()
+    #: where the method differs from its official code or paper, and what it is checked
+    #: against: one sentence each, with its source (``attnbench list`` prints them)
+    notes: tuple[str, ...] = ()
 
     @property
     def inherits_projections(self) -> bool:
@@ -936,7 +939,11 @@ class AttentionBackend:
             "capabilities": {p.name: p.capabilities() for p in self.fast_paths},
             "conversion_recipe": self.conversion_recipe.to_dict()
             if self.conversion_recipe else None,
-            "distill_recipe": self.distill_recipe.to_dict() if self.distill_recipe else None,
+            "distill_recipe": {**self.distill_recipe.to_dict(),
+                               "describe": self.distill_recipe.describe()}
+            if self.distill_recipe else None,
+            "distill_alternatives": [r.describe() for r in self.distill_alternatives],
+            "notes": list(self.notes),
         }
 
     def __repr__(self) -> str:

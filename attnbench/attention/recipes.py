@@ -2,9 +2,11 @@
 
 Each method declares one :class:`ConversionRecipe` (which softmax projections
 its student inherits, how many heads it has) and one :class:`DistillRecipe`
-(the loss terms and their weights, which parameters train) on its backend,
-with the source of every choice -- the paper, the official code, or
-"attnbench's choice" where nothing is published. ``models/convert.py`` and
+(the loss terms and their weights, which parameters train, which layers the
+attention term taps, and the :class:`Optimisation`: optimiser, its settings,
+EMA and the published length) on its backend, with the source of every choice
+-- the paper, the official code, or "attnbench's choice" where nothing is
+published. ``models/convert.py`` and
 ``distill/`` read them; they hold no per-method rule of their own.
 
 The loss terms a distillation recipe may name (``distill/losses.py`` computes them):
@@ -33,6 +35,65 @@ TRAINABLE = ("all", "attention")
 ATTN_TAPS = ("pre_proj", "post_proj")
 #: the statement a recipe carries when no published recipe exists
 OWN_CHOICE = "attnbench's choice (no published recipe)"
+#: the optimisers a recipe may name (Prodigy needs the optional ``prodigyopt`` package)
+OPTIMIZERS = ("adamw", "prodigy")
+#: the settings each optimiser takes besides lr and weight decay
+OPTIMIZER_SETTINGS = {"adamw": ("betas", "eps"),
+                      "prodigy": ("betas", "beta3", "eps", "decouple", "use_bias_correction",
+                                  "safeguard_warmup", "d0")}
+
+
+@dataclass(frozen=True)
+class Optimisation:
+    """How a recipe trains: the optimiser, its settings, the EMA and the published length.
+
+    ``ema_decay`` 0 means no EMA (the exported weights are the trained ones);
+    ``steps`` is the length the source trained for (``None``: none published) --
+    attnbench's runs choose their own length, and their summary sets it beside
+    this one; ``batch`` states the source's batch in words. ``source`` says
+    where every value comes from and ``substitutes`` what attnbench does
+    differently and why.
+    """
+
+    optimizer: str = "adamw"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    settings: dict[str, Any] = field(default_factory=lambda: {"betas": (0.9, 0.999)})
+    ema_decay: float = 0.999
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    steps: int | None = None
+    batch: str = ""
+    source: str = OWN_CHOICE
+    substitutes: str = ""
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got "
+                             f"{self.optimizer!r}")
+        unknown = sorted(set(self.settings) - set(OPTIMIZER_SETTINGS[self.optimizer]))
+        if unknown:
+            raise ValueError(f"{self.optimizer} takes no setting(s) {unknown}; valid: "
+                             f"{', '.join(OPTIMIZER_SETTINGS[self.optimizer])}")
+        if not (self.lr > 0 and self.weight_decay >= 0 and 0 <= self.ema_decay < 1
+                and self.grad_clip >= 0 and self.warmup_steps >= 0):
+            raise ValueError(f"optimisation settings out of range: {self}")
+
+    def describe(self) -> str:
+        ema = f"EMA {self.ema_decay:g}" if self.ema_decay else "no EMA"
+        length = f"{self.steps} steps" if self.steps else "no published length"
+        parts = [f"{self.optimizer} lr {self.lr:g}, weight decay {self.weight_decay:g}", ema,
+                 f"warm-up {self.warmup_steps}" if self.warmup_steps else "",
+                 f"grad clip {self.grad_clip:g}" if self.grad_clip else "no grad clip",
+                 length, self.batch]
+        return "; ".join(p for p in parts if p)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+#: the optimisation of recipes without a published one: AdamW 2e-4 with an EMA
+OWN_OPTIMISATION = Optimisation()
 
 
 @dataclass(frozen=True)
@@ -65,9 +126,12 @@ class ConversionRecipe:
 class DistillRecipe:
     """A named set of loss weights, the parameters that train, and where they come from.
 
-    ``attn_tap`` and ``attn_every`` define ``kd_attn``: the per-layer term is
-    taken at ``attn_tap`` (:data:`ATTN_TAPS`) on the blocks whose index is a
-    multiple of ``attn_every`` (1 = every block).
+    ``attn_tap``, ``attn_every`` and ``attn_kind`` define ``kd_attn``: the
+    per-layer term is taken at ``attn_tap`` (:data:`ATTN_TAPS`) on the
+    attention layers whose position in the model's layer order is a multiple of
+    ``attn_every`` (1 = every layer) and, when the model has layers of kind
+    ``attn_kind`` (FLUX's "single"-stream blocks), only on those
+    (:meth:`tapped_layers`). ``optimisation`` is how it trains.
     """
 
     name: str
@@ -77,6 +141,11 @@ class DistillRecipe:
     source: str = ""
     attn_tap: str = "pre_proj"
     attn_every: int = 1
+    attn_kind: str | None = None
+    optimisation: Optimisation = OWN_OPTIMISATION
+    #: the method options the source trained with (SLA: topk 0.1); a student converted
+    #: for this recipe takes them unless options are given
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.weights) - set(TERMS))
@@ -104,9 +173,20 @@ class DistillRecipe:
     def needs_attention(self) -> bool:
         return self.weights.get("kd_attn", 0) > 0
 
-    def tapped(self, layer: int) -> bool:
-        """Whether block ``layer`` contributes to ``kd_attn``."""
-        return layer % self.attn_every == 0
+    def tapped_layers(self, kinds: list[str] | tuple[str, ...]) -> list[int]:
+        """The positions of the layers ``kd_attn`` taps, given every attention layer's kind
+        in the model's order (e.g. FLUX: 19 × "double", then 38 × "single").
+
+        The official CLEAR rule (Huage001/CLEAR ``distill.py``: ``distill='single' in
+        name and idx % 4 == 0`` over ``enumerate(transformer.attn_processors)``): count
+        every layer, take those at a multiple of ``attn_every`` that are of kind
+        ``attn_kind`` -- on FLUX positions 20, 24, ..., 56, i.e. single blocks 1, 5,
+        ..., 37. A model without layers of that kind (attnbench's DiT, PixArt: every
+        block single-stream) is tapped at every multiple of ``attn_every``.
+        """
+        kind = self.attn_kind if self.attn_kind in kinds else None
+        return [i for i, k in enumerate(kinds)
+                if i % self.attn_every == 0 and (kind is None or k == kind)]
 
     def active(self) -> dict[str, float]:
         """The terms with a non-zero weight."""
@@ -124,9 +204,10 @@ class DistillRecipe:
                 merged[key] = float(value)
             except (TypeError, ValueError):
                 raise ValueError(f"loss weight {key}={value!r} is not a number") from None
-        unknown = sorted(set(fields) - {"attn_tap", "attn_every"})
+        valid = ("attn_tap", "attn_every", "optimisation", "options")
+        unknown = sorted(set(fields) - set(valid))
         if unknown:
-            raise ValueError(f"unknown recipe field(s) {unknown}; valid: attn_tap, attn_every")
+            raise ValueError(f"unknown recipe field(s) {unknown}; valid: {', '.join(valid)}")
         changed = (merged != self.weights or (trainable and trainable != self.trainable)
                    or any(getattr(self, k) != v for k, v in fields.items()))
         return replace(self, weights=merged, trainable=trainable or self.trainable,
@@ -141,5 +222,10 @@ class DistillRecipe:
         if self.needs_attention:
             layers = "every block" if self.attn_every == 1 else \
                 f"blocks with index % {self.attn_every} == 0"
+            if self.attn_kind:
+                layers = (f"{self.attn_kind}-stream layers at a position ≡ 0 mod "
+                          f"{self.attn_every} of all layers (DiT: {layers})")
             attn = f" (kd_attn {self.attn_tap.replace('_', '-')}, {layers})"
-        return f"{self.name}: {terms}{attn}; trains {self.trainable} parameters"
+        options = "".join(f"; {k}={v}" for k, v in self.options.items())
+        return (f"{self.name}: {terms}{attn}; trains {self.trainable} parameters{options}; "
+                f"{self.optimisation.describe()}")

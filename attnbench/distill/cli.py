@@ -22,23 +22,37 @@ def _steps_spec(text: str) -> int | str:
     return int(text) if text.isdigit() else text
 
 
-def _add_training_flags(p: argparse.ArgumentParser, *, steps: int, batch: int, lr: float,
-                        ema: float, warmup: int, schedule: str = "constant",
-                        precision: str = "fp32") -> None:
+def _default(value, what: str = "") -> str:
+    """A flag's default in its help: the value, or the recipe's (distill)."""
+    return f"default {value}" if value is not None else f"default: the recipe's{what}"
+
+
+def _add_training_flags(p: argparse.ArgumentParser, *, steps: int, batch: int,
+                        lr: float | None, ema: float | None, warmup: int | None,
+                        schedule: str = "constant", precision: str = "fp32",
+                        weight_decay: float | None = 0.0, grad_clip: float | None = 1.0,
+                        optimizer: str | None = "adamw") -> None:
+    """The optimisation flags; ``None`` defaults take the distillation recipe's values
+    (``attnbench list`` shows them; optim.py)."""
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=positive_int, default=steps, help=f"steps (default {steps})")
     g.add_argument("--batch-size", type=positive_int, default=batch,
                    help=f"global batch, split over the processes (default {batch})")
-    g.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate (default {lr})")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--optimizer", choices=("adamw", "prodigy"), default=optimizer,
+                   help=f"optimiser ({_default(optimizer, '; CLEAR: prodigy')}; prodigy needs "
+                        "pip install 'attnbench[prodigy]')")
+    g.add_argument("--lr", type=float, default=lr, help=f"learning rate ({_default(lr)})")
+    g.add_argument("--weight-decay", type=float, default=weight_decay,
+                   help=f"decoupled weight decay ({_default(weight_decay)})")
     g.add_argument("--warmup-steps", type=non_negative_int, default=warmup,
-                   help=f"linear learning-rate warm-up (default {warmup})")
+                   help=f"linear learning-rate warm-up ({_default(warmup)})")
     g.add_argument("--lr-schedule", choices=("constant", "cosine"), default=schedule,
                    help=f"after the warm-up: constant, or cosine decay to 0 (default {schedule})")
     g.add_argument("--ema-decay", type=float, default=ema,
-                   help=f"EMA decay, warmed up as min(decay, (1+s)/(10+s)) (default {ema})")
-    g.add_argument("--grad-clip", type=float, default=1.0,
-                   help="max gradient norm, 0 = off (default 1.0)")
+                   help=f"EMA decay, warmed up as min(decay, (1+s)/(10+s)); 0 = no EMA "
+                        f"({_default(ema)})")
+    g.add_argument("--grad-clip", type=float, default=grad_clip,
+                   help=f"max gradient norm, 0 = off ({_default(grad_clip)})")
     g.add_argument("--precision", choices=("fp32", "bf16"), default=precision,
                    help=f"autocast dtype of the forward passes (default {precision})")
     g.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
@@ -69,7 +83,7 @@ def _train_config(args: argparse.Namespace):
         torch.set_num_threads(args.threads)
 
     config = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        steps=args.steps, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
         lr_schedule=args.lr_schedule,
         ema_decay=args.ema_decay, grad_clip=args.grad_clip, precision=args.precision,
@@ -115,7 +129,8 @@ def _distill(args: argparse.Namespace) -> int:
         raise UsageError("--gen-samples must be > 0")
     summary = distill(
         args.out, args.method, config, teacher=args.teacher, options=options,
-        num_heads=args.num_heads, weights=weights, trainable=args.trainable, data=args.data,
+        num_heads=args.num_heads, weights=weights, trainable=args.trainable,
+        recipe=args.recipe, data=args.data,
         gen_samples=args.gen_samples, gen_steps=gen_steps, gen_cfg=args.gen_cfg,
         device=args.device, resume=args.resume, force=args.force,
         convert_seed=args.convert_seed,
@@ -152,9 +167,10 @@ def add_parser(subparsers) -> None:
         help="convert a DiT teacher to METHOD and distil the student (LiT/CLEAR/SLA recipes)",
         description=(
             "Convert the teacher (default: the shipped shapes-world DiT) to METHOD by weight "
-            "inheritance, then train the student with the method's recipe: lit = diffusion "
-            "+ 0.5·kd_eps + 0.05·kd_sigma; clear = diffusion + 0.5·kd_out + 0.5·kd_attn "
-            "(attention only); sla = diffusion + kd_out. Works under torchrun "
+            "inheritance, then train the student with the method's recipe (python -m "
+            "attnbench list shows each with its source): lit = diffusion + 0.5·kd_eps + "
+            "0.05·kd_sigma; clear = diffusion + 0.5·kd_out + 0.5·kd_attn (attention only, "
+            "Prodigy); sla = kd_out (AdamW 1e-5, topk 0.1). Works under torchrun "
             "(DistributedDataParallel: NCCL on GPUs, gloo on CPU)."
         ),
     )
@@ -175,6 +191,9 @@ def add_parser(subparsers) -> None:
                    help="seed of the non-inherited initialisation (default 0)")
     p.add_argument("--weight", action="extend", nargs="+", default=[], metavar="TERM=W",
                    help="a loss weight: diffusion, kd_eps, kd_sigma, kd_out, kd_attn")
+    p.add_argument("--recipe", default=None,
+                   help="a named recipe instead of the method's (e.g. sla-attnbench, "
+                        "clear-post-proj; python -m attnbench list shows them)")
     p.add_argument("--trainable", choices=("all", "attention"), default=None,
                    help="parameters that train (default: the recipe's; CLEAR: attention)")
     d = p.add_argument_group("data")
@@ -190,7 +209,9 @@ def add_parser(subparsers) -> None:
     from .diffusers_cli import add_pipeline_flags
 
     add_pipeline_flags(p)
-    _add_training_flags(p, steps=200, batch=32, lr=2e-4, ema=0.999, warmup=0)
+    # optimiser, lr, weight decay, warm-up, EMA and clipping: the recipe's unless given
+    _add_training_flags(p, steps=200, batch=32, lr=None, ema=None, warmup=None,
+                        weight_decay=None, grad_clip=None, optimizer=None)
     p.set_defaults(func=_distill)
 
     t = subparsers.add_parser(

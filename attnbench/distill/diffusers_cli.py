@@ -44,7 +44,7 @@ def distill_command(args, config) -> dict[str, Any]:
     return distill_pipeline(
         args.out, args.method, config, model_path=args.model_path,
         options=parse_options(args.option), weights=parse_options(args.weight),
-        trainable=args.trainable, data=args.data, prompts=args.prompts,
+        trainable=args.trainable, recipe=args.recipe, data=args.data, prompts=args.prompts,
         gen_samples=args.gen_samples, gen_steps=gen_steps, gen_guidance=args.gen_guidance,
         height=args.height, width=args.width, frames=args.frames,
         max_sequence_length=args.max_sequence_length, device=args.device,

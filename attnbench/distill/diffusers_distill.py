@@ -37,14 +37,14 @@ from torch import nn
 
 from ..data.prompts import read_prompts
 from ..integrations.diffusers.families import Family, draw_sigmas, flow_shift
+from ..integrations.diffusers.swap import kd_attn_modules
 from . import dist as _dist
 from .diffusers_objective import (
     DiffusersBatch,
     diffusers_losses,
-    tapped_modules,
     trainable_names,
 )
-from .recipes import DistillRecipe, recipe_for
+from .recipes import DistillRecipe, get_recipe, recipe_for
 from .trainer import TrainConfig, Trainer, check_out, step_seed
 
 SELF_FILE = "teacher_latents.safetensors"
@@ -192,7 +192,7 @@ class DiffusersTrainer(Trainer):
         self.sample_shape = tuple(self.source.x.shape[1:])
         self.grid = _grid(self.family, self.model, self.source.x[:1], self.source.meta)
         self.guidance = float(self.source.meta.get("guidance") or 1.0)
-        self.tapped = tapped_modules(self.model, self.family, self.recipe)
+        self.tapped = kd_attn_modules(self.model, self.recipe)
         if self.recipe.needs_attention and not self.tapped:
             raise ValueError(f"recipe {self.recipe.name!r}: no attention module of this "
                              f"{self.family.name} model is tapped by its kd_attn rule; pass "
@@ -252,7 +252,8 @@ def _file_sha(path: Path) -> str:
 def distill_pipeline(
     out: str | Path, method: str, config: TrainConfig, *, model_path: str | Path,
     options: dict[str, Any] | None = None, weights: dict[str, Any] | None = None,
-    trainable: str | None = None, data: str = "self", prompts: str | Path | None = None,
+    trainable: str | None = None, recipe: str | None = None, data: str = "self",
+    prompts: str | Path | None = None,
     gen_samples: int = 64, gen_steps: int | None = None, gen_guidance: float | None = None,
     height: int | None = None, width: int | None = None, frames: int | None = None,
     max_sequence_length: int | None = None, device: str | None = None,
@@ -277,10 +278,12 @@ def distill_pipeline(
         height, width = int(source.meta["height"]), int(source.meta["width"])
         frames = source.meta.get("frames")
     check_size(root, family, height, width, frames)
-    resolved_recipe: DistillRecipe = recipe_for(method).with_overrides(weights, trainable)
+    chosen = get_recipe(recipe) if recipe else recipe_for(method)
+    resolved_recipe: DistillRecipe = chosen.with_overrides(weights, trainable)
     from .. import attention
 
-    resolved = attention.get(method).resolve(dict(options or {}), mixer=True)
+    # the recipe's method options (SLA: topk 0.1) unless given
+    resolved = attention.get(method).resolve({**chosen.options, **(options or {})}, mixer=True)
     check_out(out, resume=resume, force=force)  # before minutes of sample generation
     info = _dist.setup(device)
     try:
@@ -329,7 +332,7 @@ def distill_pipeline(
                     "data": data if data == "self" else str(Path(data).resolve())}
         doc = {"family": family.name, "model_path": str(root), "objective": family.objective,
                "timestep_density": family.timestep_density, "shift": shift,
-               "tapped": tapped_modules(student, family, resolved_recipe)
+               "tapped": kd_attn_modules(student, resolved_recipe)
                if resolved_recipe.needs_attention else [],
                "recipe": resolved_recipe.describe(), "data": source.describe()}
         trainer = DiffusersTrainer(

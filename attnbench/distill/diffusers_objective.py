@@ -9,11 +9,11 @@ family's way (:mod:`attnbench.integrations.diffusers.families`):
 * ``kd_out`` -- the whole output against the teacher's; ``kd_eps`` /
   ``kd_sigma`` -- PixArt's ε and variance channels against the teacher's (LiT);
 * ``kd_attn`` -- the mean over the tapped attention modules of the MSE between
-  the student's and the teacher's attention outputs. Which modules: every
-  swapped module is numbered in the order ``swap_attention`` visits them (FLUX:
-  the 19 double-stream blocks, then the 38 single-stream ones: 57), module ``i``
-  is tapped when ``recipe.tapped(i)`` and its block list is one of the family's
-  ``kd_streams`` -- CLEAR's FLUX rule, single blocks 1, 5, ..., 37. ``pre_proj``
+  the student's and the teacher's attention outputs. Which modules: the recipe's
+  rule over the model's layers in order and their kinds
+  (:func:`~attnbench.integrations.diffusers.swap.kd_attn_modules`; CLEAR on FLUX:
+  all 57 counted, single-stream at a position ≡ 0 mod 4: single blocks 1, 5,
+  ..., 37). ``pre_proj``
   taps the core's output (the heads before the output projection, as CLEAR's
   code does); the teacher runs attnbench's softmax processors (they give the
   stock output exactly) so its core output is there to tap.
@@ -37,13 +37,6 @@ from ..integrations.diffusers.families import Family
 from ..integrations.diffusers.swap import PROJECTIONS, attention_modules
 from .losses import flat_mse
 from .recipes import DistillRecipe
-
-
-def tapped_modules(transformer: nn.Module, family: Family, recipe: DistillRecipe) -> list[str]:
-    """Names of the attention modules ``kd_attn`` compares (module docstring's rule)."""
-    names = [name for name, _ in attention_modules(transformer, family)]
-    return [name for i, name in enumerate(names)
-            if recipe.tapped(i) and name.split(".")[0] in family.tapped_blocks]
 
 
 def trainable_names(transformer: nn.Module, family: Family, trainable: str) -> list[str]:

@@ -19,9 +19,9 @@ class AttentionTap:
     compares them). ``recipe.attn_tap`` says where: ``"pre_proj"`` -- the
     output of the mixer's ``core`` (``[B, H, N, d]``: the heads before the output
     projection, where the official CLEAR code takes it) -- or ``"post_proj"``,
-    the mixer's output ``[B, N, C]``; blocks whose index is a multiple of
-    ``recipe.attn_every`` are tapped (CLEAR: 4; its FLUX rule is single-stream
-    blocks with index % 4 == 0, and every DiT block is single-stream). An MSE
+    the mixer's output ``[B, N, C]``; the blocks of ``recipe.tapped_layers`` are
+    tapped (CLEAR: every DiT block is single-stream, so blocks 0, 4, 8, ...; on
+    FLUX the same rule gives single blocks 1, 5, ..., 37). An MSE
     over the elements does not depend on the heads' layout, so ``pre_proj`` needs
     no reshaping.
     """
@@ -29,14 +29,17 @@ class AttentionTap:
     def __init__(self, model: nn.Module, recipe: DistillRecipe | None = None) -> None:
         self.model = model
         self.tap = recipe.attn_tap if recipe is not None else "post_proj"
-        self.every = recipe.attn_every if recipe is not None else 1
+        self.recipe = recipe
         self.outputs: list[torch.Tensor] = []
         self._handles: list = []
 
     def __enter__(self) -> AttentionTap:
         self.outputs = []
-        for i, block in enumerate(_blocks(self.model)):
-            if i % self.every:
+        blocks = list(_blocks(self.model))
+        tapped = set(self.recipe.tapped_layers(["single"] * len(blocks)) if self.recipe
+                     else range(len(blocks)))  # DiT's blocks are all single-stream
+        for i, block in enumerate(blocks):
+            if i not in tapped:
                 continue
             module = block.attn.core if self.tap == "pre_proj" else block.attn
             self._handles.append(module.register_forward_hook(self._hook))

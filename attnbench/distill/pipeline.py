@@ -26,6 +26,7 @@ from ..models.configs import DiTConfig
 from ..models.dit import DiT
 from . import dist as _dist
 from .io import atomic_write_json
+from .optim import resolve as resolve_optimisation
 from .recipes import DistillRecipe, get_recipe, recipe_for
 from .teacher import TEACHER_CONFIG, TRAINING_FILE, default_teacher_path, write_sums
 from .trainer import TrainConfig, Trainer, check_out, step_seed
@@ -224,6 +225,7 @@ def distill(
     num_heads: int | None = None,
     weights: dict[str, Any] | None = None,
     trainable: str | None = None,
+    recipe: str | None = None,
     data: str = "self",
     gen_samples: int = 512,
     gen_steps: int | str = 50,
@@ -235,6 +237,7 @@ def distill(
 ) -> dict[str, Any]:
     """Convert ``teacher`` to ``method`` and distil the student (``distill`` subcommand).
 
+    ``recipe``: a recipe's name instead of the method's own (``sla-attnbench``).
     ``data``: ``"self"`` (teacher samples, the default: CLEAR's finding), ``"shapes"``
     or a path to latents (.npz / folder). Writes ``OUT/student/`` (EMA weights,
     config, inheritance.json, distill.json), ``checkpoint.pt``, metrics and
@@ -250,13 +253,15 @@ def distill(
         teacher_path = resolve_teacher(teacher)
         teacher_model = load_dit(teacher_path)
         teacher_sha = teacher_model.checkpoint.sha256()
-        opts = dict(options or {})
+        chosen: DistillRecipe = (get_recipe(recipe) if recipe else recipe_for(method)) \
+            .with_overrides(weights, trainable)
+        opts = {**chosen.options, **(options or {})}  # the recipe's method options unless given
         student, report = convert(teacher_model, method, num_heads=num_heads,
                                   seed=convert_seed, **opts)
         if info.is_main and not resume:  # said when the run started; kept in inheritance.json
             for warning in report.warnings:
                 print(f"attnbench distill: warning: {warning}", file=sys.stderr)
-        recipe: DistillRecipe = recipe_for(method).with_overrides(weights, trainable)
+        config = resolve_optimisation(config, chosen.optimisation)
         cfg = teacher_model.config
         teacher_model.to(info.device)
         student.to(info.device)
@@ -287,16 +292,16 @@ def distill(
 
         identity = {"kind": "distill", "method": method,
                     "attention_options": report.options, "student_heads": report.student_heads,
-                    "recipe": recipe.to_dict(), "teacher_sha256": teacher_sha,
+                    "recipe": chosen.to_dict(), "teacher_sha256": teacher_sha,
                     "data": data if data in ("self", "shapes") else str(Path(data).resolve()),
                     "convert_seed": convert_seed}
-        recipe_doc = {"recipe": recipe.to_dict(), "describe": recipe.describe(),
+        recipe_doc = {"recipe": chosen.to_dict(), "describe": chosen.describe(),
                       "teacher": {"path": str(teacher_path), "sha256": teacher_sha},
                       "data": data, "config": config.__dict__,
                       "gen": {"samples": gen_samples, "steps": str(gen_steps), "cfg": gen_cfg}
                       if data == "self" else None}
         trainer = Trainer(
-            student, Diffusion(1000), source, out, config, recipe=recipe,
+            student, Diffusion(1000), source, out, config, recipe=chosen,
             teacher=teacher_model, identity=identity,
             info={"method": method, "teacher": str(teacher_path), "distill": recipe_doc,
                   "inheritance": {k: v for k, v in report.to_dict().items()

@@ -18,14 +18,23 @@ teacher's; where it is tapped and which blocks, the recipe says:
 * ``teacher`` -- plain DiT training (``train-teacher``): ``diffusion`` only.
 
 Every weight is overridable (``--weight kd_eps=0.3``), as is what trains
-(``--trainable all|attention``); the recipe used is written with the checkpoint.
+(``--trainable all|attention``) and how (``--optimizer``, ``--lr``, ...: the
+recipe's ``optimisation`` otherwise; ``optim.py``); the recipe used is written
+with the checkpoint.
 """
 
 from __future__ import annotations
 
 from .. import attention
 from ..attention.base import closest
-from ..attention.recipes import ATTN_TAPS, OWN_CHOICE, TERMS, TRAINABLE, DistillRecipe
+from ..attention.recipes import (
+    ATTN_TAPS,
+    OWN_CHOICE,
+    TERMS,
+    TRAINABLE,
+    DistillRecipe,
+    Optimisation,
+)
 
 DEFAULT = DistillRecipe(
     "default", {"diffusion": 1.0, "kd_out": 1.0}, "all",
@@ -34,6 +43,9 @@ DEFAULT = DistillRecipe(
 TEACHER = DistillRecipe(
     "teacher", {"diffusion": 1.0}, "all",
     "DiT training: MSE(ε) + VB with learned variance", "DiT, arXiv 2212.09748",
+    optimisation=Optimisation(lr=1e-4, ema_decay=0.9999,
+                              source="DiT, arXiv 2212.09748: AdamW 1e-4, no weight decay, "
+                              "EMA 0.9999 (train-teacher's flags choose the shipped teacher's)"),
 )
 
 

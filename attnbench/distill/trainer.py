@@ -43,6 +43,7 @@ from torch import nn
 from .. import runfolder, versions
 from ..diffusion import Diffusion
 from . import dist as _dist
+from . import optim as _optim
 from .io import (
     CHECKPOINT_FILE,
     EVAL_JSONL,
@@ -70,12 +71,16 @@ class TrainConfig:
 
     steps: int = 100
     batch_size: int = 32  # global: split over the ranks
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
+    # None: the recipe's (its Optimisation; optim.resolve fills them in the Trainer)
+    optimizer: str | None = None  # adamw or prodigy
+    optimizer_settings: dict[str, Any] | None = None  # betas, eps, Prodigy's switches
+    lr: float | None = None
+    weight_decay: float | None = None
+    warmup_steps: int | None = None
     lr_schedule: str = "constant"  # or "cosine": decay to 0 at ``steps`` after the warm-up
-    ema_decay: float = 0.9999
-    grad_clip: float = 1.0  # 0 = no clipping
+    ema_decay: float | None = None  # 0 = no EMA
+    grad_clip: float | None = None  # 0 = no clipping
+    substituted: str = ""  # what the run did instead of its recipe, and why
     precision: str = "fp32"
     seed: int = 0
     ckpt_every: int = 0  # 0 = only at the end
@@ -90,13 +95,15 @@ class TrainConfig:
                 "eval_samples": 0, "eval_every": 0}
         for key, low in ints.items():
             value = getattr(self, key)
+            if value is None and key == "warmup_steps":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.ema_decay < 1:
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
-        if self.grad_clip < 0 or self.weight_decay < 0:
+        if (self.grad_clip or 0) < 0 or (self.weight_decay or 0) < 0:
             raise ValueError("grad_clip and weight_decay must be >= 0")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got "
@@ -268,6 +275,7 @@ class Trainer:
         dist_info: _dist.DistInfo | None = None,
     ) -> None:
         self.dist = dist_info or _dist.DistInfo()
+        config = _optim.resolve(config, recipe.optimisation)
         config.validate(self.dist.world_size)
         if recipe.needs_teacher and teacher is None:
             raise ValueError(f"recipe {recipe.name!r} needs a teacher")
@@ -389,8 +397,7 @@ class Trainer:
         if self.teacher is not None:
             self.teacher.to(self.device).eval().requires_grad_(False)
         params = self._trainable(model)
-        optimizer = torch.optim.AdamW([p for _, p in params], lr=cfg.lr,
-                                      weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+        optimizer = _optim.build(cfg, [p for _, p in params])
         ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
         trainable_keys = [n for n, _ in params]
         self.parameter_counts = {"trainable": sum(p.numel() for _, p in params),

@@ -319,10 +319,16 @@ def _dense_warning(backend, options: dict[str, Any], cfg: DiTConfig, heads: int)
     except (ValueError, NotImplementedError):
         return []
     exact = attention.get("softmax").attend(q, k, v, grid=(side, side), impl="reference")
-    if not torch.allclose(out, exact, rtol=1e-9, atol=1e-9):
-        return []
     shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "its defaults"
-    return [f"{backend.name} with {shown} is exactly softmax attention on this model's "
+    if torch.allclose(out, exact, rtol=1e-9, atol=1e-9):
+        what = "is exactly softmax attention"
+    elif backend.sparse_pairs and backend.density(
+            (side, side), **backend.attend_options(options)) >= 1.0:
+        # SLA with its linear branch over all tokens: the sparse part is all of softmax
+        what = "computes every query–key pair exactly (plus its linear branch)"
+    else:
+        return []
+    return [f"{backend.name} with {shown} {what} on this model's "
             f"{side}×{side} token grid: the student computes what the teacher does. "
             f"Choose options that are sparse at this grid (python -m attnbench list)."]
 

@@ -78,7 +78,8 @@ def test_lit_without_conv_reproduces_sanas_linear_attention(gen):
     """
     model, _, inputs = tiny("sana-tiny", gen)
     stock = run(model, inputs)
-    swap_attention(model, "lit", eps=1e-15, phi_shift=0.0, dwc_kernel=0, inherit_projections=True)
+    swap_attention(model, "lit", eps=1e-15, phi_shift=0.0, dwc_kernel=0, inherit_projections=True,
+                   keep_heads=True)
     assert (run(model, inputs) - stock).abs().max().item() < 1e-5
 
 
@@ -234,3 +235,61 @@ def test_sd3_puts_image_tokens_first_and_dual_attention_is_image_only(gen):
     run(model, inputs)
     joint = Layout((3, 5), text=5, text_first=False)
     assert _Recorder.seen == [joint, Layout((3, 5)), joint]  # block 0: attn, attn2; block 1
+
+
+# --------------------------------------------------------------------------- recipes per family
+
+
+def test_clear_kd_layers_on_a_19_plus_38_flux_are_the_official_rule():
+    """FLUX.1's block structure (19 double-stream, 38 single-stream) at a tiny width: the
+    recipe's layers against the official rule restated over diffusers' own processor order
+    (Huage001/CLEAR distill.py: 'single' in name and idx % 4 == 0)."""
+    from diffusers import FluxTransformer2DModel
+
+    from attnbench.distill import RECIPES
+    from attnbench.integrations.diffusers.swap import kd_attn_modules
+
+    model = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=19,
+                                   num_single_layers=38, attention_head_dim=4,
+                                   num_attention_heads=1, joint_attention_dim=8,
+                                   pooled_projection_dim=8, axes_dims_rope=(2, 2, 0))
+    names = list(model.attn_processors)
+    assert len(names) == 57
+    official = [n.removesuffix(".processor") for i, n in enumerate(names)
+                if "single" in n and i % 4 == 0]
+    ours = kd_attn_modules(model, RECIPES["clear"])
+    assert ours == official
+    assert ours == [f"single_transformer_blocks.{i}.attn" for i in range(1, 38, 4)]
+
+
+def test_lit_gets_few_heads_where_no_part_is_per_head(gen):
+    """PixArt's attn1 has no QK norm and no RoPE: LiT's rule max(2, heads // 4) applies;
+    FLUX (per-head QK norms, RoPE) and SD3.5 (per-head QK norms) keep the checkpoint's."""
+    import dataclasses
+
+    from attnbench.attention.lit import lit_heads
+    from attnbench.models.diffusers_configs import get_diffusers_config
+
+    base = get_diffusers_config("pixart-tiny")  # 8 heads of 4 channels: LiT takes 2
+    entry = dataclasses.replace(base, config={**base.config, "num_attention_heads": 8,
+                                              "attention_head_dim": 4})
+    model = build_transformer(entry, seed=0)
+    inputs = make_inputs(entry, model_shapes(entry, RESOLUTIONS["pixart-tiny"]), batch=1,
+                         generator=gen)
+    attn = model.transformer_blocks[0].attn1
+    heads, inner = attn.heads, attn.inner_dim
+    handle = swap_attention(model, "lit")
+    assert attn.heads == lit_heads(heads, inner) != heads
+    assert attn.processor.core.num_heads == attn.heads
+    assert "by the method's rule" in next(iter(handle.heads.values()))
+    assert run(model, inputs).isfinite().all()
+    handle.restore()
+    assert attn.heads == heads
+    for name in ("flux-tiny", "sd3-tiny"):
+        model, _, inputs = tiny(name, gen)
+        before = [m.heads for _, m in model.named_modules() if hasattr(m, "processor")]
+        handle = swap_attention(model, "lit")
+        after = [m.heads for _, m in model.named_modules() if hasattr(m, "processor")]
+        assert after == before
+        assert all("per head" in why for why in handle.heads.values())
+        assert run(model, inputs).isfinite().all()

@@ -119,11 +119,11 @@ def test_student_reloads_bit_for_bit_and_refuses_other_teachers(flux_dir, tmp_pa
 def test_clear_on_flux_follows_the_official_rule():
     """CLEAR's distill.py on FLUX.1-dev: kd on processors whose index over all 57 (double
     first) is ≡ 0 mod 4 and single-stream; loss = fm + 0.5·out + 0.5·attn; attention trains."""
-    from attnbench.distill.diffusers_objective import tapped_modules, trainable_names
+    from attnbench.distill.diffusers_objective import trainable_names
     from attnbench.distill.recipes import recipe_for
     from attnbench.integrations.diffusers import import_diffusers
     from attnbench.integrations.diffusers.families import FAMILIES
-    from attnbench.integrations.diffusers.swap import swap_attention
+    from attnbench.integrations.diffusers.swap import kd_attn_modules, swap_attention
 
     diffusers = import_diffusers()
     model = diffusers.FluxTransformer2DModel(  # FLUX.1-dev's depth at width 8
@@ -135,7 +135,7 @@ def test_clear_on_flux_follows_the_official_rule():
     assert recipe.trainable == "attention" and recipe.attn_tap == "pre_proj"
     swap_attention(model, "clear", radius=2)
     family = FAMILIES["flux"]
-    assert tapped_modules(model, family, recipe) == [
+    assert kd_attn_modules(model, recipe) == [
         f"single_transformer_blocks.{i}.attn" for i in range(1, 38, 4)]
     names = set(trainable_names(model, family, "attention"))
     projections = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",

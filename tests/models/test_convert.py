@@ -54,7 +54,8 @@ def assert_accounted(report: InheritanceReport, teacher, student):
 @pytest.mark.parametrize(("method", "options", "dense"), [
     ("clear", {}, True),  # r=8 covers the 4×4 grid
     ("clear", {"radius": 1}, False),
-    ("sla", {}, True),  # one 64-token block holds all 16 tokens
+    ("sla", {}, True),  # one 64-token block holds all 16 tokens (+ the linear branch)
+    ("sla", {"linear_over": "marginal"}, True),  # exactly softmax
     ("sla", {"block_q": 4, "block_kv": 4, "topk": 0.25}, False),
     ("lit", {}, False),
 ])
@@ -270,7 +271,7 @@ def test_student_follows_the_teachers_dtype_and_mode(teacher):
 def test_report_carries_the_recipes_sources(teacher):
     _, report = attnbench.convert(teacher, "sla")
     assert "arXiv 2509.24006" in report.recipe_source
-    assert "attnbench's choice" in report.distill_recipe_source
+    assert "TurboDiffusion" in report.distill_recipe_source
     _, report = attnbench.convert(teacher, "clear", radius=2.0)
     assert "Huage001/CLEAR" in report.distill_recipe_source
     assert "kd_attn pre-proj" in report.distill_recipe

@@ -65,7 +65,7 @@ from ..base import (
     non_negative,
 )
 from ..layout import KINDS, Layout
-from ..recipes import ConversionRecipe, DistillRecipe
+from ..recipes import ConversionRecipe, DistillRecipe, Optimisation
 from ..registry import register
 from .core import ClearCore
 from .flex import (
@@ -168,12 +168,29 @@ class Clear(AttentionBackend):
     distill_recipe = DistillRecipe(
         "clear", {"diffusion": 1.0, "kd_out": 0.5, "kd_attn": 0.5}, "attention",
         "CLEAR: diffusion + 0.5·output MSE + 0.5·attention MSE before the output "
-        "projection on blocks with index % 4 == 0; only the attention trains. The official "
-        "code taps FLUX's single-stream blocks with index % 4 == 0; every DiT block is "
-        "single-stream, so DiT taps blocks 0, 4, 8, ...",
-        "Huage001/CLEAR distill.py (loss = loss_fm + 0.5·loss_distill + 0.5·loss_attn)",
+        "projection; only the attention trains. kd_attn layers, the official rule: count "
+        "every attention layer in the model's order (FLUX: 19 double-stream, then 38 "
+        "single-stream) and tap the single-stream ones at a position ≡ 0 mod 4 -- FLUX's "
+        "single blocks 1, 5, ..., 37 (tapped_layers). attnbench's DiT has single-stream "
+        "blocks only, so it taps blocks 0, 4, 8, ...",
+        "Huage001/CLEAR distill.py (loss = loss_fm + 0.5·loss_distill + 0.5·loss_attn; "
+        "distill='single' in name and idx % 4 == 0 over enumerate(attn_processors))",
         attn_tap="pre_proj",
         attn_every=4,
+        attn_kind="single",
+        optimisation=Optimisation(
+            "prodigy", 1.0, 1e-4,
+            {"betas": (0.9, 0.999), "eps": 1e-8, "decouple": True,
+             "use_bias_correction": True, "safeguard_warmup": True},
+            ema_decay=0.0, warmup_steps=0, grad_clip=1.0, steps=50_000,
+            batch="2 per GPU × 4 accumulation × 4 GPUs = 32 images of 1024 px",
+            source="Huage001/CLEAR distill.sh (--optimizer prodigy --learning_rate 1. "
+            "--max_train_steps 50000 --train_batch_size 2 --gradient_accumulation_steps 4, "
+            "constant schedule, no warm-up), distill.py (adam_weight_decay 1e-4, "
+            "prodigy_decouple, bias correction and safeguard warm-up on, max_grad_norm 1.0, "
+            "no EMA), deepspeed_config.yaml (4 processes)",
+            substitutes="the paper reports 10K iterations, the released script 50K; "
+            "attnbench takes no gradient accumulation: --batch-size is the global batch"),
     )
     distill_alternatives = (
         DistillRecipe(

@@ -14,9 +14,10 @@ other, *marginal*, blocks are summarised by linear attention (``O_l``)::
     O_l = φ(Q) Σ_j φ(K_j)ᵀV_j / (φ(Q) Σ_j φ(K_j)ᵀ + eps)      j over the marginal blocks
     O   = O_s + proj_l(O_l)                                    proj_l = identity in attend()
 
-``linear_over="all"`` runs the linear branch over every token instead, as the
-newer reference code does; ``topk=1.0`` with the default ``"marginal"`` is exact
-softmax attention.
+The default, ``linear_over="all"``, runs the linear branch over every token, as
+the official code's ``main`` branch (``calc_linear`` over all of k) and
+TurboDiffusion's SLA do; ``"marginal"`` is the paper's formula above (the
+``SLA-1`` branch's kernel), and with ``topk=1.0`` it is exact softmax attention.
 
 Checked against the official code (thu-ml/SLA, ``sparse_linear_attention/core.py``
 and ``utils.py``): kept blocks per query block ``min(K, int(topk·K))`` (here at
@@ -59,7 +60,7 @@ from ..base import (
     unit_fraction,
 )
 from ..layout import KINDS, Layout, text_first_geometry
-from ..recipes import OWN_CHOICE, ConversionRecipe, DistillRecipe
+from ..recipes import OWN_CHOICE, ConversionRecipe, DistillRecipe, Optimisation
 from ..registry import register
 from . import gather as _gather_module
 from . import reference as _reference_module
@@ -84,6 +85,9 @@ from .reference import sla_reference_parts
 #: the kernel module (imports triton; loaded lazily by the path)
 TRITON_MODULE = f"{__name__}.triton"
 OFFICIAL = "thu-ml/SLA sparse_linear_attention/core.py"
+#: SLA's published fine-tuning (the SLA authors' TurboDiffusion, Wan2.1 text-to-video)
+TURBO = "thu-ml/TurboDiffusion turbodiffusion/rcm/models/t2v_model_sla.py"
+TURBO_CONFIG = "thu-ml/TurboDiffusion turbodiffusion/rcm/configs/experiments/sla/wan2pt1_t2v.py"
 
 
 def sla_triton_parts(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,8 +201,9 @@ class SLA(AttentionBackend):
 
     name = "sla"
     summary = (
-        "SLA: block-sparse softmax on the top-k KV blocks per query block + linear "
-        "attention on the marginal ones; fast path gathers the critical blocks"
+        "SLA: block-sparse softmax on the top-k KV blocks per query block + a linear "
+        "attention branch (all tokens, or the marginal blocks); fast path gathers the "
+        "critical blocks"
     )
     paper = "Zhang et al., SLA, arXiv 2509.24006"
     options = (
@@ -212,10 +217,12 @@ class SLA(AttentionBackend):
         Option("feature_map", "softmax",
                "φ of the linear branch: softmax over the head dim, relu, or elu+1", str,
                choices=tuple(FEATURE_MAPS), source=OFFICIAL + " (feature_map='softmax')"),
-        Option("linear_over", "marginal",
-               "keys of the linear branch: the non-selected blocks (paper) or all (newer code)",
+        Option("linear_over", "all",
+               "keys of the linear branch: all tokens (official main branch) or the "
+               "non-selected blocks only (the paper's formula, the SLA-1 branch)",
                str, choices=("marginal", "all"),
-               source="SLA paper (the main branch's code runs it over all tokens)"),
+               source=OFFICIAL + " on main (calc_linear over every k) and TurboDiffusion's "
+               "SLA; the paper and the SLA-1 branch's kernel take the marginal blocks"),
         Option("eps", EPS, "added to the linear branch's normaliser", float, check=positive,
                source=OFFICIAL + " (1e-5)"),
         Option("order", "tiles",
@@ -235,11 +242,31 @@ class SLA(AttentionBackend):
         inherit_projections=True,
     )
     distill_recipe = DistillRecipe(
-        "sla", {"diffusion": 1.0, "kd_out": 1.0}, "all",
-        "diffusion + teacher-output MSE; every parameter trains; proj_l starts at zero. "
-        "SLA publishes no training code or distillation loss: the teacher-output term and "
-        "its weight 1.0 are attnbench's choice",
-        OWN_CHOICE,
+        "sla", {"kd_out": 1.0}, "all",
+        "SLA as TurboDiffusion fine-tunes Wan2.1 with it: the teacher-output MSE only, "
+        "every parameter trains (proj_l starts at zero), topk 0.1 with the linear branch "
+        "over all tokens",
+        TURBO + " (T2VModel_SLA.training_step: loss = MSE(student, teacher); the "
+        "net trains whole, the teacher is frozen)",
+        options={"topk": 0.1, "linear_over": "all"},
+        optimisation=Optimisation(
+            "adamw", 1e-5, 0.01, {"betas": (0.9, 0.999), "eps": 1e-8}, ema_decay=0.999,
+            warmup_steps=100, grad_clip=0.0, steps=100_000,
+            batch="4 videos per GPU (Wan2.1 1.3B, 480p)",
+            source=TURBO_CONFIG + " (optimizer lr 1e-5, weight_decay 0.01, betas (0.9, "
+            "0.999); trainer max_iter 100_000; grad_clip False) and defaults/scheduler.py "
+            "(LambdaLinear: 100 warm-up steps, then constant)",
+            substitutes="TurboDiffusion's power EMA (defaults/ema.py, rate 0.1) is "
+            "approximated by attnbench's constant-decay EMA 0.999"),
+    )
+    distill_alternatives = (
+        DistillRecipe(
+            "sla-attnbench", {"diffusion": 1.0, "kd_out": 1.0}, "all",
+            "attnbench's earlier SLA recipe, kept for short runs on small models: the data "
+            "term beside the teacher-output MSE and AdamW 2e-4 -- the published 1e-5 is "
+            "set for 100K steps of a 1.3B model and barely moves a few hundred steps",
+            OWN_CHOICE,
+        ),
     )
 
     def reference(self, q, k, v, **options) -> torch.Tensor:

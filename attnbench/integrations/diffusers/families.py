@@ -67,8 +67,8 @@ class Family:
     branch; the same tensors for teacher and student). ``inputs(config, x, text, t,
     grid, guidance) -> kwargs`` -- one forward's keyword inputs (``t``: the
     timestep in the transformer's unit; ``grid``: the token grid, needed by FLUX's
-    position ids). ``kd_streams`` -- the blocks whose attention a per-layer KD term
-    may tap (CLEAR's FLUX rule counts every processor but taps single-stream ones).
+    position ids). ``call_kwargs`` -- what attnbench always passes the pipeline
+    (PixArt, SANA: no resolution binning, so the requested size is the size sampled).
     """
 
     name: str
@@ -85,7 +85,14 @@ class Family:
     timestep_density: str = "uniform"
     encode: Callable | None = None
     inputs: Callable | None = None
-    kd_streams: tuple[str, ...] = ()
+    #: the kind of each of ``blocks`` ("double"/"joint": text and image streams with their
+    #: own projections; "single": one sequence), what a recipe's ``attn_kind`` selects
+    kinds: tuple[str, ...] = ("single",)
+    #: the parts of its attention defined per head, which fix the head split of the
+    #: checkpoint: "norm_q" (per-head QK norms, where the module has them) and "rope"
+    #: (rotary embedding over the head dim); elsewhere the method's heads rule applies
+    #: (LiT: few heads; :func:`~.swap.head_split`)
+    per_head: tuple[str, ...] = ()
     video: bool = False
     call_kwargs: dict[str, Any] = field(default_factory=dict)
     source: str = ""
@@ -94,10 +101,6 @@ class Family:
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"{self.name}: objective must be one of {OBJECTIVES}")
-
-    @property
-    def tapped_blocks(self) -> tuple[str, ...]:
-        return self.kd_streams or self.blocks
 
 
 # --------------------------------------------------------------------------- text encoders
@@ -170,7 +173,8 @@ _FLUX = Family(
     ("transformer_blocks", "single_transformer_blocks"), ("attn",), FluxProcessor,
     geo.flux_geometry, Sampling(steps=28, guidance=3.5, max_sequence_length=512),
     objective="flow", timestep_scale=1.0, timestep_density="uniform",
-    encode=_flux_encode, inputs=_flux_inputs, kd_streams=("single_transformer_blocks",),
+    encode=_flux_encode, inputs=_flux_inputs, kinds=("double", "single"),
+    per_head=("norm_q", "rope"),
     source="diffusers FluxPipeline (FLUX.1-dev: 28 steps, guidance 3.5 distilled into the "
            "transformer's guidance embedding)",
     notes={"timesteps": "uniform σ shifted by the scheduler's resolution-dependent shift "
@@ -185,8 +189,8 @@ _SD3 = Family(
     geo.image_geometry("SD3", "joint_attention_kwargs"),
     Sampling(steps=28, guidance=7.0, max_sequence_length=256),
     objective="flow", timestep_density="logit_normal", encode=_sd3_encode,
-    inputs=_plain_inputs, source="diffusers StableDiffusion3Pipeline; SD3 paper: "
-                                 "logit-normal(0, 1) σ, shift 3.0",
+    inputs=_plain_inputs, kinds=("joint",), per_head=("norm_q",),
+    source="diffusers StableDiffusion3Pipeline; SD3 paper: logit-normal(0, 1) σ, shift 3.0",
 )
 _PIXART = Family(
     "pixart", "PixArtTransformer2DModel", "PixArtSigmaPipeline",
@@ -196,8 +200,8 @@ _PIXART = Family(
     Sampling(steps=20, guidance=4.5, max_sequence_length=300),
     objective="eps_vb", timestep_density="uniform", encode=_masked_encode,
     inputs=_pixart_inputs, call_kwargs={"use_resolution_binning": False},
-    source="diffusers PixArtSigmaPipeline; PixArt-Σ: DDPM ε + learned "
-                                  "variance, linear β, 1000 steps",
+    source="diffusers PixArtSigmaPipeline; PixArt-Σ: DDPM ε + learned variance, linear β, "
+           "1000 steps",
 )
 _SANA = Family(
     "sana", "SanaTransformer2DModel", "SanaPipeline",
@@ -216,8 +220,8 @@ _WAN = Family(
     ("blocks",), ("attn1",), WanProcessor, geo.wan_geometry,
     Sampling(steps=50, guidance=5.0, max_sequence_length=512, frames=81),
     objective="flow", timestep_density="uniform", encode=_wan_encode, inputs=_plain_inputs,
-    video=True, source="diffusers WanPipeline; Wan2.1: flow matching, uniform σ shifted by "
-                       "flow_shift",
+    video=True, per_head=("rope",),
+    source="diffusers WanPipeline; Wan2.1: flow matching, uniform σ shifted by flow_shift",
 )
 _DIT = Family(
     "dit", "DiTTransformer2DModel", "DiTPipeline", (), ("transformer_blocks",), ("attn1",),

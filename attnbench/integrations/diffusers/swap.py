@@ -23,9 +23,13 @@ Wan        ``blocks.*.attn1``                                      ``WanAttnProc
 The conversion recipe is the one attnbench's DiT conversion uses: the stock
 model's q/k/v/out projections are inherited, unless the method's
 ``inherits_projections`` is False (LiT re-initialises them: Xavier-uniform,
-bias 0), and the method's own parts are new. The model's heads are kept:
-its QK norms are per head, so the split is fixed by the checkpoint (LiT's
-"few heads" would need new norms; attnbench does not change it here).
+bias 0), and the method's own parts are new. The heads follow
+:func:`head_split`, per family (``Family.per_head``): the checkpoint's where a
+part of the attention is defined per head -- FLUX (per-head RMS QK norms, RoPE),
+SD3.5 (per-head QK norms), Wan (3-D RoPE over the head dim) -- and the
+method's rule elsewhere -- PixArt and DiT (``attn1`` has no QK norm and no
+RoPE), SANA (its norms span all heads), SD3 without QK norms: LiT gets its
+few heads there, ``max(2, heads // 4)`` (PixArt-Σ: 16 → 4).
 """
 
 from __future__ import annotations
@@ -46,16 +50,32 @@ PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "
                "to_add_out")
 
 
-def attention_modules(transformer: nn.Module, family: Family) -> list[tuple[str, nn.Module]]:
-    """``(state-dict prefix, module)`` of every self-attention module the family swaps."""
+def attention_layers(transformer: nn.Module,
+                     family: Family) -> list[tuple[str, nn.Module, str]]:
+    """``(state-dict prefix, module, kind)`` of every self-attention module the family
+    swaps, in the model's order (FLUX: the 19 double-stream blocks, then the 38
+    single-stream ones -- the order of ``transformer.attn_processors``)."""
     found = []
-    for blocks in family.blocks:
+    for blocks, kind in zip(family.blocks, family.kinds, strict=True):
         for i, block in enumerate(getattr(transformer, blocks, None) or ()):
             for attr in family.modules:
                 module = getattr(block, attr, None)
                 if module is not None:
-                    found.append((f"{blocks}.{i}.{attr}", module))
+                    found.append((f"{blocks}.{i}.{attr}", module, kind))
     return found
+
+
+def attention_modules(transformer: nn.Module, family: Family) -> list[tuple[str, nn.Module]]:
+    """``(state-dict prefix, module)`` of every self-attention module the family swaps."""
+    return [(name, module) for name, module, _ in attention_layers(transformer, family)]
+
+
+def kd_attn_modules(transformer: nn.Module, recipe) -> list[str]:
+    """The attention modules a distillation recipe's ``kd_attn`` taps in ``transformer``
+    (:meth:`~attnbench.attention.recipes.DistillRecipe.tapped_layers` over the model's
+    layers and their kinds; CLEAR on FLUX: ``single_transformer_blocks.{1,5,...,37}.attn``)."""
+    layers = attention_layers(transformer, family_of(transformer))
+    return [layers[i][0] for i in recipe.tapped_layers([kind for *_, kind in layers])]
 
 
 def _check_stock(name: str, module: nn.Module, family: Family) -> None:
@@ -86,6 +106,34 @@ def _heads(module: nn.Module) -> tuple[int, int]:
     return heads, int(module.to_q.out_features) // heads
 
 
+#: why each per-head part fixes the head split
+PER_HEAD = {"norm_q": "its QK norms are per head (their weights span one head's dim)",
+            "rope": "its rotary embedding turns channel pairs of one head's dim"}
+
+
+def head_split(module: nn.Module, family: Family,
+               backend: attention.AttentionBackend) -> tuple[int, str]:
+    """``(heads, why)``: the student's heads of one attention module, and the reason.
+
+    The checkpoint's heads where a part of the module is defined per head
+    (``family.per_head``: FLUX's per-head RMS QK norms and RoPE, SD3.5's QK norms, Wan's
+    RoPE); elsewhere (PixArt's and DiT's ``attn1``: no QK norm, no RoPE; SANA's norms
+    span all heads; SD3 without QK norms) the method's conversion rule, as attnbench's DiT
+    conversion applies it -- LiT: ``max(2, heads // 4)``. A head split is a reshape of
+    the projections, so the inherited (or re-initialised) weights serve either way.
+    """
+    heads, head_dim = _heads(module)
+    present = [part for part in family.per_head
+               if part == "rope" or getattr(module, part, None) is not None]
+    if present:
+        return heads, f"the checkpoint's {heads}: " + "; ".join(PER_HEAD[p] for p in present)
+    recipe = backend.conversion_recipe
+    if recipe is None or recipe.heads is None:
+        return heads, f"the checkpoint's {heads} (the method's rule)"
+    student = recipe.student_heads(heads, heads * head_dim)
+    return student, f"{student} by the method's rule {recipe.heads_rule} (no per-head part)"
+
+
 @dataclass
 class SwapHandle:
     """What ``swap_attention`` did, and ``restore()`` to undo it.
@@ -106,6 +154,9 @@ class SwapHandle:
     inherited: list[str]
     reinitialised: list[str]
     geometry: geo.Geometry
+    #: each swapped module's student heads and why (:func:`head_split`)
+    heads: dict[str, str] = field(default_factory=dict)
+    _heads: dict[str, int] = field(default_factory=dict, repr=False)
     _originals: dict[str, Any] = field(default_factory=dict, repr=False)
     _hooks: list[Any] = field(default_factory=list, repr=False)
 
@@ -118,7 +169,10 @@ class SwapHandle:
         by_name = dict(self.transformer.named_modules())
         for name, processor in self._originals.items():
             by_name[name].set_processor(processor)
+        for name, heads in self._heads.items():
+            by_name[name].heads = heads
         self._originals.clear()
+        self._heads.clear()
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
@@ -132,6 +186,7 @@ class SwapHandle:
             "new_parameter_count": sum(p.numel() for n, p in self.transformer.named_parameters()
                                        if n in new),
             "projections": "re-initialised" if self.reinitialised else "inherited",
+            "heads": sorted(set(self.heads.values())),
         }
 
 
@@ -168,6 +223,7 @@ def swap_attention(
     method: str | attention.AttentionBackend,
     *,
     inherit_projections: bool | None = None,
+    keep_heads: bool = False,
     impl: str = "auto",
     **options: Any,
 ) -> SwapHandle:
@@ -177,8 +233,10 @@ def swap_attention(
     ``options`` -- the method's options (its mixer options included), validated
     before anything changes; ``impl`` forces an implementation as in ``attend``;
     ``inherit_projections=None`` follows the method's recipe
-    (``backend.inherits_projections``). Raises ``ValueError`` for an unsupported
-    class or a module whose processor is not the stock one.
+    (``backend.inherits_projections``); the heads follow :func:`head_split` unless
+    ``keep_heads`` keeps the checkpoint's everywhere (to compare with the stock model).
+    Raises ``ValueError`` for an unsupported class or a module whose processor is not the
+    stock one.
     """
     backend = method if isinstance(method, attention.AttentionBackend) else attention.get(method)
     resolved = backend.resolve(dict(options), mixer=True)  # bad options fail before any change
@@ -196,6 +254,12 @@ def swap_attention(
                         geometry)
     for name, module in targets:
         weight = module.to_q.weight
+        heads, why = (module.heads, "the checkpoint's (keep_heads)") if keep_heads else \
+            head_split(module, family, backend)
+        if heads != module.heads:  # the processors split q, k, v by ``module.heads``
+            handle._heads[name] = module.heads
+            module.heads = heads
+        handle.heads[name] = why
         core = backend.core(*_heads(module), impl=impl, **resolved)
         core = core.to(device=weight.device, dtype=weight.dtype)
         processor = family.processor(core, geometry, where=name)
