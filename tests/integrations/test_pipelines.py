@@ -210,3 +210,27 @@ def test_torchrun_sample_union_equals_one_process(flux_dir, tmp_path):
         assert np.array_equal(a["arr_0"], b["arr_0"])
         assert np.array_equal(a["arr_1"], b["arr_1"])
     assert json.loads((tmp_path / "two" / "samples.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,method,option", [
+    ("sd3", "clear", ["--option", "radius=2"]),  # attnbench's choice of method for SD3
+    ("pixart", "lit", []),  # LiT's published base model: ε + learned variance, hybrid KD
+    ("sana", "clear", ["--option", "radius=2"]),
+    ("wan", "sla", ["--frames", "5"]),  # TurboDiffusion's SLA-on-Wan recipe
+])
+def test_every_family_distills_samples_and_scores(family, method, option, tmp_path):
+    pipe = save_tiny_pipeline(family, tmp_path / family)
+    small = ["--height", "32", "--width", "32", "--max-sequence-length", "8", *QUIET]
+    frames = option if family == "wan" else []
+    assert main(["distill", "--model-path", str(pipe), "--method", method, "--out",
+                 str(tmp_path / "d"), "--steps", "2", "--batch-size", "2", "--gen-samples", "2",
+                 "--gen-steps", "2", *option, *small]) == 0
+    for name, extra in (("t", []), ("s", ["--student", str(tmp_path / "d" / "student")])):
+        assert main(["sample", "--model-path", str(pipe), "--out", str(tmp_path / name),
+                     "--num", "2", "--steps", "2", *frames, *small, *extra]) == 0
+    assert main(["eval", "--pipeline-samples", str(tmp_path / "s"), "--teacher-samples",
+                 str(tmp_path / "t"), "--out", str(tmp_path / "run"), "--feature-extractor",
+                 "shapes", "--no-progress"]) == 0
+    meta = json.loads((tmp_path / "d" / "student" / "student.json").read_text())
+    assert meta["family"] == family and meta["method"] == method

@@ -108,6 +108,34 @@ def _pixart():
                                  scheduler=d.DPMSolverMultistepScheduler())
 
 
+def _sana():
+    from transformers import Gemma2Config, Gemma2Model
+
+    d = import_diffusers()
+    transformer = d.SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+        num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=8,
+        cross_attention_dim=16, caption_channels=16, mlp_ratio=2.5, attention_bias=False,
+        sample_size=32, patch_size=1)
+    vae = d.AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2,
+        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+        encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+        downsample_block_type="conv", upsample_block_type="interpolate",
+        decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407)
+    gemma = Gemma2Model(Gemma2Config(
+        vocab_size=vocab_size(), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, pad_token_id=0,
+        eos_token_id=1, bos_token_id=1, max_position_embeddings=512))
+    scheduler = d.DPMSolverMultistepScheduler(prediction_type="flow_prediction",
+                                              use_flow_sigmas=True, flow_shift=3.0)
+    return d.SanaPipeline(tokenizer=tokenizer(300), text_encoder=gemma, vae=vae,
+                          transformer=transformer, scheduler=scheduler)
+
+
 def _wan():
     d = import_diffusers()
     transformer = d.WanTransformer3DModel(
@@ -123,7 +151,7 @@ def _wan():
                          scheduler=scheduler, transformer=transformer)
 
 
-BUILDERS = {"flux": _flux, "sd3": _sd3, "pixart": _pixart, "wan": _wan}
+BUILDERS = {"flux": _flux, "sd3": _sd3, "pixart": _pixart, "sana": _sana, "wan": _wan}
 
 
 def tiny_pipeline(family: str, seed: int = 0):
