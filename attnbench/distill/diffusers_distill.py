@@ -219,15 +219,8 @@ class DiffusersTrainer(Trainer):
                                 guidance=self.guidance, tapped=self.tapped,
                                 diffusion=self.diffusion)
 
-    def _trainable(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        chosen = set(trainable_names(model, self.family, self.recipe.trainable))
-        named = list(model.named_parameters())
-        for n, p in named:
-            p.requires_grad_(n in chosen)
-        params = [(n, p) for n, p in named if p.requires_grad]
-        if not params:
-            raise ValueError(f"recipe {self.recipe.name!r} leaves nothing to train")
-        return params
+    def trainable_names(self, model: nn.Module) -> set[str]:
+        return set(trainable_names(model, self.family, self.recipe.trainable))
 
     def model_config(self, model: nn.Module) -> dict[str, Any]:
         return json.loads(json.dumps(dict(model.config), default=list))

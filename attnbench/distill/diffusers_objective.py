@@ -35,7 +35,7 @@ from torch import nn
 
 from ..integrations.diffusers.families import Family
 from ..integrations.diffusers.swap import PROJECTIONS, attention_modules
-from .losses import flat_mse
+from .losses import diffusion_terms, flat_mse, kd_terms
 from .recipes import DistillRecipe
 
 
@@ -115,11 +115,8 @@ def diffusers_losses(recipe: DistillRecipe, family: Family, student: nn.Module,
         out["mse"] = flat_mse(s_out, noise - x0).mean()
         out["diffusion"] = out["mse"]
     else:
-        terms = diffusion.losses_from_output(s_out, x0, xt, batch.level, noise)
-        out["mse"] = terms["mse"].mean()
-        if "vb" in terms:
-            out["vb"] = terms["vb"].mean()
-        out["diffusion"] = terms["loss"].mean()
+        out.update(diffusion_terms(diffusion.losses_from_output(s_out, x0, xt, batch.level,
+                                                                noise)))
     if recipe.needs_teacher:
         if teacher is None:
             raise ValueError(f"recipe {recipe.name!r} needs a teacher")
@@ -127,18 +124,8 @@ def diffusers_losses(recipe: DistillRecipe, family: Family, student: nn.Module,
             t_tap = stack.enter_context(_Tap(teacher, tapped, recipe.attn_tap)) \
                 if want_attn else None
             t_out = teacher(**inputs, return_dict=False)[0]
-        c = x0.shape[1]
-        if "kd_eps" in weights:
-            out["kd_eps"] = flat_mse(s_out[:, :c], t_out[:, :c]).mean()
-        if "kd_sigma" in weights:
-            if s_out.shape[1] != 2 * c:
-                raise ValueError(f"kd_sigma needs a learned-variance model; {family.name} "
-                                 "predicts no variance (drop the term: --weight kd_sigma=0)")
-            out["kd_sigma"] = flat_mse(s_out[:, c:], t_out[:, c:]).mean()
-        if "kd_out" in weights:
-            out["kd_out"] = flat_mse(s_out, t_out).mean()
-        if want_attn:
-            pairs = list(zip(s_tap.outputs, t_tap.outputs, strict=True))
-            out["kd_attn"] = torch.stack([flat_mse(a, b).mean() for a, b in pairs]).mean()
+        out.update(kd_terms(weights, s_out, t_out, x0.shape[1],
+                            s_tap.outputs if want_attn else (),
+                            t_tap.outputs if want_attn else ()))
     out["loss"] = sum(w * out[k] for k, w in weights.items())
     return out

@@ -93,27 +93,43 @@ def recipe_losses(
     want_attn = recipe.needs_attention
     with AttentionTap(student, recipe) if want_attn else _nothing() as s_tap:
         s_out = student(xt, tm, y)
-    terms = diffusion.losses_from_output(s_out, x0, xt, t, noise)
-    out: dict[str, torch.Tensor] = {"mse": terms["mse"].mean()}
-    if "vb" in terms:
-        out["vb"] = terms["vb"].mean()
-    out["diffusion"] = terms["loss"].mean()
+    out = diffusion_terms(diffusion.losses_from_output(s_out, x0, xt, t, noise))
     if recipe.needs_teacher:
         if teacher is None:
             raise ValueError(f"recipe {recipe.name!r} needs a teacher")
         with torch.no_grad(), AttentionTap(teacher, recipe) if want_attn else _nothing() as t_tap:
             t_out = teacher(xt, tm, y)
-        c = x0.shape[1]
-        if "kd_eps" in weights:
-            out["kd_eps"] = flat_mse(s_out[:, :c], t_out[:, :c]).mean()
-        if "kd_sigma" in weights:
-            if s_out.shape[1] != 2 * c or t_out.shape[1] != 2 * c:
-                raise ValueError("kd_sigma needs learned-variance models (learn_sigma=True)")
-            out["kd_sigma"] = flat_mse(s_out[:, c:], t_out[:, c:]).mean()
-        if "kd_out" in weights:
-            out["kd_out"] = flat_mse(s_out, t_out).mean()
-        if "kd_attn" in weights:
-            pairs = list(zip(s_tap.outputs, t_tap.outputs, strict=True))
-            out["kd_attn"] = torch.stack([flat_mse(a, b).mean() for a, b in pairs]).mean()
+        out.update(kd_terms(weights, s_out, t_out, x0.shape[1],
+                            s_tap.outputs if want_attn else (),
+                            t_tap.outputs if want_attn else ()))
     out["loss"] = sum(w * out[k] for k, w in weights.items())
+    return out
+
+
+def diffusion_terms(terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DiT's loss terms (per sample) as batch means: ``mse``, ``vb`` (if any), ``diffusion``."""
+    out = {"mse": terms["mse"].mean()}
+    if "vb" in terms:
+        out["vb"] = terms["vb"].mean()
+    out["diffusion"] = terms["loss"].mean()
+    return out
+
+
+def kd_terms(weights: dict[str, float], s_out: torch.Tensor, t_out: torch.Tensor,
+             channels: int, s_attn=(), t_attn=()) -> dict[str, torch.Tensor]:
+    """The teacher terms of ``weights``: ε and variance channels (``channels`` each), the
+    whole output, and the mean over tapped layers of the attention outputs."""
+    c, out = channels, {}
+    if "kd_eps" in weights:
+        out["kd_eps"] = flat_mse(s_out[:, :c], t_out[:, :c]).mean()
+    if "kd_sigma" in weights:
+        if s_out.shape[1] != 2 * c or t_out.shape[1] != 2 * c:
+            raise ValueError("kd_sigma needs a learned-variance model (learn_sigma=True; "
+                             "flow-matching models have none: --weight kd_sigma=0)")
+        out["kd_sigma"] = flat_mse(s_out[:, c:], t_out[:, c:]).mean()
+    if "kd_out" in weights:
+        out["kd_out"] = flat_mse(s_out, t_out).mean()
+    if "kd_attn" in weights:
+        pairs = list(zip(s_attn, t_attn, strict=True))
+        out["kd_attn"] = torch.stack([flat_mse(a, b).mean() for a, b in pairs]).mean()
     return out

@@ -321,12 +321,16 @@ class Trainer:
         return atomic_save_model(exported, self.out / self.export_name, self.export_extra)
 
     # ----- set-up -------------------------------------------------------------------------
+    def trainable_names(self, model: nn.Module) -> set[str]:
+        """DiT's trainable set: the blocks' attention, or everything but the fixed pos_embed."""
+        named = [n for n, _ in model.named_parameters()]
+        if self.recipe.trainable == "attention":
+            return {n for n in named if ".attn." in n and n.startswith("blocks.")}
+        return {n for n in named if n != "pos_embed"}
+
     def _trainable(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         named = [(n, p) for n, p in model.named_parameters()]
-        if self.recipe.trainable == "attention":
-            chosen = {n for n, _ in named if ".attn." in n and n.startswith("blocks.")}
-        else:
-            chosen = {n for n, p in named if n != "pos_embed"}
+        chosen = self.trainable_names(model)
         for n, p in named:
             p.requires_grad_(n in chosen)
         params = [(n, p) for n, p in named if p.requires_grad]

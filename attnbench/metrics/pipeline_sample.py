@@ -30,7 +30,7 @@ import torch
 
 from .. import runfolder
 from ..data.prompts import read_prompts
-from .sample import INFO_FILE, NPZ_FILE, SHARD_DIR, _merge, chunk_seed, save_npz
+from .sample import INFO_FILE, NPZ_FILE, chunk_seed, gather_samples, save_npz
 
 PROMPTS_FILE = "prompts.jsonl"
 
@@ -129,15 +129,9 @@ def run_pipeline_sampling(model_path, out, *, student=None, prompts=None, num: i
                 "images": np.stack(images) if images else np.zeros((0,), np.uint8),
                 "labels": np.asarray([i % len(prompt_list) for i in mine_idx], dtype=np.int64),
                 "seconds": time.perf_counter() - started}
-        if info.enabled:
-            shard = out / SHARD_DIR / f"rank{info.rank:03d}.npz"
-            shard.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(shard, indices=mine["indices"], images=mine["images"],
-                     labels=mine["labels"])
-        dist.barrier(info)
+        all_images, labels = gather_samples(out, mine, info, num)
         summary: dict[str, Any] = {}
         if info.is_main:
-            all_images, labels = _merge(out, mine, info.world_size, num)
             npz = save_npz(out / NPZ_FILE, all_images, labels)
             lines = [json.dumps({"index": i, "prompt": prompt_list[i % len(prompt_list)],
                                  "seed": chunk_seed(seed, i)}) for i in range(num)]

@@ -271,15 +271,9 @@ def run_sampling(ckpt: str | Path | None, settings: SampleSettings, out: str | P
                         world_size=info.world_size, vae=vae,
                         progress=progress and info.is_main, on_chunk=write_pngs)
         out.mkdir(parents=True, exist_ok=True)
-        if info.enabled:
-            shard = out / SHARD_DIR / f"rank{info.rank:03d}.npz"
-            shard.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(shard, indices=mine["indices"], images=mine["images"],
-                     labels=mine["labels"])
-        dist.barrier(info)
+        images, labels = gather_samples(out, mine, info, settings.num)
         summary: dict[str, Any] = {}
         if info.is_main:
-            images, labels = _merge(out, mine, info.world_size, settings.num)
             npz = save_npz(out / NPZ_FILE, images, labels)
             summary = {
                 "samples": str(npz), "num": settings.num, "image_shape": list(images.shape[1:]),
@@ -297,6 +291,22 @@ def run_sampling(ckpt: str | Path | None, settings: SampleSettings, out: str | P
         return summary
     finally:
         dist.teardown(info)
+
+
+def gather_samples(out: Path, mine: dict[str, Any], info, num: int
+                   ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Every rank's samples (``indices``, ``images``, ``labels``) on rank 0 in index order,
+    through shard files in ``out``; ``(None, None)`` on the other ranks."""
+    from ..distill import dist
+
+    if info.enabled:
+        shard = out / SHARD_DIR / f"rank{info.rank:03d}.npz"
+        shard.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(shard, indices=mine["indices"], images=mine["images"], labels=mine["labels"])
+    dist.barrier(info)
+    if not info.is_main:
+        return None, None
+    return _merge(out, mine, info.world_size, num)
 
 
 def _merge(out: Path, mine: dict[str, Any], world_size: int, num: int
