@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,7 @@ import torch
 
 from .. import runfolder
 from ..data.prompts import read_prompts
-from .sample import INFO_FILE, NPZ_FILE, chunk_seed, gather_samples, save_npz
+from .sample import INFO_FILE, NPZ_FILE, chunk_seed, claim_out, gather_samples, save_npz
 
 PROMPTS_FILE = "prompts.jsonl"
 
@@ -86,13 +85,7 @@ def run_pipeline_sampling(model_path, out, *, student=None, prompts=None, num: i
     root, family, prompt_list, (height, width, frames), _ = check_sampling(
         model_path, student=student, prompts=prompts, num=num, height=height, width=width,
         frames=frames)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a directory")
-    runfolder.lock_folder(out, "sample")
-    if out.is_dir() and any(p.name not in runfolder.BOOKKEEPING for p in out.iterdir()) \
-            and not force:
-        raise ValueError(f"--out {out} is not empty: choose a new directory or pass --force")
+    out = claim_out(out, force)
     info = dist.setup(device)
     try:
         pipe, _ = load_pipeline(root, device=info.device)

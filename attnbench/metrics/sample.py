@@ -236,6 +236,18 @@ def save_npz(path: str | Path, images: np.ndarray, labels: np.ndarray | None = N
     return path
 
 
+def claim_out(out: str | Path, force: bool) -> Path:
+    """``--out`` locked for this sampling run: a directory, empty unless ``force``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    runfolder.lock_folder(out, "sample")
+    if out.is_dir() and any(p.name not in runfolder.BOOKKEEPING for p in out.iterdir()) \
+            and not force:
+        raise ValueError(f"--out {out} is not empty: choose a new directory or pass --force")
+    return out
+
+
 def run_sampling(ckpt: str | Path | None, settings: SampleSettings, out: str | Path, *,
                  device: str | None = None, vae_path: str | Path | None = None,
                  png: bool = True, force: bool = False, progress: bool = True,
@@ -245,13 +257,7 @@ def run_sampling(ckpt: str | Path | None, settings: SampleSettings, out: str | P
     from ..distill import dist
     from ..models import load_dit
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a directory")
-    runfolder.lock_folder(out, "sample")
-    if out.is_dir() and any(p.name not in runfolder.BOOKKEEPING for p in out.iterdir()) \
-            and not force:
-        raise ValueError(f"--out {out} is not empty: choose a new directory or pass --force")
+    out = claim_out(out, force)
     if ckpt is None:
         from ..distill.teacher import default_teacher_path
 
