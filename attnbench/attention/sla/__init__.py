@@ -1,11 +1,12 @@
 """SLA: Sparse-Linear Attention (Zhang et al., arXiv 2509.24006; code thu-ml/SLA).
 
 Tokens are cut into blocks of ``block_q`` queries and ``block_kv`` keys: 1-D
-runs in a locality-preserving order (``order.py``: 8×8 tiles of an image, 4×4×4
-cubes of a video, text tokens after them in blocks of their own;
-``order="row-major"`` keeps the given order, as the reference code does). Every
-path -- the block map, the selection, both branches, gather and Triton -- runs
-on the tokens in that order; the outputs go back to the layout's. Per query
+runs in the given (row-major) token order, as the official code does, or, with
+``order="attnbench-tiles"`` (attnbench's extension, ``order.py``), in a
+locality-preserving order: 8×8 tiles of an image, 4×4×4 cubes of a video, text
+tokens after them in blocks of their own. Every path -- the block map, the
+selection, both branches, gather and Triton -- runs on the tokens in that
+order; the outputs go back to the layout's. Per query
 block, the ``topk`` fraction of KV blocks with the highest pooled score are
 *critical* and get exact softmax attention restricted to them (``O_s``); the
 other, *marginal*, blocks are summarised by linear attention (``O_l``)::
@@ -79,7 +80,7 @@ from .blocks import (
 from .constants import BLOCK_KV, BLOCK_Q, CORRECTION, CORRECTIONS, EPS, TOPK
 from .core import SLACore
 from .gather import gather_chunk_blocks, sla_gather_parts
-from .order import ORDERS, describe_order, token_order
+from .order import ALIASES, ORDERS, ROW_MAJOR, describe_order, token_order
 from .reference import sla_reference_parts
 
 #: the kernel module (imports triton; loaded lazily by the path)
@@ -110,7 +111,7 @@ def sla_parts(
     feature_map: str,
     linear_over: str,
     eps: float,
-    order: str = "row-major",
+    order: str = ROW_MAJOR,
     grid=None,
     layout: Layout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,11 +226,14 @@ class SLA(AttentionBackend):
                "SLA; the paper and the SLA-1 branch's kernel take the marginal blocks"),
         Option("eps", EPS, "added to the linear branch's normaliser", float, check=positive,
                source=OFFICIAL + " (1e-5)"),
-        Option("order", "tiles",
-               "token order of the blocks: 8×8 tiles / 4×4×4 cubes, text after (tiles), or "
-               "the order given (row-major, as the official code)", str, choices=ORDERS,
-               source="attnbench's choice: a block is a compact patch of the grid, not a "
-               "strip of a row; the official code blocks the given order (row-major)"),
+        Option("order", ROW_MAJOR,
+               "token order of the blocks: the order given (row-major, as the official "
+               "code), or attnbench's 8×8 tiles / 4×4×4 cubes with the text after them "
+               "(attnbench-tiles; 'tiles' before it was an option, the default until then)",
+               str, choices=ORDERS, aliases=ALIASES,
+               source=OFFICIAL + " and utils.py (blocks of the given order; TurboDiffusion "
+               "feeds Wan's frames × H × W); attnbench-tiles is attnbench's extension: a "
+               "block is a compact patch of the grid, not a strip of a row"),
     )
     layout_kinds = KINDS
     core_class = SLACore
@@ -295,8 +299,8 @@ class SLA(AttentionBackend):
             layout, opts = self.geometry(layout, grid, opts, tokens=k.shape[2])
             perm = token_order(layout, opts["order"], min(opts["block_q"], opts["block_kv"]),
                                q.device)
+            q, k = layout.to_text_first(q), layout.to_text_first(k)  # as attend runs them
             if perm is not None:
-                q, k = layout.to_text_first(q), layout.to_text_first(k)
                 q, k = q.index_select(2, perm[0]), k.index_select(2, perm[0])
         return block_map(q, k, opts["block_q"], opts["block_kv"], opts["topk"])
 
@@ -326,7 +330,7 @@ class SLA(AttentionBackend):
         base = super().workspace_model(batch, heads, tokens, head_dim, layout,
                                        element_size=element_size, impl=impl, **opts)
         block = min(opts["block_q"], opts["block_kv"])
-        ordered = opts["order"] != "row-major" and token_order(layout, opts["order"], block,
+        ordered = opts["order"] != ROW_MAJOR and token_order(layout, opts["order"], block,
                                                                 "cpu") is not None
         return base + (5.0 * batch * heads * tokens * head_dim * element_size if ordered else 0)
 
