@@ -57,10 +57,23 @@ def _naive_block_logits(q, k, block_q, block_kv):
 
 @pytest.mark.parametrize(
     "kv_blocks, topk, expected",
-    [(4, 0.05, 1), (1, 0.05, 1), (10, 0.3, 3), (100, 0.29, 29), (20, 0.999, 19), (20, 1.0, 20)],
+    # 0.29 of 100: the official int(0.29·100) = 28 (the float product is 28.999...)
+    [(4, 0.05, 1), (1, 0.05, 1), (10, 0.3, 3), (100, 0.29, 28), (20, 0.999, 19), (20, 1.0, 20)],
 )
 def test_selected_count_rounds_down_but_keeps_one(kv_blocks, topk, expected):
     assert sla_module.selected_count(kv_blocks, topk) == expected
+
+
+def test_kept_blocks_are_the_official_count_except_zero():
+    """thu-ml/SLA utils.py get_block_map: topk = min(K, int(topk_ratio * K)), restated;
+    attnbench keeps 1 where it gives 0, and the row's effective options say so."""
+    for kv_blocks in (1, 3, 7, 10, 33, 64, 100, 257):
+        for topk in [i / 100 for i in range(1, 101)]:
+            official = min(kv_blocks, int(topk * kv_blocks))
+            assert sla_module.selected_count(kv_blocks, topk) == max(1, official)
+    eff = SLA.effective_options((10, 10), topk=0.1, block_q=16, block_kv=16)  # 7 blocks
+    assert eff["kept_blocks"] == 1 and eff["official_kept_blocks"] == 0
+    assert "official_kept_blocks" not in SLA.effective_options((10, 10), topk=0.5)
 
 
 @pytest.mark.parametrize("block_q, block_kv, topk", [(8, 8, 0.3), (16, 7, 0.5), (5, 1, 0.29)])
@@ -567,3 +580,12 @@ def test_sla_labels_count_text_tokens_and_say_the_blocks():
     plain = SLA.memory(1, 2, 320, 8, layout, order="row-major").workspace
     assert SLA.memory(1, 2, 320, 8, layout, order="attnbench-tiles").workspace == \
         plain + 5 * 2 * 320 * 8 * 2
+
+
+def test_list_states_where_sla_differs_from_the_official_code():
+    notes = " ".join(SLA.describe()["notes"])
+    for fact in ("int(topk·K)", "at least 1", "SLA-1", "bf16", "row-major"):
+        assert fact in notes, fact
+    options = {o["name"]: o for o in SLA.describe()["options"]}
+    assert "int(topk·K)" in options["topk"]["help"]
+    assert "adds none" in options["eps"]["source"]

@@ -24,7 +24,9 @@ Checked against the official code (thu-ml/SLA, ``sparse_linear_attention/core.py
 and ``utils.py``): kept blocks per query block ``min(K, int(topk·K))`` (here at
 least 1: 0 would leave a softmax over nothing), block sizes 64, eps 1e-5, φ =
 softmax by default; the official code returns ``real_topk / K``, the effective
-fraction, beside the output (here :meth:`SLA.effective_options`).
+fraction, beside the output (here :meth:`SLA.effective_options`). Where attnbench
+differs -- at least one block, eps also in the marginal mode, no bf16 cast of
+the inputs -- :attr:`SLA.notes` says so (``attnbench list``).
 
 Files: ``blocks.py`` the selection, ``reference.py`` the naive parts,
 ``gather.py`` and ``triton.py`` (the Triton kernel) the fast paths,
@@ -74,6 +76,7 @@ from .blocks import (
     indices_to_map,
     mean_pool,
     num_blocks,
+    official_count,
     selected_count,
     selection_bytes,
 )
@@ -209,7 +212,8 @@ class SLA(AttentionBackend):
     paper = "Zhang et al., SLA, arXiv 2509.24006"
     options = (
         Option("topk", TOPK,
-               "fraction of KV blocks each query block attends exactly (floor, at least 1)",
+               "fraction of KV blocks each query block attends exactly: int(topk·K) as "
+               "the official code, at least 1",
                float, check=unit_fraction, source="SLA paper: 5% critical blocks (95% sparsity)"),
         Option("block_q", BLOCK_Q, "query block size (tokens)", int, check=positive,
                source=OFFICIAL + " (BLKQ=64)"),
@@ -224,8 +228,10 @@ class SLA(AttentionBackend):
                str, choices=("marginal", "all"),
                source=OFFICIAL + " on main (calc_linear over every k) and TurboDiffusion's "
                "SLA; the paper and the SLA-1 branch's kernel take the marginal blocks"),
-        Option("eps", EPS, "added to the linear branch's normaliser", float, check=positive,
-               source=OFFICIAL + " (1e-5)"),
+        Option("eps", EPS, "added to the linear branch's normaliser (in both linear_over "
+               "modes)", float, check=positive,
+               source=OFFICIAL + " on main (1e-5 + φ(q)·Σφ(k)); the SLA-1 branch's marginal "
+               "kernel adds none"),
         Option("order", ROW_MAJOR,
                "token order of the blocks: the order given (row-major, as the official "
                "code), or attnbench's 8×8 tiles / 4×4×4 cubes with the text after them "
@@ -234,6 +240,19 @@ class SLA(AttentionBackend):
                source=OFFICIAL + " and utils.py (blocks of the given order; TurboDiffusion "
                "feeds Wan's frames × H × W); attnbench-tiles is attnbench's extension: a "
                "block is a compact patch of the grid, not a strip of a row"),
+    )
+    notes = (
+        "kept blocks: min(K, int(topk·K)) as thu-ml/SLA utils.py get_block_map, but at "
+        "least 1 where that is 0 (a softmax over no block is undefined); a row's effective "
+        "options then carry official_kept_blocks=0",
+        "eps 1e-5 is added to the linear normaliser with linear_over=marginal too; the "
+        "official marginal kernel (SLA-1 branch, kernel.py) adds none -- with the softmax "
+        "feature map φ(q)·Σφ(k) > 0, so the two differ by eps/(φ(q)·Σφ(k)) relative",
+        "precision: the official module casts q, k, v to bf16 for both branches (use_bf16="
+        "True) and runs proj_l under bf16 autocast; attnbench computes in the input dtype, "
+        "accumulating half inputs in float32 (pass bf16 inputs for the official precision)",
+        "token order: row-major as the official code (order=attnbench-tiles is attnbench's "
+        "extension); text that follows the grid is moved before it first",
     )
     layout_kinds = KINDS
     core_class = SLACore
@@ -396,8 +415,11 @@ class SLA(AttentionBackend):
 
     def rounded_options(self, layout, *, topk, block_q, block_kv, order, **_opts):
         nq, nk, kk = self._kept(layout.tokens, block_q, block_kv, topk)
-        return {"q_blocks": nq, "kv_blocks": nk, "kept_blocks": kk, "effective_topk": kk / nk,
-                "blocks": describe_order(layout, order, min(block_q, block_kv))}
+        rounded = {"q_blocks": nq, "kv_blocks": nk, "kept_blocks": kk, "effective_topk": kk / nk,
+                   "blocks": describe_order(layout, order, min(block_q, block_kv))}
+        if official_count(nk, topk) != kk:  # the official rule keeps none: one is kept
+            rounded["official_kept_blocks"] = official_count(nk, topk)
+        return rounded
 
     def rounding_checks(self, layout, *, topk, block_q, block_kv, **_opts):
         _, nk, kk = self._kept(layout.tokens, block_q, block_kv, topk)
