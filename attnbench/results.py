@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -259,9 +260,12 @@ class ResultsWriter:
     def _kept(self) -> str:
         return f"{len(self.rows)} rows kept in {self.jsonl.name}"
 
-    def done(self) -> set[tuple]:
-        """Keys of points already measured to a final status (skipped on resume)."""
-        return {r.key() for r in self.rows if r.status in FINAL_STATUSES}
+    def done(self, stated: Callable[[Result], Result] | None = None) -> set[tuple]:
+        """Keys of points already measured to a final status (skipped on resume), of each
+        row as ``stated`` says it (a row measured under an older default keeps its
+        options: bench/sweep.py)."""
+        rows = map(stated, self.rows) if stated else self.rows
+        return {r.key() for r in rows if r.status in FINAL_STATUSES}
 
     def append(self, result: Result) -> None:
         """Persist one row at once (JSONL is the source of truth; CSV mirrors it)."""

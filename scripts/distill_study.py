@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-samples", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: each recipe's, with its optimiser)")
     p.add_argument("--gen-samples", type=int, default=1024)
     p.add_argument("--quality-num", type=int, default=512)
     p.add_argument("--quality-steps", type=int, default=50)

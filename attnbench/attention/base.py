@@ -75,11 +75,15 @@ class Option:
     #: where the default comes from (the official code's file, the paper's setting, or
     #: "attnbench's choice" with the reason); ``attnbench list`` shows it
     source: str = ""
+    #: earlier spellings of a choice, accepted as the choice they became
+    aliases: dict[str, Any] = field(default_factory=dict)
 
     def coerce(self, value: Any) -> Any:
         """Convert ``value`` (possibly a CLI string) to the option's type."""
         if value is None:
             return None
+        if isinstance(value, str) and value in self.aliases:
+            return self.aliases[value]
         if self.type is bool and isinstance(value, str):
             lowered = value.strip().lower()
             if lowered in {"1", "true", "yes", "on"}:
@@ -891,6 +895,18 @@ class AttentionBackend:
         them (SLA's kept blocks, CLEAR's integer distance limits and pooled tokens)."""
         layout, opts = self._label_args(geometry, options)
         return {**opts, **self.rounded_options(layout, **opts)}
+
+    def stated_options(self, options: Mapping[str, Any],
+                       effective: Mapping[str, Any]) -> dict[str, Any]:
+        """The options a result row ran with, said in today's terms: the requested ones
+        plus each option its ``effective`` record holds at a value other than today's
+        default. A row measured before a default changed (SLA's ``order`` was "tiles",
+        its ``linear_over`` "marginal") keeps saying what it ran instead of taking the
+        new default's label; a row at today's defaults is unchanged."""
+        defaults = {o.name: o.default for o in self.options}
+        kept = {k: v for k, v in effective.items()
+                if k in defaults and k not in options and v != defaults[k]}
+        return {**options, **kept}
 
     def rounded_options(self, layout: Layout, **options: Any) -> dict[str, Any]:
         """What the method's rounding makes of ``options`` at this layout (``{}``: none)."""

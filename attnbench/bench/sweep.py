@@ -17,6 +17,7 @@ would not fit in memory is still skipped).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -226,6 +227,21 @@ def point_density(spec: MethodSpec, point: Point | DiffusersPoint) -> float:
         return math.nan
 
 
+def stated_options(method: str, options: str, effective: str) -> str:
+    """A row's options JSON as :meth:`AttentionBackend.stated_options` says them: a row
+    measured before a default changed keeps saying what it ran (its label, and its key
+    when a run is resumed). The row's own text where the method or a record is unknown."""
+    try:
+        backend = attention.get(method)
+        given, ran = json.loads(options or "{}"), json.loads(effective or "{}")
+    except (ValueError, KeyError, TypeError):
+        return options
+    if not isinstance(given, dict) or not isinstance(ran, dict):
+        return options
+    stated = backend.stated_options(given, ran)
+    return canonical_options(stated) if stated != given else options
+
+
 def label_row(row: Result, spec: MethodSpec, point: Point | DiffusersPoint) -> None:
     """Fill what ran into ``row``: ``density``, ``effective`` (the options after rounding,
     when they differ from the request) and ``extra["warning"]`` (a request rounded more
@@ -400,11 +416,16 @@ def baseline_last(points: list[tuple[Size, str, MethodSpec]]) -> list[tuple[Size
     return sorted(points, key=lambda p: (first[p[0], p[1]], p[2].name == BASELINE_METHOD))
 
 
+def _stated_row(row: Result) -> Result:
+    options = stated_options(row.method, row.options, row.effective)
+    return row if options == row.options else dataclasses.replace(row, options=options)
+
+
 def run_sweep(plan: SweepPlan, writer: ResultsWriter, *, progress: bool = True) -> list[Result]:
     """Run every point of ``plan`` not already in ``writer``'s directory; return all rows."""
     from tqdm import tqdm
 
-    done = writer.done()
+    done = writer.done(_stated_row)
     todo = []
     for res, level, spec in baseline_last(plan.points()):
         if _base_row(plan, res, level, spec).key() not in done:

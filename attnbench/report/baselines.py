@@ -73,7 +73,8 @@ def published_speedups(baselines: pd.DataFrame, level: str) -> pd.DataFrame:
 def describe(row: pd.Series) -> str:
     """``CLEAR, Liu et al., arXiv 2412.16112, efficiency comparison (2nd-hand)``."""
     where = f", {row['table_or_section']}" if row["table_or_section"] else ""
-    hand = " — 2nd-hand, to be confirmed" if row["provenance"] == "2nd-hand" else ""
+    hand = {"2nd-hand": " — 2nd-hand, to be confirmed",
+            "project page": " — also on the authors' project page"}.get(row["provenance"], "")
     return f"{row['source']}{where}{hand}"
 
 

@@ -127,6 +127,16 @@ def method_order() -> list[str]:
         return [BASELINE_METHOD, "flash", "xformers", "lit", "clear", "sla"]
 
 
+def _stated(method: str, options: str, effective: str) -> str:
+    """bench/sweep.py's stated_options (the options as the row ran them); the row's own
+    text where attnbench's methods cannot be loaded."""
+    try:
+        from ..bench.sweep import stated_options
+    except Exception:  # a broken environment must not stop a report
+        return options
+    return stated_options(method, options, effective)
+
+
 NUMERIC = ["resolution", "height", "tokens", "batch", "heads", "head_dim", "density",
            "latency_median_s", "latency_p20_s", "latency_p80_s", "repetitions",
            "peak_memory_bytes", "flops_actual", "flops_dense", "flops_counted",
@@ -158,6 +168,9 @@ def enrich(frame: pd.DataFrame) -> pd.DataFrame:
                 "method"):
         if col in frame:
             frame[col] = frame[col].fillna("").astype(str)
+    # a row measured before a default changed says the options it ran (stated_options)
+    frame["options"] = [_stated(m, o, e) for m, o, e in zip(
+        frame["method"], frame["options"], frame["effective"], strict=True)]
     frame["label"] = [label(m, o) for m, o in zip(frame["method"], frame["options"], strict=True)]
     frame["label_ran"] = [effective_label(m, o, e, d) for m, o, e, d in zip(
         frame["method"], frame["options"], frame["effective"], frame["density"], strict=True)]

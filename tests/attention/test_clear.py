@@ -587,3 +587,31 @@ def test_flex_on_layouts_matches_the_reference(layout, gen):
     expected = CLEAR.attend(q, k, v, layout=layout, impl="reference", **opts)
     out = CLEAR.attend(q.float(), k.float(), v.float(), layout=layout, impl="flex", **opts)
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
+
+
+# --------------------------------------------------------------------------- high resolution
+
+
+def test_high_resolution_options_are_off_by_default_and_stated():
+    opts = CLEAR.resolve(mixer=True)
+    assert opts["proportional_attention"] is False and opts["ntk_factor"] == 1.0
+    assert "SDEdit" in " ".join(CLEAR.describe()["notes"])
+    with pytest.raises(ValueError, match="ntk_factor.*DiT has none"):
+        CLEAR.mixer(32, 2, ntk_factor=10)
+
+
+@pytest.mark.parametrize("down_factor", [1, 2])
+def test_proportional_attention_is_the_official_scale(down_factor, gen):
+    """Huage001/CLEAR attention_processor.py, restated: scale = √(log_L(n) / d) with
+    L = 64² + 512 and n the key count (10·n in the pooled processor)."""
+    layout = attention.Layout((6, 6), text=4)
+    d, n = 8, 40
+    q, k, v = (torch.randn(1, 2, n, d, generator=gen, dtype=torch.float64) for _ in range(3))
+    core = CLEAR.core(2, d, radius=2.0, down_factor=down_factor, proportional_attention=True,
+                      impl="reference").double()
+    plain = CLEAR.core(2, d, radius=2.0, down_factor=down_factor, impl="reference").double()
+    keys = 10 * n if down_factor > 1 else n
+    official = math.sqrt(math.log(keys, 64**2 + 512) / d)
+    expected = plain(q * official * math.sqrt(d), k, v, layout=layout)
+    torch.testing.assert_close(core(q, k, v, layout=layout), expected, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(core(q, k, v, layout=layout), plain(q, k, v, layout=layout))

@@ -189,7 +189,8 @@ def test_sla_with_every_block_selected_is_softmax(gen):
     runnable = [p for p, why in sla.path_reasons("cpu", q.dtype, q.shape).items() if why is None]
     assert {"reference", "gather"} <= set(runnable)
     for impl in runnable:
-        out = sla.attend(q, k, v, grid=(10, 20), topk=1.0, impl=impl)
+        # the paper's marginal linear branch (the default, "all", adds a linear term)
+        out = sla.attend(q, k, v, grid=(10, 20), topk=1.0, impl=impl, linear_over="marginal")
         torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
 
 

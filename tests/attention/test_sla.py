@@ -57,10 +57,23 @@ def _naive_block_logits(q, k, block_q, block_kv):
 
 @pytest.mark.parametrize(
     "kv_blocks, topk, expected",
-    [(4, 0.05, 1), (1, 0.05, 1), (10, 0.3, 3), (100, 0.29, 29), (20, 0.999, 19), (20, 1.0, 20)],
+    # 0.29 of 100: the official int(0.29·100) = 28 (the float product is 28.999...)
+    [(4, 0.05, 1), (1, 0.05, 1), (10, 0.3, 3), (100, 0.29, 28), (20, 0.999, 19), (20, 1.0, 20)],
 )
 def test_selected_count_rounds_down_but_keeps_one(kv_blocks, topk, expected):
     assert sla_module.selected_count(kv_blocks, topk) == expected
+
+
+def test_kept_blocks_are_the_official_count_except_zero():
+    """thu-ml/SLA utils.py get_block_map: topk = min(K, int(topk_ratio * K)), restated;
+    attnbench keeps 1 where it gives 0, and the row's effective options say so."""
+    for kv_blocks in (1, 3, 7, 10, 33, 64, 100, 257):
+        for topk in [i / 100 for i in range(1, 101)]:
+            official = min(kv_blocks, int(topk * kv_blocks))
+            assert sla_module.selected_count(kv_blocks, topk) == max(1, official)
+    eff = SLA.effective_options((10, 10), topk=0.1, block_q=16, block_kv=16)  # 7 blocks
+    assert eff["kept_blocks"] == 1 and eff["official_kept_blocks"] == 0
+    assert "official_kept_blocks" not in SLA.effective_options((10, 10), topk=0.5)
 
 
 @pytest.mark.parametrize("block_q, block_kv, topk", [(8, 8, 0.3), (16, 7, 0.5), (5, 1, 0.29)])
@@ -284,7 +297,7 @@ def test_gather_never_forms_the_n_by_n_matrix(gen):
 def test_memory_model_follows_the_path_that_runs():
     """DiT-XL/2 at 8192 px in bf16: the Triton kernel keeps per-block states and the
     selection for its "gemm" correction, never the gather path's padded copies."""
-    args = dict(grid=(512, 512), element_size=2, topk=0.05)
+    args = dict(grid=(512, 512), element_size=2, topk=0.05, linear_over="marginal")
     n = 512 * 512
     triton = SLA.memory(1, 16, n, 72, impl="triton", **args)
     gather = SLA.memory(1, 16, n, 72, impl="gather", **args)
@@ -421,7 +434,7 @@ def test_describe_and_paths():
         "feature_map": "softmax",
         "linear_over": "all",  # the official main branch (was "marginal", the paper's)
         "eps": 1e-5,
-        "order": "tiles",
+        "order": "row-major",  # the official order (was attnbench's tiles)
     }
 
 
@@ -481,7 +494,7 @@ def test_token_order_is_tiles_or_cubes_then_text(layout, block, tile):
     from attnbench.attention.sla import order
 
     assert order.patch_shape(layout, block) == tile
-    got = order.token_order(layout, "tiles", block, "cpu")
+    got = order.token_order(layout, "attnbench-tiles", block, "cpu")
     expected = _naive_order(layout, tile)
     perm = torch.arange(layout.tokens) if got is None else got[0]
     assert torch.equal(perm, expected)
@@ -494,7 +507,7 @@ def test_a_block_of_the_order_is_an_8x8_tile_and_text_has_its_own_blocks():
     from attnbench.attention.sla import order
 
     layout = Layout((16, 16), text=64)  # text first in the layout, last in SLA's order
-    perm, _ = order.token_order(layout, "tiles", 64, "cpu")
+    perm, _ = order.token_order(layout, "attnbench-tiles", 64, "cpu")
     first = perm[:64] - 64
     assert set((first // 16).tolist()) == set(range(8)) and set((first % 16).tolist()) == set(
         range(8))
@@ -506,7 +519,7 @@ LAYOUTS = [Layout((6, 9), text=10), Layout((6, 9), text=10, text_first=False),
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: lay.describe().replace(" ", ""))
-@pytest.mark.parametrize("order", ["tiles", "row-major"])
+@pytest.mark.parametrize("order", ["attnbench-tiles", "row-major"])
 def test_every_block_selected_is_softmax_on_every_layout(layout, order, gen):
     q, k, v = qkv(gen, 2, 2, layout.tokens, 8)
     expected = attention.get("softmax").attend(q, k, v, layout=layout, impl="reference")
@@ -521,13 +534,13 @@ def test_tiles_are_row_major_sla_on_the_reordered_tokens(layout, gen):
     """Built independently: move the text first, permute by the naive order, run SLA in
     the given order, permute back, move the text back."""
     q, k, v = qkv(gen, 1, 2, layout.tokens, 8)
-    opts = {"topk": 0.4, "block_q": 16, "block_kv": 16}
+    opts = {"topk": 0.4, "block_q": 16, "block_kv": 16, "order": "attnbench-tiles"}
     perm = _naive_order(layout.text_first_form, (1, 4, 4) if not layout.is_video else
                         order_patch(layout))
     text_first = [layout.to_text_first(t) for t in (q, k, v)]
     qp, kp, vp = (t[:, :, perm] for t in text_first)
-    plain = SLA.attend(qp, kp, vp, grid=(layout.tokens, 1), order="row-major", impl="reference",
-                       **opts)
+    plain = SLA.attend(qp, kp, vp, grid=(layout.tokens, 1), impl="reference",
+                       **{**opts, "order": "row-major"})
     back = torch.empty_like(plain)
     back[:, :, perm] = plain
     expected = layout.from_text_first(back)
@@ -536,6 +549,19 @@ def test_tiles_are_row_major_sla_on_the_reordered_tokens(layout, gen):
         torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-10)
     bmap = SLA.block_map(q, k, layout=layout, **opts)
     assert torch.equal(bmap, sla_module.block_map(qp, kp, 16, 16, 0.4))
+    # the default is the official order: the tokens as given
+    assert torch.equal(SLA.block_map(q, k, layout=layout, topk=0.4, block_q=16, block_kv=16),
+                       sla_module.block_map(*(layout.to_text_first(t) for t in (q, k)),
+                                            16, 16, 0.4))
+
+
+def test_order_default_is_official_and_tiles_say_they_are_attnbenchs():
+    eff = SLA.effective_options((16, 16))
+    assert eff["order"] == "row-major" and eff["blocks"] == "row-major"
+    tiles = SLA.effective_options((16, 16), order="tiles")  # the earlier name still works
+    assert tiles["order"] == "attnbench-tiles" and tiles["blocks"] == "attnbench tiles 8x8"
+    option = next(o for o in SLA.options if o.name == "order")
+    assert "thu-ml/SLA" in option.source and "attnbench's extension" in option.source
 
 
 def order_patch(layout):
@@ -546,9 +572,20 @@ def order_patch(layout):
 
 def test_sla_labels_count_text_tokens_and_say_the_blocks():
     layout = Layout((4, 8, 8), text=64)
-    eff = SLA.effective_options(layout, topk=0.25)
-    assert eff["kv_blocks"] == 5 and eff["kept_blocks"] == 1 and eff["blocks"] == "cubes 4x4x4"
+    eff = SLA.effective_options(layout, topk=0.25, order="attnbench-tiles")
+    assert eff["kv_blocks"] == 5 and eff["kept_blocks"] == 1
+    assert eff["blocks"] == "attnbench cubes 4x4x4"
     assert SLA.density(layout, topk=0.4) == pytest.approx(2 / 5)
     assert SLA.flops(1, 2, 320, 8, layout).dense == 4 * 2 * 320 * 320 * 8
     plain = SLA.memory(1, 2, 320, 8, layout, order="row-major").workspace
-    assert SLA.memory(1, 2, 320, 8, layout).workspace == plain + 5 * 2 * 320 * 8 * 2
+    assert SLA.memory(1, 2, 320, 8, layout, order="attnbench-tiles").workspace == \
+        plain + 5 * 2 * 320 * 8 * 2
+
+
+def test_list_states_where_sla_differs_from_the_official_code():
+    notes = " ".join(SLA.describe()["notes"])
+    for fact in ("int(topk·K)", "at least 1", "SLA-1", "bf16", "row-major"):
+        assert fact in notes, fact
+    options = {o["name"]: o for o in SLA.describe()["options"]}
+    assert "int(topk·K)" in options["topk"]["help"]
+    assert "adds none" in options["eps"]["source"]

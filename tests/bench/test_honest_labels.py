@@ -65,3 +65,35 @@ def test_sweep_to_report_shows_requested_and_effective(tmp_path, capsys):
     assert "warning: sla:topk=0.05 keeps 1 of 4 blocks (25%)" in md
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert {r["method"]: r["density"] for r in rows} == {"softmax": 1.0, "sla": 0.25, "lit": 0.0}
+
+
+def _old_sla_row(tmp_path):
+    """An `sla` row measured when the defaults were attnbench's tiles and the marginal
+    linear branch: its options say nothing, its effective record says what ran."""
+    row = _row("sla")
+    effective = {**json.loads(row.effective), "order": "tiles", "linear_over": "marginal",
+                 "blocks": "tiles 8x8"}
+    row.effective = json.dumps(effective, sort_keys=True)
+    return row
+
+
+def test_rows_measured_before_a_default_changed_keep_saying_what_ran(tmp_path):
+    import pandas as pd
+
+    from attnbench.report.tables import enrich
+    from attnbench.results import ResultsWriter
+
+    old, new = _old_sla_row(tmp_path), _row("sla")
+    assert old.options == new.options == "{}"
+    frame = enrich(pd.DataFrame([old.as_row(), new.as_row()]))
+    assert list(frame["label"]) == ["sla:linear_over=marginal:order=tiles", "sla"]
+    # resuming a run folder: the old row is not today's `sla`, so `sla` is measured again
+    writer = ResultsWriter(tmp_path / "run", {})
+    writer.append(old)
+    spec = sweep.parse_methods("sla")[0]
+    plan = sweep.SweepPlan(config=TINY, methods=[spec], resolutions=[256],
+                           levels=["attention"], budget_s=30.0, rep_budget_s=0.01)
+    key = sweep._base_row(plan, 256, "attention", spec).key()
+    assert key in writer.done() and key not in writer.done(sweep._stated_row)
+    writer.append(new)
+    assert key in writer.done(sweep._stated_row)

@@ -293,3 +293,25 @@ def test_lit_gets_few_heads_where_no_part_is_per_head(gen):
         assert after == before
         assert all("per head" in why for why in handle.heads.values())
         assert run(model, inputs).isfinite().all()
+
+
+def test_clear_ntk_factor_scales_fluxs_rope_base_until_restore(gen):
+    """CLEAR's transformer_flux.py: get_1d_rotary_pos_embed(..., ntk_factor) multiplies
+    θ. With a radius covering the grid, CLEAR+ntk equals CLEAR on a model whose θ was
+    multiplied by hand; restore() puts θ back; models without RoPE refuse it."""
+    model, _, inputs = tiny("flux-tiny", gen)
+    theta = model.pos_embed.theta
+    handle = swap_attention(model, "clear", radius=100.0, ntk_factor=10.0)
+    assert model.pos_embed.theta == theta * 10
+    scaled = run(model, inputs)
+    handle.restore()
+    assert model.pos_embed.theta == theta
+    plain = swap_attention(model, "clear", radius=100.0)
+    unscaled = run(model, inputs)
+    model.pos_embed.theta = theta * 10
+    torch.testing.assert_close(run(model, inputs), scaled, rtol=0, atol=1e-6)
+    plain.restore()
+    assert not torch.allclose(scaled, unscaled)
+    model, _, _ = tiny("pixart-tiny", gen)
+    with pytest.raises(ValueError, match="ntk_factor=10 scales a RoPE base"):
+        swap_attention(model, "clear", ntk_factor=10)

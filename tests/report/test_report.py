@@ -92,11 +92,29 @@ def test_baselines_file_has_provenance_for_every_number():
 
     table = load_baselines()
     assert list(table.columns) == COLUMNS and len(table) >= 40
-    assert set(table["provenance"]) == {"paper", "2nd-hand"}
+    assert set(table["provenance"]) == {"paper", "project page", "2nd-hand"}
     assert table["value"].notna().all() and (table["source"].str.contains("arXiv")).all()
     clear = table[(table["method"] == "clear") & (table["resolution"] == 8192)
                   & (table["metric"] == "speedup")]
     assert clear["value"].tolist() == [6.3]
+
+
+def test_baselines_rows_say_what_their_sources_say():
+    """Issue 22: no LiT GenEval at 512 px (no source found); the ~9x figure names no
+    model; LiT's headline FIDs are on its project page; CLEAR's 8K rows say which
+    high-resolution settings the source does (not) name."""
+    from attnbench.report.baselines import load_baselines
+
+    table = load_baselines()
+    lit = table[table["method"] == "lit"]
+    assert lit[(lit["metric"] == "geneval") & (lit["resolution"] == 512)].empty
+    nine = lit[lit["metric"] == "speedup"].iloc[0]
+    assert "DiT-S/2" not in nine["model"] and "names no model" in nine["note"]
+    headline = lit[(lit["metric"] == "fid") & lit["value"].isin([2.32, 3.69])]
+    assert set(headline["provenance"]) == {"project page"}
+    clear_8k = table[(table["method"] == "clear") & (table["resolution"] == 8192)]
+    assert len(clear_8k) >= 3 and clear_8k["note"].str.contains("SDEdit").all()
+    assert clear_8k["note"].str.contains("down_factor").all()
 
 
 def test_quality_rows_are_detected_and_plotted(full_run, full_report):

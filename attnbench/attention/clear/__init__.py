@@ -101,6 +101,7 @@ from .window import (
 )
 
 SOURCE = "Huage001/CLEAR distill.py (training default)"
+HIGHRES = "Huage001/CLEAR attention_processor.py (train_seq_len = 64 ** 2 + 512)"
 
 
 def clear_mask_caches() -> None:
@@ -154,6 +155,37 @@ class Clear(AttentionBackend):
             check=non_negative,
             source=SOURCE + ": --down_factor 1",
         ),
+        Option(
+            "proportional_attention",
+            False,
+            "high resolution: scale the logits by √(log_L n / d) (n keys, L = 64²+512 "
+            "FLUX's training length; 10·n with pooled keys, as the official code) "
+            "instead of √(1/d)",
+            bool,
+            mixer_only=True,
+            source=HIGHRES + ": off by default (proportional_attention=False in every "
+            "processor); the 2048×4096 example turns it on",
+        ),
+        Option(
+            "ntk_factor",
+            1.0,
+            "high resolution on FLUX: multiply the RoPE base θ by this (NTK scaling); 1 = "
+            "off; models without RoPE (attnbench's DiT) refuse other values",
+            float,
+            check=_finite_positive,
+            mixer_only=True,
+            source="Huage001/CLEAR transformer_flux.py (FluxPosEmbed ntk_factor=1 by "
+            "default); the 2048×4096 example in inference_t2i_highres.ipynb uses 10",
+        ),
+    )
+    notes = (
+        "high resolution: the official 2048×4096 example (inference_t2i_highres.ipynb) "
+        "runs FLUX's img2img pipeline (SDEdit, strength 0.7) from a 512×1024 image with "
+        "ntk_factor=10 and proportional_attention=True; attnbench offers both options "
+        "(off by default, as the official processors) but not that pipeline",
+        "kd_attn layers on FLUX follow the official rule (single-stream layers at a "
+        "position ≡ 0 mod 4 of all 57: single blocks 1, 5, ..., 37); attnbench's DiT, "
+        "single-stream only, taps blocks 0, 4, 8, ...",
     )
     core_class = ClearCore
     fast_paths = (FLEX, MASKED_SDPA)
@@ -202,6 +234,15 @@ class Clear(AttentionBackend):
             attn_every=1,
         ),
     )
+
+    def mixer(self, dim: int, num_heads: int, **options: Any):
+        """The DiT mixer; ``ntk_factor`` is refused there: it scales a RoPE base, and
+        attnbench's DiT has absolute position embeddings (FLUX in diffusers takes it)."""
+        if float(options.get("ntk_factor", 1.0)) != 1.0:
+            raise ValueError("clear: option 'ntk_factor' scales the RoPE base of a model "
+                             "with rotary embeddings (FLUX); attnbench's DiT has none: "
+                             "drop it or use swap_attention on FLUX")
+        return super().mixer(dim, num_heads, **options)
 
     def fold_layout(self, layout: Layout, options: dict[str, Any]):
         """``global_tokens`` G > 0 (deprecated) is a text prefix: ``Layout(grid, text=G)``."""

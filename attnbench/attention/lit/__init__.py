@@ -1,17 +1,19 @@
 """LiT: linear attention with a depth-wise conv on V (Wang et al., arXiv 2501.12976).
 
 ``O_i = φ(q_i) S̄ / (φ(q_i) z̄ + eps)``, ``S̄ = mean_j φ(k_j)ᵀ v_j`` (d×d),
-``z̄ = mean_j φ(k_j)``, ``φ(x) = relu(x) + 1e-6`` (the official code's feature
-map and eps placement; ``naive.py``). Cost O(N·d²) per head and O(d²) state:
-nothing N×N is ever formed, so no query–key pair is computed exactly (density
-0). The core adds LiT's depth-wise 5×5 conv on V (``core.py``); LiT is meant
-for few heads (guideline 2), chosen by the conversion recipe.
+``z̄ = mean_j φ(k_j)``, ``φ(x) = relu(x) + 1e-6``: the paper's formula in
+FLatten-Transformer's normalised form (``naive.py``; no LiT code is public, so
+nothing here is "official LiT code"); ``phi_shift=0`` is the paper's plain-ReLU
+form. Cost O(N·d²) per head and O(d²) state: nothing N×N is ever formed, so no
+query–key pair is computed exactly (density 0). The core adds LiT's depth-wise
+5×5 conv on V (``core.py``); LiT is meant for few heads (guideline 2), chosen by
+the conversion recipe wherever no part of the model's attention is per head.
 
 Layouts: the linear attention does not depend on where tokens sit, so every
 layout is the same formula over all N tokens (text tokens join the sums as
 queries, keys and values); the conv acts on the image tokens only, per frame
 for video or as a 3-D conv (``dwc_3d``) -- see ``core.py`` (attnbench's
-extension: LiT's code is image-only).
+extension: LiT is image-only).
 
 Files: ``naive.py`` the reference, ``triton.py`` the fused Triton kernels
 (forward and backward, the same formula), ``core.py`` the learned part.
@@ -84,7 +86,11 @@ def _odd_or_zero(value: int) -> str | None:
     return None if value == 0 or (value > 0 and value % 2) else "must be 0 (off) or odd"
 
 
-OFFICIAL = "official LiT code (LinearAttention: relu(x) + 1e-6, 1/(φ(q)·mean φ(k) + 1e-6))"
+#: where φ and eps come from: no LiT code is public (the project page's code link is
+#: disabled); its ReLU linear attention is written in FLatten-Transformer's normalised form
+FLATTEN = ("the LiT paper's formula in FLatten's normalised form (LeapLabTHU/FLatten-"
+           "Transformer models/flatten_swin.py FocusedLinearAttention without focusing: "
+           "relu(x) + 1e-6, 1/(φ(q)·mean φ(k) + 1e-6)); no LiT code is public")
 
 
 @register
@@ -96,16 +102,24 @@ class LiT(AttentionBackend):
     paper = "Wang et al., LiT, arXiv 2501.12976 (ICCV 2025)"
     options = (
         Option("eps", EPS, "added to the normaliser φ(q)·mean φ(k)", float, check=positive,
-               source=OFFICIAL),
-        Option("phi_shift", PHI_SHIFT, "feature map φ(x) = relu(x) + phi_shift on q and k",
-               float, check=non_negative, source=OFFICIAL),
+               source=FLATTEN),
+        Option("phi_shift", PHI_SHIFT, "feature map φ(x) = relu(x) + phi_shift on q and k "
+               "(0: the paper's plain ReLU)", float, check=non_negative, source=FLATTEN),
         Option("dwc_kernel", 5, "kernel of the depth-wise conv on V (0 = none)", int,
                check=_odd_or_zero, mixer_only=True,
-               source="LiT paper, guideline 1 (DWC kernel 5) and its code (kernel_size=5)"),
+               source="LiT paper, guideline 1 (DWC kernel 5), as FLatten's kernel_size=5"),
         Option("dwc_3d", False, "video: one k×k×k 3-D conv over (T, H, W) instead of the "
                "k×k conv per frame", bool, mixer_only=True,
                source="attnbench's choice (LiT is image-only): per frame by default, as an "
                "image model's conv sees each frame"),
+    )
+    notes = (
+        "no LiT code is public: attnbench implements the paper's formula in FLatten-"
+        "Transformer's normalised form (φ = relu + 1e-6, normaliser φ(q)·mean φ(k) + "
+        "1e-6, depth-wise conv k=5 on V); phi_shift=0 gives the paper's plain ReLU",
+        "few heads max(2, heads // 4) wherever no part of the attention is per head: "
+        "attnbench's DiT, PixArt and DiT in diffusers, SANA; FLUX, SD3.5 and Wan keep their "
+        "heads (per-head QK norms / RoPE: integrations/diffusers/swap.py head_split)",
     )
     layout_kinds = KINDS
     core_class = LiTCore

@@ -17,7 +17,7 @@ class LiTCore(AttentionCore):
     attention output of the image tokens before the output projection.
     ``dwc_kernel=0`` drops it (the paper's "ReLU linear" ablation).
 
-    Layouts (attnbench's extension; LiT's code is image-only): the linear
+    Layouts (attnbench's extension; LiT is image-only): the linear
     attention runs over every token -- text tokens are queries, keys and values
     of the linear sums like any other -- while the conv sees the image tokens
     only, on their grid: text tokens get no conv term and are no conv input.
@@ -38,7 +38,7 @@ class LiTCore(AttentionCore):
 
     def reset_new_parameters(self) -> None:
         if self.dwc is not None:
-            self.dwc.reset_parameters()  # PyTorch's default conv init, as LiT's code uses
+            self.dwc.reset_parameters()  # PyTorch's default conv init, as FLatten's dwc
 
     def forward(self, q, k, v, *, layout=None, grid=None):
         layout = Layout.coerce(layout, grid)

@@ -1,8 +1,10 @@
 """LiT's linear attention in pure PyTorch, any dtype: the oracle of the Triton path.
 
-The feature map and eps placement follow the official LiT code (its
-``LinearAttention`` module: a ReLU kernel and a ``kernel_size=5`` depth-wise
-conv on V):
+No LiT code is public (its project page's code link is disabled), so this is the
+paper's formula -- ReLU linear attention with a depth-wise conv on V -- in the
+normalised form of FLatten-Transformer (LeapLabTHU/FLatten-Transformer,
+``models/flatten_swin.py`` ``FocusedLinearAttention`` without its focusing
+function), the code LiT's linear attention is described as building on:
 ``φ(x) = relu(x) + 1e-6`` on q and k, and the normaliser uses the *mean* of
 φ(k) over the tokens::
 
@@ -11,6 +13,8 @@ conv on V):
 which is ``φ(q_i) S / (φ(q_i) z + N·eps)`` in sum form. The shift keeps every
 feature positive: a query row with all entries negative has ``φ(q) = 1e-6·1``
 and outputs about the φ(k)-weighted mean of V, not 0 as a plain ReLU would.
+``phi_shift=0`` is the paper's plain-ReLU form ``relu(q) Σ relu(k)ᵀv / relu(q) Σ
+relu(k)`` (with ``eps`` on the mean normaliser, i.e. ``N·eps`` on the sum).
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ import torch
 
 from ..softmax.reference import accumulation_dtype
 
-#: added to relu(x) on q and k (the official code's ``kernel_function(x) + 1e-6``)
+#: added to relu(x) on q and k (FLatten's ``kernel_function(q) + 1e-6``)
 PHI_SHIFT = 1e-6
-#: added to the normaliser φ(q)·mean φ(k) (the official code's ``+ 1e-6``)
+#: added to the normaliser φ(q)·mean φ(k) (FLatten's ``+ 1e-6``)
 EPS = 1e-6
 
 

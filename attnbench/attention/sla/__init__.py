@@ -1,11 +1,12 @@
 """SLA: Sparse-Linear Attention (Zhang et al., arXiv 2509.24006; code thu-ml/SLA).
 
 Tokens are cut into blocks of ``block_q`` queries and ``block_kv`` keys: 1-D
-runs in a locality-preserving order (``order.py``: 8×8 tiles of an image, 4×4×4
-cubes of a video, text tokens after them in blocks of their own;
-``order="row-major"`` keeps the given order, as the reference code does). Every
-path -- the block map, the selection, both branches, gather and Triton -- runs
-on the tokens in that order; the outputs go back to the layout's. Per query
+runs in the given (row-major) token order, as the official code does, or, with
+``order="attnbench-tiles"`` (attnbench's extension, ``order.py``), in a
+locality-preserving order: 8×8 tiles of an image, 4×4×4 cubes of a video, text
+tokens after them in blocks of their own. Every path -- the block map, the
+selection, both branches, gather and Triton -- runs on the tokens in that
+order; the outputs go back to the layout's. Per query
 block, the ``topk`` fraction of KV blocks with the highest pooled score are
 *critical* and get exact softmax attention restricted to them (``O_s``); the
 other, *marginal*, blocks are summarised by linear attention (``O_l``)::
@@ -23,7 +24,9 @@ Checked against the official code (thu-ml/SLA, ``sparse_linear_attention/core.py
 and ``utils.py``): kept blocks per query block ``min(K, int(topk·K))`` (here at
 least 1: 0 would leave a softmax over nothing), block sizes 64, eps 1e-5, φ =
 softmax by default; the official code returns ``real_topk / K``, the effective
-fraction, beside the output (here :meth:`SLA.effective_options`).
+fraction, beside the output (here :meth:`SLA.effective_options`). Where attnbench
+differs -- at least one block, eps also in the marginal mode, no bf16 cast of
+the inputs -- :attr:`SLA.notes` says so (``attnbench list``).
 
 Files: ``blocks.py`` the selection, ``reference.py`` the naive parts,
 ``gather.py`` and ``triton.py`` (the Triton kernel) the fast paths,
@@ -73,13 +76,14 @@ from .blocks import (
     indices_to_map,
     mean_pool,
     num_blocks,
+    official_count,
     selected_count,
     selection_bytes,
 )
 from .constants import BLOCK_KV, BLOCK_Q, CORRECTION, CORRECTIONS, EPS, TOPK
 from .core import SLACore
 from .gather import gather_chunk_blocks, sla_gather_parts
-from .order import ORDERS, describe_order, token_order
+from .order import ALIASES, ORDERS, ROW_MAJOR, describe_order, token_order
 from .reference import sla_reference_parts
 
 #: the kernel module (imports triton; loaded lazily by the path)
@@ -110,7 +114,7 @@ def sla_parts(
     feature_map: str,
     linear_over: str,
     eps: float,
-    order: str = "row-major",
+    order: str = ROW_MAJOR,
     grid=None,
     layout: Layout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,7 +212,8 @@ class SLA(AttentionBackend):
     paper = "Zhang et al., SLA, arXiv 2509.24006"
     options = (
         Option("topk", TOPK,
-               "fraction of KV blocks each query block attends exactly (floor, at least 1)",
+               "fraction of KV blocks each query block attends exactly: int(topk·K) as "
+               "the official code, at least 1",
                float, check=unit_fraction, source="SLA paper: 5% critical blocks (95% sparsity)"),
         Option("block_q", BLOCK_Q, "query block size (tokens)", int, check=positive,
                source=OFFICIAL + " (BLKQ=64)"),
@@ -223,13 +228,31 @@ class SLA(AttentionBackend):
                str, choices=("marginal", "all"),
                source=OFFICIAL + " on main (calc_linear over every k) and TurboDiffusion's "
                "SLA; the paper and the SLA-1 branch's kernel take the marginal blocks"),
-        Option("eps", EPS, "added to the linear branch's normaliser", float, check=positive,
-               source=OFFICIAL + " (1e-5)"),
-        Option("order", "tiles",
-               "token order of the blocks: 8×8 tiles / 4×4×4 cubes, text after (tiles), or "
-               "the order given (row-major, as the official code)", str, choices=ORDERS,
-               source="attnbench's choice: a block is a compact patch of the grid, not a "
-               "strip of a row; the official code blocks the given order (row-major)"),
+        Option("eps", EPS, "added to the linear branch's normaliser (in both linear_over "
+               "modes)", float, check=positive,
+               source=OFFICIAL + " on main (1e-5 + φ(q)·Σφ(k)); the SLA-1 branch's marginal "
+               "kernel adds none"),
+        Option("order", ROW_MAJOR,
+               "token order of the blocks: the order given (row-major, as the official "
+               "code), or attnbench's 8×8 tiles / 4×4×4 cubes with the text after them "
+               "(attnbench-tiles; 'tiles' before it was an option, the default until then)",
+               str, choices=ORDERS, aliases=ALIASES,
+               source=OFFICIAL + " and utils.py (blocks of the given order; TurboDiffusion "
+               "feeds Wan's frames × H × W); attnbench-tiles is attnbench's extension: a "
+               "block is a compact patch of the grid, not a strip of a row"),
+    )
+    notes = (
+        "kept blocks: min(K, int(topk·K)) as thu-ml/SLA utils.py get_block_map, but at "
+        "least 1 where that is 0 (a softmax over no block is undefined); a row's effective "
+        "options then carry official_kept_blocks=0",
+        "eps 1e-5 is added to the linear normaliser with linear_over=marginal too; the "
+        "official marginal kernel (SLA-1 branch, kernel.py) adds none -- with the softmax "
+        "feature map φ(q)·Σφ(k) > 0, so the two differ by eps/(φ(q)·Σφ(k)) relative",
+        "precision: the official module casts q, k, v to bf16 for both branches (use_bf16="
+        "True) and runs proj_l under bf16 autocast; attnbench computes in the input dtype, "
+        "accumulating half inputs in float32 (pass bf16 inputs for the official precision)",
+        "token order: row-major as the official code (order=attnbench-tiles is attnbench's "
+        "extension); text that follows the grid is moved before it first",
     )
     layout_kinds = KINDS
     core_class = SLACore
@@ -295,8 +318,8 @@ class SLA(AttentionBackend):
             layout, opts = self.geometry(layout, grid, opts, tokens=k.shape[2])
             perm = token_order(layout, opts["order"], min(opts["block_q"], opts["block_kv"]),
                                q.device)
+            q, k = layout.to_text_first(q), layout.to_text_first(k)  # as attend runs them
             if perm is not None:
-                q, k = layout.to_text_first(q), layout.to_text_first(k)
                 q, k = q.index_select(2, perm[0]), k.index_select(2, perm[0])
         return block_map(q, k, opts["block_q"], opts["block_kv"], opts["topk"])
 
@@ -326,7 +349,7 @@ class SLA(AttentionBackend):
         base = super().workspace_model(batch, heads, tokens, head_dim, layout,
                                        element_size=element_size, impl=impl, **opts)
         block = min(opts["block_q"], opts["block_kv"])
-        ordered = opts["order"] != "row-major" and token_order(layout, opts["order"], block,
+        ordered = opts["order"] != ROW_MAJOR and token_order(layout, opts["order"], block,
                                                                 "cpu") is not None
         return base + (5.0 * batch * heads * tokens * head_dim * element_size if ordered else 0)
 
@@ -392,8 +415,11 @@ class SLA(AttentionBackend):
 
     def rounded_options(self, layout, *, topk, block_q, block_kv, order, **_opts):
         nq, nk, kk = self._kept(layout.tokens, block_q, block_kv, topk)
-        return {"q_blocks": nq, "kv_blocks": nk, "kept_blocks": kk, "effective_topk": kk / nk,
-                "blocks": describe_order(layout, order, min(block_q, block_kv))}
+        rounded = {"q_blocks": nq, "kv_blocks": nk, "kept_blocks": kk, "effective_topk": kk / nk,
+                   "blocks": describe_order(layout, order, min(block_q, block_kv))}
+        if official_count(nk, topk) != kk:  # the official rule keeps none: one is kept
+            rounded["official_kept_blocks"] = official_count(nk, topk)
+        return rounded
 
     def rounding_checks(self, layout, *, topk, block_q, block_kv, **_opts):
         _, nk, kk = self._kept(layout.tokens, block_q, block_kv, topk)

@@ -8,7 +8,6 @@ top ``selected_count`` KV blocks are critical.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -82,15 +81,22 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, block_q: int, block_kv: int) 
     return torch.softmax(block_logits(q, k, block_q, block_kv), dim=-1)
 
 
-def selected_count(kv_blocks: int, topk: float) -> int:
-    """How many KV blocks each query block keeps: ``floor(topk·nk)``, at least 1.
+def official_count(kv_blocks: int, topk: float) -> int:
+    """The official count, ``min(K, int(topk_ratio·K))`` (thu-ml/SLA ``utils.py``
+    ``get_block_map``): the float product truncated, so topk 0.29 of 100 blocks keeps
+    28 (0.29·100 = 28.999999999999996), and a small topk can keep 0."""
+    return min(kv_blocks, int(topk * kv_blocks))
 
-    The reference rounds down (``min(K, int(topk_ratio·K))``) and can keep 0
-    blocks -- a query block with no critical block has an undefined softmax -- so
-    at least one is kept. The 1e-9 absorbs the representation error of products
-    such as 0.29·100 = 28.999999999999996.
+
+def selected_count(kv_blocks: int, topk: float) -> int:
+    """How many KV blocks each query block keeps: the official count, at least 1.
+
+    The one difference from the official rule: where it keeps 0 blocks -- a query
+    block with no critical block has an undefined softmax (the official kernel
+    would divide by zero) -- one is kept; the row's ``effective`` says so
+    (``official_kept_blocks``).
     """
-    return max(1, min(kv_blocks, math.floor(topk * kv_blocks + 1e-9)))
+    return max(1, official_count(kv_blocks, topk))
 
 
 @torch.no_grad()

@@ -4,8 +4,9 @@ SLA cuts the token sequence into 1-D runs of ``block`` tokens. The official
 code (thu-ml/SLA ``sparse_linear_attention/core.py``, ``utils.py``) blocks the
 tokens in the order it is given -- row-major, so a 64-token block of a 64-wide
 image is one grid row and of Wan's 52-wide frames a row and a piece of the
-next. Here (attnbench's extension, ``order="tiles"``) the image tokens are
-first permuted so that a block is a compact patch: ``s × s`` tiles for an
+next; that is the default here. attnbench's extension, ``order="attnbench-tiles"``
+(``"tiles"`` before it was an option; until then the default), permutes the image tokens
+first so that a block is a compact patch: ``s × s`` tiles for an
 image (``s`` the largest power of 2 with ``s² ≤ block``: 8×8 for 64), ``c × c
 × c`` cubes for a video of at least ``c`` frames (``c³ ≤ block``: 4×4×4 for
 64; fewer frames: the image tiles, frame by frame). Tiles run row by row
@@ -14,7 +15,10 @@ the grid's edge are partial, so a block may span two of them. The text tokens
 follow the image tokens: they form their own blocks whenever the image count is
 a multiple of the block (FLUX's and SD3's 64×64 grids), else one block at the
 seam holds the last image and the first text tokens. ``order="row-major"`` keeps
-the order given (the official behaviour; text first).
+the order ``attend`` hands over: the layout's, with any text first
+(``AttentionBackend.run`` moves text that follows the grid to the front, so on
+SD3's [image; text] the blocks start at the text, where the official code would
+block the sequence as given).
 """
 
 from __future__ import annotations
@@ -25,7 +29,11 @@ import torch
 
 from ..layout import Layout
 
-ORDERS = ("tiles", "row-major")
+#: the official order first (the default), then attnbench's tiles, named so in every label
+ROW_MAJOR, TILES = "row-major", "attnbench-tiles"
+ORDERS = (ROW_MAJOR, TILES)
+#: the tiles' name before they became an option (rows measured then say "tiles")
+ALIASES = {"tiles": TILES}
 
 
 def tile_side(block: int, dims: int) -> int:
@@ -73,16 +81,18 @@ def token_order(layout: Layout, order: str, block: int, device) -> tuple | None:
     """``(perm, inverse)`` of a text-first layout's tokens into SLA's order, or ``None``
     when the order is the given one (``order="row-major"``, or tiles that change nothing).
     ``x.index_select(-2, perm)`` is in SLA's order; ``inverse`` takes it back."""
+    order = ALIASES.get(order, order)
     if order not in ORDERS:
         raise ValueError(f"sla: order must be one of {list(ORDERS)}, got {order!r}")
-    if order == "row-major":
+    if order == ROW_MAJOR:
         return None
     return _cached_order(layout.text_first_form, int(block), torch.device(device))
 
 
 def describe_order(layout: Layout, order: str, block: int) -> str:
-    """``"tiles 8x8"``, ``"cubes 4x4x4"`` or ``"row-major"``: what the blocks are."""
-    if order == "row-major":
-        return "row-major"
+    """``"row-major"``, ``"attnbench tiles 8x8"`` or ``"attnbench cubes 4x4x4"``: what the
+    blocks are."""
+    if ALIASES.get(order, order) == ROW_MAJOR:
+        return ROW_MAJOR
     pt, ph, pw = patch_shape(layout, block)
-    return f"cubes {pt}x{ph}x{pw}" if pt > 1 else f"tiles {ph}x{pw}"
+    return f"attnbench cubes {pt}x{ph}x{pw}" if pt > 1 else f"attnbench tiles {ph}x{pw}"

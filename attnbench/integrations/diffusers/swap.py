@@ -157,6 +157,7 @@ class SwapHandle:
     #: each swapped module's student heads and why (:func:`head_split`)
     heads: dict[str, str] = field(default_factory=dict)
     _heads: dict[str, int] = field(default_factory=dict, repr=False)
+    _theta: Any = field(default=None, repr=False)
     _originals: dict[str, Any] = field(default_factory=dict, repr=False)
     _hooks: list[Any] = field(default_factory=list, repr=False)
 
@@ -171,6 +172,9 @@ class SwapHandle:
             by_name[name].set_processor(processor)
         for name, heads in self._heads.items():
             by_name[name].heads = heads
+        if self._theta is not None:
+            self.transformer.pos_embed.theta = self._theta
+            self._theta = None
         self._originals.clear()
         self._heads.clear()
         for hook in self._hooks:
@@ -235,6 +239,8 @@ def swap_attention(
     ``inherit_projections=None`` follows the method's recipe
     (``backend.inherits_projections``); the heads follow :func:`head_split` unless
     ``keep_heads`` keeps the checkpoint's everywhere (to compare with the stock model).
+    An ``ntk_factor`` option other than 1 (CLEAR's high-resolution RoPE) multiplies the
+    model's RoPE base ``pos_embed.theta`` until ``restore()``.
     Raises ``ValueError`` for an unsupported class or a module whose processor is not the
     stock one.
     """
@@ -247,6 +253,11 @@ def swap_attention(
                          f"{type(transformer).__name__}")
     for name, module in targets:
         _check_stock(name, module, family)
+    ntk = float(resolved.get("ntk_factor", 1.0))
+    rope = getattr(transformer, "pos_embed", None)
+    if ntk != 1.0 and not hasattr(rope, "theta"):
+        raise ValueError(f"swap_attention: ntk_factor={ntk:g} scales a RoPE base; "
+                         f"{type(transformer).__name__} has no pos_embed.theta (FLUX has)")
     inherit = (bool(backend.inherits_projections) if inherit_projections is None
                else bool(inherit_projections))
     geometry = geo.Geometry()
@@ -272,5 +283,8 @@ def swap_attention(
         else:
             with torch.no_grad():
                 handle.reinitialised += _reinitialise(module, name)
+    if ntk != 1.0:  # NTK-scaled RoPE, as CLEAR's FluxPosEmbed(ntk_factor): θ·ntk_factor
+        handle._theta = rope.theta
+        rope.theta = rope.theta * ntk
     handle._hooks.append(geo.install_hook(transformer, geometry, family.geometry))
     return handle
