@@ -108,11 +108,6 @@ class Option:
             raise ValueError(
                 f"option {self.name!r} takes a {self.type.__name__}, got {value!r}"
             ) from None
-        if self.type is float and not math.isfinite(coerced):
-            raise ValueError(f"option {self.name!r}={value!r}: must be a finite number")
-        if self.type in (int, float) and abs(coerced) > MAX_OPTION:
-            raise ValueError(f"option {self.name!r}={value!r}: out of range (|value| <= "
-                             f"{MAX_OPTION}, more than any token count)")
         return coerced
 
     def validate(self, value: Any) -> Any:
@@ -125,6 +120,12 @@ class Option:
             reason = self.check(value)
             if reason:
                 raise ValueError(f"option {self.name!r}={value!r}: {reason}")
+        # after the option's own check, which words its range best
+        if self.type is float and value is not None and not math.isfinite(value):
+            raise ValueError(f"option {self.name!r}={value!r}: must be a finite number")
+        if self.type in (int, float) and value is not None and abs(value) > MAX_OPTION:
+            raise ValueError(f"option {self.name!r}={value!r}: out of range (|value| <= "
+                             f"{MAX_OPTION}, more than any token count)")
         return value
 
 

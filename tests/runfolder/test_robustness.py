@@ -397,7 +397,7 @@ def test_training_numbers_are_finite(teacher, tmp_path, capsys, command, args, m
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--methods", "lit:phi_shift=inf"], "'phi_shift'='inf': must be a finite number"),
+    (["--methods", "lit:phi_shift=inf"], "'phi_shift'=inf: must be a finite number"),
     (["--methods", "clear:radius=8:radius=9"], "gives radius twice"),
     (["--methods", "sla:topk=0.5:topk=0.1"], "gives topk twice"),
     (["--methods", "clear", "--method-options", "clear.radius=8", "--method-options",
