@@ -67,34 +67,30 @@ def check_number(flag: str, value, *, low: float | None = None, high: float | No
     return int(value) if integer else float(value)
 
 
-def number(flag: str, **bounds) -> Callable[[str], float]:
-    """An argparse ``type=``: a finite float within ``bounds`` (those of :func:`check_number`)."""
-    def parse(text: str) -> float:
+def _argparse_type(flag: str, convert: Callable[[str], float], name: str,
+                   **bounds) -> Callable[[str], float]:
+    """An argparse ``type=`` converting with ``convert``, then :func:`check_number`."""
+    def parse(text: str):
         try:
-            value = float(text)
+            value = convert(text)
         except ValueError:
             value = text
         try:
             return check_number(flag, value, **bounds)
         except UsageError as err:
             raise argparse.ArgumentTypeError(str(err).removeprefix(f"{flag} ")) from None
-    parse.__name__ = "number"  # argparse names the type in its messages
+    parse.__name__ = name  # argparse names the type in its messages
     return parse
+
+
+def number(flag: str, **bounds) -> Callable[[str], float]:
+    """An argparse ``type=``: a finite float within ``bounds`` (those of :func:`check_number`)."""
+    return _argparse_type(flag, float, "number", **bounds)
 
 
 def integer(flag: str, **bounds) -> Callable[[str], int]:
     """An argparse ``type=``: an integer within ``bounds`` (those of :func:`check_number`)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = text
-        try:
-            return check_number(flag, value, integer=True, **bounds)
-        except UsageError as err:
-            raise argparse.ArgumentTypeError(str(err).removeprefix(f"{flag} ")) from None
-    parse.__name__ = "integer"
-    return parse
+    return _argparse_type(flag, int, "integer", integer=True, **bounds)
 
 
 def non_empty(flag: str, what: str) -> Callable[[str], str]:

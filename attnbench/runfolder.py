@@ -310,13 +310,18 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[Path], Any], *,
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except Exception as err:
-        explained = write_error(err, path, kept=kept)
-        if explained is None:
-            raise
-        raise explained from None
+        _reraise_explained(err, path, kept)
     finally:
         _remove(tmp)
     return path
+
+
+def _reraise_explained(err: Exception, path: Path, kept: str) -> None:
+    """Raise ``err`` as its one-line :func:`write_error`, or as it is if it is no write error."""
+    explained = write_error(err, path, kept=kept)
+    if explained is None:
+        raise err
+    raise explained from None
 
 
 def atomic_folder(directory: str | Path, write: Callable[[Path], Any], *,
@@ -339,10 +344,7 @@ def atomic_folder(directory: str | Path, write: Callable[[Path], Any], *,
                 os.fsync(f.fileno())
             os.replace(item, directory / item.name)
     except Exception as err:
-        explained = write_error(err, directory, kept=kept)
-        if explained is None:
-            raise
-        raise explained from None
+        _reraise_explained(err, directory, kept)
     finally:
         _remove(staging)
     return directory
