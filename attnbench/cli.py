@@ -3,7 +3,8 @@
 Each stage module contributes ``add_parser(subparsers)`` which registers its
 subcommand with ``func=handler``; handlers return an exit code. A ``ValueError``
 (bad user input, by the project's convention) or a missing file becomes a
-one-line message on stderr and exit code 2 -- never a traceback.
+one-line message on stderr and exit code 2 -- never a traceback; so does a full
+disk or a read-only destination (:func:`attnbench.runfolder.write_error`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def _list(args: argparse.Namespace) -> int:
     from . import attention
 
     dtype = cliutil.dtype(args.dtype)
+    cliutil.device(args.device)  # cpu / cuda[:N] of this machine, before any method is asked
     rows = []
     for name in attention.names():
         backend = attention.get(name)
@@ -77,7 +79,8 @@ def _add_list(subparsers) -> None:
     p = subparsers.add_parser("list", help="every attention method, its options and availability")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--device", default="cpu", help="device to check availability on")
-    p.add_argument("--dtype", default="float32", help="dtype to check availability for")
+    p.add_argument("--dtype", default="float32",
+                   help=f"dtype to check availability for: {', '.join(cliutil.DTYPES)}")
     p.set_defaults(func=_list)
 
 
@@ -88,12 +91,20 @@ STAGES: tuple[str, ...] = ("models.cli", "pipeline", "bench.cli", "data.cli", "d
                            "report.cli", "metrics.cli", "fidelity")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's error format: one line naming the flag, exit code 2
+    (argparse's own prints the usage block first; the usage is one ``--help`` away)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m attnbench",
         description="Benchmark and evaluate efficient attention inside Diffusion Transformers.",
     )
@@ -121,6 +132,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"attnbench {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a full disk or a read-only --out, wherever the write was
+        explained = runfolder.write_error(err)
+        if explained is None:
+            raise
+        print(f"attnbench {args.command}: error: {explained}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         runfolder.release_all()  # the folder locks the command took
 

@@ -1,4 +1,4 @@
-"""What every subcommand parses the same way: options, integers, lists, devices, dtypes.
+"""What every subcommand parses the same way: options, numbers, names, lists, devices, dtypes.
 
 A leaf module (it imports nothing of attnbench), so every stage's ``cli`` module and
 the library functions that take a device by name share one parser of each.
@@ -22,15 +22,94 @@ class UsageError(ValueError):
     """Bad command-line input: printed as one line, exit code 2."""
 
 
-def parse_options(pairs: Sequence[str] | None) -> dict[str, str]:
-    """``["radius=8", "topk=0.05"]`` → ``{"radius": "8", "topk": "0.05"}`` (coerced later)."""
+def parse_options(pairs: Sequence[str] | None, *, flag: str = "--option",
+                  example: str = "radius=8") -> dict[str, str]:
+    """``["radius=8", "topk=0.05"]`` → ``{"radius": "8", "topk": "0.05"}`` (coerced later).
+
+    A key given twice is refused (which one was meant is not knowable).
+    """
     options: dict[str, str] = {}
     for pair in pairs or ():
         key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"option {pair!r} is not KEY=VALUE (e.g. --option radius=8)")
-        options[key.strip()] = value.strip()
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise UsageError(f"{flag} {pair!r} is not KEY=VALUE (e.g. {flag} {example})")
+        if key in options:
+            raise UsageError(f"{flag} gives {key} twice ({key}={options[key]}, {key}={value}): "
+                             "give it once")
+        options[key] = value
     return options
+
+
+def check_number(flag: str, value, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, integer: bool = False, example: str | None = None
+                 ) -> float | int:
+    """``value`` is a finite number (an integer if ``integer``) within the bounds.
+
+    ``low``/``high`` are inclusive (``low_open``: ``low`` itself refused); ``nan``
+    and ``inf`` are always refused: a threshold or a scale that silently turns
+    every comparison false is worse than an error.
+    """
+    what = "an integer" if integer else "a finite number"
+    if low is not None:
+        what += f" {'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        what += f"{' and' if low is not None else ''} <= {high:g}"
+    hint = f" (e.g. {example})" if example is not None else ""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+          and math.isfinite(value) and (not integer or float(value).is_integer()))
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        raise UsageError(f"{flag} {value!r}: must be {what}{hint}")
+    return int(value) if integer else float(value)
+
+
+def _argparse_type(flag: str, convert: Callable[[str], float], name: str,
+                   **bounds) -> Callable[[str], float]:
+    """An argparse ``type=`` converting with ``convert``, then :func:`check_number`."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = text
+        try:
+            return check_number(flag, value, **bounds)
+        except UsageError as err:
+            raise argparse.ArgumentTypeError(str(err).removeprefix(f"{flag} ")) from None
+    parse.__name__ = name  # argparse names the type in its messages
+    return parse
+
+
+def number(flag: str, **bounds) -> Callable[[str], float]:
+    """An argparse ``type=``: a finite float within ``bounds`` (those of :func:`check_number`)."""
+    return _argparse_type(flag, float, "number", **bounds)
+
+
+def integer(flag: str, **bounds) -> Callable[[str], int]:
+    """An argparse ``type=``: an integer within ``bounds`` (those of :func:`check_number`)."""
+    return _argparse_type(flag, int, "integer", integer=True, **bounds)
+
+
+def non_empty(flag: str, what: str) -> Callable[[str], str]:
+    """An argparse ``type=``: a string that is not empty (an empty one is not "not given")."""
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"is empty: give {what}, or leave the flag out")
+        return text
+    parse.__name__ = "non_empty"
+    return parse
+
+
+def requires(needed: str, present: bool, given: dict[str, object]) -> None:
+    """Refuse the flags of ``given`` (flag → value, None = not given) without ``needed``:
+    a flag that would be silently ignored is an error, not a no-op."""
+    named = [flag for flag, value in given.items() if value is not None and value is not False]
+    if named and not present:
+        raise UsageError(f"{', '.join(named)} only {'applies' if len(named) == 1 else 'apply'} "
+                         f"with {needed}: add {needed}, or leave {' and '.join(named)} out")
 
 
 def _int_at_least(text: str, low: int, what: str) -> int:
@@ -88,10 +167,13 @@ def unique(flag: str, items: Sequence, *, key: Callable | None = None,
 
 def name_list(flag: str, text: str | None, *, accepted: Iterable[str] | str) -> list[str]:
     """The comma-separated names of ``text``; an empty list is refused."""
-    names = [s.strip() for s in (text or "").split(",") if s.strip()]
+    parts = [s.strip() for s in (text or "").split(",")]
+    names = [s for s in parts if s]
     if not names:
         shown = accepted if isinstance(accepted, str) else ", ".join(accepted)
         raise UsageError(f"{flag} is empty: give one or more of {shown} (comma-separated)")
+    if len(names) != len(parts):
+        raise UsageError(f"{flag} {text!r} has an empty item: remove the extra comma")
     return names
 
 
@@ -104,25 +186,36 @@ def choices(flag: str, text: str | None, accepted: Sequence[str]) -> list[str]:
     return unique(flag, names)
 
 
-def device(name: str | None, flag: str = "--device") -> torch.device:
+def device(name: str | torch.device | None, flag: str = "--device") -> torch.device:
     """``cpu`` / ``cuda[:N]``, checked against this machine; ``None``: cuda when visible."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
-    except RuntimeError:
+    except (RuntimeError, TypeError):
         raise UsageError(f"{flag} {name!r}: unknown device (use cpu or cuda[:N])") from None
     if dev.type not in ("cpu", "cuda"):
         raise UsageError(f"{flag} {name}: attnbench runs on cpu or cuda")
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise UsageError(f"{flag} {name}: the CPU has no index; use --device cpu")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"{flag} {name}: no CUDA GPU is visible to torch {torch.__version__} "
                          "on this machine; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA "
+                         f"GPU(s) (cuda:0 … cuda:{torch.cuda.device_count() - 1})")
     return dev
 
 
-def dtype(name: str, flag: str = "--dtype") -> torch.dtype:
-    """A floating torch dtype by name (``float32``, ``bfloat16``, ``float16``)."""
-    found = getattr(torch, name, None)
-    if not isinstance(found, torch.dtype) or not found.is_floating_point:
-        raise UsageError(f"{flag} {name!r} is not a floating dtype (float32, bfloat16, float16)")
-    return found
+#: the dtypes attnbench measures in (every kernel and reference is tested in these);
+#: float8 and float64 are not compute dtypes of any method here
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def dtype(name: str | torch.dtype, flag: str = "--dtype") -> torch.dtype:
+    """One of :data:`DTYPES` by name (``float32``, ``bfloat16``, ``float16``)."""
+    if isinstance(name, torch.dtype):
+        name = str(name).removeprefix("torch.")
+    if name not in DTYPES:
+        raise UsageError(f"{flag} {name!r}: choose one of {', '.join(DTYPES)}")
+    return getattr(torch, name)

@@ -229,8 +229,8 @@ def _claim(args: argparse.Namespace) -> Path:
 def fidelity(args: argparse.Namespace) -> int:
     # every check before any work
     variants = parse_variants(args.methods, args.method_options)
-    timesteps = check_timesteps(_ints(args.timesteps, "--timesteps"), 1000) if args.timesteps \
-        else DEFAULT_TIMESTEPS
+    timesteps = check_timesteps(_ints(args.timesteps, "--timesteps"), 1000) \
+        if args.timesteps is not None else DEFAULT_TIMESTEPS
     num = None if args.num is None else cliutil.require_positive_int("--num", args.num)
     steps = cliutil.require_positive_int("--sample-steps", args.sample_steps)
     chunk = cliutil.require_positive_int("--chunk-elements", args.chunk_elements)
@@ -358,7 +358,8 @@ def add_parser(subparsers) -> None:
         "fidelity", help="zero-shot fidelity: each method vs softmax on the model's own q, k, v",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--ckpt", help="a softmax shapes-world DiT checkpoint "
+    p.add_argument("--ckpt", type=cliutil.non_empty("--ckpt", "a checkpoint"),
+                   help="a softmax shapes-world DiT checkpoint "
                    "(default: the shipped teacher)")
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma-separated variants as in run, e.g. clear:radius=3, "
@@ -368,9 +369,12 @@ def add_parser(subparsers) -> None:
                    help="an option for every variant of a method (repeatable)")
     p.add_argument("--timesteps", help="comma-separated diffusion steps in [0, 999] "
                    f"(default {','.join(map(str, DEFAULT_TIMESTEPS))})")
-    p.add_argument("--model", help="a diffusers zoo model (random weights: a check of the "
+    p.add_argument("--model", type=cliutil.non_empty("--model", "a model name"),
+                   help="a diffusers zoo model (random weights: a check of the "
                    "path, not of a trained model), e.g. flux-tiny; see --model-path")
-    p.add_argument("--model-path", metavar="DIR", help="a local diffusers transformer folder "
+    p.add_argument("--model-path", metavar="DIR",
+                   type=cliutil.non_empty("--model-path", "a folder"),
+                   help="a local diffusers transformer folder "
                    "(a pipeline folder's transformer/ too; local files only)")
     p.add_argument("--res", help="a diffusers model's image size, px or HEIGHTxWIDTH "
                    "(default: its published size)")
@@ -392,7 +396,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--chunk-elements", type=int, default=CHUNK_ELEMENTS,
                    help=f"attention scores held at once (default {CHUNK_ELEMENTS})")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--out", help="run directory (default reports/runs/fidelity-<timestamp>/)")
+    p.add_argument("--out", type=cliutil.non_empty("--out", "a folder"),
+                   help="run directory (default reports/runs/fidelity-<timestamp>/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--force", action="store_true",
                    help="overwrite files in --out that attnbench did not write")

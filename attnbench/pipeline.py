@@ -82,7 +82,7 @@ def parse_sizes(text: str, flag: str = "--res") -> list[Size]:
 def run(args: argparse.Namespace) -> int:
     device = cliutil.device(args.device)
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
-    dtype = cliutil.dtype(args.dtype or defaults["dtype"])
+    dtype = cliutil.dtype(defaults["dtype"] if args.dtype is None else args.dtype)
     config = _model(args, defaults)
     levels = cliutil.choices("--level", ",".join(defaults["levels"]) if args.level is None
                              else args.level, LEVELS)
@@ -105,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
     budget = (defaults["budget"] if args.budget is None
               else cliutil.require_positive_float("--budget", args.budget, unit="seconds"))
     cliutil.require_positive_int("--batch", args.batch)
+    cliutil.requires("--quality METRICS", args.quality is not None, {
+        "--quality-ckpt": args.quality_ckpt, "--quality-num": args.quality_num,
+        "--quality-steps": args.quality_steps, "--teacher": args.teacher})
     if args.quality is not None:
         _check_quality_inputs(args)
     plan = SweepPlan(config=config, methods=methods, resolutions=resolutions, levels=levels,
@@ -165,9 +168,10 @@ def _model(args: argparse.Namespace, defaults: dict) -> DiTConfig | DiffusersMod
     """The model of ``--model`` / ``--model-path`` / ``--ckpt`` (with ``--frames``), checked."""
     given = [flag for flag, value in (("--model", args.model), ("--model-path", args.model_path),
                                       ("--ckpt", args.ckpt)) if value]
-    if len(given) > 1 and given != ["--model", "--ckpt"]:
+    if len(given) > 1:
         raise cliutil.UsageError(f"{' and '.join(given)}: give one model (a DiT or diffusers "
-                                 "name with --model, or a folder with --model-path)")
+                                 "name with --model, a folder with --model-path, or a DiT "
+                                 "checkpoint with --ckpt)")
     if args.frames is not None and args.frames <= 0:
         raise cliutil.UsageError(f"--frames {args.frames}: must be a positive frame count")
     name = args.model or ("" if args.model_path else defaults["model"])
@@ -238,22 +242,26 @@ def add_parser(subparsers) -> None:
                    "(default attention,model); block is DiT-only (diffusers models: "
                    "attention = one self-attention call at the model's true layout, model "
                    "= one denoising step)")
-    p.add_argument("--dtype", help="float32, bfloat16, float16 (default: GPU bf16, CPU fp32)")
+    p.add_argument("--dtype", help=f"{', '.join(cliutil.DTYPES)} (default: GPU bf16, CPU fp32)")
     p.add_argument("--device", help="cpu or cuda[:N] (default: cuda when visible)")
     p.add_argument("--budget", type=float, help="seconds one point may take; points predicted "
                    "to exceed it are skipped with the reason (default GPU 120, CPU 30)")
-    p.add_argument("--model", help="the model whose shapes are measured: a DiT config "
+    p.add_argument("--model", type=cliutil.non_empty("--model", "a model name"),
+                   help="the model whose shapes are measured: a DiT config "
                    f"({', '.join(config_names())}) or a diffusers model "
                    f"({', '.join(diffusers_config_names())}), built with random weights "
                    f"(default: GPU DiT-XL/2, CPU {CPU_DEFAULT})")
     p.add_argument("--model-path", metavar="DIR",
+                   type=cliutil.non_empty("--model-path", "a folder"),
                    help="a local diffusers transformer folder (or a pipeline folder with "
                    "transformer/), loaded from local files only")
     p.add_argument("--frames", type=int, help="frames of a video model (default: the model's "
                    "usual frames, e.g. 81 for wan2.1); refused for image models")
-    p.add_argument("--ckpt", help="take the model config from this DiT checkpoint instead")
+    p.add_argument("--ckpt", type=cliutil.non_empty("--ckpt", "a checkpoint"),
+                   help="take the model config from this DiT checkpoint instead")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    p.add_argument("--out", help="run directory (default reports/runs/<timestamp>/); "
+    p.add_argument("--out", type=cliutil.non_empty("--out", "a folder"),
+                   help="run directory (default reports/runs/<timestamp>/); "
                    "an existing one resumes")
     p.add_argument("--force", action="store_true",
                    help="overwrite files in --out that attnbench did not write")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -245,6 +246,7 @@ class ResultsWriter:
         self.jsonl = self.run_dir / "results.jsonl"
         runfolder.repair_tail(self.jsonl)
         self.rows: list[Result] = load_rows(self.jsonl) if self.jsonl.exists() else []
+        self._restore_from_table()
         meta_path = self.run_dir / "meta.json"
         previous = read_meta(meta_path) if meta_path.exists() else {}
         history = previous.get("history", [])
@@ -252,6 +254,27 @@ class ResultsWriter:
             history.append({k: previous.get(k) for k in ("command", "date", "git_revision")})
         self.meta = {**meta, "schema_version": SCHEMA_VERSION, "history": history}
         self.write_meta()
+
+    def _restore_from_table(self) -> None:
+        """Rows of ``results.json`` missing from ``results.jsonl`` (emptied or deleted by
+        hand) are appended back, with a note, instead of being measured again and replaced."""
+        path = self.run_dir / "results.json"
+        try:
+            table = json.loads(path.read_text())
+            saved = [_result_from_row(row, f"{path} row {i}")
+                     for i, row in enumerate(table["rows"], 1)]
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # no table, or one of another version: the JSONL is all there is
+        have = {r.key() for r in self.rows}
+        missing = [r for r in saved if r.key() not in have]
+        if not missing:
+            return
+        for result in missing:
+            runfolder.append_jsonl(self.jsonl, result.as_row(), kept=self._kept())
+            self.rows.append(result)
+        print(f"attnbench: note: {self.jsonl} lacked {len(missing)} row(s) that results.json "
+              "holds (the file was emptied or deleted): restored them from results.json, so "
+              "those points are not measured again", file=sys.stderr, flush=True)
 
     def write_meta(self) -> None:
         runfolder.atomic_write(self.run_dir / "meta.json",

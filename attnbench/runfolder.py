@@ -19,6 +19,12 @@ Every command that writes a folder (``run``, ``eval``, ``sample``, ``distill``,
   so any number of kill/resume cycles leaves a file where every line parses.
 * :func:`remove_temporaries` -- the ``.NAME.tmpPID`` files and folders left by a
   killed writer are removed when the next writer takes the lock.
+* :func:`write_error` -- the one reading of a failed write: a full disk (including
+  safetensors' and ``torch.save``'s own wordings of ENOSPC) and a read-only or
+  forbidden destination become one line; ``cli.main`` applies it to any write that
+  escapes the functions above.
+* :func:`claim_output` / :func:`write_output` -- a single output file (``compare --out``,
+  ``world --render``) claimed like a folder's files, then written atomically.
 
 A leaf: it imports nothing of attnbench.
 """
@@ -110,7 +116,7 @@ def _read_lock(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else {}
 
 
-def _is_rank_zero() -> bool:
+def is_rank_zero() -> bool:
     """True on a plain process and on rank 0 under torchrun (the only rank that writes)."""
     return os.environ.get("RANK", "0") == "0"
 
@@ -124,7 +130,7 @@ def lock_folder(folder: str | Path, command: str, *, log: Callable[[str], None] 
     then removes the temporaries it left. Released by :func:`release_all` or at exit.
     Ranks other than 0 under torchrun take no lock (rank 0 holds it for the job).
     """
-    if not _is_rank_zero():
+    if not is_rank_zero():
         return None
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     folder = Path(folder)
@@ -133,8 +139,8 @@ def lock_folder(folder: str | Path, command: str, *, log: Callable[[str], None] 
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise RunFolderError(f"cannot write to run directory {folder}: "
-                             f"{err.strerror or err}") from None
+        raise write_error(err, folder) or RunFolderError(
+            f"cannot write to run directory {folder}: {err.strerror or err}") from None
     key = folder.resolve()
     if key in _HELD:
         _HELD[key].count += 1
@@ -249,6 +255,38 @@ def _disk_full(path: Path, kept: str) -> DiskFull:
                     "run the same command again to continue")
 
 
+#: how libraries that do not raise ``OSError(ENOSPC)`` say the disk is full: safetensors'
+#: ``SafetensorError`` and ``torch.save``'s inline_container ``RuntimeError``
+_DISK_FULL_WORDS = ("no space left on device", "file write failed", "disk quota exceeded")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """True when ``err`` says the disk (or the quota) is full, whatever raised it."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(err, OSError) and err.errno is not None:
+        return False
+    text = str(err).lower()
+    return any(word in text for word in _DISK_FULL_WORDS)
+
+
+def write_error(err: BaseException, path: str | Path | None = None, *,
+                kept: str = "what was written before is kept") -> RunFolderError | None:
+    """The one-line error a failed write of ``path`` means, or None for another failure.
+
+    A full disk becomes :class:`DiskFull`; a read-only file system or a destination
+    this user may not write becomes a :class:`RunFolderError` naming the path.
+    """
+    where = Path(path) if path is not None else Path(getattr(err, "filename", None) or "?")
+    if is_disk_full(err):
+        return _disk_full(where, kept)
+    if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        reason = ("the file system is read-only" if err.errno == errno.EROFS
+                  else "permission denied")
+        return RunFolderError(f"cannot write {where}: {reason}; choose a writable --out")
+    return None
+
+
 def atomic_write(path: str | Path, data: bytes | str | Callable[[Path], Any], *,
                  kept: str = "the previous version is intact") -> Path:
     """Write ``path`` through a temporary sibling renamed over it; never a half file.
@@ -271,13 +309,56 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[Path], Any], *,
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:
-        if err.errno == errno.ENOSPC:
-            raise _disk_full(path, kept) from None
-        raise
+    except Exception as err:
+        _reraise_explained(err, path, kept)
     finally:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
     return path
+
+
+def _reraise_explained(err: Exception, path: Path, kept: str) -> None:
+    """Raise ``err`` as its one-line :func:`write_error`, or as it is if it is no write error."""
+    explained = write_error(err, path, kept=kept)
+    if explained is None:
+        raise err
+    raise explained from None
+
+
+def atomic_folder(directory: str | Path, write: Callable[[Path], Any], *,
+                  kept: str = "the previous files there are intact") -> Path:
+    """Write files into ``directory`` through a staging sibling ``.NAME.tmpPID/``.
+
+    ``write(staging)`` writes the files (a model: weights, config, reports); they are
+    then renamed one by one over ``directory``'s, so a reader sees old or new files,
+    never a half-written one. The staging folder is removed on any failure; a full
+    disk or a read-only destination is one line (:func:`write_error`).
+    """
+    directory = Path(directory)
+    staging = temporary_path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        staging.mkdir(parents=True, exist_ok=True)
+        write(staging)
+        for item in sorted(staging.iterdir()):
+            with open(item, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(item, directory / item.name)
+    except Exception as err:
+        _reraise_explained(err, directory, kept)
+    finally:
+        _remove(staging)
+    return directory
+
+
+def _remove(path: Path) -> None:
+    """Remove a temporary file or folder (a staged model folder), ignoring what is gone."""
+    try:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def repair_tail(path: str | Path) -> bool:
@@ -332,10 +413,12 @@ def append_jsonl(path: str | Path, row: Any, *, kept: str = "the rows before it 
             f.flush()
             os.fsync(f.fileno())
     except OSError as err:
-        if err.errno == errno.ENOSPC:
+        explained = write_error(err, path, kept=kept)
+        if explained is None:
+            raise
+        if isinstance(explained, DiskFull):
             repair_tail(path)
-            raise _disk_full(path, kept) from None
-        raise
+        raise explained from None
 
 
 def read_jsonl(path: str | Path, *, repair: bool = False) -> list[tuple[int, Any]]:
@@ -368,21 +451,30 @@ def read_jsonl(path: str | Path, *, repair: bool = False) -> list[tuple[int, Any
 # --------------------------------------------------------------------------- whose files
 
 
-def _manifest(folder: Path) -> set[str]:
+def _manifest(folder: Path) -> dict[str, str]:
+    """``{name: kind}`` of ``.attnbench-files``; the older plain list has kind ``""``."""
     try:
         data = json.loads((folder / MANIFEST_FILE).read_text())
     except (OSError, ValueError):
-        return set()
-    return {str(n) for n in data} if isinstance(data, list) else set()
+        return {}
+    if isinstance(data, list):
+        return {str(n): "" for n in data}
+    if isinstance(data, dict):
+        return {str(n): str(k) for n, k in data.items()}
+    return {}
 
 
 def claim_files(folder: str | Path, names: Iterable[str], *, force: bool = False,
-                ours: Callable[[Path], bool] | None = None, flag: str = "--out") -> None:
+                ours: Callable[[Path], bool] | None = None, flag: str = "--out",
+                kind: str = "") -> None:
     """Refuse to overwrite a file of ``names`` in ``folder`` that attnbench did not write.
 
-    attnbench's files are those recorded in ``.attnbench-files`` (this call records
-    ``names``), or, for folders made before the record existed, the files ``ours``
-    recognises. With ``force`` everything is claimed.
+    attnbench's files are those recorded in ``.attnbench-files`` with the same
+    ``kind`` (``""``: a run folder's results and reports; ``"training"``, ``"samples"``,
+    ``"model"``, ``"compare"``, ``"world"``: the other commands' outputs, so that
+    ``compare --out RUN/results.json`` cannot replace a results table), or, for
+    folders made before the record existed, the files ``ours`` recognises. With
+    ``force`` everything is claimed (and recorded as ``kind``).
     """
     folder = Path(folder)
     names = list(dict.fromkeys(names))
@@ -390,17 +482,57 @@ def claim_files(folder: str | Path, names: Iterable[str], *, force: bool = False
     foreign = []
     for name in names:
         path = folder / name
-        if name in known or not path.exists():
+        if known.get(name) == kind or not (path.exists() or path.is_symlink()):
             continue
-        if ours is not None and ours(path):
+        if name not in known and ours is not None and ours(path):
             continue
         foreign.append(name)
     if foreign and not force:
+        whose = ("attnbench did not write" if all(n not in known for n in foreign)
+                 else "are not this command's output")
         raise RunFolderError(
-            f"{flag} {folder} holds {', '.join(foreign)}, which attnbench did not write: pass "
+            f"{flag} {folder} holds {', '.join(foreign)}, which {whose}: pass "
             "--force to overwrite, or choose another folder"
         )
-    if known >= set(names):
+    if all(known.get(n) == kind for n in names):
         return
-    atomic_write(folder / MANIFEST_FILE,
-                 json.dumps(sorted(known | set(names)), indent=0) + "\n")
+    record = {**known, **{n: kind for n in names}}
+    data = sorted(record) if not any(record.values()) else dict(sorted(record.items()))
+    atomic_write(folder / MANIFEST_FILE, json.dumps(data, indent=0) + "\n")
+
+
+def claim_output(path: str | Path, *, force: bool, kind: str, flag: str) -> Path:
+    """Claim the single output file ``path`` (``--out FILE``, ``--render PNG``).
+
+    An empty name and a folder are refused; an existing file is overwritten only
+    if attnbench wrote it as ``kind`` (recorded in its folder's ``.attnbench-files``)
+    or with ``force``. Its folder is created.
+    """
+    if not str(path).strip():
+        raise RunFolderError(f"{flag} is empty: give a file name")
+    path = Path(path)
+    if path.is_dir():
+        raise RunFolderError(f"{flag} {path} is a folder: give a file name, e.g. "
+                             f"{path / ('grid.png' if kind == 'world' else 'out.md')}")
+    blocking = [p for p in path.parents if p.exists() and not p.is_dir()]
+    if blocking:
+        raise RunFolderError(f"{flag} {path}: {blocking[0]} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise write_error(err, path.parent) or RunFolderError(
+            f"{flag} {path}: cannot create {path.parent} ({err.strerror})") from None
+    claim_files(path.parent, [path.name], force=force, flag=flag, kind=kind)
+    for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a killed writer of it
+        match = TEMPORARY.match(stale.name)
+        if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1)),
+                                                                         None):
+            _remove(stale)
+    return path
+
+
+def write_output(path: str | Path, data: bytes | str | Callable[[Path], Any], *, force: bool,
+                 kind: str, flag: str) -> Path:
+    """:func:`claim_output`, then :func:`atomic_write`: every single-file output's path."""
+    return atomic_write(claim_output(path, force=force, kind=kind, flag=flag), data,
+                        kept="nothing else was changed")

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +58,11 @@ def rows_in_order(rows: ExactRows, positions: torch.Tensor, r0: int, r1: int) ->
 # --------------------------------------------------------------------------- options
 
 
+#: the largest option value: a radius, block, kernel or shift beyond any token count
+#: (larger ones overflow: a radius of 1e300 squared is inf)
+MAX_OPTION = 2**31 - 1
+
+
 @dataclass(frozen=True)
 class Option:
     """One tunable of a method: name, default, type and a validity check.
@@ -79,8 +86,12 @@ class Option:
     aliases: dict[str, Any] = field(default_factory=dict)
 
     def coerce(self, value: Any) -> Any:
-        """Convert ``value`` (possibly a CLI string) to the option's type."""
+        """Convert ``value`` (possibly a CLI string) to the option's type: finite, and of a
+        magnitude (<= :data:`MAX_OPTION`) no radius, block or shift meaningfully exceeds."""
         if value is None:
+            if self.default is not None:
+                raise ValueError(f"option {self.name!r} is None: give a {self.type.__name__}, "
+                                 f"or leave it out for the default {self.default!r}")
             return None
         if isinstance(value, str) and value in self.aliases:
             return self.aliases[value]
@@ -96,11 +107,12 @@ class Option:
         if self.type is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(f"option {self.name!r} takes an integer, got {value!r}")
         try:
-            return self.type(value)
-        except (TypeError, ValueError):
+            coerced = self.type(value)
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(
                 f"option {self.name!r} takes a {self.type.__name__}, got {value!r}"
             ) from None
+        return coerced
 
     def validate(self, value: Any) -> Any:
         value = self.coerce(value)
@@ -112,6 +124,12 @@ class Option:
             reason = self.check(value)
             if reason:
                 raise ValueError(f"option {self.name!r}={value!r}: {reason}")
+        # after the option's own check, which words its range best
+        if self.type is float and value is not None and not math.isfinite(value):
+            raise ValueError(f"option {self.name!r}={value!r}: must be a finite number")
+        if self.type in (int, float) and value is not None and abs(value) > MAX_OPTION:
+            raise ValueError(f"option {self.name!r}={value!r}: out of range (|value| <= "
+                             f"{MAX_OPTION}, more than any token count)")
         return value
 
 
@@ -180,6 +198,14 @@ FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 DTypes = tuple[torch.dtype, ...]
 
 
+def as_device(device: torch.device | str) -> torch.device:
+    """``device`` as a ``torch.device``; a name torch does not know is a ValueError naming it."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r}: unknown (use cpu or cuda[:N])") from None
+
+
 def _dtype_names(dtypes: DTypes) -> str:
     return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
 
@@ -242,7 +268,7 @@ class FastPath:
     ) -> list[str]:
         """Every reason this path cannot run on ``device``/``dtype``/``shape``/``layout``
         (``[]``: it can)."""
-        device = torch.device(device)
+        device = as_device(device)
         reasons: list[str] = []
         if layout is not None and self.layouts is not None and layout.kind not in self.layouts:
             reasons.append(f"takes {', '.join(self.layouts)} layouts, not {layout.kind} "
@@ -290,7 +316,7 @@ class FastPath:
     def supports_grad(self, device: torch.device | str) -> bool:
         """Whether autograd runs through this path on ``device``."""
         grad = self.grad_devices
-        return True if grad is None else torch.device(device).type in grad
+        return True if grad is None else as_device(device).type in grad
 
     def workspace_bytes(self, *args: Any, **kwargs: Any) -> float:
         """The path's memory model (0: a flash-style kernel that keeps only O(N·d))."""
@@ -551,7 +577,7 @@ class AttentionBackend:
         layout: Layout | None = None,
     ) -> dict[str, str | None]:
         """``{path: None or why not}`` for every implementation of this method."""
-        device = torch.device(device)
+        device = as_device(device)
         reasons: dict[str, str | None] = {} if self.kernel_only() else {"reference": None}
         for p in self.fast_paths:
             reasons[p.name] = p.available(device, dtype, shape, layout)
@@ -574,7 +600,7 @@ class AttentionBackend:
         forced ``impl`` is checked and returned with nothing passed over. A
         kernel-only method with no runnable path raises ValueError.
         """
-        device = torch.device(device)
+        device = as_device(device)
         if impl != "auto":
             if impl != "reference" or self.kernel_only():
                 reasons = self.fast_path(impl).not_supported_reasons(device, dtype, shape, layout)
@@ -703,9 +729,9 @@ class AttentionBackend:
         Methods with a reference are always available; methods that are only a
         kernel (flash, xformers) override ``kernel_only``.
         """
+        device = as_device(device)
         if not self.kernel_only():
             return None
-        device = torch.device(device)
         fast = {p.name: p.not_supported_reasons(device, dtype, shape) for p in self.fast_paths}
         if any(not r for r in fast.values()):
             return None
@@ -743,8 +769,18 @@ class AttentionBackend:
         return cls(self, num_heads, head_dim, impl=impl, **opts)
 
     # ----- cost models --------------------------------------------------------------
-    def _cost_args(self, tokens: int, grid: Grid | Layout | None, layout: Layout | None,
-                   options: dict[str, Any]) -> tuple[Layout, dict[str, Any]]:
+    def _cost_args(self, dims: tuple[int, int, int, int], grid: Grid | Layout | None,
+                   layout: Layout | None, options: dict[str, Any]
+                   ) -> tuple[Layout, dict[str, Any]]:
+        """Layout and options of a cost model, after checking the shapes are counts."""
+        for name, value in zip(("batch", "heads", "tokens", "head_dim"), dims, strict=True):
+            try:
+                ok = not isinstance(value, bool) and operator.index(value) >= 0
+            except TypeError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{self.name}: {name} must be an integer >= 0, got {value!r}")
+        tokens = dims[2]
         return self.geometry(layout, grid, self.resolve(options), tokens=tokens, square=True)
 
     def flops(
@@ -763,7 +799,7 @@ class AttentionBackend:
         ``grid`` (or ``layout``) as for ``attend``; a :class:`Layout` counts text tokens
         and video frames; neither: the square image grid of ``tokens``.
         """
-        layout, opts = self._cost_args(tokens, grid, layout, options)
+        layout, opts = self._cost_args((batch, heads, tokens, head_dim), grid, layout, options)
         return self.flop_model(batch, heads, tokens, head_dim, layout.text_first_form, **opts)
 
     def memory(
@@ -788,7 +824,7 @@ class AttentionBackend:
         elif impl not in ("reference", *self.paths()):
             raise ValueError(f"{self.name}: unknown implementation {impl!r}; valid: fast, "
                              f"{', '.join(dict.fromkeys(['reference', *self.paths()]))}")
-        layout, opts = self._cost_args(tokens, grid, layout, options)
+        layout, opts = self._cost_args((batch, heads, tokens, head_dim), grid, layout, options)
         io = 4.0 * batch * heads * tokens * head_dim * element_size
         workspace = self.workspace_model(
             batch, heads, tokens, head_dim, layout.text_first_form, element_size=element_size,
@@ -1036,6 +1072,8 @@ class AttentionMixer(nn.Module):
         **options: Any,
     ) -> None:
         super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+            raise ValueError(f"dim {dim!r}: the model width must be an integer > 0")
         if num_heads <= 0 or dim % num_heads:
             raise ValueError(
                 f"dim {dim} is not divisible by num_heads {num_heads}: head_dim must be an integer"

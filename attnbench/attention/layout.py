@@ -21,6 +21,7 @@ therefore only ever see "text prefix + grid" (:func:`text_first_geometry`).
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,9 +46,9 @@ class Layout:
     text_first: bool = True
 
     def __post_init__(self) -> None:
-        try:
-            grid = tuple(int(g) for g in self.grid)
-        except (TypeError, ValueError):
+        try:  # operator.index: 4.7 is refused, never rounded down to 4
+            grid = tuple(operator.index(g) for g in self.grid)
+        except TypeError:
             raise ValueError(
                 f"layout grid must be (H, W) or (T, H, W) integers, got {self.grid!r}"
             ) from None

@@ -14,6 +14,7 @@ The loss terms a distillation recipe may name (``distill/losses.py`` computes th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -203,7 +204,10 @@ class DistillRecipe:
             try:
                 merged[key] = float(value)
             except (TypeError, ValueError):
-                raise ValueError(f"loss weight {key}={value!r} is not a number") from None
+                raise ValueError(f"--weight {key}={value!r} is not a number") from None
+            if not (math.isfinite(merged[key]) and merged[key] >= 0):
+                raise ValueError(f"--weight {key}={value}: a loss weight is a finite number "
+                                 ">= 0 (0 turns the term off)")
         valid = ("attn_tap", "attn_every", "optimisation", "options")
         unknown = sorted(set(fields) - set(valid))
         if unknown:

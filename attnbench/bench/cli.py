@@ -17,9 +17,11 @@ def import_benchmark(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no pytest-benchmark JSON at {path} "
                                 "(write one with pytest --benchmark-only --benchmark-json FILE)")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not JSON: {err}") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        kind = "binary data (not UTF-8 text)" if isinstance(err, UnicodeDecodeError) else err
+        raise ValueError(f"FILE {path} is not pytest-benchmark JSON ({kind}): write one with "
+                         "pytest --benchmark-only --benchmark-json FILE") from None
     rows, meta = rows_from_pytest_benchmark(data)
     out = Path(args.out) if args.out else path.with_suffix("")
     writer = ResultsWriter(out, {**meta, "command": " ".join(["python -m attnbench",

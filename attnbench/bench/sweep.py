@@ -98,20 +98,28 @@ def parse_methods(
             raise ValueError(
                 f"method option {pair!r} is not METHOD.KEY=VALUE (e.g. clear.radius=8)"
             )
-        defaults.setdefault(method.strip(), {})[option.strip()] = value.strip()
-    for method in defaults:
+        method, option = method.strip(), option.strip()
+        if option in defaults.get(method, {}):
+            raise ValueError(f"--method-options gives {method}.{option} twice: give it once")
+        defaults.setdefault(method, {})[option] = value.strip()
+    for method, options in defaults.items():
         if method not in (i.split(":")[0] for i in items):
             attention.get(method)  # an unknown name raises with suggestions
             raise ValueError(f"--method-options names {method!r}, which is not in --methods")
+        attention.get(method).resolve(options, mixer=True)  # checked even where overridden
     specs = []
     for item in items:
         name, *pairs = item.split(":")
         backend = attention.get(name)
         given = dict(defaults.get(name, {}))
+        pairs_seen: set[str] = set()
         for pair in pairs:
             key, sep, value = pair.partition("=")
             if not sep:
                 raise ValueError(f"{item!r}: {pair!r} is not KEY=VALUE (e.g. clear:radius=16)")
+            if key.strip() in pairs_seen:
+                raise ValueError(f"{item!r} gives {key.strip()} twice: give it once")
+            pairs_seen.add(key.strip())
             given[key.strip()] = value.strip()
         resolved = backend.resolve(given, mixer=True)
         explicit = {k: resolved[k] for k in given}

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
+
+from .. import runfolder
 
 
 def make_grid(images: np.ndarray, nrow: int = 8, pad: int = 2, value: int = 128) -> np.ndarray:
@@ -50,9 +51,4 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def save_png(path: str | Path, image: np.ndarray) -> Path:
     """Write ``image`` to ``path`` atomically (a temporary file, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(encode_png(image))
-    os.replace(tmp, path)
-    return path
+    return runfolder.atomic_write(path, encode_png(image))

@@ -15,7 +15,7 @@ import argparse
 import json
 
 from .. import runfolder
-from ..cliutil import UsageError, non_negative_int, parse_options, positive_int
+from ..cliutil import UsageError, non_empty, non_negative_int, number, parse_options, positive_int
 
 
 def _steps_spec(text: str) -> int | str:
@@ -41,17 +41,18 @@ def _add_training_flags(p: argparse.ArgumentParser, *, steps: int, batch: int,
     g.add_argument("--optimizer", choices=("adamw", "prodigy"), default=optimizer,
                    help=f"optimiser ({_default(optimizer, '; CLEAR: prodigy')}; prodigy needs "
                         "pip install 'attnbench[prodigy]')")
-    g.add_argument("--lr", type=float, default=lr, help=f"learning rate ({_default(lr)})")
-    g.add_argument("--weight-decay", type=float, default=weight_decay,
+    g.add_argument("--lr", type=number("--lr", low=0, low_open=True), default=lr,
+                   help=f"learning rate ({_default(lr)})")
+    g.add_argument("--weight-decay", type=number("--weight-decay", low=0), default=weight_decay,
                    help=f"decoupled weight decay ({_default(weight_decay)})")
     g.add_argument("--warmup-steps", type=non_negative_int, default=warmup,
                    help=f"linear learning-rate warm-up ({_default(warmup)})")
     g.add_argument("--lr-schedule", choices=("constant", "cosine"), default=schedule,
                    help=f"after the warm-up: constant, or cosine decay to 0 (default {schedule})")
-    g.add_argument("--ema-decay", type=float, default=ema,
+    g.add_argument("--ema-decay", type=number("--ema-decay", low=0, high=1), default=ema,
                    help=f"EMA decay, warmed up as min(decay, (1+s)/(10+s)); 0 = no EMA "
                         f"({_default(ema)})")
-    g.add_argument("--grad-clip", type=float, default=grad_clip,
+    g.add_argument("--grad-clip", type=number("--grad-clip", low=0), default=grad_clip,
                    help=f"max gradient norm, 0 = off ({_default(grad_clip)})")
     g.add_argument("--precision", choices=("fp32", "bf16"), default=precision,
                    help=f"autocast dtype of the forward passes (default {precision})")
@@ -62,7 +63,8 @@ def _add_training_flags(p: argparse.ArgumentParser, *, steps: int, batch: int,
                    help="held-out samples of the ε evaluation before and after (default 64)")
     g.add_argument("--eval-every", type=non_negative_int, default=0,
                    help="also evaluate every K steps, to eval.jsonl (default 0: before/after)")
-    g.add_argument("--max-minutes", type=float, default=None,
+    g.add_argument("--max-minutes", type=number("--max-minutes", low=0, low_open=True),
+                   default=None,
                    help="stop (and save) after this much training time")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     g.add_argument("--threads", type=positive_int, default=None,
@@ -122,7 +124,7 @@ def _distill(args: argparse.Namespace) -> int:
         from .diffusers_cli import distill_command
 
         return _print_summary(distill_command(args, config), args.json) or 0
-    weights = parse_options(args.weight)
+    weights = parse_options(args.weight, flag="--weight", example="kd_out=0.5")
     options = parse_options(args.option)
     gen_steps = _steps_spec(args.gen_steps)
     if args.gen_samples <= 0:
@@ -181,7 +183,8 @@ def add_parser(subparsers) -> None:
                         "distil its transformer with its family's objective "
                         "(attnbench/distill/diffusers_distill.py)")
     p.add_argument("--method", required=True, help="attention method (python -m attnbench list)")
-    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--out", required=True, type=non_empty("--out", "a folder"),
+                   help="run directory")
     p.add_argument("--option", "--options", dest="option", action="extend", nargs="+",
                    default=[], metavar="KEY=VALUE",
                    help="a method option, repeatable (e.g. --option radius=3)")
@@ -199,11 +202,11 @@ def add_parser(subparsers) -> None:
     d = p.add_argument_group("data")
     d.add_argument("--data", default="self",
                    help="self (teacher samples, default), shapes, or an .npz / folder of latents")
-    d.add_argument("--gen-samples", type=int, default=512,
+    d.add_argument("--gen-samples", type=positive_int, default=512,
                    help="teacher samples to generate with --data self (default 512)")
     d.add_argument("--gen-steps", default="50",
                    help="DDIM steps of those samples (default 50)")
-    d.add_argument("--gen-cfg", type=float, default=1.0,
+    d.add_argument("--gen-cfg", type=number("--gen-cfg", low=0), default=1.0,
                    help="guidance scale of those samples (default 1.0: the teacher's own "
                         "distribution)")
     from .diffusers_cli import add_pipeline_flags
@@ -223,7 +226,8 @@ def add_parser(subparsers) -> None:
             "config, training.json, SHA256SUMS) and OUT/samples.png."
         ),
     )
-    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--out", required=True, type=non_empty("--out", "a folder"),
+                   help="run directory")
     t.add_argument("--data-seed", type=int, default=0, help="seed of the shapes world")
     m = t.add_argument_group("model (default: the shipped teacher's config)")
     m.add_argument("--hidden-size", type=positive_int, default=None)

@@ -1,15 +1,14 @@
 """Atomic writes and the run directory's training checkpoint.
 
-Everything a run writes goes to a temporary file in the same directory and is
-renamed over its destination (``os.replace`` is atomic on POSIX and Windows),
-so an interrupted write leaves the previous file intact: a crash never costs
-what was already saved.
+Everything a run writes goes through :func:`attnbench.runfolder.atomic_write` (a
+temporary file in the same directory renamed over its destination), so an
+interrupted write leaves the previous file intact and a full disk is one line:
+a crash never costs what was already saved.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -17,35 +16,38 @@ from typing import Any
 
 import torch
 
+from .. import runfolder
+
 CHECKPOINT_FILE = "checkpoint.pt"
 RUN_FILE = "run.json"
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 EVAL_JSONL = "eval.jsonl"
 SUMMARY_FILE = "summary.json"
+#: every name a training run (``distill``, ``train-teacher``) writes into its folder:
+#: claimed before work, so a user's own ``summary.json`` is never overwritten
+TRAINING_OUTPUTS = (RUN_FILE, CHECKPOINT_FILE, METRICS_JSONL, METRICS_CSV, EVAL_JSONL,
+                    SUMMARY_FILE, "student", "teacher", "samples.png", "teacher_samples.npz")
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+def is_training_folder(folder: str | Path) -> bool:
+    """True when ``folder`` holds a training run attnbench started (its ``run.json``).
+
+    Recognises the folders written before ``.attnbench-files`` recorded their names.
+    """
+    try:
+        document = json.loads((Path(folder) / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(document, dict) and isinstance(document.get("identity"), dict)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return runfolder.atomic_write(path, data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode())
+    return runfolder.atomic_write(path, text)
 
 
 def atomic_write_json(path: str | Path, data: Any) -> Path:
@@ -53,42 +55,22 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return runfolder.atomic_write(path, lambda tmp: torch.save(obj, tmp),
+                                  kept="the previous checkpoint is intact")
 
 
 def atomic_save_model(model, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """``save_dit`` into ``directory`` file by file, each atomically; ``extra`` JSON files too.
-
-    The files are first written to a temporary sibling directory, then renamed
-    one by one over the destination's (so a reader sees old or new files,
-    never a half-written one). Returns the weights file.
-    """
+    """``save_dit`` into ``directory`` (with the JSON files ``extra``), through
+    :func:`attnbench.runfolder.atomic_folder`; returns the weights file."""
     from ..models.checkpoint import WEIGHTS_FILE, save_dit
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    staging = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
-    staging.mkdir(parents=True, exist_ok=True)
-    try:
+    def write(staging: Path) -> None:
         save_dit(model, staging)
         for name, data in (extra or {}).items():
             (staging / name).write_text(json.dumps(data, indent=2, sort_keys=True,
                                                    default=str) + "\n")
-        for item in sorted(staging.iterdir()):
-            os.replace(item, directory / item.name)
-    finally:
-        for item in staging.glob("*"):
-            item.unlink(missing_ok=True)
-        staging.rmdir()
-    return directory / WEIGHTS_FILE
+
+    return runfolder.atomic_folder(directory, write) / WEIGHTS_FILE
 
 
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:

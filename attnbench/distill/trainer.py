@@ -51,10 +51,12 @@ from .io import (
     METRICS_JSONL,
     RUN_FILE,
     SUMMARY_FILE,
+    TRAINING_OUTPUTS,
     atomic_save_model,
     atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
+    is_training_folder,
     load_training_checkpoint,
 )
 from .losses import flat_mse, recipe_losses
@@ -245,6 +247,10 @@ def check_out(out: str | Path, *, resume: bool, force: bool) -> None:
             f"--out {out} already holds a run ({', '.join(existing)}): pass --resume to "
             "continue it, --force to start over, or choose another directory"
         )
+    if runfolder.is_rank_zero():
+        legacy = is_training_folder(out)
+        runfolder.claim_files(out, TRAINING_OUTPUTS, force=force, kind="training",
+                              ours=lambda _path: legacy)
 
 
 class Trainer:

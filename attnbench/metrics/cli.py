@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..cliutil import positive_int
+from ..cliutil import non_empty, number, positive_int
 from .engines import CLEAN_MODES, ENGINES, EXTRACTORS
 from .fid import METRICS as FID_METRICS
 from .quality import METRIC_GROUPS, EvalConfig, evaluate, parse_metrics
@@ -83,20 +83,22 @@ def _add_sampling_flags(p: argparse.ArgumentParser, *, num_default: int | None) 
     g.add_argument("--steps", type=_steps, default=None,
                    help="sampling steps: respacing of the 1000 training steps (default 250); "
                         "also 'ddimN' or 'N1,N2,...'")
-    g.add_argument("--cfg", type=float, default=1.5,
+    g.add_argument("--cfg", type=number("--cfg", low=1), default=1.5,
                    help="classifier-free guidance scale (default 1.5; 1 = none)")
     g.add_argument("--cfg-channels", type=_cfg_channels, default=3, metavar="N|all",
                    help="channels guided: 3 = DiT's first-three-channels behaviour (default), "
                         "'all' = the standard formulation")
     g.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm",
                    help="ancestral DDPM (DiT's evaluation) or DDIM (default ddpm)")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    g.add_argument("--eta", type=number("--eta", low=0, high=1), default=0.0,
+                   help="DDIM eta, 0 to 1 (default 0)")
     g.add_argument("--batch", type=positive_int, default=64,
                    help="samples per chunk; each chunk has its own seed (default 64)")
     g.add_argument("--seed", type=int, default=0, help="global seed (default 0)")
     g.add_argument("--labels", type=_labels, default="uniform",
                    help="uniform (random, as DiT), balanced (cycle GenEval's six tasks) or ids")
-    g.add_argument("--vae", help="diffusers AutoencoderKL folder decoding a latent model's samples")
+    g.add_argument("--vae", type=non_empty("--vae", "a folder"),
+                   help="diffusers AutoencoderKL folder decoding a latent model's samples")
     g.add_argument("--device", help="cpu or cuda[:N] (default: cuda when visible)")
 
 
@@ -189,9 +191,11 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "sample", help="draw samples with DiT's protocol into PNGs and an ADM-format .npz",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="DiT checkpoint or attnbench model folder "
+    p.add_argument("--ckpt", type=non_empty("--ckpt", "a checkpoint"),
+                   help="DiT checkpoint or attnbench model folder "
                                   "(default: the shipped teacher)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, type=non_empty("--out", "a folder"),
+                   help="output directory")
     _add_sampling_flags(p, num_default=None)
     p.add_argument("--no-png", action="store_true", help="write only samples.npz")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
@@ -205,11 +209,14 @@ def add_parser(subparsers) -> None:
         "eval", help="quality of a checkpoint (FID family, GenEval proxy, fidelity to the "
                      "teacher) into the results table",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="the model to evaluate (default: the shipped teacher)")
-    p.add_argument("--teacher", help="teacher for --metrics fidelity (default: the shipped one)")
+    p.add_argument("--ckpt", type=non_empty("--ckpt", "a checkpoint"),
+                   help="the model to evaluate (default: the shipped teacher)")
+    p.add_argument("--teacher", type=non_empty("--teacher", "a checkpoint"),
+                   help="teacher for --metrics fidelity (default: the shipped one)")
     p.add_argument("--metrics", default=",".join(METRIC_GROUPS),
                    help=f"comma-separated groups: {', '.join(METRIC_GROUPS)} (default all)")
-    p.add_argument("--out", help="run directory whose results table receives the quality row "
+    p.add_argument("--out", type=non_empty("--out", "a folder"),
+                   help="run directory whose results table receives the quality row "
                                  "(default reports/runs/eval-<timestamp>/)")
     _add_sampling_flags(p, num_default=1000)
     p.add_argument("--samples", help="score this .npz (arr_0 images, arr_1 labels) instead of "

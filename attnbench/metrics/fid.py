@@ -20,7 +20,9 @@ how each number was made:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,25 +74,55 @@ class FeatureStats:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> FeatureStats:
+    def load(cls, path: str | Path, flag: str = "") -> FeatureStats:
         """Statistics from an ``.npz`` with ``mu`` and ``sigma`` (as ADM reference batches)."""
         path = Path(path)
-        with _open_npz(path) as data:
+        with _open_npz(path, flag) as data:
             if "mu" not in data or "sigma" not in data:
-                raise ValueError(f"{path} has no 'mu'/'sigma' arrays (keys: {sorted(data.files)})")
+                raise NpzContentError(f"{path} has no 'mu'/'sigma' arrays (keys: "
+                                      f"{sorted(data.files)})")
             count = int(data["count"]) if "count" in data else None
             meta = json.loads(str(data["meta"])) if "meta" in data else {}
             return cls(data["mu"], data["sigma"], count=None if count == -1 else count,
                        meta={**meta, "file": str(path)})
 
 
-def _open_npz(path: Path):
+class NpzContentError(ValueError):
+    """An .npz that opens but lacks what is asked of it (raised as it is, not re-worded)."""
+
+
+def _npz_error(path: Path, flag: str, err: BaseException) -> ValueError:
+    """Why ``path`` could not be read as an .npz of plain arrays, naming ``flag`` and the file."""
+    where = f"{flag} {path}" if flag else str(path)
+    if path.stat().st_size == 0:
+        reason = "is empty (0 bytes)"
+    elif not zipfile.is_zipfile(path):
+        reason = "is not an .npz archive (numpy.savez writes one; this file is something else)"
+    elif "pickle" in str(err).lower() or "object" in str(err).lower():
+        reason = ("holds object arrays (Python pickles), which attnbench never loads: save "
+                  "plain numeric arrays")
+    else:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = f"is not a readable .npz ({detail})"
+    return ValueError(f"{where} {reason}")
+
+
+@contextlib.contextmanager
+def _open_npz(path: Path, flag: str = ""):
+    """The arrays of an .npz (never a pickle); any failure is one line naming ``flag``."""
     if not path.is_file():
-        raise FileNotFoundError(f"no .npz at {path}")
+        raise FileNotFoundError(f"{flag + ' ' if flag else ''}{path}: no such file")
     try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable .npz: {err}") from None
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise NpzContentError(f"{flag + ' ' if flag else ''}{path} is a single .npy array, "
+                                  "not an .npz archive")
+        with loaded as data:
+            yield data
+    except NpzContentError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise _npz_error(path, flag, err) from None
 
 
 def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
@@ -130,15 +162,19 @@ class Reference:
         return self.stats.count if self.stats is not None else None
 
 
-def load_images_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+def load_images_npz(path: str | Path, flag: str = "") -> tuple[np.ndarray, np.ndarray | None]:
     """``(arr_0 uint8 [N, H, W, 3], arr_1 labels or None)`` of an ADM-format sample ``.npz``."""
     path = Path(path)
-    with _open_npz(path) as data:
+    where = f"{flag} {path}" if flag else str(path)
+    with _open_npz(path, flag) as data:
         if "arr_0" not in data:
-            raise ValueError(f"{path} has no 'arr_0' image array (keys: {sorted(data.files)})")
+            raise NpzContentError(f"{where} has no 'arr_0' image array (keys: "
+                                  f"{sorted(data.files)})")
         images = data["arr_0"]
         labels = data["arr_1"] if "arr_1" in data else None
-    check_images(images, str(path))
+    check_images(images, where)
+    if not len(images):
+        raise ValueError(f"{where} holds no images (arr_0 has 0 rows)")
     return images, labels
 
 
@@ -200,14 +236,15 @@ def load_reference(spec: str | Path, *, image_size: int | None = None, num: int 
         images = load_image_folder(path, num)
         return Reference(f"image folder {path} ({len(images)} images)", images)
     if path.suffix == ".npz":
-        with _open_npz(path) as data:
+        with _open_npz(path, "--reference") as data:
             has_images, has_stats = "arr_0" in data, "mu" in data and "sigma" in data
         if not has_images and not has_stats:
-            raise ValueError(f"{path} has neither 'arr_0' images nor 'mu'/'sigma' statistics")
-        images = load_images_npz(path)[0] if has_images else None
+            raise ValueError(f"--reference {path} has neither 'arr_0' images nor 'mu'/'sigma' "
+                             "statistics")
+        images = load_images_npz(path, "--reference")[0] if has_images else None
         if images is not None and num:
             images = images[:num]
-        stats = FeatureStats.load(path) if has_stats else None
+        stats = FeatureStats.load(path, "--reference") if has_stats else None
         parts = ([f"{len(images)} images"] if images is not None else []) + (
             ["mu/sigma"] if stats is not None else [])
         return Reference(f"{path.name} ({', '.join(parts)})", images, stats)

@@ -36,7 +36,7 @@ import torch
 from .. import cliutil
 from ..results import HIGHER_IS_BETTER, Result, ResultsWriter, canonical_options
 from ..results import label as result_label
-from .sample import SampleSettings, checkpoint_sha256, generate, save_npz
+from .sample import SampleSettings, check_vae, checkpoint_sha256, generate, save_npz
 
 METRIC_GROUPS = ("fid", "geneval", "fidelity")
 
@@ -139,8 +139,13 @@ def evaluate(ckpt: str | Path | None, config: EvalConfig, run_dir: str | Path, *
         from ..distill.teacher import default_teacher_path
 
         ckpt = default_teacher_path()
+    if config.vae is not None:
+        check_vae(config.vae)
     model = load_dit(ckpt, device=device)
     cfg = model.config
+    config.sampling.check_model(cfg)
+    if config.vae is not None:
+        check_vae(config.vae, cfg)
     shapes = is_shapes_model(cfg)
     if "geneval" in config.metrics and not shapes:
         raise ValueError(f"--metrics geneval scores shapes-world models; {ckpt} is a "
@@ -162,6 +167,11 @@ def evaluate(ckpt: str | Path | None, config: EvalConfig, run_dir: str | Path, *
         _check_fid_inputs(config, ref_spec, extractor)
     if "fidelity" in config.metrics and teacher is not None and not Path(teacher).exists():
         raise FileNotFoundError(f"--teacher {teacher}: no such file or folder")
+    given = None
+    if config.samples and ("fid" in config.metrics or "geneval" in config.metrics):
+        from .fid import load_images_npz
+
+        given = load_images_npz(config.samples, "--samples")  # checked before anything is written
     run_dir = Path(run_dir)
     writer = ResultsWriter(run_dir, {**environment(device, ["python", "-m", "attnbench",
                                                             *(argv or [])]),
@@ -177,10 +187,8 @@ def evaluate(ckpt: str | Path | None, config: EvalConfig, run_dir: str | Path, *
 
     images = labels = None
     if "fid" in config.metrics or "geneval" in config.metrics:
-        if config.samples:
-            from .fid import load_images_npz
-
-            images, labels = load_images_npz(config.samples)
+        if given is not None:
+            images, labels = given
             extra["samples"] = str(Path(config.samples).resolve())
             extra["sampling"] = {"from_file": str(config.samples), "num": len(images)}
         else:

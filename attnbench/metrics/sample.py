@@ -22,7 +22,10 @@ decoded through a VAE given by path (diffusers' ``AutoencoderKL`` folder).
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -33,6 +36,7 @@ import numpy as np
 import torch
 
 from .. import runfolder
+from ..cliutil import check_number
 from ..data.shapes import NUM_CLASSES, TASKS, task_labels, to_uint8
 from ..diffusion import SAMPLERS, Diffusion
 from ..diffusion.sampling import sample_images
@@ -40,6 +44,8 @@ from ..diffusion.sampling import sample_images
 NPZ_FILE = "samples.npz"
 INFO_FILE = "samples.json"
 SHARD_DIR = ".shards"
+#: finished chunks of a run not yet merged into samples.npz (what a resume keeps)
+CHUNK_DIR = ".chunks"
 LABEL_MODES = ("uniform", "balanced")
 
 
@@ -65,11 +71,31 @@ class SampleSettings:
             raise ValueError(f"the batch size must be positive, got {self.batch}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}")
-        if self.cfg_scale < 1.0:
-            raise ValueError(f"the CFG scale must be >= 1 (1 = no guidance), got {self.cfg_scale}")
+        check_number("--cfg", self.cfg_scale, low=1,
+                     example="1.5: the CFG scale; 1 = no guidance")
+        check_number("--eta", self.eta, low=0, high=1, example="0 = deterministic DDIM")
+        if self.cfg_channels is not None:
+            check_number("--cfg-channels", self.cfg_channels, low=1, integer=True, example="3")
         if isinstance(self.labels, str) and self.labels not in LABEL_MODES:
             raise ValueError(f"unknown label mode {self.labels!r}; valid: "
                              f"{', '.join(LABEL_MODES)} or a list of labels")
+        if not isinstance(self.labels, str) and not len(self.labels):
+            raise ValueError(f"--labels is empty: give {' or '.join(LABEL_MODES)}, or "
+                             "comma-separated label ids")
+
+    def check_model(self, config) -> None:
+        """Refuse settings this model cannot take (before sampling: every given label, even
+        one past ``num``, and the guided channels)."""
+        who = config.name or "the model"
+        if self.cfg_channels is not None and self.cfg_channels > config.in_channels:
+            raise ValueError(f"--cfg-channels {self.cfg_channels}: {who} has "
+                             f"{config.in_channels} channels (give 1 to {config.in_channels}, "
+                             "or all)")
+        if not isinstance(self.labels, str):
+            bad = [y for y in self.labels if not 0 <= int(y) < config.num_classes]
+            if bad:
+                raise ValueError(f"--labels {bad[0]}: {who} has labels 0 to "
+                                 f"{config.num_classes - 1}")
 
     def describe(self) -> dict[str, Any]:
         data = asdict(self)
@@ -104,13 +130,32 @@ def balanced_labels(n: int, num_classes: int = NUM_CLASSES) -> list[int]:
 
 def load_vae(path: str | Path, device: torch.device | str = "cpu"):
     """A diffusers ``AutoencoderKL`` from a local folder (never a hub download)."""
-    path = Path(path).expanduser()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"--vae {path}: not a diffusers AutoencoderKL folder (no "
-                                "config.json); e.g. save stabilityai/sd-vae-ft-ema there")
+    path = check_vae(path)
     diffusers = import_diffusers()
     return diffusers.AutoencoderKL.from_pretrained(str(path), local_files_only=True).to(
         device).eval()
+
+
+def check_vae(path: str | Path, model_config=None) -> Path:
+    """``--vae PATH`` is a diffusers AutoencoderKL folder (its ``config.json`` says so), and a
+    model given is a latent one that needs it; checked before any weights are read."""
+    path = Path(path).expanduser()
+    if not str(path).strip() or not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--vae {path}: not a diffusers AutoencoderKL folder (no "
+                                "config.json); e.g. save stabilityai/sd-vae-ft-ema there")
+    try:
+        document = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        document = None
+    kind = document.get("_class_name") if isinstance(document, dict) else None
+    if kind != "AutoencoderKL":
+        raise ValueError(f"--vae {path}: its config.json describes "
+                         f"{kind or 'no diffusers class'}, not an AutoencoderKL (give the "
+                         "VAE's folder, e.g. sd-vae-ft-ema)")
+    if model_config is not None and model_config.is_pixel:
+        raise ValueError(f"--vae {path}: {model_config.name or 'the model'} samples pixels "
+                         f"({model_config.in_channels} channels), not latents: leave --vae out")
+    return path
 
 
 def import_diffusers():
@@ -190,9 +235,13 @@ def sample_chunk(model, settings: SampleSettings, chunk: int, *, device: torch.d
 
 def generate(model, settings: SampleSettings, *, device: torch.device | str = "cpu",
              rank: int = 0, world_size: int = 1, vae=None, progress: bool = False,
-             on_chunk: Callable[[range, np.ndarray, np.ndarray], None] | None = None
-             ) -> dict[str, Any]:
-    """This rank's chunks: ``{"indices", "images", "labels", "seconds", "step_seconds"}``."""
+             on_chunk: Callable[[range, np.ndarray, np.ndarray], None] | None = None,
+             done: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, Any]:
+    """This rank's chunks: ``{"indices", "images", "labels", "seconds", "step_seconds"}``.
+
+    ``done`` maps a chunk's first index to its ``(images, labels)`` drawn before (a
+    resumed run): those chunks are taken as they are, not drawn again.
+    """
     chunks = [c for c in range(len(chunk_ranges(settings.num, settings.batch)))
               if c % world_size == rank]
     ranges = chunk_ranges(settings.num, settings.batch)
@@ -207,10 +256,13 @@ def generate(model, settings: SampleSettings, *, device: torch.device | str = "c
                         unit="batch")
     start = time.perf_counter()
     for c in iterator:
-        imgs, ys = sample_chunk(model, settings, c, device=device, vae=vae,
-                                diffusion=diffusion, timer=timer)
-        if on_chunk is not None:
-            on_chunk(ranges[c], imgs, ys)
+        if done and ranges[c].start in done:
+            imgs, ys = done[ranges[c].start]
+        else:
+            imgs, ys = sample_chunk(model, settings, c, device=device, vae=vae,
+                                    diffusion=diffusion, timer=timer)
+            if on_chunk is not None:
+                on_chunk(ranges[c], imgs, ys)
         images.append(imgs)
         labels.append(ys)
         indices.extend(ranges[c])
@@ -227,13 +279,69 @@ def generate(model, settings: SampleSettings, *, device: torch.device | str = "c
 
 def save_npz(path: str | Path, images: np.ndarray, labels: np.ndarray | None = None) -> Path:
     """ADM's sample format: ``arr_0`` uint8 ``N × H × W × 3`` (and ``arr_1`` labels)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
     arrays = [images] if labels is None else [images, np.asarray(labels, dtype=np.int64)]
-    np.savez(tmp, *arrays)
-    tmp.replace(path)
-    return path
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+            np.savez(f, *arrays)
+
+    return runfolder.atomic_write(path, write)
+
+
+def _identity(ckpt, model, settings: SampleSettings, vae_path, png: bool) -> dict[str, Any]:
+    """What a resumed ``sample`` must share with the run it continues."""
+    return json.loads(json.dumps({
+        **settings.describe(), "labels": settings.labels,
+        "checkpoint": str(ckpt), "checkpoint_sha256": checkpoint_sha256(model),
+        "vae": str(vae_path) if vae_path else None, "png": png}, default=str))
+
+
+def _chunk_file(out: Path, rows: range) -> Path:
+    return out / CHUNK_DIR / f"chunk{rows.start:09d}.npz"
+
+
+def _prepare_out(out: Path, identity: dict[str, Any], *, force: bool
+                 ) -> dict[int, tuple[np.ndarray, np.ndarray]] | None:
+    """Check ``out`` for this ``sample`` run; the chunks an interrupted run of it left.
+
+    An empty folder starts a run; a folder of an interrupted run with the same
+    identity resumes it (its finished chunks are kept); a finished one returns
+    None (nothing to do); anything else needs ``--force``, which starts over.
+    """
+    outputs = [NPZ_FILE, INFO_FILE, CHUNK_DIR]
+    mine = [p for p in out.iterdir() if p.name not in runfolder.BOOKKEEPING] \
+        if out.is_dir() else []
+    try:
+        saved = json.loads((out / INFO_FILE).read_text())
+    except (OSError, ValueError):
+        saved = None
+    ours = isinstance(saved, dict) and "identity" in saved
+    if mine and not force:
+        runfolder.claim_files(out, outputs, kind="samples", ours=lambda _path: ours)
+        if not ours:
+            raise ValueError(f"--out {out} is not empty and holds no sample run of attnbench: "
+                             "choose a new directory, or pass --force to write into it")
+        if saved["identity"] != identity:
+            differ = sorted(k for k in set(identity) | set(saved["identity"])
+                            if identity.get(k) != saved["identity"].get(k))
+            raise ValueError(f"--out {out} holds samples drawn with other settings "
+                             f"({', '.join(differ)} differ): repeat the original command to "
+                             "resume, pass --force to start over, or choose another directory")
+        if saved.get("status") == "done" and (out / NPZ_FILE).is_file():
+            return None
+        done = {}
+        for path in sorted((out / CHUNK_DIR).glob("chunk*.npz")):
+            with np.load(path, allow_pickle=False) as data:
+                done[int(path.stem[5:])] = (data["images"], data["labels"])
+        return done
+    if runfolder.is_rank_zero():
+        runfolder.claim_files(out, outputs, kind="samples", force=True)
+        for name in (NPZ_FILE, INFO_FILE):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / CHUNK_DIR, ignore_errors=True)
+        runfolder.atomic_write(out / INFO_FILE, json.dumps(
+            {"status": "running", "identity": identity}, indent=2) + "\n")
+    return {}
 
 
 def claim_out(out: str | Path, force: bool) -> Path:
@@ -252,30 +360,54 @@ def run_sampling(ckpt: str | Path | None, settings: SampleSettings, out: str | P
                  device: str | None = None, vae_path: str | Path | None = None,
                  png: bool = True, force: bool = False, progress: bool = True,
                  argv: list[str] | None = None) -> dict[str, Any]:
-    """``python -m attnbench sample``: one process or every torchrun rank (module docstring)."""
+    """``python -m attnbench sample``: one process or every torchrun rank (module docstring).
+
+    Each finished chunk is kept in ``OUT/.chunks/``: the same command run again
+    after an interruption resumes (drawing only the missing chunks, whose seeds
+    do not depend on what was drawn before); ``force`` starts over.
+    """
     from ..data.images import save_png
     from ..distill import dist
     from ..models import load_dit
 
-    out = claim_out(out, force)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    runfolder.lock_folder(out, "sample")
     if ckpt is None:
         from ..distill.teacher import default_teacher_path
 
         ckpt = default_teacher_path()
+    if vae_path is not None:
+        check_vae(vae_path)
     info = dist.setup(device)
     try:
         model = load_dit(ckpt, device=info.device)
+        settings.check_model(model.config)
+        if vae_path is not None:
+            check_vae(vae_path, model.config)
+        done = _prepare_out(out, _identity(ckpt, model, settings, vae_path, png), force=force)
+        if done is None:
+            print(f"attnbench sample: {out} already holds these {settings.num} samples: "
+                  "nothing to do (--force draws them again)", file=sys.stderr)
+            return json.loads((out / INFO_FILE).read_text())
+        if done:
+            print(f"attnbench sample: resuming {out}: {len(done)} chunk(s) already drawn",
+                  file=sys.stderr)
         vae = load_vae(vae_path, info.device) if vae_path else None
         dist.barrier(info)  # every rank checked --out before any writes
 
-        def write_pngs(rows: range, imgs: np.ndarray, _labels: np.ndarray) -> None:
+        def keep_chunk(rows: range, imgs: np.ndarray, labels: np.ndarray) -> None:
             if png:
                 for i, image in zip(rows, imgs, strict=True):
                     save_png(out / f"{i:06d}.png", image)
+            buf = io.BytesIO()
+            np.savez(buf, images=imgs, labels=labels)
+            runfolder.atomic_write(_chunk_file(out, rows), buf.getvalue())
 
         mine = generate(model, settings, device=info.device, rank=info.rank,
                         world_size=info.world_size, vae=vae,
-                        progress=progress and info.is_main, on_chunk=write_pngs)
+                        progress=progress and info.is_main, on_chunk=keep_chunk, done=done)
         out.mkdir(parents=True, exist_ok=True)
         images, labels = gather_samples(out, mine, info, settings.num)
         summary: dict[str, Any] = {}
@@ -290,9 +422,11 @@ def run_sampling(ckpt: str | Path | None, settings: SampleSettings, out: str | P
                 "vae": str(vae_path) if vae_path else None, "png": png,
                 "seconds_rank0": round(mine["seconds"], 3),
                 "command": " ".join(["python -m attnbench", *(argv or [])]),
+                "status": "done", "identity": _identity(ckpt, model, settings, vae_path, png),
             }
             runfolder.atomic_write(out / INFO_FILE, json.dumps(summary, indent=2, default=str)
                                    + "\n")
+            shutil.rmtree(out / CHUNK_DIR, ignore_errors=True)
         dist.barrier(info)
         return summary
     finally:
@@ -307,8 +441,9 @@ def gather_samples(out: Path, mine: dict[str, Any], info, num: int
 
     if info.enabled:
         shard = out / SHARD_DIR / f"rank{info.rank:03d}.npz"
-        shard.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(shard, indices=mine["indices"], images=mine["images"], labels=mine["labels"])
+        buf = io.BytesIO()
+        np.savez(buf, indices=mine["indices"], images=mine["images"], labels=mine["labels"])
+        runfolder.atomic_write(shard, buf.getvalue())
     dist.barrier(info)
     if not info.is_main:
         return None, None

@@ -274,6 +274,10 @@ def read_checkpoint(path: str | Path, *, entry: str | None = None) -> RawCheckpo
     fmt = _sniff(weights)
     taken: str | None = None
     if fmt == "safetensors":
+        if entry is not None:
+            raise ValueError(f"--entry {entry}: {weights} is a safetensors file holding one "
+                             "state dict; --entry picks an entry of a train.py .pt checkpoint "
+                             "(leave it out)")
         state, metadata = _safetensors_load(weights)
         if CONFIG_KEY in metadata and config is None:
             try:

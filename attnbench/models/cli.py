@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from .. import runfolder
-from ..cliutil import UsageError, parse_options, positive_int
+from ..cliutil import UsageError, non_empty, parse_options, positive_int
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -25,18 +25,28 @@ def _convert(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file: pass a directory")
+    options = parse_options(args.option)
+    if args.config is not None:
+        from .configs import config_names, get_config
+
+        try:
+            get_config(args.config)
+        except ValueError:
+            raise UsageError(f"--config {args.config!r} is not a DiT config: choose one of "
+                             f"{', '.join(config_names())}, or leave it out to infer it") from None
     runfolder.lock_folder(out, "convert")
-    clash = [n for n in (WEIGHTS_FILE, CONFIG_FILE, REPORT_FILE) if (out / n).exists()]
+    outputs = (WEIGHTS_FILE, CONFIG_FILE, REPORT_FILE)
+    clash = [n for n in outputs if (out / n).exists()]
     if clash and not args.force:
         raise UsageError(
             f"--out {out} already holds a model ({', '.join(clash)}): pass --force to "
             "overwrite it or choose another directory"
         )
+    runfolder.claim_files(out, outputs, force=args.force, kind="model")
     overrides = {}
     if args.teacher_heads is not None:
         overrides["num_heads"] = args.teacher_heads
     teacher = load_dit(args.ckpt, config=args.config, entry=args.entry, **overrides)
-    options = parse_options(args.option)
     student, report = convert(
         teacher,
         args.method,
@@ -46,7 +56,8 @@ def _convert(args: argparse.Namespace) -> int:
         seed=args.seed,
         **options,
     )
-    weights = save_student(student, out, report)
+    runfolder.atomic_folder(out, lambda staging: save_student(student, staging, report))
+    weights = out / WEIGHTS_FILE
     if args.json:
         print(json.dumps({"weights": str(weights), "report": str(out / REPORT_FILE),
                           **report.to_dict()}, indent=2, default=str))
@@ -71,7 +82,8 @@ def add_parser(subparsers) -> None:
                    "directory saved by attnbench")
     p.add_argument("--method", required=True, help="registered attention method "
                    "(python -m attnbench list)")
-    p.add_argument("--out", required=True, help="directory to write the student to")
+    p.add_argument("--out", required=True, type=non_empty("--out", "a folder"),
+                   help="directory to write the student to")
     p.add_argument(
         "--option", "--options", dest="option", action="extend", nargs="+", default=[],
         metavar="KEY=VALUE", help="a method option, repeatable (e.g. --option radius=16)",

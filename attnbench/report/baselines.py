@@ -34,8 +34,11 @@ def load_baselines(paths: list[Path | str] | None = None) -> pd.DataFrame:
             raise FileNotFoundError(f"no baselines file at {path}")
         try:
             frame = pd.read_csv(path, dtype={"options": str, "note": str, "unit": str})
+        except pd.errors.EmptyDataError:
+            raise ValueError(f"--baselines {path} is empty: give a CSV with the columns "
+                             f"{', '.join(COLUMNS)} (see baselines/README.md)") from None
         except (pd.errors.ParserError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path} is not a baselines CSV: {err}") from None
+            raise ValueError(f"--baselines {path} is not a baselines CSV: {err}") from None
         missing = [c for c in COLUMNS if c not in frame.columns]
         if missing:
             raise ValueError(f"{path} lacks baseline columns {missing} (see baselines/README.md)")

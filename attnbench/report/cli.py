@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .. import cliutil, runfolder
+
 COMPARE_HELP = """\
 Compare RUN_B against RUN_A point by point (method, options, level, resolution, batch,
 dtype, model) on latency, peak memory and quality, and print a markdown table.
@@ -24,6 +26,12 @@ EXIT_REGRESSION = 1
 def report(args: argparse.Namespace) -> int:
     from .build import write_report
 
+    seen: dict[Path, str] = {}
+    for run in args.runs:
+        if Path(run).resolve() in seen:
+            raise cliutil.UsageError(f"RUN_DIR {run} is given twice ({seen[Path(run).resolve()]}"
+                                     f" and {run}): give each run once")
+        seen[Path(run).resolve()] = run
     files = write_report(args.runs, args.out, args.baselines or None, args.title,
                          force=args.force)
     print(f"report: {files.markdown}", file=sys.stderr)
@@ -33,21 +41,26 @@ def report(args: argparse.Namespace) -> int:
 
 
 def _fraction(text: str) -> float:
-    """``0.1``, ``10%`` → 0.1."""
+    """``0.1``, ``10%`` → 0.1: finite and >= 0 (a ``nan`` threshold would pass everything)."""
+    from ..cliutil import UsageError, check_number
+
     try:
         value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a fraction (0.1) or a percentage "
                                          "(10%)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a threshold cannot be negative")
-    return value
+    try:
+        return check_number("threshold", value, low=0, example="0.1 or 10%")
+    except UsageError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {str(err).split(': ', 1)[1]}") from None
 
 
 def compare(args: argparse.Namespace) -> int:
     from .compare import Thresholds, compare_frames, to_markdown
     from .tables import load_run
 
+    if args.out is not None:  # before reading: a user's file (or a run's table) is never replaced
+        runfolder.claim_output(args.out, force=args.force, kind="compare", flag="--out")
     run_a, run_b = load_run(args.run_a, "A"), load_run(args.run_b, "B")
     run_a.name, run_b.name = _names(Path(args.run_a), Path(args.run_b))
     thresholds = Thresholds(latency=args.latency_threshold, memory=args.memory_threshold,
@@ -62,16 +75,8 @@ def compare(args: argparse.Namespace) -> int:
                          "level, image size, batch, dtype, model): nothing to compare; compare "
                          "runs of the same sweep")
     text = to_markdown(run_a, run_b, result, only_flagged=args.only_flagged)
-    if args.out:
-        from .. import runfolder
-
-        out = Path(args.out)
-        if out.is_dir():
-            raise ValueError(f"--out {out} is a folder: give a file name, e.g. {out}/compare.md")
-        try:
-            runfolder.atomic_write(out, text)
-        except (FileExistsError, NotADirectoryError) as err:
-            raise ValueError(f"--out {out}: cannot write there ({err.strerror})") from None
+    if args.out is not None:
+        runfolder.write_output(args.out, text, force=args.force, kind="compare", flag="--out")
     print(text)
     if args.fail_if_regression and result.regressions:
         print(f"attnbench compare: {result.regressions} regression(s) beyond the thresholds",
@@ -93,7 +98,8 @@ def add_parser(subparsers) -> None:
                     "baselines/published.csv are shown beside the measured ones, labelled.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
                    help="run directories written by `attnbench run` (or their results.json)")
-    p.add_argument("--out", help="output directory (default: the run directory; required "
+    p.add_argument("--out", type=cliutil.non_empty("--out", "a folder"),
+                   help="output directory (default: the run directory; required "
                    "for several runs)")
     p.add_argument("--baselines", action="append", default=[], metavar="CSV",
                    help="published-numbers CSV (default baselines/published.csv; repeatable)")
@@ -112,13 +118,16 @@ def add_parser(subparsers) -> None:
                    help="relative latency change flagged, e.g. 0.1 or 10%% (default 0.10)")
     p.add_argument("--memory-threshold", type=_fraction, default=0.10, metavar="FRAC",
                    help="relative peak-memory change flagged (default 0.10)")
-    p.add_argument("--memory-floor-mib", type=float, default=1.0, metavar="MIB",
+    p.add_argument("--memory-floor-mib", type=cliutil.number("--memory-floor-mib", low=0),
+                   default=1.0, metavar="MIB",
                    help="memory changes are ignored when both values are below this "
                         "(default 1 MiB)")
     p.add_argument("--quality-threshold", type=_fraction, default=0.05, metavar="FRAC",
                    help="relative quality-metric change flagged (default 0.05)")
     p.add_argument("--only-flagged", action="store_true", help="list flagged points only")
     p.add_argument("--out", help="also write the markdown to this file")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an --out file that attnbench did not write as a comparison")
     p.add_argument("--fail-if-regression", action="store_true",
                    help=f"exit {EXIT_REGRESSION} when any regression is flagged (for CI)")
     p.set_defaults(func=compare)

@@ -130,7 +130,7 @@ def test_run_cli_end_to_end(tmp_path, capsys):
         (["--methods", "clear:radius=-1"], "radius"),
         (["--device", "cuda" if not torch.cuda.is_available() else "tpu"], "cuda|cpu"),
         (["--level", "kernel"], "not one of attention, block, model"),
-        (["--dtype", "int8"], "not a floating dtype"),
+        (["--dtype", "int8"], "--dtype .int8.: choose one of float32, bfloat16, float16"),
         (["--out", "/proc/attnbench-cannot-write"], "cannot write to run directory"),
     ],
 )

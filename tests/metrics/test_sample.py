@@ -139,8 +139,12 @@ def test_run_sampling_writes_pngs_and_adm_npz(teacher_dir, tmp_path):
     info = json.loads((tmp_path / "s" / "samples.json").read_text())
     assert info["num"] == 5 and info["world_size"] == 1 and len(info["checkpoint_sha256"]) == 64
     assert summary["settings"]["cfg_channels"] == 3
-    with pytest.raises(ValueError, match="not empty"):
-        run_sampling(teacher_dir, settings, tmp_path / "s", device="cpu", progress=False)
+    # the same command again: nothing to do; other settings: refused (--force starts over)
+    assert run_sampling(teacher_dir, settings, tmp_path / "s", device="cpu",
+                        progress=False)["num"] == 5
+    with pytest.raises(ValueError, match="other settings .*seed"):
+        run_sampling(teacher_dir, SampleSettings(num=5, **{**FAST, "seed": 9}), tmp_path / "s",
+                     device="cpu", progress=False)
 
 
 @pytest.mark.slow

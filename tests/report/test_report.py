@@ -226,8 +226,10 @@ def test_a_run_with_no_rows(tmp_path):
 
 
 def test_several_runs_need_out(tmp_path, capsys, full_run):
-    assert main(["report", str(full_run), str(full_run)]) == 2
+    assert main(["report", str(full_run), str(full_run / "results.json")]) == 2
     assert "need --out" in _err_line(capsys)
+    assert main(["report", str(full_run), str(full_run)]) == 2  # one run given twice
+    assert "is given twice" in _err_line(capsys)
 
 
 # --------------------------------------------------------------------------- rendering

@@ -1,6 +1,7 @@
 """SIGKILL at seeded random moments: every resume ends with the uninterrupted run's data.
 
-``run`` and ``distill`` are killed at least 10 times each (moments drawn from a
+``run`` and ``distill`` are killed at least 10 times each (``sample``, ``eval``,
+``convert``, ``world --render`` and ``compare --out`` a few times each) (moments drawn from a
 seeded generator, after the process has taken its folder's lock, so the kills
 land in the work and its writes), then resumed. After every kill each file
 parses (a row cut short is the only allowed damage, repaired by the next writer)
@@ -168,3 +169,75 @@ def test_distill_survives_random_kills(tmp_path, teacher):
     # what the errors say: --resume a run that started, rerun one killed before it started
     _finish(args(folder, *(["--resume"] if (folder / "run.json").exists() else [])), folder)
     check_finished(folder)
+
+
+# --------------------------------------------------------------------------- the other writers
+
+QUICK_KILLS = 4
+
+
+def _other_commands(teacher, runs, out) -> dict[str, tuple[list[str], list[str]]]:
+    """``{command: (args, args of the rerun after a kill)}`` writing into ``out``."""
+    sample = ["sample", "--ckpt", str(teacher), "-n", "6", "--batch", "2", "--steps", "3",
+              "--out", str(out), "--no-progress"]
+    evaluate = ["eval", "--ckpt", str(teacher), "--metrics", "geneval", "-n", "4", "--steps",
+                "2", "--out", str(out), "--no-progress"]
+    convert = ["convert", "--ckpt", str(teacher), "--method", "lit", "--out", str(out)]
+    world = ["world", "--render", str(out / "grid.png"), "--count", "16"]
+    compare = ["compare", str(runs[0]), str(runs[1]), "--out", str(out / "compare.md")]
+    return {"sample": (sample, sample), "eval": (evaluate, evaluate),
+            "convert": (convert, [*convert, "--force"]), "world": (world, world),
+            "compare": (compare, compare)}
+
+
+def _outputs(command, folder) -> dict[str, bytes]:
+    """What must equal the uninterrupted run's after the last resume."""
+    if command == "sample":
+        import numpy as np
+
+        with np.load(folder / "samples.npz") as data:
+            return {"arr_0": data["arr_0"].tobytes(), "arr_1": data["arr_1"].tobytes()}
+    if command == "eval":
+        rows = _complete_rows(folder / "results.jsonl")
+        assert len(rows) == 1, rows  # a rerun replaces its row, never adds one
+        extra = json.loads(rows[0]["extra"])
+        return {"geneval": json.dumps(extra["geneval"], sort_keys=True).encode()}
+    if command == "convert":
+        return {"weights": (folder / "model.safetensors").read_bytes()}
+    name = "grid.png" if command == "world" else "compare.md"
+    return {name: (folder / name).read_bytes()}
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    for name in ("a", "b"):
+        _finish([*TINY_RUN, "--res", "64", "--out", str(root / name)], root / name)
+    return root / "a", root / "b"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["sample", "eval", "convert", "world", "compare"])
+def test_other_writers_survive_random_kills(tmp_path, teacher, two_runs, command):
+    reference = tmp_path / "reference"
+    args, _ = _other_commands(teacher, two_runs, reference)[command]
+    _finish(args, reference)
+    expected = _outputs(command, reference)
+    rng = random.Random(sum(map(ord, command)))
+    folder = tmp_path / "killed"
+    args, again = _other_commands(teacher, two_runs, folder)[command]
+    kills = 0
+    for attempt in range(3 * QUICK_KILLS):
+        if kills >= QUICK_KILLS:
+            break
+        first = attempt == 0 or not folder.exists()
+        code = _kill_at_random(args if first else again, folder, rng, window=3.0,
+                               ready=lambda: True)
+        assert code in (None, 0), code
+        kills += code is None
+        if folder.exists():
+            _check_files_parse(folder)
+    assert kills >= 1  # at least one kill landed before the command finished
+    _finish(again, folder)
+    assert _outputs(command, folder) == expected
+    assert not temporaries(folder) and not (folder / runfolder.LOCK_FILE).exists()

@@ -41,11 +41,11 @@ def _sparse_chunk(
         mask = key_valid[indices].reshape(b, h * c, 1, keys.shape[-2])
     out = F.scaled_dot_product_attention(
         q_blocks.reshape(b, h * c, bq, d),
-        keys.reshape(b, h * c, -1, d),
-        values.reshape(b, h * c, -1, values.shape[-1]),
+        keys.reshape(b, h * c, keys.shape[-2], d),  # sizes named: a batch of 0 has no -1
+        values.reshape(b, h * c, values.shape[-2], values.shape[-1]),
         attn_mask=mask,
     )
-    return out.view(b, h, c, bq, -1)
+    return out.view(b, h, c, bq, values.shape[-1])
 
 
 def _linear_readout(

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -125,11 +126,14 @@ class ModelShapes:
 
 
 def _pair(res: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(res, (tuple, list)):
-        if len(res) != 2:
-            raise ValueError(f"resolution must be px or (height, width) px, got {res!r}")
-        return int(res[0]), int(res[1])
-    return int(res), int(res)
+    sides = tuple(res) if isinstance(res, (tuple, list)) else (res, res)
+    try:  # operator.index: "abc" and 4.7 are refused with the resolution named
+        if len(sides) != 2:
+            raise TypeError
+        return operator.index(sides[0]), operator.index(sides[1])
+    except TypeError:
+        raise ValueError(f"resolution must be px or (height, width) px integers, got {res!r}"
+                         ) from None
 
 
 def _heads(entry: DiffusersConfig) -> tuple[int, int]:
