@@ -28,6 +28,7 @@ from attnbench.attention.parallel import (
     attend_parallel,
     comm_model,
     conv_halo,
+    partial_attention,
     strategies_for,
 )
 
@@ -230,3 +231,27 @@ def test_measured_bytes_match_the_model(reports):
 def test_lit_conv_halo_matches_the_whole_grid(reports):
     for rank, report in enumerate(reports):
         assert report["conv"] == [], f"rank {rank}"
+
+
+def test_partial_softmax_merges_to_the_whole_in_float64(monkeypatch):
+    """Chunked partials over two halves of the keys, merged, equal softmax over all keys,
+    forward and backward, a fully masked row included in one half."""
+    from attnbench.attention.parallel import partial as partial_module
+    from attnbench.attention.softmax.reference import softmax_reference
+
+    monkeypatch.setattr(partial_module, "REFERENCE_CHUNK_ELEMENTS", 2 * 3 * 4 * 10)
+    q, k, v = (torch.randn(2, 3, n, 5, dtype=torch.float64, requires_grad=True)
+               for n in (9, 10, 10))
+    mask = torch.ones(9, 10, dtype=torch.bool)
+    mask[0, :5] = False  # query 0 sees nothing in the first half
+    merged = partial_module.merge(
+        partial_attention(q, k[:, :, :5], v[:, :, :5], lambda r0, r1: mask[r0:r1, :5]),
+        partial_attention(q, k[:, :, 5:], v[:, :, 5:], lambda r0, r1: mask[r0:r1, 5:]),
+    ).result(q.dtype)
+    whole = softmax_reference(q, k, v, key_mask=mask)
+    torch.testing.assert_close(merged, whole)
+    g = torch.randn_like(whole)
+    grads = torch.autograd.grad((merged * g).sum(), (q, k, v))
+    expected = torch.autograd.grad((whole * g).sum(), (q, k, v))
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)

@@ -19,14 +19,7 @@ from typing import Any
 from ..layout import Layout
 from ..registry import get
 from .sharding import Sharding
-
-
-def _clear_reach(layout: Layout, options: dict[str, Any]) -> int:
-    from ..clear.window import Window
-
-    window = Window.of(layout.text_first_form, options["radius"], 0, options["down_factor"],
-                       options["radius_t"])
-    return window.limit_t if layout.is_video else window.reach
+from .strategies import clear_window, window_reach
 
 
 def halo_rows(per_rank: int, world: int, reach: int, rank: int) -> int:
@@ -62,7 +55,7 @@ def comm_model(method: str, strategy: str, layout: Layout, world: int, batch: in
     if strategy == "halo" and method == "lit":
         return 2.0 * others / world * batch * heads * head_dim * (head_dim + 1) * acc
     if strategy == "halo" and method == "clear":
-        reach = _clear_reach(layout, opts)
+        reach = window_reach(clear_window(layout, opts), layout)
         rows = max(halo_rows(sh.per_rank, world, reach, r) for r in range(world))
         return 2.0 * rows * sh.unit * row + text_partials
     raise ValueError(f"no communication model for {method} with strategy {strategy!r}")

@@ -16,11 +16,12 @@ and drop out of the merge; a row must have an allowed key in some block.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
-from ..softmax.reference import accumulation_dtype
+from ..softmax.reference import REFERENCE_CHUNK_ELEMENTS, accumulation_dtype
 
 
 class Partial(NamedTuple):
@@ -44,17 +45,28 @@ class Partial(NamedTuple):
 
 
 def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      mask: torch.Tensor | None = None) -> Partial:
-    """Softmax attention of ``q`` over the keys ``k, v`` (``mask``: bool, True = attend,
-    broadcastable to ``[B, H, n, m]``), scale ``1/√d``, in float32 for half inputs."""
+                      mask: Callable[[int, int], torch.Tensor] | None = None) -> Partial:
+    """Softmax attention of ``q`` over the keys ``k, v``, scale ``1/√d``, in float32 for
+    half inputs; ``mask(r0, r1)``: bool ``[.., r1 - r0, m]`` of queries ``r0:r1``, True =
+    attend. Queries go in chunks of at most ``REFERENCE_CHUNK_ELEMENTS`` scores, so memory
+    stays bounded at long sequences (as the softmax reference's)."""
     acc = accumulation_dtype(q.dtype)
-    scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    m = scores.amax(dim=-1, keepdim=True).detach()
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(scores - m)
-    return Partial(torch.matmul(p, v.to(acc)), p.sum(dim=-1, keepdim=True), m)
+    b, h, n, d = q.shape
+    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+    rows = max(1, REFERENCE_CHUNK_ELEMENTS // max(1, b * h * k.shape[-2]))
+    parts = []
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        scores = torch.matmul(qf[:, :, r0:r1], kf.transpose(-1, -2)) / math.sqrt(d)
+        if mask is not None:
+            scores = scores.masked_fill(~mask(r0, r1), float("-inf"))
+        m = scores.amax(dim=-1, keepdim=True).detach()
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(scores - m)
+        parts.append(Partial(torch.matmul(p, vf), p.sum(dim=-1, keepdim=True), m))
+    if len(parts) == 1:
+        return parts[0]
+    return Partial(*(torch.cat(t, dim=-2) for t in zip(*parts, strict=True)))
 
 
 def merge(a: Partial | None, b: Partial) -> Partial:

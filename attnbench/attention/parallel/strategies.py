@@ -26,6 +26,7 @@ all-gathers their outputs over heads; ``allgather`` has them already.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ import torch
 
 from ..base import AttentionBackend
 from ..clear.window import Window, _args, allowed
+from ..layout import Layout
 from ..lit.naive import feature_map
 from ..softmax.reference import accumulation_dtype
 from .comm import Comm
@@ -106,15 +108,21 @@ def text_queries(call: Call, q, k, v, op: str) -> torch.Tensor:
     return state.result(q.dtype)
 
 
-def _clear_window(call: Call) -> Window:
-    o = call.options
-    return Window.of(call.whole, o["radius"], 0, o["down_factor"], o["radius_t"])
+def clear_window(layout: Layout, options: dict[str, Any]) -> Window:
+    """CLEAR's window on the whole sequence (text first)."""
+    return Window.of(layout.text_first_form, options["radius"], 0, options["down_factor"],
+                     options["radius_t"])
+
+
+def window_reach(window: Window, layout: Layout) -> int:
+    """Rows (image) or frames (video) a query of CLEAR's window reaches on either side."""
+    return window.limit_t if layout.is_video else window.reach
 
 
 def ring(call: Call, q, k, v) -> torch.Tensor:
     comm, sh = call.comm, call.sharding
     (_, qi), (kt, ki), (vt, vi) = call.split(q), call.split(k), call.split(v)
-    window = _clear_window(call) if call.backend.name == "clear" else None
+    window = clear_window(call.whole, call.options) if call.backend.name == "clear" else None
     mine = sh.image_index(device=q.device)
     state = partial_attention(qi, kt, vt) if call.text else None
     kv = torch.stack((ki, vi))
@@ -128,23 +136,28 @@ def ring(call: Call, q, k, v) -> torch.Tensor:
         mask = None
         if window is not None:
             theirs = sh.image_index((comm.rank - step) % comm.world, device=q.device)
-            mask = allowed(mine[:, None], theirs[None, :], _args(window))
-            if not (bool(mask.any()) or grad):
+            if not (grad or _reaches(sh, window, comm.rank, (comm.rank - step) % comm.world)):
                 continue  # outside the window: passed on, not computed
+            mask = functools.partial(_window_rows, mine, theirs, _args(window))
         state = merge(state, partial_attention(qi, kv[0], kv[1], mask))
     assert state is not None
     return torch.cat((text_queries(call, q, k, v, "ring"), state.result(q.dtype)), dim=-2)
+
+
+def _window_rows(queries, keys, args, r0: int, r1: int) -> torch.Tensor:
+    """CLEAR's mask of queries ``r0:r1`` of ``queries`` over ``keys`` (global indices)."""
+    return allowed(queries[r0:r1, None], keys[None, :], args)
+
+
+def _reaches(sh: Sharding, window: Window, rank: int, other: int) -> bool:
+    """Whether any image query of ``rank`` sees a key of ``other`` through the window."""
+    return len(halo_units(sh, window_reach(window, sh.layout), other, rank)) > 0
 
 
 def halo_units(sh: Sharding, reach: int, sender: int, receiver: int) -> range:
     """The rows (frames) of ``sender`` within ``reach`` of ``receiver``'s: what it sends."""
     own, theirs = sh.units(sender), sh.units(receiver)
     return range(max(own.start, theirs.start - reach), min(own.stop, theirs.stop + reach))
-
-
-def _clear_reach(call: Call) -> int:
-    window = _clear_window(call)
-    return window.limit_t if call.sharding.layout.is_video else window.reach
 
 
 def halo_band(comm: Comm, sh: Sharding, x: torch.Tensor, reach: int, op: str
@@ -170,7 +183,9 @@ def halo_band(comm: Comm, sh: Sharding, x: torch.Tensor, reach: int, op: str
 def clear_halo(call: Call, q, k, v) -> torch.Tensor:
     sh = call.sharding
     (qt, qi), (kt, ki), (vt, vi) = call.split(q), call.split(k), call.split(v)
-    band_kv, lead = halo_band(call.comm, sh, torch.stack((ki, vi)), _clear_reach(call), "halo")
+    band_kv, lead = halo_band(call.comm, sh, torch.stack((ki, vi)),
+                                window_reach(clear_window(call.whole, call.options), sh.layout),
+                                "halo")
     after = band_kv.shape[-2] - lead - qi.shape[-2]
     band_q = torch.cat((qi.new_zeros((*qi.shape[:-2], lead, qi.shape[-1])), qi,
                         qi.new_zeros((*qi.shape[:-2], after, qi.shape[-1]))), dim=-2)
