@@ -27,7 +27,14 @@ import torch
 import torch.distributed as dist
 
 from .. import attention
-from ..attention.parallel import Comm, Sharding, attend_parallel, check_strategy, comm_model
+from ..attention.parallel import (
+    Comm,
+    Sharding,
+    attend_parallel,
+    check_strategy,
+    comm_model,
+    compute_path,
+)
 from ..results import STATUS_ERROR, STATUS_OK, STATUS_UNAVAILABLE, Result, ResultsWriter
 from .memory import peak_memory
 from .sweep import SweepPlan, _base_row, _is_oom, label_row
@@ -86,8 +93,8 @@ def run_point(plan: SweepPlan, res, spec, strategy: str, comm: Comm) -> Result:
         if layout is None:
             raise ValueError(getattr(point, "error", "no layout at this size"))
         if reason is None:
-            check_strategy(backend, strategy, *backend.geometry(layout, None, options)[:1],
-                           row.heads, comm.world, options)
+            folded, _ = backend.geometry(layout, None, options)
+            check_strategy(backend, strategy, folded, row.heads, comm.world, options)
     except ValueError as err:
         reason = str(err)
     if reason:
@@ -101,7 +108,8 @@ def run_point(plan: SweepPlan, res, spec, strategy: str, comm: Comm) -> Result:
     torch.manual_seed(comm.rank)
     local = (plan.batch, row.heads, sh.local.tokens, row.head_dim)
     q, k, v = (torch.randn(local, device=plan.device).to(plan.dtype) for _ in range(3))
-    row.impl = backend.select(plan.device, plan.dtype, shape, layout=layout)
+    row.impl = compute_path(backend, strategy, backend.select(plan.device, plan.dtype, shape,
+                                                              layout=layout))
 
     def fn():
         return attend_parallel(backend, q, k, v, layout=layout, strategy=strategy, comm=comm,

@@ -38,6 +38,7 @@ def test_context_parallel_halo_rows_bytes_efficiency_and_report(tmp_path):
         assert (row["world_size"], row["strategy"], row["dist_backend"]) == (2, "halo", "gloo")
         assert row["comm_bytes"] == pytest.approx(row["comm_bytes_model"], rel=0.05)
         assert row["comm_bytes"] > 0 and 0 < row["scaling_efficiency"]
+        assert row["impl"].startswith("halo/")
         assert row["latency_one_rank_s"] > 0 and row["peak_memory_bytes"] is not None
     assert rows["softmax"]["status"] == "unavailable"
     assert "ulysses or ring" in rows["softmax"]["reason"]

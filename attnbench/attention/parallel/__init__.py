@@ -69,6 +69,18 @@ _WHY_NOT = {
 }
 
 
+#: strategies that compute with attnbench's own PyTorch code instead of the method's paths
+_OWN_COMPUTE = {("ring", ANY): "PyTorch partial softmax",
+                ("halo", "lit"): "PyTorch linear attention on the all-reduced state"}
+
+
+def compute_path(backend: AttentionBackend, strategy: str, selected: str) -> str:
+    """What computes a rank's attention under ``strategy``, for a row's ``impl``:
+    ``ulysses/flex`` (the method's path ``selected``) or ``ring/PyTorch partial softmax``."""
+    own = _OWN_COMPUTE.get((strategy, backend.name)) or _OWN_COMPUTE.get((strategy, ANY))
+    return f"{strategy}/{own or selected}"
+
+
 def strategies_for(method: str) -> list[str]:
     """The strategies ``method`` takes, in :data:`STRATEGIES` order."""
     return [s for s, names in STRATEGY_METHODS.items() if ANY in names or method in names]
@@ -152,5 +164,5 @@ def conv_halo(conv, image: torch.Tensor, layout: Layout, comm: Comm, *, depth: i
 
 
 __all__ = ["STRATEGIES", "STRATEGY_METHODS", "CollectiveTimeout", "Comm", "Partial",
-           "Sharding", "attend_parallel", "check_strategy", "comm_model", "conv_halo",
-           "merge", "partial_attention", "strategies_for"]
+           "Sharding", "attend_parallel", "check_strategy", "comm_model", "compute_path",
+           "conv_halo", "merge", "partial_attention", "strategies_for"]
