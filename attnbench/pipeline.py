@@ -25,9 +25,12 @@ import pandas as pd
 import torch
 
 from . import attention, cliutil, runfolder
+from .attention.parallel import STRATEGIES
+from .bench import context_parallel, sharded
 from .bench.environment import REPO_ROOT, environment
 from .bench.sweep import RESOLUTIONS, SweepPlan, parse_methods, run_sweep
 from .bench.workloads import LEVELS, DiffusersModel, diffusers_model
+from .distill import dist as distributed
 from .metrics.quality import EvalConfig, evaluate, parse_metrics
 from .metrics.sample import SampleSettings
 from .models import load_dit
@@ -84,8 +87,14 @@ def run(args: argparse.Namespace) -> int:
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     dtype = cliutil.dtype(defaults["dtype"] if args.dtype is None else args.dtype)
     config = _model(args, defaults)
+    strategy = _context_parallel(args)
     levels = cliutil.choices("--level", ",".join(defaults["levels"]) if args.level is None
                              else args.level, LEVELS)
+    if strategy and levels != ["attention"]:
+        if args.level is not None:
+            raise cliutil.UsageError(f"--context-parallel measures the attention call: --level "
+                                     f"{args.level} takes attention only")
+        levels = ["attention"]
     if "block" in levels and isinstance(config, DiffusersModel):
         raise cliutil.UsageError(f"--level block is DiT-only (attnbench's DiT block); "
                                  f"{config.name} is measured at --level attention,model")
@@ -110,10 +119,23 @@ def run(args: argparse.Namespace) -> int:
         "--quality-steps": args.quality_steps, "--teacher": args.teacher})
     if args.quality is not None:
         _check_quality_inputs(args)
+    ranks = _join_ranks(device, budget * len(resolutions) * len(levels) * len(methods))
+    device = ranks.device if ranks else device
     plan = SweepPlan(config=config, methods=methods, resolutions=resolutions, levels=levels,
                      batch=args.batch, dtype=dtype, device=device, budget_s=budget)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else REPO_ROOT / "reports" / "runs" / stamp
+    if ranks:
+        out = distributed.broadcast_object(ranks, out)  # rank 0's folder for every rank
+        if not ranks.is_main:  # rank 0 writes; this rank measures its share
+            try:
+                if strategy:
+                    context_parallel.run_sweep(plan, None, strategy, progress=False)
+                else:
+                    sharded.run_sweep(plan, None, out, progress=not args.no_progress)
+            finally:
+                distributed.teardown(ranks)
+            return 0
     if not args.no_report:  # before any work: a user's report.md is never overwritten
         from .report.build import REPORT_FILES, is_report_file  # lazily: matplotlib
 
@@ -137,7 +159,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"attnbench run: {config.name} on {meta['device_name']}, {args.batch}× "
           f"{', '.join(map(str, resolutions))} px, levels {', '.join(levels)}, {dtype}"
           f"{' (CPU defaults: a small model)' if cpu_default else ''}", file=sys.stderr)
-    rows = run_sweep(plan, writer, progress=not args.no_progress)
+    if ranks:
+        meta.update({"world_size": ranks.world_size, "dist_backend": ranks.backend,
+                     "context_parallel": strategy or None})
+    try:
+        if strategy:
+            rows = context_parallel.run_sweep(plan, writer, strategy,
+                                              progress=not args.no_progress)
+        elif ranks:
+            rows = sharded.run_sweep(plan, writer, out, progress=not args.no_progress)
+        else:
+            rows = run_sweep(plan, writer, progress=not args.no_progress)
+    finally:
+        if ranks:
+            distributed.teardown(ranks)
     with pd.option_context("display.max_rows", 500, "display.width", 200,
                            "display.max_colwidth", 60, "display.float_format", "{:.4g}".format):
         print(summary_frame(rows).to_string(index=False))
@@ -148,6 +183,38 @@ def run(args: argparse.Namespace) -> int:
     if not getattr(args, "no_report", False):
         _write_report(out)
     return 0
+
+
+def _context_parallel(args: argparse.Namespace) -> str | None:
+    """The ``--context-parallel`` strategy, checked: it needs torchrun's ranks and no
+    quality stage (that runs in one process)."""
+    if args.context_parallel is None:
+        if distributed.launched_by_torchrun() and args.quality:
+            raise cliutil.UsageError("--quality runs in one process: run it without torchrun")
+        return None
+    strategy = cliutil.choices("--context-parallel", args.context_parallel,
+                               list(STRATEGIES))
+    if len(strategy) != 1:
+        raise cliutil.UsageError("--context-parallel takes one strategy per run "
+                                 f"({', '.join(STRATEGIES)})")
+    if not distributed.launched_by_torchrun():
+        raise cliutil.UsageError("--context-parallel splits each point over ranks: launch "
+                                 "with torchrun --nproc_per_node N -m attnbench run ...")
+    if args.quality:
+        raise cliutil.UsageError("--quality runs in one process: run it without "
+                                 "--context-parallel")
+    return strategy[0]
+
+
+def _join_ranks(device: torch.device, work_s: float):
+    """torchrun's process group (``None`` for one process), with collectives that wait as
+    long as a rank's share of the sweep may take, at least 30 minutes."""
+    if not distributed.launched_by_torchrun():
+        return None
+    try:
+        return distributed.setup(str(device), timeout_s=max(1800.0, 2 * work_s))
+    except ValueError as err:
+        raise cliutil.UsageError(str(err)) from None
 
 
 def _check_quality_inputs(args: argparse.Namespace) -> None:
@@ -277,4 +344,9 @@ def add_parser(subparsers) -> None:
                    help="DDPM steps (default GPU 250 = DiT's protocol, CPU 50)")
     p.add_argument("--no-report", action="store_true",
                    help="do not write report.md / report.html into the run directory")
+    p.add_argument("--context-parallel", metavar="STRATEGY",
+                   help=f"under torchrun: split each point's sequence over the ranks "
+                   f"({', '.join(STRATEGIES)}) and measure latency, bytes per rank and "
+                   "scaling efficiency (attention level). Without it, torchrun deals the "
+                   "sweep's points over the ranks")
     p.set_defaults(func=run)

@@ -159,6 +159,17 @@ class Result:
     speedup_vs_softmax: float | None = None
     memory_ratio_vs_softmax: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: context parallelism (``run --context-parallel``): ranks, strategy, torch.distributed
+    #: backend; one process: 1, "", ""
+    world_size: int = 1
+    strategy: str = ""
+    dist_backend: str = ""
+    #: bytes one rank sent per call (the most of any rank): counted, and the analytic model
+    comm_bytes: float | None = None
+    comm_bytes_model: float | None = None
+    #: the one-process latency of the same point, and t₁ / (world_size · latency)
+    latency_one_rank_s: float | None = None
+    scaling_efficiency: float | None = None
 
     @property
     def size(self) -> Size:
@@ -166,7 +177,8 @@ class Result:
 
     def key(self) -> tuple:
         return point_key(self.method, self.options, self.level, self.resolution, self.batch,
-                         self.dtype, self.device, self.model, self.height)
+                         self.dtype, self.device, self.model, self.height,
+                         self.world_size, self.strategy)
 
     def as_row(self) -> dict[str, Any]:
         row = asdict(self)
@@ -176,15 +188,19 @@ class Result:
 
 COLUMNS = [f.name for f in fields(Result)]
 #: columns added within schema 1, with a default: rows written before them still read
-OPTIONAL_COLUMNS = {"density", "effective", "height"}
+OPTIONAL_COLUMNS = {"density", "effective", "height", "world_size", "strategy", "dist_backend",
+                    "comm_bytes", "comm_bytes_model", "latency_one_rank_s",
+                    "scaling_efficiency"}
 
 
 def point_key(method, options, level, resolution, batch, dtype, device, model,
-              height=0) -> tuple:
+              height=0, world_size=1, strategy="") -> tuple:
     """What identifies a point across runs (for resuming and comparing); ``height`` equal
-    to ``resolution`` is the square image (0)."""
-    return (method, options, level, int(resolution), Size.of_row(resolution, height).row_height,
-            int(batch), str(dtype), str(device), model)
+    to ``resolution`` is the square image (0); a context-parallel point adds its world size
+    and strategy (a one-process key is as before)."""
+    key = (method, options, level, int(resolution), Size.of_row(resolution, height).row_height,
+           int(batch), str(dtype), str(device), model)
+    return (*key, int(world_size), strategy) if strategy else key
 
 
 def canonical_options(options: dict[str, Any]) -> str:
@@ -388,7 +404,7 @@ def _result_from_row(data: dict[str, Any], where: str) -> Result:
 
 
 def _baseline_key(r: Result) -> tuple:
-    return (r.level, r.size, r.batch, r.dtype, r.device, r.model)
+    return (r.level, r.size, r.batch, r.dtype, r.device, r.model, r.world_size, r.strategy)
 
 
 def add_ratios(rows: list[Result]) -> None:

@@ -429,6 +429,14 @@ def _stated_row(row: Result) -> Result:
     return row if options == row.options else dataclasses.replace(row, options=options)
 
 
+def baseline_compared(spec: MethodSpec, res: Size, level: str, rows: Iterable[Result]) -> bool:
+    """Whether ``spec`` is the baseline of a method measured at this size and level in
+    ``rows`` (then it is measured even past the time budget: ``run_point``)."""
+    return spec.name == BASELINE_METHOD and any(
+        r.method != BASELINE_METHOD and r.status == STATUS_OK and r.size == res
+        and r.level == level for r in rows)
+
+
 def run_sweep(plan: SweepPlan, writer: ResultsWriter, *, progress: bool = True) -> list[Result]:
     """Run every point of ``plan`` not already in ``writer``'s directory; return all rows."""
     from tqdm import tqdm
@@ -445,10 +453,8 @@ def run_sweep(plan: SweepPlan, writer: ResultsWriter, *, progress: bool = True) 
     for res, level, spec in bar:
         bar.set_description(f"{spec.label} {level} {res}px")
         started = time.perf_counter()
-        compared = spec.name == BASELINE_METHOD and any(
-            r.method != BASELINE_METHOD and r.status == STATUS_OK and r.size == res
-            and r.level == level for r in writer.rows)
-        row = run_point(plan, res, level, spec, calib, keep_baseline=compared)
+        row = run_point(plan, res, level, spec, calib,
+                        keep_baseline=baseline_compared(spec, res, level, writer.rows))
         row.extra["wall_s"] = round(time.perf_counter() - started, 3)
         if row.extra.get("warning"):
             bar.write(f"warning: {spec.label} {level} {res}px: {row.extra['warning']}",

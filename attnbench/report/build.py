@@ -11,6 +11,7 @@ import pandas as pd
 from .. import runfolder
 from ..results import BASELINE_METHOD, STATUS_OK
 from . import baselines as bl
+from .context_parallel import context_parallel_section, is_context_parallel
 from .plots import Plot, pareto_plot, samples_plot, speed_plots
 from .render import Bullets, Document, Figure, Heading, Note, Para, Table, to_html, to_markdown
 from .tables import (
@@ -110,14 +111,18 @@ def build_document(runs: list[Run], plot_dir: Path, published: pd.DataFrame,
                    title: str | None = None) -> tuple[Document, list[Plot]]:
     frame = pd.concat([r.frame for r in runs], ignore_index=True)
     frame = frame[frame["level"] != FIDELITY_LEVEL]  # rendered by zero_shot_section
+    parallel = context_parallel_section(frame)
+    frame = frame[~is_context_parallel(frame)]  # rendered by context_parallel_section
     names = ", ".join(r.name for r in runs)
     doc = Document(title or f"attnbench report: {names}")
     speed = speed_rows(frame)
     ok = speed[speed["status"] == STATUS_OK]
     subtitle = _subtitle(runs)
 
-    doc.add(Para(_lead(runs, frame)))
-    if frame.empty:
+    only_parallel = frame.empty and bool(parallel)
+    doc.add(Para("**What**: context-parallel points only (see *Context parallelism*)."
+                 if only_parallel else _lead(runs, frame)))
+    if frame.empty and not only_parallel:
         doc.add(Note("This run holds no points at all: nothing was measured. Re-run the "
                      "sweep (`python -m attnbench run`) into this directory to resume it."))
     elif ok.empty and not speed.empty:
@@ -141,6 +146,7 @@ def build_document(runs: list[Run], plot_dir: Path, published: pd.DataFrame,
         doc.add(*[Figure(p.path, p.title, p.caption) for p in plots])
     doc.add(*_quality_section(frame, quality_plot, sample_plot))
     doc.add(*zero_shot_section(runs, plot_dir))
+    doc.add(*parallel)
     doc.add(Heading("What was measured and how"))
     doc.add(_setup_table(runs))
     if not speed.empty:

@@ -141,7 +141,8 @@ NUMERIC = ["resolution", "height", "tokens", "batch", "heads", "head_dim", "dens
            "latency_median_s", "latency_p20_s", "latency_p80_s", "repetitions",
            "peak_memory_bytes", "flops_actual", "flops_dense", "flops_counted",
            "tflops_achieved", "overhead_s", "predicted_s", "predicted_bytes",
-           "speedup_vs_softmax", "memory_ratio_vs_softmax"]
+           "speedup_vs_softmax", "memory_ratio_vs_softmax", "world_size", "comm_bytes",
+           "comm_bytes_model", "latency_one_rank_s", "scaling_efficiency"]
 
 
 def enrich(frame: pd.DataFrame) -> pd.DataFrame:
