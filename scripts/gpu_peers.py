@@ -31,7 +31,7 @@ walks every code path.
 
 Rows are appended to ``OUT/peers.jsonl`` as measured; a second call skips the
 peers whose row is final (ok, unavailable, oom) and measures the rest.
-``--budget`` seconds bound the whole job: peers not reached get a ``skipped``
+``--budget`` seconds bound the whole job: peers not reached get a ``not reached``
 row (measured by the next call).
 """
 
@@ -485,7 +485,7 @@ class Runner:
         if reason is not None:
             row.update(status="unavailable", reason=reason)
         elif left < 2.0:
-            row.update(status="skipped", reason="no time left in the stage's budget")
+            row.update(status="not reached", reason="no time left in the stage's budget")
         else:
             row.update(self.measure(peer, res, left))
         self.write(row)
