@@ -21,7 +21,8 @@ run``: warm-up, L2 flushed, median; slow calls take fewer repetitions):
              linear branch over all tokens, as the official ``main`` branch computes;
 * ``clear``  attnbench's CLEAR with each of its paths forced (FlexAttention with the
              official mask, masked SDPA, and any path added since), r = 8 and 16, at
-             each size of ``--clear-res``, so the summary says which path wins where.
+             each size of ``--clear-res``, so the summary says which path wins where
+             (SDPA cuDNN and flash are timed at those sizes too, as their baseline).
 
 Each peer is first run at ``--check-res`` (small) and its output compared with
 attnbench's float64 reference of the same function on the same inputs (max
@@ -548,6 +549,11 @@ def peers(args: argparse.Namespace) -> list[Peer]:
         listed += [sla_peer(topk, device, dtype), official_sla_peer(topk, device,
                                                                      Path(args.peers_dir))]
     listed.append(flex_peer(compile_ok))
+    for res in (r for r in args.clear_res if r != args.res):  # CLEAR's other sizes' baseline
+        listed += [dataclasses.replace(sdpa_peer(f"exact/sdpa-{name.lower()}/{res}", backend,
+                                                 name), res=res)
+                   for backend, name in (("CUDNN_ATTENTION", "cuDNN"),
+                                         ("FLASH_ATTENTION", "flash"))]
     listed += clear_peers(device, dtype, args.clear_res, args.model, compile_ok)
     return listed
 
