@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""attnbench's GPU run, sized for one short lease: 8 minutes, at most 8 files back.
+"""attnbench's GPU run, sized for one short lease: 520 s, at most 8 files back.
 
 Stages, in priority order; each has a share of the run's time that it may not
 exceed. A stage's deadline is the end of the run less the shares of the stages
@@ -11,21 +11,31 @@ cut short, and the next stage starts.
 1. ``kernels``   the Triton kernel tests compiled on the GPU (``KERNEL_TESTS``:
                  float32, float16 and bfloat16; bfloat16 is checked only there);
 2. ``attention`` one attention layer at 8192 px with DiT-XL/2 shapes (262,144
-                 tokens, 16 heads of 72), bfloat16: the exact kernels (softmax =
-                 SDPA as torch picks it, flash, xformers: the fastest one that runs
-                 is the baseline), lit, clear r=8 and r=16, sla at 95% and 90%;
-3. ``model``     one DiT-XL/2 denoising step at 8192 px (lit, clear r=8, sla 95%,
+                 tokens, 16 heads of 72), bfloat16, by ``attnbench run``: softmax
+                 (SDPA as torch picks it), lit, clear r=8 and r=16, sla at 95% and 90%;
+3. ``peers``     ``scripts/gpu_peers.py`` at the same point: each SDPA backend forced,
+                 FlexAttention without a mask, flash-attn and xformers when importable
+                 (the fastest exact kernel of stages 2-3 is every speed-up's baseline);
+                 LiT vs fla's Triton kernel (causal, its only mode) and plain PyTorch;
+                 SLA vs the official thu-ml/SLA kernel (``.peers/SLA``) at 95% and 90%;
+                 CLEAR's paths forced at 8192 and 2048 px; each peer's error against a
+                 float64 reference at 1024 px;
+4. ``model``     one DiT-XL/2 denoising step at 8192 px (lit, clear r=8, sla 95%,
                  softmax), then at 4096 and 2048 px;
-4. ``diffusers`` FLUX.1-dev shapes: model level at 1024/2048/4096 px and attention
+5. ``diffusers`` FLUX.1-dev shapes: model level at 1024/2048/4096 px and attention
                  at 8192 px with clear r=8/16 and softmax; Wan2.1-T2V-1.3B shapes
                  (81 frames, 480×832) attention with sla 95% against the exact
                  kernels. Only where the diffusers adapter, the zoo entries and
                  ``run``'s flags for them exist; otherwise skipped with the reason;
-5. ``floors``    the device's ceilings (HBM copy bandwidth, bf16 matmul) and every
+6. ``floors``    the device's ceilings (HBM copy bandwidth, bf16 matmul) and every
                  kernel's fraction of its floor (``FLOOR_MODULE``);
+7. ``profile``   ``torch.profiler`` over the DiT target missed by most (``profile/``
+                 in results.tar.gz, its table in the summary);
 
-then the report of the stages' run folders and ``summary.md``: the issue's
-targets as met / MISSED / not measured, beside the published numbers.
+then the report of the stages' run folders and ``summary.md``: the targets of
+``baselines/targets.csv`` as met / MISSED / not measured, the peers, beside the
+published numbers. A FLUX.1-dev softmax step at 8192 px does not fit the lease:
+that target stays "not measured".
 
 Everything is written as it is measured: ``attnbench run`` appends each point to
 its folder's ``results.jsonl``; after every stage the summary is rewritten and
@@ -43,11 +53,12 @@ same six files, none in a folder: ``results.tar.gz`` (the whole run folder),
 
 The device call (the device tool's ``run`` verb), from the repository root::
 
-    scripts/fetch_gpu_wheels.sh        # here, once: diffusers for stage 4 into .whl/
+    scripts/fetch_gpu_wheels.sh        # here, once: wheels into .whl/, the official SLA
+                                       # source into .peers/ (both ignored, ~10 MiB)
     command:   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir
                --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;
                PYTHONUNBUFFERED=1 python3 scripts/gpu_run.py
-    carry:     [".whl"]
+    carry:     [".whl", ".peers"]
     timeout_s: 560
 
 Back here, ``tar xzf <files_at>/results.tar.gz -C reports/`` restores the run
@@ -80,6 +91,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +100,6 @@ REPO = Path(__file__).resolve().parents[1]
 # ---- where attnbench's pieces live: the one place to adjust when they move
 #: the kernels against their floors (``measure --model --res --dtype --out``)
 FLOOR_MODULE = "attnbench.bench.floor"
-#: the label of the LiT forward kernel in the floor module's floor.json
-LIT_FLOOR_KERNEL = "lit_triton forward"
 #: the kernel tests, compiled on a GPU (the interpreter on CPU)
 KERNEL_TESTS = ("tests/attention/test_kernels.py",)
 #: the diffusers adapter, and the zoo of diffusers configurations (module, names function)
@@ -99,6 +109,20 @@ DIFFUSERS_ZOO = ("attnbench.models.diffusers_configs", "diffusers_config_names")
 DIFFUSERS_RUN_FLAG = "--model-path"
 VIDEO_RUN_FLAG = "--frames"
 PUBLISHED = REPO / "baselines" / "published.csv"
+#: the speed targets (one copy; ``attnbench.bench.floor`` reads the same file)
+TARGETS_CSV = REPO / "baselines" / "targets.csv"
+#: attnbench's kernels beside the peers, in one process; the peers' source it imports
+PEERS_SCRIPT = REPO / "scripts" / "gpu_peers.py"
+PEERS_DIR = REPO / ".peers"
+#: peers the run cannot carry, and why (the summary lists them)
+LEFT_OUT = (
+    ("NATTEN (neighbourhood attention)", "no binary wheel on PyPI for CPython 3.12 (source "
+     "only, built with nvcc); NATTEN's own wheels for torch 2.11 + CUDA 13.0 "
+     "(natten==0.21.6+torch2110cu130) are served by whl.natten.org, which the machine that "
+     "prepares the run cannot reach"),
+    ("flash-attn", "no binary wheel on PyPI for CPython 3.12 (source only, built with nvcc: "
+     "far longer than a lease); torch's SDPA flash backend stands in"),
+)
 
 #: the H200's ceilings for ``--plan``: copy bandwidth and bf16 matmul on random data,
 #: as measured on such a machine (the device library's KINDS.md)
@@ -106,8 +130,9 @@ H200_BYTES_PER_S = 4.3e12
 H200_FLOPS_PER_S = 790e12
 
 EXACT_METHODS = ("softmax", "flash", "xformers")
-ATTENTION_METHODS = ("softmax", "lit", "clear:radius=8", "sla:topk=0.05", "flash",
-                     "clear:radius=16", "sla:topk=0.1", "xformers")
+#: flash, xformers and each SDPA backend are timed by the peers stage, beside the peers
+ATTENTION_METHODS = ("softmax", "lit", "clear:radius=8", "sla:topk=0.05", "clear:radius=16",
+                     "sla:topk=0.1")
 #: the baseline last: the methods the targets name are measured first
 MODEL_METHODS = ("lit", "clear:radius=8", "sla:topk=0.05", "softmax")
 FLUX_METHODS = ("clear:radius=8", "clear:radius=16", "softmax")
@@ -133,6 +158,11 @@ class Profile:
     model: str
     attention_res: int
     attention_methods: tuple[str, ...]
+    #: the peers stage: the size of its error checks, the sizes of CLEAR's paths, and
+    #: whether FlexAttention is compiled (the CPU dry run compiles nothing)
+    peers_check_res: int
+    clear_res: tuple[int, ...]
+    compile: bool
     model_res: int  # the resolution of the model-level targets, measured first
     model_more_res: tuple[int, ...]
     model_methods: tuple[str, ...]
@@ -154,17 +184,19 @@ class Profile:
 
 GPU = Profile(
     name="gpu", device="cuda", dtype="bfloat16", model="DiT-XL/2", attention_res=8192,
-    attention_methods=ATTENTION_METHODS, model_res=8192, model_more_res=(4096, 2048),
+    attention_methods=ATTENTION_METHODS, peers_check_res=1024, clear_res=(8192, 2048),
+    compile=True, model_res=8192, model_more_res=(4096, 2048),
     model_methods=MODEL_METHODS, flux="flux.1-dev", flux_model_res=(1024, 2048, 4096),
     flux_attention_res=8192, wan="wan2.1-t2v-1.3b",
     # Wan2.1's 480p: 81 frames of 480x832 px, 21 latent frames x 30x52 tokens
     wan_args=("--frames", "81", "--res", "480x832"), kernel_test_args=(), list_methods=True,
-    total_s=480.0, startup_s=15.0, point_budget_s=60.0,
+    total_s=520.0, startup_s=15.0, point_budget_s=60.0,
 )
 DRY_RUN = Profile(
     name="dry-run", device="cpu", dtype="float32", model="DiT-T/2", attention_res=128,
     attention_methods=("softmax", "lit", "sla:topk=0.05", "flash"),  # no FlexAttention compile
-    model_res=32, model_more_res=(), model_methods=("lit", "softmax"), flux="flux-tiny",
+    peers_check_res=128, clear_res=(128,), compile=False, model_res=32, model_more_res=(),
+    model_methods=("lit", "softmax"), flux="flux-tiny",
     flux_model_res=(32, 64), flux_attention_res=64, wan="wan-tiny",
     wan_args=("--frames", "5", "--res", "32x48"),
     kernel_test_args=("-k", "head_tiles or head_pieces or availability"), list_methods=False,
@@ -208,9 +240,9 @@ def read_rows(run_dir: Path) -> list[dict[str, Any]]:
 FINAL = ("ok", "skipped", "oom", "unavailable")
 
 
-def repair_tail(run_dir: Path) -> bool:
-    """Drop a partial last line a stopped writer left in ``results.jsonl`` (True if one was)."""
-    path = run_dir / "results.jsonl"
+def repair_tail(run_dir: Path, name: str = "results.jsonl") -> bool:
+    """Drop a partial last line a stopped writer left in ``name`` (True if one was)."""
+    path = run_dir / name
     if not path.exists():
         return False
     data = path.read_bytes()
@@ -219,6 +251,19 @@ def repair_tail(run_dir: Path) -> bool:
     with path.open("r+b") as f:
         f.truncate(data.rfind(b"\n") + 1)
     return True
+
+
+def read_peers(folder: Path) -> list[dict[str, Any]]:
+    """The peers stage's rows (``peers.jsonl``), the last of each ``key``."""
+    path = folder / "peers.jsonl"
+    rows: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                row = json.loads(line)
+                if isinstance(row, dict) and "key" in row:
+                    rows[row["key"]] = row
+    return list(rows.values())
 
 
 def options_of(row: dict[str, Any]) -> dict[str, Any]:
@@ -262,16 +307,20 @@ def matches(row: dict[str, Any], spec: str) -> bool:
 
 @dataclass
 class Job:
-    """One subprocess of a stage; ``run_dir`` is the attnbench run folder it fills."""
+    """One subprocess of a stage; ``run_dir`` is the folder it fills (an attnbench run
+    folder, or the peers' ``peers.jsonl``)."""
 
     name: str
     argv: list[str]
     run_dir: Path | None = None
     planned: int = 0
-    #: ``attnbench run``: ``--budget`` is set at launch to the seconds left in the stage
-    budget: bool = False
+    #: ``--budget`` set at launch: "point" (``attnbench run``: the seconds one point may
+    #: take, at most the time left in the stage) or "stage" (the time left in the stage)
+    budget: str = ""
     #: where its output goes besides the log (the kernel tests' report)
     output: Path | None = None
+    #: its rows are the peers' (``peers.jsonl``, one per ``key``), not ``attnbench run``'s
+    peers: bool = False
 
 
 @dataclass
@@ -442,7 +491,7 @@ def _run_job(ctx: Context, name: str, folder: str, level: str, res: Iterable[int
     """An ``attnbench run`` job; ``res`` empty when ``extra`` gives the size."""
     res = list(res)
     argv, run_dir = ctx.run_argv(folder, level, res, methods, **kw)
-    return Job(name, argv, run_dir, planned=max(1, len(res)) * len(methods), budget=True)
+    return Job(name, argv, run_dir, planned=max(1, len(res)) * len(methods), budget="point")
 
 
 def kernel_jobs(ctx: Context) -> list[Job] | str:
@@ -509,6 +558,19 @@ def diffusers_jobs(ctx: Context) -> list[Job] | str:
     return jobs
 
 
+def peers_jobs(ctx: Context) -> list[Job] | str:
+    if not PEERS_SCRIPT.exists():
+        return f"{_short(str(PEERS_SCRIPT))} not found (adjust PEERS_SCRIPT)"
+    p = ctx.profile
+    argv = [sys.executable, str(PEERS_SCRIPT), "--device", p.device, "--dtype", p.dtype,
+            "--model", p.model, "--res", str(p.attention_res), "--check-res",
+            str(p.peers_check_res), "--clear-res", ",".join(map(str, p.clear_res)),
+            "--out", str(ctx.run_dir / "peers"), "--peers-dir", str(PEERS_DIR)]
+    if not p.compile:
+        argv.append("--no-compile")
+    return [Job("peers", argv, ctx.run_dir / "peers", budget="stage", peers=True)]
+
+
 def floor_jobs(ctx: Context) -> list[Job] | str:
     if not ctx.caps.get("floor_module"):
         return f"{FLOOR_MODULE} not found (adjust FLOOR_MODULE)"
@@ -520,14 +582,43 @@ def floor_jobs(ctx: Context) -> list[Job] | str:
     return [Job("floor measure", argv)]
 
 
+def profile_jobs(ctx: Context) -> list[Job] | str:
+    """torch.profiler over the target missed by most (the floor module's ``profile``)."""
+    if not ctx.caps.get("floor_module"):
+        return f"{FLOOR_MODULE} not found (adjust FLOOR_MODULE)"
+    verdicts = [judge(ctx, t) for t in TARGETS]
+    missed = [v for v in verdicts if v.verdict == "MISSED" and v.target.profile
+              and v.model.lower().startswith("dit")]  # the profiler builds DiT points only
+    if not missed:
+        judged = [v for v in verdicts if v.verdict in ("met", "MISSED")]
+        return ("no DiT target was missed" if judged else "no target was measured") + \
+            " (nothing to profile)"
+    worst = min(missed, key=lambda v: v.score)
+    level = "model" if worst.target.level == "model" else "attention"
+    out = ctx.run_dir / "profile"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "target.txt").write_text(f"{worst.target.name}: {worst.measured}, required "
+                                    f"{worst.required}; profiled: {worst.target.profile} at "
+                                    f"{level} level, {worst.model} {worst.res} px\n")
+    p = ctx.profile
+    argv = [sys.executable, "-m", FLOOR_MODULE, "profile", "--model", worst.model, "--res",
+            str(worst.res), "--level", level, "--method", worst.target.profile, "--dtype",
+            p.dtype, "--device", p.device, "--calls", "1" if level == "model" else "3",
+            "--out", str(out)]
+    return [Job("profile", argv)]
+
+
 STAGES = (
-    Stage("kernels", "kernel tests compiled on the device (fp32, fp16, bf16)", 0.17, kernel_jobs),
-    Stage("attention", "attention level at the largest size: exact vs lit/clear/sla", 0.22,
+    Stage("kernels", "kernel tests compiled on the device (fp32, fp16, bf16)", 0.10, kernel_jobs),
+    Stage("attention", "attention level at the largest size: softmax vs lit/clear/sla", 0.14,
           attention_jobs),
-    Stage("model", "model level: one denoising step, the largest size first", 0.28, model_jobs),
-    Stage("diffusers", "FLUX.1-dev and Wan2.1-1.3B shapes (diffusers adapter)", 0.15,
+    Stage("peers", "attnbench's kernels beside the peers: each SDPA backend, flex, fla, xformers, "
+          "the official SLA kernel, CLEAR's paths", 0.20, peers_jobs),
+    Stage("model", "model level: one denoising step, the largest size first", 0.26, model_jobs),
+    Stage("diffusers", "FLUX.1-dev and Wan2.1-1.3B shapes (diffusers adapter)", 0.12,
           diffusers_jobs),
-    Stage("floors", "device ceilings and each kernel's fraction of its floor", 0.12, floor_jobs),
+    Stage("floors", "device ceilings and each kernel's fraction of its floor", 0.09, floor_jobs),
+    Stage("profile", "torch.profiler over the target missed by most", 0.03, profile_jobs),
 )
 #: the rest of the time: the report of every stage's folder, the summary, the packing
 REPORT_SHARE = 1.0 - sum(s.share for s in STAGES)
@@ -567,10 +658,23 @@ def _job_rows(job: Job) -> list[dict[str, Any]]:
     """The rows of ``job``'s points in its folder (several jobs may share one folder)."""
     if job.run_dir is None:
         return []
+    if job.peers:
+        return read_peers(job.run_dir)
     res = _res_of(job)
     return [r for r in read_rows(job.run_dir)
             if r.get("level") == _level_of(job) and any(matches(r, m) for m in _methods_of(job))
             and size_of(r) in res]
+
+
+def _key(job: Job, row: dict[str, Any]) -> tuple:
+    return (row.get("key"),) if job.peers else point_key(row)
+
+
+def _count(job: Job, jr: JobRecord, rows: list[dict[str, Any]]) -> None:
+    jr.final = sum(r.get("status") in FINAL for r in rows)
+    jr.ok = sum(r.get("status") == "ok" for r in rows)
+    if job.peers:  # the script knows its peers: each gets a row, measured or not
+        jr.planned = len(rows)
 
 
 def run_stage(ctx: Context, index: int) -> StageRecord:
@@ -597,30 +701,29 @@ def run_stage(ctx: Context, index: int) -> StageRecord:
             jr.__dict__.update(kept)
             jr.earlier = True
             if job.run_dir is not None:
-                rows = _job_rows(job)
-                jr.final = sum(r.get("status") in FINAL for r in rows)
-                jr.ok = sum(r.get("status") == "ok" for r in rows)
+                _count(job, jr, _job_rows(job))
                 jr.new, jr.resumed = 0, jr.final
             ctx.log(f"   {job.name}: {jr.status} in an earlier call; not run again "
                     f"(--redo {stage.key} runs it)")
             continue
-        before = {point_key(r): r for r in _job_rows(job)}
+        before = {_key(job, r): r for r in _job_rows(job)}
         argv = list(job.argv)
         if job.budget:
             left = deadline - time.monotonic() - ctx.profile.startup_s
-            jr.budget_s = round(max(5.0, min(ctx.profile.point_budget_s, left)), 1)
+            cap = ctx.profile.point_budget_s if job.budget == "point" else left
+            jr.budget_s = round(max(5.0, min(cap, left)), 1)
             argv += ["--budget", f"{jr.budget_s:g}"]
         ctx.log(f"   {job.name}: {' '.join(_short(a) for a in argv)}")
         out = run_job(argv, deadline=deadline, log=ctx.log, env=ctx.env(),
                       prefix=f"   [{stage.key}] ", output=job.output)
         jr.rc, jr.elapsed_s = out.rc, round(out.elapsed_s, 1)
-        if job.run_dir is not None and repair_tail(job.run_dir):
-            ctx.log(f"   {job.name}: dropped a partial last row of results.jsonl")
+        rows_file = "peers.jsonl" if job.peers else "results.jsonl"
+        if job.run_dir is not None and repair_tail(job.run_dir, rows_file):
+            ctx.log(f"   {job.name}: dropped a partial last row of {rows_file}")
         rows = _job_rows(job)
-        jr.final = sum(r.get("status") in FINAL for r in rows)
-        jr.ok = sum(r.get("status") == "ok" for r in rows)
+        _count(job, jr, rows)
         old = {k for k, r in before.items() if r.get("status") in FINAL}
-        jr.resumed = sum(point_key(r) in old for r in rows if r.get("status") in FINAL)
+        jr.resumed = sum(_key(job, r) in old for r in rows if r.get("status") in FINAL)
         jr.new = jr.final - jr.resumed
         if out.rc is None and out.cut:
             jr.status, jr.reason = "not started", "no time left in the stage"
@@ -683,25 +786,50 @@ def _pytest_summary(tail: list[str]) -> str:
 
 @dataclass(frozen=True)
 class Target:
-    """A speed target of the issue: ``spec`` at ``level`` vs the fastest exact kernel."""
+    """A speed target (a row of ``baselines/targets.csv``; its README says the columns)."""
 
     name: str
+    kind: str  # speedup | peer | bandwidth
     stage: str
     level: str
+    model: str
+    resolution: int
+    dtype: str
     spec: str
+    baseline: str
     minimum: float
+    profile: str
+    source: str
 
 
-TARGETS = (
-    Target("LiT vs the fastest exact kernel", "attention", "attention", "lit", 200.0),
-    Target("CLEAR r=8 vs the fastest exact kernel", "attention", "attention", "clear:radius=8",
-           50.0),
-    Target("SLA 95% vs the fastest exact kernel", "attention", "attention", "sla:topk=0.05", 12.0),
-    Target("LiT vs softmax, one denoising step", "model", "model", "lit", 20.0),
-    Target("CLEAR r=8 vs softmax, one denoising step", "model", "model", "clear:radius=8", 15.0),
-)
-#: LiT's forward kernel: fraction of the measured HBM bandwidth (bytes moved / time)
-LIT_BANDWIDTH_TARGET = 0.60
+def load_targets(path: Path = TARGETS_CSV) -> tuple[Target, ...]:
+    """The targets, read with the standard library (the run imports no attnbench module;
+    ``attnbench.bench.floor.load_targets`` reads the same file for its own commands)."""
+    if not path.exists():
+        return ()
+    with path.open(newline="") as f:
+        return tuple(Target(**{**r, "resolution": int(r["resolution"]),
+                               "minimum": float(r["minimum"])}) for r in csv.DictReader(f))
+
+
+TARGETS = load_targets()
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A target judged on this run's rows."""
+
+    target: Target
+    model: str
+    res: int
+    measured: str
+    verdict: str  # met | MISSED | not measured (why)
+    score: float | None = None  # what was achieved over what is required
+
+    @property
+    def required(self) -> str:
+        t = self.target
+        return f"≥ {t.minimum:.0%}" if t.kind == "bandwidth" else f"≥ {t.minimum:g}×"
 
 
 def px(row: dict[str, Any]) -> int:
@@ -712,62 +840,99 @@ def px(row: dict[str, Any]) -> int:
         return -1
 
 
-def fastest_exact(rows: list[dict[str, Any]], level: str, res: int) -> dict[str, Any] | None:
-    exact = [r for r in rows if r.get("method") in EXACT_METHODS and r.get("status") == "ok"
-             and r.get("level") == level and px(r) == res
-             and r.get("latency_median_s")]
-    return min(exact, key=lambda r: r["latency_median_s"]) if exact else None
+def target_point(profile: Profile, t: Target) -> tuple[str, int]:
+    """Where a target is judged: its own point on the GPU; the dry run's stand-in there."""
+    if profile.name == GPU.name:
+        return t.model, t.resolution
+    if t.stage == "flux-model":
+        return profile.flux, max(profile.flux_model_res)
+    return profile.model, profile.model_res if t.stage == "model" else profile.attention_res
+
+
+def exact_rows(ctx: Context, stage: str, level: str, res: int) -> list[tuple[float, str]]:
+    """``(seconds, name)`` of every exact kernel timed at a point: ``attnbench run``'s rows of
+    the stage (softmax, flash, xformers) and, at attention level, the peers stage's exact
+    group (each SDPA backend, FlexAttention without a mask, flash-attn, xformers)."""
+    found = [(r["latency_median_s"], f"{label_of(r)} [{r.get('impl', '')}]")
+             for r in read_rows(ctx.run_dir / stage)
+             if r.get("method") in EXACT_METHODS and r.get("status") == "ok"
+             and r.get("level") == level and px(r) == res and r.get("latency_median_s")]
+    if level == "attention" and stage in ("attention", "peers"):
+        found += [(r["latency_median_s"], r["key"].split("/")[1])
+                  for r in read_peers(ctx.run_dir / "peers")
+                  if r.get("group") == "exact" and r.get("status") == "ok" and px(r) == res]
+    return found
+
+
+def fastest_exact(ctx: Context, stage: str, level: str, res: int) -> tuple[float, str] | None:
+    """The baseline of every speed-up: the fastest exact kernel timed at the point."""
+    found = exact_rows(ctx, stage, level, res)
+    return min(found) if found else None
+
+
+def _why_not(row: dict[str, Any] | None, what: str) -> str:
+    if row is None:
+        return f"no {what} row"
+    return f"{what}: {row.get('status')} ({(row.get('reason') or '')[:120]})"
+
+
+def judge(ctx: Context, t: Target) -> Verdict:
+    model, res = target_point(ctx.profile, t)
+    if t.kind == "bandwidth":
+        return _judge_bandwidth(ctx, t, model, res)
+    if t.kind == "peer":
+        rows = {r["key"]: r for r in read_peers(ctx.run_dir / "peers") if px(r) == res}
+        mine, theirs = rows.get(t.spec), rows.get(t.baseline)
+        for row, what in ((mine, t.spec), (theirs, t.baseline)):
+            if row is None or row.get("status") != "ok":
+                return Verdict(t, model, res, "–", f"not measured ({_why_not(row, what)})")
+        ratio = theirs["latency_median_s"] / mine["latency_median_s"]
+        note = "; not the same function: " + theirs["label"].split(",")[1].strip() \
+            if "causal" in theirs["label"] else ""
+        return Verdict(t, model, res,
+                       f"{ratio:.2f}× ({t.spec} {mine['latency_median_s'] * 1e3:.3f} ms, "
+                       f"{t.baseline} {theirs['latency_median_s'] * 1e3:.3f} ms{note})",
+                       "met" if ratio >= t.minimum else "MISSED", ratio / t.minimum)
+    rows = read_rows(ctx.run_dir / t.stage)
+    mine = [r for r in rows if matches(r, t.spec) and r.get("level") == t.level and px(r) == res]
+    row = mine[-1] if mine else None
+    if row is None or row.get("status") != "ok":
+        return Verdict(t, model, res, "–", f"not measured ({_why_not(row, t.spec)} at {res} px)")
+    base = fastest_exact(ctx, t.stage, t.level, res)
+    if base is None:
+        exact = [r for r in rows if r.get("method") in EXACT_METHODS
+                 and r.get("level") == t.level and px(r) == res]
+        why = "; ".join(_why_not(r, r["method"]) for r in exact) or "no exact-kernel row"
+        return Verdict(t, model, res, f"{t.spec} {row['latency_median_s'] * 1e3:.3f} ms",
+                       f"not measured (baseline: {why})")
+    speedup = base[0] / row["latency_median_s"]
+    return Verdict(t, model, res,
+                   f"{speedup:.1f}× ({t.spec} [{row.get('impl', '')}] "
+                   f"{row['latency_median_s'] * 1e3:.3f} ms, fastest exact {base[1]} "
+                   f"{base[0] * 1e3:.3f} ms)",
+                   "met" if speedup >= t.minimum else "MISSED", speedup / t.minimum)
+
+
+def _judge_bandwidth(ctx: Context, t: Target, model: str, res: int) -> Verdict:
+    floor = _floor_data(ctx)
+    kernel = next((k for k in (floor or {}).get("kernels", []) if k.get("kernel") == t.spec),
+                  None)
+    if kernel is None or kernel.get("fraction_of_floor") is None:
+        why = (kernel or {}).get("error") or ctx.records.get("floors", StageRecord("", "")).reason \
+            or "no floor.json"
+        return Verdict(t, model, res, "–", f"not measured ({why})")
+    frac = kernel["fraction_of_floor"]
+    bw = floor["ceilings"]["hbm_bytes_per_s"]
+    return Verdict(t, model, res,
+                   f"{frac:.0%} ({kernel['median_s'] * 1e3:.3f} ms; floor "
+                   f"{kernel['floor_s'] * 1e3:.3f} ms at {bw / 1e12:.2f} TB/s measured)",
+                   "met" if frac >= t.minimum else "MISSED", frac / t.minimum)
 
 
 def target_rows(ctx: Context) -> list[list[str]]:
     p = ctx.profile
-    out = []
-    for t in TARGETS:
-        res = p.attention_res if t.level == "attention" else p.model_res
-        setting = f"{p.model}, {res} px, {t.level} level, {p.dtype}"
-        rows = read_rows(ctx.run_dir / t.stage)
-        base = fastest_exact(rows, t.level, res)
-        mine = [r for r in rows if matches(r, t.spec) and r.get("level") == t.level
-                and px(r) == res]
-        row = mine[-1] if mine else None
-        required = f"≥ {t.minimum:g}×"
-        if row is None or row.get("status") != "ok":
-            why = (f"{t.spec}: {row['status']} ({row.get('reason', '')[:120]})" if row
-                   else f"no {t.spec} row")
-            out.append([t.name, setting, "–", required, f"not measured ({why})"])
-            continue
-        if base is None:
-            exact = [r for r in rows if r.get("method") in EXACT_METHODS
-                     and r.get("level") == t.level and px(r) == res]
-            why = "; ".join(f"{r['method']}: {r['status']} ({r.get('reason', '')[:100]})"
-                            for r in exact) or "no exact-kernel row"
-            out.append([t.name, setting, f"{t.spec} {row['latency_median_s'] * 1e3:.3f} ms",
-                        required, f"not measured (baseline: {why})"])
-            continue
-        speedup = base["latency_median_s"] / row["latency_median_s"]
-        verdict = "met" if speedup >= t.minimum else "MISSED"
-        out.append([t.name, setting,
-                    f"{speedup:.1f}× ({t.spec} {row['latency_median_s'] * 1e3:.3f} ms, "
-                    f"{label_of(base)} [{base.get('impl', '')}] "
-                    f"{base['latency_median_s'] * 1e3:.1f} ms)", required, verdict])
-    floor = _floor_data(ctx)
-    lit = next((k for k in (floor or {}).get("kernels", []) if k.get("kernel") == LIT_FLOOR_KERNEL),
-               None)
-    setting = f"{p.model}, {p.attention_res} px, {p.dtype}"
-    required = f"≥ {LIT_BANDWIDTH_TARGET:.0%}"
-    if lit and lit.get("fraction_of_floor") is not None:
-        frac = lit["fraction_of_floor"]
-        bw = floor["ceilings"]["hbm_bytes_per_s"]
-        out.append(["LiT kernel: fraction of the HBM bandwidth", setting,
-                    f"{frac:.0%} ({lit['median_s'] * 1e3:.3f} ms; floor {lit['floor_s'] * 1e3:.3f}"
-                    f" ms at {bw / 1e12:.2f} TB/s measured)", required,
-                    "met" if frac >= LIT_BANDWIDTH_TARGET else "MISSED"])
-    else:
-        why = (lit or {}).get("error") or ctx.records.get("floors", StageRecord("", "")).reason \
-            or "no floor.json"
-        out.append(["LiT kernel: fraction of the HBM bandwidth", setting, "–", required,
-                    f"not measured ({why})"])
-    return out
+    return [[v.target.name, f"{v.model}, {v.res} px, {v.target.level} level, {p.dtype}",
+             v.measured, v.required, v.verdict] for v in map(partial(judge, ctx), TARGETS)]
 
 
 def _floor_data(ctx: Context) -> dict[str, Any] | None:
@@ -801,14 +966,79 @@ def flux_comparison(ctx: Context) -> list[list[str]]:
                      if r["method"] == "clear" and r["metric"] == "speedup"
                      and r["model"] == "FLUX.1-dev" and r["resolution"]}
     out = []
-    for res in ctx.profile.flux_model_res:
-        base = fastest_exact(rows, "model", res)
+    for res in sorted(set(ctx.profile.flux_model_res) | set(published)):
+        base = fastest_exact(ctx, "flux-model", "model", res)
         clear = [r for r in rows if matches(r, "clear:radius=8") and r.get("status") == "ok"
                  and px(r) == res]
-        measured = (f"{base['latency_median_s'] / clear[0]['latency_median_s']:.2f}×"
+        measured = (f"{base[0] / clear[0]['latency_median_s']:.2f}× (vs {base[1]})"
                     if base and clear else "not measured")
         out.append([str(res), measured, f"{published.get(res, '–')}×"])
     return out
+
+
+def peers_section(ctx: Context) -> list[str]:
+    """Every peer by group: latency, speed-up over the fastest exact kernel (named), the
+    error check; CLEAR's paths: which is fastest at each size; the peers left out."""
+    rows = read_peers(ctx.run_dir / "peers")
+    lines = ["", "## Peers", ""]
+    if not rows:
+        r = ctx.records.get("peers")
+        lines.append(f"Not measured: {(r.reason if r else '') or 'the stage has not run'}.")
+    groups = {"exact": "Exact attention (the fastest is the baseline)", "lit": "LiT",
+              "sla": "SLA (equal settings: the official main branch's)",
+              "clear": "CLEAR: each path forced"}
+    for group, title in groups.items():
+        mine = sorted((r for r in rows if r.get("group") == group),
+                      key=lambda r: (-px(r), r["key"]))
+        if not mine:
+            continue
+        table = []
+        for r in mine:
+            lat = r.get("latency_median_s")
+            base = fastest_exact(ctx, "peers", "attention", px(r))
+            vs = f"{base[0] / lat:.1f}× vs {base[1]} ({base[0] * 1e3:.3f} ms)" if base and lat \
+                else "–"
+            check = r.get("check") or {}
+            err = (f"max {check['max_abs_err']:.1e}, rel {check['rel_l2_err']:.1e} at "
+                   f"{check['res']} px" + ("" if check.get("against", "").startswith(
+                       "attnbench's float64") else f" ({check['against']})")) if check else "–"
+            what = r["label"] + (f" -- {r['reason']}" if r.get("reason") else "")
+            table.append([r["key"], size_of(r), r["status"], f"{lat * 1e3:.3f}" if lat else "–",
+                          vs, err, what[:400]])
+        lines += ["", f"### {title}", ""]
+        lines += md_table(["peer", "px", "status", "median ms", "vs fastest exact",
+                           "error vs float64 reference", "what ran"], table)
+    winners = []
+    for res in sorted({px(r) for r in rows if r.get("group") == "clear"}, reverse=True):
+        for spec in sorted({r.get("spec", "") for r in rows if r.get("group") == "clear"}):
+            ok = [r for r in rows if r.get("group") == "clear" and px(r) == res
+                  and r.get("spec") == spec and r.get("status") == "ok"]
+            if ok:
+                best = min(ok, key=lambda r: r["latency_median_s"])
+                others = ", ".join(f"{r['options']['impl']} {r['latency_median_s'] * 1e3:.2f} ms"
+                                   for r in ok if r is not best) or "no other path ran"
+                winners.append(f"- {res} px, {spec}: **{best['options']['impl']}** "
+                               f"{best['latency_median_s'] * 1e3:.2f} ms ({others})")
+    if winners:
+        lines += ["", "CLEAR's fastest path at each size:", "", *winners]
+    lines += ["", "Left out:", ""]
+    lines += [f"- {name}: {why}" for name, why in LEFT_OUT]
+    return lines
+
+
+def profile_section(ctx: Context) -> list[str]:
+    """The profile of the target missed by most (``profile/profile.md``), if one was taken."""
+    folder = ctx.run_dir / "profile"
+    r = ctx.records.get("profile")
+    if not (folder / "profile.md").exists():
+        why = (r.reason if r else "") or "the stage has not run"
+        return ["", "## Where the time went (profile of the target missed by most)", "",
+                f"No profile: {why}."]
+    target = (folder / "target.txt").read_text().strip() if (folder / "target.txt").exists() \
+        else ""
+    body = (folder / "profile.md").read_text().split("\n", 1)[1]  # its own title dropped
+    return ["", "## Where the time went (profile of the target missed by most)", "", target,
+            body.rstrip(), "", "The trace: `profile/trace.json.gz` in results.tar.gz."]
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -824,9 +1054,9 @@ def point_rows(ctx: Context) -> list[list[str]]:
     for folder in ("attention", "model", "flux-model", "flux-attention", "wan-attention"):
         rows = read_rows(ctx.run_dir / folder)
         for r in sorted(rows, key=lambda r: (px(r), r["level"])):
-            base = fastest_exact(rows, r["level"], px(r))
+            base = fastest_exact(ctx, folder, r["level"], px(r))
             lat = r.get("latency_median_s")
-            vs = (f"{base['latency_median_s'] / lat:.1f}×" if base and lat and r["status"] == "ok"
+            vs = (f"{base[0] / lat:.1f}× ({base[1]})" if base and lat and r["status"] == "ok"
                   else "–")
             out.append([folder, label_of(r), r["level"], size_of(r), r["status"],
                         f"{lat * 1e3:.3f}" if lat else "–", vs, r.get("impl", ""),
@@ -890,6 +1120,8 @@ def write_summary(ctx: Context, final: bool = False) -> str:
         lines += ["", "## FLUX.1-dev: CLEAR r=8", "",
                   "Measured: one denoising step; published: the whole generation (H100).", ""]
         lines += md_table(["px", "measured (one step)", "published (end to end)"], flux)
+    lines += peers_section(ctx)
+    lines += profile_section(ctx)
     lines += ["", "## Published numbers (other settings, labelled)", ""]
     lines += md_table(["method", "model", "setting", "px", "level", "metric", "value", "source",
                        "provenance"], published_rows())
@@ -1183,6 +1415,20 @@ def plan(profile: Profile, kernel_tests: int | None = None) -> str:
     lines.append(f"model: {profile.model}, one denoising step ({params / 1e6:.0f} M parameters)")
     run_estimate("model", "model", [profile.model_res], profile.model_methods)
     run_estimate("model", "model", profile.model_more_res, profile.model_methods)
+    # the peers: the exact kernels (efficient ~2× flash; flex compiled once), three LiT
+    # rows, four SLA rows (two kernels compiled), CLEAR's two paths at each size and radius
+    peer_t = [point("attention", profile.attention_res, "softmax")[0]] * 3
+    peer_t += [2 * peer_t[0], point("attention", profile.attention_res, "lit")[0] * 3]
+    peer_t += [point("attention", profile.attention_res, f"sla:topk={t}")[0] * 2
+               for t in (0.05, 0.1)]
+    peer_t += [2 * point("attention", res, f"clear:radius={r}")[0]
+               for res in profile.clear_res for r in (8, 16)]
+    totals["peers"] = (profile.startup_s + sum(min(_call_wall(t), 6.0) for t in peer_t)
+                       + FLEX_COMPILE_S * (1 + len(profile.clear_res)) + 2 * TEST_COMPILE_S)
+    lines.append(f"peers: {len(peer_t)} timed groups of peers at {profile.attention_res} px "
+                 f"(CLEAR at {', '.join(map(str, profile.clear_res))} px), each capped at 6 s, "
+                 f"{1 + len(profile.clear_res)} FlexAttention compiles")
+    totals["profile"] = profile.startup_s + FLEX_COMPILE_S / 2
     lines.append("diffusers: FLUX.1-dev and Wan2.1-1.3B shapes; not modelled here (needs the "
                  "adapter's FLOP model), the stage takes at most its share")
     totals["diffusers"] = shares["diffusers"]
@@ -1245,7 +1491,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--return-dir", help="where the returned files go (default $OUT; "
                         "none when unset)")
     parser.add_argument("--total-seconds", type=float,
-                        help="the whole run's seconds (default 480; dry run 150)")
+                        help="the whole run's seconds (default 520; dry run 240)")
     parser.add_argument("--stage-seconds", action="append", default=[], metavar="STAGE=S",
                         help="a hard cap on one stage's seconds from its start (repeatable)")
     parser.add_argument("--redo", action="append", default=[], metavar="STAGE",

@@ -22,18 +22,29 @@
    * CLEAR flex r=8: floor = 4·B·H·(computed 128² tiles)·128²·d FLOPs (the work
      FlexAttention cannot skip) over the tensor-core throughput, tile vs row order.
 
-   Writes ``floor.json`` and ``floor.md`` into DIR.
+   Writes ``floor.json`` and ``floor.md`` into DIR after every kernel. The LiT
+   forward's fraction is judged against the bandwidth target of
+   ``baselines/targets.csv``.
 
 ``python -m attnbench.bench.floor targets RUN_DIR`` reads a sweep's
-``results.csv`` and states each target of the issue (speed-ups over SDPA flash at
-8192 px, attention and model level) as met / missed / not measured, into
+``results.csv`` and states each speed-up target of ``baselines/targets.csv`` at
+that level as met / MISSED / not measured, over the fastest exact kernel the
+sweep ran at the same point (softmax, flash or xformers), into
 ``RUN_DIR/targets.md``.
+
+``python -m attnbench.bench.floor profile --method SPEC --level L --out DIR``
+runs one point under ``torch.profiler`` (CPU or CUDA): ``profile.md`` lists the
+operators by their own time, ``trace.json.gz`` the timeline. ``scripts/gpu_run.py``
+profiles the target it missed by most.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import gzip
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,20 +52,34 @@ from typing import Any
 
 import torch
 
+from .environment import REPO_ROOT
+
 GIB = 1 << 30
 
-#: the issue's targets: (level, method label, minimum speed-up over SDPA flash) at 8192 px
-TARGETS = [
-    ("attention", "lit", 200.0),
-    ("attention", "clear:radius=8.0", 50.0),
-    ("attention", "sla:topk=0.05", 12.0),
-    ("model", "lit", 20.0),
-    ("model", "clear:radius=8.0", 15.0),
-]
-#: labels of the same variant run with its default options
-ALIASES = {"clear:radius=8.0": "clear", "sla:topk=0.05": "sla"}
-#: the LiT kernel's target fraction of the measured HBM bandwidth
-LIT_BANDWIDTH_TARGET = 0.60
+#: the speed targets, one copy for the repository (``baselines/README.md`` says the columns);
+#: ``scripts/gpu_run.py`` reads the same file
+TARGETS_CSV = REPO_ROOT / "baselines" / "targets.csv"
+#: the label of the LiT forward kernel in floor.json (the bandwidth target names it)
+LIT_FLOOR_KERNEL = "lit_triton forward"
+#: the exact kernels a speed-up is taken against: the fastest of them that ran at the point
+EXACT_METHODS = ("softmax", "flash", "xformers")
+
+
+def load_targets(path: Path = TARGETS_CSV) -> list[dict[str, Any]]:
+    """The rows of ``targets.csv`` (``minimum`` and ``resolution`` as numbers); none when
+    the file is absent (an installed attnbench has no ``baselines/``)."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [{**row, "minimum": float(row["minimum"]), "resolution": int(row["resolution"])}
+                for row in csv.DictReader(f)]
+
+
+def bandwidth_target(targets: list[dict[str, Any]] | None = None) -> float | None:
+    """The LiT kernel's target fraction of the measured HBM copy bandwidth, if one is set."""
+    rows = [t for t in (load_targets() if targets is None else targets)
+            if t["kind"] == "bandwidth" and t["spec"] == LIT_FLOOR_KERNEL]
+    return rows[0]["minimum"] if rows else None
 
 
 def _time(fn, device, budget_s: float = 2.0) -> dict[str, Any]:
@@ -107,8 +132,12 @@ def _entry(name, timing, *, floor_s=None, bytes_=None, flops=None, note=""):
     return out
 
 
-def measure_kernels(model: str, resolution: int, dtype: torch.dtype, batch: int = 1) -> dict:
-    """Every kernel at one DiT point against its floor (module docstring)."""
+def measure_kernels(model: str, resolution: int, dtype: torch.dtype, batch: int = 1,
+                    out: Path | None = None) -> dict:
+    """Every kernel at one DiT point against its floor (module docstring).
+
+    With ``out``, ``floor.json`` and ``floor.md`` are rewritten after every kernel, so a
+    run stopped part-way keeps the kernels it measured."""
     from attnbench import attention
     from attnbench.attention import _triton, clear, sla
     from attnbench.attention import lit as _lit
@@ -123,32 +152,46 @@ def measure_kernels(model: str, resolution: int, dtype: torch.dtype, batch: int 
     esize = torch.empty((), dtype=dtype).element_size()
     ceilings = device_ceilings(device)
     bw, tc = ceilings["hbm_bytes_per_s"], ceilings["bf16_flops_per_s"]
+    results: list[dict] = []
+    data = {
+        "environment": environment(device, sys.argv),
+        "point": {"model": model, "resolution": resolution, "batch": b, "heads": h,
+                  "tokens": n, "head_dim": d, "dtype": str(dtype)},
+        "ceilings": ceilings,
+        "kernels": results,
+        "lit_bandwidth_target": bandwidth_target(),
+    }
+
+    def add(entry: dict) -> None:
+        results.append(entry)
+        if out is not None:
+            write_floor(data, out)
+
     gen = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(b, h, n, d, generator=gen).to(device, dtype) for _ in range(3))
-    results: list[dict] = []
     io = 4.0 * b * h * n * d * esize
 
     # ---- LiT
     reason = _triton.kernel_reason(_lit.TRITON_MODULE, device, dtype, q.shape)
     if reason is None:
         lit = _triton.load(_lit.TRITON_MODULE)
-        results.append(_entry(
-            "lit_triton forward",
+        add(_entry(
+            LIT_FLOOR_KERNEL,
             _time(lambda: lit.linear_attention(q, k, v, eps=1e-6, phi_shift=1e-6), device),
             floor_s=io / bw, bytes_=io, note="memory-bound: q, k, v read once, out written once",
         ))
         state = _time(lambda: lit.linear_state(k, v), device)
-        results.append(_entry("  state kernel (k, v → S, z)", state, floor_s=io / 2 / bw,
+        add(_entry("  state kernel (k, v → S, z)", state, floor_s=io / 2 / bw,
                               bytes_=io / 2))
         s, z, bd = lit.linear_state(k, v)
-        results.append(_entry("  readout kernel (q, S → out)",
+        add(_entry("  readout kernel (q, S → out)",
                               _time(lambda: lit._readout(q, s, z, bd, 1e-6, False), device),
                               floor_s=io / 2 / bw, bytes_=io / 2))
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         out = lit.linear_attention(*leaves, eps=1e-6, phi_shift=1e-6)
         grad = torch.randn_like(out)
         bwd_bytes = 9.0 * b * h * n * d * esize
-        results.append(_entry(
+        add(_entry(
             "lit_triton backward",
             _time(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True), device),
             floor_s=bwd_bytes / bw, bytes_=bwd_bytes,
@@ -156,11 +199,11 @@ def measure_kernels(model: str, resolution: int, dtype: torch.dtype, batch: int 
         ))
         del leaves, out, grad
         ref = attention.get("lit")
-        results.append(_entry("lit reference (torch matmuls)",
+        add(_entry("lit reference (torch matmuls)",
                               _time(lambda: ref.reference(q, k, v, grid=grid, eps=1e-6), device),
                               floor_s=io / bw, bytes_=io))
     else:
-        results.append({"kernel": "lit_triton", "error": reason})
+        add({"kernel": "lit_triton", "error": reason})
 
     # ---- softmax
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -175,14 +218,14 @@ def measure_kernels(model: str, resolution: int, dtype: torch.dtype, batch: int 
             with sdpa_kernel(backend):
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
-        results.append(_entry(label, _time(sdpa, device, budget_s=3.0), floor_s=dense / tc,
+        add(_entry(label, _time(sdpa, device, budget_s=3.0), floor_s=dense / tc,
                               flops=dense, note="compute-bound: 4·B·H·N²·d"))
 
     # ---- SLA at 95% sparsity
     reason = _triton.kernel_reason(_sla.TRITON_MODULE, device, dtype, q.shape)
     opts = {"block_q": 64, "block_kv": 64, "feature_map": "softmax", "linear_over": "marginal",
             "eps": 1e-5}
-    results.append(_entry("SLA block map (pooled scores + top-k)",
+    add(_entry("SLA block map (pooled scores + top-k)",
                           _time(lambda: sla.block_indices(q, k, 64, 64, 0.05), device)))
     if reason is None:
         kern = _triton.load(_sla.TRITON_MODULE)
@@ -202,7 +245,7 @@ def measure_kernels(model: str, resolution: int, dtype: torch.dtype, batch: int 
                 "gemm": 2.0 * b * h * nq * nk * (d * d + d),
             }[correction]
             flops = 4.0 * pairs * dp + extra
-            results.append(_entry(
+            add(_entry(
                 f"sla_triton (topk 0.05, correction={correction})",
                 _time(lambda c=correction: kern.sla_triton_parts(q, k, v, indices, correction=c,
                                                                  **opts), device),
@@ -212,7 +255,7 @@ def measure_kernels(model: str, resolution: int, dtype: torch.dtype, batch: int 
             ))
         del indices
     else:
-        results.append({"kernel": "sla_triton", "error": reason})
+        add({"kernel": "sla_triton", "error": reason})
 
     # ---- CLEAR flex r=8, tile vs row order
     backend = attention.get("clear")
@@ -234,23 +277,26 @@ def measure_kernels(model: str, resolution: int, dtype: torch.dtype, batch: int 
                                device)
             finally:
                 clear.FLEX_TILE_ORDER = saved
-            results.append(_entry(
+            add(_entry(
                 f"CLEAR flex r=8 ({'tile' if tiled else 'row'} order)", timing,
                 floor_s=flops / tc, flops=flops,
                 note=f"{density:.2%} of 128² tiles computed; mask build {build_s:.3f} s",
             ))
         clear.clear_mask_caches()
     else:
-        results.append({"kernel": "clear flex", "error": reason})
+        add({"kernel": "clear flex", "error": reason})
 
-    return {
-        "environment": environment(device, sys.argv),
-        "point": {"model": model, "resolution": resolution, "batch": b, "heads": h,
-                  "tokens": n, "head_dim": d, "dtype": str(dtype)},
-        "ceilings": ceilings,
-        "kernels": results,
-        "lit_bandwidth_target": LIT_BANDWIDTH_TARGET,
-    }
+    return data
+
+
+def write_floor(data: dict, out: Path) -> None:
+    """``floor.json`` and ``floor.md`` into ``out`` (each written beside, then renamed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("floor.json", json.dumps(data, indent=2, default=str)),
+                       ("floor.md", floor_markdown(data))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)
 
 
 def floor_markdown(data: dict) -> str:
@@ -277,8 +323,8 @@ def floor_markdown(data: dict) -> str:
             f"{'–' if floor is None else f'{floor * 1e3:.3f}'} | "
             f"{'–' if frac is None else f'{frac:.0%}'} | {r.get('note', '')} |"
         )
-    lit = next((r for r in data["kernels"] if r["kernel"] == "lit_triton forward"), None)
-    if lit and "fraction_of_floor" in lit:
+    lit = next((r for r in data["kernels"] if r["kernel"] == LIT_FLOOR_KERNEL), None)
+    if lit and "fraction_of_floor" in lit and data.get("lit_bandwidth_target") is not None:
         ok = lit["fraction_of_floor"] >= data["lit_bandwidth_target"]
         lines += ["", f"LiT forward at {lit['fraction_of_floor']:.0%} of the measured HBM "
                   f"bandwidth: target ≥ {data['lit_bandwidth_target']:.0%} "
@@ -287,9 +333,11 @@ def floor_markdown(data: dict) -> str:
 
 
 def targets_markdown(run_dir: Path, resolution: int = 8192) -> str:
-    """The issue's speed targets against a sweep's results (met / missed / not measured)."""
+    """The speed-up targets (``targets.csv``) against a sweep's results: met / MISSED / not
+    measured, each over the fastest exact kernel in the sweep at the same point."""
     import pandas as pd
 
+    from attnbench.bench.sweep import parse_methods
     from attnbench.results import label
 
     frame = pd.read_csv(run_dir / "results.csv")
@@ -300,22 +348,79 @@ def targets_markdown(run_dir: Path, resolution: int = 8192) -> str:
     lines = [f"# Targets at {resolution} px ({run_dir.name})", "",
              "| level | method | latency ms | baseline | speed-up | target | verdict |",
              "|---|---|---:|---|---:|---:|---|"]
-    for level, method, target in TARGETS:
-        rows = frame[frame["level"] == level].set_index("label")["latency_median_s"]
-        if method not in rows and ALIASES.get(method) in rows:
-            method = ALIASES[method]
-        base_name = "flash" if "flash" in rows else ("softmax" if "softmax" in rows else None)
-        if method not in rows or base_name is None:
-            missing = method if method not in rows else "flash/softmax"
-            lines.append(f"| {level} | {method} | – | – | – | ≥ {target:g}× | "
+    for target in load_targets():
+        if target["kind"] != "speedup" or target["level"] not in set(frame["level"]):
+            continue
+        at_level = frame[frame["level"] == target["level"]]
+        exact = at_level[at_level["method"].isin(EXACT_METHODS)]
+        wanted = parse_methods(target["spec"])[0].label
+        mine = at_level[at_level["label"] == wanted]
+        required = f"≥ {target['minimum']:g}×"
+        if mine.empty or exact.empty:
+            missing = wanted if mine.empty else "/".join(EXACT_METHODS)
+            lines.append(f"| {target['level']} | {wanted} | – | – | – | {required} | "
                          f"not measured ({missing} has no ok row) |")
             continue
-        speedup = rows[base_name] / rows[method]
-        verdict = "met" if speedup >= target else "MISSED"
-        lines.append(f"| {level} | {method} | {rows[method] * 1e3:.3f} | {base_name} "
-                     f"{rows[base_name] * 1e3:.1f} ms | {speedup:.1f}× | ≥ {target:g}× | "
+        base = exact.loc[exact["latency_median_s"].idxmin()]
+        latency = mine["latency_median_s"].min()
+        speedup = base["latency_median_s"] / latency
+        verdict = "met" if speedup >= target["minimum"] else "MISSED"
+        lines.append(f"| {target['level']} | {wanted} | {latency * 1e3:.3f} | {base['label']} "
+                     f"{base['latency_median_s'] * 1e3:.1f} ms | {speedup:.1f}× | {required} | "
                      f"{verdict} |")
     return "\n".join(lines) + "\n"
+
+
+def profile_point(model: str, resolution: int, level: str, method: str, dtype: torch.dtype,
+                  device: torch.device, out: Path, calls: int = 3) -> str:
+    """Where one point's time goes: ``calls`` calls under ``torch.profiler`` after one
+    untimed call (compilation, caches), as ``profile.md`` (the operators by their own
+    device time, CPU time where there is no GPU) and a gzipped Chrome trace in ``out``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from attnbench.bench.sweep import parse_methods
+    from attnbench.bench.timer import synchronize
+    from attnbench.bench.workloads import Point, build_workload
+    from attnbench.models.configs import get_config
+
+    spec = parse_methods(method)[0]
+    work = build_workload(level, spec.name, spec.options, Point(get_config(model), resolution, 1),
+                          dtype, device)
+    if work.prepare is not None:
+        work.prepare()
+    work.fn()
+    synchronize(device)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            work.fn()
+        synchronize(device)
+    averages = prof.key_averages()
+    table = None
+    for key in (("self_device_time_total", "self_cuda_time_total") if cuda
+                else ("self_cpu_time_total",)):
+        try:
+            table = averages.table(sort_by=key, row_limit=25)
+            break
+        except (AttributeError, KeyError, ValueError):
+            continue
+    out.mkdir(parents=True, exist_ok=True)
+    trace = out / "trace.json"
+    prof.export_chrome_trace(str(trace))
+    with trace.open("rb") as src, gzip.open(out / "trace.json.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    trace.unlink()
+    text = "\n".join([
+        f"# Profile: {spec.label} at {level} level, {model} {resolution} px, "
+        f"{str(dtype).removeprefix('torch.')} on {device.type}",
+        "",
+        f"Path: {work.impl}. {calls} calls after one untimed call; operators by their own "
+        f"{'device' if cuda else 'CPU'} time (torch.profiler; trace.json.gz beside this file "
+        "opens in chrome://tracing or Perfetto).",
+        "", "```", table or "(no profiler table)", "```", ""])
+    (out / "profile.md").write_text(text)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,9 +434,18 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--dtype", default="bfloat16")
     m.add_argument("--batch", type=int, default=1)
     m.add_argument("--out", required=True, help="directory for floor.json and floor.md")
-    t = sub.add_parser("targets", help="the issue's speed targets against a sweep's results")
+    t = sub.add_parser("targets", help="the speed-up targets against a sweep's results")
     t.add_argument("run_dir")
     t.add_argument("--res", type=int, default=8192)
+    p = sub.add_parser("profile", help="torch.profiler over one point (where its time goes)")
+    p.add_argument("--model", default="DiT-XL/2")
+    p.add_argument("--res", type=int, default=8192, help="image resolution in px")
+    p.add_argument("--level", default="attention", choices=("attention", "model"))
+    p.add_argument("--method", required=True, help="a method variant, e.g. clear:radius=8")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--calls", type=int, default=3)
+    p.add_argument("--out", required=True, help="directory for profile.md and trace.json.gz")
     args = parser.parse_args(argv)
     if args.command == "targets":
         run_dir = Path(args.run_dir)
@@ -339,17 +453,21 @@ def main(argv: list[str] | None = None) -> int:
         (run_dir / "targets.md").write_text(text)
         print(text)
         return 0
+    if args.command == "profile":
+        if args.calls < 1:
+            parser.error(f"--calls {args.calls}: must be at least 1")
+        text = profile_point(args.model, args.res, args.level, args.method,
+                             getattr(torch, args.dtype), torch.device(args.device),
+                             Path(args.out), args.calls)
+        print(text)
+        return 0
     if not torch.cuda.is_available():
         print("floor: needs a CUDA GPU (nothing to measure on CPU)", file=sys.stderr)
         return 2
-    dtype = getattr(torch, args.dtype)
-    data = measure_kernels(args.model, args.res, dtype, args.batch)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "floor.json").write_text(json.dumps(data, indent=2, default=str))
-    text = floor_markdown(data)
-    (out / "floor.md").write_text(text)
-    print(text)
+    data = measure_kernels(args.model, args.res, getattr(torch, args.dtype), args.batch,
+                           out=Path(args.out))
+    write_floor(data, Path(args.out))
+    print(floor_markdown(data))
     return 0
 
 
@@ -357,5 +475,6 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["TARGETS", "device_ceilings", "floor_markdown", "main", "measure_kernels",
-           "targets_markdown"]
+__all__ = ["EXACT_METHODS", "TARGETS_CSV", "bandwidth_target", "device_ceilings",
+           "floor_markdown", "load_targets", "main", "measure_kernels", "profile_point",
+           "targets_markdown", "write_floor"]

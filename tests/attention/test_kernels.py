@@ -223,6 +223,24 @@ def test_sla_parts_across_shapes_and_dtypes(kernels, b, h, n, d, bq, bkv, topk, 
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("linear_over, correction",
+                         [("all", "gemm"), ("marginal", "output"), ("marginal", "state")])
+def test_sla_branches_and_corrections_in_every_dtype(kernels, linear_over, correction, dtype,
+                                                     gen):
+    """The GPU run times the kernel with the linear branch over all tokens (the official
+    settings) in bfloat16: that branch and each correction, in every dtype of this device."""
+    _, sla_triton = kernels
+    args, options, (o_s, o_l) = _sla_case(
+        gen, 1, 2, 117, 72, 32, 48, 0.4, dtype, feature_map="softmax", linear_over=linear_over,
+    )  # fmt: skip
+    out_s, out_l = sla_triton.sla_triton_parts(*args, correction=correction, **options)
+    scale = 1.0 if dtype == torch.float32 else 2.0
+    _close(out_s, o_s, dtype, scale=scale)
+    _close(out_l, o_l, dtype, scale=scale)
+
+
+@needs_triton
 def test_sla_every_block_selected_has_no_linear_branch(kernels, gen):
     _, sla_triton = kernels
     args, options, (o_s, o_l) = _sla_case(

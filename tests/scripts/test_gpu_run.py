@@ -170,3 +170,42 @@ def test_the_plan_gives_every_stage_a_time_for_the_h200():
     for stage in gpu_run.STAGES:
         assert any(line.startswith(stage.key + " ") for line in text.splitlines()), stage.key
     assert "softmax" in text and "8192 px" in text
+
+
+def test_the_peers_stage_gives_every_peer_a_row_checked_or_saying_why_not(calls):
+    rows = gpu_run.read_peers(calls["run_dir"] / "peers")
+    keys = {r["key"] for r in rows}
+    for key in ("exact/sdpa-flash", "exact/flex", "lit/attnbench", "lit/fla", "lit/torch",
+                "sla/attnbench/0.05", "sla/official/0.05", "sla/official/0.1"):
+        assert key in keys, key
+    assert any(k.startswith("clear/masked_sdpa/") for k in keys)
+    for r in rows:
+        assert r["label"]
+        if r["status"] == "ok":  # float32 on CPU: every peer that ran computes its function
+            assert r["check"]["rel_l2_err"] < 1e-5 and r["check"]["finite"], r["key"]
+        else:
+            assert r["status"] == "unavailable" and r["reason"], r["key"]
+    assert "causal" in next(r for r in rows if r["key"] == "lit/fla")["label"]
+    second = _stages(calls["root"] / "out2")
+    assert second["peers"]["status"] == "done earlier"
+    text = (calls["root"] / "out2" / "summary.md").read_text()
+    assert "## Peers" in text and "vs sdpa-flash" in text and "NATTEN" in text
+
+
+def test_a_missed_target_is_profiled(calls):
+    stages = _stages(calls["root"] / "out1")
+    assert stages["profile"]["status"] == "done", stages["profile"]
+    assert (calls["run_dir"] / "profile" / "profile.md").exists()
+    assert (calls["run_dir"] / "profile" / "trace.json.gz").exists()
+    text = (calls["root"] / "out2" / "summary.md").read_text()
+    assert "required ≥" in text.split("## Where the time went", 1)[1]
+
+
+def test_the_targets_are_read_from_the_one_csv():
+    from attnbench.bench import floor
+
+    names = [t.name for t in gpu_run.TARGETS]
+    assert names == [t["name"] for t in floor.load_targets()]
+    assert {t.kind for t in gpu_run.TARGETS} == {"speedup", "peer", "bandwidth"}
+    assert floor.bandwidth_target() == next(t.minimum for t in gpu_run.TARGETS
+                                            if t.kind == "bandwidth")
