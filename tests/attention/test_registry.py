@@ -187,7 +187,7 @@ def test_register_refuses_a_second_method_of_the_same_name():
 def test_selection_says_why_faster_paths_were_passed_over():
     lit = attention.get("lit")
     sel = lit.selection("cpu", torch.float64, (1, 2, 64, 16))
-    assert isinstance(sel, attention.Selection) and sel.path == "reference"
+    assert isinstance(sel, attention.Selection) and sel.path == "chunked"
     assert any("float64" in r for r in sel.passed_over["triton"])
     clear = attention.get("clear")
     sel = clear.selection("cpu", torch.float32, (1, 2, 64, 16), needs_grad=True)
