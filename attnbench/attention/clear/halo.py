@@ -217,15 +217,17 @@ def _halo(q, k, v, *, grid=None, layout=None, radius, radius_t=None, global_toke
 
 def _workspace(batch, heads, tokens, head_dim, layout, *, element_size, radius, radius_t=None,
                global_tokens=0, down_factor) -> float:
-    """The cached indices and mask, the extended K/V (pooled tokens), the output buffer's
-    extra row, and per chunk the gathered q, k, v, the chunk's output and mask."""
+    """The cached indices and masks (query and key indices, the per-tile on-grid flags,
+    the shared circle), the extended K/V (pooled tokens), the output buffer's extra row,
+    and per chunk the gathered q, k, v, the chunk's output, its key indices and its mask
+    (bool, and the additive copy SDPA makes of it)."""
     window = Window.of(layout, radius, global_tokens, down_factor, radius_t)
     tiling = choose_tile(window)
     bh, c = batch * heads, tiling.chunk()
-    cached = 8.0 * tiling.tiles * (tiling.queries + tiling.keys) \
-        + tiling.tiles * tiling.queries * tiling.keys
-    chunk = bh * c * (2 * tiling.queries + 2 * tiling.keys) * head_dim * element_size \
-        + 8.0 * c * tiling.keys
+    qn, kn = tiling.queries, tiling.keys
+    cached = 8.0 * tiling.tiles * (qn + kn) + tiling.tiles * (kn + qn) + qn * kn
+    chunk = bh * c * (2 * qn + 2 * kn) * head_dim * element_size + 8.0 * bh * c * (kn + qn) \
+        + c * qn * kn * (1 + element_size)
     text = 2.0 * bh * window.global_tokens * head_dim * element_size
     return extended_bytes(window, bh, head_dim, element_size) + cached + chunk + text \
         + bh * head_dim * element_size
