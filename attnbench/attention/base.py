@@ -251,6 +251,10 @@ class FastPath:
     #: correctly; ``None`` = every kind its method accepts. A layout outside them is a
     #: reason in :meth:`not_supported_reasons`, so ``attend`` never runs it silently wrong
     layouts: tuple[str, ...] | None = None
+    #: the device types where ``impl="auto"`` may choose the path (``None``: wherever it
+    #: runs); elsewhere it runs when named but a path listed after it is the faster one
+    #: there (a pure-torch CPU path beside a GPU kernel)
+    auto_devices: tuple[str, ...] | None = None
 
     def accepted_dtypes(self, device_type: str) -> DTypes:
         """The dtypes this path takes on a device type."""
@@ -337,6 +341,7 @@ class FastPath:
             "autograd": list(self.grad_devices) if self.grad_devices is not None else "yes",
             "requires": list(self.requires),
             "layouts": list(self.layouts) if self.layouts is not None else "all of the method's",
+            "auto": list(self.auto_devices) if self.auto_devices is not None else "anywhere",
             "doc": self.doc,
         }
 
@@ -596,7 +601,8 @@ class AttentionBackend:
         """The implementation ``attend`` runs here and why each path ahead of it did not.
 
         ``impl="auto"`` takes the first fast path that can run (and supports
-        autograd on ``device`` when ``needs_grad``), else the reference; a
+        autograd on ``device`` when ``needs_grad``) among those auto may choose on
+        ``device`` (:attr:`FastPath.auto_devices`), else the reference; a
         forced ``impl`` is checked and returned with nothing passed over. A
         kernel-only method with no runnable path raises ValueError.
         """
@@ -609,6 +615,8 @@ class AttentionBackend:
             return Selection(impl)
         passed: dict[str, list[str]] = {}
         for p in self.fast_paths:
+            if p.auto_devices is not None and device.type not in p.auto_devices:
+                continue  # not the fast one here; it runs when named
             reasons = p.not_supported_reasons(device, dtype, shape, layout)
             if not reasons and needs_grad and not p.supports_grad(device):
                 reasons = [f"no autograd on {device.type} (gradients are needed)"]

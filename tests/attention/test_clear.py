@@ -203,8 +203,7 @@ def test_flex_matches_the_reference(grid, global_tokens, down_factor, radius, ge
     n = global_tokens + grid[0] * grid[1]
     q, k, v = qkv(gen, 1, 2, n, 64)
     expected = CLEAR.reference(q, k, v, grid=grid, **opts)
-    assert CLEAR.select("cpu", torch.float32, (1, 2, n, 64)) == "flex"
-    out = CLEAR.attend(q.float(), k.float(), v.float(), grid=grid, **opts)
+    out = CLEAR.attend(q.float(), k.float(), v.float(), grid=grid, impl="flex", **opts)
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
 
 
@@ -238,8 +237,8 @@ def test_availability_gives_reasons():
     assert "float64" in reasons["flex"]
     huge = CLEAR.path_reasons("cpu", torch.float32, (1, 1, 1 << 16, 64))["masked_sdpa"]
     assert "GiB" in huge
-    assert CLEAR.select("cpu", torch.float32, (1, 1, 64, 8), needs_grad=True) == "masked_sdpa"
-    assert CLEAR.select("cpu", torch.float64, (1, 1, 1 << 16, 8)) == "reference"
+    assert CLEAR.select("cpu", torch.float32, (1, 1, 64, 8), needs_grad=True) == "halo"
+    assert CLEAR.select("cpu", torch.float64, (1, 1, 1 << 16, 8)) == "halo"
     assert all(
         r is None or isinstance(r, str) for r in CLEAR.path_reasons("cpu", torch.float16).values()
     )
@@ -410,7 +409,7 @@ def test_mixer_gradients_flow_on_cpu(gen):
     grid, g = (5, 6), 1
     mixer = CLEAR.mixer(32, 4, radius=2.0, global_tokens=g, down_factor=2)
     x = torch.randn(2, g + 30, 32, generator=gen, requires_grad=True)
-    assert CLEAR.select("cpu", torch.float32, (2, 4, g + 30, 8), needs_grad=True) == "masked_sdpa"
+    assert CLEAR.select("cpu", torch.float32, (2, 4, g + 30, 8), needs_grad=True) == "halo"
     mixer(x, grid).square().mean().backward()
     for name in ("core.pool_weight", "qkv.weight", "proj.weight"):
         grad = dict(mixer.named_parameters())[name].grad
@@ -615,3 +614,71 @@ def test_proportional_attention_is_the_official_scale(down_factor, gen):
     expected = plain(q * official * math.sqrt(d), k, v, layout=layout)
     torch.testing.assert_close(core(q, k, v, layout=layout), expected, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(core(q, k, v, layout=layout), plain(q, k, v, layout=layout))
+
+
+# --------------------------------------------------------------------------- halo path
+
+HALO_CASES = [
+    # (layout, options, forced tile side): boxes, partial tiles, text, pooled keys, video
+    pytest.param(attention.Layout((13, 18)), {"radius": 3.5}, 4, id="13x18-r3.5-t4"),
+    pytest.param(attention.Layout((13, 18), text=5), {"radius": 2.0}, 8, id="text-first-t8"),
+    pytest.param(attention.Layout((12, 10), text=4, text_first=False), {"radius": 1.0}, 4,
+                 id="text-last-r1-t4"),
+    pytest.param(attention.Layout((10, 12)), {"radius": 2.5, "down_factor": 3}, 4,
+                 id="pooled-t4"),
+    pytest.param(attention.Layout((4, 9, 10)), {"radius": 2.5, "radius_t": 1}, 4,
+                 id="video-reach1-t4"),
+    pytest.param(attention.Layout((3, 9, 10), text=6), {"radius": 3.0}, 8, id="video-text-t8"),
+    pytest.param(attention.Layout((3, 8, 8)), {"radius": 2.0, "radius_t": 0}, 4,
+                 id="video-per-frame"),
+    pytest.param(attention.Layout((9, 13)), {"radius": 100.0}, 4, id="covers-grid-t4"),
+]
+
+
+@pytest.mark.parametrize("layout, opts, side", HALO_CASES)
+def test_halo_forward_and_backward_match_the_reference(layout, opts, side, gen, monkeypatch):
+    """Forced tile sides (several tiles per axis, partial edge tiles, boxes past the
+    grid's edges), several chunks: output and dq, dk, dv (and the pooling weights'
+    gradient) against the float64 reference."""
+    from attnbench.attention.clear import halo
+
+    monkeypatch.setattr(halo, "TILE_SIDES", (side,))
+    monkeypatch.setattr(halo, "CHUNK_KEYS", 1)  # one tile per SDPA call
+    monkeypatch.setattr(halo, "CHUNK_FRACTION", 10**9)
+    halo.halo_index.cache_clear()
+    f = opts.get("down_factor", 0)
+    shape = (2, 2, layout.tokens, 8)
+    inputs = qkv(gen, *shape)
+    weight = torch.randn(shape, generator=gen, dtype=torch.float64)
+    pool = torch.rand(f, f, generator=gen, dtype=torch.float64) if f > 1 else None
+    grads = {}
+    for impl in ("reference", "halo"):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        extra = {}
+        if pool is not None:
+            extra["pool_weight"] = pool.clone().requires_grad_()
+            leaves.append(extra["pool_weight"])
+        out = CLEAR.attend(*leaves[:3], layout=layout, impl=impl, **opts, **extra)
+        grads[impl] = (out, *torch.autograd.grad((out * weight).sum(), leaves))
+    for got, want in zip(grads["halo"], grads["reference"], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    halo.halo_index.cache_clear()
+
+
+def test_halo_tile_comes_from_the_cost_model():
+    """The tile grows with the radius and stops at the grid: not a constant."""
+    from attnbench.attention.clear.halo import choose_tile
+
+    def side(grid, radius):
+        return choose_tile(clear.Window.build(grid, radius)).th
+
+    assert side((128, 128), 2.0) < side((128, 128), 16.0) <= side((128, 128), 48.0)
+    assert side((16, 16), 16.0) == 16  # one tile: the whole (small) grid
+    tiling = choose_tile(clear.Window.build((128, 128), 16.0))
+    assert tiling.keys < 128 * 128 / 4  # the halo is a fraction of the keys at 2048 px
+
+
+def test_halo_is_chosen_on_cpu_and_trains():
+    assert CLEAR.select("cpu", torch.float32, (1, 2, 64, 16)) == "halo"
+    assert CLEAR.select("cpu", torch.float32, (1, 2, 64, 16), needs_grad=True) == "halo"
+    assert CLEAR.describe()["capabilities"]["halo"]["auto"] == ["cpu"]

@@ -93,6 +93,41 @@ def test_matches_float64_reference_on_every_layout(name, impl, dtype, layout, ge
     torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
 
 
+def _grad_cases():
+    for name, impl, dtype in (c.values for c in _cpu_cases()):
+        backend = attention.get(name)
+        if impl == "reference" or backend.kernel_only():
+            continue
+        if not backend.fast_path(impl).supports_grad("cpu"):
+            continue
+        yield pytest.param(name, impl, dtype, id=f"{name}-{impl}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("name, impl, dtype", list(_grad_cases()))
+@pytest.mark.parametrize("layout", [attention.Layout((5, 8)), *LAYOUTS], ids=_layout_id)
+def test_gradients_match_float64_reference_on_every_layout(name, impl, dtype, layout, gen):
+    """Backward of every path that trains on CPU, on every layout, against autograd through
+    the float64 reference: dq, dk and dv for a random output gradient."""
+    backend = attention.get(name)
+    shape = (2, 2, layout.tokens, 16)
+    reason = backend.path_reasons("cpu", dtype, shape, layout)[impl]
+    if reason:
+        pytest.skip(f"{name}[{impl}] on cpu/{dtype} at {layout.describe()}: {reason}")
+    opts = LAYOUT_OPTIONS.get(name, {})
+    inputs = qkv(gen, *shape)
+    weight = torch.randn(shape, generator=gen, dtype=torch.float64)
+    grads = {}
+    for which, cast in (("reference", torch.float64), (impl, dtype)):
+        leaves = [t.to(cast).requires_grad_() for t in inputs]
+        out = backend.attend(*leaves, layout=layout, impl=which, **opts)
+        grads[which] = torch.autograd.grad((out.double() * weight).sum(), leaves)
+    tol = TOLERANCE[dtype] * 10  # gradients sum over many terms
+    for got, want, label in zip(grads[impl], grads["reference"], "qkv", strict=True):
+        scale = want.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(got.double() / scale, want / scale, atol=tol, rtol=tol,
+                                   msg=lambda m, label=label: f"d{label}: {m}")
+
+
 @pytest.mark.parametrize("name", list(attention.names()))
 def test_every_builtin_defines_every_layout_and_its_labels(name):
     """Density, effective options, FLOPs and memory take a Layout and count its tokens."""

@@ -187,14 +187,16 @@ def test_register_refuses_a_second_method_of_the_same_name():
 def test_selection_says_why_faster_paths_were_passed_over():
     lit = attention.get("lit")
     sel = lit.selection("cpu", torch.float64, (1, 2, 64, 16))
-    assert isinstance(sel, attention.Selection) and sel.path == "reference"
+    assert isinstance(sel, attention.Selection) and sel.path == "chunked"
     assert any("float64" in r for r in sel.passed_over["triton"])
     clear = attention.get("clear")
+    sel = clear.selection("cuda", torch.float32, (1, 2, 64, 16), needs_grad=True)
+    assert "no autograd" not in str(sel.passed_over.get("flex", ""))
     sel = clear.selection("cpu", torch.float32, (1, 2, 64, 16), needs_grad=True)
-    assert sel.path == "masked_sdpa" and "no autograd on cpu" in sel.passed_over["flex"][0]
+    assert sel.path == "halo" and "flex" not in sel.passed_over  # flex: auto on CUDA only
     forced = clear.selection("cpu", torch.float32, impl="reference")
     assert forced == attention.Selection("reference")
-    assert clear.select("cpu", torch.float32, (1, 2, 64, 16), needs_grad=True) == "masked_sdpa"
+    assert clear.select("cpu", torch.float32, (1, 2, 64, 16), needs_grad=True) == "halo"
 
 
 def test_capabilities_are_data_and_every_reason_is_listed():

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from attnbench import attention
+from attnbench.attention import Layout
 from attnbench.attention import sla as sla_module
 from attnbench.bench.flops import count_flops
 from tests.helpers import qkv
@@ -274,7 +275,65 @@ def test_gather_gradients_match_reference(gen):
         grads[impl] = torch.autograd.grad((out * weight).sum(), (q, k, v))
     for got, want in zip(grads["gather"], grads["reference"], strict=True):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
-    assert SLA.select("cpu", torch.float32, needs_grad=True) == "gather"
+    assert SLA.select("cpu", torch.float32, needs_grad=True) == "batched"
+    assert SLA.select("cuda", torch.float32, needs_grad=True) == "gather"
+
+
+# --------------------------------------------------------------------------- batched path
+
+BATCHED_LAYOUTS = [
+    Layout((10, 15)),
+    Layout((6, 9), text=7),
+    Layout((6, 9), text=7, text_first=False),
+    Layout((3, 4, 5)),
+    Layout((2, 4, 6), text=12, text_first=False),
+]
+
+
+@pytest.mark.parametrize("order", ["row-major", "tiles"])
+@pytest.mark.parametrize("layout", BATCHED_LAYOUTS, ids=lambda lay: lay.describe())
+@pytest.mark.parametrize("feature_map, linear_over", [("softmax", "marginal"), ("relu", "all"),
+                                                      ("elu", "marginal")])
+def test_batched_parts_match_reference_parts(order, layout, feature_map, linear_over, gen,
+                                             monkeypatch):
+    """O_s and O_l of the batched path, forward and backward, in both token orders, every
+    layout kind, partial last blocks of queries and keys, several chunks of query blocks."""
+    monkeypatch.setattr(sla_module.batched, "CHUNK_KEYS", 48)  # 2 query blocks per chunk
+    monkeypatch.setattr(sla_module.batched, "CHUNK_FRACTION", 1000)
+    n = layout.tokens
+    q, k, v = (t.requires_grad_() for t in qkv(gen, 2, 2, n, 8))
+    opts = _options(topk=0.4, block_q=16, block_kv=12, feature_map=feature_map,
+                    linear_over=linear_over, order=order)
+    weights = [torch.randn(2, 2, n, 8, generator=gen, dtype=torch.float64) for _ in range(2)]
+    results = {}
+    for impl in ("batched", "reference"):
+        parts = SLA.attend_parts(q, k, v, layout=layout, impl=impl, **opts)
+        loss = sum((p * w).sum() for p, w in zip(parts, weights, strict=True))
+        results[impl] = (*parts, *torch.autograd.grad(loss, (q, k, v)))
+    for got, want in zip(results["batched"], results["reference"], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-11, rtol=1e-11)
+    assert results["reference"][1].abs().max() > 1e-3  # the linear branch is really there
+    whole = SLA.attend(q, k, v, layout=layout, impl="batched", **opts)
+    torch.testing.assert_close(whole, results["batched"][0] + results["batched"][1],
+                               atol=1e-13, rtol=1e-13)
+
+
+def test_batched_with_every_block_selected_has_no_linear_branch(gen):
+    q, k, v = (t.float() for t in qkv(gen, 2, 2, 300, 32))
+    o_s, o_l = SLA.attend_parts(q, k, v, grid=(15, 20), impl="batched", topk=1.0)
+    assert not o_l.any()
+    expected = SOFTMAX.attend(q.double(), k.double(), v.double(), grid=(15, 20))
+    torch.testing.assert_close(o_s.double(), expected, atol=2e-5, rtol=2e-5)
+
+
+def test_batched_memory_is_a_fraction_of_gathers():
+    """DiT-Ti/2 at 2048 px: the batched path keeps chunks and a d×d state, not the gather
+    path's per-block states and padded copies."""
+    args = dict(grid=(128, 128), element_size=4, topk=0.05, order="row-major")
+    n, io = 128 * 128, 4 * 3 * 128 * 128 * 64 * 4
+    batched = SLA.memory(1, 3, n, 64, impl="batched", **args)
+    gather = SLA.memory(1, 3, n, 64, impl="gather", **args)
+    assert batched.workspace < io / 4 < gather.workspace
 
 
 def test_gather_in_bfloat16(gen):
@@ -334,17 +393,17 @@ def test_mixer_zero_init_is_block_sparse_attention(gen):
     assert mixer.inheritable_parameters() == ["qkv.weight", "qkv.bias", "proj.weight", "proj.bias"]
 
 
-def test_mixer_gradients_flow_through_the_gather_path(gen):
+def test_mixer_gradients_flow_through_the_cpu_path(gen):
     mixer = SLA.mixer(64, 2, topk=0.4, block_q=16, block_kv=16)
     x = torch.randn(2, 100, 64, generator=gen)
     calls = []
-    original = sla_module.PARTS["gather"]
-    sla_module.PARTS["gather"] = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    original = sla_module.PARTS["batched"]
+    sla_module.PARTS["batched"] = lambda *a, **kw: calls.append(1) or original(*a, **kw)
     try:
         mixer(x, (10, 10)).square().sum().backward()
     finally:
-        sla_module.PARTS["gather"] = original
-    assert calls, "the mixer must run the gather path when gradients are needed"
+        sla_module.PARTS["batched"] = original
+    assert calls, "the mixer must run the batched path on CPU when gradients are needed"
     for name, p in mixer.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().max() > 0, f"no gradient reaches {name}"
@@ -425,7 +484,8 @@ def test_describe_and_paths():
     info = SLA.describe()
     assert info["paper"] == "Zhang et al., SLA, arXiv 2509.24006"
     # the Triton kernel first (preferred where it runs), the pure-torch paths after it
-    assert info["implementations"] == ["reference", "triton", "gather"]
+    assert info["implementations"] == ["reference", "triton", "batched", "gather"]
+    assert info["capabilities"]["batched"]["auto"] == ["cpu"]
     defaults = {o["name"]: o["default"] for o in info["options"]}
     assert defaults == {
         "topk": 0.05,

@@ -42,8 +42,9 @@ headline uses r = 8 (its README notes r = 8 without pooling repeats patterns).
 
 Files: ``window.py`` the mask and pair counts (:class:`Window`),
 ``pooling.py`` the pooled keys, ``reference.py`` the float64-capable
-reference, ``flex.py`` (FlexAttention, tokens in tile order) and
-``masked_sdpa.py`` (dense boolean mask) the fast paths, ``core.py`` the
+reference, ``flex.py`` (FlexAttention, tokens in tile order; auto on CUDA), ``halo.py``
+(halo-tiled SDPA; auto on CPU) and ``masked_sdpa.py`` (dense boolean mask) the
+fast paths, ``core.py`` the
 learned part.
 """
 
@@ -84,6 +85,7 @@ from .flex import (
     flex_tile_order,
     tile_permutation,
 )
+from .halo import HALO, choose_tile, halo_index
 from .masked_sdpa import MASKED_SDPA, _cached_dense_mask, _dense_mask, dense_mask
 from .pooling import _check_weight, _window_of, extend_kv, pool_patches
 from .reference import clear_reference, reference_workspace
@@ -188,7 +190,7 @@ class Clear(AttentionBackend):
         "single-stream only, taps blocks 0, 4, 8, ...",
     )
     core_class = ClearCore
-    fast_paths = (FLEX, MASKED_SDPA)
+    fast_paths = (FLEX, HALO, MASKED_SDPA)
     layout_kinds = KINDS
     conversion_recipe = ConversionRecipe(
         "clear",
@@ -311,7 +313,8 @@ class Clear(AttentionBackend):
         concatenation; ``block_mask`` (flex) or ``dense_mask`` (masked_sdpa): the
         mask, which the paths otherwise build once per window and cache;
         ``tile_permute`` (flex, when it runs in tile order): building the
-        permutation and re-ordering q, k, v into tiles and an output back. The
+        permutation and re-ordering q, k, v into tiles and an output back;
+        ``halo_index`` (halo): the tiling's gather indices and shared mask. The
         reference builds its small chunk masks inline; it has no separate step.
         """
         impl, layout, opts = self.prepare(q, k, v, grid=grid, layout=layout, impl=impl,
@@ -329,6 +332,8 @@ class Clear(AttentionBackend):
                 steps["tile_permute"] = lambda: _tile_permute_step(window, q, k, v)
         elif impl == "masked_sdpa":
             steps["dense_mask"] = lambda: _dense_mask(window, q.device)
+        elif impl == "halo":  # the tiling, its gather indices and shared mask (uncached)
+            steps["halo_index"] = lambda: halo_index.__wrapped__(choose_tile(window), q.device)
         return steps
 
     @staticmethod

@@ -363,6 +363,7 @@ FLEX = FastPath(
     devices=("cuda", "cpu"),
     dtypes=(torch.float32, torch.float16, torch.bfloat16),
     grad_devices=("cuda",),  # FlexAttention has no CPU backward
+    auto_devices=("cuda",),  # on CPU the halo path is faster (and trains); flex when named
     probe=_flex_available,
     workspace=_workspace,
     flop_countable=False,

@@ -16,7 +16,8 @@ for video or as a 3-D conv (``dwc_3d``) -- see ``core.py`` (attnbench's
 extension: LiT is image-only).
 
 Files: ``naive.py`` the reference, ``triton.py`` the fused Triton kernels
-(forward and backward, the same formula), ``core.py`` the learned part.
+(forward and backward, the same formula), ``chunked.py`` the CPU path (the same
+formula in token chunks, no N-sized temporary), ``core.py`` the learned part.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ..base import (
 from ..layout import KINDS, Layout
 from ..recipes import ConversionRecipe, DistillRecipe
 from ..registry import register
+from .chunked import CHUNKED
 from .core import LiTCore
 from .naive import EPS, PHI_SHIFT, feature_map, linear_attention, reference_workspace
 
@@ -123,7 +125,7 @@ class LiT(AttentionBackend):
     )
     layout_kinds = KINDS
     core_class = LiTCore
-    fast_paths = (TRITON,)
+    fast_paths = (TRITON, CHUNKED)
     conversion_recipe = ConversionRecipe(
         "lit",
         "LiT: inherit everything except the attention (q/k/v/proj re-initialised "

@@ -29,7 +29,8 @@ differs -- at least one block, eps also in the marginal mode, no bf16 cast of
 the inputs -- :attr:`SLA.notes` says so (``attnbench list``).
 
 Files: ``blocks.py`` the selection, ``reference.py`` the naive parts,
-``gather.py`` and ``triton.py`` (the Triton kernel) the fast paths,
+``gather.py``, ``batched.py`` (the CPU path) and ``triton.py`` (the Triton
+kernel) the fast paths,
 ``core.py`` the learned ``proj_l``, ``constants.py`` the shared constants,
 ``order.py`` the token order.
 The pieces, each usable alone (benchmarks time :func:`block_map` as overhead):
@@ -65,8 +66,10 @@ from ..base import (
 from ..layout import KINDS, Layout, text_first_geometry
 from ..recipes import OWN_CHOICE, ConversionRecipe, DistillRecipe, Optimisation
 from ..registry import register
+from . import batched as _batched_module
 from . import gather as _gather_module
 from . import reference as _reference_module
+from .batched import sla_batched, sla_batched_parts
 from .blocks import (
     FEATURE_MAPS,
     block_indices,
@@ -99,11 +102,12 @@ def sla_triton_parts(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Ten
     return _triton.load(TRITON_MODULE).sla_triton_parts(*args, **kwargs)
 
 
-PARTS = {"reference": sla_reference_parts, "gather": sla_gather_parts, "triton": sla_triton_parts}
+PARTS = {"reference": sla_reference_parts, "gather": sla_gather_parts, "triton": sla_triton_parts,
+         "batched": sla_batched_parts}
 
 
-def sla_parts(
-    impl: str,
+def on_sla_blocks(
+    fn,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -111,16 +115,15 @@ def sla_parts(
     block_q: int,
     block_kv: int,
     topk: float,
-    feature_map: str,
-    linear_over: str,
-    eps: float,
     order: str = ROW_MAJOR,
     grid=None,
     layout: Layout | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(O_s, O_l)`` by implementation ``impl`` on a text-first layout (``grid=`` or
-    ``layout=``): the tokens into SLA's ``order``, the selection by :func:`block_indices`,
-    the parts, and back. Without a geometry the tokens are taken in the given order."""
+    **branches: Any,
+):
+    """``fn(q, k, v, indices, block_q=, block_kv=, **branches)`` on the tokens in SLA's
+    ``order`` of a text-first layout (``grid=`` or ``layout=``), with the selection of
+    :func:`block_indices`; its output (a tensor or a tuple) goes back to the given order.
+    Without a geometry the tokens are taken in the given order."""
     perm = None
     if layout is not None or grid is not None:
         geometry = text_first_geometry(layout, grid)
@@ -129,25 +132,27 @@ def sla_parts(
     if perm is not None:
         q, k, v = (t.index_select(2, perm[0]) for t in (q, k, v))
     indices = block_indices(q, k, block_q, block_kv, topk)
-    o_s, o_l = PARTS[impl](
-        q,
-        k,
-        v,
-        indices,
-        block_q=block_q,
-        block_kv=block_kv,
-        feature_map=feature_map,
-        linear_over=linear_over,
-        eps=eps,
-    )
-    if perm is not None:
-        o_s, o_l = o_s.index_select(2, perm[1]), o_l.index_select(2, perm[1])
-    return o_s, o_l
+    out = fn(q, k, v, indices, block_q=block_q, block_kv=block_kv, **branches)
+    if perm is None:
+        return out
+    if isinstance(out, tuple):
+        return tuple(o.index_select(2, perm[1]) for o in out)
+    return out.index_select(2, perm[1])
+
+
+def sla_parts(impl: str, q, k, v, **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(O_s, O_l)`` by implementation ``impl`` (:func:`on_sla_blocks` with its parts
+    function): the options of ``attend``, ``grid=``/``layout=`` text first."""
+    return on_sla_blocks(PARTS[impl], q, k, v, **options)
 
 
 def _gather(q, k, v, **options) -> torch.Tensor:
     o_s, o_l = sla_parts("gather", q, k, v, **options)
     return o_s + o_l
+
+
+def _batched(q, k, v, **options) -> torch.Tensor:
+    return on_sla_blocks(sla_batched, q, k, v, **options)
 
 
 def _triton_attend(q, k, v, **options) -> torch.Tensor:
@@ -190,6 +195,14 @@ TRITON = FastPath(
     flop_countable=False,  # Triton kernels are invisible to FlopCounterMode
     doc="one Triton kernel: online softmax over the critical blocks + the marginal "
     "linear branch (total state minus the critical blocks' share); forward only",
+)
+BATCHED = FastPath(
+    "batched",
+    _batched,  # plain torch ops (index_select, SDPA, matmul): every device and dtype
+    workspace=_batched_module._workspace,
+    auto_devices=("cpu",),
+    doc="pure torch, O(N·d) memory: the kept blocks gathered once per chunk for every head "
+    "and query block, one SDPA over them, the linear branch as two matmuls (the CPU path)",
 )
 GATHER = FastPath(
     "gather",
@@ -256,7 +269,7 @@ class SLA(AttentionBackend):
     )
     layout_kinds = KINDS
     core_class = SLACore
-    fast_paths = (TRITON, GATHER)
+    fast_paths = (TRITON, BATCHED, GATHER)
     conversion_recipe = ConversionRecipe(
         "sla",
         "SLA: inherit q/k/v/out; the linear-branch projection is zero-initialised so the "

@@ -1,0 +1,78 @@
+"""LiT's CPU path: the state and the readout in token chunks, nothing N-sized but the output.
+
+The reference (``naive.py``) forms φ(q) and φ(k) whole: two ``[B, H, N, d]``
+float temporaries beside q, k, v and the output (3-4× softmax's peak memory on
+a CPU). Here the sums ``S = Σ_j φ(k_j)ᵀ v_j`` and ``z = Σ_j φ(k_j)`` are
+accumulated over chunks of :data:`CHUNK_TOKENS` keys, and the readout
+``φ(q_i) S̄ / (φ(q_i) z̄ + eps)`` is written chunk by chunk into the output, so the
+workspace is one chunk of features and the ``d×d`` state whatever N is. The
+formula, the feature map and the accumulation dtype are the reference's
+(:func:`attnbench.attention.lit.naive.linear_attention`); autograd runs through the
+chunks (pure torch ops), so the path also trains.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..base import FastPath
+from ..softmax.reference import accumulation_dtype
+from .naive import EPS, PHI_SHIFT
+
+#: tokens per chunk: large enough that each chunk's matmul runs at the CPU's matmul speed,
+#: small enough that its features (``B·H·chunk·d`` floats) stay in cache-sized pieces
+CHUNK_TOKENS = 1024
+
+
+def _chunks(n: int):
+    for start in range(0, n, CHUNK_TOKENS):
+        yield slice(start, min(n, start + CHUNK_TOKENS))
+
+
+def _features(x: torch.Tensor, acc: torch.dtype, shift: float) -> torch.Tensor:
+    """``φ(x) = relu(x) + shift`` in ``acc`` (one fresh chunk; clamp keeps NaN as relu does)."""
+    return torch.clamp_min(x.to(acc), 0).add_(shift)
+
+
+def chunked_linear_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: float = EPS,
+    phi_shift: float = PHI_SHIFT, **_geometry,
+) -> torch.Tensor:
+    """LiT linear attention (``naive.py``'s formula) in chunks of :data:`CHUNK_TOKENS` tokens.
+
+    The state and the normaliser are summed per key chunk (a matmul and a sum, as the
+    FLOP model counts them); the readout is one matmul per query chunk against
+    ``[S | z]`` (``d × (e+1)``): numerator and denominator together.
+    """
+    acc = accumulation_dtype(q.dtype)
+    n = k.shape[2]
+    e = v.shape[-1]
+    state = normaliser = 0.0
+    for rows in _chunks(n):
+        fk = _features(k[:, :, rows], acc, phi_shift)
+        state = state + torch.matmul(fk.transpose(-1, -2), v[:, :, rows].to(acc))
+        normaliser = normaliser + fk.sum(dim=-2).unsqueeze(-1)
+    both = torch.cat((state, normaliser), dim=-1) / max(1, n)  # [B, H, d, e + 1]
+    out = q.new_empty(*q.shape[:3], e)
+    for rows in _chunks(q.shape[2]):
+        readout = torch.matmul(_features(q[:, :, rows], acc, phi_shift), both)
+        out[:, :, rows] = readout[..., :e] / (readout[..., e:] + eps)
+    return out
+
+
+def _workspace(batch, heads, tokens, head_dim, layout, *, element_size, **_opts) -> float:
+    """Per chunk the features, their product (or the readout) and the division's result in
+    the accumulation dtype, and the ``d × (d+1)`` state and its running sum."""
+    acc = max(element_size, 4)
+    chunk = min(tokens, CHUNK_TOKENS)
+    return float(batch * heads * (3 * chunk * (head_dim + 1) * acc
+                                  + 2 * head_dim * (head_dim + 1) * acc))
+
+
+CHUNKED = FastPath(
+    "chunked",
+    chunked_linear_attention,
+    workspace=_workspace,
+    doc=f"pure torch: φ(K)ᵀV and the normaliser over {CHUNK_TOKENS}-token chunks, the "
+    "readout written chunk by chunk (no N-sized temporary); differentiable",
+)
