@@ -1,4 +1,4 @@
-"""``python -m attnbench <command>``: one subcommand per stage (DESIGN.md).
+"""``python -m attnbench <command>``: one subcommand per stage.
 
 Each stage module contributes ``add_parser(subparsers)`` which registers its
 subcommand with ``func=handler``; handlers return an exit code. A ``ValueError``
