@@ -1,7 +1,7 @@
 """The attention contract every method implements.
 
 One method = one :class:`AttentionBackend` subclass, registered once (see
-``registry.py``). The contract (DESIGN.md, "The attention interface"):
+``registry.py``). The contract:
 
 * ``attend(q, k, v, *, layout, impl="auto", **options)`` -- the stateless core,
   ``[B, H, N, d]`` in and out; the :class:`~attnbench.attention.layout.Layout` says
