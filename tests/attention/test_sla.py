@@ -320,7 +320,8 @@ def test_batched_parts_match_reference_parts(order, layout, feature_map, linear_
 
 def test_batched_with_every_block_selected_has_no_linear_branch(gen):
     q, k, v = (t.float() for t in qkv(gen, 2, 2, 300, 32))
-    o_s, o_l = SLA.attend_parts(q, k, v, grid=(15, 20), impl="batched", topk=1.0)
+    o_s, o_l = SLA.attend_parts(q, k, v, grid=(15, 20), impl="batched", topk=1.0,
+                                  linear_over="marginal")
     assert not o_l.any()
     expected = SOFTMAX.attend(q.double(), k.double(), v.double(), grid=(15, 20))
     torch.testing.assert_close(o_s.double(), expected, atol=2e-5, rtol=2e-5)
