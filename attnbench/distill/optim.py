@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from ..attention.recipes import OPTIMIZERS, OWN_OPTIMISATION, Optimisation
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .trainer import TrainConfig
+#: a :class:`~.trainer.TrainConfig` (the trainer imports this module, not the reverse)
+TrainConfig = Any
 
 PRODIGY_INSTALL = "pip install 'attnbench[prodigy]'"
 #: the TrainConfig fields an Optimisation supplies when they are left None
