@@ -58,9 +58,12 @@ def total_state(k: torch.Tensor, v: torch.Tensor, phi, acc: torch.dtype) -> torc
     return torch.cat((state, normaliser), dim=-1)
 
 
-def _gather(blocks: torch.Tensor, flat_index: torch.Tensor, shape) -> torch.Tensor:
-    """Blocks ``[B·H·nk, bkv, d]`` at ``flat_index`` → ``[B·H, c, kk·bkv, d]``: one copy."""
-    return blocks.index_select(0, flat_index).view(*shape, -1, blocks.shape[-1])
+def _gather(blocks: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """Blocks ``[B·H·nk, bkv, d]`` at ``lut [B·H, c, kk]`` → ``[B·H, c, kk·bkv, d]``: one
+    copy (sizes named, not ``-1``: a batch of 0 leaves nothing to infer them from)."""
+    bh, c, kk = lut.shape
+    return blocks.index_select(0, lut.flatten()).view(bh, c, kk * blocks.shape[1],
+                                                      blocks.shape[-1])
 
 
 def sla_batched(
@@ -108,8 +111,8 @@ def sla_batched(
     for start in range(0, nq, chunk):
         rows = slice(start, min(nq, start + chunk))
         lut = flat[:, rows]  # [B·H, c, kk]
-        keys = _gather(k_blocks, lut.flatten(), lut.shape[:2])
-        values = _gather(v_blocks, lut.flatten(), lut.shape[:2])
+        keys = _gather(k_blocks, lut)
+        values = _gather(v_blocks, lut)
         key_valid = None if valid is None else \
             valid[indices.flatten(0, 1)[:, rows]].flatten(-2).unsqueeze(-2)  # [B·H, c, 1, kk·bkv]
         queries = q_blocks[:, rows]
@@ -132,7 +135,7 @@ def sla_batched(
         elif parts:
             o_l[:, rows] = 0
         o_s[:, rows] = out
-    unblock = lambda x: x.view(b, h, -1, e)[:, :, :n]  # noqa: E731
+    unblock = lambda x: x.view(b, h, nq * block_q, e)[:, :, :n]  # noqa: E731
     return (unblock(o_s), unblock(o_l)) if parts else unblock(o_s)
 
 
