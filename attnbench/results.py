@@ -307,9 +307,17 @@ class ResultsWriter:
         return {r.key() for r in rows if r.status in FINAL_STATUSES}
 
     def append(self, result: Result) -> None:
-        """Persist one row at once (JSONL is the source of truth; CSV mirrors it)."""
-        runfolder.append_jsonl(self.jsonl, result.as_row(), kept=self._kept())
-        self.rows = [r for r in self.rows if r.key() != result.key()] + [result]
+        """Persist one row at once (JSONL is the source of truth; CSV mirrors it). A row
+        that replaces one of the same point (a rerun) rewrites the JSONL atomically, so the
+        file holds one row a point, never the old one beside the new."""
+        replaces = any(r.key() == result.key() for r in self.rows)
+        rows = [r for r in self.rows if r.key() != result.key()] + [result]
+        if replaces:
+            text = "".join(json.dumps(r.as_row(), default=str) + "\n" for r in rows)
+            runfolder.atomic_write(self.jsonl, text, kept=self._kept())
+        else:
+            runfolder.append_jsonl(self.jsonl, result.as_row(), kept=self._kept())
+        self.rows = rows
         write_csv(self.run_dir / "results.csv", self.rows)
 
     def finalize(self) -> list[Result]:

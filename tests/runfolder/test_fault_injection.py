@@ -203,7 +203,14 @@ def _outputs(command, folder) -> dict[str, bytes]:
         extra = json.loads(rows[0]["extra"])
         return {"geneval": json.dumps(extra["geneval"], sort_keys=True).encode()}
     if command == "convert":
-        return {"weights": (folder / "model.safetensors").read_bytes()}
+        # the tensors and the metadata, not the file's bytes: safetensors writes its
+        # metadata map in an order that differs from process to process
+        from safetensors import safe_open
+
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            tensors = {k: f.get_tensor(k).numpy().tobytes() for k in sorted(f.keys())}
+            metadata = json.dumps(f.metadata(), sort_keys=True).encode()
+        return {"metadata": metadata, **tensors}
     name = "grid.png" if command == "world" else "compare.md"
     return {name: (folder / name).read_bytes()}
 
