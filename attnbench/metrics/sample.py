@@ -300,6 +300,10 @@ def _chunk_file(out: Path, rows: range) -> Path:
     return out / CHUNK_DIR / f"chunk{rows.start:09d}.npz"
 
 
+#: the files and folder a ``sample`` run claims in its ``--out``
+_OUTPUTS = (NPZ_FILE, INFO_FILE, CHUNK_DIR)
+
+
 def _prepare_out(out: Path, identity: dict[str, Any], *, force: bool
                  ) -> dict[int, tuple[np.ndarray, np.ndarray]] | None:
     """Check ``out`` for this ``sample`` run; the chunks an interrupted run of it left.
@@ -308,7 +312,6 @@ def _prepare_out(out: Path, identity: dict[str, Any], *, force: bool
     identity resumes it (its finished chunks are kept); a finished one returns
     None (nothing to do); anything else needs ``--force``, which starts over.
     """
-    outputs = [NPZ_FILE, INFO_FILE, CHUNK_DIR]
     mine = [p for p in out.iterdir() if p.name not in runfolder.BOOKKEEPING] \
         if out.is_dir() else []
     try:
@@ -317,7 +320,7 @@ def _prepare_out(out: Path, identity: dict[str, Any], *, force: bool
         saved = None
     ours = isinstance(saved, dict) and "identity" in saved
     if mine and not force:
-        runfolder.claim_files(out, outputs, kind="samples", ours=lambda _path: ours)
+        runfolder.claim_files(out, _OUTPUTS, kind="samples", ours=lambda _path: ours)
         if not ours:
             raise ValueError(f"--out {out} is not empty and holds no sample run of attnbench: "
                              "choose a new directory, or pass --force to write into it")
@@ -334,14 +337,21 @@ def _prepare_out(out: Path, identity: dict[str, Any], *, force: bool
             with np.load(path, allow_pickle=False) as data:
                 done[int(path.stem[5:])] = (data["images"], data["labels"])
         return done
-    if runfolder.is_rank_zero():
-        runfolder.claim_files(out, outputs, kind="samples", force=True)
-        for name in (NPZ_FILE, INFO_FILE):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / CHUNK_DIR, ignore_errors=True)
-        runfolder.atomic_write(out / INFO_FILE, json.dumps(
-            {"status": "running", "identity": identity}, indent=2) + "\n")
     return {}
+
+
+def _start_run(out: Path, identity: dict[str, Any]) -> None:
+    """Rank 0 claims ``out``'s outputs, clears an earlier run's and records this run's
+    identity. Called after every rank has checked ``out`` (:func:`_prepare_out` only
+    reads), so no rank inspects the folder while it is being written."""
+    if not runfolder.is_rank_zero():
+        return
+    runfolder.claim_files(out, _OUTPUTS, kind="samples", force=True)
+    for name in (NPZ_FILE, INFO_FILE):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / CHUNK_DIR, ignore_errors=True)
+    runfolder.atomic_write(out / INFO_FILE, json.dumps(
+        {"status": "running", "identity": identity}, indent=2) + "\n")
 
 
 def claim_out(out: str | Path, force: bool) -> Path:
@@ -386,7 +396,8 @@ def run_sampling(ckpt: str | Path | None, settings: SampleSettings, out: str | P
         settings.check_model(model.config)
         if vae_path is not None:
             check_vae(vae_path, model.config)
-        done = _prepare_out(out, _identity(ckpt, model, settings, vae_path, png), force=force)
+        identity = _identity(ckpt, model, settings, vae_path, png)
+        done = _prepare_out(out, identity, force=force)
         if done is None:
             print(f"attnbench sample: {out} already holds these {settings.num} samples: "
                   "nothing to do (--force draws them again)", file=sys.stderr)
@@ -396,6 +407,9 @@ def run_sampling(ckpt: str | Path | None, settings: SampleSettings, out: str | P
                   file=sys.stderr)
         vae = load_vae(vae_path, info.device) if vae_path else None
         dist.barrier(info)  # every rank checked --out before any writes
+        if not done:
+            _start_run(out, identity)
+            dist.barrier(info)  # the folder is ready before any rank writes a chunk
 
         def keep_chunk(rows: range, imgs: np.ndarray, labels: np.ndarray) -> None:
             if png:
