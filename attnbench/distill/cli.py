@@ -178,7 +178,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--teacher", default=None,
                    help="DiT checkpoint (file or directory); default: the shipped teacher")
-    p.add_argument("--model-path", default=None,
+    p.add_argument("--model-path", default=None, type=non_empty("--model-path", "a folder"),
                    help="a local diffusers pipeline folder (FLUX, SD3, PixArt-Σ, SANA, Wan): "
                         "distil its transformer with its family's objective "
                         "(attnbench/distill/diffusers_distill.py)")

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..cliutil import UsageError, parse_options, positive_int
+from ..cliutil import UsageError, non_empty, number, parse_options, positive_int
 
 
 def add_pipeline_flags(p) -> None:
     """The ``distill`` flags of a ``--model-path`` pipeline run."""
     g = p.add_argument_group("diffusers pipeline (--model-path)")
-    g.add_argument("--prompts", default=None,
+    g.add_argument("--prompts", default=None, type=non_empty("--prompts", "a file"),
                    help="prompt file of --data self, one per line (default: the shipped set)")
     g.add_argument("--height", type=positive_int, default=None,
                    help="pixel height of --data self (default: the family's)")
@@ -22,7 +22,7 @@ def add_pipeline_flags(p) -> None:
                    help="pixel width of --data self (default: the family's)")
     g.add_argument("--frames", type=positive_int, default=None,
                    help="video frames of --data self (Wan; default: the family's)")
-    g.add_argument("--gen-guidance", type=float, default=None,
+    g.add_argument("--gen-guidance", type=number("--gen-guidance", low=0), default=None,
                    help="guidance of --data self (default: the pipeline's usual)")
     g.add_argument("--max-sequence-length", type=positive_int, default=None,
                    help="prompt tokens (default: the family's, capped by the tokenizers')")

@@ -242,9 +242,11 @@ def add_parser(subparsers) -> None:
                    help="reference images (default: max(samples, 1000) for shapes)")
     g.add_argument("--ref-seed", type=int, default=1, help="shapes-world reference seed")
     g = p.add_argument_group("a diffusers pipeline's student (sample --model-path folders)")
-    g.add_argument("--pipeline-samples", help="the student's `sample --model-path` folder: "
+    g.add_argument("--pipeline-samples", type=non_empty("--pipeline-samples", "a folder"),
+                   help="the student's `sample --model-path` folder: "
                    "PSNR/SSIM against --teacher-samples image by image, FID/KID against them")
-    g.add_argument("--teacher-samples", help="the teacher's folder (same prompts and seeds)")
+    g.add_argument("--teacher-samples", type=non_empty("--teacher-samples", "a folder"),
+                   help="the teacher's folder (same prompts and seeds)")
     g = p.add_argument_group("fidelity to the teacher")
     g.add_argument("--fidelity-num", type=positive_int, default=64,
                    help="samples drawn by both student and teacher (default 64)")

@@ -153,18 +153,18 @@ def run_pipeline_sampling(model_path, out, *, student=None, prompts=None, num: i
 
 def add_pipeline_flags(p) -> None:
     """The ``sample`` flags of a ``--model-path`` pipeline run."""
-    from ..cliutil import positive_int
+    from ..cliutil import non_empty, number, positive_int
 
     g = p.add_argument_group("diffusers pipeline (--model-path)")
-    g.add_argument("--model-path", default=None,
+    g.add_argument("--model-path", default=None, type=non_empty("--model-path", "a folder"),
                    help="a local diffusers pipeline folder (FLUX, SD3, PixArt-Σ, SANA, Wan): "
                         "sample with its own scheduler and guidance")
-    g.add_argument("--student", default=None,
+    g.add_argument("--student", default=None, type=non_empty("--student", "a folder"),
                    help="a student folder (distill --model-path OUT/student) installed in "
                         "the pipeline's transformer")
-    g.add_argument("--prompts", default=None,
+    g.add_argument("--prompts", default=None, type=non_empty("--prompts", "a file"),
                    help="prompt file, one per line (default: the shipped set)")
-    g.add_argument("--guidance", type=float, default=None,
+    g.add_argument("--guidance", type=number("--guidance", low=0), default=None,
                    help="the pipeline's guidance scale (default: the family's usual)")
     g.add_argument("--height", type=positive_int, default=None, help="pixels (default: family's)")
     g.add_argument("--width", type=positive_int, default=None, help="pixels (default: family's)")

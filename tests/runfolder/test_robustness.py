@@ -551,3 +551,21 @@ def test_eval_npz_inputs_are_named(teacher, tmp_path, capsys, flag, kind, messag
         np.savez(good, arr_0=np.zeros((2, 16, 16, 3), np.uint8))
         args += ["--samples", good]
     refused(capsys, f"{flag} .*{message}", *args)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sample", "--model-path", ""], "argument --model-path: is empty"),
+    (["sample", "--model-path", "p", "--student", ""], "argument --student: is empty"),
+    (["sample", "--model-path", "p", "--prompts", ""], "argument --prompts: is empty"),
+    (["sample", "--model-path", "p", "--guidance", "nan"], "argument --guidance: .*finite"),
+    (["sample", "--model-path", "p", "--guidance", "-1"], "argument --guidance: .*>= 0"),
+    (["distill", "--method", "clear", "--model-path", ""], "argument --model-path: is empty"),
+    (["distill", "--method", "clear", "--model-path", "p", "--gen-guidance", "inf"],
+     "argument --gen-guidance: .*finite"),
+    (["eval", "--pipeline-samples", ""], "argument --pipeline-samples: is empty"),
+    (["eval", "--teacher-samples", ""], "argument --teacher-samples: is empty"),
+])
+def test_pipeline_flags_refuse_empty_and_non_finite(tmp_path, capsys, args, message):
+    """The diffusers-pipeline flags of sample / distill / eval go through the shared parsers."""
+    refused(capsys, message, *args, "--out", tmp_path / "o")
+    assert not (tmp_path / "o").exists()

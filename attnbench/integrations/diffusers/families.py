@@ -211,8 +211,7 @@ _SANA = Family(
     Sampling(steps=20, guidance=4.5, max_sequence_length=300),
     objective="flow", timestep_density="logit_normal", encode=_masked_encode,
     inputs=_plain_inputs, call_kwargs={"use_resolution_binning": False},
-    source="diffusers SanaPipeline; SANA: flow matching, "
-                                 "logit-normal σ, flow_shift 3.0",
+    source="diffusers SanaPipeline; SANA: flow matching, logit-normal σ, flow_shift 3.0",
 )
 _WAN = Family(
     "wan", "WanTransformer3DModel", "WanPipeline",
