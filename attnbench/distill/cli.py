@@ -70,6 +70,13 @@ def _add_training_flags(p: argparse.ArgumentParser, *, steps: int, batch: int,
     g.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads of torch (1 is fastest on a busy machine: "
                         "oversubscribed threads wait on each other)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the student and the frozen teacher over the "
+                        "ranks with FSDP2 (fully_shard per transformer block, then the root) "
+                        "instead of replicating them (DDP); checkpoints are the same file")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each transformer block's activations in the backward "
+                        "pass (less memory, one more forward per step)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out")
     g.add_argument("--force", action="store_true", help="start over in an --out holding a run")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -79,10 +86,14 @@ def _add_training_flags(p: argparse.ArgumentParser, *, steps: int, batch: int,
 def _train_config(args: argparse.Namespace):
     import torch
 
+    from .dist import launched_by_torchrun
     from .trainer import TrainConfig
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.fsdp and not launched_by_torchrun():
+        raise UsageError("--fsdp shards the model over torchrun's processes: launch with "
+                         "torchrun --nproc_per_node N -m attnbench ... (N >= 2), or drop --fsdp")
 
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
@@ -91,6 +102,7 @@ def _train_config(args: argparse.Namespace):
         ema_decay=args.ema_decay, grad_clip=args.grad_clip, precision=args.precision,
         seed=args.seed, ckpt_every=args.ckpt_every, eval_samples=args.eval_samples,
         eval_every=args.eval_every, max_minutes=args.max_minutes, progress=not args.no_progress,
+        fsdp=args.fsdp, activation_checkpointing=args.activation_checkpointing,
     )
     config.validate()
     return config

@@ -9,7 +9,9 @@ not installed and no ``--optimizer`` was asked for, the run substitutes AdamW
 at attnbench's own learning rate (Prodigy's lr 1.0 is a multiplier of its own
 step-size estimate, far too large for AdamW) and says so in
 ``config.substituted`` (written to run.json and summary.json). Asking for
-``--optimizer prodigy`` without the package is an error.
+``--optimizer prodigy`` without the package is an error. Under ``--fsdp`` the same
+holds (AdamW substituted, an explicit Prodigy refused): Prodigy's step size comes from
+sums over every parameter, and each rank holds only its shard.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from ..attention.recipes import OPTIMIZERS, OWN_OPTIMISATION, Optimisation
 TrainConfig = Any
 
 PRODIGY_INSTALL = "pip install 'attnbench[prodigy]'"
+#: why Prodigy is not used under FSDP
+PRODIGY_FSDP = ("Prodigy's step-size estimate sums over every parameter, and under --fsdp "
+                "each rank holds a shard (prodigyopt's own FSDP all-reduce is CUDA-only and "
+                "made for FSDP1's flat parameters)")
 #: the TrainConfig fields an Optimisation supplies when they are left None
 FIELDS = ("lr", "weight_decay", "ema_decay", "warmup_steps", "grad_clip")
 #: an optimiser's own lr and settings where a run uses another one than its recipe's
@@ -47,13 +53,18 @@ def resolve(config: TrainConfig, optimisation: Optimisation) -> TrainConfig:
     if config.optimizer == "prodigy" and not prodigy_available():
         raise ValueError(f"--optimizer prodigy needs the prodigyopt package: "
                          f"{PRODIGY_INSTALL}")
+    if config.optimizer == "prodigy" and config.fsdp:
+        raise ValueError(f"--optimizer prodigy does not combine with --fsdp: {PRODIGY_FSDP}; "
+                         "use --optimizer adamw, or drop --fsdp")
     substituted = config.substituted
     optimizer = config.optimizer or optimisation.optimizer
-    if config.optimizer is None and optimizer == "prodigy" and not prodigy_available():
-        optimizer = "adamw"
-        substituted = (f"the recipe's Prodigy (lr {optimisation.lr:g}) replaced by AdamW lr "
-                       f"{OWN_OPTIMISATION.lr:g} with the recipe's other settings: prodigyopt "
-                       f"is not installed ({PRODIGY_INSTALL})")
+    if config.optimizer is None and optimizer == "prodigy":
+        why = (f"prodigyopt is not installed ({PRODIGY_INSTALL})" if not prodigy_available()
+               else PRODIGY_FSDP if config.fsdp else None)
+        if why is not None:
+            optimizer = "adamw"
+            substituted = (f"the recipe's Prodigy (lr {optimisation.lr:g}) replaced by AdamW "
+                           f"lr {OWN_OPTIMISATION.lr:g} with the recipe's other settings: {why}")
     source = optimisation
     if optimizer != optimisation.optimizer:  # another optimiser: its own lr and settings
         source = replace(optimisation, optimizer=optimizer, **OWN_SETTINGS[optimizer])

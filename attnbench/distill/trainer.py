@@ -32,7 +32,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from torch import nn
 from .. import runfolder, versions
 from ..diffusion import Diffusion
 from . import dist as _dist
+from . import fsdp as _fsdp
 from . import optim as _optim
 from .io import (
     CHECKPOINT_FILE,
@@ -91,6 +92,8 @@ class TrainConfig:
     max_minutes: float | None = None
     label_dropout: float | None = None  # None = the model's class_dropout_prob
     progress: bool = True
+    fsdp: bool = False  # shard student and teacher over the ranks (fsdp.py); torchrun only
+    activation_checkpointing: bool = False  # recompute each block in the backward pass
 
     def validate(self, world_size: int = 1) -> None:
         ints = {"steps": 1, "batch_size": 1, "warmup_steps": 0, "ckpt_every": 0,
@@ -253,6 +256,30 @@ def check_out(out: str | Path, *, resume: bool, force: bool) -> None:
                               ours=lambda _path: legacy)
 
 
+@dataclass
+class _Loop:
+    """What a run carries from step to step."""
+
+    model: nn.Module  # the module whose weights are saved (under FSDP: sharded in place)
+    params: list[tuple[str, nn.Parameter]]  # trained, in the optimiser's order
+    optimizer: torch.optim.Optimizer
+    ema: dict[str, torch.Tensor]
+    rows: slice  # this rank's rows of the global batch
+    net: nn.Module | None = None  # what a step calls: the model, or DDP around it
+    resumed: bool = False
+    start: int = 0
+    step: int = 0
+    initial_eval: dict[str, Any] | None = None
+    elapsed_before: float = 0.0  # training seconds of the runs resumed
+    t_start: float = 0.0
+    step_times: list[float] = field(default_factory=list)
+    bar: Any = None
+    stopped_early: bool = False
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t_start
+
+
 class Trainer:
     """Trains ``model`` with ``recipe`` on ``source`` (module docstring).
 
@@ -293,6 +320,10 @@ class Trainer:
         self.num_train = num_train if num_train is not None else len(source)
         self.export_name, self.export_extra = export_name, dict(export_extra or {})
         self.device = self.dist.device
+        if config.fsdp and not self.dist.enabled:
+            raise ValueError("--fsdp shards the model over torchrun's processes: launch with "
+                             "torchrun --nproc_per_node N (N >= 2), or drop --fsdp")
+        self.sharded: _fsdp.Sharded | None = None  # set by run() under config.fsdp
         self.setup_batches()
 
     # ----- what a subclass for another model kind replaces (diffusers_distill.py) ---------
@@ -387,156 +418,222 @@ class Trainer:
 
     # ----- the loop -----------------------------------------------------------------------
     def run(self, *, resume: bool = False, force: bool = False) -> dict[str, Any]:
-        """Train to ``config.steps`` (or the time limit); returns the summary dict."""
-        cfg, d = self.config, self.dist
-        state = None
-        error = None
+        """Train to ``config.steps`` (or the time limit); returns the summary dict.
+
+        Its seams: :meth:`_begin` (the folder checked, the model set up on this rank, a
+        resumed checkpoint restored), :meth:`_step` (one optimisation step),
+        :meth:`_after_step` (logging, evaluation, checkpoint, time limit),
+        :meth:`_stop_on_signal` and :meth:`_end` (the last checkpoint, export, summary).
+        """
+        loop = self._begin(resume, force)
+        stop = _StopSignals()
+        try:
+            stop.install()
+            while loop.step < self.config.steps:
+                if _dist.broadcast_flag(self.dist, stop.signum is not None):
+                    break
+                terms, stats = self._step(loop)
+                if self._after_step(loop, terms, stats):
+                    break
+        finally:
+            stop.restore()
+            if loop.bar is not None:
+                loop.bar.close()
+        elapsed = loop.elapsed()
+        if stop.signum is not None and loop.step < self.config.steps:
+            self._stop_on_signal(loop, stop.signum, elapsed)
+        return self._end(loop, elapsed)
+
+    def _open(self, resume: bool, force: bool) -> dict[str, Any] | None:
+        """Rank 0 checks the folder (its verdict raised on every rank); the checkpoint to
+        resume, read by every rank."""
+        d = self.dist
+        state, error = None, None
         if d.is_main:
             try:
                 state = self.prepare_directory(resume, force)
             except (ValueError, FileNotFoundError) as err:
                 error = (type(err).__name__, str(err))
-        error = _dist.broadcast_object(d, error)
+        error, has_state = _dist.broadcast_object(d, (error, state is not None))
         if error is not None:
             raise (FileNotFoundError if error[0] == "FileNotFoundError" else ValueError)(error[1])
-        if d.enabled and resume:  # every rank reads the checkpoint rank 0 checked
+        if d.enabled and has_state:  # every rank reads the checkpoint rank 0 checked
             state = load_training_checkpoint(self.out / CHECKPOINT_FILE)
+        return state
 
+    def _begin(self, resume: bool, force: bool) -> _Loop:
+        """The folder checked, the model on this rank's device (sharded by FSDP with
+        ``config.fsdp``), the optimiser and EMA, a resumed checkpoint restored."""
+        cfg, d = self.config, self.dist
+        state = self._open(resume, force)
         model = self.model.to(self.device)
         model.eval()  # DiT has no dropout: label dropout is drawn by the trainer, per step
         if self.teacher is not None:
             self.teacher.to(self.device).eval().requires_grad_(False)
         params = self._trainable(model)
-        optimizer = _optim.build(cfg, [p for _, p in params])
-        ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-        trainable_keys = [n for n, _ in params]
         self.parameter_counts = {"trainable": sum(p.numel() for _, p in params),
                                  "total": sum(p.numel() for p in model.parameters())}
-        start, initial_eval, elapsed_before = 0, None, 0.0
+        if cfg.activation_checkpointing:
+            _fsdp.checkpoint_blocks(model)
+        if cfg.fsdp:
+            self.sharded = _fsdp.Sharded(model, self.teacher, d)
+            params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            self.parameter_counts["held_by_rank0"] = _fsdp.held(model)
+        optimizer = _optim.build(cfg, [p for _, p in params])
+        ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+        local = cfg.batch_size // d.world_size
+        loop = _Loop(model, params, optimizer, ema, rows=slice(d.rank * local,
+                                                                (d.rank + 1) * local))
         if state is not None:
-            model.load_state_dict(state["model"])
-            ema = {k: v.float() for k, v in state["ema"].items()}
-            optimizer.load_state_dict(state["optimizer"])
-            start = int(state["step"])
-            initial_eval = state.get("initial_eval")
-            elapsed_before = float(state.get("elapsed_s", 0.0))
-            if d.is_main:
-                self._truncate_metrics(start)
-                print(f"attnbench: resuming {self.out} from step {start} of {cfg.steps}",
-                      file=sys.stderr, flush=True)
+            self._restore(loop, state)
         elif d.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             for name in (METRICS_JSONL, METRICS_CSV, EVAL_JSONL, SUMMARY_FILE):
                 (self.out / name).unlink(missing_ok=True)
             atomic_write_json(self.out / RUN_FILE, self._run_document())
-        if initial_eval is None and self.eval_data is not None and d.is_main:
-            initial_eval = self._evaluate(model)
-
-        net: nn.Module = model
-        if d.enabled:
+        if loop.initial_eval is None and self.eval_data is not None:
+            with self._gathered(loop, ema=False) as (full, _):
+                if d.is_main:
+                    loop.initial_eval = self._evaluate(full)
+        loop.net = model
+        if d.enabled and self.sharded is None:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            net = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda"
-                      else None)
-
-        local = cfg.batch_size // d.world_size
-        rows = slice(d.rank * local, (d.rank + 1) * local)
-        autocast_dtype = PRECISIONS[cfg.precision]
-        bar = None
-        if cfg.progress and d.is_main and start < cfg.steps:
+            loop.net = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda"
+                           else None)
+        if cfg.progress and d.is_main and loop.start < cfg.steps:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.steps, initial=start, desc=self.identity.get("kind", "train"),
-                       dynamic_ncols=True)
-        t_start = time.perf_counter()
-        step_times: list[float] = []
-        step = start
-        stopped_early = False
-        stop = _StopSignals()
-        try:
-            stop.install()
-            while step < cfg.steps:
-                if _dist.broadcast_flag(d, stop.signum is not None):
-                    break
-                t0 = time.perf_counter()
-                lr = learning_rate(cfg, step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with torch.autocast(self.device.type, dtype=autocast_dtype or torch.float32,
-                                    enabled=autocast_dtype is not None), \
-                        _sdpa_backends(self.device, autocast_dtype):
-                    terms = self.step_terms(net, step, rows)
-                loss = terms["loss"]
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"step {step}: the loss is {loss.item()} ({_fmt(terms)}); lower --lr "
-                        "or use --precision fp32"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grads = [p for _, p in params if p.grad is not None]
-                if cfg.grad_clip > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(grads, cfg.grad_clip))
-                else:
-                    grad_norm = float(torch.linalg.vector_norm(
-                        torch.stack([g.grad.detach().norm() for g in grads])))
-                optimizer.step()
-                step += 1
-                decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-                with torch.no_grad():
-                    current = model.state_dict()
-                    for key in trainable_keys:
-                        ema[key].mul_(decay).add_(current[key].detach().float(),
-                                                  alpha=1 - decay)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                dt = time.perf_counter() - t0
-                step_times.append(dt)
-                logged = _dist.mean_across(d, {k: float(v.detach()) for k, v in terms.items()})
-                if d.is_main:
-                    row = {"step": step, **{k: logged[k] for k in sorted(logged)},
-                           "lr": lr, "grad_norm": grad_norm, "ema_decay": decay,
-                           "step_s": dt, "elapsed_s": elapsed_before + time.perf_counter()
-                           - t_start}
-                    self._log(row)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix_str(_fmt(logged), refresh=False)
-                if d.is_main and cfg.eval_every and step % cfg.eval_every == 0 \
-                        and step < cfg.steps and self.eval_data is not None:
-                    self._log_eval(step, model, ema)
-                if d.is_main and cfg.ckpt_every and step % cfg.ckpt_every == 0 \
-                        and step < cfg.steps:
-                    self._save(model, ema, optimizer, step, initial_eval,
-                               elapsed_before + time.perf_counter() - t_start)
-                if cfg.max_minutes is not None:
-                    over = (elapsed_before + time.perf_counter() - t_start) > cfg.max_minutes * 60
-                    if _dist.broadcast_flag(d, over) and step < cfg.steps:
-                        stopped_early = True
-                        break
-        finally:
-            stop.restore()
-            if bar is not None:
-                bar.close()
-        elapsed = elapsed_before + time.perf_counter() - t_start
-        if stop.signum is not None and step < cfg.steps:
-            if d.is_main:
-                self._save(model, ema, optimizer, step, initial_eval, elapsed)
-                print(f"attnbench: {signal.Signals(stop.signum).name} at step {step} of "
-                      f"{cfg.steps}: {self.out / CHECKPOINT_FILE} saved; continue with the same "
-                      "command and --resume", file=sys.stderr, flush=True)
-            _dist.barrier(d)
-            if stop.signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            raise SystemExit(128 + stop.signum)
-        summary: dict[str, Any] = {}
+            loop.bar = tqdm(total=cfg.steps, initial=loop.start,
+                            desc=self.identity.get("kind", "train"), dynamic_ncols=True)
+        loop.t_start = time.perf_counter()
+        return loop
+
+    def _restore(self, loop: _Loop, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (a checkpoint written with or without FSDP)."""
+        if self.sharded is not None:
+            self.sharded.load(loop.model, loop.optimizer, loop.ema, state,
+                              [n for n, _ in loop.params])
+        else:
+            loop.model.load_state_dict(state["model"])
+            loop.ema = {k: v.float() for k, v in state["ema"].items()}
+            loop.optimizer.load_state_dict(state["optimizer"])
+        loop.resumed = True
+        loop.start = loop.step = int(state["step"])
+        loop.initial_eval = state.get("initial_eval")
+        loop.elapsed_before = float(state.get("elapsed_s", 0.0))
+        if self.dist.is_main:
+            self._truncate_metrics(loop.start)
+            print(f"attnbench: resuming {self.out} from step {loop.start} of "
+                  f"{self.config.steps}", file=sys.stderr, flush=True)
+
+    def _step(self, loop: _Loop) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """One optimisation step: this rank's loss terms and the step's statistics."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        lr = learning_rate(cfg, loop.step)
+        for group in loop.optimizer.param_groups:
+            group["lr"] = lr
+        autocast_dtype = PRECISIONS[cfg.precision]
+        with torch.autocast(self.device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None), \
+                _sdpa_backends(self.device, autocast_dtype):
+            terms = self.step_terms(loop.net, loop.step, loop.rows)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"step {loop.step}: the loss is {loss.item()} ({_fmt(terms)}); lower --lr "
+                "or use --precision fp32"
+            )
+        loop.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p for _, p in loop.params if p.grad is not None]
+        if cfg.grad_clip > 0:
+            grad_norm = float(_fsdp.full(torch.nn.utils.clip_grad_norm_(grads, cfg.grad_clip)))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(
+                torch.stack([_fsdp.full(g.grad.detach().norm()) for g in grads])))
+        loop.optimizer.step()
+        loop.step += 1
+        decay = min(cfg.ema_decay, (1 + loop.step) / (10 + loop.step))
+        with torch.no_grad():
+            current = loop.model.state_dict()
+            for key, _ in loop.params:
+                loop.ema[key].mul_(decay).add_(current[key].detach().float(), alpha=1 - decay)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        loop.step_times.append(dt)
+        return terms, {"lr": lr, "grad_norm": grad_norm, "ema_decay": decay, "step_s": dt}
+
+    def _after_step(self, loop: _Loop, terms: dict[str, torch.Tensor],
+                    stats: dict[str, float]) -> bool:
+        """Log the step, evaluate and save when due; True when the time limit stops the run."""
+        cfg, d, step = self.config, self.dist, loop.step
+        logged = _dist.mean_across(d, {k: float(v.detach()) for k, v in terms.items()})
         if d.is_main:
-            if step > start or state is None:
-                self._save(model, ema, optimizer, step, initial_eval, elapsed)
-            summary = self._finish(model, ema, step, initial_eval, step_times, elapsed,
-                                   stopped_early)
-        _dist.barrier(d)
+            self._log({"step": step, **{k: logged[k] for k in sorted(logged)}, **stats,
+                       "elapsed_s": loop.elapsed()})
+            if loop.bar is not None:
+                loop.bar.update(1)
+                loop.bar.set_postfix_str(_fmt(logged), refresh=False)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps \
+                and self.eval_data is not None:
+            with self._gathered(loop) as (model, ema):
+                if d.is_main:
+                    self._log_eval(step, model, ema)
+        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
+            self._save(loop, loop.elapsed())
+        if cfg.max_minutes is not None:
+            over = loop.elapsed() > cfg.max_minutes * 60
+            if _dist.broadcast_flag(d, over) and step < cfg.steps:
+                loop.stopped_early = True
+                return True
+        return False
+
+    def _stop_on_signal(self, loop: _Loop, signum: int, elapsed: float) -> None:
+        """SIGINT/SIGTERM: save where the run stands and leave (KeyboardInterrupt or exit)."""
+        self._save(loop, elapsed)
+        if self.dist.is_main:
+            print(f"attnbench: {signal.Signals(signum).name} at step {loop.step} of "
+                  f"{self.config.steps}: {self.out / CHECKPOINT_FILE} saved; continue with the "
+                  "same command and --resume", file=sys.stderr, flush=True)
+        _dist.barrier(self.dist)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+    def _end(self, loop: _Loop, elapsed: float) -> dict[str, Any]:
+        """The last checkpoint, the export and ``summary.json`` (rank 0's summary)."""
+        if loop.step > loop.start or not loop.resumed:
+            self._save(loop, elapsed)
+        summary: dict[str, Any] = {}
+        with self._gathered(loop) as (model, ema):
+            if self.dist.is_main:
+                summary = self._finish(model, ema, loop.step, loop.initial_eval,
+                                       loop.step_times, elapsed, loop.stopped_early)
+        _dist.barrier(self.dist)
         return summary
+
+    @contextlib.contextmanager
+    def _gathered(self, loop: _Loop, *, ema: bool = True):
+        """``(model, ema)`` as rank 0 evaluates and exports them.
+
+        Without FSDP the training model and EMA themselves; under FSDP full copies gathered
+        from the shards onto rank 0's CPU (a collective: every rank enters), with the
+        teacher likewise gathered for the duration (other ranks get ``(None, None)``).
+        """
+        if self.sharded is None:
+            yield loop.model, loop.ema
+            return
+        full = self.sharded.gather(loop.model, loop.ema if ema else None)
+        teacher = self.teacher
+        if full.teacher is not None:
+            self.teacher = full.teacher
+        try:
+            yield full.model, full.ema
+        finally:
+            self.teacher = teacher
 
     # ----- outputs ------------------------------------------------------------------------
     def _run_document(self) -> dict[str, Any]:
@@ -546,15 +643,24 @@ class Trainer:
                 "data": self.source.describe(), **self.info, "versions": versions(),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
-    def _save(self, model, ema, optimizer, step, initial_eval, elapsed) -> None:
+    def _save(self, loop: _Loop, elapsed: float) -> None:
+        """``checkpoint.pt`` (rank 0 writes; under FSDP every rank helps gather it)."""
+        if self.sharded is not None:
+            full = self.sharded.full_state(loop.model, loop.ema, loop.optimizer)
+        elif self.dist.is_main:
+            full = ({k: v.detach().cpu() for k, v in loop.model.state_dict().items()},
+                    {k: v.cpu() for k, v in loop.ema.items()}, loop.optimizer.state_dict())
+        if not self.dist.is_main:
+            return
+        model_state, ema_state, optimizer_state = full
         atomic_torch_save({
-            "step": step,
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "ema": {k: v.cpu() for k, v in ema.items()},
-            "optimizer": optimizer.state_dict(),
+            "step": loop.step,
+            "model": model_state,
+            "ema": ema_state,
+            "optimizer": optimizer_state,
             "run": self.identity,
-            "config": self.model_config(model),
-            "initial_eval": initial_eval,
+            "config": self.model_config(loop.model),
+            "initial_eval": loop.initial_eval,
             "elapsed_s": elapsed,
         }, self.out / CHECKPOINT_FILE)
 

@@ -1,0 +1,175 @@
+"""``distill --fsdp`` under torchrun (2 gloo processes on CPU, spawned here).
+
+What runs where: everything below runs on CPU with gloo. FSDP2's sharding, its
+all-gathers and reduce-scatters, activation checkpointing and the distributed
+checkpoint state-dict API all work there; the NCCL/CUDA path runs the same code and
+is not exercised by this suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from attnbench.cli import main
+from attnbench.distill.fsdp import blocks, by_index, by_name
+from attnbench.distill.io import load_training_checkpoint
+from attnbench.models.checkpoint import load_dit
+
+from .test_distill import tiny_args
+
+EXTRA = ("--batch-size", "8", "--device", "cpu")
+
+
+def _torchrun(*args: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "attnbench", *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _metrics(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same_checkpoints(a, b, **tol) -> None:
+    a, b = load_training_checkpoint(a / "checkpoint.pt"), load_training_checkpoint(
+        b / "checkpoint.pt")
+    assert a["step"] == b["step"]
+    for part in ("model", "ema"):
+        assert set(a[part]) == set(b[part])
+        for key in a[part]:
+            assert torch.allclose(a[part][key], b[part][key], **tol), (part, key)
+    oa, ob = a["optimizer"], b["optimizer"]
+    assert oa["param_groups"] == ob["param_groups"]  # ids, lr, betas: one file format
+    assert set(oa["state"]) == set(ob["state"])
+    for index, state in oa["state"].items():
+        for key, value in state.items():
+            assert torch.allclose(value, ob["state"][index][key], **tol), (index, key)
+
+
+@pytest.mark.slow
+def test_fsdp_steps_equal_ddp_and_checkpoints_cross_with_one_process(teacher_dir, tmp_path):
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    _torchrun(*tiny_args(teacher_dir, ddp, "lit", "--steps", "3"), *EXTRA)
+    _torchrun(*tiny_args(teacher_dir, fsdp, "lit", "--steps", "3", "--fsdp"), *EXTRA)
+
+    run = json.loads((fsdp / "run.json").read_text())
+    assert run["config"]["fsdp"] is True and run["world_size"] == 2
+    parameters = json.loads((fsdp / "summary.json").read_text())["parameters"]
+    assert parameters["held_by_rank0"] < parameters["total"]  # really sharded
+    # the same steps as DDP: losses, gradient norms, weights, EMA and AdamW moments
+    for ra, rb in zip(_metrics(ddp), _metrics(fsdp), strict=True):
+        for key in ("loss", "diffusion", "kd_eps", "kd_sigma", "grad_norm"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), key
+    _same_checkpoints(ddp, fsdp, atol=1e-6, rtol=1e-5)
+    # the exported student is the same model file
+    a, b = load_dit(ddp / "student"), load_dit(fsdp / "student")
+    for key, value in a.state_dict().items():
+        assert torch.allclose(value, b.state_dict()[key], atol=1e-6, rtol=1e-5), key
+
+    # one process → FSDP (with activation checkpointing): 2 steps, then resumed to 3
+    one = tmp_path / "one"
+    assert main([*tiny_args(teacher_dir, one, "lit", "--steps", "2"), *EXTRA]) == 0
+    _torchrun(*tiny_args(teacher_dir, one, "lit", "--steps", "3", "--fsdp",
+                         "--activation-checkpointing", "--resume"), *EXTRA)
+    # FSDP → one process
+    sharded = tmp_path / "sharded"
+    _torchrun(*tiny_args(teacher_dir, sharded, "lit", "--steps", "2", "--fsdp"), *EXTRA)
+    assert main([*tiny_args(teacher_dir, sharded, "lit", "--steps", "3", "--resume"),
+                 *EXTRA]) == 0
+    for resumed in (one, sharded):  # one process and 2 ranks agree to float rounding
+        _same_checkpoints(ddp, resumed, atol=2e-5, rtol=1e-4)
+        assert [r["step"] for r in _metrics(resumed)] == [1, 2, 3]
+
+
+def test_fsdp_needs_torchrun(teacher_dir, tmp_path, capsys):
+    assert main([*tiny_args(teacher_dir, tmp_path / "x", "lit", "--fsdp"), *EXTRA]) == 2
+    err = capsys.readouterr().err
+    assert "--fsdp" in err and "torchrun" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_optimiser_state_keyed_by_name_and_back():
+    """The distributed-checkpoint form (keys: parameter names) and Optimizer.state_dict's
+    (keys: indices in the optimiser's order) convert into each other without loss."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model[0].bias.requires_grad_(False)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([p for _, p in named], lr=1e-2)
+    model(torch.randn(5, 3)).square().sum().backward()
+    optimizer.step()
+    native = optimizer.state_dict()
+    names = [n for n, _ in named]
+    keyed = by_name(native, names)
+    assert set(keyed["state"]) == set(names) and keyed["param_groups"][0]["params"] == names
+    back = by_index(keyed)
+    assert back["param_groups"] == native["param_groups"]
+    assert set(back["state"]) == set(native["state"])
+    for i, state in native["state"].items():
+        for key, value in state.items():
+            assert torch.equal(back["state"][i][key], value)
+
+
+def test_blocks_are_found_or_named_missing():
+    from tests.helpers import tiny_pixel_dit
+
+    model = tiny_pixel_dit()
+    assert blocks(model) == list(model.blocks)
+    with pytest.raises(ValueError, match="no list of transformer blocks"):
+        blocks(torch.nn.Linear(2, 2))
+
+
+def test_activation_checkpointing_keeps_names_outputs_and_gradients(gen):
+    from attnbench.distill.fsdp import checkpoint_blocks
+    from tests.helpers import tiny_pixel_dit
+
+    model = tiny_pixel_dit().double()
+    twin = tiny_pixel_dit().double()
+    twin.load_state_dict(model.state_dict())
+    checkpoint_blocks(twin)
+    assert list(twin.state_dict()) == list(model.state_dict())
+    cfg = model.config
+    x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen,
+                    dtype=torch.float64)
+    t, y = torch.tensor([3.0, 700.0], dtype=torch.float64), torch.tensor([0, 1])
+    for m in (model, twin):
+        m(x, t, y).square().sum().backward()
+    for (name, a), (_, b) in zip(model.named_parameters(), twin.named_parameters(),
+                                 strict=True):
+        if a.grad is not None:
+            assert torch.allclose(a.grad, b.grad, atol=1e-12, rtol=1e-10), name
+
+
+@pytest.mark.slow
+def test_fsdp_distils_a_diffusers_transformer_as_ddp_does(tmp_path):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    from attnbench.integrations.diffusers.tiny import save_tiny_pipeline
+
+    flux = save_tiny_pipeline("flux", tmp_path / "flux")
+    args = ("distill", "--model-path", str(flux), "--method", "clear", "--option", "radius=2",
+            "--steps", "2", "--batch-size", "2", "--gen-samples", "2", "--gen-steps", "2",
+            "--height", "32", "--width", "48", "--optimizer", "adamw", "--lr", "1e-3",
+            "--no-progress", "--device", "cpu")
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    _torchrun(*args, "--out", str(ddp))
+    _torchrun(*args, "--out", str(fsdp), "--fsdp", "--activation-checkpointing")
+    for ra, rb in zip(_metrics(ddp), _metrics(fsdp), strict=True):
+        for key in ("loss", "grad_norm"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), key
+    # AdamW divides by the root of tiny second moments: weights agree to 1e-5 of a unit
+    _same_checkpoints(ddp, fsdp, atol=1e-5, rtol=1e-4)
+    a = load_file(ddp / "student" / "student.safetensors")
+    b = load_file(fsdp / "student" / "student.safetensors")
+    assert set(a) == set(b) and a
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
