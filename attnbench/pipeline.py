@@ -31,6 +31,7 @@ from .bench.environment import REPO_ROOT, environment
 from .bench.sweep import RESOLUTIONS, SweepPlan, parse_methods, run_sweep
 from .bench.workloads import LEVELS, DiffusersModel, diffusers_model
 from .distill import dist as distributed
+from .distill.agreement import check_same_options
 from .metrics.quality import EvalConfig, evaluate, parse_metrics
 from .metrics.sample import SampleSettings
 from .models import load_dit
@@ -126,13 +127,20 @@ def run(args: argparse.Namespace) -> int:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else REPO_ROOT / "reports" / "runs" / stamp
     if ranks:
-        out = distributed.broadcast_object(ranks, out)  # rank 0's folder for every rank
+        try:  # before anything is written: ranks given other options would measure apart
+            check_same_options(ranks, {k: v for k, v in vars(args).items()
+                                       if k not in ("func", "argv", "out")})
+            out = distributed.broadcast_object(ranks, out)  # rank 0's folder for every rank
+        except BaseException:
+            distributed.teardown(ranks)
+            raise
         if not ranks.is_main:  # rank 0 writes; this rank measures its share
             try:
-                if strategy:
-                    context_parallel.run_sweep(plan, None, strategy, progress=False)
-                else:
-                    sharded.run_sweep(plan, None, out, progress=not args.no_progress)
+                with sharded.stop_cleanly(out, ranks.rank, ranks.world_size):
+                    if strategy:
+                        context_parallel.run_sweep(plan, None, strategy, progress=False)
+                    else:
+                        sharded.run_sweep(plan, None, out, progress=not args.no_progress)
             finally:
                 distributed.teardown(ranks)
             return 0
@@ -164,10 +172,12 @@ def run(args: argparse.Namespace) -> int:
                      "context_parallel": strategy or None})
     try:
         if strategy:
-            rows = context_parallel.run_sweep(plan, writer, strategy,
-                                              progress=not args.no_progress)
+            with sharded.stop_cleanly(out, ranks.rank, ranks.world_size):
+                rows = context_parallel.run_sweep(plan, writer, strategy,
+                                                  progress=not args.no_progress)
         elif ranks:
-            rows = sharded.run_sweep(plan, writer, out, progress=not args.no_progress)
+            with sharded.stop_cleanly(out, ranks.rank, ranks.world_size):
+                rows = sharded.run_sweep(plan, writer, out, progress=not args.no_progress)
         else:
             rows = run_sweep(plan, writer, progress=not args.no_progress)
     finally:

@@ -108,6 +108,22 @@ def _train_config(args: argparse.Namespace):
     return config
 
 
+def _same_on_every_rank(args: argparse.Namespace) -> None:
+    """Under torchrun: join the process group and refuse ranks given other options."""
+    from .agreement import check_same_options
+    from .dist import launched_by_torchrun, setup, teardown
+
+    if not launched_by_torchrun():
+        return
+    info = setup(args.device)
+    try:
+        check_same_options(info, {k: v for k, v in vars(args).items()
+                                  if k not in ("func", "argv")})
+    except BaseException:
+        teardown(info)
+        raise
+
+
 def _print_summary(summary: dict, as_json: bool) -> None:
     if not summary:  # ranks other than 0
         return
@@ -131,6 +147,7 @@ def _distill(args: argparse.Namespace) -> int:
     from .pipeline import distill
 
     config = _train_config(args)
+    _same_on_every_rank(args)
     runfolder.lock_folder(args.out, "distill")
     if args.model_path is not None:
         from .diffusers_cli import distill_command
@@ -158,6 +175,7 @@ def _train_teacher(args: argparse.Namespace) -> int:
     from .teacher import TEACHER_CONFIG
 
     config = _train_config(args)
+    _same_on_every_rank(args)
     runfolder.lock_folder(args.out, "train-teacher")
     overrides = {}
     for key in ("hidden_size", "depth", "num_heads", "patch_size", "input_size"):
