@@ -9,8 +9,9 @@ What it does each step (the same on one process or N):
    resumed run draws what the uninterrupted one would have;
 2. computes the recipe's loss terms (``losses.py``) under fp32 or bf16 autocast;
 3. back-propagates (DistributedDataParallel averages the gradients over
-   ranks: the mean over the global batch), clips the gradient norm, steps
-   AdamW (linear warm-up, then constant) and the EMA of the weights;
+   ranks: the mean over the global batch; with ``config.fsdp`` FSDP2's
+   reduce-scatter does, over sharded weights: ``fsdp.py``), clips the gradient
+   norm, steps AdamW (linear warm-up, then constant) and the EMA of the weights;
 4. logs every term (averaged over ranks) to ``metrics.jsonl`` / ``metrics.csv``
    and the progress bar; rank 0 saves ``checkpoint.pt`` every ``ckpt_every``
    steps, atomically.
@@ -487,20 +488,12 @@ class Trainer:
         if state is not None:
             self._restore(loop, state)
         elif d.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            for name in (METRICS_JSONL, METRICS_CSV, EVAL_JSONL, SUMMARY_FILE):
-                (self.out / name).unlink(missing_ok=True)
-            atomic_write_json(self.out / RUN_FILE, self._run_document())
+            self._start_folder()
         if loop.initial_eval is None and self.eval_data is not None:
             with self._gathered(loop, ema=False) as (full, _):
                 if d.is_main:
                     loop.initial_eval = self._evaluate(full)
-        loop.net = model
-        if d.enabled and self.sharded is None:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            loop.net = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda"
-                           else None)
+        loop.net = self._replicated(model) if d.enabled and self.sharded is None else model
         if cfg.progress and d.is_main and loop.start < cfg.steps:
             from tqdm.auto import tqdm
 
@@ -508,6 +501,20 @@ class Trainer:
                             desc=self.identity.get("kind", "train"), dynamic_ncols=True)
         loop.t_start = time.perf_counter()
         return loop
+
+    def _start_folder(self) -> None:
+        """A new run: the outputs of an earlier one (``--force``) removed, ``run.json``."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        for name in (METRICS_JSONL, METRICS_CSV, EVAL_JSONL, SUMMARY_FILE):
+            (self.out / name).unlink(missing_ok=True)
+        atomic_write_json(self.out / RUN_FILE, self._run_document())
+
+    def _replicated(self, model: nn.Module) -> nn.Module:
+        """``model`` in DistributedDataParallel (every rank a full copy)."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda"
+                   else None)
 
     def _restore(self, loop: _Loop, state: dict[str, Any]) -> None:
         """Continue from ``state`` (a checkpoint written with or without FSDP)."""
