@@ -553,7 +553,8 @@ class Trainer:
                 "or use --precision fp32"
             )
         loop.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with _sdpa_backends(self.device, autocast_dtype):  # a recomputed block chooses alike
+            loss.backward()
         grads = [p for _, p in loop.params if p.grad is not None]
         if cfg.grad_clip > 0:
             grad_norm = float(_fsdp.full(torch.nn.utils.clip_grad_norm_(grads, cfg.grad_clip)))
@@ -792,8 +793,8 @@ def _sdpa_backends(device: torch.device, autocast_dtype: torch.dtype | None):
 
     There the flash kernel's backward is slow at the short sequences of small models
     (such as the shipped teacher's 64 tokens), where the math kernel makes a faster step.
-    The backward kernel is fixed by the forward's choice, so the forward's context
-    suffices.
+    The backward pass runs in the same context: with activation checkpointing it
+    recomputes the blocks' forwards, which must choose the kernels the forward chose.
     """
     if device.type == "cpu" and autocast_dtype == torch.bfloat16:
         from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -96,6 +96,16 @@ def test_fsdp_needs_torchrun(teacher_dir, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
+def test_activation_checkpointing_under_bf16_autocast(teacher_dir, tmp_path):
+    """A recomputed block meets the forward's autocast and SDPA kernel choice."""
+    out = tmp_path / "ac"
+    assert main([*tiny_args(teacher_dir, out, "sla", "--steps", "1", "--option", "block_q=8",
+                            "--option", "block_kv=8", "--activation-checkpointing",
+                            "--precision", "bf16"), "--device", "cpu"]) == 0
+    assert json.loads((out / "run.json").read_text())["config"]["activation_checkpointing"]
+
+
 def test_optimiser_state_keyed_by_name_and_back():
     """The distributed-checkpoint form (keys: parameter names) and Optimizer.state_dict's
     (keys: indices in the optimiser's order) convert into each other without loss."""
