@@ -171,13 +171,11 @@ def run(args: argparse.Namespace) -> int:
         meta.update({"world_size": ranks.world_size, "dist_backend": ranks.backend,
                      "context_parallel": strategy or None})
     try:
-        if strategy:
+        if ranks:  # --context-parallel splits each point; without it the points are dealt
             with sharded.stop_cleanly(out, ranks.rank, ranks.world_size):
-                rows = context_parallel.run_sweep(plan, writer, strategy,
-                                                  progress=not args.no_progress)
-        elif ranks:
-            with sharded.stop_cleanly(out, ranks.rank, ranks.world_size):
-                rows = sharded.run_sweep(plan, writer, out, progress=not args.no_progress)
+                rows = (context_parallel.run_sweep(plan, writer, strategy,
+                                                   progress=not args.no_progress) if strategy
+                        else sharded.run_sweep(plan, writer, out, progress=not args.no_progress))
         else:
             rows = run_sweep(plan, writer, progress=not args.no_progress)
     finally:

@@ -103,6 +103,15 @@ def test_prodigy_missing_is_substituted_and_said(monkeypatch):
         resolve(_config(optimizer="prodigy"), RECIPES["clear"].optimisation)
 
 
+def test_fsdp_substitutes_adamw_for_the_recipes_prodigy_and_refuses_an_asked_one(monkeypatch):
+    monkeypatch.setattr(optim_module, "prodigy_available", lambda: True)
+    cfg = resolve(_config(fsdp=True), RECIPES["clear"].optimisation)
+    assert (cfg.optimizer, cfg.lr, cfg.weight_decay) == ("adamw", 2e-4, 1e-4)
+    assert "--fsdp" in cfg.substituted and "shard" in cfg.substituted
+    with pytest.raises(ValueError, match="--optimizer prodigy does not combine with --fsdp"):
+        resolve(_config(optimizer="prodigy", fsdp=True), RECIPES["clear"].optimisation)
+
+
 def test_build_makes_the_named_optimiser():
     params = [torch.nn.Parameter(torch.ones(3))]
     adamw = build(resolve(_config(), RECIPES["sla"].optimisation), params)
