@@ -29,10 +29,13 @@ How the trainer (``trainer.py``) uses it:
 :func:`checkpoint_blocks` (``--activation-checkpointing``, with or without FSDP)
 recomputes each block's activations in the backward pass instead of keeping them.
 
-Where it is tested: on CPU under gloo with 2 processes (``tests/distill/test_fsdp.py``):
-steps equal DDP's, checkpoints cross between FSDP and one process both ways, activation
-checkpointing leaves the steps unchanged. The CUDA/NCCL path runs the same code with
-``cuda:LOCAL_RANK`` meshes and is not exercised by the CPU test suite.
+Where it is tested (``tests/distill/test_fsdp.py``), all on CPU: under gloo with 2
+processes, attnbench's DiT with FSDP takes DDP's steps (losses, gradient norms, weights,
+EMA, AdamW moments, the exported student) and its checkpoints cross to and from one
+process, with activation checkpointing on one side; a tiny diffusers FLUX with FSDP and
+activation checkpointing takes DDP's steps. In one process: activation checkpointing
+gives the plain model's gradients (float64) and runs under bf16 autocast. The CUDA/NCCL
+path (``cuda:LOCAL_RANK`` meshes) is the same code and is not exercised by the CPU suite.
 """
 
 from __future__ import annotations
