@@ -1,0 +1,78 @@
+"""Checks of a call's inputs, before any work: q, k, v and the grid of a shape-only caller."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .paths import FLOAT_DTYPES, _dtype_names
+
+Grid = tuple[int, int]
+#: rows ``(r0, r1)`` → bool mask ``[B|1, H|1, r1 - r0, N]`` of the pairs computed exactly
+ExactRows = Callable[[int, int], torch.Tensor]
+
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str = "") -> None:
+    """Raise ``ValueError`` unless q, k, v are floating ``[B, H, N, d]`` tensors that agree.
+
+    Integer, bool and complex inputs are refused here, before any work, with
+    one message for every method (attention is defined on real numbers; an
+    integer input would otherwise give an integer result or a torch error).
+    """
+    where = f"{method}: " if method else ""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{where}{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(
+                f"{where}{name} has dtype {str(t.dtype).removeprefix('torch.')}; attention takes "
+                f"floating-point tensors ({_dtype_names(FLOAT_DTYPES)}): convert with .float()"
+            )
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must be [batch, heads, tokens, head_dim], got shape {tuple(t.shape)}"
+            )
+    if q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:
+        raise ValueError(
+            f"q, k, v disagree on batch/heads: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"head_dim mismatch: q has {q.shape[-1]}, k has {k.shape[-1]}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k has {k.shape[2]} tokens but v has {v.shape[2]}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+
+
+def check_grid(grid: Any, tokens: int, *, extra: int = 0) -> Grid:
+    """Validate ``grid`` against the token count (``extra`` non-grid tokens first)."""
+    if grid is None:
+        raise ValueError(
+            "grid=(Hgrid, Wgrid) is required: the row-major layout of the image tokens"
+        )
+    try:
+        hg, wg = (int(g) for g in grid)
+    except (TypeError, ValueError):
+        raise ValueError(f"grid must be a pair (Hgrid, Wgrid), got {grid!r}") from None
+    if hg <= 0 or wg <= 0:
+        raise ValueError(f"grid sides must be positive, got {grid!r}")
+    if hg * wg + extra != tokens:
+        more = f" + {extra} global tokens" if extra else ""
+        raise ValueError(
+            f"grid {hg}x{wg}{more} = {hg * wg + extra} tokens, but the input has {tokens}"
+        )
+    return hg, wg
+
+
+def square_grid(tokens: int) -> Grid:
+    """The grid of a square image of ``tokens`` tokens (for shape-only callers)."""
+    side = round(tokens**0.5)
+    if side * side != tokens:
+        raise ValueError(f"{tokens} tokens is not a square grid: pass grid=(Hgrid, Wgrid)")
+    return side, side
