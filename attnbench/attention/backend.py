@@ -27,7 +27,8 @@ dispatch, the modules, the cost models (``costs.py``) and the labels
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -50,7 +51,8 @@ class AttentionBackend(CostModels, Labels):
     distillation and the reports:
 
     * ``name``, ``summary``, ``paper``; ``options`` (:class:`Option`, each with its
-      default's source); ``notes`` (where it differs from its official code);
+      default's source) and ``retired_options``; ``notes`` (where it differs from its
+      official code);
     * ``layout_kinds`` -- the layout kinds it defines (default: plain image grids);
     * ``fast_paths`` -- its :class:`FastPath` s in the order ``impl="auto"`` tries
       them, each with its capabilities and memory model;
@@ -67,7 +69,7 @@ class AttentionBackend(CostModels, Labels):
     * ``overhead_steps`` -- work besides the attention proper, timed apart;
     * ``density_model``, ``exact_rows_model``, ``rounded_options``, ``rounding_checks``
       -- its honest labels;
-    * ``check_layout``, ``fold_layout``, ``check_options`` -- checks before any work;
+    * ``check_layout`` -- refuses, before any work, a layout it does not define;
     * ``kernel_only`` -- True for a method that exists only as a kernel (flash);
     * ``mixer`` -- to refuse options a DiT mixer cannot take (CLEAR's ``ntk_factor``).
 
@@ -80,8 +82,9 @@ class AttentionBackend(CostModels, Labels):
     summary: str = ""
     paper: str = ""
     options: tuple[Option, ...] = ()
-    #: the mixer ``nn.Module`` class; ``mixer()`` instantiates it (qkv + core + proj).
-    mixer_class: type[AttentionMixer] | None = None
+    #: options the method no longer takes, each with what replaced it: passing one is a
+    #: ValueError that says so (CLEAR's ``global_tokens``, now the layout's text count)
+    retired_options: Mapping[str, str] = MappingProxyType({})
     #: the layout kinds (:data:`attnbench.attention.layout.KINDS`) the method defines;
     #: the default, plain image grids, suits a method that reads ``grid=(H, W)`` only
     layout_kinds: tuple[str, ...] = ("image",)
@@ -173,17 +176,6 @@ class AttentionBackend(CostModels, Labels):
         """True for methods that only exist as a fast path (flash, xformers)."""
         return False
 
-    def check_options(self, options: dict[str, Any]) -> None:
-        """Cross-option checks; raise ValueError. Single options check themselves."""
-
-    def fold_layout(
-        self, layout: Layout, options: dict[str, Any]
-    ) -> tuple[Layout, dict[str, Any]]:
-        """``(layout, options)`` after options that also describe geometry (CLEAR's
-        deprecated ``global_tokens``) are folded into the layout and reset in the options;
-        both unchanged for most methods."""
-        return layout, options
-
     def check_layout(self, layout: Layout, options: dict[str, Any]) -> None:
         """Raise ValueError, before any work, for a layout the method does not define
         (or not with these options)."""
@@ -208,9 +200,8 @@ class AttentionBackend(CostModels, Labels):
         ``mixer=False`` resolves the options of ``attend`` (mixer-only options
         are refused); ``mixer=True`` those of ``mixer`` (all of them).
         """
-        resolved = resolve_options(self.name, self.options, options, mixer=mixer)
-        self.check_options(resolved)
-        return resolved
+        return resolve_options(self.name, self.options, options, mixer=mixer,
+                               retired=self.retired_options)
 
     def attend_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """The part of a mixer's ``options`` that ``attend`` takes (drops mixer-only ones)."""
@@ -221,15 +212,14 @@ class AttentionBackend(CostModels, Labels):
         self, layout: Layout | None, grid: Any, options: dict[str, Any], tokens: int | None = None,
         *, square: bool = False,
     ) -> tuple[Layout, dict[str, Any]]:
-        """The checked, folded ``(layout, options)`` of a call or a cost model (``tokens``:
+        """The checked ``(layout, options)`` of a call or a cost model (``tokens``:
         the input's; with ``square``, a shape-only caller without a geometry gets the
         square image grid of ``tokens``)."""
         if layout is None and grid is None and square and tokens is not None:
-            extra = self.fold_layout(Layout((1, 1)), options)[0].text
-            layout = Layout(square_grid(tokens - extra))
+            layout = Layout(square_grid(tokens))
         if isinstance(grid, Layout):
             layout, grid = grid, None
-        layout, options = self.fold_layout(Layout.coerce(layout, grid), options)
+        layout = Layout.coerce(layout, grid)
         if tokens is not None:
             layout.check(tokens)
         self.check_layout(layout, options)
@@ -396,8 +386,7 @@ class AttentionBackend(CostModels, Labels):
         qkv_bias = options.pop("qkv_bias", True)
         impl = options.pop("impl", "auto")
         opts = self.resolve(options, mixer=True)
-        cls = self.mixer_class or AttentionMixer
-        return cls(self, dim, num_heads, qkv_bias=qkv_bias, impl=impl, **opts)
+        return AttentionMixer(self, dim, num_heads, qkv_bias=qkv_bias, impl=impl, **opts)
 
     def core(self, num_heads: int, head_dim: int, **options: Any) -> AttentionCore:
         """The method on projected heads, learned parts included: ``q, k, v [B,H,N,d] → [B,H,N,d]``.

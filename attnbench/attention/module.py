@@ -109,11 +109,12 @@ class AttentionMixer(nn.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
-    def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: Grid | Layout) -> torch.Tensor:
+        """``grid``: the image grid ``(H, W)``, or a :class:`Layout` (text tokens, video)."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"expected x of shape [B, N, {self.dim}], got {tuple(x.shape)}")
         q, k, v = self.split_heads(x)
-        out = self.core(q, k, v, grid=tuple(grid))
+        out = self.core(q, k, v, grid=grid if isinstance(grid, Layout) else tuple(grid))
         b, _, n, _ = out.shape
         return self.proj(out.transpose(1, 2).reshape(b, n, self.dim))
 

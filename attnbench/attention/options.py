@@ -104,13 +104,19 @@ def unit_fraction(value: float) -> str | None:
 
 
 def resolve_options(method: str, declared: tuple[Option, ...],
-                    options: Mapping[str, Any] | None, *, mixer: bool = False) -> dict[str, Any]:
+                    options: Mapping[str, Any] | None, *, mixer: bool = False,
+                    retired: Mapping[str, str] | None = None) -> dict[str, Any]:
     """``options`` merged with the defaults of ``declared``, each validated.
 
     ``mixer=False`` resolves the options of ``attend`` (mixer-only options are
     refused with a pointer to the mixer); ``mixer=True`` those of ``mixer`` (all).
+    An option of ``retired`` (``{name: what replaced it}``) is refused with its
+    replacement named.
     """
     given = dict(options or {})
+    for key in given:
+        if retired and key in retired:
+            raise ValueError(f"{method}: option {key!r} is no longer taken: {retired[key]}")
     known = {o.name: o for o in declared if mixer or not o.mixer_only}
     unknown = [k for k in given if k not in known]
     if unknown:

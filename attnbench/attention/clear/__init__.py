@@ -9,9 +9,9 @@ Text tokens (the layout's ``text``; official, Huage001/CLEAR
 token attends to every text and image token, and every image token attends to
 every text token besides its circle -- FLUX's 512 T5 tokens, placed before the
 image. Text after the grid (SD3) is the same window: ``attend`` moves the text
-to the front and back (``AttentionBackend.run``). The older option
-``global_tokens`` G (a text prefix of G tokens on a plain grid) still works, is
-deprecated, and is folded into the layout; giving both is an error.
+to the front and back (``AttentionBackend.run``). The retired option
+``global_tokens`` G (a text prefix of G tokens on a plain grid) is refused with
+its replacement named: the layout's text count, ``Layout(grid, text=G)``.
 
 Video (attnbench's extension; the official code and paper are image-only): on a
 ``T × Hg × Wg`` layout an image token ``(t, y, x)`` attends to ``(t', y', x')``
@@ -51,7 +51,7 @@ learned part.
 from __future__ import annotations
 
 import math
-import warnings
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -90,7 +90,6 @@ from .masked_sdpa import MASKED_SDPA, _cached_dense_mask, _dense_mask, dense_mas
 from .pooling import _check_weight, _window_of, extend_kv, pool_patches
 from .reference import clear_reference, reference_workspace
 from .window import (
-    _BOTH_TEXT,
     _POOLED_VIDEO,
     DEFAULT_DOWN_FACTOR,
     DEFAULT_RADIUS,
@@ -141,14 +140,6 @@ class Clear(AttentionBackend):
             "every frame in time unless bounded",
         ),
         Option(
-            "global_tokens",
-            0,
-            "deprecated: a text prefix of G tokens; give the layout's text count instead",
-            int,
-            check=non_negative,
-            source="DiT has no text tokens (FLUX: 512, as Layout(grid, text=512))",
-        ),
-        Option(
             "down_factor",
             DEFAULT_DOWN_FACTOR,
             "0 or 1 = no pooling; f > 1 adds one K/V token per f×f patch, seen by every "
@@ -180,6 +171,10 @@ class Clear(AttentionBackend):
             "default); the 2048×4096 example in inference_t2i_highres.ipynb uses 10",
         ),
     )
+    retired_options = MappingProxyType({
+        "global_tokens": "give the text tokens in the layout, layout=Layout(grid, text=G) "
+        "(a text prefix of G tokens; FLUX: 512)",
+    })
     notes = (
         "high resolution: the official 2048×4096 example (inference_t2i_highres.ipynb) "
         "runs FLUX's img2img pipeline (SDEdit, strength 0.7) from a 512×1024 image with "
@@ -246,17 +241,6 @@ class Clear(AttentionBackend):
                              "drop it or use swap_attention on FLUX")
         return super().mixer(dim, num_heads, **options)
 
-    def fold_layout(self, layout: Layout, options: dict[str, Any]):
-        """``global_tokens`` G > 0 (deprecated) is a text prefix: ``Layout(grid, text=G)``."""
-        g = int(options.get("global_tokens") or 0)
-        if not g:
-            return layout, options
-        if layout.text:
-            raise ValueError(_BOTH_TEXT.format(g=g, text=layout.text))
-        warnings.warn("clear: global_tokens is deprecated; pass layout=Layout(grid, text=G)",
-                      DeprecationWarning, stacklevel=4)
-        return Layout(layout.grid, text=g), {**options, "global_tokens": 0}
-
     def check_layout(self, layout: Layout, options: dict[str, Any]) -> None:
         super().check_layout(layout, options)
         if layout.is_video and pools(options["down_factor"]):
@@ -297,12 +281,11 @@ class Clear(AttentionBackend):
         layout: Layout | None = None,
         radius: float = DEFAULT_RADIUS,
         radius_t: int | None = None,
-        global_tokens: int = 0,
         down_factor: int = DEFAULT_DOWN_FACTOR,
         pool_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        window = _window_of(q, layout, grid, radius, radius_t, global_tokens, down_factor,
-                            pool_weight)
+        window = _window_of(q, layout, grid, radius, radius_t, down_factor=down_factor,
+                            pool_weight=pool_weight)
         return clear_reference(q, k, v, window, pool_weight)
 
     def overhead_steps(self, q, k, v, *, grid=None, layout=None, impl: str, **options: Any):
@@ -319,7 +302,7 @@ class Clear(AttentionBackend):
         """
         impl, layout, opts = self.prepare(q, k, v, grid=grid, layout=layout, impl=impl,
                                           options=options)
-        window = self.window(layout, opts)
+        window = Window.of(layout.text_first_form, **opts)
         steps: dict[str, Any] = {}
         if layout.text and not layout.text_first:
             steps["text_first"] = lambda: tuple(layout.to_text_first(t) for t in (q, k, v))
@@ -336,18 +319,12 @@ class Clear(AttentionBackend):
             steps["halo_index"] = lambda: halo_index.__wrapped__(choose_tile(window), q.device)
         return steps
 
-    @staticmethod
-    def window(layout: Layout, options: dict[str, Any]) -> Window:
-        """The :class:`Window` of a layout (text first or last) and resolved options."""
-        return Window.of(layout.text_first_form, options["radius"], options["global_tokens"],
-                         options["down_factor"], options["radius_t"])
-
     sparse_pairs = True
 
     def exact_rows_model(self, q, k, layout, **opts):
         """The window's mask over the input tokens (pooled keys are not input pairs)."""
         n = k.shape[2]
-        mask = _cached_dense_mask(self.window(layout, opts), k.device)[:, :n]
+        mask = _cached_dense_mask(Window.of(layout.text_first_form, **opts), k.device)[:, :n]
         return lambda r0, r1: mask[r0:r1]
 
     # ----- cost models --------------------------------------------------------------
@@ -366,13 +343,12 @@ class Clear(AttentionBackend):
         )
 
     def _pairs(self, layout: Layout, opts: dict[str, Any]) -> int:
-        return allowed_pairs(layout.grid, opts["radius"], layout.text, opts["down_factor"],
-                             opts["radius_t"])
+        return allowed_pairs(layout.text_first_form, **opts)
 
     def reference_workspace(self, batch, heads, tokens, head_dim, layout, *, element_size,
                             **opts) -> float:
-        return reference_workspace(self.window(layout, opts), batch, heads, head_dim,
-                                   element_size=element_size)
+        return reference_workspace(Window.of(layout.text_first_form, **opts), batch, heads,
+                                   head_dim, element_size=element_size)
 
     # ----- honest labels ------------------------------------------------------------
     def density_model(self, layout, **opts) -> float:
@@ -382,7 +358,7 @@ class Clear(AttentionBackend):
         return self._pairs(layout, opts) / float(layout.tokens) ** 2
 
     def rounded_options(self, layout, **opts):
-        window = self.window(layout, opts)
+        window = Window.of(layout.text_first_form, **opts)
         rounded = {
             "max_sq_distance": window.limit,  # dy² + dx² ≤ this integer
             "covers_grid": window.covers_grid,
@@ -395,7 +371,7 @@ class Clear(AttentionBackend):
         return rounded
 
     def rounding_checks(self, layout, **opts):
-        window = self.window(layout, opts)
+        window = Window.of(layout.text_first_form, **opts)
         hg, wg = layout.frame_grid
         radius, radius_t, down_factor = opts["radius"], opts["radius_t"], opts["down_factor"]
         checks = []

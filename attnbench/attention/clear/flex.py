@@ -39,7 +39,7 @@ FLEX_TILE_ORDER = True
 def build_block_mask(
     grid: Grid,
     radius: float = DEFAULT_RADIUS,
-    global_tokens: int = 0,
+    text: int = 0,
     down_factor: int = 0,
     *,
     device: torch.device | str | None = None,
@@ -56,7 +56,7 @@ def build_block_mask(
     of the tokens in tile order (:func:`tile_permutation`), what the flex path runs.
     ``grid`` is ``(H, W)`` or ``(T, H, W)``.
     """
-    window = Window.build(grid, radius, global_tokens, down_factor, radius_t)
+    window = Window.of(grid, radius, text, down_factor, radius_t)
     return _build_block_mask(window, torch.device(device or "cpu"), tiled=tiled)
 
 
@@ -200,7 +200,7 @@ def _cached_block_mask(window: Window, device: torch.device, tiled: bool = False
 def block_mask(
     grid: Grid,
     radius: float = DEFAULT_RADIUS,
-    global_tokens: int = 0,
+    text: int = 0,
     down_factor: int = 0,
     *,
     device: torch.device | str | None = None,
@@ -208,14 +208,14 @@ def block_mask(
     radius_t: int | None = None,
 ):
     """:func:`build_block_mask`, cached per (window, device, tiled): built once."""
-    window = Window.build(grid, radius, global_tokens, down_factor, radius_t)
+    window = Window.of(grid, radius, text, down_factor, radius_t)
     return _cached_block_mask(window, torch.device(device or "cpu"), tiled)
 
 
 def block_density(
     grid: Grid,
     radius: float = DEFAULT_RADIUS,
-    global_tokens: int = 0,
+    text: int = 0,
     down_factor: int = 0,
     *,
     tiled: bool = False,
@@ -227,7 +227,7 @@ def block_density(
     runs). Compare with ``flops().ratio``: the gap is work the kernel does on
     masked pairs inside partially allowed tiles.
     """
-    window = Window.build(grid, radius, global_tokens, down_factor, radius_t)
+    window = Window.of(grid, radius, text, down_factor, radius_t)
     perm = tile_permutation(window) if tiled else None
     partial, full = _block_flags(window, torch.device("cpu"), perm)
     return float((partial | full).sum()) / partial.numel()
@@ -287,10 +287,10 @@ def keep_nonfinite(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch
     return out.masked_fill(~ok, float("nan"))
 
 
-def _flex(q, k, v, *, grid=None, layout=None, radius, radius_t=None, global_tokens=0,
+def _flex(q, k, v, *, grid=None, layout=None, radius, radius_t=None,
           down_factor, pool_weight=None):
-    window = _window_of(q, layout, grid, radius, radius_t, global_tokens, down_factor,
-                        pool_weight)
+    window = _window_of(q, layout, grid, radius, radius_t, down_factor=down_factor,
+                        pool_weight=pool_weight)
     q_in, k_in = q, k
     k, v = extend_kv(k, v, window, pool_weight)
     tiled = flex_tile_order(window)
@@ -344,9 +344,9 @@ def _flex_available(device: torch.device, dtype: torch.dtype, shape) -> str | No
 
 
 def _workspace(batch, heads, tokens, head_dim, layout, *, element_size, radius, radius_t=None,
-               global_tokens=0, down_factor) -> float:
+               down_factor) -> float:
     """Block-mask indices, the extended K/V, the tile-order copies and the logsumexp."""
-    window = Window.of(layout, radius, global_tokens, down_factor, radius_t)
+    window = Window.of(layout, radius, down_factor=down_factor, radius_t=radius_t)
     bh, n, m = batch * heads, window.tokens, window.keys
     q_tiles, kv_tiles = -(-n // FLEX_BLOCK), -(-m // FLEX_BLOCK)
     # int32 indices + counts, partial and full, kv-major and q-major.

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..base import Grid
-from .window import Window, _window, pools
+from ..layout import text_first_geometry
+from .window import Window, pools
 
 
 def pool_patches(
@@ -57,14 +58,19 @@ def _check_weight(weight: torch.Tensor | None, down_factor: int) -> None:
         )
 
 
-
-def _window_of(q, layout, grid, radius, radius_t, global_tokens, down_factor,
-               pool_weight) -> Window:
-    """The window of one call of a path (``layout=`` or ``grid=``, text first), its
-    pooling weight checked against it."""
+def _window_of(q, layout, grid, radius, radius_t=None, text=0, down_factor=0,
+               pool_weight=None) -> Window:
+    """The window of one call of a path (``layout=`` or ``grid=``, text first), checked
+    against the input's token count, its pooling weight checked against it (``text``:
+    tokens before a plain ``grid``; a layout carries its own)."""
     _check_weight(pool_weight, down_factor)
-    geometry = layout if layout is not None else grid
-    return _window(geometry, q.shape[2], radius, global_tokens, down_factor, radius_t)
+    geometry = text_first_geometry(layout, grid)
+    window = Window.of(geometry, radius, text, down_factor, radius_t)
+    if window.tokens != q.shape[2]:
+        more = f" + {window.global_tokens} text tokens" if window.global_tokens else ""
+        raise ValueError(f"grid {'x'.join(map(str, geometry.grid))}{more} = {window.tokens} "
+                         f"tokens, but the input has {q.shape[2]}")
+    return window
 
 
 def extended_bytes(window: Window, batch_heads: int, head_dim: int, element_size: int) -> float:
