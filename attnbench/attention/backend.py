@@ -35,7 +35,7 @@ import torch
 
 from ._names import closest
 from .costs import CostModels, Flops
-from .inputs import ExactRows, Grid, check_qkv, square_grid
+from .inputs import ExactRows, ExtraInput, Grid, check_qkv, square_grid
 from .labels import Labels
 from .layout import Layout
 from .module import AttentionCore, AttentionMixer
@@ -56,7 +56,8 @@ class AttentionBackend(CostModels, Labels):
     * ``layout_kinds`` -- the layout kinds it defines (default: plain image grids);
     * ``fast_paths`` -- its :class:`FastPath` s in the order ``impl="auto"`` tries
       them, each with its capabilities and memory model;
-    * ``core_class`` -- the :class:`AttentionCore` subclass holding its learned parts;
+    * ``core_class`` -- the :class:`AttentionCore` subclass holding its learned parts,
+      and ``extra_inputs`` -- the tensors (:class:`ExtraInput`) it hands to ``attend``;
     * ``conversion_recipe``, ``distill_recipe``, ``distill_alternatives``;
     * ``sparse_pairs`` -- True when its exact pairs are a strict subset of all pairs.
 
@@ -92,6 +93,9 @@ class AttentionBackend(CostModels, Labels):
     #: the ``nn.Module`` class of the method on already-projected heads (``core()``):
     #: where the method's learned parts live
     core_class: type[AttentionCore] | None = None
+    #: tensors ``attend`` and every path take beside q, k, v (the learned parts the core
+    #: passes, e.g. CLEAR's ``pool_weight``): see :class:`ExtraInput`
+    extra_inputs: tuple[ExtraInput, ...] = ()
     #: how a softmax DiT becomes a student of this method (``models/convert.py`` reads it)
     conversion_recipe: ConversionRecipe | None = None
     #: how such a student is distilled (``distill/recipes.py`` reads it)
@@ -309,18 +313,30 @@ class AttentionBackend(CostModels, Labels):
             t is not None and t.requires_grad for t in tensors
         )
 
+    def split_extra(self, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(options, extra inputs)``: a call's keywords apart from the tensors of
+        :attr:`extra_inputs` it was given (those left ``None`` are not given)."""
+        names = {e.name for e in self.extra_inputs}
+        extra = {k: v for k, v in options.items() if k in names and v is not None}
+        return {k: v for k, v in options.items() if k not in names}, extra
+
     def prepare(
         self, q, k, v, *, grid: Grid | None = None, impl: str, options: dict[str, Any],
-        needs_grad: bool | None = None, layout: Layout | None = None,
+        layout: Layout | None = None, extra: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[str, Layout, dict[str, Any]]:
         """Checks shared by every entry point, before any work:
-        ``(implementation, layout, resolved options)``."""
+        ``(implementation, layout, resolved options)``. ``extra``: the call's extra inputs,
+        checked against the options and counted for autograd."""
         check_qkv(q, k, v, self.name)
         layout, opts = self.geometry(layout, grid, self.resolve(options), tokens=k.shape[2])
         if q.shape[2] != k.shape[2]:
             raise ValueError(f"{self.name}: q has {q.shape[2]} tokens but k has {k.shape[2]}; "
                              "a layout describes one token sequence")
-        grad = self.needs_grad(q, k, v) if needs_grad is None else needs_grad
+        extra = dict(extra or {})
+        for declared in self.extra_inputs:
+            if declared.name in extra:
+                declared.validate(extra[declared.name], opts)
+        grad = self.needs_grad(q, k, v, *extra.values())
         chosen = self.select(q.device, q.dtype, tuple(q.shape), impl=impl, needs_grad=grad,
                              layout=layout)
         return chosen, layout, opts
@@ -360,11 +376,14 @@ class AttentionBackend(CostModels, Labels):
         ``layout.py``: video grids and text tokens). ``impl="auto"`` takes the
         first fast path that can run on these inputs (and supports autograd when
         they require grad), else the reference; ``impl="reference"`` or a fast
-        path's name forces one.
+        path's name forces one. A method's :attr:`extra_inputs` (CLEAR's ``pool_weight``)
+        are keywords too: checked before any work, a differentiable path chosen when one
+        requires grad, handed to the path beside the options.
         """
+        options, extra = self.split_extra(options)
         chosen, layout, opts = self.prepare(q, k, v, grid=grid, layout=layout, impl=impl,
-                                            options=options)
-        return self.run(chosen, q, k, v, layout, **opts)
+                                            options=options, extra=extra)
+        return self.run(chosen, q, k, v, layout, **extra, **opts)
 
     def available(
         self,

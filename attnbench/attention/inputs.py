@@ -1,8 +1,10 @@
-"""Checks of a call's inputs, before any work: q, k, v and the grid of a shape-only caller."""
+"""A call's inputs and their checks, before any work: q, k, v, a method's declared extra
+inputs (:class:`ExtraInput`) and the grid of a shape-only caller."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -76,3 +78,28 @@ def square_grid(tokens: int) -> Grid:
     if side * side != tokens:
         raise ValueError(f"{tokens} tokens is not a square grid: pass grid=(Hgrid, Wgrid)")
     return side, side
+
+
+@dataclass(frozen=True)
+class ExtraInput:
+    """A tensor a method's ``attend`` and every one of its paths take beside q, k, v.
+
+    The learned parts a core passes to the stateless method (CLEAR's pooling weight):
+    declared, so ``attend`` accepts it by ``name``, checks it with ``check(value,
+    resolved options)`` (``None``, or a sentence naming it and saying what is wrong)
+    before any work,
+    counts it for autograd (a weight that requires grad needs a differentiable path
+    even when q, k, v do not) and hands it to the chosen path and the reference as a
+    keyword. Left out or ``None``, the paths use their default.
+    """
+
+    name: str
+    help: str
+    check: Callable[[torch.Tensor, Mapping[str, Any]], str | None] | None = None
+
+    def validate(self, value: Any, options: Mapping[str, Any]) -> None:
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{self.name} must be a torch.Tensor, got {type(value).__name__}")
+        reason = self.check(value, options) if self.check is not None else None
+        if reason:
+            raise ValueError(reason)

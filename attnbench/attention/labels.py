@@ -128,6 +128,7 @@ class Labels:
                 }
                 for o in self.options
             ],
+            "extra_inputs": {e.name: e.help for e in self.extra_inputs},
             "implementations": self.paths(),
             "layouts": list(self.layout_kinds),
             "capabilities": {p.name: p.capabilities() for p in self.fast_paths},

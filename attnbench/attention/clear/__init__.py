@@ -58,10 +58,10 @@ import torch
 
 from ..base import (
     AttentionBackend,
+    ExtraInput,
     Flops,
     Grid,
     Option,
-    check_qkv,
     dense_flops,
     non_negative,
 )
@@ -87,7 +87,7 @@ from .flex import (
 )
 from .halo import HALO, choose_tile, halo_index
 from .masked_sdpa import MASKED_SDPA, _cached_dense_mask, _dense_mask, dense_mask
-from .pooling import _check_weight, _window_of, extend_kv, pool_patches
+from .pooling import _window_of, extend_kv, pool_patches, weight_reason
 from .reference import clear_reference, reference_workspace
 from .window import (
     _POOLED_VIDEO,
@@ -185,6 +185,11 @@ class Clear(AttentionBackend):
         "single-stream only, taps blocks 0, 4, 8, ...",
     )
     core_class = ClearCore
+    extra_inputs = (
+        ExtraInput("pool_weight", "[f, f] weights of the pooled keys' patch sums (the core's "
+                   "learned part; default: the mean 1/f²)",
+                   check=lambda weight, opts: weight_reason(weight, opts["down_factor"])),
+    )
     fast_paths = (FLEX, HALO, MASKED_SDPA)
     layout_kinds = KINDS
     conversion_recipe = ConversionRecipe(
@@ -245,31 +250,6 @@ class Clear(AttentionBackend):
         super().check_layout(layout, options)
         if layout.is_video and pools(options["down_factor"]):
             raise ValueError(_POOLED_VIDEO.format(f=options["down_factor"]))
-
-    def attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        grid: Grid | None = None,
-        layout: Layout | None = None,
-        impl: str = "auto",
-        pool_weight: torch.Tensor | None = None,
-        **options: Any,
-    ) -> torch.Tensor:
-        """As :meth:`AttentionBackend.attend`, plus the core's learned ``pool_weight``.
-
-        ``pool_weight`` (``[f, f]``) replaces the uniform 1/f² patch average; a
-        weight that requires grad makes the choice a differentiable path even
-        when q, k, v do not (projections frozen, pooling trained).
-        """
-        check_qkv(q, k, v, self.name)
-        chosen, layout, opts = self.prepare(q, k, v, grid=grid, layout=layout, impl=impl,
-                                            options=options,
-                                            needs_grad=self.needs_grad(q, k, v, pool_weight))
-        _check_weight(pool_weight, opts["down_factor"])
-        return self.run(chosen, q, k, v, layout, pool_weight=pool_weight, **opts)
 
     def reference(
         self,

@@ -45,17 +45,23 @@ def extend_kv(
     return torch.cat([k, k_pool], dim=2), torch.cat([v, v_pool], dim=2)
 
 
-def _check_weight(weight: torch.Tensor | None, down_factor: int) -> None:
+def weight_reason(weight: torch.Tensor | None, down_factor: int) -> str | None:
+    """``None`` when ``weight`` fits ``down_factor`` (or is not given), else why not."""
     if weight is None:
-        return
+        return None
     if not pools(down_factor):
-        raise ValueError(f"pool_weight was given but down_factor is {down_factor} "
-                         "(0 and 1 mean no pooled tokens)")
+        return (f"pool_weight was given but down_factor is {down_factor} "
+                "(0 and 1 mean no pooled tokens)")
     if tuple(weight.shape) != (down_factor, down_factor):
-        raise ValueError(
-            f"pool_weight must be [{down_factor}, {down_factor}] (down_factor²), "
-            f"got {tuple(weight.shape)}"
-        )
+        return (f"pool_weight must be [{down_factor}, {down_factor}] (down_factor²), "
+                f"got {tuple(weight.shape)}")
+    return None
+
+
+def _check_weight(weight: torch.Tensor | None, down_factor: int) -> None:
+    reason = weight_reason(weight, down_factor)
+    if reason:
+        raise ValueError(reason)
 
 
 def _window_of(q, layout, grid, radius, radius_t=None, text=0, down_factor=0,
