@@ -11,7 +11,7 @@ dispatch, the modules, the cost models (``costs.py``) and the labels
   ``[B, H, N, d]`` in and out; the :class:`~attnbench.attention.layout.Layout` says
   where the tokens sit (an image or video grid, text tokens before or after it),
   ``grid=(Hgrid, Wgrid)`` is the plain image case. Text after the grid is moved
-  to the front and back in one place (:meth:`AttentionBackend.run`), so methods
+  to the front and back in one place (:meth:`AttentionBackend.dispatch`), so methods
   define "text prefix + grid" only; which kinds of layout a method defines is
   data (``layout_kinds``), and so is which ones a fast path computes
   (``layouts``). The pure-PyTorch ``reference`` runs anywhere in any dtype
@@ -341,8 +341,8 @@ class AttentionBackend(CostModels, Labels):
                              layout=layout)
         return chosen, layout, opts
 
-    def run(self, impl: str, q, k, v, layout: Layout, *, fn: Callable[..., Any] | None = None,
-            **kwargs: Any):
+    def dispatch(self, impl: str, q, k, v, layout: Layout, *,
+                 fn: Callable[..., Any] | None = None, **kwargs: Any):
         """Run implementation ``impl`` (or ``fn``, a function of it such as SLA's parts) on
         ``layout``: the one place text after the grid is handled. The text tokens move to
         the front (one ``torch.cat`` of q, k, v), the implementation computes on the
@@ -383,7 +383,7 @@ class AttentionBackend(CostModels, Labels):
         options, extra = self.split_extra(options)
         chosen, layout, opts = self.prepare(q, k, v, grid=grid, layout=layout, impl=impl,
                                             options=options, extra=extra)
-        return self.run(chosen, q, k, v, layout, **extra, **opts)
+        return self.dispatch(chosen, q, k, v, layout, **extra, **opts)
 
     def available(
         self,

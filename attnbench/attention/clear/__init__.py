@@ -9,7 +9,7 @@ Text tokens (the layout's ``text``; official, Huage001/CLEAR
 token attends to every text and image token, and every image token attends to
 every text token besides its circle -- FLUX's 512 T5 tokens, placed before the
 image. Text after the grid (SD3) is the same window: ``attend`` moves the text
-to the front and back (``AttentionBackend.run``). The retired option
+to the front and back (``AttentionBackend.dispatch``). The retired option
 ``global_tokens`` G (a text prefix of G tokens on a plain grid) is refused with
 its replacement named: the layout's text count, ``Layout(grid, text=G)``.
 

@@ -319,8 +319,8 @@ class SLA(AttentionBackend):
         """
         chosen, layout, opts = self.prepare(q, k, v, grid=grid, layout=layout, impl=impl,
                                             options=options)
-        return self.run(chosen, q, k, v, layout, fn=functools.partial(sla_parts, chosen),
-                        **opts)
+        return self.dispatch(chosen, q, k, v, layout, fn=functools.partial(sla_parts, chosen),
+                             **opts)
 
     def block_map(self, q: torch.Tensor, k: torch.Tensor, *, grid: Grid | None = None,
                   layout: Layout | None = None, **options: Any) -> torch.Tensor:
