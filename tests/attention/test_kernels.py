@@ -25,7 +25,7 @@ import torch
 from attnbench import attention
 from attnbench.attention import _triton, clear, lit, sla
 from attnbench.attention.lit import linear_attention
-from attnbench.attention.lit.naive import PHI_SHIFT
+from attnbench.attention.lit.reference import PHI_SHIFT
 from tests.helpers import qkv
 
 LIT = attention.get("lit")
