@@ -61,7 +61,7 @@ class AttentionBackend(CostModels, Labels):
     * ``conversion_recipe``, ``distill_recipe``, ``distill_alternatives``;
     * ``sparse_pairs`` -- True when its exact pairs are a strict subset of all pairs.
 
-    **Hooks a method may override** (their defaults are the section "hooks" below):
+    **Hooks a method may override** (their defaults: the section of that name below):
 
     * ``reference`` and ``flop_model`` -- required: the definition in pure PyTorch
       (any dtype, float64 included) and its forward FLOPs;
