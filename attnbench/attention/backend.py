@@ -35,7 +35,15 @@ import torch
 
 from ._names import closest
 from .costs import CostModels, Flops
-from .inputs import ExactRows, ExtraInput, Grid, check_qkv, square_grid
+from .inputs import (
+    ExactRows,
+    ExtraInput,
+    Grid,
+    check_extra,
+    check_qkv,
+    split_extra,
+    square_grid,
+)
 from .labels import Labels
 from .layout import Layout
 from .module import AttentionCore, AttentionMixer
@@ -258,16 +266,9 @@ class AttentionBackend(CostModels, Labels):
             reasons[p.name] = p.available(device, dtype, shape, layout)
         return reasons
 
-    def selection(
-        self,
-        device: torch.device | str,
-        dtype: torch.dtype,
-        shape: tuple[int, ...] | None = None,
-        *,
-        needs_grad: bool = False,
-        impl: str = "auto",
-        layout: Layout | None = None,
-    ) -> Selection:
+    def selection(self, device: torch.device | str, dtype: torch.dtype,
+                  shape: tuple[int, ...] | None = None, *, needs_grad: bool = False,
+                  impl: str = "auto", layout: Layout | None = None) -> Selection:
         """The implementation ``attend`` runs here and why each path ahead of it did not.
 
         ``impl="auto"`` takes the first fast path that can run (and supports
@@ -288,16 +289,9 @@ class AttentionBackend(CostModels, Labels):
             raise ValueError(f"{self.name} cannot run here: {self.available(device, dtype, shape)}")
         return chosen
 
-    def select(
-        self,
-        device: torch.device | str,
-        dtype: torch.dtype,
-        shape: tuple[int, ...] | None = None,
-        *,
-        impl: str = "auto",
-        needs_grad: bool = False,
-        layout: Layout | None = None,
-    ) -> str:
+    def select(self, device: torch.device | str, dtype: torch.dtype,
+               shape: tuple[int, ...] | None = None, *, impl: str = "auto",
+               needs_grad: bool = False, layout: Layout | None = None) -> str:
         """The implementation ``attend`` will run (``selection(...).path``)."""
         return self.selection(device, dtype, shape, needs_grad=needs_grad, impl=impl,
                               layout=layout).path
@@ -313,13 +307,6 @@ class AttentionBackend(CostModels, Labels):
             t is not None and t.requires_grad for t in tensors
         )
 
-    def split_extra(self, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """``(options, extra inputs)``: a call's keywords apart from the tensors of
-        :attr:`extra_inputs` it was given (those left ``None`` are not given)."""
-        names = {e.name for e in self.extra_inputs}
-        extra = {k: v for k, v in options.items() if k in names and v is not None}
-        return {k: v for k, v in options.items() if k not in names}, extra
-
     def prepare(
         self, q, k, v, *, grid: Grid | None = None, impl: str, options: dict[str, Any],
         layout: Layout | None = None, extra: Mapping[str, torch.Tensor] | None = None,
@@ -332,10 +319,7 @@ class AttentionBackend(CostModels, Labels):
         if q.shape[2] != k.shape[2]:
             raise ValueError(f"{self.name}: q has {q.shape[2]} tokens but k has {k.shape[2]}; "
                              "a layout describes one token sequence")
-        extra = dict(extra or {})
-        for declared in self.extra_inputs:
-            if declared.name in extra:
-                declared.validate(extra[declared.name], opts)
+        extra = check_extra(self.extra_inputs, extra, opts)
         grad = self.needs_grad(q, k, v, *extra.values())
         chosen = self.select(q.device, q.dtype, tuple(q.shape), impl=impl, needs_grad=grad,
                              layout=layout)
@@ -359,17 +343,9 @@ class AttentionBackend(CostModels, Labels):
             return tuple(layout.from_text_first(o) for o in out)
         return layout.from_text_first(out)
 
-    def attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        grid: Grid | None = None,
-        layout: Layout | None = None,
-        impl: str = "auto",
-        **options: Any,
-    ) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+               grid: Grid | None = None, layout: Layout | None = None, impl: str = "auto",
+               **options: Any) -> torch.Tensor:
         """Attention of ``q`` over ``k, v``: ``[B, H, N, d]`` in and out.
 
         ``grid=(H, W)`` is the plain image case of ``layout=Layout(...)`` (see
@@ -380,17 +356,13 @@ class AttentionBackend(CostModels, Labels):
         are keywords too: checked before any work, a differentiable path chosen when one
         requires grad, handed to the path beside the options.
         """
-        options, extra = self.split_extra(options)
+        options, extra = split_extra(self.extra_inputs, options)
         chosen, layout, opts = self.prepare(q, k, v, grid=grid, layout=layout, impl=impl,
                                             options=options, extra=extra)
         return self.dispatch(chosen, q, k, v, layout, **extra, **opts)
 
-    def available(
-        self,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        shape: tuple[int, ...] | None = None,
-    ) -> str | None:
+    def available(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  shape: tuple[int, ...] | None = None) -> str | None:
         """``None`` when ``attend`` can run here, else the reason.
 
         Methods with a reference are always available; methods that are only a

@@ -11,7 +11,7 @@ defines, its hooks) and ``module.py`` (the ``nn.Module`` core and mixer).
 from ._names import closest
 from .backend import AttentionBackend
 from .costs import CostModels, Flops, Memory, check_counts, dense_flops
-from .inputs import ExactRows, ExtraInput, Grid, check_grid, check_qkv, square_grid
+from .inputs import ExactRows, ExtraInput, Grid, check_qkv, square_grid
 from .labels import Labels, rows_in_order
 from .module import AttentionCore, AttentionMixer
 from .options import (
@@ -27,7 +27,7 @@ from .paths import FLOAT_DTYPES, DTypes, FastPath, Selection, as_device
 __all__ = [
     "FLOAT_DTYPES", "MAX_OPTION", "AttentionBackend", "AttentionCore", "AttentionMixer",
     "CostModels", "DTypes", "ExactRows", "ExtraInput", "FastPath", "Flops", "Grid", "Labels",
-    "Memory", "Option", "Selection", "as_device", "check_counts", "check_grid", "check_qkv",
+    "Memory", "Option", "Selection", "as_device", "check_counts", "check_qkv",
     "closest", "dense_flops", "non_negative", "positive", "resolve_options", "rows_in_order",
     "square_grid", "unit_fraction",
 ]

@@ -52,26 +52,6 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str = "
         raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
 
 
-def check_grid(grid: Any, tokens: int, *, extra: int = 0) -> Grid:
-    """Validate ``grid`` against the token count (``extra`` non-grid tokens first)."""
-    if grid is None:
-        raise ValueError(
-            "grid=(Hgrid, Wgrid) is required: the row-major layout of the image tokens"
-        )
-    try:
-        hg, wg = (int(g) for g in grid)
-    except (TypeError, ValueError):
-        raise ValueError(f"grid must be a pair (Hgrid, Wgrid), got {grid!r}") from None
-    if hg <= 0 or wg <= 0:
-        raise ValueError(f"grid sides must be positive, got {grid!r}")
-    if hg * wg + extra != tokens:
-        more = f" + {extra} global tokens" if extra else ""
-        raise ValueError(
-            f"grid {hg}x{wg}{more} = {hg * wg + extra} tokens, but the input has {tokens}"
-        )
-    return hg, wg
-
-
 def square_grid(tokens: int) -> Grid:
     """The grid of a square image of ``tokens`` tokens (for shape-only callers)."""
     side = round(tokens**0.5)
@@ -103,3 +83,22 @@ class ExtraInput:
         reason = self.check(value, options) if self.check is not None else None
         if reason:
             raise ValueError(reason)
+
+
+def split_extra(declared: tuple[ExtraInput, ...], options: Mapping[str, Any]
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(options, extra inputs)``: a call's keywords apart from the ``declared`` tensors it
+    was given (those left ``None`` are not given)."""
+    names = {e.name for e in declared}
+    extra = {k: v for k, v in options.items() if k in names and v is not None}
+    return {k: v for k, v in options.items() if k not in names}, extra
+
+
+def check_extra(declared: tuple[ExtraInput, ...], extra: Mapping[str, Any] | None,
+                options: Mapping[str, Any]) -> dict[str, Any]:
+    """``extra`` (the call's extra inputs), each checked against the resolved ``options``."""
+    extra = dict(extra or {})
+    for e in declared:
+        if e.name in extra:
+            e.validate(extra[e.name], options)
+    return extra

@@ -7,7 +7,7 @@ what a diffusers processor plugs in; :class:`AttentionMixer` wraps it in timm's
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,8 +15,9 @@ from torch import nn
 from .inputs import Grid
 from .layout import Layout
 
-if TYPE_CHECKING:
-    from .backend import AttentionBackend
+#: an :class:`~attnbench.attention.backend.AttentionBackend` (which imports this module,
+#: so the modules name it only in words: imports flow backend → module)
+Backend = Any
 
 
 class AttentionCore(nn.Module):
@@ -30,7 +31,7 @@ class AttentionCore(nn.Module):
     """
 
     def __init__(
-        self, backend: AttentionBackend, num_heads: int, head_dim: int, *,
+        self, backend: Backend, num_heads: int, head_dim: int, *,
         impl: str = "auto", **options: Any,
     ) -> None:
         super().__init__()
@@ -76,7 +77,7 @@ class AttentionMixer(nn.Module):
 
     def __init__(
         self,
-        backend: AttentionBackend,
+        backend: Backend,
         dim: int,
         num_heads: int,
         *,

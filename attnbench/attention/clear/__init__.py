@@ -56,16 +56,11 @@ from typing import Any
 
 import torch
 
-from ..base import (
-    AttentionBackend,
-    ExtraInput,
-    Flops,
-    Grid,
-    Option,
-    dense_flops,
-    non_negative,
-)
+from ..backend import AttentionBackend
+from ..costs import Flops, dense_flops
+from ..inputs import ExtraInput, Grid
 from ..layout import KINDS, Layout
+from ..options import Option, non_negative
 from ..recipes import ConversionRecipe, DistillRecipe, Optimisation
 from ..registry import register
 from .core import ClearCore

@@ -17,7 +17,8 @@ import shutil
 
 import torch
 
-from ..base import FastPath, Grid
+from ..inputs import Grid
+from ..paths import FastPath
 from .pooling import _window_of, extend_kv, extended_bytes
 from .window import DEFAULT_RADIUS, Window, _args, _band, _index, allowed
 
@@ -45,8 +46,9 @@ def build_block_mask(
     device: torch.device | str | None = None,
     tiled: bool = False,
     radius_t: int | None = None,
+    cached: bool = False,
 ):
-    """FlexAttention ``BlockMask`` of CLEAR, built without an N×M tensor (uncached).
+    """FlexAttention ``BlockMask`` of CLEAR, built without an N×M tensor.
 
     ``create_block_mask`` evaluates the mask over all N×M pairs at once with
     int64 temporaries (GiBs at a 128×128 grid) unless compiled; here the same
@@ -54,10 +56,12 @@ def build_block_mask(
     to per-tile "partial" / "full" flags and handed to ``BlockMask.from_kv_blocks``.
     Full tiles skip the ``mask_mod`` inside the kernel. ``tiled=True``: the mask
     of the tokens in tile order (:func:`tile_permutation`), what the flex path runs.
-    ``grid`` is ``(H, W)`` or ``(T, H, W)``.
+    ``grid`` is ``(H, W)`` or ``(T, H, W)``. ``cached``: one mask per (window, device,
+    tiled), as the path keeps it (:func:`block_mask`).
     """
     window = Window.of(grid, radius, text, down_factor, radius_t)
-    return _build_block_mask(window, torch.device(device or "cpu"), tiled=tiled)
+    build = _cached_block_mask if cached else _build_block_mask
+    return build(window, torch.device(device or "cpu"), tiled=tiled)
 
 
 def tile_permutation(window: Window, device: torch.device | str | None = None) -> torch.Tensor:
@@ -197,19 +201,9 @@ def _cached_block_mask(window: Window, device: torch.device, tiled: bool = False
     return _build_block_mask(window, device, tiled=tiled)
 
 
-def block_mask(
-    grid: Grid,
-    radius: float = DEFAULT_RADIUS,
-    text: int = 0,
-    down_factor: int = 0,
-    *,
-    device: torch.device | str | None = None,
-    tiled: bool = False,
-    radius_t: int | None = None,
-):
+def block_mask(*args, **kwargs):
     """:func:`build_block_mask`, cached per (window, device, tiled): built once."""
-    window = Window.of(grid, radius, text, down_factor, radius_t)
-    return _cached_block_mask(window, torch.device(device or "cpu"), tiled)
+    return build_block_mask(*args, cached=True, **kwargs)
 
 
 def block_density(

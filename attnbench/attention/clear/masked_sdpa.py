@@ -7,7 +7,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..base import FastPath, Grid
+from ..inputs import Grid
+from ..paths import FastPath
 from .pooling import _window_of, extend_kv, extended_bytes
 from .window import (
     DEFAULT_RADIUS,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..base import Grid
+from ..inputs import Grid
 from ..layout import text_first_geometry
 from .window import Window, pools
 

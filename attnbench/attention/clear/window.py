@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..base import Grid
+from ..inputs import Grid
 from ..layout import Layout
 
 #: score elements one reference chunk may hold (16 Mi elements = 64 MiB in fp32).

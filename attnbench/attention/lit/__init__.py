@@ -25,16 +25,11 @@ from __future__ import annotations
 import torch
 
 from .. import _triton
-from ..base import (
-    AttentionBackend,
-    FastPath,
-    Flops,
-    Option,
-    dense_flops,
-    non_negative,
-    positive,
-)
+from ..backend import AttentionBackend
+from ..costs import Flops, dense_flops
 from ..layout import KINDS, Layout
+from ..options import Option, non_negative, positive
+from ..paths import FastPath
 from ..recipes import ConversionRecipe, DistillRecipe
 from ..registry import register
 from .chunked import CHUNKED

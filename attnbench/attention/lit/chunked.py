@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..base import FastPath
+from ..paths import FastPath
 from ..softmax.reference import accumulation_dtype
 from .reference import EPS, PHI_SHIFT
 

@@ -53,17 +53,12 @@ from typing import Any
 import torch
 
 from .. import _triton
-from ..base import (
-    AttentionBackend,
-    FastPath,
-    Flops,
-    Grid,
-    Option,
-    dense_flops,
-    positive,
-    unit_fraction,
-)
+from ..backend import AttentionBackend
+from ..costs import Flops, dense_flops
+from ..inputs import Grid
 from ..layout import KINDS, Layout, text_first_geometry
+from ..options import Option, positive, unit_fraction
+from ..paths import FastPath
 from ..recipes import OWN_CHOICE, ConversionRecipe, DistillRecipe, Optimisation
 from ..registry import register
 from . import batched as _batched_module
