@@ -84,17 +84,9 @@ class CostModels:
                                            strict=True)))
         return self.geometry(layout, grid, self.resolve(options), tokens=dims[2], square=True)
 
-    def flops(
-        self,
-        batch: int,
-        heads: int,
-        tokens: int,
-        head_dim: int,
-        grid: Grid | Layout | None = None,
-        *,
-        layout: Layout | None = None,
-        **options: Any,
-    ) -> Flops:
+    def flops(self, batch: int, heads: int, tokens: int, head_dim: int,
+              grid: Grid | Layout | None = None, *, layout: Layout | None = None,
+              **options: Any) -> Flops:
         """Analytic forward FLOPs of ``attend`` on these shapes (module docstring).
 
         ``grid`` (or ``layout``) as for ``attend``; a :class:`Layout` counts text tokens
@@ -103,19 +95,9 @@ class CostModels:
         layout, opts = self._cost_args((batch, heads, tokens, head_dim), grid, layout, options)
         return self.flop_model(batch, heads, tokens, head_dim, layout.text_first_form, **opts)
 
-    def memory(
-        self,
-        batch: int,
-        heads: int,
-        tokens: int,
-        head_dim: int,
-        grid: Grid | Layout | None = None,
-        *,
-        layout: Layout | None = None,
-        element_size: int = 2,
-        impl: str = "fast",
-        **options: Any,
-    ) -> Memory:
+    def memory(self, batch: int, heads: int, tokens: int, head_dim: int,
+               grid: Grid | Layout | None = None, *, layout: Layout | None = None,
+               element_size: int = 2, impl: str = "fast", **options: Any) -> Memory:
         """Analytic bytes of one forward call of ``impl``: a path's name, ``"reference"``,
         or ``"fast"`` (the first fast path: what runs where every kernel is available).
         ``grid``/``layout`` as for :meth:`flops`; a text-last layout adds the text-first

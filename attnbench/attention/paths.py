@@ -89,13 +89,9 @@ class FastPath:
             dtypes = dtypes.get(device_type, dtypes.get("*"))
         return FLOAT_DTYPES if dtypes is None else tuple(dtypes)
 
-    def not_supported_reasons(
-        self,
-        device: torch.device | str,
-        dtype: torch.dtype,
-        shape: tuple[int, ...] | None = None,
-        layout: Layout | None = None,
-    ) -> list[str]:
+    def not_supported_reasons(self, device: torch.device | str, dtype: torch.dtype,
+                              shape: tuple[int, ...] | None = None,
+                              layout: Layout | None = None) -> list[str]:
         """Every reason this path cannot run on ``device``/``dtype``/``shape``/``layout``
         (``[]``: it can)."""
         device = as_device(device)
@@ -132,13 +128,9 @@ class FastPath:
                 reasons.append(extra)
         return reasons
 
-    def available(
-        self,
-        device: torch.device | str,
-        dtype: torch.dtype,
-        shape: tuple[int, ...] | None = None,
-        layout: Layout | None = None,
-    ) -> str | None:
+    def available(self, device: torch.device | str, dtype: torch.dtype,
+                  shape: tuple[int, ...] | None = None, layout: Layout | None = None
+                  ) -> str | None:
         """``None`` when this path can run here, else its reasons in one sentence."""
         reasons = self.not_supported_reasons(device, dtype, shape, layout)
         return "; ".join(reasons) if reasons else None

@@ -40,12 +40,11 @@ Defaults: radius 16 without pooling, the official training default
 (``distill.py``: ``--window_size 16``, ``--down_factor 1``); the paper's 8192²
 headline uses r = 8 (its README notes r = 8 without pooling repeats patterns).
 
-Files: ``window.py`` the mask and pair counts (:class:`Window`),
-``pooling.py`` the pooled keys, ``reference.py`` the float64-capable
+Files: ``window.py`` the window (:meth:`Window.of`, its one builder), its mask and
+pair counts, ``pooling.py`` the pooled keys, ``reference.py`` the float64-capable
 reference, ``flex.py`` (FlexAttention, tokens in tile order; auto on CUDA), ``halo.py``
-(halo-tiled SDPA; auto on CPU) and ``masked_sdpa.py`` (dense boolean mask) the
-fast paths, ``core.py`` the
-learned part.
+(halo-tiled SDPA; auto on CPU) and ``masked_sdpa.py`` (dense boolean mask) the fast
+paths, ``core.py`` the learned part (``pool_weight``, an extra input of ``attend``).
 """
 
 from __future__ import annotations

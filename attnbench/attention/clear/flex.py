@@ -281,10 +281,8 @@ def keep_nonfinite(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch
     return out.masked_fill(~ok, float("nan"))
 
 
-def _flex(q, k, v, *, grid=None, layout=None, radius, radius_t=None,
-          down_factor, pool_weight=None):
-    window = _window_of(q, layout, grid, radius, radius_t, down_factor=down_factor,
-                        pool_weight=pool_weight)
+def _flex(q, k, v, *, grid=None, layout=None, pool_weight=None, **opts):
+    window = _window_of(q, layout, grid, pool_weight=pool_weight, **opts)
     q_in, k_in = q, k
     k, v = extend_kv(k, v, window, pool_weight)
     tiled = flex_tile_order(window)
@@ -337,10 +335,9 @@ def _flex_available(device: torch.device, dtype: torch.dtype, shape) -> str | No
 
 
 
-def _workspace(batch, heads, tokens, head_dim, layout, *, element_size, radius, radius_t=None,
-               down_factor) -> float:
+def _workspace(batch, heads, tokens, head_dim, layout, *, element_size, **opts) -> float:
     """Block-mask indices, the extended K/V, the tile-order copies and the logsumexp."""
-    window = Window.of(layout, radius, down_factor=down_factor, radius_t=radius_t)
+    window = Window.of(layout, **opts)
     bh, n, m = batch * heads, window.tokens, window.keys
     q_tiles, kv_tiles = -(-n // FLEX_BLOCK), -(-m // FLEX_BLOCK)
     # int32 indices + counts, partial and full, kv-major and q-major.

@@ -63,10 +63,8 @@ def _cached_dense_mask(window: Window, device: torch.device) -> torch.Tensor:
     return _dense_mask(window, device)
 
 
-def _masked_sdpa(q, k, v, *, grid=None, layout=None, radius, radius_t=None,
-                 down_factor, pool_weight=None):
-    window = _window_of(q, layout, grid, radius, radius_t, down_factor=down_factor,
-                        pool_weight=pool_weight)
+def _masked_sdpa(q, k, v, *, grid=None, layout=None, pool_weight=None, **opts):
+    window = _window_of(q, layout, grid, pool_weight=pool_weight, **opts)
     k, v = extend_kv(k, v, window, pool_weight)
     mask = _cached_dense_mask(window, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -92,10 +90,9 @@ def _masked_sdpa_available(device: torch.device, dtype: torch.dtype, shape) -> s
 
 
 
-def _workspace(batch, heads, tokens, head_dim, layout, *, element_size, radius, radius_t=None,
-               down_factor) -> float:
+def _workspace(batch, heads, tokens, head_dim, layout, *, element_size, **opts) -> float:
     """The masks, the extended K/V and, for float64 (SDPA's math path), full scores."""
-    window = Window.of(layout, radius, down_factor=down_factor, radius_t=radius_t)
+    window = Window.of(layout, **opts)
     bh, n, m = batch * heads, window.tokens, window.keys
     scores = 2.0 * bh * n * m * element_size if element_size >= 8 else 0.0
     return extended_bytes(window, bh, head_dim, element_size) + _mask_bytes(n, m, element_size) \

@@ -3,8 +3,10 @@
 A :class:`Window` holds the geometry of one call (G text tokens first, the
 ``Hg × Wg`` grid or ``T × Hg × Wg`` video grid, pooled keys), the circle as an
 integer limit on the squared distance within a frame and the temporal reach as
-an integer limit on the frame distance. :func:`allowed` is the one mask every path uses; the
-pair counts (:func:`local_pairs`, :func:`allowed_pairs`) are closed forms of it.
+an integer limit on the frame distance. :meth:`Window.of` is the one builder of a
+window (the backend, the paths and the mask helpers all call it); :func:`allowed` is
+the one mask every path uses; the pair counts (:func:`local_pairs`,
+:func:`allowed_pairs`) are closed forms of it.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Window:
     largest allowed squared distance within a frame (an integer: ``dy² + dx² < r²``
     ⇔ ``dy² + dx² ≤ ceil(r²) − 1``) and ``limit_t`` the largest allowed frame
     distance ``|dt|``, so every mask here is exact integer arithmetic.
+    ``global_tokens`` is G, the text tokens before the grid (a layout's ``text``).
     """
 
     hg: int
