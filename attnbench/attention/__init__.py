@@ -1,4 +1,4 @@
-"""The attention registry: every method behind one interface (``base.py``).
+"""The attention registry: every method behind one interface (``backend.py``).
 
 >>> from attnbench import attention
 >>> attention.names()[:2]
