@@ -1,4 +1,4 @@
-"""The attention registry: every method behind one interface (``base.py``).
+"""The attention registry: every method behind one interface (``backend.py``).
 
 >>> from attnbench import attention
 >>> attention.names()[:2]
@@ -10,18 +10,12 @@
 
 import importlib
 
-from .base import (
-    AttentionBackend,
-    AttentionCore,
-    AttentionMixer,
-    FastPath,
-    Flops,
-    Memory,
-    Option,
-    Selection,
-    dense_flops,
-)
+from .backend import AttentionBackend
+from .costs import Flops, Memory, dense_flops
 from .layout import Layout
+from .module import AttentionCore, AttentionMixer
+from .options import Option
+from .paths import FastPath, Selection
 from .registry import ENTRY_POINT_GROUP, available, get, names, plugin_errors, register
 
 #: the built-in methods, registered in this order (the order of every listing)

@@ -14,7 +14,8 @@ from importlib import metadata
 
 import torch
 
-from .base import AttentionBackend, closest
+from ._names import closest
+from .backend import AttentionBackend
 
 ENTRY_POINT_GROUP = "attnbench.attention"
 

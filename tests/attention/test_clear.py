@@ -26,10 +26,10 @@ FLEX_REASON = CLEAR.path_reasons("cpu", torch.float32, (1, 2, 530, 64))["flex"]
 # --------------------------------------------------------------------------- the definition
 
 
-def naive_mask(grid, radius, global_tokens=0, down_factor=0) -> torch.Tensor:
+def naive_mask(grid, radius, text=0, down_factor=0) -> torch.Tensor:
     """``[N, M]`` bool, pair by pair: text↔all, image→text/pooled/circle."""
     hg, wg = grid
-    g, f = global_tokens, down_factor
+    g, f = text, down_factor
     n = g + hg * wg
     m = n + ((hg // f) * (wg // f) if f else 0)
     rows = []
@@ -48,7 +48,7 @@ def naive_mask(grid, radius, global_tokens=0, down_factor=0) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.bool)
 
 
-def naive_pool(x, grid, global_tokens, f, weight=None) -> torch.Tensor:
+def naive_pool(x, grid, text, f, weight=None) -> torch.Tensor:
     """Pooled tokens patch by patch (top-left region when the grid is not a multiple of f)."""
     hg, wg = grid
     weight = torch.full((f, f), 1.0 / f**2, dtype=x.dtype) if weight is None else weight
@@ -59,18 +59,18 @@ def naive_pool(x, grid, global_tokens, f, weight=None) -> torch.Tensor:
             for i in range(f):
                 for j in range(f):
                     acc = (
-                        acc + weight[i, j] * x[:, :, global_tokens + (py * f + i) * wg + px * f + j]
+                        acc + weight[i, j] * x[:, :, text + (py * f + i) * wg + px * f + j]
                     )
             out.append(acc)
     return torch.stack(out, dim=2) if out else x[:, :, :0]
 
 
-def naive_clear(q, k, v, grid, radius, global_tokens=0, down_factor=0, weight=None):
+def naive_clear(q, k, v, grid, radius, text=0, down_factor=0, weight=None):
     """Dense masked softmax over K/V extended with naively pooled tokens."""
-    mask = naive_mask(grid, radius, global_tokens, down_factor)
+    mask = naive_mask(grid, radius, text, down_factor)
     if down_factor:
-        k = torch.cat([k, naive_pool(k, grid, global_tokens, down_factor, weight)], dim=2)
-        v = torch.cat([v, naive_pool(v, grid, global_tokens, down_factor, weight)], dim=2)
+        k = torch.cat([k, naive_pool(k, grid, text, down_factor, weight)], dim=2)
+        v = torch.cat([v, naive_pool(v, grid, text, down_factor, weight)], dim=2)
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v
 
@@ -85,7 +85,7 @@ def exact_pairs_clear(q, k, v, mask):
     return out
 
 
-# (batch, heads, grid, global_tokens, down_factor, radius, head_dim)
+# (batch, heads, grid, text tokens first, down_factor, radius, head_dim)
 CASES = [
     (2, 2, (7, 9), 0, 0, 2.5, 64),  # N = 63
     (1, 3, (9, 13), 2, 0, 3.0, 72),  # N = 119, integer radius: strict boundary
@@ -102,8 +102,18 @@ def _case_id(case) -> str:
 
 
 def _opts(case) -> dict:
-    _, _, _, g, f, r, _ = case
-    return {"radius": r, "global_tokens": g, "down_factor": f}
+    _, _, _, _, f, r, _ = case
+    return {"radius": r, "down_factor": f}
+
+
+def _layout(case) -> attention.Layout:
+    """The case's grid with its text tokens first."""
+    return attention.Layout(case[2], text=case[3])
+
+
+def _naive(q, k, v, case, weight=None):
+    _, _, grid, g, f, r, _ = case
+    return naive_clear(q, k, v, grid, r, g, f, weight=weight)
 
 
 def _inputs(gen, case, dtype=torch.float64):
@@ -117,9 +127,8 @@ def _inputs(gen, case, dtype=torch.float64):
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_reference_is_the_definition(case, gen):
     q, k, v = _inputs(gen, case)
-    grid = case[2]
-    out = CLEAR.reference(q, k, v, grid=grid, **_opts(case))
-    expected = naive_clear(q, k, v, grid, **_opts(case))
+    out = CLEAR.reference(q, k, v, layout=_layout(case), **_opts(case))
+    expected = _naive(q, k, v, case)
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
 
 
@@ -128,19 +137,20 @@ def test_reference_in_many_chunks_is_the_definition(gen, monkeypatch):
     monkeypatch.setattr(clear.window, "REFERENCE_CHUNK_ELEMENTS", 1)
     case = (2, 2, (9, 7), 3, 2, 2.9, 16)
     q, k, v = _inputs(gen, case)
-    assert clear.window._row_block(clear.Window.build((9, 7), 2.9, 3, 2), 4) == 1
-    out = CLEAR.attend(q, k, v, grid=(9, 7), impl="reference", **_opts(case))
-    torch.testing.assert_close(out, naive_clear(q, k, v, (9, 7), **_opts(case)), atol=1e-12, rtol=0)
+    assert clear.window._row_block(clear.Window.of((9, 7), 2.9, 3, 2), 4) == 1
+    out = CLEAR.attend(q, k, v, layout=_layout(case), impl="reference", **_opts(case))
+    torch.testing.assert_close(out, _naive(q, k, v, case), atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("global_tokens", [0, 3])
+@pytest.mark.parametrize("text", [0, 3])
 @pytest.mark.parametrize("impl", ["reference", "masked_sdpa"])
-def test_radius_covering_the_grid_is_softmax(global_tokens, impl, gen):
+def test_radius_covering_the_grid_is_softmax(text, impl, gen):
     grid = (6, 9)
-    q, k, v = qkv(gen, 2, 2, global_tokens + 54, 16)
+    q, k, v = qkv(gen, 2, 2, text + 54, 16)
     radius = math.hypot(*grid)  # > the largest distance (5, 8)
-    out = CLEAR.attend(q, k, v, grid=grid, radius=radius, global_tokens=global_tokens, impl=impl)
-    expected = SOFTMAX.attend(q, k, v, grid=(global_tokens + 54, 1))
+    out = CLEAR.attend(q, k, v, layout=attention.Layout(grid, text=text), radius=radius,
+                       impl=impl)
+    expected = SOFTMAX.attend(q, k, v, grid=(text + 54, 1))
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
 
 
@@ -176,10 +186,10 @@ def test_reference_at_a_128_by_128_grid_stays_chunked(gen, monkeypatch):
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_masked_sdpa_matches_the_reference(case, dtype, gen):
     q, k, v = _inputs(gen, case)
-    grid = case[2]
-    expected = CLEAR.reference(q, k, v, grid=grid, **_opts(case))
+    expected = CLEAR.reference(q, k, v, layout=_layout(case), **_opts(case))
     out = CLEAR.attend(
-        *(t.to(dtype) for t in (q, k, v)), grid=grid, impl="masked_sdpa", **_opts(case)
+        *(t.to(dtype) for t in (q, k, v)), layout=_layout(case), impl="masked_sdpa",
+        **_opts(case)
     )
     assert out.dtype == dtype
     tol = 1e-12 if dtype == torch.float64 else 2e-5
@@ -197,13 +207,13 @@ FLEX_CASES = [
 
 
 @pytest.mark.skipif(FLEX_REASON is not None, reason=f"flex: {FLEX_REASON}")
-@pytest.mark.parametrize("grid, global_tokens, down_factor, radius", FLEX_CASES)
-def test_flex_matches_the_reference(grid, global_tokens, down_factor, radius, gen):
-    opts = {"radius": radius, "global_tokens": global_tokens, "down_factor": down_factor}
-    n = global_tokens + grid[0] * grid[1]
-    q, k, v = qkv(gen, 1, 2, n, 64)
-    expected = CLEAR.reference(q, k, v, grid=grid, **opts)
-    out = CLEAR.attend(q.float(), k.float(), v.float(), grid=grid, impl="flex", **opts)
+@pytest.mark.parametrize("grid, text, down_factor, radius", FLEX_CASES)
+def test_flex_matches_the_reference(grid, text, down_factor, radius, gen):
+    opts = {"radius": radius, "down_factor": down_factor}
+    layout = attention.Layout(grid, text=text)
+    q, k, v = qkv(gen, 1, 2, layout.tokens, 64)
+    expected = CLEAR.reference(q, k, v, layout=layout, **opts)
+    out = CLEAR.attend(q.float(), k.float(), v.float(), layout=layout, impl="flex", **opts)
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
 
 
@@ -212,7 +222,7 @@ def test_flex_matches_the_reference(grid, global_tokens, down_factor, radius, ge
     [((20, 20), 130, 3, 2.0), ((30, 17), 0, 4, 2.5), ((16, 40), 5, 0, 2.0)],
 )
 def test_block_mask_tiles_are_the_dense_mask_reduced(grid, g, f, r):
-    layout = clear.Window.build(grid, r, g, f)
+    layout = clear.Window.of(grid, r, g, f)
     partial, full = clear.flex._block_flags(layout, torch.device("cpu"))
     mask = naive_mask(grid, r, g, f)
     n, m, bs = mask.shape[0], mask.shape[1], clear.FLEX_BLOCK
@@ -246,15 +256,16 @@ def test_availability_gives_reasons():
 
 def test_overhead_steps_build_from_scratch(gen):
     q, k, v = qkv(gen, 1, 2, 3 + 48, 8)
-    opts = {"radius": 2.0, "global_tokens": 3, "down_factor": 4}
-    steps = CLEAR.overhead_steps(q, k, v, grid=(6, 8), impl="masked_sdpa", **opts)
+    opts = {"radius": 2.0, "down_factor": 4}
+    layout = attention.Layout((6, 8), text=3)
+    steps = CLEAR.overhead_steps(q, k, v, layout=layout, impl="masked_sdpa", **opts)
     assert set(steps) == {"pool_kv", "dense_mask"}
     assert torch.equal(steps["dense_mask"](), naive_mask((6, 8), 2.0, 3, 4))
     k_ext, _ = steps["pool_kv"]()
     assert k_ext.shape[2] == 51 + 1 * 2  # pooled 1×2 of the 6×8 grid
     if FLEX_REASON is None:  # building the block mask compiles nothing
         q, k, v = (t.float() for t in (q, k, v))
-        steps = CLEAR.overhead_steps(q, k, v, grid=(6, 8), impl="flex", radius=2.0, global_tokens=3)
+        steps = CLEAR.overhead_steps(q, k, v, layout=layout, impl="flex", radius=2.0)
         assert set(steps) == {"block_mask"} and steps["block_mask"]().seq_lengths == (51, 51)
 
 
@@ -272,22 +283,22 @@ PAIR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("grid, radius, global_tokens, down_factor", PAIR_CASES)
-def test_dense_mask_is_the_definition(grid, radius, global_tokens, down_factor):
-    expected = naive_mask(grid, radius, global_tokens, down_factor)
-    assert torch.equal(clear.dense_mask(grid, radius, global_tokens, down_factor), expected)
+@pytest.mark.parametrize("grid, radius, text, down_factor", PAIR_CASES)
+def test_dense_mask_is_the_definition(grid, radius, text, down_factor):
+    expected = naive_mask(grid, radius, text, down_factor)
+    assert torch.equal(clear.dense_mask(grid, radius, text, down_factor), expected)
 
 
-@pytest.mark.parametrize("grid, radius, global_tokens, down_factor", PAIR_CASES)
-def test_pair_count_is_the_mask_sum(grid, radius, global_tokens, down_factor):
-    mask = naive_mask(grid, radius, global_tokens, down_factor)
-    assert clear.allowed_pairs(grid, radius, global_tokens, down_factor) == int(mask.sum())
+@pytest.mark.parametrize("grid, radius, text, down_factor", PAIR_CASES)
+def test_pair_count_is_the_mask_sum(grid, radius, text, down_factor):
+    mask = naive_mask(grid, radius, text, down_factor)
+    assert clear.allowed_pairs(grid, radius, text, down_factor) == int(mask.sum())
     hg, wg = grid
     local = naive_mask(grid, radius)
     assert clear.local_pairs(grid, radius) == int(local.sum())
-    n = global_tokens + hg * wg
+    n = text + hg * wg
     flops = CLEAR.flops(
-        2, 3, n, 8, grid=grid, radius=radius, global_tokens=global_tokens, down_factor=down_factor
+        2, 3, n, 8, attention.Layout(grid, text=text), radius=radius, down_factor=down_factor
     )
     assert flops.actual == 4 * 2 * 3 * int(mask.sum()) * 8
     assert flops.dense == 4 * 2 * 3 * n * n * 8
@@ -310,9 +321,10 @@ def test_flop_model_equals_the_counted_flops_of_exact_pair_attention(gen):
     k_ext = torch.cat([k, naive_pool(k, grid, g, f)], dim=2)
     v_ext = torch.cat([v, naive_pool(v, grid, g, f)], dim=2)
     counted = count_flops(exact_pairs_clear, q, k_ext, v_ext, mask)
-    analytic = CLEAR.flops(2, 2, g + 42, 8, grid=grid, radius=r, global_tokens=g, down_factor=f)
+    layout = attention.Layout(grid, text=g)
+    analytic = CLEAR.flops(2, 2, g + 42, 8, layout, radius=r, down_factor=f)
     assert counted == analytic.actual
-    expected = CLEAR.reference(q, k, v, grid=grid, radius=r, global_tokens=g, down_factor=f)
+    expected = CLEAR.reference(q, k, v, layout=layout, radius=r, down_factor=f)
     torch.testing.assert_close(exact_pairs_clear(q, k_ext, v_ext, mask), expected)
 
 
@@ -354,15 +366,12 @@ def test_invalid_options_are_value_errors(gen):
             CLEAR.attend(q, k, v, grid=(4, 4), radius=bad)
     with pytest.raises(ValueError, match="option 'radius' takes a float"):
         CLEAR.attend(q, k, v, grid=(4, 4), radius="wide")
-    with pytest.raises(ValueError, match=r"option 'global_tokens'=-1: must be >= 0"):
-        CLEAR.attend(q, k, v, grid=(4, 4), global_tokens=-1)
     with pytest.raises(ValueError, match=r"option 'down_factor'=-2: must be >= 0"):
         CLEAR.attend(q, k, v, grid=(4, 4), down_factor=-2)
     with pytest.raises(ValueError, match="takes an integer"):
-        CLEAR.attend(q, k, v, grid=(4, 4), global_tokens=1.5)
-    with pytest.raises(ValueError, match=r"grid 2 text \+ 3x4 = 14 tokens.* has 16"), \
-            pytest.warns(DeprecationWarning):
-        CLEAR.attend(q, k, v, grid=(3, 4), global_tokens=2)
+        CLEAR.attend(q, k, v, grid=(4, 4), radius_t=1.5)
+    with pytest.raises(ValueError, match=r"2 text \+ 3x4 = 14 tokens.* has 16"):
+        CLEAR.attend(q, k, v, layout=attention.Layout((3, 4), text=2))
     with pytest.raises(ValueError, match=r"option 'radius_t'=-1: must be >= 0"):
         CLEAR.attend(q, k, v, grid=(4, 4), radius_t=-1)
     with pytest.raises(ValueError, match="grid 4x4 = 16 tokens, but the input has 20"):
@@ -389,17 +398,19 @@ def test_mixer_new_parameters_are_the_pool_weights():
     torch.testing.assert_close(mixer.core.pool_weight.data, torch.full((4, 4), 1 / 16))
 
 
-def test_mixer_with_global_tokens_uses_its_weights(gen):
+def test_mixer_with_text_tokens_uses_its_weights(gen):
     grid, g = (6, 7), 2
-    mixer = CLEAR.mixer(32, 2, radius=2.5, global_tokens=g, down_factor=2).double()
+    layout = attention.Layout(grid, text=g)
+    mixer = CLEAR.mixer(32, 2, radius=2.5, down_factor=2).double()
     x = torch.randn(2, g + 42, 32, generator=gen, dtype=torch.float64)
     with torch.no_grad():
         q, k, v = mixer.split_heads(x)
-        at_init = CLEAR.attend(q, k, v, grid=grid, radius=2.5, global_tokens=g, down_factor=2)
-        assert mixer(x, grid).shape == x.shape
-        torch.testing.assert_close(mixer.core(q, k, v, grid=grid), at_init, atol=1e-12, rtol=1e-12)
+        at_init = CLEAR.attend(q, k, v, layout=layout, radius=2.5, down_factor=2)
+        assert mixer(x, layout).shape == x.shape
+        torch.testing.assert_close(mixer.core(q, k, v, layout=layout), at_init, atol=1e-12,
+                                   rtol=1e-12)
         mixer.core.pool_weight.copy_(torch.randn(2, 2, generator=gen, dtype=torch.float64))
-        learned = mixer.core(q, k, v, grid=grid)
+        learned = mixer.core(q, k, v, layout=layout)
     expected = naive_clear(q, k, v, grid, 2.5, g, 2, weight=mixer.core.pool_weight.detach())
     torch.testing.assert_close(learned, expected, atol=1e-12, rtol=1e-12)
     assert not torch.allclose(learned, at_init)
@@ -407,10 +418,10 @@ def test_mixer_with_global_tokens_uses_its_weights(gen):
 
 def test_mixer_gradients_flow_on_cpu(gen):
     grid, g = (5, 6), 1
-    mixer = CLEAR.mixer(32, 4, radius=2.0, global_tokens=g, down_factor=2)
+    mixer = CLEAR.mixer(32, 4, radius=2.0, down_factor=2)
     x = torch.randn(2, g + 30, 32, generator=gen, requires_grad=True)
     assert CLEAR.select("cpu", torch.float32, (2, 4, g + 30, 8), needs_grad=True) == "halo"
-    mixer(x, grid).square().mean().backward()
+    mixer(x, attention.Layout(grid, text=g)).square().mean().backward()
     for name in ("core.pool_weight", "qkv.weight", "proj.weight"):
         grad = dict(mixer.named_parameters())[name].grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
@@ -437,7 +448,7 @@ def test_down_factor_one_is_no_pooling(impl, gen):
     none = CLEAR.attend(q, k, v, grid=(8, 8), radius=2.5, down_factor=0, impl=impl)
     one = CLEAR.attend(q, k, v, grid=(8, 8), radius=2.5, down_factor=1, impl=impl)
     torch.testing.assert_close(one, none, atol=0, rtol=0)
-    assert clear.Window.build((8, 8), 2.5, 0, 1).pooled == 0
+    assert clear.Window.of((8, 8), 2.5, 0, 1).pooled == 0
     assert clear.allowed_pairs((8, 8), 2.5, 0, 1) == clear.allowed_pairs((8, 8), 2.5)
     assert CLEAR.core(2, 16, down_factor=1).new_parameters() == []
     assert CLEAR.core(2, 16, down_factor=2).new_parameters() == ["pool_weight"]
@@ -550,14 +561,21 @@ def test_radius_t_zero_is_clear_frame_by_frame(gen):
         torch.testing.assert_close(out[:, :, part], frame, atol=1e-12, rtol=1e-12)
 
 
-def test_global_tokens_is_the_text_prefix_of_a_layout(gen):
+def test_retired_global_tokens_is_refused_with_its_replacement(gen):
+    """The retired option names the layout's text count; rows that carry it still read."""
     q, k, v = qkv(gen, 1, 2, 3 + 30, 8)
-    with pytest.warns(DeprecationWarning, match="global_tokens is deprecated"):
-        old = CLEAR.attend(q, k, v, grid=(5, 6), radius=2.0, global_tokens=3)
-    new = CLEAR.attend(q, k, v, layout=attention.Layout((5, 6), text=3), radius=2.0)
-    torch.testing.assert_close(old, new, atol=0, rtol=0)
-    with pytest.raises(ValueError, match="global_tokens=3 and a layout with 3 text tokens"):
-        CLEAR.attend(q, k, v, layout=attention.Layout((5, 6), text=3), global_tokens=3)
+    for call in (lambda: CLEAR.attend(q, k, v, grid=(5, 6), radius=2.0, global_tokens=3),
+                 lambda: CLEAR.mixer(32, 2, global_tokens=3),
+                 lambda: CLEAR.flops(1, 2, 33, 8, (5, 6), global_tokens=3)):
+        with pytest.raises(ValueError, match=r"'global_tokens' is no longer taken: give the "
+                                             r"text tokens in the layout, layout=Layout\(grid, "
+                                             r"text=G\)"):
+            call()
+    with pytest.raises(ValueError, match="text=3 and a layout with 3 text tokens"):
+        clear.Window.of(attention.Layout((5, 6), text=3), 2.0, 3)
+    old_row = {"radius": 2.0, "global_tokens": 0, "radius_t": None, "down_factor": 1}
+    assert CLEAR.stated_options({"radius": 2.0}, old_row) == {"radius": 2.0}
+    assert CLEAR.stated_options({"global_tokens": 3}, old_row)["global_tokens"] == 3
 
 
 def test_pooled_keys_on_video_are_refused_before_work(gen):
@@ -670,11 +688,11 @@ def test_halo_tile_comes_from_the_cost_model():
     from attnbench.attention.clear.halo import choose_tile
 
     def side(grid, radius):
-        return choose_tile(clear.Window.build(grid, radius)).th
+        return choose_tile(clear.Window.of(grid, radius)).th
 
     assert side((128, 128), 2.0) < side((128, 128), 16.0) <= side((128, 128), 48.0)
     assert side((16, 16), 16.0) == 16  # one tile: the whole (small) grid
-    tiling = choose_tile(clear.Window.build((128, 128), 16.0))
+    tiling = choose_tile(clear.Window.of((128, 128), 16.0))
     assert tiling.keys < 128 * 128 / 4  # the halo is a fraction of the keys at 2048 px
 
 

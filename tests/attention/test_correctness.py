@@ -94,6 +94,8 @@ def test_matches_float64_reference_on_every_layout(name, impl, dtype, layout, ge
 
 
 def _grad_cases():
+    """Every fast path whose capabilities say autograd runs through it on CPU (Triton's
+    included: on CPU they run under its interpreter, float32)."""
     for name, impl, dtype in (c.values for c in _cpu_cases()):
         backend = attention.get(name)
         if impl == "reference" or backend.kernel_only():
@@ -103,16 +105,46 @@ def _grad_cases():
         yield pytest.param(name, impl, dtype, id=f"{name}-{impl}-{str(dtype)[6:]}")
 
 
+#: every layout kind: the plain grid, text first and last, video, video with text
+GRAD_LAYOUTS = [attention.Layout((5, 8)), *LAYOUTS]
+#: mixer options that give a method's core its learned parts at every layout they are
+#: defined on (CLEAR's pooled keys are image-only: video layouts keep the default)
+LEARNED_OPTIONS = {"clear": {"down_factor": 2}}
+
+
+def _runnable(backend, name, impl, dtype, shape, layout, monkeypatch) -> None:
+    """Skip unless ``impl`` runs here; Triton kernels run on CPU under the interpreter
+    (``TRITON_INTERPRET=1`` when they are imported; never on a GPU machine, whose kernel
+    tests import them compiled)."""
+    fast = backend.fast_path(impl)
+    if "triton" in fast.requires and not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    reason = backend.path_reasons("cpu", dtype, shape, layout)[impl]
+    if reason:
+        pytest.skip(f"{name}[{impl}] on cpu/{dtype} at {layout.describe()}: {reason}")
+
+
+def _assert_grads_close(got, want, labels, dtype) -> None:
+    """Gradients against float64 ones, relative to the largest of each (they sum over many
+    terms)."""
+    tol = TOLERANCE[dtype] * 10
+    for g, w, label in zip(got, want, labels, strict=True):
+        scale = w.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(g.double() / scale, w / scale, atol=tol, rtol=tol,
+                                   msg=lambda m, label=label: f"d{label}: {m}")
+
+
 @pytest.mark.parametrize("name, impl, dtype", list(_grad_cases()))
-@pytest.mark.parametrize("layout", [attention.Layout((5, 8)), *LAYOUTS], ids=_layout_id)
-def test_gradients_match_float64_reference_on_every_layout(name, impl, dtype, layout, gen):
+@pytest.mark.parametrize("layout", GRAD_LAYOUTS, ids=_layout_id)
+def test_gradients_match_float64_reference_on_every_layout(name, impl, dtype, layout, gen,
+                                                           monkeypatch):
     """Backward of every path that trains on CPU, on every layout, against autograd through
     the float64 reference: dq, dk and dv for a random output gradient."""
     backend = attention.get(name)
     shape = (2, 2, layout.tokens, 16)
-    reason = backend.path_reasons("cpu", dtype, shape, layout)[impl]
-    if reason:
-        pytest.skip(f"{name}[{impl}] on cpu/{dtype} at {layout.describe()}: {reason}")
+    if layout.kind not in backend.layout_kinds:
+        pytest.skip(f"{name} does not define {layout.kind} layouts")
+    _runnable(backend, name, impl, dtype, shape, layout, monkeypatch)
     opts = LAYOUT_OPTIONS.get(name, {})
     inputs = qkv(gen, *shape)
     weight = torch.randn(shape, generator=gen, dtype=torch.float64)
@@ -121,11 +153,52 @@ def test_gradients_match_float64_reference_on_every_layout(name, impl, dtype, la
         leaves = [t.to(cast).requires_grad_() for t in inputs]
         out = backend.attend(*leaves, layout=layout, impl=which, **opts)
         grads[which] = torch.autograd.grad((out.double() * weight).sum(), leaves)
-    tol = TOLERANCE[dtype] * 10  # gradients sum over many terms
-    for got, want, label in zip(grads[impl], grads["reference"], "qkv", strict=True):
-        scale = want.abs().max().clamp_min(1.0)
-        torch.testing.assert_close(got.double() / scale, want / scale, atol=tol, rtol=tol,
-                                   msg=lambda m, label=label: f"d{label}: {m}")
+    _assert_grads_close(grads[impl], grads["reference"], "qkv", dtype)
+
+
+def _learned_cases():
+    for case in _grad_cases():
+        if attention.get(case.values[0]).core_class is not None:
+            yield case
+
+
+@pytest.mark.parametrize("name, impl, dtype", list(_learned_cases()))
+@pytest.mark.parametrize("layout", GRAD_LAYOUTS, ids=_layout_id)
+def test_learned_parts_gradients_match_float64_reference_on_every_layout(
+    name, impl, dtype, layout, gen, monkeypatch
+):
+    """The method's core (its learned parts: CLEAR's pooling weight, LiT's depth-wise conv,
+    SLA's linear-branch projection) on every path that trains on CPU, against the same core
+    on the float64 reference: the output, dq, dk, dv and every parameter's gradient, with
+    the parameters at random values (not their initialisation, which can zero a branch)."""
+    backend = attention.get(name)
+    shape = (2, 2, layout.tokens, 16)
+    if layout.kind not in backend.layout_kinds:
+        pytest.skip(f"{name} does not define {layout.kind} layouts")
+    _runnable(backend, name, impl, dtype, shape, layout, monkeypatch)
+    opts = {**LAYOUT_OPTIONS.get(name, {}),
+            **({} if layout.is_video else LEARNED_OPTIONS.get(name, {}))}
+    reference = backend.core(2, 16, impl="reference", **opts).double()
+    params = dict(reference.named_parameters())
+    if not params:
+        pytest.skip(f"{name} has no learned parts at {layout.describe()} with {opts}")
+    with torch.no_grad():
+        for p in params.values():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.5)
+    fast = backend.core(2, 16, impl=impl, **opts).to(dtype)
+    fast.load_state_dict(reference.state_dict())
+    inputs = qkv(gen, *shape)
+    weight = torch.randn(shape, generator=gen, dtype=torch.float64)
+    results = {}
+    for core, cast in ((reference, torch.float64), (fast, dtype)):
+        leaves = [t.to(cast).requires_grad_() for t in inputs]
+        out = core(*leaves, layout=layout)
+        wrt = [*leaves, *(p for _, p in core.named_parameters())]
+        results[core] = (out, torch.autograd.grad((out.double() * weight).sum(), wrt))
+    (out, got), (expected, want) = results[fast], results[reference]
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+    _assert_grads_close(got, want, ["q", "k", "v", *params], dtype)
 
 
 @pytest.mark.parametrize("name", list(attention.names()))

@@ -25,7 +25,7 @@ import torch
 from attnbench import attention
 from attnbench.attention import _triton, clear, lit, sla
 from attnbench.attention.lit import linear_attention
-from attnbench.attention.lit.naive import PHI_SHIFT
+from attnbench.attention.lit.reference import PHI_SHIFT
 from tests.helpers import qkv
 
 LIT = attention.get("lit")
@@ -296,7 +296,7 @@ def test_without_the_interpreter_flag_cpu_keeps_the_torch_paths(monkeypatch):
 
 
 def test_tile_permutation_orders_tiles_row_by_row():
-    layout = clear.Window.build((3, 10), 2.0, global_tokens=2, down_factor=2)
+    layout = clear.Window.of((3, 10), 2.0, text=2, down_factor=2)
     perm = clear.tile_permutation(layout)
     assert sorted(perm.tolist()) == list(range(layout.keys))
     assert perm[:2].tolist() == [0, 1] and perm[32:].tolist() == list(range(32, 37))
@@ -310,7 +310,7 @@ def test_tile_permutation_orders_tiles_row_by_row():
     "grid, g, f, r", [((20, 44), 130, 4, 3.0), ((33, 41), 0, 0, 5.5), ((9, 70), 5, 3, 2.0)]
 )
 def test_tile_order_block_flags_are_the_permuted_mask_reduced(grid, g, f, r):
-    layout = clear.Window.build(grid, r, g, f)
+    layout = clear.Window.of(grid, r, g, f)
     perm = clear.tile_permutation(layout)
     partial, full = clear.flex._block_flags(layout, torch.device("cpu"), perm)
     mask = clear.dense_mask(grid, r, g, f)[perm[: layout.tokens]][:, perm]
@@ -328,9 +328,9 @@ def test_tile_order_skips_more_blocks_at_64_by_64():
     tiled = 1 - clear.block_density((64, 64), 8.0, tiled=True)
     assert row == pytest.approx(0.738, abs=1e-3)
     assert tiled == pytest.approx(0.785, abs=1e-3)
-    layout = clear.Window.build((64, 64), 8.0)
+    layout = clear.Window.of((64, 64), 8.0)
     assert clear.flex_tile_order(layout)
-    assert not clear.flex_tile_order(clear.Window.build((32, 32), 8.0))  # row order skips more
+    assert not clear.flex_tile_order(clear.Window.of((32, 32), 8.0))  # row order skips more
     built = clear.block_mask((64, 64), 8.0, tiled=True)
     assert clear.block_mask((64, 64), 8.0, tiled=True) is built  # cached per layout
 
@@ -340,14 +340,15 @@ FLEX_REASON = CLEAR.path_reasons("cpu", torch.float32, (1, 2, 1000, 64))["flex"]
 
 @pytest.mark.skipif(FLEX_REASON is not None, reason=f"flex: {FLEX_REASON}")
 def test_flex_in_tile_order_matches_the_reference(gen):
-    grid, opts = (17, 40), {"radius": 3.5, "global_tokens": 3, "down_factor": 4}
+    grid, opts = attention.Layout((17, 40), text=3), {"radius": 3.5, "down_factor": 4}
     n = 3 + 17 * 40
-    assert clear.flex_tile_order(clear.Window.build(grid, **opts))
+    assert clear.flex_tile_order(clear.Window.of(grid, **opts))
     q, k, v = qkv(gen, 1, 2, n, 64)
-    expected = CLEAR.reference(q, k, v, grid=grid, **opts)
-    out = CLEAR.attend(q.float(), k.float(), v.float(), grid=grid, impl="flex", **opts)
+    expected = CLEAR.reference(q, k, v, layout=grid, **opts)
+    out = CLEAR.attend(q.float(), k.float(), v.float(), layout=grid, impl="flex", **opts)
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
-    steps = CLEAR.overhead_steps(q.float(), k.float(), v.float(), grid=grid, impl="flex", **opts)
+    steps = CLEAR.overhead_steps(q.float(), k.float(), v.float(), layout=grid, impl="flex",
+                                 **opts)
     assert set(steps) == {"pool_kv", "block_mask", "tile_permute"}
     k_tiles, _, back = steps["tile_permute"]()
     assert torch.equal(back, q.float()) and k_tiles.shape[2] == n + 4 * 10

@@ -56,7 +56,7 @@ def test_template_passes_the_registry_suite(template, gen):
     assert listed["implementations"] == ["reference", "sdpa"]
 
 
-def test_template_passes_the_correctness_suite(template, gen):
+def test_template_passes_the_correctness_suite(template, gen, monkeypatch):
     for impl in template.paths():
         for dtype in (torch.float64, torch.float32):
             for shape in correctness.SHAPES:
@@ -65,6 +65,12 @@ def test_template_passes_the_correctness_suite(template, gen):
             for layout in correctness.LAYOUTS:
                 _must_run(correctness.test_matches_float64_reference_on_every_layout,
                           "mymethod", impl, dtype, layout, gen)
+            if impl == "reference":
+                continue
+            assert template.fast_path(impl).supports_grad("cpu")
+            for layout in correctness.GRAD_LAYOUTS:  # backward: dq, dk, dv
+                _must_run(correctness.test_gradients_match_float64_reference_on_every_layout,
+                          "mymethod", impl, dtype, layout, gen, monkeypatch)
         for where in ("q_all", "q_row", "k_token", "v_token"):
             _must_run(correctness.test_non_finite_input_is_never_hidden, "mymethod", impl,
                       where, gen)

@@ -9,9 +9,9 @@ Text tokens (the layout's ``text``; official, Huage001/CLEAR
 token attends to every text and image token, and every image token attends to
 every text token besides its circle -- FLUX's 512 T5 tokens, placed before the
 image. Text after the grid (SD3) is the same window: ``attend`` moves the text
-to the front and back (``AttentionBackend.run``). The older option
-``global_tokens`` G (a text prefix of G tokens on a plain grid) still works, is
-deprecated, and is folded into the layout; giving both is an error.
+to the front and back (``AttentionBackend.dispatch``). The retired option
+``global_tokens`` G (a text prefix of G tokens on a plain grid) is refused with
+its replacement named: the layout's text count, ``Layout(grid, text=G)``.
 
 Video (attnbench's extension; the official code and paper are image-only): on a
 ``T × Hg × Wg`` layout an image token ``(t, y, x)`` attends to ``(t', y', x')``
@@ -40,32 +40,26 @@ Defaults: radius 16 without pooling, the official training default
 (``distill.py``: ``--window_size 16``, ``--down_factor 1``); the paper's 8192²
 headline uses r = 8 (its README notes r = 8 without pooling repeats patterns).
 
-Files: ``window.py`` the mask and pair counts (:class:`Window`),
-``pooling.py`` the pooled keys, ``reference.py`` the float64-capable
+Files: ``window.py`` the window (:meth:`Window.of`, its one builder), its mask and
+pair counts, ``pooling.py`` the pooled keys, ``reference.py`` the float64-capable
 reference, ``flex.py`` (FlexAttention, tokens in tile order; auto on CUDA), ``halo.py``
-(halo-tiled SDPA; auto on CPU) and ``masked_sdpa.py`` (dense boolean mask) the
-fast paths, ``core.py`` the
-learned part.
+(halo-tiled SDPA; auto on CPU) and ``masked_sdpa.py`` (dense boolean mask) the fast
+paths, ``core.py`` the learned part (``pool_weight``, an extra input of ``attend``).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
+from types import MappingProxyType
 from typing import Any
 
 import torch
 
-from ..base import (
-    AttentionBackend,
-    Flops,
-    Grid,
-    Option,
-    check_qkv,
-    dense_flops,
-    non_negative,
-)
+from ..backend import AttentionBackend
+from ..costs import Flops, dense_flops
+from ..inputs import ExtraInput, Grid
 from ..layout import KINDS, Layout
+from ..options import Option, non_negative
 from ..recipes import ConversionRecipe, DistillRecipe, Optimisation
 from ..registry import register
 from .core import ClearCore
@@ -87,10 +81,9 @@ from .flex import (
 )
 from .halo import HALO, choose_tile, halo_index
 from .masked_sdpa import MASKED_SDPA, _cached_dense_mask, _dense_mask, dense_mask
-from .pooling import _check_weight, _window_of, extend_kv, pool_patches
+from .pooling import _window_of, extend_kv, pool_patches, weight_reason
 from .reference import clear_reference, reference_workspace
 from .window import (
-    _BOTH_TEXT,
     _POOLED_VIDEO,
     DEFAULT_DOWN_FACTOR,
     DEFAULT_RADIUS,
@@ -141,14 +134,6 @@ class Clear(AttentionBackend):
             "every frame in time unless bounded",
         ),
         Option(
-            "global_tokens",
-            0,
-            "deprecated: a text prefix of G tokens; give the layout's text count instead",
-            int,
-            check=non_negative,
-            source="DiT has no text tokens (FLUX: 512, as Layout(grid, text=512))",
-        ),
-        Option(
             "down_factor",
             DEFAULT_DOWN_FACTOR,
             "0 or 1 = no pooling; f > 1 adds one K/V token per f×f patch, seen by every "
@@ -180,6 +165,10 @@ class Clear(AttentionBackend):
             "default); the 2048×4096 example in inference_t2i_highres.ipynb uses 10",
         ),
     )
+    retired_options = MappingProxyType({
+        "global_tokens": "give the text tokens in the layout, layout=Layout(grid, text=G) "
+        "(a text prefix of G tokens; FLUX: 512)",
+    })
     notes = (
         "high resolution: the official 2048×4096 example (inference_t2i_highres.ipynb) "
         "runs FLUX's img2img pipeline (SDEdit, strength 0.7) from a 512×1024 image with "
@@ -190,6 +179,11 @@ class Clear(AttentionBackend):
         "single-stream only, taps blocks 0, 4, 8, ...",
     )
     core_class = ClearCore
+    extra_inputs = (
+        ExtraInput("pool_weight", "[f, f] weights of the pooled keys' patch sums (the core's "
+                   "learned part; default: the mean 1/f²)",
+                   check=lambda weight, opts: weight_reason(weight, opts["down_factor"])),
+    )
     fast_paths = (FLEX, HALO, MASKED_SDPA)
     layout_kinds = KINDS
     conversion_recipe = ConversionRecipe(
@@ -246,46 +240,10 @@ class Clear(AttentionBackend):
                              "drop it or use swap_attention on FLUX")
         return super().mixer(dim, num_heads, **options)
 
-    def fold_layout(self, layout: Layout, options: dict[str, Any]):
-        """``global_tokens`` G > 0 (deprecated) is a text prefix: ``Layout(grid, text=G)``."""
-        g = int(options.get("global_tokens") or 0)
-        if not g:
-            return layout, options
-        if layout.text:
-            raise ValueError(_BOTH_TEXT.format(g=g, text=layout.text))
-        warnings.warn("clear: global_tokens is deprecated; pass layout=Layout(grid, text=G)",
-                      DeprecationWarning, stacklevel=4)
-        return Layout(layout.grid, text=g), {**options, "global_tokens": 0}
-
     def check_layout(self, layout: Layout, options: dict[str, Any]) -> None:
         super().check_layout(layout, options)
         if layout.is_video and pools(options["down_factor"]):
             raise ValueError(_POOLED_VIDEO.format(f=options["down_factor"]))
-
-    def attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        grid: Grid | None = None,
-        layout: Layout | None = None,
-        impl: str = "auto",
-        pool_weight: torch.Tensor | None = None,
-        **options: Any,
-    ) -> torch.Tensor:
-        """As :meth:`AttentionBackend.attend`, plus the core's learned ``pool_weight``.
-
-        ``pool_weight`` (``[f, f]``) replaces the uniform 1/f² patch average; a
-        weight that requires grad makes the choice a differentiable path even
-        when q, k, v do not (projections frozen, pooling trained).
-        """
-        check_qkv(q, k, v, self.name)
-        chosen, layout, opts = self.prepare(q, k, v, grid=grid, layout=layout, impl=impl,
-                                            options=options,
-                                            needs_grad=self.needs_grad(q, k, v, pool_weight))
-        _check_weight(pool_weight, opts["down_factor"])
-        return self.run(chosen, q, k, v, layout, pool_weight=pool_weight, **opts)
 
     def reference(
         self,
@@ -297,12 +255,11 @@ class Clear(AttentionBackend):
         layout: Layout | None = None,
         radius: float = DEFAULT_RADIUS,
         radius_t: int | None = None,
-        global_tokens: int = 0,
         down_factor: int = DEFAULT_DOWN_FACTOR,
         pool_weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        window = _window_of(q, layout, grid, radius, radius_t, global_tokens, down_factor,
-                            pool_weight)
+        window = _window_of(q, layout, grid, radius, radius_t, down_factor=down_factor,
+                            pool_weight=pool_weight)
         return clear_reference(q, k, v, window, pool_weight)
 
     def overhead_steps(self, q, k, v, *, grid=None, layout=None, impl: str, **options: Any):
@@ -319,7 +276,7 @@ class Clear(AttentionBackend):
         """
         impl, layout, opts = self.prepare(q, k, v, grid=grid, layout=layout, impl=impl,
                                           options=options)
-        window = self.window(layout, opts)
+        window = Window.of(layout.text_first_form, **opts)
         steps: dict[str, Any] = {}
         if layout.text and not layout.text_first:
             steps["text_first"] = lambda: tuple(layout.to_text_first(t) for t in (q, k, v))
@@ -336,18 +293,12 @@ class Clear(AttentionBackend):
             steps["halo_index"] = lambda: halo_index.__wrapped__(choose_tile(window), q.device)
         return steps
 
-    @staticmethod
-    def window(layout: Layout, options: dict[str, Any]) -> Window:
-        """The :class:`Window` of a layout (text first or last) and resolved options."""
-        return Window.of(layout.text_first_form, options["radius"], options["global_tokens"],
-                         options["down_factor"], options["radius_t"])
-
     sparse_pairs = True
 
     def exact_rows_model(self, q, k, layout, **opts):
         """The window's mask over the input tokens (pooled keys are not input pairs)."""
         n = k.shape[2]
-        mask = _cached_dense_mask(self.window(layout, opts), k.device)[:, :n]
+        mask = _cached_dense_mask(Window.of(layout.text_first_form, **opts), k.device)[:, :n]
         return lambda r0, r1: mask[r0:r1]
 
     # ----- cost models --------------------------------------------------------------
@@ -366,13 +317,12 @@ class Clear(AttentionBackend):
         )
 
     def _pairs(self, layout: Layout, opts: dict[str, Any]) -> int:
-        return allowed_pairs(layout.grid, opts["radius"], layout.text, opts["down_factor"],
-                             opts["radius_t"])
+        return allowed_pairs(layout.text_first_form, **opts)
 
     def reference_workspace(self, batch, heads, tokens, head_dim, layout, *, element_size,
                             **opts) -> float:
-        return reference_workspace(self.window(layout, opts), batch, heads, head_dim,
-                                   element_size=element_size)
+        return reference_workspace(Window.of(layout.text_first_form, **opts), batch, heads,
+                                   head_dim, element_size=element_size)
 
     # ----- honest labels ------------------------------------------------------------
     def density_model(self, layout, **opts) -> float:
@@ -382,7 +332,7 @@ class Clear(AttentionBackend):
         return self._pairs(layout, opts) / float(layout.tokens) ** 2
 
     def rounded_options(self, layout, **opts):
-        window = self.window(layout, opts)
+        window = Window.of(layout.text_first_form, **opts)
         rounded = {
             "max_sq_distance": window.limit,  # dy² + dx² ≤ this integer
             "covers_grid": window.covers_grid,
@@ -395,7 +345,7 @@ class Clear(AttentionBackend):
         return rounded
 
     def rounding_checks(self, layout, **opts):
-        window = self.window(layout, opts)
+        window = Window.of(layout.text_first_form, **opts)
         hg, wg = layout.frame_grid
         radius, radius_t, down_factor = opts["radius"], opts["radius_t"], opts["down_factor"]
         checks = []

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..base import AttentionCore
+from ..module import AttentionCore
 from .window import pools
 
 

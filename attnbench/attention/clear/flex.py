@@ -17,7 +17,8 @@ import shutil
 
 import torch
 
-from ..base import FastPath, Grid
+from ..inputs import Grid
+from ..paths import FastPath
 from .pooling import _window_of, extend_kv, extended_bytes
 from .window import DEFAULT_RADIUS, Window, _args, _band, _index, allowed
 
@@ -39,14 +40,15 @@ FLEX_TILE_ORDER = True
 def build_block_mask(
     grid: Grid,
     radius: float = DEFAULT_RADIUS,
-    global_tokens: int = 0,
+    text: int = 0,
     down_factor: int = 0,
     *,
     device: torch.device | str | None = None,
     tiled: bool = False,
     radius_t: int | None = None,
+    cached: bool = False,
 ):
-    """FlexAttention ``BlockMask`` of CLEAR, built without an N×M tensor (uncached).
+    """FlexAttention ``BlockMask`` of CLEAR, built without an N×M tensor.
 
     ``create_block_mask`` evaluates the mask over all N×M pairs at once with
     int64 temporaries (GiBs at a 128×128 grid) unless compiled; here the same
@@ -54,10 +56,12 @@ def build_block_mask(
     to per-tile "partial" / "full" flags and handed to ``BlockMask.from_kv_blocks``.
     Full tiles skip the ``mask_mod`` inside the kernel. ``tiled=True``: the mask
     of the tokens in tile order (:func:`tile_permutation`), what the flex path runs.
-    ``grid`` is ``(H, W)`` or ``(T, H, W)``.
+    ``grid`` is ``(H, W)`` or ``(T, H, W)``. ``cached``: one mask per (window, device,
+    tiled), as the path keeps it (:func:`block_mask`).
     """
-    window = Window.build(grid, radius, global_tokens, down_factor, radius_t)
-    return _build_block_mask(window, torch.device(device or "cpu"), tiled=tiled)
+    window = Window.of(grid, radius, text, down_factor, radius_t)
+    build = _cached_block_mask if cached else _build_block_mask
+    return build(window, torch.device(device or "cpu"), tiled=tiled)
 
 
 def tile_permutation(window: Window, device: torch.device | str | None = None) -> torch.Tensor:
@@ -197,25 +201,15 @@ def _cached_block_mask(window: Window, device: torch.device, tiled: bool = False
     return _build_block_mask(window, device, tiled=tiled)
 
 
-def block_mask(
-    grid: Grid,
-    radius: float = DEFAULT_RADIUS,
-    global_tokens: int = 0,
-    down_factor: int = 0,
-    *,
-    device: torch.device | str | None = None,
-    tiled: bool = False,
-    radius_t: int | None = None,
-):
+def block_mask(*args, **kwargs):
     """:func:`build_block_mask`, cached per (window, device, tiled): built once."""
-    window = Window.build(grid, radius, global_tokens, down_factor, radius_t)
-    return _cached_block_mask(window, torch.device(device or "cpu"), tiled)
+    return build_block_mask(*args, cached=True, **kwargs)
 
 
 def block_density(
     grid: Grid,
     radius: float = DEFAULT_RADIUS,
-    global_tokens: int = 0,
+    text: int = 0,
     down_factor: int = 0,
     *,
     tiled: bool = False,
@@ -227,7 +221,7 @@ def block_density(
     runs). Compare with ``flops().ratio``: the gap is work the kernel does on
     masked pairs inside partially allowed tiles.
     """
-    window = Window.build(grid, radius, global_tokens, down_factor, radius_t)
+    window = Window.of(grid, radius, text, down_factor, radius_t)
     perm = tile_permutation(window) if tiled else None
     partial, full = _block_flags(window, torch.device("cpu"), perm)
     return float((partial | full).sum()) / partial.numel()
@@ -287,10 +281,8 @@ def keep_nonfinite(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch
     return out.masked_fill(~ok, float("nan"))
 
 
-def _flex(q, k, v, *, grid=None, layout=None, radius, radius_t=None, global_tokens=0,
-          down_factor, pool_weight=None):
-    window = _window_of(q, layout, grid, radius, radius_t, global_tokens, down_factor,
-                        pool_weight)
+def _flex(q, k, v, *, grid=None, layout=None, pool_weight=None, **opts):
+    window = _window_of(q, layout, grid, pool_weight=pool_weight, **opts)
     q_in, k_in = q, k
     k, v = extend_kv(k, v, window, pool_weight)
     tiled = flex_tile_order(window)
@@ -343,10 +335,9 @@ def _flex_available(device: torch.device, dtype: torch.dtype, shape) -> str | No
 
 
 
-def _workspace(batch, heads, tokens, head_dim, layout, *, element_size, radius, radius_t=None,
-               global_tokens=0, down_factor) -> float:
+def _workspace(batch, heads, tokens, head_dim, layout, *, element_size, **opts) -> float:
     """Block-mask indices, the extended K/V, the tile-order copies and the logsumexp."""
-    window = Window.of(layout, radius, global_tokens, down_factor, radius_t)
+    window = Window.of(layout, **opts)
     bh, n, m = batch * heads, window.tokens, window.keys
     q_tiles, kv_tiles = -(-n // FLEX_BLOCK), -(-m // FLEX_BLOCK)
     # int32 indices + counts, partial and full, kv-major and q-major.

@@ -7,7 +7,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..base import FastPath, Grid
+from ..inputs import Grid
+from ..paths import FastPath
 from .pooling import _window_of, extend_kv, extended_bytes
 from .window import (
     DEFAULT_RADIUS,
@@ -27,7 +28,7 @@ MASK_BYTES_LIMIT = 1 << 30
 def dense_mask(
     grid: Grid,
     radius: float = DEFAULT_RADIUS,
-    global_tokens: int = 0,
+    text: int = 0,
     down_factor: int = 0,
     *,
     device: torch.device | str | None = None,
@@ -39,7 +40,7 @@ def dense_mask(
     within reach (``_band``); the result itself is N·M bytes. ``grid`` is ``(H, W)``
     or ``(T, H, W)``.
     """
-    window = Window.build(grid, radius, global_tokens, down_factor, radius_t)
+    window = Window.of(grid, radius, text, down_factor, radius_t)
     return _dense_mask(window, torch.device(device or "cpu"))
 
 
@@ -62,10 +63,8 @@ def _cached_dense_mask(window: Window, device: torch.device) -> torch.Tensor:
     return _dense_mask(window, device)
 
 
-def _masked_sdpa(q, k, v, *, grid=None, layout=None, radius, radius_t=None, global_tokens=0,
-                 down_factor, pool_weight=None):
-    window = _window_of(q, layout, grid, radius, radius_t, global_tokens, down_factor,
-                        pool_weight)
+def _masked_sdpa(q, k, v, *, grid=None, layout=None, pool_weight=None, **opts):
+    window = _window_of(q, layout, grid, pool_weight=pool_weight, **opts)
     k, v = extend_kv(k, v, window, pool_weight)
     mask = _cached_dense_mask(window, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -91,10 +90,9 @@ def _masked_sdpa_available(device: torch.device, dtype: torch.dtype, shape) -> s
 
 
 
-def _workspace(batch, heads, tokens, head_dim, layout, *, element_size, radius, radius_t=None,
-               global_tokens=0, down_factor) -> float:
+def _workspace(batch, heads, tokens, head_dim, layout, *, element_size, **opts) -> float:
     """The masks, the extended K/V and, for float64 (SDPA's math path), full scores."""
-    window = Window.of(layout, radius, global_tokens, down_factor, radius_t)
+    window = Window.of(layout, **opts)
     bh, n, m = batch * heads, window.tokens, window.keys
     scores = 2.0 * bh * n * m * element_size if element_size >= 8 else 0.0
     return extended_bytes(window, bh, head_dim, element_size) + _mask_bytes(n, m, element_size) \

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..base import Grid
-from .window import Window, _window, pools
+from ..inputs import Grid
+from ..layout import text_first_geometry
+from .window import Window, pools
 
 
 def pool_patches(
@@ -44,27 +45,38 @@ def extend_kv(
     return torch.cat([k, k_pool], dim=2), torch.cat([v, v_pool], dim=2)
 
 
-def _check_weight(weight: torch.Tensor | None, down_factor: int) -> None:
+def weight_reason(weight: torch.Tensor | None, down_factor: int) -> str | None:
+    """``None`` when ``weight`` fits ``down_factor`` (or is not given), else why not."""
     if weight is None:
-        return
+        return None
     if not pools(down_factor):
-        raise ValueError(f"pool_weight was given but down_factor is {down_factor} "
-                         "(0 and 1 mean no pooled tokens)")
+        return (f"pool_weight was given but down_factor is {down_factor} "
+                "(0 and 1 mean no pooled tokens)")
     if tuple(weight.shape) != (down_factor, down_factor):
-        raise ValueError(
-            f"pool_weight must be [{down_factor}, {down_factor}] (down_factor²), "
-            f"got {tuple(weight.shape)}"
-        )
+        return (f"pool_weight must be [{down_factor}, {down_factor}] (down_factor²), "
+                f"got {tuple(weight.shape)}")
+    return None
 
 
+def _check_weight(weight: torch.Tensor | None, down_factor: int) -> None:
+    reason = weight_reason(weight, down_factor)
+    if reason:
+        raise ValueError(reason)
 
-def _window_of(q, layout, grid, radius, radius_t, global_tokens, down_factor,
-               pool_weight) -> Window:
-    """The window of one call of a path (``layout=`` or ``grid=``, text first), its
-    pooling weight checked against it."""
+
+def _window_of(q, layout, grid, radius, radius_t=None, text=0, down_factor=0,
+               pool_weight=None) -> Window:
+    """The window of one call of a path (``layout=`` or ``grid=``, text first), checked
+    against the input's token count, its pooling weight checked against it (``text``:
+    tokens before a plain ``grid``; a layout carries its own)."""
     _check_weight(pool_weight, down_factor)
-    geometry = layout if layout is not None else grid
-    return _window(geometry, q.shape[2], radius, global_tokens, down_factor, radius_t)
+    geometry = text_first_geometry(layout, grid)
+    window = Window.of(geometry, radius, text, down_factor, radius_t)
+    if window.tokens != q.shape[2]:
+        more = f" + {window.global_tokens} text tokens" if window.global_tokens else ""
+        raise ValueError(f"grid {'x'.join(map(str, geometry.grid))}{more} = {window.tokens} "
+                         f"tokens, but the input has {q.shape[2]}")
+    return window
 
 
 def extended_bytes(window: Window, batch_heads: int, head_dim: int, element_size: int) -> float:

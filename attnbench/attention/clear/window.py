@@ -3,8 +3,10 @@
 A :class:`Window` holds the geometry of one call (G text tokens first, the
 ``Hg × Wg`` grid or ``T × Hg × Wg`` video grid, pooled keys), the circle as an
 integer limit on the squared distance within a frame and the temporal reach as
-an integer limit on the frame distance. :func:`allowed` is the one mask every path uses; the
-pair counts (:func:`local_pairs`, :func:`allowed_pairs`) are closed forms of it.
+an integer limit on the frame distance. :meth:`Window.of` is the one builder of a
+window (the backend, the paths and the mask helpers all call it); :func:`allowed` is
+the one mask every path uses; the pair counts (:func:`local_pairs`,
+:func:`allowed_pairs`) are closed forms of it.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..base import Grid
-from ..layout import Layout, text_first_geometry
+from ..inputs import Grid
+from ..layout import Layout
 
 #: score elements one reference chunk may hold (16 Mi elements = 64 MiB in fp32).
 REFERENCE_CHUNK_ELEMENTS = 1 << 24
@@ -49,6 +51,7 @@ class Window:
     largest allowed squared distance within a frame (an integer: ``dy² + dx² < r²``
     ⇔ ``dy² + dx² ≤ ceil(r²) − 1``) and ``limit_t`` the largest allowed frame
     distance ``|dt|``, so every mask here is exact integer arithmetic.
+    ``global_tokens`` is G, the text tokens before the grid (a layout's ``text``).
     """
 
     hg: int
@@ -60,26 +63,30 @@ class Window:
     limit_t: int = 0
 
     @classmethod
-    def build(cls, grid, radius: float = DEFAULT_RADIUS, global_tokens: int = 0,
-              down_factor: int = 0, radius_t: int | None = None):
-        """Validate the pieces (for callers that bypass ``resolve``) and derive the limits.
+    def of(cls, geometry, radius: float = DEFAULT_RADIUS, text: int = 0, down_factor: int = 0,
+           radius_t: int | None = None) -> Window:
+        """The window of a text-first :class:`Layout`, or of a grid ``(H, W)`` / ``(T, H,
+        W)`` with ``text`` tokens before it: the one builder of a window.
 
-        ``grid`` is ``(H, W)`` or ``(T, H, W)``; ``radius_t`` the largest frame distance
-        (``None``: every frame).
+        Validates the pieces (for callers that bypass ``resolve``) and derives the integer
+        limits; ``radius_t`` is the largest frame distance (``None``: every frame).
         """
-        sides = tuple(int(s) for s in grid)
+        if isinstance(geometry, Layout):
+            if text and geometry.text:
+                raise ValueError(_BOTH_TEXT.format(g=text, text=geometry.text))
+            if geometry.text and not geometry.text_first:
+                raise ValueError("clear: a window's text tokens come first (attend moves them)")
+            geometry, text = geometry.grid, geometry.text or text
+        sides = tuple(int(s) for s in geometry)
         if len(sides) not in (2, 3) or any(s <= 0 for s in sides):
             raise ValueError(f"grid must be (H, W) or (T, H, W) with positive sides, "
-                             f"got {grid!r}")
+                             f"got {geometry!r}")
         frames, hg, wg = (1, *sides) if len(sides) == 2 else sides
         reason = _finite_positive(radius)
         if reason:
             raise ValueError(f"clear: radius={radius!r} {reason}")
-        if global_tokens < 0 or down_factor < 0:
-            raise ValueError(
-                f"clear: global_tokens={global_tokens!r} and down_factor={down_factor!r} "
-                "must be >= 0"
-            )
+        if text < 0 or down_factor < 0:
+            raise ValueError(f"clear: text={text!r} and down_factor={down_factor!r} must be >= 0")
         if radius_t is not None and radius_t < 0:
             raise ValueError(f"clear: radius_t={radius_t!r} must be >= 0 (or None: every frame)")
         if frames > 1 and pools(down_factor):
@@ -90,19 +97,7 @@ class Window:
         r2 = float(radius) ** 2
         limit = diameter2 if r2 > diameter2 else math.ceil(r2) - 1
         limit_t = frames - 1 if radius_t is None else min(int(radius_t), frames - 1)
-        return cls(hg, wg, int(global_tokens), int(down_factor), limit, frames, limit_t)
-
-    @classmethod
-    def of(cls, layout: Layout, radius: float = DEFAULT_RADIUS, global_tokens: int = 0,
-           down_factor: int = 0, radius_t: int | None = None) -> Window:
-        """The window of a text-first layout; ``global_tokens`` (the deprecated spelling
-        of the layout's text count) only on a layout without text."""
-        if global_tokens and layout.text:
-            raise ValueError(_BOTH_TEXT.format(g=global_tokens, text=layout.text))
-        if layout.text and not layout.text_first:
-            raise ValueError("clear: a window's text tokens come first (attend moves them)")
-        return cls.build(layout.grid, radius, layout.text or global_tokens, down_factor,
-                         radius_t)
+        return cls(hg, wg, int(text), int(down_factor), limit, frames, limit_t)
 
     @property
     def frame(self) -> int:
@@ -147,21 +142,8 @@ class Window:
 
 _POOLED_VIDEO = ("clear: down_factor={f} (pooled keys) is defined on image grids; a video "
                  "layout takes down_factor 0 or 1")
-_BOTH_TEXT = ("clear: global_tokens={g} and a layout with {text} text tokens both give the "
-              "text count: pass the layout only (global_tokens is its older spelling)")
-
-
-def _window(layout_or_grid, tokens: int, radius, global_tokens=0, down_factor=0,
-            radius_t=None) -> Window:
-    """The window of one path call, checked against the input's token count."""
-    layout = text_first_geometry(layout_or_grid) if isinstance(layout_or_grid, Layout) \
-        else Layout.coerce(grid=layout_or_grid)
-    window = Window.of(layout, radius, global_tokens, down_factor, radius_t)
-    if window.tokens != tokens:
-        text = f" + {window.global_tokens} text tokens" if window.global_tokens else ""
-        raise ValueError(f"grid {'x'.join(map(str, layout.grid))}{text} = {window.tokens} "
-                         f"tokens, but the input has {tokens}")
-    return window
+_BOTH_TEXT = ("clear: text={g} and a layout with {text} text tokens both give the text "
+              "count: pass the layout only")
 
 
 def allowed(q_idx: torch.Tensor, kv_idx: torch.Tensor, window_args) -> torch.Tensor:
@@ -268,7 +250,7 @@ def local_pairs(grid, radius: float, radius_t: int | None = None) -> int:
     sum over dx for a given dy is an arithmetic series, so this is O(r), not O(N).
     A video multiplies it by the frame pairs within reach, ``Σ_{|dt|≤limit_t} (T−|dt|)``.
     """
-    window = Window.build(grid, radius, radius_t=radius_t)
+    window = Window.of(grid, radius, radius_t=radius_t)
     hg, wg = window.hg, window.wg
     total = 0
     for dy in range(-window.reach, window.reach + 1):
@@ -281,13 +263,14 @@ def local_pairs(grid, radius: float, radius_t: int | None = None) -> int:
     return total * (t + lt * (2 * t - lt - 1))
 
 
-def allowed_pairs(grid, radius: float, global_tokens: int = 0, down_factor: int = 0,
+def allowed_pairs(grid, radius: float, text: int = 0, down_factor: int = 0,
                   radius_t: int | None = None) -> int:
-    """Every allowed pair: the window + text rows and columns + pooled columns."""
-    window = Window.build(grid, radius, global_tokens, down_factor, radius_t)
+    """Every allowed pair: the window + text rows and columns + pooled columns (``grid`` a
+    grid with ``text`` tokens before it, or a text-first :class:`Layout`)."""
+    window = Window.of(grid, radius, text, down_factor, radius_t)
     g, img = window.global_tokens, window.image
     return (
-        local_pairs(grid, radius, radius_t)
+        local_pairs((window.frames, window.hg, window.wg), radius, radius_t)
         + g * window.tokens  # text queries: every text and image key
         + img * g  # image queries: every text key
         + img * window.pooled  # image queries: every pooled key

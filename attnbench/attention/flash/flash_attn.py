@@ -8,11 +8,14 @@ import importlib
 
 import torch
 
-from ..base import FastPath
+from ..paths import FastPath
 
 HALF = (torch.float16, torch.bfloat16)
 #: FlashAttention's head-dim limits (both packages)
 HEAD_DIM_MAX, HEAD_DIM_MULTIPLE = 256, 8
+#: what every FlashAttention kernel needs, whoever ships it (the package or SDPA)
+FLASH_KERNELS = {"devices": ("cuda",), "label": "FlashAttention kernels", "dtypes": HALF,
+                 "head_dim_max": HEAD_DIM_MAX, "head_dim_multiple": HEAD_DIM_MULTIPLE}
 
 
 @functools.cache
@@ -44,11 +47,7 @@ def flash_attn(q, k, v, **_geometry) -> torch.Tensor:
 FLASH_ATTN = FastPath(
     "flash_attn",
     flash_attn,
-    devices=("cuda",),
-    label="FlashAttention kernels",
-    dtypes=HALF,
-    head_dim_max=HEAD_DIM_MAX,
-    head_dim_multiple=HEAD_DIM_MULTIPLE,
+    **FLASH_KERNELS,
     requires=("flash_attn_interface", "flash_attn"),
     install="pip install 'attnbench[flash-attn]'",
     probe=_loads,

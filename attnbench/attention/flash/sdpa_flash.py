@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..base import FastPath
-from .flash_attn import HALF, HEAD_DIM_MAX, HEAD_DIM_MULTIPLE
+from ..paths import FastPath
+from .flash_attn import FLASH_KERNELS
 
 
 def _has_backend(device, dtype, shape) -> str | None:
@@ -25,11 +25,7 @@ def sdpa_flash(q, k, v, **_geometry) -> torch.Tensor:
 SDPA_FLASH = FastPath(
     "sdpa_flash",
     sdpa_flash,
-    devices=("cuda",),
-    label="FlashAttention kernels",
-    dtypes=HALF,
-    head_dim_max=HEAD_DIM_MAX,
-    head_dim_multiple=HEAD_DIM_MULTIPLE,
+    **FLASH_KERNELS,
     probe=_has_backend,
     doc="SDPA flash backend",
 )

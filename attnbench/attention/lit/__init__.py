@@ -2,7 +2,7 @@
 
 ``O_i = φ(q_i) S̄ / (φ(q_i) z̄ + eps)``, ``S̄ = mean_j φ(k_j)ᵀ v_j`` (d×d),
 ``z̄ = mean_j φ(k_j)``, ``φ(x) = relu(x) + 1e-6``: the paper's formula in
-FLatten-Transformer's normalised form (``naive.py``; no LiT code is public, so
+FLatten-Transformer's normalised form (``reference.py``; no LiT code is public, so
 nothing here is "official LiT code"); ``phi_shift=0`` is the paper's plain-ReLU
 form. Cost O(N·d²) per head and O(d²) state: nothing N×N is ever formed, so no
 query–key pair is computed exactly (density 0). The core adds LiT's depth-wise
@@ -15,7 +15,7 @@ queries, keys and values); the conv acts on the image tokens only, per frame
 for video or as a 3-D conv (``dwc_3d``) -- see ``core.py`` (attnbench's
 extension: LiT is image-only).
 
-Files: ``naive.py`` the reference, ``triton.py`` the fused Triton kernels
+Files: ``reference.py`` the reference, ``triton.py`` the fused Triton kernels
 (forward and backward, the same formula), ``chunked.py`` the CPU path (the same
 formula in token chunks, no N-sized temporary), ``core.py`` the learned part.
 """
@@ -25,21 +25,16 @@ from __future__ import annotations
 import torch
 
 from .. import _triton
-from ..base import (
-    AttentionBackend,
-    FastPath,
-    Flops,
-    Option,
-    dense_flops,
-    non_negative,
-    positive,
-)
+from ..backend import AttentionBackend
+from ..costs import Flops, dense_flops
 from ..layout import KINDS, Layout
+from ..options import Option, non_negative, positive
+from ..paths import FastPath
 from ..recipes import ConversionRecipe, DistillRecipe
 from ..registry import register
 from .chunked import CHUNKED
 from .core import LiTCore
-from .naive import EPS, PHI_SHIFT, feature_map, linear_attention, reference_workspace
+from .reference import EPS, PHI_SHIFT, feature_map, linear_attention, reference_workspace
 
 #: the kernel module (imports triton; loaded lazily by the path)
 TRITON_MODULE = f"{__name__}.triton"

@@ -1,13 +1,13 @@
 """LiT's CPU path: the state and the readout in token chunks, nothing N-sized but the output.
 
-The reference (``naive.py``) forms φ(q) and φ(k) whole: two ``[B, H, N, d]``
+The reference (``reference.py``) forms φ(q) and φ(k) whole: two ``[B, H, N, d]``
 float temporaries beside q, k, v and the output (3-4× softmax's peak memory on
 a CPU). Here the sums ``S = Σ_j φ(k_j)ᵀ v_j`` and ``z = Σ_j φ(k_j)`` are
 accumulated over chunks of :data:`CHUNK_TOKENS` keys, and the readout
 ``φ(q_i) S̄ / (φ(q_i) z̄ + eps)`` is written chunk by chunk into the output, so the
 workspace is one chunk of features and the ``d×d`` state whatever N is. The
 formula, the feature map and the accumulation dtype are the reference's
-(:func:`attnbench.attention.lit.naive.linear_attention`); autograd runs through the
+(:func:`attnbench.attention.lit.reference.linear_attention`); autograd runs through the
 chunks (pure torch ops), so the path also trains.
 """
 
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from ..base import FastPath
+from ..paths import FastPath
 from ..softmax.reference import accumulation_dtype
-from .naive import EPS, PHI_SHIFT
+from .reference import EPS, PHI_SHIFT
 
 #: tokens per chunk: large enough that each chunk's matmul runs at the CPU's matmul speed,
 #: small enough that its features (``B·H·chunk·d`` floats) stay in cache-sized pieces
@@ -38,7 +38,7 @@ def chunked_linear_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: float = EPS,
     phi_shift: float = PHI_SHIFT, **_geometry,
 ) -> torch.Tensor:
-    """LiT linear attention (``naive.py``'s formula) in chunks of :data:`CHUNK_TOKENS` tokens.
+    """LiT linear attention (``reference.py``'s formula) in chunks of :data:`CHUNK_TOKENS` tokens.
 
     The state and the normaliser are summed per key chunk (a matmul and a sum, as the
     FLOP model counts them); the readout is one matmul per query chunk against

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..base import AttentionCore
 from ..layout import Layout
+from ..module import AttentionCore
 
 
 class LiTCore(AttentionCore):

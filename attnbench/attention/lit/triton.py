@@ -3,7 +3,7 @@
 ``O_i = φ(q_i) S̄ / (φ(q_i) z̄ + eps)``, ``S̄ = Σ_j φ(k_j)ᵀ v_j / N`` (d×d),
 ``z̄ = Σ_j φ(k_j) / N``, ``φ(x) = relu(x) + shift`` (0 outside the valid head
 dims and tokens), everything accumulated in float32: the formula of
-:func:`attnbench.attention.lit.naive.linear_attention`. The sums are the
+:func:`attnbench.attention.lit.reference.linear_attention`. The sums are the
 kernels'; the division by N is one scaling of the small state.
 
 Forward, two launches and one tiny reduction:

@@ -35,7 +35,7 @@ import torch
 from ..base import AttentionBackend
 from ..clear.window import Window, _args, allowed
 from ..layout import Layout
-from ..lit.naive import feature_map
+from ..lit.reference import feature_map
 from ..softmax.reference import accumulation_dtype
 from .comm import Comm
 from .partial import Partial, merge, merge_all, partial_attention

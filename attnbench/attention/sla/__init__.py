@@ -53,17 +53,12 @@ from typing import Any
 import torch
 
 from .. import _triton
-from ..base import (
-    AttentionBackend,
-    FastPath,
-    Flops,
-    Grid,
-    Option,
-    dense_flops,
-    positive,
-    unit_fraction,
-)
+from ..backend import AttentionBackend
+from ..costs import Flops, dense_flops
+from ..inputs import Grid
 from ..layout import KINDS, Layout, text_first_geometry
+from ..options import Option, positive, unit_fraction
+from ..paths import FastPath
 from ..recipes import OWN_CHOICE, ConversionRecipe, DistillRecipe, Optimisation
 from ..registry import register
 from . import batched as _batched_module
@@ -319,8 +314,8 @@ class SLA(AttentionBackend):
         """
         chosen, layout, opts = self.prepare(q, k, v, grid=grid, layout=layout, impl=impl,
                                             options=options)
-        return self.run(chosen, q, k, v, layout, fn=functools.partial(sla_parts, chosen),
-                        **opts)
+        return self.dispatch(chosen, q, k, v, layout, fn=functools.partial(sla_parts, chosen),
+                             **opts)
 
     def block_map(self, q: torch.Tensor, k: torch.Tensor, *, grid: Grid | None = None,
                   layout: Layout | None = None, **options: Any) -> torch.Tensor:

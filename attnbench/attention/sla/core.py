@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..base import AttentionCore
+from ..module import AttentionCore
 
 
 class SLACore(AttentionCore):

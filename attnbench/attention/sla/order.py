@@ -16,7 +16,7 @@ follow the image tokens: they form their own blocks whenever the image count is
 a multiple of the block (FLUX's and SD3's 64×64 grids), else one block at the
 seam holds the last image and the first text tokens. ``order="row-major"`` keeps
 the order ``attend`` hands over: the layout's, with any text first
-(``AttentionBackend.run`` moves text that follows the grid to the front, so on
+(``AttentionBackend.dispatch`` moves text that follows the grid to the front, so on
 SD3's [image; text] the blocks start at the text, where the official code would
 block the sequence as given).
 """

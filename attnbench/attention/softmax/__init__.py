@@ -6,7 +6,8 @@
 
 from __future__ import annotations
 
-from ..base import AttentionBackend, Flops, dense_flops
+from ..backend import AttentionBackend
+from ..costs import Flops, dense_flops
 from ..layout import KINDS
 from ..registry import register
 from .reference import (

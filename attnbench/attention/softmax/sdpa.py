@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..base import FastPath
+from ..paths import FastPath
 
 
 def sdpa(q, k, v, **_geometry) -> torch.Tensor:

@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from ..base import FastPath
+from ..paths import FastPath
 
 
 @functools.cache
