@@ -1,16 +1,8 @@
 """attnbench: benchmark and evaluate efficient attention inside Diffusion Transformers."""
 
-__version__ = "0.1.0"
+from .common.versions import __version__, versions
 
-
-def versions() -> dict[str, str]:
-    """attnbench, torch and Python versions: what every saved artefact records."""
-    import platform
-
-    import torch
-
-    return {"attnbench": __version__, "torch": torch.__version__,
-            "python": platform.python_version()}
+__all__ = ["__version__", "convert", "versions"]
 
 
 def __getattr__(name: str):

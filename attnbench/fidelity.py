@@ -32,8 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cliutil, runfolder
-from .bench.environment import REPO_ROOT, environment
-from .distill.teacher import default_teacher_path
+from .common.environment import REPO_ROOT, environment
 from .metrics.quality import is_shapes_model
 from .metrics.zero_shot import (
     CHUNK_ELEMENTS,
@@ -55,6 +54,7 @@ from .metrics.zero_shot import (
 from .models import load_dit
 from .models.configs import VAE_DOWNSAMPLE
 from .models.diffusers_configs import DIFFUSERS_CONFIGS, diffusers_config_names
+from .models.teacher import default_teacher_path
 from .report.build import REPORT_FILES, is_report_file
 from .report.zero_shot import write_zero_shot_report
 from .results import Result, ResultsWriter, Size, canonical_options

@@ -26,11 +26,12 @@ import torch
 
 from . import attention, cliutil, runfolder
 from .attention.parallel import STRATEGIES
+from .attention.specs import parse_methods
 from .bench import context_parallel, sharded
-from .bench.environment import REPO_ROOT, environment
-from .bench.sweep import RESOLUTIONS, SweepPlan, parse_methods, run_sweep
+from .bench.sweep import RESOLUTIONS, SweepPlan, run_sweep
 from .bench.workloads import LEVELS, DiffusersModel, diffusers_model
-from .distill import dist as distributed
+from .common import dist as distributed
+from .common.environment import REPO_ROOT, environment
 from .metrics.quality import EvalConfig, evaluate, parse_metrics
 from .metrics.sample import SampleSettings
 from .models import load_dit

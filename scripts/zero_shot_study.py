@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from distill_study import quality_of
 
-    from attnbench.bench.environment import environment
+    from attnbench.common.environment import environment
     from attnbench.distill.pipeline import SELF_SAMPLES_FILE, resolve_teacher
     from attnbench.distill.trainer import TrainConfig
     from attnbench.fidelity import SUMMARY_FILE, write_outputs

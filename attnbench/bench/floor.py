@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from .environment import REPO_ROOT
+from ..common.environment import REPO_ROOT
 
 GIB = 1 << 30
 
@@ -142,8 +142,8 @@ def measure_kernels(model: str, resolution: int, dtype: torch.dtype, batch: int 
     from attnbench.attention import _triton, clear, sla
     from attnbench.attention import lit as _lit
     from attnbench.attention import sla as _sla
-    from attnbench.bench.environment import environment
     from attnbench.bench.workloads import Point
+    from attnbench.common.environment import environment
     from attnbench.models.configs import get_config
 
     device = torch.device("cuda")
@@ -337,7 +337,7 @@ def targets_markdown(run_dir: Path, resolution: int = 8192) -> str:
     measured, each over the fastest exact kernel in the sweep at the same point."""
     import pandas as pd
 
-    from attnbench.bench.sweep import parse_methods
+    from attnbench.attention.specs import parse_methods
     from attnbench.results import label
 
     frame = pd.read_csv(run_dir / "results.csv")
@@ -378,7 +378,7 @@ def profile_point(model: str, resolution: int, level: str, method: str, dtype: t
     device time, CPU time where there is no GPU) and a gzipped Chrome trace in ``out``."""
     from torch.profiler import ProfilerActivity, profile
 
-    from attnbench.bench.sweep import parse_methods
+    from attnbench.attention.specs import parse_methods
     from attnbench.bench.timer import synchronize
     from attnbench.bench.workloads import Point, build_workload
     from attnbench.models.configs import get_config

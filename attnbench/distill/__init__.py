@@ -6,13 +6,13 @@
 
 ``recipes.py`` the recipes (loss weights, what trains), ``losses.py`` the
 terms, ``trainer.py`` the loop (DDP, EMA, checkpoints, metrics, evaluation),
-``pipeline.py`` the ``distill`` / ``train_teacher`` jobs, ``teacher.py`` the
-shipped teacher, ``dist.py`` torchrun support, ``io.py`` atomic writes,
-``cli.py`` the subcommands.
+``pipeline.py`` the ``distill`` / ``train_teacher`` jobs, ``io.py`` atomic writes,
+``cli.py`` the subcommands. The shipped teacher is :mod:`attnbench.models.teacher`
+(every stage loads it); torchrun support is :mod:`attnbench.common.dist`.
 """
 
+from ..models.teacher import TEACHER_CONFIG, default_teacher_path, verify_teacher
 from .recipes import RECIPES, TERMS, DistillRecipe, get_recipe, recipe_for
-from .teacher import TEACHER_CONFIG, default_teacher_path, verify_teacher
 from .trainer import TrainConfig, Trainer, evaluate, plan_batch
 
 

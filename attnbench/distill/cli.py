@@ -142,8 +142,8 @@ def _distill(args: argparse.Namespace) -> int:
 
 
 def _train_teacher(args: argparse.Namespace) -> int:
+    from ..models.teacher import TEACHER_CONFIG
     from .pipeline import train_teacher
-    from .teacher import TEACHER_CONFIG
 
     config = _train_config(args)
     runfolder.lock_folder(args.out, "train-teacher")

@@ -35,10 +35,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..common import dist as _dist
 from ..data.prompts import read_prompts
 from ..integrations.diffusers.families import Family, draw_sigmas, flow_shift
 from ..integrations.diffusers.swap import kd_attn_modules
-from . import dist as _dist
 from .diffusers_objective import (
     DiffusersBatch,
     diffusers_losses,
@@ -115,17 +115,6 @@ class LatentTextSource:
         if any(len(v) != len(x) for v in tensors.values()):
             raise ValueError(f"{flag} {path}: every tensor needs one row per latent")
         return cls(x, tensors, meta, origin=str(path))
-
-
-def text_length(pipe, family: Family, requested: int | None = None) -> int:
-    """The prompt length: ``requested``, else the family's, capped by the tokenizers'."""
-    if requested is not None:
-        return requested
-    caps = [getattr(pipe, name).model_max_length for name in ("tokenizer", "tokenizer_2",
-                                                               "tokenizer_3")
-            if getattr(pipe, name, None) is not None]
-    caps = [c for c in caps if isinstance(c, int) and c < 10**6]
-    return min([family.sampling.max_sequence_length, *([max(caps)] if caps else [])])
 
 
 @torch.no_grad()
@@ -253,7 +242,12 @@ def distill_pipeline(
     resume: bool = False, force: bool = False, gradient_checkpointing: bool = False,
 ) -> dict[str, Any]:
     """Distil the transformer of the pipeline in ``model_path`` (module docstring)."""
-    from ..integrations.diffusers.pipelines import check_pipeline, check_size, config_hash
+    from ..integrations.diffusers.pipelines import (
+        check_pipeline,
+        check_size,
+        config_hash,
+        text_length,
+    )
     from ..integrations.diffusers.swap import swap_attention
 
     out = Path(out)

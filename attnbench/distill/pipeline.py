@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..common import dist as _dist
 from ..data.images import make_grid, save_png, upscale
 from ..data.shapes import PROMPTS, TASKS, ShapesWorld, to_uint8
 from ..data.sources import TensorSource, check_compatible, open_source
@@ -24,11 +25,10 @@ from ..diffusion.sampling import sample_images
 from ..models.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from ..models.configs import DiTConfig
 from ..models.dit import DiT
-from . import dist as _dist
+from ..models.teacher import TEACHER_CONFIG, TRAINING_FILE, default_teacher_path, write_sums
 from .io import atomic_write_json
 from .optim import resolve as resolve_optimisation
 from .recipes import DistillRecipe, get_recipe, recipe_for
-from .teacher import TEACHER_CONFIG, TRAINING_FILE, default_teacher_path, write_sums
 from .trainer import TrainConfig, Trainer, check_out, step_seed
 
 #: the file of teacher-generated training samples, reused by --resume

@@ -40,9 +40,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import runfolder, versions
+from .. import runfolder
+from ..common import dist as _dist
+from ..common.versions import versions
 from ..diffusion import Diffusion
-from . import dist as _dist
 from . import optim as _optim
 from .io import (
     CHECKPOINT_FILE,

@@ -72,7 +72,7 @@ def evaluate_pair(student: str | Path, teacher: str | Path, run_dir: str | Path,
     """Score the student folder against the teacher's; one quality row in ``run_dir``."""
     import torch
 
-    from ..bench.environment import environment
+    from ..common.environment import environment
     from .fid import Reference, quality_metrics
     from .fidelity import psnr, ssim
 

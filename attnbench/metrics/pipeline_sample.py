@@ -76,10 +76,9 @@ def run_pipeline_sampling(model_path, out, *, student=None, prompts=None, num: i
                           png: bool = True, force: bool = False, progress: bool = True,
                           argv: list[str] | None = None) -> dict[str, Any]:
     """``python -m attnbench sample --model-path``: one process or every torchrun rank."""
+    from ..common import dist
     from ..data.images import save_png
-    from ..distill import dist
-    from ..distill.diffusers_distill import text_length
-    from ..integrations.diffusers.pipelines import load_pipeline
+    from ..integrations.diffusers.pipelines import load_pipeline, text_length
     from ..integrations.diffusers.student import load_student
 
     root, family, prompt_list, (height, width, frames), _ = check_sampling(

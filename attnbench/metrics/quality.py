@@ -131,12 +131,12 @@ def evaluate(ckpt: str | Path | None, config: EvalConfig, run_dir: str | Path, *
              teacher: str | Path | None = None, argv: list[str] | None = None,
              progress: bool = True, log=print, force: bool = False) -> dict[str, Any]:
     """Run the quality stage (module docstring); returns ``{"row", "metrics", "run_dir"}``."""
-    from ..bench.environment import environment
+    from ..common.environment import environment
     from ..models import load_dit
 
     device = cliutil.device(config.device)
     if ckpt is None:
-        from ..distill.teacher import default_teacher_path
+        from ..models.teacher import default_teacher_path
 
         ckpt = default_teacher_path()
     if config.vae is not None:
@@ -313,7 +313,7 @@ def _fidelity(model, ckpt, teacher_path, config: EvalConfig, device, vae,
     from .sample import chunk_ranges, chunk_seed, decode, sample_chunk
 
     if teacher_path is None:
-        from ..distill.teacher import default_teacher_path
+        from ..models.teacher import default_teacher_path
 
         teacher_path = default_teacher_path()
     teacher = load_dit(teacher_path, device=device)

@@ -376,8 +376,8 @@ def run_sampling(ckpt: str | Path | None, settings: SampleSettings, out: str | P
     after an interruption resumes (drawing only the missing chunks, whose seeds
     do not depend on what was drawn before); ``force`` starts over.
     """
+    from ..common import dist
     from ..data.images import save_png
-    from ..distill import dist
     from ..models import load_dit
 
     out = Path(out)
@@ -385,7 +385,7 @@ def run_sampling(ckpt: str | Path | None, settings: SampleSettings, out: str | P
         raise ValueError(f"--out {out} is a file, not a directory")
     runfolder.lock_folder(out, "sample")
     if ckpt is None:
-        from ..distill.teacher import default_teacher_path
+        from ..models.teacher import default_teacher_path
 
         ckpt = default_teacher_path()
     if vae_path is not None:
@@ -451,7 +451,7 @@ def gather_samples(out: Path, mine: dict[str, Any], info, num: int
                    ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Every rank's samples (``indices``, ``images``, ``labels``) on rank 0 in index order,
     through shard files in ``out``; ``(None, None)`` on the other ranks."""
-    from ..distill import dist
+    from ..common import dist
 
     if info.enabled:
         shard = out / SHARD_DIR / f"rank{info.rank:03d}.npz"

@@ -68,7 +68,7 @@ import torch
 from .. import attention
 from ..attention.base import Grid
 from ..attention.layout import Layout
-from ..bench.sweep import parse_methods
+from ..attention.specs import parse_methods
 
 #: the ``level`` of zero-shot rows in the results table
 FIDELITY_LEVEL = "fidelity"
@@ -114,7 +114,7 @@ class Variant:
 def parse_variants(text: str, method_options: Sequence[str] = ()) -> list[Variant]:
     """``"softmax,lit:heads=2,clear:radius=3"`` → variants (``run``'s syntax, plus ``heads=``).
 
-    The method options go through :func:`attnbench.bench.sweep.parse_methods` (the one
+    The method options go through :func:`attnbench.attention.specs.parse_methods` (the one
     parser of method specs); ``heads=N`` is taken off first: it is the student's
     head count at conversion, not an option of the method.
     """

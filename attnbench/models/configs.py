@@ -238,7 +238,7 @@ def get_config(name: str | DiTConfig, **overrides: Any) -> DiTConfig:
         size, patch = match.groups()
         key = next((n for n in DIT_CONFIGS if n.lower() == f"dit-{size}/{patch}".lower()), None)
     if key is None:
-        from ..attention.base import closest
+        from ..common.names import closest
 
         raise ValueError(f"unknown DiT config {name!r}" + closest(str(name), config_names()))
     config = DIT_CONFIGS[key]

@@ -28,9 +28,10 @@ from typing import Any
 
 import torch
 
-from .. import attention, versions
-from ..attention.base import closest
+from .. import attention
 from ..attention.recipes import ConversionRecipe
+from ..common.names import closest
+from ..common.versions import versions
 from .checkpoint import CheckpointInfo, load_dit, save_dit
 from .configs import DiTConfig
 from .dit import DiT

@@ -128,10 +128,10 @@ def method_order() -> list[str]:
 
 
 def _stated(method: str, options: str, effective: str) -> str:
-    """bench/sweep.py's stated_options (the options as the row ran them); the row's own
+    """attention/specs.py's stated_options (the options as the row ran them); the row's own
     text where attnbench's methods cannot be loaded."""
     try:
-        from ..bench.sweep import stated_options
+        from ..attention.specs import stated_options
     except Exception:  # a broken environment must not stop a report
         return options
     return stated_options(method, options, effective)

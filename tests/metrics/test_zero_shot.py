@@ -93,8 +93,8 @@ def test_variants_reuse_the_method_parser_and_take_heads_off():
 def teacher_layer():
     """q, k, v of the shipped teacher's block 2 on noised shapes-world images (float64)."""
     from attnbench.diffusion import Diffusion
-    from attnbench.distill.teacher import default_teacher_path
     from attnbench.models import load_dit
+    from attnbench.models.teacher import default_teacher_path
 
     teacher = load_dit(default_teacher_path()).double()
     x0, y, noise = zs.shapes_inputs(teacher.config, 2, seed=0)

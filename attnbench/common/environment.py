@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .. import versions
+from .versions import versions
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
