@@ -1,12 +1,15 @@
 """attnbench: benchmark and evaluate efficient attention inside Diffusion Transformers."""
 
-from .common.versions import __version__, versions
-
 __all__ = ["__version__", "convert", "versions"]
 
 
 def __getattr__(name: str):
-    # ``attnbench.convert`` without importing torch at ``import attnbench``
+    # lazily: ``import attnbench`` loads no submodule (``attnbench.results`` stays a leaf)
+    # and no torch (``attnbench.convert``)
+    if name in ("__version__", "versions"):
+        from .common import versions
+
+        return getattr(versions, name)
     if name == "convert":
         from .models.convert import convert
 
