@@ -30,9 +30,7 @@ from ..attention.base import Flops
 from ..attention.layout import Layout
 from ..models.configs import VAE_DOWNSAMPLE, DiTConfig
 from ..models.diffusers_configs import DiffusersConfig, get_diffusers_config
-from ..results import STATUS_SKIPPED, STATUS_UNAVAILABLE, Size
-
-LEVELS = ("attention", "block", "model")
+from ..results import SPEED_LEVELS, STATUS_SKIPPED, STATUS_UNAVAILABLE, Size
 
 
 @dataclass(frozen=True)
@@ -158,8 +156,8 @@ def build_workload(
     """The timed call of ``method`` at ``level`` on ``point`` (inputs allocated here)."""
     if isinstance(point, DiffusersPoint):
         return build_diffusers_workload(level, method, options, point, dtype, device, seed=seed)
-    if level not in LEVELS:
-        raise ValueError(f"unknown level {level!r}; valid: {', '.join(LEVELS)}")
+    if level not in SPEED_LEVELS:
+        raise ValueError(f"unknown level {level!r}; valid: {', '.join(SPEED_LEVELS)}")
     backend = attention.get(method)
     attend_options = backend.resolve(backend.attend_options(options))
     b, h, n, d = point.batch, point.heads, point.tokens, point.head_dim
@@ -377,8 +375,8 @@ def build_diffusers_workload(
     Raises :class:`Refused` for what cannot run: an impossible size (``skipped``), a
     layout the method does not take (``unavailable``), the block level.
     """
-    if level not in LEVELS:
-        raise ValueError(f"unknown level {level!r}; valid: {', '.join(LEVELS)}")
+    if level not in SPEED_LEVELS:
+        raise ValueError(f"unknown level {level!r}; valid: {', '.join(SPEED_LEVELS)}")
     if level == "block":
         raise Refused("the block level is DiT-only (attnbench's own DiT block); diffusers "
                       "models are measured at the attention and model levels",

@@ -23,7 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from ..results import HIGHER_IS_BETTER, Result, ResultsWriter, canonical_options
+from ..results import (
+    HIGHER_IS_BETTER,
+    QUALITY_LEVEL,
+    Result,
+    ResultsWriter,
+    canonical_options,
+)
 from ..results import label as result_label
 from .pipeline_sample import PROMPTS_FILE
 from .sample import INFO_FILE, NPZ_FILE
@@ -117,7 +123,7 @@ def evaluate_pair(student: str | Path, teacher: str | Path, run_dir: str | Path,
     settings = s_info.get("settings") or {}
     shape = s_info.get("image_shape") or [0, 0, 3]
     h, w = int(shape[-3]), int(shape[-2])
-    row = Result(method=method, options=options, level="quality", resolution=w, tokens=0,
+    row = Result(method=method, options=options, level=QUALITY_LEVEL, resolution=w, tokens=0,
                  batch=1, dtype="float32", device=device,
                  model=Path(str(s_info.get("model_path"))).name, heads=0, head_dim=0,
                  impl="pipeline", height=h if h != w else 0, extra=extra)

@@ -34,7 +34,13 @@ import numpy as np
 import torch
 
 from .. import cliutil
-from ..results import HIGHER_IS_BETTER, Result, ResultsWriter, canonical_options
+from ..results import (
+    HIGHER_IS_BETTER,
+    QUALITY_LEVEL,
+    Result,
+    ResultsWriter,
+    canonical_options,
+)
 from ..results import label as result_label
 from .sample import SampleSettings, check_vae, checkpoint_sha256, generate, save_npz
 
@@ -85,7 +91,7 @@ def quality_row(model, settings: SampleSettings, device: torch.device, extra: di
     grid = cfg.input_size // cfg.patch_size
     return Result(
         method=cfg.attention, options=canonical_options(dict(cfg.attention_options or {})),
-        level="quality", resolution=side, tokens=grid * grid, batch=settings.batch,
+        level=QUALITY_LEVEL, resolution=side, tokens=grid * grid, batch=settings.batch,
         dtype="float32", device=str(device), model=cfg.name or "custom", heads=cfg.heads,
         head_dim=cfg.hidden_size // cfg.heads, impl="sampling", latency_median_s=latency,
         repetitions=repetitions,
@@ -111,7 +117,7 @@ def merge_row(writer, row) -> None:
     clean-fid FID never sits beside torch-fidelity's precision under one record).
     """
     for old in writer.rows:
-        if old.key() == row.key() and old.level == "quality":
+        if old.key() == row.key() and old.level == QUALITY_LEVEL:
             redone = {g for g in METRIC_GROUPS if g in row.extra}
             kept = {k: v for k, v in old.extra.get("metrics", {}).items()
                     if metric_group(k) not in redone}

@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 
 from .. import runfolder
-from ..results import BASELINE_METHOD, STATUS_OK
+from ..results import BASELINE_METHOD, QUALITY_LEVEL, STATUS_OK
 from . import baselines as bl
 from .context_parallel import context_parallel_section, is_context_parallel
 from .plots import Plot, pareto_plot, samples_plot, speed_plots
@@ -472,7 +472,7 @@ def _published_section(frame: pd.DataFrame, published: pd.DataFrame) -> list:
         table_rows = []
         for _, r in group.iterrows():
             unit = "×" if r["unit"] == "x" else (f" {r['unit']}" if r["unit"] else "")
-            level = "" if r["level"] == "quality" else f" ({r['level']})"
+            level = "" if r["level"] == QUALITY_LEVEL else f" ({r['level']})"
             variant = f" `{r['options']}`" if r["options"] else ""
             setting = r["setting"] + (f". *{r['note']}*" if r["note"] else "")
             where = r["table_or_section"] if len(sources) == 1 else (

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .. import cliutil, runfolder
+from ..results import QUALITY_LEVEL
 
 COMPARE_HELP = """\
 Compare RUN_B against RUN_A point by point (method, options, level, resolution, batch,
@@ -67,8 +68,8 @@ def compare(args: argparse.Namespace) -> int:
                             quality=args.quality_threshold,
                             memory_floor_mib=args.memory_floor_mib)
     result = compare_frames(run_a.frame, run_b.frame, thresholds)
-    speed = {len(run_a.frame[run_a.frame["level"] != "quality"]),
-             len(run_b.frame[run_b.frame["level"] != "quality"])}
+    speed = {len(run_a.frame[run_a.frame["level"] != QUALITY_LEVEL]),
+             len(run_b.frame[run_b.frame["level"] != QUALITY_LEVEL])}
     common = int((result.points["_merge"] == "both").sum()) if len(result.points) else 0
     if not common and not len(result.quality) and speed != {0}:
         raise ValueError(f"{args.run_a} and {args.run_b} share no point (method, options, "
