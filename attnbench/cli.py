@@ -88,7 +88,7 @@ def _add_list(subparsers) -> None:
 
 #: stage modules contributing subcommands, each with ``add_parser(subparsers)``
 STAGES: tuple[str, ...] = ("models.cli", "pipeline", "bench.cli", "data.cli", "distill.cli",
-                           "report.cli", "metrics.cli", "fidelity")
+                           "report.cli", "metrics.cli", "zero_shot")
 
 
 class Parser(argparse.ArgumentParser):
