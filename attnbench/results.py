@@ -44,7 +44,9 @@ SPEED_LEVELS = ("attention", "block", "model")
 QUALITY_LEVEL = "quality"
 #: the rows of the zero-shot command (``fidelity``): each method vs softmax on the model's
 #: own q, k, v
-ZERO_SHOT_LEVEL = "fidelity"
+ZERO_SHOT_LEVEL = "zero-shot"
+#: level names rows were written with before, read as today's
+FORMER_LEVELS = {"fidelity": ZERO_SHOT_LEVEL}
 
 #: whether higher is better, for every quality metric attnbench writes or the report knows
 HIGHER_IS_BETTER: dict[str, bool] = {
@@ -417,6 +419,7 @@ def _result_from_row(data: dict[str, Any], where: str) -> Result:
             "attnbench version; re-run the sweep into a new directory"
         )
     data = dict(data)
+    data["level"] = FORMER_LEVELS.get(data["level"], data["level"])
     extra = data.pop("extra")
     data["extra"] = json.loads(extra) if isinstance(extra, str) else (extra or {})
     return Result(**data)

@@ -1,10 +1,8 @@
-"""Zero-shot fidelity: how close each method is to softmax on a model's own activations.
+"""Zero-shot: how close each method is to softmax on a model's own activations.
 
 Before any training, on the *same* inputs, this asks of every attention method (and
 option variant) how far it lands from the softmax attention the model was trained
-with -- per attention layer and per diffusion timestep, then end to end. (Not to be
-confused with :mod:`.fidelity`, which compares *samples* of a trained student with
-its teacher's.)
+with -- per attention layer and per diffusion timestep, then end to end.
 
 Per layer × timestep × variant, on the q, k, v the model itself computes there
 (captured with a forward pre-hook on each block's mixer and re-projected with the
@@ -70,9 +68,7 @@ from ..attention.base import Grid
 from ..attention.layout import Layout
 from ..attention.specs import parse_methods
 
-#: the ``level`` of zero-shot rows in the results table
-FIDELITY_LEVEL = "fidelity"
-#: files a ``fidelity`` run writes beside the results table
+#: files a zero-shot run (``python -m attnbench fidelity``) writes beside the results table
 FIDELITY_CSV = "fidelity.csv"
 END_TO_END_CSV = "end_to_end.csv"
 LOCALITY_CSV = "locality.csv"
@@ -707,4 +703,4 @@ def _mean(values) -> float:
 def _progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="zero-shot fidelity", unit="layer", disable=not enabled)
+    return tqdm(total=total, desc="zero-shot", unit="layer", disable=not enabled)

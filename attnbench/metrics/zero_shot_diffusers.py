@@ -1,4 +1,4 @@
-"""Zero-shot fidelity of a diffusers transformer (``fidelity --model NAME / --model-path DIR``).
+"""Zero-shot of a diffusers transformer (``fidelity --model NAME / --model-path DIR``).
 
 The measurement of :mod:`.zero_shot` on a diffusers model. The model runs with
 attnbench's softmax processors (they give the stock output: tests/integrations),
@@ -55,7 +55,7 @@ def check_softmax_model(entry, name: str) -> None:
     teacher to measure the methods against."""
     if entry.family in NOT_SOFTMAX:
         raise ValueError(f"{name}: its attention is {NOT_SOFTMAX[entry.family]}, not softmax; "
-                         "zero-shot fidelity measures methods against a softmax model")
+                         "zero-shot measures methods against a softmax model")
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 
 from .. import runfolder
-from ..results import BASELINE_METHOD, QUALITY_LEVEL, STATUS_OK
+from ..results import BASELINE_METHOD, QUALITY_LEVEL, STATUS_OK, ZERO_SHOT_LEVEL
 from . import baselines as bl
 from .context_parallel import context_parallel_section, is_context_parallel
 from .plots import Plot, pareto_plot, samples_plot, speed_plots
@@ -32,8 +32,8 @@ from .tables import (
     status_counts,
     times,
 )
-from .zero_shot import FIDELITY_LEVEL, zero_shot_section
 from .zero_shot import PLOT_FILES as ZERO_SHOT_PLOTS
+from .zero_shot import zero_shot_section
 
 PLOT_NAMES = ("latency", "speedup", "memory", "flops", "tflops", "pareto", "samples")
 PLOT_DIR = "plots"
@@ -110,7 +110,7 @@ def write_report(run_paths: list[Path | str], out: Path | str | None = None,
 def build_document(runs: list[Run], plot_dir: Path, published: pd.DataFrame,
                    title: str | None = None) -> tuple[Document, list[Plot]]:
     frame = pd.concat([r.frame for r in runs], ignore_index=True)
-    frame = frame[frame["level"] != FIDELITY_LEVEL]  # rendered by zero_shot_section
+    frame = frame[frame["level"] != ZERO_SHOT_LEVEL]  # rendered by zero_shot_section
     parallel = context_parallel_section(frame)
     frame = frame[~is_context_parallel(frame)]  # rendered by context_parallel_section
     names = ", ".join(r.name for r in runs)
