@@ -174,13 +174,6 @@ class Diffusion:
         """The original timesteps the model is called with for this process's steps ``t``."""
         return self._map.to(t.device)[t]
 
-    def sample_timesteps(self, batch: int, *, generator: torch.Generator | None = None,
-                         device: torch.device | str = "cpu") -> torch.Tensor:
-        """Uniform step indices ``[batch]`` (DiT's training draw)."""
-        t = torch.randint(0, self.num_steps, (batch,), generator=generator,
-                          device=generator.device if generator is not None else device)
-        return t.to(device)
-
     # ----- the forward process -------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
                  *, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -170,10 +170,6 @@ def _clear_stale(plot_dir: Path) -> None:
             stale.unlink()
 
 
-def _meta_values(runs: list[Run], key: str) -> list[Any]:
-    return list(dict.fromkeys(str(r.meta.get(key)) for r in runs if r.meta.get(key)))
-
-
 def _dtype_name(text: str) -> str:
     return str(text).replace("torch.", "")
 
