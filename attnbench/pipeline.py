@@ -31,7 +31,8 @@ from .bench import context_parallel, sharded
 from .bench.sweep import RESOLUTIONS, SweepPlan, run_sweep
 from .bench.workloads import DiffusersModel, diffusers_model
 from .common import dist as distributed
-from .common.environment import REPO_ROOT, environment
+from .common.environment import environment
+from .common.paths import REPO_ROOT
 from .metrics.quality import EvalConfig, evaluate, parse_metrics
 from .metrics.sample import SampleSettings
 from .models import load_dit

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from . import cliutil, runfolder
-from .common.environment import REPO_ROOT, environment
+from .common.environment import environment
+from .common.paths import REPO_ROOT
 from .metrics.quality import is_shapes_model
 from .metrics.zero_shot import (
     CHUNK_ELEMENTS,

@@ -1,4 +1,4 @@
-"""The kernels against their floors on this GPU, and the issue's speed targets.
+"""The kernels against their floors on this GPU; the speed targets against a sweep.
 
 ``python -m attnbench.bench.floor measure --out DIR`` (CUDA only):
 
@@ -41,7 +41,6 @@ profiles the target it missed by most.
 from __future__ import annotations
 
 import argparse
-import csv
 import gzip
 import json
 import shutil
@@ -52,34 +51,19 @@ from typing import Any
 
 import torch
 
-from ..common.environment import REPO_ROOT
+from .targets import EXACT_METHODS, Target, fastest_exact, load_targets
 
 GIB = 1 << 30
 
-#: the speed targets, one copy for the repository (``baselines/README.md`` says the columns);
-#: ``scripts/gpu_run.py`` reads the same file
-TARGETS_CSV = REPO_ROOT / "baselines" / "targets.csv"
 #: the label of the LiT forward kernel in floor.json (the bandwidth target names it)
 LIT_FLOOR_KERNEL = "lit_triton forward"
-#: the exact kernels a speed-up is taken against: the fastest of them that ran at the point
-EXACT_METHODS = ("softmax", "flash", "xformers")
 
 
-def load_targets(path: Path = TARGETS_CSV) -> list[dict[str, Any]]:
-    """The rows of ``targets.csv`` (``minimum`` and ``resolution`` as numbers); none when
-    the file is absent (an installed attnbench has no ``baselines/``)."""
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return [{**row, "minimum": float(row["minimum"]), "resolution": int(row["resolution"])}
-                for row in csv.DictReader(f)]
-
-
-def bandwidth_target(targets: list[dict[str, Any]] | None = None) -> float | None:
+def bandwidth_target(targets: tuple[Target, ...] | None = None) -> float | None:
     """The LiT kernel's target fraction of the measured HBM copy bandwidth, if one is set."""
     rows = [t for t in (load_targets() if targets is None else targets)
-            if t["kind"] == "bandwidth" and t["spec"] == LIT_FLOOR_KERNEL]
-    return rows[0]["minimum"] if rows else None
+            if t.kind == "bandwidth" and t.spec == LIT_FLOOR_KERNEL]
+    return rows[0].minimum if rows else None
 
 
 def _time(fn, device, budget_s: float = 2.0) -> dict[str, Any]:
@@ -349,24 +333,24 @@ def targets_markdown(run_dir: Path, resolution: int = 8192) -> str:
              "| level | method | latency ms | baseline | speed-up | target | verdict |",
              "|---|---|---:|---|---:|---:|---|"]
     for target in load_targets():
-        if target["kind"] != "speedup" or target["level"] not in set(frame["level"]):
+        if target.kind != "speedup" or target.level not in set(frame["level"]):
             continue
-        at_level = frame[frame["level"] == target["level"]]
+        at_level = frame[frame["level"] == target.level]
         exact = at_level[at_level["method"].isin(EXACT_METHODS)]
-        wanted = parse_methods(target["spec"])[0].label
+        wanted = parse_methods(target.spec)[0].label
         mine = at_level[at_level["label"] == wanted]
-        required = f"≥ {target['minimum']:g}×"
-        if mine.empty or exact.empty:
+        required = f"≥ {target.minimum:g}×"
+        base = fastest_exact(list(zip(exact["latency_median_s"], exact["label"], strict=True)))
+        if mine.empty or base is None:
             missing = wanted if mine.empty else "/".join(EXACT_METHODS)
-            lines.append(f"| {target['level']} | {wanted} | – | – | – | {required} | "
+            lines.append(f"| {target.level} | {wanted} | – | – | – | {required} | "
                          f"not measured ({missing} has no ok row) |")
             continue
-        base = exact.loc[exact["latency_median_s"].idxmin()]
         latency = mine["latency_median_s"].min()
-        speedup = base["latency_median_s"] / latency
-        verdict = "met" if speedup >= target["minimum"] else "MISSED"
-        lines.append(f"| {target['level']} | {wanted} | {latency * 1e3:.3f} | {base['label']} "
-                     f"{base['latency_median_s'] * 1e3:.1f} ms | {speedup:.1f}× | {required} | "
+        speedup = base[0] / latency
+        verdict = "met" if speedup >= target.minimum else "MISSED"
+        lines.append(f"| {target.level} | {wanted} | {latency * 1e3:.3f} | {base[1]} "
+                     f"{base[0] * 1e3:.1f} ms | {speedup:.1f}× | {required} | "
                      f"{verdict} |")
     return "\n".join(lines) + "\n"
 
@@ -475,6 +459,5 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["EXACT_METHODS", "TARGETS_CSV", "bandwidth_target", "device_ceilings",
-           "floor_markdown", "load_targets", "main", "measure_kernels", "profile_point",
-           "targets_markdown", "write_floor"]
+__all__ = ["bandwidth_target", "device_ceilings", "floor_markdown", "main", "measure_kernels",
+           "profile_point", "targets_markdown", "write_floor"]

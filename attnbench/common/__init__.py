@@ -2,6 +2,7 @@
 
 - :mod:`.versions`: the package version and the versions every saved artefact records;
 - :mod:`.environment`: how a number was made (device, libraries, git revision, command);
+- :mod:`.paths`: where attnbench's own checkout lies;
 - :mod:`.dist`: torchrun's processes, or one process when there is no torchrun;
 - :mod:`.names`: suggestions for a misspelt name in an error message.
 

@@ -12,9 +12,8 @@ from typing import Any
 
 import torch
 
+from .paths import REPO_ROOT
 from .versions import versions
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def git_revision(root: Path = REPO_ROOT) -> str | None:

@@ -147,7 +147,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
     else:
-        from ..common.environment import REPO_ROOT
+        from ..common.paths import REPO_ROOT
 
         out = REPO_ROOT / "reports" / "runs" / f"eval-{stamp}"
 
