@@ -305,7 +305,7 @@ def _write_report(out: Path) -> None:
 def add_parser(subparsers) -> None:
 
     p = subparsers.add_parser(
-        "run", help="latency, memory and FLOPs of every method across resolutions",
+        "run",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--res", help="image sizes in px, e.g. 256,1024,8192 (square) or 480x832 "

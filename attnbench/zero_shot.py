@@ -355,7 +355,7 @@ def _print_ranking(result: FidelityResult) -> None:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "fidelity", help="zero-shot fidelity: each method vs softmax on the model's own q, k, v",
+        "fidelity",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--ckpt", type=cliutil.non_empty("--ckpt", "a checkpoint"),

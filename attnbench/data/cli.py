@@ -59,7 +59,7 @@ def _world(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> None:
     """Register ``world``."""
     p = subparsers.add_parser(
-        "world", help="the shapes world: its label space (GenEval tasks) and sample images",
+        "world",
         description="The procedural shapes world the shipped teacher was trained on.",
     )
     p.add_argument("--describe", action="store_true", help="print the label space")

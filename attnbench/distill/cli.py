@@ -166,7 +166,6 @@ def add_parser(subparsers) -> None:
     """Register ``distill`` and ``train-teacher``."""
     p = subparsers.add_parser(
         "distill",
-        help="convert a DiT teacher to METHOD and distil the student (LiT/CLEAR/SLA recipes)",
         description=(
             "Convert the teacher (default: the shipped shapes-world DiT) to METHOD by weight "
             "inheritance, then train the student with the method's recipe (python -m "
@@ -219,7 +218,6 @@ def add_parser(subparsers) -> None:
 
     t = subparsers.add_parser(
         "train-teacher",
-        help="train the small pixel-space DiT teacher on the shapes world",
         description=(
             "Train a class-conditional DiT on the procedural shapes world with DiT's "
             "objective (ε-MSE + VB, learned variance) and write OUT/teacher/ (weights, "

@@ -189,8 +189,7 @@ def _eval_pipeline(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "sample", help="draw samples with DiT's protocol into PNGs and an ADM-format .npz",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", type=non_empty("--ckpt", "a checkpoint"),
                    help="DiT checkpoint or attnbench model folder "
                                   "(default: the shipped teacher)")
@@ -206,9 +205,7 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=_sample)
 
     p = subparsers.add_parser(
-        "eval", help="quality of a checkpoint (FID family, GenEval proxy, fidelity to the "
-                     "teacher) into the results table",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", type=non_empty("--ckpt", "a checkpoint"),
                    help="the model to evaluate (default: the shipped teacher)")
     p.add_argument("--teacher", type=non_empty("--teacher", "a checkpoint"),

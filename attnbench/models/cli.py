@@ -71,7 +71,6 @@ def add_parser(subparsers) -> None:
     """Register ``convert``."""
     p = subparsers.add_parser(
         "convert",
-        help="convert a DiT checkpoint to any registered attention (weight inheritance)",
         description=(
             "Replace every block's attention of a DiT checkpoint by METHOD's mixer, inherit "
             "what the method's recipe inherits, and save the student with a report "

@@ -93,8 +93,7 @@ def _names(a: Path, b: Path) -> tuple[str, str]:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "report", help="markdown + self-contained HTML report with plots of one or more runs",
-        description="Write report.md, report.html (figures embedded, opens offline) and "
+        "report", description="Write report.md, report.html (figures embedded, opens offline) and "
                     "plots/*.png for the run directories given. Published numbers from "
                     "baselines/published.csv are shown beside the measured ones, labelled.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
@@ -110,9 +109,7 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=report)
 
     p = subparsers.add_parser(
-        "compare", help="differences between two runs per method × resolution, flags "
-                        "beyond thresholds (usable in CI)",
-        description=COMPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "compare", description=COMPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_a", metavar="RUN_A", help="the reference run directory")
     p.add_argument("run_b", metavar="RUN_B", help="the run compared against it")
     p.add_argument("--latency-threshold", type=_fraction, default=0.10, metavar="FRAC",
