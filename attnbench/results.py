@@ -448,7 +448,7 @@ def add_ratios(rows: list[Result]) -> None:
 
 def to_dataframe(rows: list[Result]):
     """The table as a pandas DataFrame (one column per ``Result`` field)."""
-    import pandas as pd
+    import pandas as pd  # lazy: rows are read and written without pandas (a leaf module)
 
     frame = pd.DataFrame([r.as_row() for r in rows], columns=COLUMNS)
     return frame

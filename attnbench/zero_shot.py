@@ -31,7 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import cliutil, runfolder
+from .bench.workloads import diffusers_model
 from .common.environment import environment
 from .common.paths import REPO_ROOT
 from .metrics.quality import is_shapes_model
@@ -49,7 +52,13 @@ from .metrics.zero_shot import (
     check_timesteps,
     load_inputs,
     parse_variants,
+    read_tensors,
     zero_shot_fidelity,
+)
+from .metrics.zero_shot_diffusers import (
+    check_softmax_model,
+    step_inputs,
+    zero_shot_fidelity_diffusers,
 )
 from .models import load_dit
 from .models.configs import VAE_DOWNSAMPLE
@@ -208,8 +217,6 @@ def write_outputs(out: Path, result: FidelityResult, subject: Subject, config: F
 
 
 def _check_device(device: str) -> None:
-    import torch
-
     if device != "cpu" and not device.startswith("cuda"):
         raise ValueError(f"--device {device!r}: use cpu or cuda[:N]")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -265,14 +272,6 @@ def fidelity(args: argparse.Namespace) -> int:
 
 def _fidelity_diffusers(args: argparse.Namespace, config: FidelityConfig) -> int:
     """``fidelity --model NAME / --model-path DIR``: a diffusers transformer."""
-    from .bench.workloads import diffusers_model
-    from .metrics.zero_shot import read_tensors
-    from .metrics.zero_shot_diffusers import (
-        check_softmax_model,
-        step_inputs,
-        zero_shot_fidelity_diffusers,
-    )
-
     if args.ckpt:
         raise ValueError("--ckpt is an attnbench/DiT checkpoint; it does not combine with "
                          "--model / --model-path")
@@ -281,8 +280,8 @@ def _fidelity_diffusers(args: argparse.Namespace, config: FidelityConfig) -> int
     if args.model and args.model.strip().lower() not in DIFFUSERS_CONFIGS:
         raise ValueError(f"--model {args.model!r}: fidelity takes a diffusers zoo name "
                          f"({', '.join(diffusers_config_names())}); a DiT goes in --ckpt")
-    import torch
 
+    # lazy: diffusers is an optional extra
     from .integrations.diffusers import build_transformer, load_transformer, model_shapes
 
     chosen = diffusers_model(args.model, args.model_path, args.frames)

@@ -49,9 +49,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
 
+from .. import attention
+from ..attention import _triton, clear, sla
+from ..attention import lit as _lit
+from ..attention.specs import parse_methods
+from ..common.environment import environment
+from ..models.configs import get_config
+from ..results import label as result_label
 from .targets import EXACT_METHODS, Target, fastest_exact, load_targets
+from .timer import measure, synchronize
+from .workloads import Point, build_workload
 
 GIB = 1 << 30
 
@@ -67,8 +79,6 @@ def bandwidth_target(targets: tuple[Target, ...] | None = None) -> float | None:
 
 
 def _time(fn, device, budget_s: float = 2.0) -> dict[str, Any]:
-    from attnbench.bench.timer import measure
-
     try:
         t = measure(fn, device, budget_s=budget_s, warmup_s=0.2, min_reps=3, max_reps=200)
         return {"median_s": t.median, "p20_s": t.p20, "p80_s": t.p80, "reps": t.reps}
@@ -122,13 +132,6 @@ def measure_kernels(model: str, resolution: int, dtype: torch.dtype, batch: int 
 
     With ``out``, ``floor.json`` and ``floor.md`` are rewritten after every kernel, so a
     run stopped part-way keeps the kernels it measured."""
-    from attnbench import attention
-    from attnbench.attention import _triton, clear, sla
-    from attnbench.attention import lit as _lit
-    from attnbench.attention import sla as _sla
-    from attnbench.bench.workloads import Point
-    from attnbench.common.environment import environment
-    from attnbench.models.configs import get_config
 
     device = torch.device("cuda")
     point = Point(get_config(model), resolution, batch)
@@ -190,7 +193,6 @@ def measure_kernels(model: str, resolution: int, dtype: torch.dtype, batch: int 
         add({"kernel": "lit_triton", "error": reason})
 
     # ---- softmax
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     dense = 4.0 * b * h * n * n * d
     for label, backend in (("SDPA flash", SDPBackend.FLASH_ATTENTION),
@@ -206,13 +208,13 @@ def measure_kernels(model: str, resolution: int, dtype: torch.dtype, batch: int 
                               flops=dense, note="compute-bound: 4·B·H·N²·d"))
 
     # ---- SLA at 95% sparsity
-    reason = _triton.kernel_reason(_sla.TRITON_MODULE, device, dtype, q.shape)
+    reason = _triton.kernel_reason(sla.TRITON_MODULE, device, dtype, q.shape)
     opts = {"block_q": 64, "block_kv": 64, "feature_map": "softmax", "linear_over": "marginal",
             "eps": 1e-5}
     add(_entry("SLA block map (pooled scores + top-k)",
                           _time(lambda: sla.block_indices(q, k, 64, 64, 0.05), device)))
     if reason is None:
-        kern = _triton.load(_sla.TRITON_MODULE)
+        kern = _triton.load(sla.TRITON_MODULE)
         indices = sla.block_indices(q, k, 64, 64, 0.05)
         nq, kk = indices.shape[-2], indices.shape[-1]
         da, db = kern.head_pieces(d)
@@ -319,15 +321,11 @@ def floor_markdown(data: dict) -> str:
 def targets_markdown(run_dir: Path, resolution: int = 8192) -> str:
     """The speed-up targets (``targets.csv``) against a sweep's results: met / MISSED / not
     measured, each over the fastest exact kernel in the sweep at the same point."""
-    import pandas as pd
-
-    from attnbench.attention.specs import parse_methods
-    from attnbench.results import label
 
     frame = pd.read_csv(run_dir / "results.csv")
     square = frame["height"].fillna(0) == 0 if "height" in frame else True
     frame = frame[(frame["resolution"] == resolution) & square & (frame["status"] == "ok")]
-    frame = frame.assign(label=[label(m, o if isinstance(o, str) else "")
+    frame = frame.assign(label=[result_label(m, o if isinstance(o, str) else "")
                                 for m, o in zip(frame["method"], frame["options"], strict=True)])
     lines = [f"# Targets at {resolution} px ({run_dir.name})", "",
              "| level | method | latency ms | baseline | speed-up | target | verdict |",
@@ -360,12 +358,6 @@ def profile_point(model: str, resolution: int, level: str, method: str, dtype: t
     """Where one point's time goes: ``calls`` calls under ``torch.profiler`` after one
     untimed call (compilation, caches), as ``profile.md`` (the operators by their own
     device time, CPU time where there is no GPU) and a gzipped Chrome trace in ``out``."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from attnbench.attention.specs import parse_methods
-    from attnbench.bench.timer import synchronize
-    from attnbench.bench.workloads import Point, build_workload
-    from attnbench.models.configs import get_config
 
     spec = parse_methods(method)[0]
     work = build_workload(level, spec.name, spec.options, Point(get_config(model), resolution, 1),

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
 from .. import attention
 from ..attention.layout import Layout
@@ -363,7 +364,6 @@ def baseline_compared(spec: MethodSpec, res: Size, level: str, rows: Iterable[Re
 
 def run_sweep(plan: SweepPlan, writer: ResultsWriter, *, progress: bool = True) -> list[Result]:
     """Run every point of ``plan`` not already in ``writer``'s directory; return all rows."""
-    from tqdm import tqdm
 
     done = writer.done(_stated_row)
     todo = []

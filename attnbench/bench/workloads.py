@@ -30,6 +30,7 @@ from ..attention.base import Flops
 from ..attention.layout import Layout
 from ..models.configs import VAE_DOWNSAMPLE, DiTConfig
 from ..models.diffusers_configs import DiffusersConfig, get_diffusers_config
+from ..models.dit import DiT, DiTBlock
 from ..results import SPEED_LEVELS, STATUS_SKIPPED, STATUS_UNAVAILABLE, Size
 
 
@@ -188,8 +189,6 @@ def build_workload(
     config = point.config.replace(attention=method, attention_options=dict(options))
     activations = _activation_bytes(config, b, n, element)
     if level == "block":
-        from ..models.dit import DiTBlock
-
         block = DiTBlock(config.hidden_size, config.heads, config.mlp_ratio, method, options)
         block = block.to(device=device, dtype=dtype).eval()
         x, c = randn(b, n, config.hidden_size), randn(b, config.hidden_size)
@@ -202,8 +201,6 @@ def build_workload(
         params = sum(p.numel() for p in block.parameters()) * element
         return Workload(fn, flops, params + activations + attn_mem.workspace, impl,
                         countable=countable, passed_over=passed)
-
-    from ..models.dit import DiT
 
     model = DiT(config).to(device=device, dtype=dtype).eval()
     x = randn(b, config.in_channels, *point.latent)

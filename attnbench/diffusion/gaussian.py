@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .schedule import SCHEDULES, space_timesteps
 
@@ -375,8 +376,6 @@ class Diffusion:
         trajectory = [x] if return_trajectory else []
         indices = list(range(process.num_steps))[::-1]
         if progress:
-            from tqdm.auto import tqdm
-
             indices = tqdm(indices, desc=f"{sampler} {process.num_steps} steps", leave=False)
         for i in indices:
             t = torch.full((shape[0],), i, dtype=torch.long, device=device)

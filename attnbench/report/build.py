@@ -11,6 +11,7 @@ import pandas as pd
 from .. import runfolder
 from ..results import BASELINE_METHOD, QUALITY_LEVEL, STATUS_OK, ZERO_SHOT_LEVEL
 from . import baselines as bl
+from .compare import Thresholds, compare_frames, comparison_table
 from .context_parallel import context_parallel_section, is_context_parallel
 from .plots import Plot, pareto_plot, samples_plot, speed_plots
 from .render import Bullets, Document, Figure, Heading, Note, Para, Table, to_html, to_markdown
@@ -640,8 +641,6 @@ def _defaults(methods: list[str]) -> str:
 
 
 def _comparison(runs: list[Run]) -> list:
-    from .compare import Thresholds, compare_frames, comparison_table
-
     blocks: list = [Heading("Run comparison")]
     base = runs[0]
     for other in runs[1:]:

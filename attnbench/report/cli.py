@@ -7,7 +7,11 @@ import sys
 from pathlib import Path
 
 from .. import cliutil, runfolder
+from ..cliutil import UsageError, check_number
 from ..results import QUALITY_LEVEL
+from .build import write_report
+from .compare import Thresholds, compare_frames, to_markdown
+from .tables import load_run
 
 COMPARE_HELP = """\
 Compare RUN_B against RUN_A point by point (method, options, level, resolution, batch,
@@ -25,8 +29,6 @@ EXIT_REGRESSION = 1
 
 
 def report(args: argparse.Namespace) -> int:
-    from .build import write_report
-
     seen: dict[Path, str] = {}
     for run in args.runs:
         if Path(run).resolve() in seen:
@@ -43,7 +45,6 @@ def report(args: argparse.Namespace) -> int:
 
 def _fraction(text: str) -> float:
     """``0.1``, ``10%`` → 0.1: finite and >= 0 (a ``nan`` threshold would pass everything)."""
-    from ..cliutil import UsageError, check_number
 
     try:
         value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
@@ -57,9 +58,6 @@ def _fraction(text: str) -> float:
 
 
 def compare(args: argparse.Namespace) -> int:
-    from .compare import Thresholds, compare_frames, to_markdown
-    from .tables import load_run
-
     if args.out is not None:  # before reading: a user's file (or a run's table) is never replaced
         runfolder.claim_output(args.out, force=args.force, kind="compare", flag="--out")
     run_a, run_b = load_run(args.run_a, "A"), load_run(args.run_b, "B")

@@ -11,6 +11,7 @@ that have them; :func:`write_zero_shot_report` writes a report of this section a
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -220,8 +221,6 @@ def zero_shot_blocks(directory: Path, plot_dir: Path, title: str = SECTION) -> l
 
 
 def _summaries(directory: Path) -> dict[str, dict]:
-    import json
-
     path = Path(directory) / "fidelity.json"
     if not path.is_file():
         return {}
