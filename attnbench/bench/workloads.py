@@ -248,7 +248,7 @@ class DiffusersModel:
         return f"{self.entry.class_name} ({self.folder})"
 
     def point(self, size: int | Size, batch: int) -> DiffusersPoint:
-        from ..integrations.diffusers import model_shapes
+        from ..integrations.diffusers import model_shapes  # lazy: diffusers is an optional extra
 
         size = Size.of(size)
         try:
@@ -274,6 +274,7 @@ def diffusers_model(name: str | None = None, path: str | Path | None = None,
     """
     folder = None
     if path is not None:
+        # lazy: diffusers is an optional extra
         from ..integrations.diffusers import read_transformer_config
 
         folder, entry = read_transformer_config(path)
@@ -285,7 +286,7 @@ def diffusers_model(name: str | None = None, path: str | Path | None = None,
                              "for video models (e.g. wan2.1-t2v-1.3b)")
     else:
         frames = entry.default_frames if frames is None else frames
-        from ..integrations.diffusers import model_shapes
+        from ..integrations.diffusers import model_shapes  # lazy: diffusers is an optional extra
 
         model_shapes(entry, entry.default_res, frames)  # a bad frame count raises here
     return DiffusersModel(entry, folder, frames)
@@ -342,6 +343,7 @@ def _layout_reason(backend: attention.AttentionBackend, layout: Layout,
 
 def _diffusers_attention_cost(backend, b, h, n, d, layout, opts, impl, element):
     """``(flops or None, dense flops, bytes)`` of one self-attention call over ``layout``."""
+    # lazy: diffusers is an optional extra
     from ..integrations.diffusers.flops import attention_flops
 
     actual = attention_flops(backend, b, h, d, layout, opts)
@@ -411,6 +413,7 @@ def build_diffusers_workload(
                         overheads, countable, passed, flops_modelled=actual is not None,
                         extra=extra)
 
+    # lazy: diffusers is an optional extra
     from ..integrations.diffusers import build_transformer, diffusers_workload, step_flops
 
     meta = build_transformer(point.model.entry, device="meta", dtype=dtype)

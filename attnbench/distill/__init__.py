@@ -12,23 +12,9 @@ terms, ``trainer.py`` the loop (DDP, EMA, checkpoints, metrics, evaluation),
 """
 
 from ..models.teacher import TEACHER_CONFIG, default_teacher_path, verify_teacher
+from .pipeline import distill, train_teacher
 from .recipes import RECIPES, TERMS, DistillRecipe, get_recipe, recipe_for
 from .trainer import TrainConfig, Trainer, evaluate, plan_batch
-
-
-def distill(*args, **kwargs):
-    """See :func:`attnbench.distill.pipeline.distill`."""
-    from .pipeline import distill as _distill
-
-    return _distill(*args, **kwargs)
-
-
-def train_teacher(*args, **kwargs):
-    """See :func:`attnbench.distill.pipeline.train_teacher`."""
-    from .pipeline import train_teacher as _train_teacher
-
-    return _train_teacher(*args, **kwargs)
-
 
 __all__ = [
     "RECIPES",

@@ -14,8 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 
+import torch
+
 from .. import runfolder
 from ..cliutil import UsageError, non_empty, non_negative_int, number, parse_options, positive_int
+from ..models.teacher import TEACHER_CONFIG
+from .pipeline import distill, train_teacher
+from .trainer import TrainConfig
 
 
 def _steps_spec(text: str) -> int | str:
@@ -77,10 +82,6 @@ def _add_training_flags(p: argparse.ArgumentParser, *, steps: int, batch: int,
 
 
 def _train_config(args: argparse.Namespace):
-    import torch
-
-    from .trainer import TrainConfig
-
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
@@ -116,12 +117,10 @@ def _print_summary(summary: dict, as_json: bool) -> None:
 
 
 def _distill(args: argparse.Namespace) -> int:
-    from .pipeline import distill
-
     config = _train_config(args)
     runfolder.lock_folder(args.out, "distill")
     if args.model_path is not None:
-        from .diffusers_cli import distill_command
+        from .diffusers_cli import distill_command  # lazy: diffusers is an optional extra
 
         return _print_summary(distill_command(args, config), args.json) or 0
     weights = parse_options(args.weight, flag="--weight", example="kd_out=0.5")
@@ -142,9 +141,6 @@ def _distill(args: argparse.Namespace) -> int:
 
 
 def _train_teacher(args: argparse.Namespace) -> int:
-    from ..models.teacher import TEACHER_CONFIG
-    from .pipeline import train_teacher
-
     config = _train_config(args)
     runfolder.lock_folder(args.out, "train-teacher")
     overrides = {}
@@ -208,7 +204,7 @@ def add_parser(subparsers) -> None:
     d.add_argument("--gen-cfg", type=number("--gen-cfg", low=0), default=1.0,
                    help="guidance scale of those samples (default 1.0: the teacher's own "
                         "distribution)")
-    from .diffusers_cli import add_pipeline_flags
+    from .diffusers_cli import add_pipeline_flags  # lazy: diffusers is an optional extra
 
     add_pipeline_flags(p)
     # optimiser, lr, weight decay, warm-up, EMA and clipping: the recipe's unless given

@@ -33,12 +33,16 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
 
 from .. import runfolder
 from ..common import dist as _dist
@@ -435,8 +439,6 @@ class Trainer:
 
         net: nn.Module = model
         if d.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
             net = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda"
                       else None)
 
@@ -445,8 +447,6 @@ class Trainer:
         autocast_dtype = PRECISIONS[cfg.precision]
         bar = None
         if cfg.progress and d.is_main and start < cfg.steps:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=cfg.steps, initial=start, desc=self.identity.get("kind", "train"),
                        dynamic_ncols=True)
         t_start = time.perf_counter()
@@ -597,8 +597,6 @@ class Trainer:
             atomic_write_text(path, "".join(line + "\n" for line in kept))
         csv_path = self.out / METRICS_CSV
         if csv_path.exists():
-            from io import StringIO
-
             buf = StringIO()
             if metrics:
                 writer = csv.DictWriter(buf, fieldnames=list(metrics[0]))
@@ -684,8 +682,6 @@ def _sdpa_backends(device: torch.device, autocast_dtype: torch.dtype | None):
     suffices.
     """
     if device.type == "cpu" and autocast_dtype == torch.bfloat16:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
         return sdpa_kernel([SDPBackend.MATH])
     return contextlib.nullcontext()
 

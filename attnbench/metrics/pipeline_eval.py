@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from ..common.environment import environment
 from ..results import (
     HIGHER_IS_BETTER,
     QUALITY_LEVEL,
@@ -31,6 +33,9 @@ from ..results import (
     canonical_options,
 )
 from ..results import label as result_label
+from .engines import inception_weights
+from .fid import Reference, quality_metrics
+from .fidelity import psnr, ssim
 from .pipeline_sample import PROMPTS_FILE
 from .sample import INFO_FILE, NPZ_FILE
 
@@ -76,20 +81,12 @@ def evaluate_pair(student: str | Path, teacher: str | Path, run_dir: str | Path,
                   device: str = "cpu", argv: list[str] | None = None,
                   force: bool = False) -> dict[str, Any]:
     """Score the student folder against the teacher's; one quality row in ``run_dir``."""
-    import torch
-
-    from ..common.environment import environment
-    from .fid import Reference, quality_metrics
-    from .fidelity import psnr, ssim
-
     s_dir, s_info, t_dir, _ = check_pair(student, teacher)
     unknown = [g for g in groups if g not in GROUPS]
     if unknown:
         raise ValueError(f"--metrics {','.join(unknown)}: a pipeline evaluation computes "
                          f"{', '.join(GROUPS)}")
     if "fid" in groups and extractor == "inception":
-        from .engines import inception_weights
-
         weights = inception_weights(engine, weights)  # the file named before any work
     writer = ResultsWriter(Path(run_dir), {**environment(torch.device(device),
                                                          ["python", "-m", "attnbench",
