@@ -1,20 +1,15 @@
 """attnbench: benchmark and evaluate efficient attention inside Diffusion Transformers."""
 
-__version__ = "0.1.0"
-
-
-def versions() -> dict[str, str]:
-    """attnbench, torch and Python versions: what every saved artefact records."""
-    import platform
-
-    import torch
-
-    return {"attnbench": __version__, "torch": torch.__version__,
-            "python": platform.python_version()}
+__all__ = ["__version__", "convert", "versions"]
 
 
 def __getattr__(name: str):
-    # ``attnbench.convert`` without importing torch at ``import attnbench``
+    # lazily: ``import attnbench`` loads no submodule (``attnbench.results`` stays a leaf)
+    # and no torch (``attnbench.convert``)
+    if name in ("__version__", "versions"):
+        from .common import versions
+
+        return getattr(versions, name)
     if name == "convert":
         from .models.convert import convert
 

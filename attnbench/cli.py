@@ -1,7 +1,10 @@
 """``python -m attnbench <command>``: one subcommand per stage.
 
 Each stage module contributes ``add_parser(subparsers)`` which registers its
-subcommand with ``func=handler``; handlers return an exit code. A ``ValueError``
+subcommands with ``func=handler``; handlers return an exit code. :data:`COMMANDS`
+says which module defines each command and its line in ``--help``: only the module of
+the command given is imported, so ``--help`` and ``list`` start without loading the
+stages (torch, matplotlib, pandas, diffusers). A ``ValueError``
 (bad user input, by the project's convention) or a missing file becomes a
 one-line message on stderr and exit code 2 -- never a traceback; so does a full
 disk or a read-only destination (:func:`attnbench.runfolder.write_error`).
@@ -10,11 +13,13 @@ disk or a read-only destination (:func:`attnbench.runfolder.write_error`).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Sequence
 
 from . import cliutil, runfolder
+from .common.versions import __version__
 
 EXIT_USAGE = 2
 
@@ -23,7 +28,7 @@ EXIT_USAGE = 2
 
 
 def _list(args: argparse.Namespace) -> int:
-    from . import attention
+    from . import attention  # lazy: the registry imports torch; ``--help`` does not need it
 
     dtype = cliutil.dtype(args.dtype)
     cliutil.device(args.device)  # cpu / cuda[:N] of this machine, before any method is asked
@@ -86,9 +91,39 @@ def _add_list(subparsers) -> None:
 
 # --------------------------------------------------------------------------- main
 
-#: stage modules contributing subcommands, each with ``add_parser(subparsers)``
-STAGES: tuple[str, ...] = ("models.cli", "pipeline", "bench.cli", "data.cli", "distill.cli",
-                           "report.cli", "metrics.cli", "fidelity")
+#: every command after ``list``, in the order of ``--help``: the stage module whose
+#: ``add_parser(subparsers)`` defines it, and its line in ``--help``
+COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("models.cli",
+                "convert a DiT checkpoint to any registered attention (weight inheritance)"),
+    "run": ("pipeline", "latency, memory and FLOPs of every method across resolutions"),
+    "import-benchmark": ("bench.cli",
+                         "turn pytest-benchmark JSON (tests/bench) into a results table"),
+    "world": ("data.cli", "the shapes world: its label space (GenEval tasks) and sample images"),
+    "distill": ("distill.cli",
+                "convert a DiT teacher to METHOD and distil the student (LiT/CLEAR/SLA recipes)"),
+    "train-teacher": ("distill.cli", "train the small pixel-space DiT teacher on the shapes world"),
+    "report": ("report.cli",
+               "markdown + self-contained HTML report with plots of one or more runs"),
+    "compare": ("report.cli", "differences between two runs per method × resolution, flags "
+                              "beyond thresholds (usable in CI)"),
+    "sample": ("metrics.cli",
+               "draw samples with DiT's protocol into PNGs and an ADM-format .npz"),
+    "eval": ("metrics.cli", "quality of a checkpoint (FID family, GenEval proxy, fidelity to the "
+                            "teacher) into the results table"),
+    "fidelity": ("zero_shot", "zero-shot: each method vs softmax on the model's own q, k, v"),
+}
+
+
+class _Commands:
+    """The subparsers handed to a stage's ``add_parser``: each command gets its line in
+    ``--help`` from :data:`COMMANDS`."""
+
+    def __init__(self, subparsers) -> None:
+        self._subparsers = subparsers
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        return self._subparsers.add_parser(name, help=COMMANDS[name][1], **kwargs)
 
 
 class Parser(argparse.ArgumentParser):
@@ -99,11 +134,9 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    import importlib
-
-    from . import __version__
-
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with ``command``'s stage in full (its module imported) and every other
+    command as its ``--help`` line alone; ``None``: every stage in full."""
     parser = Parser(
         prog="python -m attnbench",
         description="Benchmark and evaluate efficient attention inside Diffusion Transformers.",
@@ -111,14 +144,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"attnbench {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_list(subparsers)
-    for module in STAGES:
-        importlib.import_module(f"attnbench.{module}").add_parser(subparsers)
+    added: set[str] = set()
+    for name, (module, line) in COMMANDS.items():
+        if command is None or COMMANDS.get(command, ("",))[0] == module:
+            if module not in added:  # a stage defines all its commands at once
+                importlib.import_module(f"attnbench.{module}").add_parser(_Commands(subparsers))
+                added.add(module)
+        else:
+            subparsers.add_parser(name, help=line, add_help=False)
     return parser
 
 
+def _command(argv: Sequence[str]) -> str:
+    """The command ``argv`` names (its first word that is not an option), or ``""``."""
+    return next((word for word in argv if not word.startswith("-")), "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     args.argv = argv  # the command line, recorded with every result
     if not getattr(args, "func", None):

@@ -14,8 +14,10 @@ import argparse
 import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 class UsageError(ValueError):
@@ -188,6 +190,8 @@ def choices(flag: str, text: str | None, accepted: Sequence[str]) -> list[str]:
 
 def device(name: str | torch.device | None, flag: str = "--device") -> torch.device:
     """``cpu`` / ``cuda[:N]``, checked against this machine; ``None``: cuda when visible."""
+    import torch  # lazy: every command's parser imports cliutil, ``--help`` needs no torch
+
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -214,6 +218,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def dtype(name: str | torch.dtype, flag: str = "--dtype") -> torch.dtype:
     """One of :data:`DTYPES` by name (``float32``, ``bfloat16``, ``float16``)."""
+    import torch  # lazy: every command's parser imports cliutil, ``--help`` needs no torch
+
     if isinstance(name, torch.dtype):
         name = str(name).removeprefix("torch.")
     if name not in DTYPES:

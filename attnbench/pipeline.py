@@ -26,19 +26,29 @@ import torch
 
 from . import attention, cliutil, runfolder
 from .attention.parallel import STRATEGIES
+from .attention.specs import parse_methods
 from .bench import context_parallel, sharded
-from .bench.environment import REPO_ROOT, environment
-from .bench.sweep import RESOLUTIONS, SweepPlan, parse_methods, run_sweep
-from .bench.workloads import LEVELS, DiffusersModel, diffusers_model
-from .distill import dist as distributed
-from .distill.agreement import check_same_options
+from .bench.sweep import RESOLUTIONS, SweepPlan, run_sweep
+from .bench.workloads import DiffusersModel, diffusers_model
+from .common import dist as distributed
+from .common.agreement import check_same_options
+from .common.environment import environment
+from .common.paths import REPO_ROOT
 from .metrics.quality import EvalConfig, evaluate, parse_metrics
 from .metrics.sample import SampleSettings
 from .models import load_dit
 from .models.configs import CPU_DEFAULT, DiTConfig, config_names, get_config
 from .models.diffusers_configs import DIFFUSERS_CONFIGS, diffusers_config_names
 from .report import write_report
-from .results import STATUS_OK, ResultsWriter, Size, label, size_text, to_dataframe
+from .results import (
+    SPEED_LEVELS,
+    STATUS_OK,
+    ResultsWriter,
+    Size,
+    label,
+    size_text,
+    to_dataframe,
+)
 
 GPU_DEFAULTS = {"model": "DiT-XL/2", "dtype": "bfloat16", "res": RESOLUTIONS,
                 "levels": ("attention", "model"), "budget": 120.0}
@@ -90,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     config = _model(args, defaults)
     strategy = _context_parallel(args)
     levels = cliutil.choices("--level", ",".join(defaults["levels"]) if args.level is None
-                             else args.level, LEVELS)
+                             else args.level, SPEED_LEVELS)
     if strategy and levels != ["attention"]:
         if args.level is not None:
             raise cliutil.UsageError(f"--context-parallel measures the attention call: --level "
@@ -303,7 +313,7 @@ def _write_report(out: Path) -> None:
 def add_parser(subparsers) -> None:
 
     p = subparsers.add_parser(
-        "run", help="latency, memory and FLOPs of every method across resolutions",
+        "run",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--res", help="image sizes in px, e.g. 256,1024,8192 (square) or 480x832 "
@@ -313,7 +323,7 @@ def add_parser(subparsers) -> None:
                    "(default: every method available here)")
     p.add_argument("--method-options", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="an option for every run of a method, e.g. clear.radius=8 (repeatable)")
-    p.add_argument("--level", help=f"comma-separated levels: {', '.join(LEVELS)} "
+    p.add_argument("--level", help=f"comma-separated levels: {', '.join(SPEED_LEVELS)} "
                    "(default attention,model); block is DiT-only (diffusers models: "
                    "attention = one self-attention call at the model's true layout, model "
                    "= one denoising step)")

@@ -38,6 +38,16 @@ STATUS_UNAVAILABLE = "unavailable"  # the method cannot run on this device/dtype
 STATUS_ERROR = "error"  # anything else; retried on resume
 FINAL_STATUSES = {STATUS_OK, STATUS_SKIPPED, STATUS_OOM, STATUS_UNAVAILABLE}
 
+#: a row's ``level``: the speed levels ``run`` measures, in the order of every table
+SPEED_LEVELS = ("attention", "block", "model")
+#: the rows of ``eval`` (FID family, GenEval proxy, fidelity to the teacher)
+QUALITY_LEVEL = "quality"
+#: the rows of the zero-shot command (``fidelity``): each method vs softmax on the model's
+#: own q, k, v
+ZERO_SHOT_LEVEL = "zero-shot"
+#: level names rows were written with before, read as today's
+FORMER_LEVELS = {"fidelity": ZERO_SHOT_LEVEL}
+
 #: whether higher is better, for every quality metric attnbench writes or the report knows
 HIGHER_IS_BETTER: dict[str, bool] = {
     "fid": False, "sfid": False, "fid_vs_teacher": False, "kid": False, "lpips": False,
@@ -123,7 +133,7 @@ class Result:
 
     method: str
     options: str  # canonical JSON of the method's resolved options
-    level: str  # attention | block | model
+    level: str  # one of SPEED_LEVELS, QUALITY_LEVEL or ZERO_SHOT_LEVEL
     resolution: int  # image width in px (the side of a square image)
     tokens: int
     batch: int
@@ -187,6 +197,9 @@ class Result:
 
 
 COLUMNS = [f.name for f in fields(Result)]
+#: the columns holding numbers (int or float fields of :class:`Result`)
+NUMERIC_COLUMNS = [f.name for f in fields(Result)
+                   if str(f.type).split(" | ")[0] in ("int", "float")]
 #: columns added within schema 1, with a default: rows written before them still read
 OPTIONAL_COLUMNS = {"density", "effective", "height", "world_size", "strategy", "dist_backend",
                     "comm_bytes", "comm_bytes_model", "latency_one_rank_s",
@@ -406,6 +419,7 @@ def _result_from_row(data: dict[str, Any], where: str) -> Result:
             "attnbench version; re-run the sweep into a new directory"
         )
     data = dict(data)
+    data["level"] = FORMER_LEVELS.get(data["level"], data["level"])
     extra = data.pop("extra")
     data["extra"] = json.loads(extra) if isinstance(extra, str) else (extra or {})
     return Result(**data)
@@ -434,7 +448,7 @@ def add_ratios(rows: list[Result]) -> None:
 
 def to_dataframe(rows: list[Result]):
     """The table as a pandas DataFrame (one column per ``Result`` field)."""
-    import pandas as pd
+    import pandas as pd  # lazy: rows are read and written without pandas (a leaf module)
 
     frame = pd.DataFrame([r.as_row() for r in rows], columns=COLUMNS)
     return frame

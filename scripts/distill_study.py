@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from attnbench.bench.environment import environment
+    from attnbench.common.environment import environment
     from attnbench.distill.pipeline import SELF_SAMPLES_FILE, distill, resolve_teacher
     from attnbench.distill.trainer import TrainConfig
 

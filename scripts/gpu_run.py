@@ -96,6 +96,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the targets' reader from this checkout (standard library only)
+
+from attnbench.bench.targets import EXACT_METHODS, Target, load_targets  # noqa: E402
+from attnbench.bench.targets import fastest_exact as fastest_of  # noqa: E402
 
 # ---- where attnbench's pieces live: the one place to adjust when they move
 #: the kernels against their floors (``measure --model --res --dtype --out``)
@@ -109,8 +113,6 @@ DIFFUSERS_ZOO = ("attnbench.models.diffusers_configs", "diffusers_config_names")
 DIFFUSERS_RUN_FLAG = "--model-path"
 VIDEO_RUN_FLAG = "--frames"
 PUBLISHED = REPO / "baselines" / "published.csv"
-#: the speed targets (one copy; ``attnbench.bench.floor`` reads the same file)
-TARGETS_CSV = REPO / "baselines" / "targets.csv"
 #: attnbench's kernels beside the peers, in one process; the peers' source it imports
 PEERS_SCRIPT = REPO / "scripts" / "gpu_peers.py"
 PEERS_DIR = REPO / ".peers"
@@ -129,7 +131,6 @@ LEFT_OUT = (
 H200_BYTES_PER_S = 4.3e12
 H200_FLOPS_PER_S = 790e12
 
-EXACT_METHODS = ("softmax", "flash", "xformers")
 #: flash, xformers and each SDPA backend are timed by the peers stage, beside the peers
 ATTENTION_METHODS = ("softmax", "lit", "clear:radius=8", "sla:topk=0.05", "clear:radius=16",
                      "sla:topk=0.1")
@@ -215,8 +216,9 @@ def point_key(row: dict[str, Any]) -> tuple:
 
 def size_of(row: dict[str, Any]) -> str:
     """A row's image size as ``--res`` names it: ``1024`` (square) or ``480x832`` (what
-    ``attnbench.results.size_text`` says; the run itself imports no attnbench module --
-    only ``--plan`` does -- so a broken install fails a stage's subprocess, not the run)."""
+    ``attnbench.results.size_text`` says; the run itself imports of attnbench only the
+    standard-library targets reader -- ``--plan`` more -- so a broken install fails a
+    stage's subprocess, not the run)."""
     width, height = row.get("resolution"), row.get("height") or 0
     return str(width) if not height or str(height) == str(width) else f"{height}x{width}"
 
@@ -784,34 +786,6 @@ def _pytest_summary(tail: list[str]) -> str:
 # ------------------------------------------------------------------ the summary
 
 
-@dataclass(frozen=True)
-class Target:
-    """A speed target (a row of ``baselines/targets.csv``; its README says the columns)."""
-
-    name: str
-    kind: str  # speedup | peer | bandwidth
-    stage: str
-    level: str
-    model: str
-    resolution: int
-    dtype: str
-    spec: str
-    baseline: str
-    minimum: float
-    profile: str
-    source: str
-
-
-def load_targets(path: Path = TARGETS_CSV) -> tuple[Target, ...]:
-    """The targets, read with the standard library (the run imports no attnbench module;
-    ``attnbench.bench.floor.load_targets`` reads the same file for its own commands)."""
-    if not path.exists():
-        return ()
-    with path.open(newline="") as f:
-        return tuple(Target(**{**r, "resolution": int(r["resolution"]),
-                               "minimum": float(r["minimum"])}) for r in csv.DictReader(f))
-
-
 TARGETS = load_targets()
 
 
@@ -866,8 +840,7 @@ def exact_rows(ctx: Context, stage: str, level: str, res: int) -> list[tuple[flo
 
 def fastest_exact(ctx: Context, stage: str, level: str, res: int) -> tuple[float, str] | None:
     """The baseline of every speed-up: the fastest exact kernel timed at the point."""
-    found = exact_rows(ctx, stage, level, res)
-    return min(found) if found else None
+    return fastest_of(exact_rows(ctx, stage, level, res))
 
 
 def _why_not(row: dict[str, Any] | None, what: str) -> str:

@@ -116,13 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from distill_study import quality_of
 
-    from attnbench.bench.environment import environment
+    from attnbench.common.environment import environment
     from attnbench.distill.pipeline import SELF_SAMPLES_FILE, resolve_teacher
     from attnbench.distill.trainer import TrainConfig
-    from attnbench.fidelity import SUMMARY_FILE, write_outputs
     from attnbench.metrics.zero_shot import FidelityConfig, parse_variants, zero_shot_fidelity
     from attnbench.models import load_dit
     from attnbench.report.zero_shot import write_zero_shot_report
+    from attnbench.results import ZERO_SHOT_LEVEL
+    from attnbench.zero_shot import SUMMARY_FILE, write_outputs
 
     started = time.perf_counter()
     out = Path(args.out)
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if not done.is_file():  # kept from an earlier run of the study: the same measurement
         print("zero-shot fidelity ...", flush=True)
         zs = zero_shot_fidelity(model, zs_config, progress=False)
-        write_outputs(out / "zero-shot", zs, model, zs_config, {**meta, "stage": "fidelity"})
+        write_outputs(out / "zero-shot", zs, model, zs_config, {**meta, "stage": ZERO_SHOT_LEVEL})
         write_zero_shot_report(out / "zero-shot")
     measured = json.loads(done.read_text())
     zero_shot = {s["label"]: s for s in measured["summaries"]}

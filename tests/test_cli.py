@@ -57,3 +57,48 @@ def test_module_entry_point_runs():
         [sys.executable, "-m", "attnbench", "frobnicate"], capture_output=True, text=True
     )
     assert unknown.returncode == 2 and "invalid choice" in unknown.stderr
+
+
+#: what a command's start-up must not load: the stages' heavy libraries
+HEAVY = ("torch", "matplotlib", "pandas", "diffusers")
+
+
+def _modules_after(argv: list[str]) -> set[str]:
+    """The top-level packages loaded once ``python -m attnbench ARGV`` has run (a subprocess)."""
+    code = ("import io, sys, contextlib\n"
+            "from attnbench.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try:\n"
+            f"        main({argv!r})\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    return set(result.stdout.split())
+
+
+def test_help_starts_without_the_heavy_libraries():
+    """``--help`` (and a bare command line, and a wrong command) import no stage: torch,
+    matplotlib, pandas and diffusers load where a command uses them."""
+    for argv in (["--help"], [], ["frobnicate"], ["--version"]):
+        assert not set(HEAVY) & _modules_after(argv), argv
+
+
+def test_list_loads_the_registry_but_no_stage():
+    """``list`` needs the registry (torch) and nothing of the stages above it."""
+    loaded = _modules_after(["list"])
+    assert "torch" in loaded
+    assert not {"matplotlib", "pandas", "diffusers"} & loaded
+
+
+def test_a_command_loads_its_stage_alone():
+    """``world --help`` builds the shapes world's parser without importing the other stages
+    (``run`` is the pipeline, ``report`` matplotlib)."""
+    code = ("import sys\nfrom attnbench.cli import main\n"
+            "try:\n    main(['world', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m in ('attnbench.pipeline', "
+            "'attnbench.report.cli', 'attnbench.data.cli')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip().splitlines()[-1] == "['attnbench.data.cli']"

@@ -35,6 +35,21 @@ def test_rows_written_before_density_still_read(tmp_path):
     assert math.isnan(loaded.density) and loaded.effective == ""
 
 
+def test_zero_shot_rows_written_as_fidelity_read_as_zero_shot(tmp_path):
+    row = Result("lit", "{}", "fidelity", 32, 64, 1, "float64", "cpu", "m", 4, 32).as_row()
+    (tmp_path / "results.jsonl").write_text(json.dumps(row) + "\n")
+    (loaded,) = results.load_rows(tmp_path / "results.jsonl")
+    assert loaded.level == results.ZERO_SHOT_LEVEL == "zero-shot"
+    frame, _ = results.load_table(tmp_path)
+    assert list(frame["level"]) == ["zero-shot"]
+
+
+def test_numeric_columns_are_the_number_fields():
+    assert {"resolution", "latency_median_s", "density", "world_size"} <= set(
+        results.NUMERIC_COLUMNS)
+    assert not {"method", "options", "level", "extra", "status"} & set(results.NUMERIC_COLUMNS)
+
+
 def test_results_is_a_leaf():
     code = ("import sys, attnbench.results; "
             "print(sorted(m for m in sys.modules if m == 'torch' or "

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ._names import closest
+from ..common.names import closest
 from .costs import CostModels, Flops
 from .inputs import (
     ExactRows,

@@ -8,7 +8,7 @@ defines, its hooks) and ``module.py`` (the ``nn.Module`` core and mixer).
 ``from attnbench.attention.base import X`` keeps working for every one of them.
 """
 
-from ._names import closest
+from ..common.names import closest
 from .backend import AttentionBackend
 from .costs import CostModels, Flops, Memory, check_counts, dense_flops
 from .inputs import ExactRows, ExtraInput, Grid, check_qkv, square_grid

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._names import closest
+from ..common.names import closest
 
 #: the largest option value: a radius, block, kernel or shift beyond any token count
 #: (larger ones overflow: a radius of 1e300 squared is inf)

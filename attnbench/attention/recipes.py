@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from ._names import closest
+from ..common.names import closest
 
 #: the loss terms (every one a batch mean)
 TERMS: dict[str, str] = {

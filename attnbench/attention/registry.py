@@ -14,7 +14,7 @@ from importlib import metadata
 
 import torch
 
-from ._names import closest
+from ..common.names import closest
 from .backend import AttentionBackend
 
 ENTRY_POINT_GROUP = "attnbench.attention"

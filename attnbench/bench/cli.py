@@ -35,8 +35,7 @@ def import_benchmark(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "import-benchmark", help="turn pytest-benchmark JSON (tests/bench) into a results table")
+    p = subparsers.add_parser("import-benchmark")
     p.add_argument("file", help="the JSON written by pytest --benchmark-only --benchmark-json")
     p.add_argument("--out", help="run directory to write (default: FILE without .json)")
     p.add_argument("--force", action="store_true",

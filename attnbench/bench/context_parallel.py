@@ -25,6 +25,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from .. import attention
 from ..attention.parallel import (
@@ -156,7 +157,6 @@ def _one_rank_latency(plan: SweepPlan, backend, layout, options, row: Result, co
 def run_sweep(plan: SweepPlan, writer: ResultsWriter | None, strategy: str, *,
               progress: bool = True) -> list[Result]:
     """Every point of ``plan`` on every rank; rank 0 (the one with ``writer``) writes."""
-    from tqdm import tqdm
 
     comm = Comm()
     done = writer.done() if writer is not None else set()

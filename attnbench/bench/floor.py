@@ -1,4 +1,4 @@
-"""The kernels against their floors on this GPU, and the issue's speed targets.
+"""The kernels against their floors on this GPU; the speed targets against a sweep.
 
 ``python -m attnbench.bench.floor measure --out DIR`` (CUDA only):
 
@@ -41,7 +41,6 @@ profiles the target it missed by most.
 from __future__ import annotations
 
 import argparse
-import csv
 import gzip
 import json
 import shutil
@@ -50,41 +49,36 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
 
-from .environment import REPO_ROOT
+from .. import attention
+from ..attention import _triton, clear, sla
+from ..attention import lit as _lit
+from ..attention.specs import parse_methods
+from ..common.environment import environment
+from ..models.configs import get_config
+from ..results import label as result_label
+from .targets import EXACT_METHODS, Target, fastest_exact, load_targets
+from .timer import measure, synchronize
+from .workloads import Point, build_workload
 
 GIB = 1 << 30
 
-#: the speed targets, one copy for the repository (``baselines/README.md`` says the columns);
-#: ``scripts/gpu_run.py`` reads the same file
-TARGETS_CSV = REPO_ROOT / "baselines" / "targets.csv"
 #: the label of the LiT forward kernel in floor.json (the bandwidth target names it)
 LIT_FLOOR_KERNEL = "lit_triton forward"
-#: the exact kernels a speed-up is taken against: the fastest of them that ran at the point
-EXACT_METHODS = ("softmax", "flash", "xformers")
 
 
-def load_targets(path: Path = TARGETS_CSV) -> list[dict[str, Any]]:
-    """The rows of ``targets.csv`` (``minimum`` and ``resolution`` as numbers); none when
-    the file is absent (an installed attnbench has no ``baselines/``)."""
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return [{**row, "minimum": float(row["minimum"]), "resolution": int(row["resolution"])}
-                for row in csv.DictReader(f)]
-
-
-def bandwidth_target(targets: list[dict[str, Any]] | None = None) -> float | None:
+def bandwidth_target(targets: tuple[Target, ...] | None = None) -> float | None:
     """The LiT kernel's target fraction of the measured HBM copy bandwidth, if one is set."""
     rows = [t for t in (load_targets() if targets is None else targets)
-            if t["kind"] == "bandwidth" and t["spec"] == LIT_FLOOR_KERNEL]
-    return rows[0]["minimum"] if rows else None
+            if t.kind == "bandwidth" and t.spec == LIT_FLOOR_KERNEL]
+    return rows[0].minimum if rows else None
 
 
 def _time(fn, device, budget_s: float = 2.0) -> dict[str, Any]:
-    from attnbench.bench.timer import measure
-
     try:
         t = measure(fn, device, budget_s=budget_s, warmup_s=0.2, min_reps=3, max_reps=200)
         return {"median_s": t.median, "p20_s": t.p20, "p80_s": t.p80, "reps": t.reps}
@@ -138,13 +132,6 @@ def measure_kernels(model: str, resolution: int, dtype: torch.dtype, batch: int 
 
     With ``out``, ``floor.json`` and ``floor.md`` are rewritten after every kernel, so a
     run stopped part-way keeps the kernels it measured."""
-    from attnbench import attention
-    from attnbench.attention import _triton, clear, sla
-    from attnbench.attention import lit as _lit
-    from attnbench.attention import sla as _sla
-    from attnbench.bench.environment import environment
-    from attnbench.bench.workloads import Point
-    from attnbench.models.configs import get_config
 
     device = torch.device("cuda")
     point = Point(get_config(model), resolution, batch)
@@ -206,7 +193,6 @@ def measure_kernels(model: str, resolution: int, dtype: torch.dtype, batch: int 
         add({"kernel": "lit_triton", "error": reason})
 
     # ---- softmax
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     dense = 4.0 * b * h * n * n * d
     for label, backend in (("SDPA flash", SDPBackend.FLASH_ATTENTION),
@@ -222,13 +208,13 @@ def measure_kernels(model: str, resolution: int, dtype: torch.dtype, batch: int 
                               flops=dense, note="compute-bound: 4·B·H·N²·d"))
 
     # ---- SLA at 95% sparsity
-    reason = _triton.kernel_reason(_sla.TRITON_MODULE, device, dtype, q.shape)
+    reason = _triton.kernel_reason(sla.TRITON_MODULE, device, dtype, q.shape)
     opts = {"block_q": 64, "block_kv": 64, "feature_map": "softmax", "linear_over": "marginal",
             "eps": 1e-5}
     add(_entry("SLA block map (pooled scores + top-k)",
                           _time(lambda: sla.block_indices(q, k, 64, 64, 0.05), device)))
     if reason is None:
-        kern = _triton.load(_sla.TRITON_MODULE)
+        kern = _triton.load(sla.TRITON_MODULE)
         indices = sla.block_indices(q, k, 64, 64, 0.05)
         nq, kk = indices.shape[-2], indices.shape[-1]
         da, db = kern.head_pieces(d)
@@ -335,38 +321,34 @@ def floor_markdown(data: dict) -> str:
 def targets_markdown(run_dir: Path, resolution: int = 8192) -> str:
     """The speed-up targets (``targets.csv``) against a sweep's results: met / MISSED / not
     measured, each over the fastest exact kernel in the sweep at the same point."""
-    import pandas as pd
-
-    from attnbench.bench.sweep import parse_methods
-    from attnbench.results import label
 
     frame = pd.read_csv(run_dir / "results.csv")
     square = frame["height"].fillna(0) == 0 if "height" in frame else True
     frame = frame[(frame["resolution"] == resolution) & square & (frame["status"] == "ok")]
-    frame = frame.assign(label=[label(m, o if isinstance(o, str) else "")
+    frame = frame.assign(label=[result_label(m, o if isinstance(o, str) else "")
                                 for m, o in zip(frame["method"], frame["options"], strict=True)])
     lines = [f"# Targets at {resolution} px ({run_dir.name})", "",
              "| level | method | latency ms | baseline | speed-up | target | verdict |",
              "|---|---|---:|---|---:|---:|---|"]
     for target in load_targets():
-        if target["kind"] != "speedup" or target["level"] not in set(frame["level"]):
+        if target.kind != "speedup" or target.level not in set(frame["level"]):
             continue
-        at_level = frame[frame["level"] == target["level"]]
+        at_level = frame[frame["level"] == target.level]
         exact = at_level[at_level["method"].isin(EXACT_METHODS)]
-        wanted = parse_methods(target["spec"])[0].label
+        wanted = parse_methods(target.spec)[0].label
         mine = at_level[at_level["label"] == wanted]
-        required = f"≥ {target['minimum']:g}×"
-        if mine.empty or exact.empty:
+        required = f"≥ {target.minimum:g}×"
+        base = fastest_exact(list(zip(exact["latency_median_s"], exact["label"], strict=True)))
+        if mine.empty or base is None:
             missing = wanted if mine.empty else "/".join(EXACT_METHODS)
-            lines.append(f"| {target['level']} | {wanted} | – | – | – | {required} | "
+            lines.append(f"| {target.level} | {wanted} | – | – | – | {required} | "
                          f"not measured ({missing} has no ok row) |")
             continue
-        base = exact.loc[exact["latency_median_s"].idxmin()]
         latency = mine["latency_median_s"].min()
-        speedup = base["latency_median_s"] / latency
-        verdict = "met" if speedup >= target["minimum"] else "MISSED"
-        lines.append(f"| {target['level']} | {wanted} | {latency * 1e3:.3f} | {base['label']} "
-                     f"{base['latency_median_s'] * 1e3:.1f} ms | {speedup:.1f}× | {required} | "
+        speedup = base[0] / latency
+        verdict = "met" if speedup >= target.minimum else "MISSED"
+        lines.append(f"| {target.level} | {wanted} | {latency * 1e3:.3f} | {base[1]} "
+                     f"{base[0] * 1e3:.1f} ms | {speedup:.1f}× | {required} | "
                      f"{verdict} |")
     return "\n".join(lines) + "\n"
 
@@ -376,12 +358,6 @@ def profile_point(model: str, resolution: int, level: str, method: str, dtype: t
     """Where one point's time goes: ``calls`` calls under ``torch.profiler`` after one
     untimed call (compilation, caches), as ``profile.md`` (the operators by their own
     device time, CPU time where there is no GPU) and a gzipped Chrome trace in ``out``."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from attnbench.bench.sweep import parse_methods
-    from attnbench.bench.timer import synchronize
-    from attnbench.bench.workloads import Point, build_workload
-    from attnbench.models.configs import get_config
 
     spec = parse_methods(method)[0]
     work = build_workload(level, spec.name, spec.options, Point(get_config(model), resolution, 1),
@@ -475,6 +451,5 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["EXACT_METHODS", "TARGETS_CSV", "bandwidth_target", "device_ceilings",
-           "floor_markdown", "load_targets", "main", "measure_kernels", "profile_point",
-           "targets_markdown", "write_floor"]
+__all__ = ["bandwidth_target", "device_ceilings", "floor_markdown", "main", "measure_kernels",
+           "profile_point", "targets_markdown", "write_floor"]

@@ -13,12 +13,17 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    flop_registry,
+    register_flop_formula,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+)
 
 
 def _register_cpu_sdpa() -> None:
     aten = torch.ops.aten
-    from torch.utils.flop_counter import flop_registry
 
     forward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if forward is not None and forward not in flop_registry:
@@ -29,7 +34,6 @@ def _register_cpu_sdpa() -> None:
 
     backward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
     if backward is not None and backward not in flop_registry:
-        from torch.utils.flop_counter import sdpa_backward_flop_count
 
         @register_flop_formula(backward, get_raw=True)
         def _cpu_flash_backward(grad_out, query, key, value, *args, out_val=None, **kw) -> int:

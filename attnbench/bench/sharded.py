@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch.distributed as dist
+from tqdm import tqdm
 
 from .. import runfolder
 from ..results import Result, ResultsWriter, load_rows
@@ -108,7 +109,6 @@ def deal(points: list, world: int) -> list[list]:
 def run_sweep(plan: SweepPlan, writer: ResultsWriter | None, out: Path, *,
               progress: bool = True) -> list[Result]:
     """This rank's share of ``plan``; rank 0 (the one with ``writer``) returns every row."""
-    from tqdm import tqdm
 
     rank, world = dist.get_rank(), dist.get_world_size()
     box: list = [None]

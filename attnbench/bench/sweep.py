@@ -25,12 +25,13 @@ import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from .. import attention
 from ..attention.layout import Layout
+from ..attention.specs import MethodSpec, stated_options
 from ..models.configs import DiTConfig
 from ..results import (
     BASELINE_METHOD,
@@ -43,7 +44,6 @@ from ..results import (
     ResultsWriter,
     Size,
     canonical_options,
-    label,
 )
 from .flops import count_flops
 from .memory import free_memory, peak_memory
@@ -67,66 +67,6 @@ MIN_CALLS = 3
 PREDICTION_MARGIN = 2.0
 #: FlopCounterMode runs the call once more: only when it is predicted this cheap
 COUNT_FLOPS_BELOW_S = 2.0
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A method and the options it is benchmarked with (``clear:radius=16``)."""
-
-    name: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return label(self.name, canonical_options(self.options))
-
-
-def parse_methods(
-    spec: str | Iterable[str], method_options: Iterable[str] = ()
-) -> list[MethodSpec]:
-    """``"softmax,lit,clear:radius=16"`` and ``["clear.radius=8"]`` → validated specs.
-
-    ``method_options`` (``METHOD.KEY=VALUE``) apply to every spec of that method
-    that does not set the key itself. Unknown methods or options raise ValueError.
-    """
-    items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
-    defaults: dict[str, dict[str, str]] = {}
-    for pair in method_options:
-        key, sep, value = pair.partition("=")
-        method, dot, option = key.partition(".")
-        if not sep or not dot or not method or not option:
-            raise ValueError(
-                f"method option {pair!r} is not METHOD.KEY=VALUE (e.g. clear.radius=8)"
-            )
-        method, option = method.strip(), option.strip()
-        if option in defaults.get(method, {}):
-            raise ValueError(f"--method-options gives {method}.{option} twice: give it once")
-        defaults.setdefault(method, {})[option] = value.strip()
-    for method, options in defaults.items():
-        if method not in (i.split(":")[0] for i in items):
-            attention.get(method)  # an unknown name raises with suggestions
-            raise ValueError(f"--method-options names {method!r}, which is not in --methods")
-        attention.get(method).resolve(options, mixer=True)  # checked even where overridden
-    specs = []
-    for item in items:
-        name, *pairs = item.split(":")
-        backend = attention.get(name)
-        given = dict(defaults.get(name, {}))
-        pairs_seen: set[str] = set()
-        for pair in pairs:
-            key, sep, value = pair.partition("=")
-            if not sep:
-                raise ValueError(f"{item!r}: {pair!r} is not KEY=VALUE (e.g. clear:radius=16)")
-            if key.strip() in pairs_seen:
-                raise ValueError(f"{item!r} gives {key.strip()} twice: give it once")
-            pairs_seen.add(key.strip())
-            given[key.strip()] = value.strip()
-        resolved = backend.resolve(given, mixer=True)
-        explicit = {k: resolved[k] for k in given}
-        specs.append(MethodSpec(name, explicit))
-    if not specs:
-        raise ValueError("no methods to run: --methods is empty")
-    return specs
 
 
 @dataclass(frozen=True)
@@ -233,21 +173,6 @@ def point_density(spec: MethodSpec, point: Point | DiffusersPoint) -> float:
         return attention.get(spec.name).density(_geometry(point), **spec.options)
     except ValueError:
         return math.nan
-
-
-def stated_options(method: str, options: str, effective: str) -> str:
-    """A row's options JSON as :meth:`AttentionBackend.stated_options` says them: a row
-    measured before a default changed keeps saying what it ran (its label, and its key
-    when a run is resumed). The row's own text where the method or a record is unknown."""
-    try:
-        backend = attention.get(method)
-        given, ran = json.loads(options or "{}"), json.loads(effective or "{}")
-    except (ValueError, KeyError, TypeError):
-        return options
-    if not isinstance(given, dict) or not isinstance(ran, dict):
-        return options
-    stated = backend.stated_options(given, ran)
-    return canonical_options(stated) if stated != given else options
 
 
 def label_row(row: Result, spec: MethodSpec, point: Point | DiffusersPoint) -> None:
@@ -439,7 +364,6 @@ def baseline_compared(spec: MethodSpec, res: Size, level: str, rows: Iterable[Re
 
 def run_sweep(plan: SweepPlan, writer: ResultsWriter, *, progress: bool = True) -> list[Result]:
     """Run every point of ``plan`` not already in ``writer``'s directory; return all rows."""
-    from tqdm import tqdm
 
     done = writer.done(_stated_row)
     todo = []

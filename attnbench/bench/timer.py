@@ -25,7 +25,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,9 +47,6 @@ class Timing:
     warmup_s: float
     timer: str  # "cuda_events" or "perf_counter"
     l2_flush: bool
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def synchronize(device: torch.device) -> None:

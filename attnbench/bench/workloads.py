@@ -30,9 +30,8 @@ from ..attention.base import Flops
 from ..attention.layout import Layout
 from ..models.configs import VAE_DOWNSAMPLE, DiTConfig
 from ..models.diffusers_configs import DiffusersConfig, get_diffusers_config
-from ..results import STATUS_SKIPPED, STATUS_UNAVAILABLE, Size
-
-LEVELS = ("attention", "block", "model")
+from ..models.dit import DiT, DiTBlock
+from ..results import SPEED_LEVELS, STATUS_SKIPPED, STATUS_UNAVAILABLE, Size
 
 
 @dataclass(frozen=True)
@@ -158,8 +157,8 @@ def build_workload(
     """The timed call of ``method`` at ``level`` on ``point`` (inputs allocated here)."""
     if isinstance(point, DiffusersPoint):
         return build_diffusers_workload(level, method, options, point, dtype, device, seed=seed)
-    if level not in LEVELS:
-        raise ValueError(f"unknown level {level!r}; valid: {', '.join(LEVELS)}")
+    if level not in SPEED_LEVELS:
+        raise ValueError(f"unknown level {level!r}; valid: {', '.join(SPEED_LEVELS)}")
     backend = attention.get(method)
     attend_options = backend.resolve(backend.attend_options(options))
     b, h, n, d = point.batch, point.heads, point.tokens, point.head_dim
@@ -190,8 +189,6 @@ def build_workload(
     config = point.config.replace(attention=method, attention_options=dict(options))
     activations = _activation_bytes(config, b, n, element)
     if level == "block":
-        from ..models.dit import DiTBlock
-
         block = DiTBlock(config.hidden_size, config.heads, config.mlp_ratio, method, options)
         block = block.to(device=device, dtype=dtype).eval()
         x, c = randn(b, n, config.hidden_size), randn(b, config.hidden_size)
@@ -204,8 +201,6 @@ def build_workload(
         params = sum(p.numel() for p in block.parameters()) * element
         return Workload(fn, flops, params + activations + attn_mem.workspace, impl,
                         countable=countable, passed_over=passed)
-
-    from ..models.dit import DiT
 
     model = DiT(config).to(device=device, dtype=dtype).eval()
     x = randn(b, config.in_channels, *point.latent)
@@ -253,7 +248,7 @@ class DiffusersModel:
         return f"{self.entry.class_name} ({self.folder})"
 
     def point(self, size: int | Size, batch: int) -> DiffusersPoint:
-        from ..integrations.diffusers import model_shapes
+        from ..integrations.diffusers import model_shapes  # lazy: diffusers is an optional extra
 
         size = Size.of(size)
         try:
@@ -279,6 +274,7 @@ def diffusers_model(name: str | None = None, path: str | Path | None = None,
     """
     folder = None
     if path is not None:
+        # lazy: diffusers is an optional extra
         from ..integrations.diffusers import read_transformer_config
 
         folder, entry = read_transformer_config(path)
@@ -290,7 +286,7 @@ def diffusers_model(name: str | None = None, path: str | Path | None = None,
                              "for video models (e.g. wan2.1-t2v-1.3b)")
     else:
         frames = entry.default_frames if frames is None else frames
-        from ..integrations.diffusers import model_shapes
+        from ..integrations.diffusers import model_shapes  # lazy: diffusers is an optional extra
 
         model_shapes(entry, entry.default_res, frames)  # a bad frame count raises here
     return DiffusersModel(entry, folder, frames)
@@ -347,6 +343,7 @@ def _layout_reason(backend: attention.AttentionBackend, layout: Layout,
 
 def _diffusers_attention_cost(backend, b, h, n, d, layout, opts, impl, element):
     """``(flops or None, dense flops, bytes)`` of one self-attention call over ``layout``."""
+    # lazy: diffusers is an optional extra
     from ..integrations.diffusers.flops import attention_flops
 
     actual = attention_flops(backend, b, h, d, layout, opts)
@@ -377,8 +374,8 @@ def build_diffusers_workload(
     Raises :class:`Refused` for what cannot run: an impossible size (``skipped``), a
     layout the method does not take (``unavailable``), the block level.
     """
-    if level not in LEVELS:
-        raise ValueError(f"unknown level {level!r}; valid: {', '.join(LEVELS)}")
+    if level not in SPEED_LEVELS:
+        raise ValueError(f"unknown level {level!r}; valid: {', '.join(SPEED_LEVELS)}")
     if level == "block":
         raise Refused("the block level is DiT-only (attnbench's own DiT block); diffusers "
                       "models are measured at the attention and model levels",
@@ -416,6 +413,7 @@ def build_diffusers_workload(
                         overheads, countable, passed, flops_modelled=actual is not None,
                         extra=extra)
 
+    # lazy: diffusers is an optional extra
     from ..integrations.diffusers import build_transformer, diffusers_workload, step_flops
 
     meta = build_transformer(point.model.entry, device="meta", dtype=dtype)

@@ -11,19 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
+
 from .. import runfolder
 from ..cliutil import integer, positive_int
+from .images import encode_png, make_grid, upscale
+from .shapes import ShapesWorld, describe_labels, task_labels
 
 #: the largest grid ``--render`` draws: a PNG of this many pixels (about 200 MB in memory)
 MAX_RENDER_PIXELS = 64 * 1024 * 1024
 
 
 def _world(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from .images import encode_png, make_grid, upscale
-    from .shapes import ShapesWorld, describe_labels, task_labels
-
     if not (args.describe or args.render is not None or args.scene is not None):
         args.describe = True
     if args.render is not None:  # before any image is drawn: the path, then the size
@@ -59,7 +58,7 @@ def _world(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> None:
     """Register ``world``."""
     p = subparsers.add_parser(
-        "world", help="the shapes world: its label space (GenEval tasks) and sample images",
+        "world",
         description="The procedural shapes world the shipped teacher was trained on.",
     )
     p.add_argument("--describe", action="store_true", help="print the label space")

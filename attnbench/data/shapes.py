@@ -123,11 +123,6 @@ class ShapeObject:
     box: tuple[int, int, int, int]
     pixels: int
 
-    @property
-    def center(self) -> tuple[float, float]:
-        x0, y0, x1, y1 = self.box
-        return (x0 + x1) / 2, (y0 + y1) / 2
-
 
 @dataclass(frozen=True)
 class Scene:

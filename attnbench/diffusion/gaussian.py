@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .schedule import SCHEDULES, space_timesteps
 
@@ -173,13 +174,6 @@ class Diffusion:
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """The original timesteps the model is called with for this process's steps ``t``."""
         return self._map.to(t.device)[t]
-
-    def sample_timesteps(self, batch: int, *, generator: torch.Generator | None = None,
-                         device: torch.device | str = "cpu") -> torch.Tensor:
-        """Uniform step indices ``[batch]`` (DiT's training draw)."""
-        t = torch.randint(0, self.num_steps, (batch,), generator=generator,
-                          device=generator.device if generator is not None else device)
-        return t.to(device)
 
     # ----- the forward process -------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
@@ -382,8 +376,6 @@ class Diffusion:
         trajectory = [x] if return_trajectory else []
         indices = list(range(process.num_steps))[::-1]
         if progress:
-            from tqdm.auto import tqdm
-
             indices = tqdm(indices, desc=f"{sampler} {process.num_steps} steps", leave=False)
         for i in indices:
             t = torch.full((shape[0],), i, dtype=torch.long, device=device)

@@ -6,29 +6,15 @@
 
 ``recipes.py`` the recipes (loss weights, what trains), ``losses.py`` the
 terms, ``trainer.py`` the loop (DDP, EMA, checkpoints, metrics, evaluation),
-``pipeline.py`` the ``distill`` / ``train_teacher`` jobs, ``teacher.py`` the
-shipped teacher, ``dist.py`` torchrun support, ``io.py`` atomic writes,
-``cli.py`` the subcommands.
+``pipeline.py`` the ``distill`` / ``train_teacher`` jobs, ``io.py`` atomic writes,
+``cli.py`` the subcommands. The shipped teacher is :mod:`attnbench.models.teacher`
+(every stage loads it); torchrun support is :mod:`attnbench.common.dist`.
 """
 
+from ..models.teacher import TEACHER_CONFIG, default_teacher_path, verify_teacher
+from .pipeline import distill, train_teacher
 from .recipes import RECIPES, TERMS, DistillRecipe, get_recipe, recipe_for
-from .teacher import TEACHER_CONFIG, default_teacher_path, verify_teacher
 from .trainer import TrainConfig, Trainer, evaluate, plan_batch
-
-
-def distill(*args, **kwargs):
-    """See :func:`attnbench.distill.pipeline.distill`."""
-    from .pipeline import distill as _distill
-
-    return _distill(*args, **kwargs)
-
-
-def train_teacher(*args, **kwargs):
-    """See :func:`attnbench.distill.pipeline.train_teacher`."""
-    from .pipeline import train_teacher as _train_teacher
-
-    return _train_teacher(*args, **kwargs)
-
 
 __all__ = [
     "RECIPES",

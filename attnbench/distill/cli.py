@@ -14,8 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 
+import torch
+
 from .. import runfolder
 from ..cliutil import UsageError, non_empty, non_negative_int, number, parse_options, positive_int
+from ..common.agreement import check_same_options
+from ..common.dist import launched_by_torchrun, setup, teardown
+from ..models.teacher import TEACHER_CONFIG
+from .pipeline import distill, train_teacher
+from .trainer import TrainConfig
 
 
 def _steps_spec(text: str) -> int | str:
@@ -84,11 +91,6 @@ def _add_training_flags(p: argparse.ArgumentParser, *, steps: int, batch: int,
 
 
 def _train_config(args: argparse.Namespace):
-    import torch
-
-    from .dist import launched_by_torchrun
-    from .trainer import TrainConfig
-
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.fsdp and not launched_by_torchrun():
@@ -110,9 +112,6 @@ def _train_config(args: argparse.Namespace):
 
 def _same_on_every_rank(args: argparse.Namespace) -> None:
     """Under torchrun: join the process group and refuse ranks given other options."""
-    from .agreement import check_same_options
-    from .dist import launched_by_torchrun, setup, teardown
-
     if not launched_by_torchrun():
         return
     info = setup(args.device)
@@ -144,13 +143,11 @@ def _print_summary(summary: dict, as_json: bool) -> None:
 
 
 def _distill(args: argparse.Namespace) -> int:
-    from .pipeline import distill
-
     config = _train_config(args)
     _same_on_every_rank(args)
     runfolder.lock_folder(args.out, "distill")
     if args.model_path is not None:
-        from .diffusers_cli import distill_command
+        from .diffusers_cli import distill_command  # lazy: diffusers is an optional extra
 
         return _print_summary(distill_command(args, config), args.json) or 0
     weights = parse_options(args.weight, flag="--weight", example="kd_out=0.5")
@@ -171,9 +168,6 @@ def _distill(args: argparse.Namespace) -> int:
 
 
 def _train_teacher(args: argparse.Namespace) -> int:
-    from .pipeline import train_teacher
-    from .teacher import TEACHER_CONFIG
-
     config = _train_config(args)
     _same_on_every_rank(args)
     runfolder.lock_folder(args.out, "train-teacher")
@@ -196,7 +190,6 @@ def add_parser(subparsers) -> None:
     """Register ``distill`` and ``train-teacher``."""
     p = subparsers.add_parser(
         "distill",
-        help="convert a DiT teacher to METHOD and distil the student (LiT/CLEAR/SLA recipes)",
         description=(
             "Convert the teacher (default: the shipped shapes-world DiT) to METHOD by weight "
             "inheritance, then train the student with the method's recipe (python -m "
@@ -239,7 +232,7 @@ def add_parser(subparsers) -> None:
     d.add_argument("--gen-cfg", type=number("--gen-cfg", low=0), default=1.0,
                    help="guidance scale of those samples (default 1.0: the teacher's own "
                         "distribution)")
-    from .diffusers_cli import add_pipeline_flags
+    from .diffusers_cli import add_pipeline_flags  # lazy: diffusers is an optional extra
 
     add_pipeline_flags(p)
     # optimiser, lr, weight decay, warm-up, EMA and clipping: the recipe's unless given
@@ -249,7 +242,6 @@ def add_parser(subparsers) -> None:
 
     t = subparsers.add_parser(
         "train-teacher",
-        help="train the small pixel-space DiT teacher on the shapes world",
         description=(
             "Train a class-conditional DiT on the procedural shapes world with DiT's "
             "objective (ε-MSE + VB, learned variance) and write OUT/teacher/ (weights, "

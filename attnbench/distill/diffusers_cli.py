@@ -39,7 +39,7 @@ def distill_command(args, config) -> dict[str, Any]:
         raise UsageError("--num-heads: a diffusers student keeps its teacher's heads (their QK "
                          "norms are per head); drop --num-heads")
     gen_steps = None if args.gen_steps == "50" else _int_flag("--gen-steps", args.gen_steps)
-    from .diffusers_distill import distill_pipeline
+    from .diffusers_distill import distill_pipeline  # lazy: diffusers is an optional extra
 
     return distill_pipeline(
         args.out, args.method, config, model_path=args.model_path,

@@ -27,23 +27,39 @@ Output: ``OUT/student/`` (``student.safetensors``: the changed and new tensors;
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import nn
+from tqdm.auto import tqdm
 
+from .. import attention
+from ..common import dist as _dist
 from ..data.prompts import read_prompts
+from ..diffusion import Diffusion
 from ..integrations.diffusers.families import Family, draw_sigmas, flow_shift
-from ..integrations.diffusers.swap import kd_attn_modules
-from . import dist as _dist
+from ..integrations.diffusers.pipelines import (
+    check_pipeline,
+    check_size,
+    config_hash,
+    load_pipeline,
+    text_length,
+)
+from ..integrations.diffusers.student import WEIGHTS, save_student
+from ..integrations.diffusers.swap import kd_attn_modules, swap_attention
+from ..models.diffusers_configs import FAMILY_DEFAULTS
 from .diffusers_objective import (
     DiffusersBatch,
     diffusers_losses,
     trainable_names,
 )
+from .io import atomic_write_bytes
 from .recipes import DistillRecipe, get_recipe, recipe_for
 from .trainer import TrainConfig, Trainer, check_out, step_seed
 
@@ -75,10 +91,6 @@ class LatentTextSource:
                 "text": {k: list(v.shape[1:]) for k, v in self.text.items()}, **self.meta}
 
     def save(self, path: Path) -> None:
-        from safetensors.torch import save
-
-        from .io import atomic_write_bytes
-
         tensors = {"latents": self.x.contiguous(), **{k: v.contiguous()
                                                       for k, v in self.text.items()}}
         meta = {k: json.dumps(v) for k, v in self.meta.items()}
@@ -86,8 +98,6 @@ class LatentTextSource:
 
     @classmethod
     def load(cls, path: str | Path, flag: str = "--data") -> LatentTextSource:
-        from safetensors import safe_open
-
         path = Path(path).expanduser()
         if path.is_dir():
             files = sorted(path.glob("*.safetensors"))
@@ -117,17 +127,6 @@ class LatentTextSource:
         return cls(x, tensors, meta, origin=str(path))
 
 
-def text_length(pipe, family: Family, requested: int | None = None) -> int:
-    """The prompt length: ``requested``, else the family's, capped by the tokenizers'."""
-    if requested is not None:
-        return requested
-    caps = [getattr(pipe, name).model_max_length for name in ("tokenizer", "tokenizer_2",
-                                                               "tokenizer_3")
-            if getattr(pipe, name, None) is not None]
-    caps = [c for c in caps if isinstance(c, int) and c < 10**6]
-    return min([family.sampling.max_sequence_length, *([max(caps)] if caps else [])])
-
-
 @torch.no_grad()
 def generate_latents(pipe, family: Family, prompts: list[str], count: int, *, seed: int,
                      steps: int, guidance: float, height: int, width: int,
@@ -143,8 +142,6 @@ def generate_latents(pipe, family: Family, prompts: list[str], count: int, *, se
     xs, texts = [], []
     rows = mine
     if progress and info.is_main:
-        from tqdm.auto import tqdm
-
         rows = tqdm(mine, desc=f"teacher latents ({count}, {steps} steps)", leave=False)
     for i in rows:
         prompt = prompts[i % len(prompts)]
@@ -179,8 +176,6 @@ class DiffusersTrainer(Trainer):
                  recipe: DistillRecipe, family: Family, handle, teacher_hash: str,
                  shift: float, identity: dict[str, Any], info: dict[str, Any],
                  dist_info: _dist.DistInfo, student_extra: dict[str, Any]) -> None:
-        from ..diffusion import Diffusion
-
         self.family, self.handle, self.teacher_hash = family, handle, teacher_hash
         self.shift, self.student_extra = shift, student_extra
         diffusion = Diffusion(1000) if family.objective == "eps_vb" else None
@@ -226,8 +221,6 @@ class DiffusersTrainer(Trainer):
         return json.loads(json.dumps(dict(model.config), default=list))
 
     def export(self, exported: nn.Module) -> Path:
-        from ..integrations.diffusers.student import WEIGHTS, save_student
-
         folder = self.out / STUDENT_DIR
         save_student(folder, exported, self.handle, self.teacher.state_dict(),
                      recipe=self.recipe.to_dict(), teacher_hash=self.teacher_hash,
@@ -253,17 +246,12 @@ def distill_pipeline(
     resume: bool = False, force: bool = False, gradient_checkpointing: bool = False,
 ) -> dict[str, Any]:
     """Distil the transformer of the pipeline in ``model_path`` (module docstring)."""
-    from ..integrations.diffusers.pipelines import check_pipeline, check_size, config_hash
-    from ..integrations.diffusers.swap import swap_attention
-
     out = Path(out)
     root, family = check_pipeline(model_path)
     prompt_list = read_prompts(prompts) if data == "self" else None
     source = None if data == "self" else LatentTextSource.load(data)
     s = family.sampling
     if data == "self":
-        from ..models.diffusers_configs import FAMILY_DEFAULTS
-
         default_h, default_w = FAMILY_DEFAULTS[family.name]["default_res"]
         height, width = height or default_h, width or default_w
         frames = frames if frames is not None else (s.frames if family.video else None)
@@ -273,15 +261,12 @@ def distill_pipeline(
     check_size(root, family, height, width, frames)
     chosen = get_recipe(recipe) if recipe else recipe_for(method)
     resolved_recipe: DistillRecipe = chosen.with_overrides(weights, trainable)
-    from .. import attention
 
     # the recipe's method options (SLA: topk 0.1) unless given
     resolved = attention.get(method).resolve({**chosen.options, **(options or {})}, mixer=True)
     check_out(out, resume=resume, force=force)  # before minutes of sample generation
     info = _dist.setup(device)
     try:
-        from ..integrations.diffusers.pipelines import load_pipeline
-
         dtype = torch.bfloat16 if config.precision == "bf16" and info.device.type == "cuda" \
             else None
         pipe, _ = load_pipeline(root, device=info.device, dtype=dtype)
@@ -341,7 +326,5 @@ def distill_pipeline(
 
 def _student_copy(teacher: nn.Module) -> nn.Module:
     """A trainable float copy of the teacher's transformer (its own parameters)."""
-    import copy
-
     student = copy.deepcopy(teacher)
     return student.float() if student.dtype != torch.float32 else student

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .. import runfolder
+from ..models.checkpoint import WEIGHTS_FILE, save_dit
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RUN_FILE = "run.json"
@@ -62,8 +63,6 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
 def atomic_save_model(model, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """``save_dit`` into ``directory`` (with the JSON files ``extra``), through
     :func:`attnbench.runfolder.atomic_folder`; returns the weights file."""
-    from ..models.checkpoint import WEIGHTS_FILE, save_dit
-
     def write(staging: Path) -> None:
         save_dit(model, staging)
         for name, data in (extra or {}).items():

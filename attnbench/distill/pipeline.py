@@ -8,6 +8,7 @@ shipped pixel-space teacher or a real latent DiT checkpoint and latents.
 
 from __future__ import annotations
 
+import io as _io
 import json
 import sys
 from pathlib import Path
@@ -15,20 +16,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from ..common import dist as _dist
 from ..data.images import make_grid, save_png, upscale
 from ..data.shapes import PROMPTS, TASKS, ShapesWorld, to_uint8
 from ..data.sources import TensorSource, check_compatible, open_source
 from ..diffusion import Diffusion
 from ..diffusion.sampling import sample_images
-from ..models.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from ..models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_dit
 from ..models.configs import DiTConfig
+from ..models.convert import convert
 from ..models.dit import DiT
-from . import dist as _dist
-from .io import atomic_write_json
+from ..models.teacher import TEACHER_CONFIG, TRAINING_FILE, default_teacher_path, write_sums
+from .io import atomic_write_bytes, atomic_write_json
 from .optim import resolve as resolve_optimisation
 from .recipes import DistillRecipe, get_recipe, recipe_for
-from .teacher import TEACHER_CONFIG, TRAINING_FILE, default_teacher_path, write_sums
 from .trainer import TrainConfig, Trainer, check_out, step_seed
 
 #: the file of teacher-generated training samples, reused by --resume
@@ -129,8 +132,6 @@ def _finish_teacher(out: Path, summary: dict[str, Any], *, grid: bool) -> dict[s
         "weights": "EMA",
     }
     if grid:
-        from ..models.checkpoint import load_dit
-
         model = load_dit(teacher_dir)
         training["sample_grid"] = write_sample_grid(model, out / "samples.png")
     atomic_write_json(teacher_dir / TRAINING_FILE, training)
@@ -171,8 +172,6 @@ def generate_teacher_samples(teacher: DiT, count: int, *, seed: int, steps: int 
     xs = []
     chunks = range(0, len(mine), batch)
     if progress and info.is_main:
-        from tqdm.auto import tqdm
-
         chunks = tqdm(chunks, desc=f"teacher samples ({count}, {steps} DDIM steps)",
                       leave=False)
     for start in chunks:
@@ -205,10 +204,6 @@ def _self_source(teacher: DiT, out: Path, count: int, *, seed: int, steps: int |
     source = generate_teacher_samples(teacher, count, seed=seed, steps=steps,
                                       cfg_scale=cfg_scale, info=info, progress=progress)
     if info.is_main:
-        import io as _io
-
-        from .io import atomic_write_bytes
-
         buf = _io.BytesIO()
         np.savez(buf, x=source.x.numpy(), y=source.y.numpy(), key=np.array(json.dumps(key)))
         atomic_write_bytes(path, buf.getvalue())
@@ -243,9 +238,6 @@ def distill(
     config, inheritance.json, distill.json), ``checkpoint.pt``, metrics and
     ``summary.json`` with the held-out ε error before and after.
     """
-    from ..models.checkpoint import load_dit
-    from ..models.convert import convert
-
     out = Path(out)
     check_out(out, resume=resume, force=force)  # before minutes of sample generation
     info = _dist.setup(device)

@@ -26,7 +26,6 @@ with the checkpoint.
 from __future__ import annotations
 
 from .. import attention
-from ..attention.base import closest
 from ..attention.recipes import (
     ATTN_TAPS,
     OWN_CHOICE,
@@ -35,6 +34,7 @@ from ..attention.recipes import (
     DistillRecipe,
     Optimisation,
 )
+from ..common.names import closest
 
 DEFAULT = DistillRecipe(
     "default", {"diffusion": 1.0, "kd_out": 1.0}, "all",

@@ -34,16 +34,21 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
 
-from .. import runfolder, versions
+from .. import runfolder
+from ..common import dist as _dist
+from ..common.versions import versions
 from ..diffusion import Diffusion
-from . import dist as _dist
 from . import fsdp as _fsdp
 from . import optim as _optim
 from .io import (
@@ -495,8 +500,6 @@ class Trainer:
                     loop.initial_eval = self._evaluate(full)
         loop.net = self._replicated(model) if d.enabled and self.sharded is None else model
         if cfg.progress and d.is_main and loop.start < cfg.steps:
-            from tqdm.auto import tqdm
-
             loop.bar = tqdm(total=cfg.steps, initial=loop.start,
                             desc=self.identity.get("kind", "train"), dynamic_ncols=True)
         loop.t_start = time.perf_counter()
@@ -511,8 +514,6 @@ class Trainer:
 
     def _replicated(self, model: nn.Module) -> nn.Module:
         """``model`` in DistributedDataParallel (every rank a full copy)."""
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda"
                    else None)
 
@@ -710,8 +711,6 @@ class Trainer:
             atomic_write_text(path, "".join(line + "\n" for line in kept))
         csv_path = self.out / METRICS_CSV
         if csv_path.exists():
-            from io import StringIO
-
             buf = StringIO()
             if metrics:
                 writer = csv.DictWriter(buf, fieldnames=list(metrics[0]))
@@ -797,8 +796,6 @@ def _sdpa_backends(device: torch.device, autocast_dtype: torch.dtype | None):
     recomputes the blocks' forwards, which must choose the kernels the forward chose.
     """
     if device.type == "cpu" and autocast_dtype == torch.bfloat16:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
         return sdpa_kernel([SDPBackend.MATH])
     return contextlib.nullcontext()
 

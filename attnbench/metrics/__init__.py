@@ -22,6 +22,7 @@ Importing this package imports neither torchvision nor the FID libraries.
 from .fid import FeatureStats, Reference, frechet_distance, load_reference, quality_metrics
 from .fidelity import eps_error, psnr, ssim
 from .geneval import Detection, GenEvalResult, detect, geneval_score, satisfies
+from .quality import evaluate
 from .sample import SampleSettings, chunk_seed, generate, run_sampling, save_npz
 
 __all__ = [
@@ -45,10 +46,3 @@ __all__ = [
     "save_npz",
     "ssim",
 ]
-
-
-def evaluate(*args, **kwargs):
-    """See :func:`attnbench.metrics.quality.evaluate` (the quality stage)."""
-    from .quality import evaluate as _evaluate
-
-    return _evaluate(*args, **kwargs)

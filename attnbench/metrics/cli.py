@@ -21,8 +21,11 @@ import sys
 from pathlib import Path
 
 from ..cliutil import non_empty, number, positive_int
+from ..common.paths import REPO_ROOT
 from .engines import CLEAN_MODES, ENGINES, EXTRACTORS
 from .fid import METRICS as FID_METRICS
+from .pipeline_eval import GROUPS, evaluate_pair
+from .pipeline_sample import add_pipeline_flags, sample_command
 from .quality import METRIC_GROUPS, EvalConfig, evaluate, parse_metrics
 from .sample import LABEL_MODES, SampleSettings, run_sampling
 
@@ -107,8 +110,6 @@ def _add_sampling_flags(p: argparse.ArgumentParser, *, num_default: int | None) 
 
 def _sample(args: argparse.Namespace) -> int:
     if args.model_path is not None:
-        from .pipeline_sample import sample_command
-
         summary = sample_command(args)
         if summary:
             print(f"{summary['num']} samples in {args.out}", file=sys.stderr)
@@ -147,8 +148,6 @@ def _eval(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
     else:
-        from ..bench.environment import REPO_ROOT
-
         out = REPO_ROOT / "reports" / "runs" / f"eval-{stamp}"
 
     def log(message: str) -> None:
@@ -168,8 +167,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _eval_pipeline(args: argparse.Namespace) -> int:
     """``eval --pipeline-samples DIR --teacher-samples DIR`` (:mod:`.pipeline_eval`)."""
-    from .pipeline_eval import GROUPS, evaluate_pair
-
     if not args.teacher_samples or not args.out:
         raise ValueError("--pipeline-samples needs --teacher-samples DIR (the teacher's "
                          "`sample --model-path` folder) and --out RUN_DIR")
@@ -189,8 +186,7 @@ def _eval_pipeline(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "sample", help="draw samples with DiT's protocol into PNGs and an ADM-format .npz",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", type=non_empty("--ckpt", "a checkpoint"),
                    help="DiT checkpoint or attnbench model folder "
                                   "(default: the shipped teacher)")
@@ -200,15 +196,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-png", action="store_true", help="write only samples.npz")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from .pipeline_sample import add_pipeline_flags
 
     add_pipeline_flags(p)
     p.set_defaults(func=_sample)
 
     p = subparsers.add_parser(
-        "eval", help="quality of a checkpoint (FID family, GenEval proxy, fidelity to the "
-                     "teacher) into the results table",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", type=non_empty("--ckpt", "a checkpoint"),
                    help="the model to evaluate (default: the shipped teacher)")
     p.add_argument("--teacher", type=non_empty("--teacher", "a checkpoint"),

@@ -29,12 +29,23 @@ put it.
 from __future__ import annotations
 
 import importlib.metadata
+import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from ..models.checkpoint import file_sha256
+from .shapes_classifier import (
+    INPUT_SIZE,
+    TORCH_FIDELITY_NAME,
+    default_weights_path,
+    load_classifier,
+    register_torch_fidelity,
+)
 
 ENGINES = ("torch-fidelity", "clean-fid")
 EXTRACTORS = ("shapes", "inception")
@@ -108,12 +119,8 @@ class Extractor:
 def get_extractor(kind: str, engine: str, weights: str | Path | None = None, *,
                   clean_mode: str = "clean") -> Extractor:
     """The ``shapes`` or ``inception`` extractor for ``engine`` (weights resolved, hashed)."""
-    from ..models.checkpoint import file_sha256
-
     check_engine(engine)
     if kind == "shapes":
-        from .shapes_classifier import TORCH_FIDELITY_NAME, default_weights_path
-
         path = Path(weights) if weights is not None else default_weights_path()
         if path.is_dir():
             path = path / "model.safetensors"
@@ -226,8 +233,6 @@ def _extract_torch_fidelity(images: np.ndarray, ext: Extractor, batch: int,
     from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
     if ext.kind == "shapes":
-        from .shapes_classifier import register_torch_fidelity
-
         register_torch_fidelity()
         resize = "area to 32×32 inside the extractor (none at 32 px)"
     else:
@@ -249,8 +254,6 @@ def _extract_cleanfid(images: np.ndarray, ext: Extractor, batch: int, device: st
 
     dev = torch.device(device)
     if ext.kind == "shapes":
-        from .shapes_classifier import INPUT_SIZE, load_classifier
-
         net = load_classifier(ext.weights, device=dev)
         resizer = make_resizer("PIL", False, "bicubic", (INPUT_SIZE, INPUT_SIZE))
         resize = "clean-fid PIL bicubic (float, no quantisation) to 32×32"
@@ -278,8 +281,6 @@ def _extract_cleanfid(images: np.ndarray, ext: Extractor, batch: int, device: st
 
 def _load_cleanfid_inception(cls, path: Path, resize_inside: bool):
     """clean-fid's InceptionV3W from a local file (it wants the file's folder and fixed name)."""
-    import tempfile
-
     if path.name == CLEANFID_INCEPTION:
         return cls(str(path.parent), download=False, resize_inside=resize_inside)
     with tempfile.TemporaryDirectory() as tmp:
@@ -301,7 +302,6 @@ def fid(stats1, stats2, engine: str) -> float:
                                        {"mu": stats2.mu, "sigma": stats2.sigma}, False)
         return float(out[KEY_METRIC_FID])
     _cleanfid()
-    import warnings
 
     from cleanfid.fid import frechet_distance
 

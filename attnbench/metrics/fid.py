@@ -28,6 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+
+from ..data.shapes import ShapesWorld
+from . import engines
 
 #: metrics :func:`quality_metrics` can compute, by name
 METRICS = ("fid", "kid", "is", "prc")
@@ -186,8 +190,6 @@ def check_images(images: np.ndarray, where: str = "images") -> None:
 
 def load_image_folder(folder: str | Path, num: int | None = None) -> np.ndarray:
     """Images of a folder (sorted by name, recursively), RGB uint8; all must share one size."""
-    from PIL import Image
-
     folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
@@ -216,8 +218,6 @@ def load_reference(spec: str | Path, *, image_size: int | None = None, num: int 
     """
     text = str(spec)
     if text == "shapes" or text.startswith("shapes:"):
-        from ..data.shapes import ShapesWorld
-
         count = num or 10_000
         if ":" in text:
             try:
@@ -270,8 +270,6 @@ def quality_metrics(images: np.ndarray, reference: Reference, *,
     logits; the IS and precision/recall exist in torch-fidelity only (under
     clean-fid they are left out and the provenance says so).
     """
-    from . import engines
-
     check_images(images, "samples")
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:

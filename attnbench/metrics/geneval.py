@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from ..data.shapes import (
     BACKGROUND,
@@ -148,8 +149,6 @@ def detect(image: np.ndarray, *, min_pixels: int | None = None,
     component whose best template IoU is under ``min_iou`` is no object either (a
     blob of noise is not a shape, though noise holds every colour).
     """
-    from scipy import ndimage
-
     image = np.asarray(image)
     segments = segment_colors(image, max_distance=max_distance)
     height, width = segments.shape

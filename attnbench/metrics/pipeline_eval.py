@@ -22,9 +22,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from ..results import HIGHER_IS_BETTER, Result, ResultsWriter, canonical_options
+from ..common.environment import environment
+from ..results import (
+    HIGHER_IS_BETTER,
+    QUALITY_LEVEL,
+    Result,
+    ResultsWriter,
+    canonical_options,
+)
 from ..results import label as result_label
+from .engines import inception_weights
+from .fid import Reference, quality_metrics
+from .fidelity import psnr, ssim
 from .pipeline_sample import PROMPTS_FILE
 from .sample import INFO_FILE, NPZ_FILE
 
@@ -70,20 +81,12 @@ def evaluate_pair(student: str | Path, teacher: str | Path, run_dir: str | Path,
                   device: str = "cpu", argv: list[str] | None = None,
                   force: bool = False) -> dict[str, Any]:
     """Score the student folder against the teacher's; one quality row in ``run_dir``."""
-    import torch
-
-    from ..bench.environment import environment
-    from .fid import Reference, quality_metrics
-    from .fidelity import psnr, ssim
-
     s_dir, s_info, t_dir, _ = check_pair(student, teacher)
     unknown = [g for g in groups if g not in GROUPS]
     if unknown:
         raise ValueError(f"--metrics {','.join(unknown)}: a pipeline evaluation computes "
                          f"{', '.join(GROUPS)}")
     if "fid" in groups and extractor == "inception":
-        from .engines import inception_weights
-
         weights = inception_weights(engine, weights)  # the file named before any work
     writer = ResultsWriter(Path(run_dir), {**environment(torch.device(device),
                                                          ["python", "-m", "attnbench",
@@ -117,7 +120,7 @@ def evaluate_pair(student: str | Path, teacher: str | Path, run_dir: str | Path,
     settings = s_info.get("settings") or {}
     shape = s_info.get("image_shape") or [0, 0, 3]
     h, w = int(shape[-3]), int(shape[-2])
-    row = Result(method=method, options=options, level="quality", resolution=w, tokens=0,
+    row = Result(method=method, options=options, level=QUALITY_LEVEL, resolution=w, tokens=0,
                  batch=1, dtype="float32", device=device,
                  model=Path(str(s_info.get("model_path"))).name, heads=0, head_dim=0,
                  impl="pipeline", height=h if h != w else 0, extra=extra)

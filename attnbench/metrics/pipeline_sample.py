@@ -26,9 +26,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .. import runfolder
+from ..cliutil import UsageError, non_empty, number, positive_int
+from ..common import dist
+from ..data.images import save_png
 from ..data.prompts import read_prompts
+from ..models.diffusers_configs import FAMILY_DEFAULTS
 from .sample import INFO_FILE, NPZ_FILE, chunk_seed, claim_out, gather_samples, save_npz
 
 PROMPTS_FILE = "prompts.jsonl"
@@ -42,10 +47,9 @@ def _to_uint8(images) -> np.ndarray:
 def check_sampling(model_path, *, student=None, prompts=None, num: int, height=None,
                    width=None, frames=None):
     """Every flag checked before any weight loads: ``(root, family, prompts, size, meta)``."""
-    from ..cliutil import UsageError
+    # lazy: diffusers is an optional extra (the integrations import it)
     from ..integrations.diffusers.pipelines import check_pipeline, check_size
     from ..integrations.diffusers.student import read_student
-    from ..models.diffusers_configs import FAMILY_DEFAULTS
 
     if isinstance(num, bool) or not isinstance(num, int) or num <= 0:
         raise UsageError(f"--num {num!r}: must be an integer > 0 (e.g. --num 16)")
@@ -76,10 +80,8 @@ def run_pipeline_sampling(model_path, out, *, student=None, prompts=None, num: i
                           png: bool = True, force: bool = False, progress: bool = True,
                           argv: list[str] | None = None) -> dict[str, Any]:
     """``python -m attnbench sample --model-path``: one process or every torchrun rank."""
-    from ..data.images import save_png
-    from ..distill import dist
-    from ..distill.diffusers_distill import text_length
-    from ..integrations.diffusers.pipelines import load_pipeline
+    # lazy: diffusers is an optional extra (the integrations import it)
+    from ..integrations.diffusers.pipelines import load_pipeline, text_length
     from ..integrations.diffusers.student import load_student
 
     root, family, prompt_list, (height, width, frames), _ = check_sampling(
@@ -104,8 +106,6 @@ def run_pipeline_sampling(model_path, out, *, student=None, prompts=None, num: i
         mine_idx = list(range(info.rank, num, info.world_size))
         rows = mine_idx
         if progress and info.is_main:
-            from tqdm.auto import tqdm
-
             rows = tqdm(mine_idx, desc=f"sampling ({num}, {steps} steps)")
         started = time.perf_counter()
         images = []
@@ -153,8 +153,6 @@ def run_pipeline_sampling(model_path, out, *, student=None, prompts=None, num: i
 
 def add_pipeline_flags(p) -> None:
     """The ``sample`` flags of a ``--model-path`` pipeline run."""
-    from ..cliutil import non_empty, number, positive_int
-
     g = p.add_argument_group("diffusers pipeline (--model-path)")
     g.add_argument("--model-path", default=None, type=non_empty("--model-path", "a folder"),
                    help="a local diffusers pipeline folder (FLUX, SD3, PixArt-Σ, SANA, Wan): "
@@ -175,8 +173,6 @@ def add_pipeline_flags(p) -> None:
 
 def sample_command(args) -> dict[str, Any]:
     """``sample --model-path``: the pipeline's flags, then the run."""
-    from ..cliutil import UsageError
-
     if args.ckpt is not None or args.vae is not None:
         raise UsageError("--ckpt/--vae are for attnbench's DiT; with --model-path the pipeline "
                          "holds the transformer and its VAE (drop them)")

@@ -34,9 +34,35 @@ import numpy as np
 import torch
 
 from .. import cliutil
-from ..results import HIGHER_IS_BETTER, Result, ResultsWriter, canonical_options
+from ..common.environment import environment
+from ..data.shapes import NUM_CLASSES, to_uint8
+from ..diffusion import Diffusion
+from ..models import load_dit
+from ..models.teacher import default_teacher_path
+from ..results import (
+    HIGHER_IS_BETTER,
+    QUALITY_LEVEL,
+    Result,
+    ResultsWriter,
+    canonical_options,
+)
 from ..results import label as result_label
-from .sample import SampleSettings, check_vae, checkpoint_sha256, generate, save_npz
+from .engines import inception_weights
+from .fid import load_images_npz, load_reference, quality_metrics
+from .fidelity import eps_error, psnr, ssim
+from .geneval import geneval_score
+from .sample import (
+    SampleSettings,
+    check_vae,
+    checkpoint_sha256,
+    chunk_ranges,
+    chunk_seed,
+    decode,
+    generate,
+    load_vae,
+    sample_chunk,
+    save_npz,
+)
 
 METRIC_GROUPS = ("fid", "geneval", "fidelity")
 
@@ -71,8 +97,6 @@ def parse_metrics(text: str, flag: str = "--metrics") -> tuple[str, ...]:
 
 
 def is_shapes_model(config) -> bool:
-    from ..data.shapes import NUM_CLASSES
-
     return config.is_pixel and config.num_classes == NUM_CLASSES
 
 
@@ -85,7 +109,7 @@ def quality_row(model, settings: SampleSettings, device: torch.device, extra: di
     grid = cfg.input_size // cfg.patch_size
     return Result(
         method=cfg.attention, options=canonical_options(dict(cfg.attention_options or {})),
-        level="quality", resolution=side, tokens=grid * grid, batch=settings.batch,
+        level=QUALITY_LEVEL, resolution=side, tokens=grid * grid, batch=settings.batch,
         dtype="float32", device=str(device), model=cfg.name or "custom", heads=cfg.heads,
         head_dim=cfg.hidden_size // cfg.heads, impl="sampling", latency_median_s=latency,
         repetitions=repetitions,
@@ -111,7 +135,7 @@ def merge_row(writer, row) -> None:
     clean-fid FID never sits beside torch-fidelity's precision under one record).
     """
     for old in writer.rows:
-        if old.key() == row.key() and old.level == "quality":
+        if old.key() == row.key() and old.level == QUALITY_LEVEL:
             redone = {g for g in METRIC_GROUPS if g in row.extra}
             kept = {k: v for k, v in old.extra.get("metrics", {}).items()
                     if metric_group(k) not in redone}
@@ -131,13 +155,8 @@ def evaluate(ckpt: str | Path | None, config: EvalConfig, run_dir: str | Path, *
              teacher: str | Path | None = None, argv: list[str] | None = None,
              progress: bool = True, log=print, force: bool = False) -> dict[str, Any]:
     """Run the quality stage (module docstring); returns ``{"row", "metrics", "run_dir"}``."""
-    from ..bench.environment import environment
-    from ..models import load_dit
-
     device = cliutil.device(config.device)
     if ckpt is None:
-        from ..distill.teacher import default_teacher_path
-
         ckpt = default_teacher_path()
     if config.vae is not None:
         check_vae(config.vae)
@@ -157,8 +176,6 @@ def evaluate(ckpt: str | Path | None, config: EvalConfig, run_dir: str | Path, *
             raise ValueError(f"{ckpt} samples latents: pass --vae PATH (a diffusers "
                              "AutoencoderKL folder) to decode them")
         if config.vae is not None:
-            from .sample import load_vae
-
             vae = load_vae(config.vae, device)
 
     ref_spec = config.reference or ("shapes" if shapes else None)
@@ -169,8 +186,6 @@ def evaluate(ckpt: str | Path | None, config: EvalConfig, run_dir: str | Path, *
         raise FileNotFoundError(f"--teacher {teacher}: no such file or folder")
     given = None
     if config.samples and ("fid" in config.metrics or "geneval" in config.metrics):
-        from .fid import load_images_npz
-
         given = load_images_npz(config.samples, "--samples")  # checked before anything is written
     run_dir = Path(run_dir)
     writer = ResultsWriter(run_dir, {**environment(device, ["python", "-m", "attnbench",
@@ -209,8 +224,6 @@ def evaluate(ckpt: str | Path | None, config: EvalConfig, run_dir: str | Path, *
             log(f"eval: warning: {label}: {warning}")
 
     if "fid" in config.metrics:
-        from .fid import load_reference, quality_metrics
-
         weights = config.shapes_weights if extractor == "shapes" else config.inception_weights
         reference = load_reference(ref_spec, image_size=images.shape[1],
                                    num=config.ref_num or (max(len(images), 1000)
@@ -237,8 +250,6 @@ def evaluate(ckpt: str | Path | None, config: EvalConfig, run_dir: str | Path, *
                 "same reference: the FID of a perfect model at this sample count")
 
     if "geneval" in config.metrics:
-        from .geneval import geneval_score
-
         scored = geneval_score(images, labels)
         metrics.update(scored.metrics())
         extra["geneval"] = scored.to_dict()
@@ -267,8 +278,6 @@ def _check_fid_inputs(config: EvalConfig, ref_spec: str | None, extractor: str) 
     if not str(ref_spec).startswith("shapes") and not Path(ref_spec).exists():
         raise FileNotFoundError(f"--reference {ref_spec}: no such file or folder")
     if extractor == "inception":
-        from .engines import inception_weights
-
         inception_weights(config.engine, config.inception_weights)
     elif config.shapes_weights is not None and not Path(config.shapes_weights).is_file():
         raise FileNotFoundError(f"--shapes-weights {config.shapes_weights}: no such file")
@@ -306,15 +315,7 @@ def sample_warnings(images: np.ndarray) -> list[str]:
 def _fidelity(model, ckpt, teacher_path, config: EvalConfig, device, vae,
               metrics: dict[str, float], log) -> dict[str, Any]:
     """PSNR / SSIM / per-step ε error of ``model`` against the teacher (same noise, labels)."""
-    from ..data.shapes import to_uint8
-    from ..diffusion import Diffusion
-    from ..models import load_dit
-    from .fidelity import eps_error, psnr, ssim
-    from .sample import chunk_ranges, chunk_seed, decode, sample_chunk
-
     if teacher_path is None:
-        from ..distill.teacher import default_teacher_path
-
         teacher_path = default_teacher_path()
     teacher = load_dit(teacher_path, device=device)
     if checkpoint_sha256(teacher) is not None and checkpoint_sha256(

@@ -34,12 +34,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .. import runfolder
 from ..cliutil import check_number
+from ..common import dist
+from ..data.images import save_png
 from ..data.shapes import NUM_CLASSES, TASKS, task_labels, to_uint8
 from ..diffusion import SAMPLERS, Diffusion
 from ..diffusion.sampling import sample_images
+from ..models import load_dit
+from ..models.teacher import default_teacher_path
 
 NPZ_FILE = "samples.npz"
 INFO_FILE = "samples.json"
@@ -250,8 +255,6 @@ def generate(model, settings: SampleSettings, *, device: torch.device | str = "c
     images, labels, indices = [], [], []
     iterator = chunks
     if progress:
-        from tqdm.auto import tqdm
-
         iterator = tqdm(chunks, desc=f"sampling ({settings.sampler}, {settings.steps} steps)",
                         unit="batch")
     start = time.perf_counter()
@@ -376,17 +379,11 @@ def run_sampling(ckpt: str | Path | None, settings: SampleSettings, out: str | P
     after an interruption resumes (drawing only the missing chunks, whose seeds
     do not depend on what was drawn before); ``force`` starts over.
     """
-    from ..data.images import save_png
-    from ..distill import dist
-    from ..models import load_dit
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a directory")
     runfolder.lock_folder(out, "sample")
     if ckpt is None:
-        from ..distill.teacher import default_teacher_path
-
         ckpt = default_teacher_path()
     if vae_path is not None:
         check_vae(vae_path)
@@ -451,8 +448,6 @@ def gather_samples(out: Path, mine: dict[str, Any], info, num: int
                    ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Every rank's samples (``indices``, ``images``, ``labels``) on rank 0 in index order,
     through shard files in ``out``; ``(None, None)`` on the other ranks."""
-    from ..distill import dist
-
     if info.enabled:
         shard = out / SHARD_DIR / f"rank{info.rank:03d}.npz"
         buf = io.BytesIO()

@@ -35,9 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..data.shapes import NUM_CLASSES, PALETTE, SHAPES, ShapesWorld, render, to_tensor
+from ..models.checkpoint import file_sha256
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapes_classifier"
 WEIGHTS_FILE = "model.safetensors"
@@ -127,9 +130,6 @@ def default_weights_path() -> Path:
 def load_classifier(path: str | Path | None = None, *,
                     device: torch.device | str = "cpu") -> ShapesClassifier:
     """The classifier from a ``model.safetensors`` (default: the shipped one), in eval mode."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path) if path is not None else default_weights_path()
     if path.is_dir():
         path = path / WEIGHTS_FILE
@@ -157,10 +157,6 @@ def load_classifier(path: str | Path | None = None, *,
 def save_classifier(model: ShapesClassifier, directory: str | Path,
                     training: dict[str, Any] | None = None) -> Path:
     """Write ``model.safetensors``, ``config.json``, ``training.json`` and ``SHA256SUMS``."""
-    from safetensors.torch import save_file
-
-    from ..models.checkpoint import file_sha256
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

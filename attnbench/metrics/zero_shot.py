@@ -1,10 +1,8 @@
-"""Zero-shot fidelity: how close each method is to softmax on a model's own activations.
+"""Zero-shot: how close each method is to softmax on a model's own activations.
 
 Before any training, on the *same* inputs, this asks of every attention method (and
 option variant) how far it lands from the softmax attention the model was trained
-with -- per attention layer and per diffusion timestep, then end to end. (Not to be
-confused with :mod:`.fidelity`, which compares *samples* of a trained student with
-its teacher's.)
+with -- per attention layer and per diffusion timestep, then end to end.
 
 Per layer × timestep × variant, on the q, k, v the model itself computes there
 (captured with a forward pre-hook on each block's mixer and re-projected with the
@@ -56,23 +54,31 @@ exact when every row fits).
 from __future__ import annotations
 
 import copy
+import hashlib
+import io
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors.torch import load as safetensors_load
+from tqdm.auto import tqdm
 
 from .. import attention
 from ..attention.base import Grid
 from ..attention.layout import Layout
-from ..bench.sweep import parse_methods
+from ..attention.specs import parse_methods
+from ..data.shapes import ShapesWorld
+from ..diffusion import Diffusion
+from ..models.convert import convert
+from .fidelity import psnr
 
-#: the ``level`` of zero-shot rows in the results table
-FIDELITY_LEVEL = "fidelity"
-#: files a ``fidelity`` run writes beside the results table
+#: files a zero-shot run (``python -m attnbench fidelity``) writes beside the results table
 FIDELITY_CSV = "fidelity.csv"
 END_TO_END_CSV = "end_to_end.csv"
 LOCALITY_CSV = "locality.csv"
@@ -114,7 +120,7 @@ class Variant:
 def parse_variants(text: str, method_options: Sequence[str] = ()) -> list[Variant]:
     """``"softmax,lit:heads=2,clear:radius=3"`` → variants (``run``'s syntax, plus ``heads=``).
 
-    The method options go through :func:`attnbench.bench.sweep.parse_methods` (the one
+    The method options go through :func:`attnbench.attention.specs.parse_methods` (the one
     parser of method specs); ``heads=N`` is taken off first: it is the student's
     head count at conversion, not an option of the method.
     """
@@ -437,10 +443,6 @@ def read_tensors(path, flag: str, holds: str) -> tuple[dict[str, torch.Tensor], 
     """The named tensors of ``path`` (by its suffix, without unpickling anything) and
     ``"PATH (sha256 …)"``, from one read of the file. ``holds``: what the file should
     hold, for the error when there is no such file."""
-    import hashlib
-    import io
-    from pathlib import Path
-
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{flag} {path}: no such file ({holds})")
@@ -449,12 +451,8 @@ def read_tensors(path, flag: str, holds: str) -> tuple[dict[str, torch.Tensor], 
     suffix = path.suffix.lower()
     try:
         if suffix == ".safetensors":
-            from safetensors.torch import load
-
-            return dict(load(data)), source
+            return dict(safetensors_load(data)), source
         if suffix == ".npz":
-            import numpy as np
-
             with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
                 return {k: torch.from_numpy(arrays[k].copy()) for k in arrays.files}, source
         if suffix in (".pt", ".pth"):
@@ -499,8 +497,6 @@ class FidelityResult:
 
 def shapes_inputs(config, num: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x0, y, noise)``: ``num`` shapes-world images and labels and fixed noise."""
-    from ..data.shapes import ShapesWorld
-
     x0, y = ShapesWorld(config.input_size, seed=seed).get(range(num))
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(x0.shape, generator=generator)
@@ -517,8 +513,6 @@ def check_timesteps(timesteps: Sequence[int], num_steps: int) -> tuple[int, ...]
 
 def convert_variant(teacher, variant: Variant):
     """The converted student of ``variant`` (``attnbench.convert``, seed 0), in eval mode."""
-    from ..models.convert import convert
-
     student, report = convert(teacher, variant.method, num_heads=variant.heads, seed=0,
                               **variant.options)
     return student.eval(), report
@@ -534,9 +528,6 @@ def inherits_layer(student, teacher, layer: int) -> bool:
 def zero_shot_fidelity(teacher, config: FidelityConfig, *,
                        progress: bool = True) -> FidelityResult:
     """Run the whole measurement (module docstring) of ``config.variants`` on ``teacher``."""
-    from ..diffusion import Diffusion
-    from .fidelity import psnr
-
     started = time.perf_counter()
     device = torch.device(config.device)
     teacher = teacher.to(device).eval()
@@ -705,6 +696,4 @@ def _mean(values) -> float:
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="zero-shot fidelity", unit="layer", disable=not enabled)
+    return tqdm(total=total, desc="zero-shot", unit="layer", disable=not enabled)

@@ -1,4 +1,4 @@
-"""Zero-shot fidelity of a diffusers transformer (``fidelity --model NAME / --model-path DIR``).
+"""Zero-shot of a diffusers transformer (``fidelity --model NAME / --model-path DIR``).
 
 The measurement of :mod:`.zero_shot` on a diffusers model. The model runs with
 attnbench's softmax processors (they give the stock output: tests/integrations),
@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from .. import attention
+from ..diffusion import Diffusion
 from .zero_shot import (
     FidelityConfig,
     FidelityResult,
@@ -55,7 +56,7 @@ def check_softmax_model(entry, name: str) -> None:
     teacher to measure the methods against."""
     if entry.family in NOT_SOFTMAX:
         raise ValueError(f"{name}: its attention is {NOT_SOFTMAX[entry.family]}, not softmax; "
-                         "zero-shot fidelity measures methods against a softmax model")
+                         "zero-shot measures methods against a softmax model")
 
 
 @dataclass
@@ -77,7 +78,7 @@ def step_inputs(entry, shapes, *, num: int, seed: int, device, dtype,
                 source: str = "") -> DiffusersInputs:
     """The step inputs of ``num`` samples: :func:`make_inputs` (seeded), with the tensors
     of ``given`` in place of those of the same name (checked: the same shape)."""
-    from ..integrations.diffusers import make_inputs
+    from ..integrations.diffusers import make_inputs  # lazy: diffusers is an optional extra
 
     generator = torch.Generator().manual_seed(seed)
     inputs = make_inputs(entry, shapes, batch=num, device=device, dtype=dtype,
@@ -101,8 +102,7 @@ def step_inputs(entry, shapes, *, num: int, seed: int, device, dtype,
 
 def noised(entry, inputs: dict[str, Any], noise: torch.Tensor, t: int) -> dict[str, Any]:
     """``inputs`` at timestep ``t``: latents noised as the family trains, the timestep set."""
-    from ..diffusion import Diffusion
-    from ..integrations.diffusers.families import get_family
+    from ..integrations.diffusers.families import get_family  # lazy: diffusers is an optional extra
 
     family = get_family(entry.family)
     x0 = inputs["hidden_states"]
@@ -135,7 +135,7 @@ def zero_shot_fidelity_diffusers(model, entry, shapes, config: FidelityConfig, *
                                  progress: bool = True) -> FidelityResult:
     """The measurement of ``config.variants`` on a diffusers ``model`` at ``shapes``, on
     ``clean`` step inputs (default: :func:`step_inputs` of ``config.num`` random ones)."""
-    from ..integrations.diffusers import swap_attention
+    from ..integrations.diffusers import swap_attention  # lazy: diffusers is an optional extra
 
     check_softmax_model(entry, entry.name)
     started = time.perf_counter()

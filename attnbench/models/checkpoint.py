@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from .configs import DIT_CONFIGS, DiTConfig, get_config, zoo_heads
 from .dit import DiT
@@ -593,7 +594,6 @@ def save_dit(model: DiT, path: str | Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"model": state, CONFIG_KEY: config}, path)
         return path
-    from safetensors.torch import save_file
 
     metadata = {CONFIG_KEY: json.dumps(config, sort_keys=True), "format": FORMAT}
     if path.suffix == ".safetensors":

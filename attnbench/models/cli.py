@@ -16,19 +16,17 @@ from pathlib import Path
 
 from .. import runfolder
 from ..cliutil import UsageError, non_empty, parse_options, positive_int
+from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_dit
+from .configs import config_names, get_config
+from .convert import REPORT_FILE, convert, save_student
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_dit
-    from .convert import REPORT_FILE, convert, save_student
-
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file: pass a directory")
     options = parse_options(args.option)
     if args.config is not None:
-        from .configs import config_names, get_config
-
         try:
             get_config(args.config)
         except ValueError:
@@ -71,7 +69,6 @@ def add_parser(subparsers) -> None:
     """Register ``convert``."""
     p = subparsers.add_parser(
         "convert",
-        help="convert a DiT checkpoint to any registered attention (weight inheritance)",
         description=(
             "Replace every block's attention of a DiT checkpoint by METHOD's mixer, inherit "
             "what the method's recipe inherits, and save the student with a report "

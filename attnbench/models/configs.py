@@ -24,6 +24,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..common.names import closest
+
 #: latent channels of the SD VAE the DiT checkpoints were trained in (image / 8)
 LATENT_CHANNELS = 4
 #: the VAE's down-sampling factor: a 256-px image is a 32×32 latent
@@ -238,8 +240,6 @@ def get_config(name: str | DiTConfig, **overrides: Any) -> DiTConfig:
         size, patch = match.groups()
         key = next((n for n in DIT_CONFIGS if n.lower() == f"dit-{size}/{patch}".lower()), None)
     if key is None:
-        from ..attention.base import closest
-
         raise ValueError(f"unknown DiT config {name!r}" + closest(str(name), config_names()))
     config = DIT_CONFIGS[key]
     return config.replace(**overrides) if overrides else config

@@ -28,9 +28,10 @@ from typing import Any
 
 import torch
 
-from .. import attention, versions
-from ..attention.base import closest
+from .. import attention
 from ..attention.recipes import ConversionRecipe
+from ..common.names import closest
+from ..common.versions import versions
 from .checkpoint import CheckpointInfo, load_dit, save_dit
 from .configs import DiTConfig
 from .dit import DiT
@@ -167,32 +168,28 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def convert(
-    model: DiT | str | Path,
-    method: str,
-    *,
-    recipe: str | Recipe | None = None,
-    num_heads: int | None = None,
-    inherit_projections: bool | None = None,
-    seed: int | None = 0,
-    hash_source: bool = True,
-    **options: Any,
-) -> tuple[DiT, InheritanceReport]:
-    """Convert ``model`` (a DiT, or a checkpoint path) to attention ``method``.
+@dataclass(frozen=True)
+class ConversionPlan:
+    """What a conversion will build, decided from the arguments before any tensor moves."""
 
-    ``options`` are the method's (mixer) options, ``impl=`` included; ``recipe``,
-    ``num_heads`` and ``inherit_projections`` override the method's recipe.
-    ``seed`` fixes the initialisation of what is not inherited (the global RNG is
-    left untouched). Returns ``(student, report)``; the student is on the
-    teacher's device and dtype, in its train/eval mode.
-    """
-    teacher = load_dit(model) if isinstance(model, str | Path) else model
-    if not isinstance(teacher, DiT):
-        raise ValueError(f"convert() takes an attnbench DiT or a checkpoint path, got {model!r}")
+    method: str
+    backend: Any  # the method's AttentionBackend
+    recipe: ConversionRecipe
+    heads: int
+    inherit: bool
+    resolved: dict[str, Any]  # the method's options after its defaults
+    attention_options: dict[str, Any]  # ``resolved`` plus ``impl`` when one was given
+    student_config: DiTConfig
+
+
+def plan_conversion(teacher_config: DiTConfig, method: str, *,
+                    recipe: str | Recipe | None = None, num_heads: int | None = None,
+                    inherit_projections: bool | None = None,
+                    **options: Any) -> ConversionPlan:
+    """The student's method, recipe, heads and config; ``ValueError`` naming a bad argument."""
     backend = attention.get(method)
     rec = get_recipe(recipe) if isinstance(recipe, str) else (recipe or recipe_for(method))
-    t_cfg = teacher.config
-
+    t_cfg = teacher_config
     heads = rec.student_heads(t_cfg.num_heads, t_cfg.hidden_size) if num_heads is None \
         else num_heads
     if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0:
@@ -217,16 +214,15 @@ def convert(
         attention_options=attention_options,
         attention_heads=None if heads == t_cfg.num_heads else heads,
     )
+    return ConversionPlan(method, backend, rec, heads, inherit, resolved, attention_options,
+                          s_cfg)
 
-    param = next(teacher.parameters())
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
-        student = DiT(s_cfg)  # DiT's init, then every mixer's reset_new_parameters()
 
-    t_state = teacher.state_dict()
-    s_state = student.state_dict()
-    attn_keys: dict[str, str] = {}  # student key -> "inheritable" | "new"
+def _attention_keys(student: DiT, teacher: DiT, t_state: dict[str, torch.Tensor],
+                    s_state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Every attention tensor of the student: ``"inheritable"`` (the teacher's mixer has the
+    same parameter, same shape) or ``"new"``."""
+    attn_keys: dict[str, str] = {}
     for i, (s_mix, t_mix) in enumerate(zip(student.mixers(), teacher.mixers(), strict=True)):
         prefix = f"blocks.{i}.attn."
         s_inh = set(s_mix.inheritable_parameters())
@@ -240,7 +236,14 @@ def convert(
                 and t_state[key].shape == s_state[key].shape
             )
             attn_keys[key] = "inheritable" if counterpart else "new"
+    return attn_keys
 
+
+def _split_keys(student: DiT, teacher: DiT, t_state: dict[str, torch.Tensor],
+                s_state: dict[str, torch.Tensor],
+                inherit: bool) -> tuple[list[str], list[str], list[str], list[str]]:
+    """``(inherited, new, reinitialised, dropped)`` state-dict keys of the conversion."""
+    attn_keys = _attention_keys(student, teacher, t_state, s_state)
     inherited, new, reinitialised = [], [], []
     for key, value in s_state.items():
         kind = attn_keys.get(key)
@@ -254,7 +257,44 @@ def convert(
             raise ValueError(f"the teacher has no tensor for {key} of shape {tuple(value.shape)}")
     taken = set(inherited)
     dropped = [k for k in t_state if k not in taken]
+    return inherited, new, reinitialised, dropped
 
+
+def convert(
+    model: DiT | str | Path,
+    method: str,
+    *,
+    recipe: str | Recipe | None = None,
+    num_heads: int | None = None,
+    inherit_projections: bool | None = None,
+    seed: int | None = 0,
+    hash_source: bool = True,
+    **options: Any,
+) -> tuple[DiT, InheritanceReport]:
+    """Convert ``model`` (a DiT, or a checkpoint path) to attention ``method``.
+
+    ``options`` are the method's (mixer) options, ``impl=`` included; ``recipe``,
+    ``num_heads`` and ``inherit_projections`` override the method's recipe.
+    ``seed`` fixes the initialisation of what is not inherited (the global RNG is
+    left untouched). Returns ``(student, report)``; the student is on the
+    teacher's device and dtype, in its train/eval mode.
+    """
+    teacher = load_dit(model) if isinstance(model, str | Path) else model
+    if not isinstance(teacher, DiT):
+        raise ValueError(f"convert() takes an attnbench DiT or a checkpoint path, got {model!r}")
+    plan = plan_conversion(teacher.config, method, recipe=recipe, num_heads=num_heads,
+                           inherit_projections=inherit_projections, **options)
+
+    param = next(teacher.parameters())
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        student = DiT(plan.student_config)  # DiT's init, then every mixer's reset_new_parameters()
+
+    t_state = teacher.state_dict()
+    s_state = student.state_dict()
+    inherited, new, reinitialised, dropped = _split_keys(student, teacher, t_state, s_state,
+                                                         plan.inherit)
     with torch.no_grad():
         student.load_state_dict({k: t_state[k] for k in inherited}, strict=False)
     student = student.to(device=param.device, dtype=param.dtype)
@@ -263,19 +303,17 @@ def convert(
     def count(keys, state):
         return int(sum(state[k].numel() for k in keys))
 
-    source = None
     info: CheckpointInfo | None = getattr(teacher, "checkpoint", None)
-    if info is not None:
-        source = info.to_dict(with_hash=hash_source)
+    t_cfg, rec, backend = teacher.config, plan.recipe, plan.backend
     report = InheritanceReport(
         method=method,
-        options=attention_options,
+        options=plan.attention_options,
         recipe=rec.name,
         recipe_summary=rec.summary,
         recipe_source=rec.source,
-        inherit_projections=inherit,
+        inherit_projections=plan.inherit,
         teacher_heads=t_cfg.heads,
-        student_heads=heads,
+        student_heads=plan.heads,
         inherited=inherited,
         new=new,
         reinitialised=reinitialised,
@@ -289,11 +327,11 @@ def convert(
             "dropped": count(dropped, t_state),
         },
         teacher_config=t_cfg.to_dict(),
-        student_config=s_cfg.to_dict(),
-        source=source,
+        student_config=plan.student_config.to_dict(),
+        source=None if info is None else info.to_dict(with_hash=hash_source),
         seed=seed,
         versions=versions(),
-        warnings=_dense_warning(backend, resolved, t_cfg, heads),
+        warnings=_dense_warning(backend, plan.resolved, t_cfg, plan.heads),
         distill_recipe=backend.distill_recipe.describe() if backend.distill_recipe else "",
         distill_recipe_source=backend.distill_recipe.source if backend.distill_recipe else "",
     )

@@ -17,6 +17,7 @@ This module is data: it imports neither torch nor diffusers.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -284,7 +285,6 @@ def get_diffusers_config(name: str | DiffusersConfig) -> DiffusersConfig:
     key = str(name).strip().lower()
     if key in DIFFUSERS_CONFIGS:
         return DIFFUSERS_CONFIGS[key]
-    import difflib
 
     close = difflib.get_close_matches(key, list(DIFFUSERS_CONFIGS), n=3, cutoff=0.5)
     hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""

@@ -346,11 +346,6 @@ class DiT(nn.Module):
         """The attention mixer of every block, in order."""
         return (block.attn for block in self.blocks)
 
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        return sum(
-            p.numel() for p in self.parameters() if p.requires_grad or not trainable_only
-        )
-
     def pos_embed_for(self, grid: Grid) -> torch.Tensor:
         """``[1, Hg·Wg, D]`` for ``grid``: the stored embedding, or a recomputed one.
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..bench.environment import REPO_ROOT
+from ..common.paths import REPO_ROOT
 from ..models.diffusers_configs import DIFFUSERS_CONFIGS
 from ..results import BASELINE_METHOD
 

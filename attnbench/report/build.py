@@ -9,8 +9,9 @@ from typing import Any
 import pandas as pd
 
 from .. import runfolder
-from ..results import BASELINE_METHOD, STATUS_OK
+from ..results import BASELINE_METHOD, QUALITY_LEVEL, STATUS_OK, ZERO_SHOT_LEVEL
 from . import baselines as bl
+from .compare import Thresholds, compare_frames, comparison_table
 from .context_parallel import context_parallel_section, is_context_parallel
 from .plots import Plot, pareto_plot, samples_plot, speed_plots
 from .render import Bullets, Document, Figure, Heading, Note, Para, Table, to_html, to_markdown
@@ -32,8 +33,8 @@ from .tables import (
     status_counts,
     times,
 )
-from .zero_shot import FIDELITY_LEVEL, zero_shot_section
 from .zero_shot import PLOT_FILES as ZERO_SHOT_PLOTS
+from .zero_shot import zero_shot_section
 
 PLOT_NAMES = ("latency", "speedup", "memory", "flops", "tflops", "pareto", "samples")
 PLOT_DIR = "plots"
@@ -110,7 +111,7 @@ def write_report(run_paths: list[Path | str], out: Path | str | None = None,
 def build_document(runs: list[Run], plot_dir: Path, published: pd.DataFrame,
                    title: str | None = None) -> tuple[Document, list[Plot]]:
     frame = pd.concat([r.frame for r in runs], ignore_index=True)
-    frame = frame[frame["level"] != FIDELITY_LEVEL]  # rendered by zero_shot_section
+    frame = frame[frame["level"] != ZERO_SHOT_LEVEL]  # rendered by zero_shot_section
     parallel = context_parallel_section(frame)
     frame = frame[~is_context_parallel(frame)]  # rendered by context_parallel_section
     names = ", ".join(r.name for r in runs)
@@ -168,10 +169,6 @@ def _clear_stale(plot_dir: Path) -> None:
         stale = plot_dir / f"{name}.png"
         if stale.is_file():
             stale.unlink()
-
-
-def _meta_values(runs: list[Run], key: str) -> list[Any]:
-    return list(dict.fromkeys(str(r.meta.get(key)) for r in runs if r.meta.get(key)))
 
 
 def _dtype_name(text: str) -> str:
@@ -472,7 +469,7 @@ def _published_section(frame: pd.DataFrame, published: pd.DataFrame) -> list:
         table_rows = []
         for _, r in group.iterrows():
             unit = "×" if r["unit"] == "x" else (f" {r['unit']}" if r["unit"] else "")
-            level = "" if r["level"] == "quality" else f" ({r['level']})"
+            level = "" if r["level"] == QUALITY_LEVEL else f" ({r['level']})"
             variant = f" `{r['options']}`" if r["options"] else ""
             setting = r["setting"] + (f". *{r['note']}*" if r["note"] else "")
             where = r["table_or_section"] if len(sources) == 1 else (
@@ -644,8 +641,6 @@ def _defaults(methods: list[str]) -> str:
 
 
 def _comparison(runs: list[Run]) -> list:
-    from .compare import Thresholds, compare_frames, comparison_table
-
     blocks: list = [Heading("Run comparison")]
     base = runs[0]
     for other in runs[1:]:

@@ -7,6 +7,11 @@ import sys
 from pathlib import Path
 
 from .. import cliutil, runfolder
+from ..cliutil import UsageError, check_number
+from ..results import QUALITY_LEVEL
+from .build import write_report
+from .compare import Thresholds, compare_frames, to_markdown
+from .tables import load_run
 
 COMPARE_HELP = """\
 Compare RUN_B against RUN_A point by point (method, options, level, resolution, batch,
@@ -24,8 +29,6 @@ EXIT_REGRESSION = 1
 
 
 def report(args: argparse.Namespace) -> int:
-    from .build import write_report
-
     seen: dict[Path, str] = {}
     for run in args.runs:
         if Path(run).resolve() in seen:
@@ -42,7 +45,6 @@ def report(args: argparse.Namespace) -> int:
 
 def _fraction(text: str) -> float:
     """``0.1``, ``10%`` → 0.1: finite and >= 0 (a ``nan`` threshold would pass everything)."""
-    from ..cliutil import UsageError, check_number
 
     try:
         value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
@@ -56,9 +58,6 @@ def _fraction(text: str) -> float:
 
 
 def compare(args: argparse.Namespace) -> int:
-    from .compare import Thresholds, compare_frames, to_markdown
-    from .tables import load_run
-
     if args.out is not None:  # before reading: a user's file (or a run's table) is never replaced
         runfolder.claim_output(args.out, force=args.force, kind="compare", flag="--out")
     run_a, run_b = load_run(args.run_a, "A"), load_run(args.run_b, "B")
@@ -67,8 +66,8 @@ def compare(args: argparse.Namespace) -> int:
                             quality=args.quality_threshold,
                             memory_floor_mib=args.memory_floor_mib)
     result = compare_frames(run_a.frame, run_b.frame, thresholds)
-    speed = {len(run_a.frame[run_a.frame["level"] != "quality"]),
-             len(run_b.frame[run_b.frame["level"] != "quality"])}
+    speed = {len(run_a.frame[run_a.frame["level"] != QUALITY_LEVEL]),
+             len(run_b.frame[run_b.frame["level"] != QUALITY_LEVEL])}
     common = int((result.points["_merge"] == "both").sum()) if len(result.points) else 0
     if not common and not len(result.quality) and speed != {0}:
         raise ValueError(f"{args.run_a} and {args.run_b} share no point (method, options, "
@@ -92,8 +91,7 @@ def _names(a: Path, b: Path) -> tuple[str, str]:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "report", help="markdown + self-contained HTML report with plots of one or more runs",
-        description="Write report.md, report.html (figures embedded, opens offline) and "
+        "report", description="Write report.md, report.html (figures embedded, opens offline) and "
                     "plots/*.png for the run directories given. Published numbers from "
                     "baselines/published.csv are shown beside the measured ones, labelled.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
@@ -109,9 +107,7 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=report)
 
     p = subparsers.add_parser(
-        "compare", help="differences between two runs per method × resolution, flags "
-                        "beyond thresholds (usable in CI)",
-        description=COMPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "compare", description=COMPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_a", metavar="RUN_A", help="the reference run directory")
     p.add_argument("run_b", metavar="RUN_B", help="the run compared against it")
     p.add_argument("--latency-threshold", type=_fraction, default=0.10, metavar="FRAC",

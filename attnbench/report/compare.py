@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from ..results import STATUS_OK
-from .tables import DASH, LEVEL_ORDER, Run, _finite, label_order, num, quality_table
+from ..results import QUALITY_LEVEL, SPEED_LEVELS, STATUS_OK
+from .tables import DASH, Run, _finite, label_order, num, quality_table
 
 KEY = ["method", "options", "level", "resolution", "height", "batch", "dtype", "model"]
 
@@ -73,8 +73,8 @@ def _pct(ratio: float) -> str:
 def compare_frames(a: pd.DataFrame, b: pd.DataFrame, thresholds: Thresholds) -> Comparison:
     """Match points of two enriched result frames (see :mod:`.tables`) and flag changes."""
     cols = [*KEY, "size", "side", "label", "status", "latency_ms", "peak_mib"]
-    left = a[a["level"] != "quality"][cols].drop_duplicates(KEY, keep="last")
-    right = b[b["level"] != "quality"][cols].drop_duplicates(KEY, keep="last")
+    left = a[a["level"] != QUALITY_LEVEL][cols].drop_duplicates(KEY, keep="last")
+    right = b[b["level"] != QUALITY_LEVEL][cols].drop_duplicates(KEY, keep="last")
     merged = left.merge(right, on=KEY, how="outer", suffixes=("_a", "_b"), indicator=True)
     merged["label"] = merged["label_a"].fillna(merged["label_b"])
     for column in ("size", "side"):  # derived from the key: the same on both sides
@@ -101,7 +101,7 @@ def compare_frames(a: pd.DataFrame, b: pd.DataFrame, thresholds: Thresholds) -> 
     regressions += int((quality["kind"] == "regression").sum()) if len(quality) else 0
     improvements += int((quality["kind"] == "improvement").sum()) if len(quality) else 0
     labels = {lab: i for i, lab in enumerate(label_order(pd.concat([a, b])))}
-    lvls = {lvl: i for i, lvl in enumerate(LEVEL_ORDER)}
+    lvls = {lvl: i for i, lvl in enumerate(SPEED_LEVELS)}
     merged = merged.assign(_l=merged["level"].map(lvls).fillna(len(lvls)),
                            _o=merged["label"].map(labels)).sort_values(
         ["_l", "level", "side", "_o"], kind="stable").reset_index(drop=True)

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 from matplotlib.transforms import blended_transform_factory
+from PIL import Image
 
 from .. import runfolder
 from ..results import BASELINE_METHOD, STATUS_OK
@@ -493,8 +494,6 @@ def _images(source: Path, limit: int) -> list[np.ndarray]:
             with np.load(source) as data:
                 arr = data["arr_0"] if "arr_0" in data else data[data.files[0]]
                 return [np.asarray(a) for a in arr[:limit]]
-        from PIL import Image
-
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in
                        (".png", ".jpg", ".jpeg", ".webp"))[:limit]
         return [np.asarray(Image.open(p).convert("RGB")) for p in files]

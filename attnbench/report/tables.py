@@ -39,6 +39,9 @@ import pandas as pd
 from ..results import (
     BASELINE_METHOD,
     HIGHER_IS_BETTER,
+    NUMERIC_COLUMNS,
+    QUALITY_LEVEL,
+    SPEED_LEVELS,
     STATUS_OK,
     SchemaError,
     Size,
@@ -47,8 +50,6 @@ from ..results import (
     load_table,
 )
 
-LEVEL_ORDER = ("attention", "block", "model")
-QUALITY_LEVEL = "quality"
 LEVEL_TITLES = {
     "attention": "attention level: one attention layer",
     "block": "block level: one DiT block",
@@ -128,28 +129,22 @@ def method_order() -> list[str]:
 
 
 def _stated(method: str, options: str, effective: str) -> str:
-    """bench/sweep.py's stated_options (the options as the row ran them); the row's own
+    """attention/specs.py's stated_options (the options as the row ran them); the row's own
     text where attnbench's methods cannot be loaded."""
     try:
-        from ..bench.sweep import stated_options
+        from ..attention.specs import stated_options
     except Exception:  # a broken environment must not stop a report
         return options
     return stated_options(method, options, effective)
 
 
-NUMERIC = ["resolution", "height", "tokens", "batch", "heads", "head_dim", "density",
-           "latency_median_s", "latency_p20_s", "latency_p80_s", "repetitions",
-           "peak_memory_bytes", "flops_actual", "flops_dense", "flops_counted",
-           "tflops_achieved", "overhead_s", "predicted_s", "predicted_bytes",
-           "speedup_vs_softmax", "memory_ratio_vs_softmax", "world_size", "comm_bytes",
-           "comm_bytes_model", "latency_one_rank_s", "scaling_efficiency"]
 
 
 def enrich(frame: pd.DataFrame) -> pd.DataFrame:
     """Add ``label`` (what was asked: the key of rows and colours), ``label_ran`` (what ran,
     e.g. ``sla:topk=0.05 (kept 25%)``), ms / MiB / GFLOP columns and parsed ``extra``."""
     frame = frame.copy()
-    for col in NUMERIC:
+    for col in NUMERIC_COLUMNS:
         if col in frame:
             frame[col] = pd.to_numeric(frame[col], errors="coerce")
     if "density" not in frame:  # a results.json written before the column existed
@@ -224,8 +219,8 @@ def speed_rows(frame: pd.DataFrame) -> pd.DataFrame:
 
 def levels(frame: pd.DataFrame) -> list[str]:
     present = list(dict.fromkeys(speed_rows(frame)["level"]))
-    return [lvl for lvl in LEVEL_ORDER if lvl in present] + [
-        lvl for lvl in present if lvl not in LEVEL_ORDER]
+    return [lvl for lvl in SPEED_LEVELS if lvl in present] + [
+        lvl for lvl in present if lvl not in SPEED_LEVELS]
 
 
 def level_title(level: str) -> str:
@@ -240,7 +235,7 @@ def row_metrics(row: pd.Series) -> dict[str, float]:
     extra = row.get("extra_dict") or {}
     found: dict[str, Any] = {}
     for name in HIGHER_IS_BETTER:
-        if name in row.index and name not in NUMERIC:
+        if name in row.index and name not in NUMERIC_COLUMNS:
             found[name] = row[name]
     for name, value in extra.items():
         if name in HIGHER_IS_BETTER:

@@ -1,4 +1,4 @@
-"""The report section of a ``fidelity`` run: zero-shot fidelity of each method to softmax.
+"""The report section of a zero-shot run: how close each method is to softmax.
 
 Reads the long tables ``python -m attnbench fidelity`` writes into a run directory
 (``fidelity.csv``, ``end_to_end.csv``, ``locality.csv``; see
@@ -11,6 +11,7 @@ that have them; :func:`write_zero_shot_report` writes a report of this section a
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -20,14 +21,14 @@ from matplotlib import rc_context
 from matplotlib.figure import Figure as MplFigure
 
 from .. import runfolder
-from ..metrics.zero_shot import END_TO_END_CSV, FIDELITY_CSV, FIDELITY_LEVEL, LOCALITY_CSV
+from ..metrics.zero_shot import END_TO_END_CSV, FIDELITY_CSV, LOCALITY_CSV
 from .plots import DPI, STYLE, save_figure
 from .render import Block, Document, Figure, Heading, Note, Para, Table, to_html, to_markdown
 from .tables import Run, num
 
 PLOT_FILES = ("zero_shot_heatmap.png", "zero_shot_end_to_end.png", "zero_shot_locality.png")
-SECTION = "Zero-shot fidelity"
-__all__ = ["FIDELITY_LEVEL", "write_zero_shot_report", "zero_shot_blocks", "zero_shot_section"]
+SECTION = "Zero-shot: each method against softmax"
+__all__ = ["write_zero_shot_report", "zero_shot_blocks", "zero_shot_section"]
 
 
 def has_fidelity(directory: Path) -> bool:
@@ -35,7 +36,7 @@ def has_fidelity(directory: Path) -> bool:
 
 
 def load_tables(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """``(layers, end_to_end, locality)`` of a fidelity run directory."""
+    """``(layers, end_to_end, locality)`` of a zero-shot run directory."""
     directory = Path(directory)
     layers = pd.read_csv(directory / FIDELITY_CSV, keep_default_na=False,
                          na_values=["nan", "NaN", ""])
@@ -161,7 +162,7 @@ def _softmax_table(layers: pd.DataFrame) -> Table | None:
 
 
 def zero_shot_blocks(directory: Path, plot_dir: Path, title: str = SECTION) -> list[Block]:
-    """The section's blocks for one fidelity run directory (plots into ``plot_dir``)."""
+    """The section's blocks for one zero-shot run directory (plots into ``plot_dir``)."""
     layers, e2e, loc = load_tables(directory)
     if layers.empty:
         return [Heading(title), Note("fidelity.csv holds no rows: nothing was measured.")]
@@ -220,8 +221,6 @@ def zero_shot_blocks(directory: Path, plot_dir: Path, title: str = SECTION) -> l
 
 
 def _summaries(directory: Path) -> dict[str, dict]:
-    import json
-
     path = Path(directory) / "fidelity.json"
     if not path.is_file():
         return {}
@@ -243,7 +242,7 @@ def zero_shot_section(runs: list[Run], plot_dir: Path) -> list[Block]:
 def write_zero_shot_report(directory: Path | str) -> tuple[Path, Path]:
     """``report.md`` and ``report.html`` of the section alone into ``directory``."""
     directory = Path(directory)
-    doc = Document(f"attnbench zero-shot fidelity: {directory.name}")
+    doc = Document(f"attnbench zero-shot: {directory.name}")
     doc.add(*zero_shot_blocks(directory, directory / "plots"))
     md, html = directory / "report.md", directory / "report.html"
     runfolder.atomic_write(md, to_markdown(doc, directory))

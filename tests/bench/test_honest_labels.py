@@ -9,6 +9,7 @@ import math
 import torch
 
 from attnbench import attention
+from attnbench.attention.specs import parse_methods
 from attnbench.bench import sweep
 from attnbench.bench.workloads import Point
 from attnbench.cli import main
@@ -19,7 +20,7 @@ CALIB = sweep.Calibration(flops_per_s=1e10, bytes_per_s=1e10)
 
 
 def _row(method: str, res: int = 256):
-    spec = sweep.parse_methods(method)[0]
+    spec = parse_methods(method)[0]
     plan = sweep.SweepPlan(config=TINY, methods=[spec], resolutions=[res], levels=["attention"],
                            budget_s=30.0, rep_budget_s=0.01)
     return sweep.run_point(plan, res, "attention", spec, CALIB)
@@ -90,7 +91,7 @@ def test_rows_measured_before_a_default_changed_keep_saying_what_ran(tmp_path):
     # resuming a run folder: the old row is not today's `sla`, so `sla` is measured again
     writer = ResultsWriter(tmp_path / "run", {})
     writer.append(old)
-    spec = sweep.parse_methods("sla")[0]
+    spec = parse_methods("sla")[0]
     plan = sweep.SweepPlan(config=TINY, methods=[spec], resolutions=[256],
                            levels=["attention"], budget_s=30.0, rep_budget_s=0.01)
     key = sweep._base_row(plan, 256, "attention", spec).key()

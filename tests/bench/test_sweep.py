@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from attnbench import results
+from attnbench.attention.specs import parse_methods
 from attnbench.bench import memory, sweep, timer
 from attnbench.cli import main
 from attnbench.models.configs import get_config
@@ -17,7 +18,7 @@ TINY = get_config("DiT-T/2")
 
 
 def _plan(**kw) -> sweep.SweepPlan:
-    defaults = dict(config=TINY, methods=sweep.parse_methods("softmax,lit"), resolutions=[64],
+    defaults = dict(config=TINY, methods=parse_methods("softmax,lit"), resolutions=[64],
                     levels=["attention"], budget_s=30.0, rep_budget_s=0.01)
     return sweep.SweepPlan(**{**defaults, **kw})
 
@@ -26,16 +27,16 @@ CALIB = sweep.Calibration(flops_per_s=1e10, bytes_per_s=1e10)
 
 
 def test_parse_methods_variants_and_shared_options():
-    specs = sweep.parse_methods("softmax,clear:radius=16,clear", ["clear.radius=4"])
+    specs = parse_methods("softmax,clear:radius=16,clear", ["clear.radius=4"])
     assert [s.label for s in specs] == ["softmax", "clear:radius=16.0", "clear:radius=4.0"]
     with pytest.raises(ValueError, match="unknown attention method 'clearr'"):
-        sweep.parse_methods("clearr")
+        parse_methods("clearr")
     with pytest.raises(ValueError, match="unknown option 'radius'"):
-        sweep.parse_methods("lit:radius=3")
+        parse_methods("lit:radius=3")
     with pytest.raises(ValueError, match="METHOD.KEY=VALUE"):
-        sweep.parse_methods("clear", ["radius=3"])
+        parse_methods("clear", ["radius=3"])
     with pytest.raises(ValueError, match="not in --methods"):
-        sweep.parse_methods("softmax", ["clear.radius=3"])
+        parse_methods("softmax", ["clear.radius=3"])
 
 
 def test_points_predicted_over_budget_are_skipped_with_the_reason():
@@ -206,19 +207,19 @@ def test_the_baseline_is_measured_past_the_budget_when_the_others_ran(tmp_path, 
                 if slow[row.method] > plan.budget_s else None)
 
     monkeypatch.setattr(sweep, "_over_time", predicted)
-    plan = _plan(methods=sweep.parse_methods("softmax,lit"))
+    plan = _plan(methods=parse_methods("softmax,lit"))
     rows = sweep.run_sweep(plan, ResultsWriter(tmp_path / "a", {}), progress=False)
     soft = next(r for r in rows if r.method == "softmax")
     assert soft.status == "ok" and "measured anyway" in soft.extra["past_budget"]
     assert soft.speedup_vs_softmax == 1.0 and calls and all(c == 15.0 for c in calls)
     # alone, nothing is compared with it: the prediction skips it
-    alone = sweep.run_sweep(_plan(methods=sweep.parse_methods("softmax")),
+    alone = sweep.run_sweep(_plan(methods=parse_methods("softmax")),
                             ResultsWriter(tmp_path / "b", {}), progress=False)
     assert alone[0].status == "skipped" and alone[0].reason.startswith("predicted 1000 s")
 
 
 def test_the_baseline_runs_after_the_methods_compared_with_it():
-    specs = sweep.parse_methods("softmax,lit,clear")
+    specs = parse_methods("softmax,lit,clear")
     points = sweep.baseline_last([(r, "attention", s) for r in (64, 128) for s in specs])
     assert [(r, s.name) for r, _, s in points] == [
         (64, "lit"), (64, "clear"), (64, "softmax"), (128, "lit"), (128, "clear"),

@@ -70,7 +70,7 @@ def test_the_shipped_teacher_has_learned_the_world():
 
 
 def test_a_missing_teacher_says_what_to_do(monkeypatch, tmp_path):
-    from attnbench.distill import teacher
+    from attnbench.models import teacher
 
     monkeypatch.setattr(teacher, "ASSET_DIR", tmp_path / "gone")
     with pytest.raises(FileNotFoundError, match="train-teacher --out DIR"):

@@ -12,6 +12,7 @@ from attnbench import attention
 from attnbench.attention import Layout
 from attnbench.cli import main
 from attnbench.metrics import zero_shot as zs
+from attnbench.results import ZERO_SHOT_LEVEL
 
 GRID = (4, 5)
 
@@ -93,8 +94,8 @@ def test_variants_reuse_the_method_parser_and_take_heads_off():
 def teacher_layer():
     """q, k, v of the shipped teacher's block 2 on noised shapes-world images (float64)."""
     from attnbench.diffusion import Diffusion
-    from attnbench.distill.teacher import default_teacher_path
     from attnbench.models import load_dit
+    from attnbench.models.teacher import default_teacher_path
 
     teacher = load_dit(default_teacher_path()).double()
     x0, y, noise = zs.shapes_inputs(teacher.config, 2, seed=0)
@@ -191,16 +192,16 @@ def test_the_command_writes_tables_rows_and_a_report(teacher_dir, tmp_path):
     from attnbench.results import load_table
 
     frame, _ = load_table(out)
-    rows = frame[frame["level"] == zs.FIDELITY_LEVEL]
+    rows = frame[frame["level"] == ZERO_SHOT_LEVEL]
     assert len(rows) == len(labels)
     report = (out / "report.md").read_text()
-    assert "Zero-shot fidelity" in report and "zero_shot_heatmap.png" in report
+    assert "Zero-shot: each method against softmax" in report and "zero_shot_heatmap.png" in report
     assert (out / "plots" / "zero_shot_locality.png").is_file()
 
     from attnbench.report import write_report
 
     full = write_report([out]).markdown.read_text()  # the full report keeps the section
-    assert "Zero-shot fidelity" in full
+    assert "Zero-shot: each method against softmax" in full
 
 
 @pytest.mark.parametrize("argv, message", [

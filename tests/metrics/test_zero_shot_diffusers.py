@@ -14,7 +14,7 @@ from attnbench.integrations.diffusers import build_transformer, model_shapes
 from attnbench.metrics import zero_shot as zs
 from attnbench.metrics import zero_shot_diffusers as zd
 from attnbench.models.diffusers_configs import get_diffusers_config
-from attnbench.results import load_table
+from attnbench.results import ZERO_SHOT_LEVEL, load_table
 
 FAST = ["--timesteps", "300,900", "--num", "2", "--no-progress"]
 
@@ -49,14 +49,14 @@ def test_softmax_and_a_covering_window_are_exact_with_text_tokens(flux_run):
 
 def test_rows_name_the_model_size_and_inputs(flux_run):
     frame, meta = load_table(flux_run)
-    rows = frame[frame["level"] == zs.FIDELITY_LEVEL]
+    rows = frame[frame["level"] == ZERO_SHOT_LEVEL]
     assert set(rows["method"]) == {"softmax", "lit", "clear", "sla"}
     row = rows.iloc[0]
     assert (row["model"], row["resolution"], row["height"], row["tokens"]) == (
         "flux-tiny", 80, 48, 7 + 15)
     assert "random" in meta["inputs"]["weights"] and meta["inputs"]["layout"] == "7 text + 3x5"
     report = (flux_run / "report.md").read_text()
-    assert "Zero-shot fidelity" in report
+    assert "Zero-shot: each method against softmax" in report
     assert "Trajectory PSNR not measured: attnbench has no sampler" in report
 
 

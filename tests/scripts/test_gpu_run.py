@@ -202,10 +202,11 @@ def test_a_missed_target_is_profiled(calls):
 
 
 def test_the_targets_are_read_from_the_one_csv():
-    from attnbench.bench import floor
+    from attnbench.bench import floor, targets
 
+    assert gpu_run.load_targets is floor.load_targets is targets.load_targets
     names = [t.name for t in gpu_run.TARGETS]
-    assert names == [t["name"] for t in floor.load_targets()]
+    assert names == [t.name for t in floor.load_targets()]
     assert {t.kind for t in gpu_run.TARGETS} == {"speedup", "peer", "bandwidth"}
     assert floor.bandwidth_target() == next(t.minimum for t in gpu_run.TARGETS
                                             if t.kind == "bandwidth")

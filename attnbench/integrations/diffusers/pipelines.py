@@ -147,3 +147,14 @@ def check_size(root: str | Path, family: Family, height: int, width: int,
             raise ValueError(f"--frames {frames}: this {family.name} pipeline takes "
                              f"1 + {temporal}·k frames (its VAE's temporal stride), e.g. "
                              f"{1 + temporal}")
+
+
+def text_length(pipe, family: Family, requested: int | None = None) -> int:
+    """The prompt length: ``requested``, else the family's, capped by the tokenizers'."""
+    if requested is not None:
+        return requested
+    caps = [getattr(pipe, name).model_max_length for name in ("tokenizer", "tokenizer_2",
+                                                               "tokenizer_3")
+            if getattr(pipe, name, None) is not None]
+    caps = [c for c in caps if isinstance(c, int) and c < 10**6]
+    return min([family.sampling.max_sequence_length, *([max(caps)] if caps else [])])

@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 from torch import nn
 
+from ... import runfolder
 from .families import family_of
 from .pipelines import config_hash
 from .swap import SwapHandle, swap_attention
@@ -46,18 +49,15 @@ def save_student(folder: str | Path, student: nn.Module, handle: SwapHandle,
                  teacher_state: dict[str, torch.Tensor], *, recipe: dict[str, Any] | None = None,
                  teacher_hash: str, extra: dict[str, Any] | None = None) -> Path:
     """Write ``folder/student.safetensors`` + ``student.json`` (atomically, file by file)."""
-    from safetensors.torch import save as st_save
-
-    from ...distill.io import atomic_write_bytes, atomic_write_json
-
     folder = Path(folder)
     tensors = changed_tensors(student, teacher_state)
     meta = {"family": handle.family, "method": handle.method, "options": handle.options,
             "recipe": recipe, "teacher_config_sha256": teacher_hash,
             "transformer": type(student).__name__, "tensors": len(tensors),
             "parameters": int(sum(t.numel() for t in tensors.values())), **(extra or {})}
-    atomic_write_bytes(folder / WEIGHTS, st_save(tensors, metadata={"format": "pt"}))
-    atomic_write_json(folder / META, meta)
+    runfolder.atomic_write(folder / WEIGHTS, st_save(tensors, metadata={"format": "pt"}))
+    runfolder.atomic_write(folder / META,
+                           json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
     return folder
 
 
@@ -92,8 +92,6 @@ def load_student(transformer: nn.Module, folder: str | Path, *, flag: str = "--s
                  impl: str = "auto") -> SwapHandle:
     """Install the student in ``folder`` on ``transformer`` (its stock teacher): the method's
     attention with the saved options, then the saved tensors. Returns the swap handle."""
-    from safetensors.torch import load_file
-
     folder, meta = read_student(folder, flag)
     check_student(meta, transformer, folder, flag)
     tensors = load_file(folder / WEIGHTS)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .compat import import_diffusers
+from .pipelines import quiet
 
 #: the vocabulary of the tiny tokenizers (unknown words map to <unk>)
 WORDS = ("a an the of and with on in at red green blue yellow black white small big cat dog "
@@ -165,7 +166,6 @@ def tiny_pipeline(family: str, seed: int = 0):
 
 def save_tiny_pipeline(family: str, folder: str | Path, seed: int = 0) -> Path:
     """``tiny_pipeline(family)`` written with ``save_pretrained`` (safetensors) to ``folder``."""
-    from .pipelines import quiet
 
     quiet()
     folder = Path(folder)

@@ -14,8 +14,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..models.checkpoint import WEIGHTS_FILE, file_sha256
-from ..models.configs import DiTConfig
+from .. import runfolder
+from .checkpoint import WEIGHTS_FILE, file_sha256
+from .configs import DiTConfig
 
 #: the shipped teacher's architecture: DiT-S-like blocks, much narrower and shallower,
 #: patch 4 on 32-px RGB images (an 8×8 token grid), 91 shapes-world classes + null
@@ -67,7 +68,6 @@ def verify_teacher(path: str | Path | None = None) -> dict[str, Any]:
 
 
 def write_sums(directory: Path, names: list[str]) -> Path:
-    from .io import atomic_write_text
-
+    """``directory/SHA256SUMS`` over the files ``names`` (those present), written atomically."""
     lines = [f"{file_sha256(directory / n)}  {n}" for n in names if (directory / n).is_file()]
-    return atomic_write_text(directory / SHA_FILE, "\n".join(lines) + "\n")
+    return runfolder.atomic_write(directory / SHA_FILE, "\n".join(lines) + "\n")

@@ -12,9 +12,8 @@ from typing import Any
 
 import torch
 
-from .. import versions
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from .paths import REPO_ROOT
+from .versions import versions
 
 
 def git_revision(root: Path = REPO_ROOT) -> str | None:

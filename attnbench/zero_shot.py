@@ -1,4 +1,4 @@
-"""``python -m attnbench fidelity``: zero-shot fidelity of every method on a model's activations.
+"""``python -m attnbench fidelity``: zero-shot, every method against softmax on a model's q, k, v.
 
 A pipeline command beside ``run``: it chains the measurement
 (``attnbench.metrics.zero_shot``) and its report section (``attnbench.report.zero_shot``).
@@ -16,7 +16,7 @@ when it is not a shapes-world model), or a diffusers transformer (``--model-path
 ``--model``: :mod:`attnbench.metrics.zero_shot_diffusers`).
 
 Writes into ``--out``: ``fidelity.csv`` (the long table), ``end_to_end.csv``,
-``locality.csv``, the results table (one ``level = fidelity`` row per method) and
+``locality.csv``, the results table (one ``level = zero-shot`` row per method) and
 ``report.md`` / ``report.html`` with the heatmaps, the ranking and the locality curve.
 """
 
@@ -31,9 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import cliutil, runfolder
-from .bench.environment import REPO_ROOT, environment
-from .distill.teacher import default_teacher_path
+from .bench.workloads import diffusers_model
+from .common.environment import environment
+from .common.paths import REPO_ROOT
 from .metrics.quality import is_shapes_model
 from .metrics.zero_shot import (
     CHUNK_ELEMENTS,
@@ -41,7 +44,6 @@ from .metrics.zero_shot import (
     DEFAULT_TIMESTEPS,
     END_TO_END_CSV,
     FIDELITY_CSV,
-    FIDELITY_LEVEL,
     HEADS_OPTION,
     HIGHER_IS_BETTER,
     LOCALITY_CSV,
@@ -50,14 +52,21 @@ from .metrics.zero_shot import (
     check_timesteps,
     load_inputs,
     parse_variants,
+    read_tensors,
     zero_shot_fidelity,
+)
+from .metrics.zero_shot_diffusers import (
+    check_softmax_model,
+    step_inputs,
+    zero_shot_fidelity_diffusers,
 )
 from .models import load_dit
 from .models.configs import VAE_DOWNSAMPLE
 from .models.diffusers_configs import DIFFUSERS_CONFIGS, diffusers_config_names
+from .models.teacher import default_teacher_path
 from .report.build import REPORT_FILES, is_report_file
 from .report.zero_shot import write_zero_shot_report
-from .results import Result, ResultsWriter, Size, canonical_options
+from .results import ZERO_SHOT_LEVEL, Result, ResultsWriter, Size, canonical_options
 
 SUMMARY_FILE = "fidelity.json"
 #: shapes-world images measured when ``--num`` is not given
@@ -91,7 +100,7 @@ def _load_model(ckpt: str | None, device: str, given_inputs: bool):
                          "FILE with clean inputs of its own (x0 [N, C, H, W], labels y)")
     if model.config.attention != "softmax":
         raise ValueError(f"--ckpt {ckpt}: the model's attention is {model.config.attention!r}; "
-                         "zero-shot fidelity measures methods against a softmax model")
+                         "zero-shot measures methods against a softmax model")
     return model, ckpt
 
 
@@ -134,7 +143,7 @@ def dit_subject(model, config: FidelityConfig) -> Subject:
 
 def result_rows(result: FidelityResult, subject: Subject, config: FidelityConfig,
                 device: str) -> list:
-    """One :class:`~attnbench.results.Result` per variant (``level = fidelity``).
+    """One :class:`~attnbench.results.Result` per variant (``level = zero-shot``).
 
     ``options`` hold the method's resolved options and the student's ``heads`` (two
     variants that differ only in heads are two rows); the numbers sit in
@@ -148,7 +157,7 @@ def result_rows(result: FidelityResult, subject: Subject, config: FidelityConfig
         rows.append(Result(
             method=summary["method"],
             options=canonical_options({**info["options"], HEADS_OPTION: heads}),
-            level=FIDELITY_LEVEL, resolution=subject.size.width,
+            level=ZERO_SHOT_LEVEL, resolution=subject.size.width,
             height=subject.size.row_height, tokens=subject.tokens,
             batch=config.num, dtype="float64", device=device, model=subject.model,
             heads=heads, head_dim=subject.width // heads, impl=subject.impl,
@@ -208,8 +217,6 @@ def write_outputs(out: Path, result: FidelityResult, subject: Subject, config: F
 
 
 def _check_device(device: str) -> None:
-    import torch
-
     if device != "cpu" and not device.startswith("cuda"):
         raise ValueError(f"--device {device!r}: use cpu or cuda[:N]")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -250,7 +257,7 @@ def fidelity(args: argparse.Namespace) -> int:
     out = _claim(args)
     subject = dit_subject(model, config)
     meta = environment(args.device, ["python", "-m", "attnbench", *args.argv])
-    meta.update({"stage": FIDELITY_LEVEL, "model": model.config.name, "checkpoint": str(ckpt),
+    meta.update({"stage": ZERO_SHOT_LEVEL, "model": model.config.name, "checkpoint": str(ckpt),
                  "model_config": model.config.to_dict(), "dtype": "float64",
                  "methods": ["softmax", *(v.label for v in variants)],
                  "inputs": subject.inputs})
@@ -265,14 +272,6 @@ def fidelity(args: argparse.Namespace) -> int:
 
 def _fidelity_diffusers(args: argparse.Namespace, config: FidelityConfig) -> int:
     """``fidelity --model NAME / --model-path DIR``: a diffusers transformer."""
-    from .bench.workloads import diffusers_model
-    from .metrics.zero_shot import read_tensors
-    from .metrics.zero_shot_diffusers import (
-        check_softmax_model,
-        step_inputs,
-        zero_shot_fidelity_diffusers,
-    )
-
     if args.ckpt:
         raise ValueError("--ckpt is an attnbench/DiT checkpoint; it does not combine with "
                          "--model / --model-path")
@@ -281,8 +280,8 @@ def _fidelity_diffusers(args: argparse.Namespace, config: FidelityConfig) -> int
     if args.model and args.model.strip().lower() not in DIFFUSERS_CONFIGS:
         raise ValueError(f"--model {args.model!r}: fidelity takes a diffusers zoo name "
                          f"({', '.join(diffusers_config_names())}); a DiT goes in --ckpt")
-    import torch
 
+    # lazy: diffusers is an optional extra
     from .integrations.diffusers import build_transformer, load_transformer, model_shapes
 
     chosen = diffusers_model(args.model, args.model_path, args.frames)
@@ -315,7 +314,7 @@ def _fidelity_diffusers(args: argparse.Namespace, config: FidelityConfig) -> int
         weights = f"--model-path {chosen.folder}"
     out = _claim(args)
     meta = environment(args.device, ["python", "-m", "attnbench", *args.argv])
-    meta.update({"stage": FIDELITY_LEVEL, "model": chosen.name, "diffusers_model":
+    meta.update({"stage": ZERO_SHOT_LEVEL, "model": chosen.name, "diffusers_model":
                  chosen.describe(), "weights": weights, "dtype": "float64",
                  "methods": ["softmax", *(v.label for v in config.variants)]})
     print(f"attnbench fidelity: {chosen.name} ({shapes.attention_layers} attention layers, "
@@ -355,7 +354,7 @@ def _print_ranking(result: FidelityResult) -> None:
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "fidelity", help="zero-shot fidelity: each method vs softmax on the model's own q, k, v",
+        "fidelity",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--ckpt", type=cliutil.non_empty("--ckpt", "a checkpoint"),

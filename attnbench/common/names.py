@@ -1,4 +1,4 @@
-"""Suggestions for misspelt names in error messages (a leaf: imports nothing of attnbench)."""
+"""Suggestions for misspelt names in error messages (imports nothing of attnbench)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,11 @@
+"""What several layers share, below all of them: imports nothing else of attnbench.
+
+- :mod:`.versions`: the package version and the versions every saved artefact records;
+- :mod:`.environment`: how a number was made (device, libraries, git revision, command);
+- :mod:`.paths`: where attnbench's own checkout lies;
+- :mod:`.dist`: torchrun's processes, or one process when there is no torchrun;
+- :mod:`.names`: suggestions for a misspelt name in an error message.
+
+The layers above import from here: attention → models → bench / metrics / distill →
+report → pipeline (and the top-level commands), each only downwards.
+"""
