@@ -126,7 +126,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    if args.pipeline_samples is not None:
+    if args.pipeline_samples is not None or args.model_path is not None:
         return _eval_pipeline(args)
     fid_metrics = tuple(m.strip() for m in args.fid_metrics.split(",") if m.strip())
     bad = [m for m in fid_metrics if m not in FID_METRICS]
@@ -167,21 +167,40 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _eval_pipeline(args: argparse.Namespace) -> int:
-    """``eval --pipeline-samples DIR --teacher-samples DIR`` (:mod:`.pipeline_eval`)."""
-    from .pipeline_eval import GROUPS, evaluate_pair
+    """``eval --pipeline-samples DIR --teacher-samples DIR`` or ``eval --model-path DIR
+    --student DIR`` (:mod:`.pipeline_eval`)."""
+    from .pipeline_eval import GROUPS, evaluate_pair, score_student
 
-    if not args.teacher_samples or not args.out:
-        raise ValueError("--pipeline-samples needs --teacher-samples DIR (the teacher's "
-                         "`sample --model-path` folder) and --out RUN_DIR")
+    if not args.out:
+        raise ValueError("--out RUN_DIR is needed: the results table receiving the row")
     given = [g.strip() for g in args.metrics.split(",") if g.strip()]
     groups = tuple(g for g in given if g in GROUPS) if args.metrics != ",".join(
         METRIC_GROUPS) else GROUPS
-    result = evaluate_pair(args.pipeline_samples, args.teacher_samples, args.out,
-                           groups=groups or tuple(given), engine=args.fid_engine,
-                           extractor=args.feature_extractor or "inception",
-                           weights=args.shapes_weights if args.feature_extractor == "shapes"
-                           else args.inception_weights, device=args.device or "cpu",
-                           argv=args.argv, force=args.force)
+    scoring = dict(groups=groups or tuple(given), engine=args.fid_engine,
+                   extractor=args.feature_extractor or "inception",
+                   weights=args.shapes_weights if args.feature_extractor == "shapes"
+                   else args.inception_weights, device=args.device or "cpu", argv=args.argv,
+                   force=args.force)
+    if args.model_path is not None:
+        if args.pipeline_samples is not None or args.teacher_samples is not None:
+            raise ValueError("--model-path samples the teacher and --student itself: drop "
+                             "--pipeline-samples/--teacher-samples (or drop --model-path)")
+        if args.student is None:
+            raise ValueError("--model-path: eval scores a distilled student against its "
+                             "teacher; pass --student DIR (distill --model-path OUT/student)")
+        if args.steps is not None and not isinstance(args.steps, int):
+            raise ValueError(f"--steps {args.steps!r}: with --model-path give a number of steps")
+        result = score_student(args.model_path, args.student, args.out, num=args.num,
+                               steps=args.steps, height=args.height, width=args.width,
+                               frames=args.frames, prompts=args.prompts, seed=args.seed,
+                               guidance=args.guidance,
+                               max_sequence_length=args.max_sequence_length,
+                               progress=not args.no_progress, **scoring)
+    else:
+        if not args.teacher_samples:
+            raise ValueError("--pipeline-samples needs --teacher-samples DIR (the teacher's "
+                             "`sample --model-path` folder)")
+        result = evaluate_pair(args.pipeline_samples, args.teacher_samples, args.out, **scoring)
     print(f"{result['label']}: " + ", ".join(f"{k} {v:.4g}" for k, v in
                                               result["metrics"].items()))
     return 0
@@ -247,6 +266,7 @@ def add_parser(subparsers) -> None:
                    "PSNR/SSIM against --teacher-samples image by image, FID/KID against them")
     g.add_argument("--teacher-samples", type=non_empty("--teacher-samples", "a folder"),
                    help="the teacher's folder (same prompts and seeds)")
+    add_pipeline_flags(p, sample=False)
     g = p.add_argument_group("fidelity to the teacher")
     g.add_argument("--fidelity-num", type=positive_int, default=64,
                    help="samples drawn by both student and teacher (default 64)")

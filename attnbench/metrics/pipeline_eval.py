@@ -13,6 +13,11 @@ other. Metric groups:
 
 The row goes into the run folder's results table with ``level = quality``,
 the student's method and options, so the report puts it beside the speed rows.
+
+:func:`score_student` is the one-command form (``eval --model-path PIPELINE_DIR
+--student DIR`` and ``run --model-path ... --quality ... --student DIR``): it samples the
+teacher and the student with the same prompts and seeds into ``RUN/samples/teacher`` and
+``RUN/samples/<student label>``, then scores the pair as above.
 """
 
 from __future__ import annotations
@@ -58,6 +63,53 @@ def check_pair(student: str | Path, teacher: str | Path):
     return s_dir, s_info, t_dir, t_info
 
 
+def check_groups(groups: tuple[str, ...], engine: str, extractor: str,
+                 weights: str | Path | None) -> str | Path | None:
+    """The metric groups and the files they read, checked before any work (returns the
+    feature extractor's weights file)."""
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown or not groups:
+        raise ValueError(f"--metrics {','.join(unknown)}: a pipeline evaluation computes "
+                         f"{', '.join(GROUPS)}")
+    if "fid" in groups and extractor == "inception":
+        from .engines import inception_weights
+
+        return inception_weights(engine, weights)  # the file named before any work
+    return weights
+
+
+def score_student(model_path: str | Path, student: str | Path, run_dir: str | Path, *,
+                  num: int, steps: int | None = None, height: int | None = None,
+                  width: int | None = None, frames: int | None = None,
+                  prompts: str | Path | None = None, seed: int = 0,
+                  guidance: float | None = None, max_sequence_length: int | None = None,
+                  groups: tuple[str, ...] = GROUPS, engine: str = "torch-fidelity",
+                  extractor: str = "inception", weights: str | Path | None = None,
+                  device: str = "cpu", argv: list[str] | None = None, force: bool = False,
+                  progress: bool = True) -> dict[str, Any]:
+    """Teacher and student sampled alike into ``run_dir/samples/``, then scored (module
+    docstring). Every input is checked before the first sample."""
+    from ..results import label as result_label
+    from .pipeline_sample import check_sampling, run_pipeline_sampling
+    from .quality import safe_name
+
+    _, _, _, _, meta = check_sampling(model_path, student=student, prompts=prompts, num=num,
+                                      height=height, width=width, frames=frames)
+    weights = check_groups(groups, engine, extractor, weights)
+    name = result_label(meta["method"], canonical_options(dict(meta.get("options") or {})))
+    folders = {"teacher": Path(run_dir) / "samples" / "teacher",
+               "student": Path(run_dir) / "samples" / safe_name(name)}
+    for who, folder in folders.items():
+        run_pipeline_sampling(model_path, folder, student=student if who == "student" else None,
+                              prompts=prompts, num=num, seed=seed, steps=steps, height=height,
+                              width=width, frames=frames, guidance=guidance,
+                              max_sequence_length=max_sequence_length, device=device,
+                              force=force, progress=progress, argv=argv)
+    return evaluate_pair(folders["student"], folders["teacher"], run_dir, groups=groups,
+                         engine=engine, extractor=extractor, weights=weights, device=device,
+                         argv=argv, force=force)
+
+
 def _images(folder: Path) -> np.ndarray:
     with np.load(folder / NPZ_FILE, allow_pickle=False) as data:
         images = data["arr_0"]
@@ -77,14 +129,7 @@ def evaluate_pair(student: str | Path, teacher: str | Path, run_dir: str | Path,
     from .fidelity import psnr, ssim
 
     s_dir, s_info, t_dir, _ = check_pair(student, teacher)
-    unknown = [g for g in groups if g not in GROUPS]
-    if unknown:
-        raise ValueError(f"--metrics {','.join(unknown)}: a pipeline evaluation computes "
-                         f"{', '.join(GROUPS)}")
-    if "fid" in groups and extractor == "inception":
-        from .engines import inception_weights
-
-        weights = inception_weights(engine, weights)  # the file named before any work
+    weights = check_groups(groups, engine, extractor, weights)
     writer = ResultsWriter(Path(run_dir), {**environment(torch.device(device),
                                                          ["python", "-m", "attnbench",
                                                           *(argv or [])]),

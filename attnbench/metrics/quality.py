@@ -196,7 +196,7 @@ def evaluate(ckpt: str | Path | None, config: EvalConfig, run_dir: str | Path, *
                 f"{settings.steps} steps, CFG {settings.cfg_scale})")
             drawn = generate(model, settings, device=device, vae=vae, progress=progress)
             images, labels = drawn["images"], drawn["labels"]
-            rel = Path("samples") / f"{_safe(label)}.npz"
+            rel = Path("samples") / f"{safe_name(label)}.npz"
             save_npz(run_dir / rel, images, labels)
             extra["samples"] = str(rel)
             steps = drawn["step_seconds"]
@@ -376,5 +376,6 @@ def _fidelity(model, ckpt, teacher_path, config: EvalConfig, device, vae,
     }
 
 
-def _safe(label: str) -> str:
+def safe_name(label: str) -> str:
+    """A label as a file name (what is not alphanumeric or -_.= becomes _)."""
     return "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in label)

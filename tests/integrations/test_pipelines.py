@@ -234,3 +234,51 @@ def test_every_family_distills_samples_and_scores(family, method, option, tmp_pa
                  "shapes", "--no-progress"]) == 0
     meta = json.loads((tmp_path / "d" / "student" / "student.json").read_text())
     assert meta["family"] == family and meta["method"] == method
+
+
+def test_run_puts_the_students_quality_beside_its_speed(flux_dir, flux_student, tmp_path):
+    """``run --model-path PIPE --student S --quality``: the student's method measured with
+    its saved options and scored against the teacher, one label, one size: the Pareto plot
+    pairs them."""
+    from attnbench.report.tables import load_run, quality_table
+
+    run = tmp_path / "run"
+    assert main(["run", "--model-path", str(flux_dir), "--student",
+                 str(flux_student / "student"), "--res", "32x48", "--level", "attention,model",
+                 "--budget", "5", "--quality", "fidelity", "--quality-num", "2",
+                 "--quality-steps", "2", "--out", str(run), *QUIET]) == 0
+    rows = json.loads((run / "results.json").read_text())["rows"]
+    quality = [r for r in rows if r["level"] == "quality"]
+    assert len(quality) == 1 and quality[0]["method"] == "clear"
+    speed = [r for r in rows if r["level"] != "quality" and r["method"] == "clear"]
+    assert {r["options"] for r in speed} == {quality[0]["options"]}  # the student's options
+    assert {r["method"] for r in rows} == {"softmax", "clear"}
+    table = quality_table(load_run(run).frame)
+    assert set(table["metric"]) == {"psnr", "ssim"}
+    assert table["latency_ms"].notna().all()  # each quality point has its speed
+    assert (run / "plots" / "pareto.png").is_file()
+    assert sorted(p.name for p in (run / "samples").iterdir())[-1] == "teacher"
+
+
+def test_eval_model_path_student_samples_and_scores(flux_dir, flux_student, tmp_path):
+    run = tmp_path / "run"
+    assert main(["eval", "--model-path", str(flux_dir), "--student",
+                 str(flux_student / "student"), "--num", "2", "--steps", "2", *SIZE,
+                 "--metrics", "fidelity", "--out", str(run), "--device", "cpu",
+                 "--no-progress"]) == 0
+    rows = json.loads((run / "results.json").read_text())["rows"]
+    assert [r["level"] for r in rows] == ["quality"]
+    assert (run / "samples" / "teacher" / "samples.npz").is_file()
+
+
+def test_fidelity_measures_a_trained_student_beside_the_zero_shot_methods(flux_dir, flux_student,
+                                                                          tmp_path):
+    out = tmp_path / "zs"
+    student = str(flux_student / "student")
+    assert main(["fidelity", "--model-path", str(flux_dir), "--student", student, "--methods",
+                 "clear:radius=2", "--res", "32x48", "--num", "1", "--timesteps", "500",
+                 "--out", str(out), "--no-progress"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    options = [json.loads(r["options"]) for r in rows if r["method"] == "clear"]
+    assert len(options) == 2  # the zero-shot conversion and the trained student, two rows
+    assert sorted(o.get("student", "") for o in options) == ["", student]
