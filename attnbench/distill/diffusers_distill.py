@@ -9,6 +9,10 @@ The trainer is attnbench's (``trainer.py``: torchrun DDP, SIGINT saves,
 ``--resume``, the run-folder lock, the progress bar); this module plugs the
 family's batches, trainable set and student export into it.
 
+The model: a pipeline folder (``--model-path``), or a zoo entry (``--model``: the
+transformer with random weights, what a check of the training's memory and speed needs;
+no text encoders, so its data is ``random`` or a file).
+
 Data (``--data``):
 
 * ``self`` -- the teacher pipeline generates latents from the prompt file (its
@@ -19,7 +23,9 @@ Data (``--data``):
   transformer's input layout, as the pipeline's ``output_type="latent"`` gives
   them) and the text inputs by the transformer's argument names
   (``encoder_hidden_states``, ``pooled_projections``, ``encoder_attention_mask``),
-  and ``height``/``width`` (``frames``) in its metadata.
+  and ``height``/``width`` (``frames``) in its metadata;
+* ``random`` (``--model ZOO``) -- ``--gen-samples`` random latents and text inputs at the
+  model's true shapes.
 
 Output: ``OUT/student/`` (``student.safetensors``: the changed and new tensors;
 ``student.json``), ``checkpoint.pt``, ``metrics.jsonl`` and ``summary.json``.
@@ -36,7 +42,14 @@ import torch
 from torch import nn
 
 from ..data.prompts import read_prompts
-from ..integrations.diffusers.families import Family, draw_sigmas, flow_shift
+from ..integrations.diffusers.families import (
+    PIPELINE_FAMILIES,
+    Family,
+    draw_sigmas,
+    flow_shift,
+    get_family,
+)
+from ..models.diffusers_configs import FAMILY_DEFAULTS
 from ..integrations.diffusers.swap import kd_attn_modules
 from . import dist as _dist
 from .diffusers_objective import (
@@ -48,6 +61,10 @@ from .recipes import DistillRecipe, get_recipe, recipe_for
 from .trainer import TrainConfig, Trainer, check_out, step_seed
 
 SELF_FILE = "teacher_latents.safetensors"
+#: ``--data random`` (with ``--model ZOO``): random latents and text at the model's shapes
+RANDOM_DATA = "random"
+#: the transformer's text inputs a data file may hold
+TEXT_INPUTS = ("encoder_hidden_states", "pooled_projections", "encoder_attention_mask")
 STUDENT_DIR = "student"
 #: the seed stream of the self-generated samples (the trainer's batches use stream 0)
 SAMPLE_STREAM = 5
@@ -243,7 +260,8 @@ def _file_sha(path: Path) -> str:
 
 
 def distill_pipeline(
-    out: str | Path, method: str, config: TrainConfig, *, model_path: str | Path,
+    out: str | Path, method: str, config: TrainConfig, *, model_path: str | Path | None = None,
+    model: str | None = None,
     options: dict[str, Any] | None = None, weights: dict[str, Any] | None = None,
     trainable: str | None = None, recipe: str | None = None, data: str = "self",
     prompts: str | Path | None = None,
@@ -252,25 +270,39 @@ def distill_pipeline(
     max_sequence_length: int | None = None, device: str | None = None,
     resume: bool = False, force: bool = False, gradient_checkpointing: bool = False,
 ) -> dict[str, Any]:
-    """Distil the transformer of the pipeline in ``model_path`` (module docstring)."""
+    """Distil the transformer of the pipeline in ``model_path``, or of the zoo entry
+    ``model`` with random weights (module docstring)."""
     from ..integrations.diffusers.pipelines import check_pipeline, check_size, config_hash
     from ..integrations.diffusers.swap import swap_attention
 
     out = Path(out)
-    root, family = check_pipeline(model_path)
+    if (model_path is None) == (model is None):
+        raise ValueError("give one model: --model-path PIPELINE_DIR or --model ZOO_NAME")
+    if model is not None:
+        root, entry = None, _zoo_entry(model, data)
+        family = get_family(entry.family)
+    else:
+        if data == RANDOM_DATA:
+            raise ValueError("--data random is for --model ZOO (random weights); a pipeline's "
+                             "teacher makes its own data: --data self")
+        root, family = check_pipeline(model_path)
+        entry = None
     prompt_list = read_prompts(prompts) if data == "self" else None
-    source = None if data == "self" else LatentTextSource.load(data)
+    source = None if data in ("self", RANDOM_DATA) else LatentTextSource.load(data)
     s = family.sampling
-    if data == "self":
-        from ..models.diffusers_configs import FAMILY_DEFAULTS
-
+    if source is None:
         default_h, default_w = FAMILY_DEFAULTS[family.name]["default_res"]
         height, width = height or default_h, width or default_w
         frames = frames if frames is not None else (s.frames if family.video else None)
     else:
         height, width = int(source.meta["height"]), int(source.meta["width"])
         frames = source.meta.get("frames")
-    check_size(root, family, height, width, frames)
+    if root is not None:
+        check_size(root, family, height, width, frames)
+    else:
+        from ..integrations.diffusers.build import model_shapes
+
+        shapes = model_shapes(entry, (height, width), frames)  # a size it cannot take: here
     chosen = get_recipe(recipe) if recipe else recipe_for(method)
     resolved_recipe: DistillRecipe = chosen.with_overrides(weights, trainable)
     from .. import attention
@@ -280,63 +312,113 @@ def distill_pipeline(
     check_out(out, resume=resume, force=force)  # before minutes of sample generation
     info = _dist.setup(device)
     try:
-        from ..integrations.diffusers.pipelines import load_pipeline
-
         dtype = torch.bfloat16 if config.precision == "bf16" and info.device.type == "cuda" \
             else None
-        pipe, _ = load_pipeline(root, device=info.device, dtype=dtype)
-        teacher = pipe.transformer.eval().requires_grad_(False)
+        if root is not None:
+            from ..integrations.diffusers.pipelines import load_pipeline
+
+            pipe, _ = load_pipeline(root, device=info.device, dtype=dtype)
+            teacher, scheduler = pipe.transformer, dict(pipe.scheduler.config)
+        else:
+            from ..integrations.diffusers.build import build_transformer
+
+            pipe, scheduler = None, dict(family.scheduler)
+            teacher = build_transformer(entry, device=info.device, dtype=dtype or torch.float32,
+                                        seed=config.seed)
+        teacher = teacher.eval().requires_grad_(False)
         teacher_hash = config_hash(teacher)
-        max_len = text_length(pipe, family, max_sequence_length)
-        steps = gen_steps or s.steps
-        guidance = s.guidance if gen_guidance is None else gen_guidance
-        if data == "self":
-            key = {"teacher_config_sha256": teacher_hash, "count": gen_samples,
-                   "seed": config.seed, "steps": steps, "guidance": guidance, "height": height,
-                   "width": width, "frames": frames, "max_sequence_length": max_len,
-                   "prompts_sha256": hashlib.sha256("\n".join(prompt_list).encode()).hexdigest()}
-            path = out / SELF_FILE
-            if path.is_file():
-                try:
-                    cached = LatentTextSource.load(path)
-                    source = cached if cached.meta.get("key") == key else None
-                except ValueError:
-                    source = None
-            if source is None:
-                source = generate_latents(pipe, family, prompt_list, gen_samples,
-                                          seed=config.seed, steps=steps, guidance=guidance,
-                                          height=height, width=width, frames=frames,
-                                          max_len=max_len, info=info, progress=config.progress)
-                source.meta["key"] = key
-                if info.is_main:
-                    source.save(path)
+        if data == RANDOM_DATA:
+            source = random_source(entry, shapes, gen_samples, seed=config.seed)
+        elif data == "self":
+            source = _self_data(out, pipe, family, prompt_list, config, info, teacher_hash,
+                                count=gen_samples, steps=gen_steps or s.steps,
+                                guidance=s.guidance if gen_guidance is None else gen_guidance,
+                                height=height, width=width, frames=frames,
+                                max_len=text_length(pipe, family, max_sequence_length))
         student = _student_copy(teacher)
         handle = swap_attention(student, method, **resolved)
         if resolved_recipe.needs_attention:
             swap_attention(teacher, "softmax")  # the stock output, with a core to tap
         if gradient_checkpointing:
             student.enable_gradient_checkpointing()
-        shift = flow_shift(dict(pipe.scheduler.config),
-                           int(torch.tensor(_grid(family, student, source.x[:1],
-                                                  source.meta)).prod()))
+        shift = flow_shift(scheduler, int(torch.tensor(_grid(family, student, source.x[:1],
+                                                             source.meta)).prod()))
+        origin = str(root) if root is not None else f"--model {entry.name} (random weights)"
         identity = {"kind": "distill-diffusers", "method": method, "family": family.name,
                     "attention_options": resolved, "recipe": resolved_recipe.to_dict(),
                     "teacher_config_sha256": teacher_hash,
-                    "data": data if data == "self" else str(Path(data).resolve())}
-        doc = {"family": family.name, "model_path": str(root), "objective": family.objective,
+                    "data": data if data in ("self", RANDOM_DATA) else str(Path(data).resolve())}
+        doc = {"family": family.name, "model_path": origin, "objective": family.objective,
                "timestep_density": family.timestep_density, "shift": shift,
                "tapped": kd_attn_modules(student, resolved_recipe)
                if resolved_recipe.needs_attention else [],
-               "recipe": resolved_recipe.describe(), "data": source.describe()}
+               "recipe": resolved_recipe.describe(), "data": source.describe(),
+               "gradient_checkpointing": gradient_checkpointing}
         trainer = DiffusersTrainer(
             student, teacher, source, out, config, recipe=resolved_recipe, family=family,
             handle=handle, teacher_hash=teacher_hash, shift=shift, identity=identity,
-            info={"method": method, "model_path": str(root), "distill": doc},
-            dist_info=info, student_extra={"model_path": str(root), "objective": family.objective,
+            info={"method": method, "model_path": origin, "distill": doc},
+            dist_info=info, student_extra={"model_path": origin, "objective": family.objective,
                                            "shift": shift, "tapped": doc["tapped"]})
         return trainer.run(resume=resume, force=force)
     finally:
         _dist.teardown(info)
+
+
+def _zoo_entry(model: str, data: str):
+    """``--model ZOO``: the entry, and data that needs no pipeline."""
+    from ..models.diffusers_configs import get_diffusers_config
+
+    entry = get_diffusers_config(model)
+    family = get_family(entry.family)
+    if family.encode is None:
+        raise ValueError(f"--model {entry.name}: {family.name} has no text pipeline to distil "
+                         f"(families: {', '.join(PIPELINE_FAMILIES)})")
+    if data == "self":
+        raise ValueError(f"--model {entry.name}: --data self needs the pipeline's text encoders "
+                         "and VAE; pass --model-path PIPELINE_DIR, or --data random / a "
+                         ".safetensors of latents and text embeddings")
+    return entry
+
+
+def random_source(entry, shapes, count: int, *, seed: int) -> LatentTextSource:
+    """``--data random``: ``count`` random latents and text inputs at the entry's true shapes
+    (a random teacher's memory and throughput need no real data)."""
+    from ..integrations.diffusers.build import make_inputs
+
+    inputs = make_inputs(entry, shapes, batch=count,
+                         generator=torch.Generator().manual_seed(seed))
+    text = {k: inputs[k] for k in TEXT_INPUTS if k in inputs}
+    h, w = shapes.resolution
+    meta = {"height": h, "width": w, "frames": shapes.frames, "guidance": 3.5}
+    return LatentTextSource(inputs["hidden_states"], text, meta,
+                            origin=f"random latents and text at {entry.name}'s shapes")
+
+
+def _self_data(out: Path, pipe, family: Family, prompt_list: list[str], config: TrainConfig,
+               info, teacher_hash: str, *, count: int, steps: int, guidance: float,
+               height: int, width: int, frames: int | None, max_len: int) -> LatentTextSource:
+    """``--data self``: the teacher pipeline's latents, written once and reused by
+    ``--resume`` when they were made the same way."""
+    key = {"teacher_config_sha256": teacher_hash, "count": count, "seed": config.seed,
+           "steps": steps, "guidance": guidance, "height": height, "width": width,
+           "frames": frames, "max_sequence_length": max_len,
+           "prompts_sha256": hashlib.sha256("\n".join(prompt_list).encode()).hexdigest()}
+    path = out / SELF_FILE
+    if path.is_file():
+        try:
+            cached = LatentTextSource.load(path)
+            if cached.meta.get("key") == key:
+                return cached
+        except ValueError:
+            pass
+    source = generate_latents(pipe, family, prompt_list, count, seed=config.seed, steps=steps,
+                              guidance=guidance, height=height, width=width, frames=frames,
+                              max_len=max_len, info=info, progress=config.progress)
+    source.meta["key"] = key
+    if info.is_main:
+        source.save(path)
+    return source
 
 
 def _student_copy(teacher: nn.Module) -> nn.Module:

@@ -282,3 +282,22 @@ def test_fidelity_measures_a_trained_student_beside_the_zero_shot_methods(flux_d
     options = [json.loads(r["options"]) for r in rows if r["method"] == "clear"]
     assert len(options) == 2  # the zero-shot conversion and the trained student, two rows
     assert sorted(o.get("student", "") for o in options) == ["", student]
+
+
+@pytest.mark.parametrize("model", ["flux-tiny", "wan-tiny"])
+def test_distill_a_zoo_entry_on_random_data(model, tmp_path):
+    """``distill --model ZOO --data random``: the zoo transformer with random weights, the
+    family's objective and recipe; --data self is refused (no text encoders)."""
+    out = tmp_path / "d"
+    size = ["--height", "32", "--width", "32"] + (["--frames", "5"] if model == "wan-tiny" else [])
+    argv = ["distill", "--model", model, "--method", "sla", "--out", str(out), "--steps", "2",
+            "--batch-size", "2", "--gen-samples", "2", *size, *QUIET]
+    assert main([*argv, "--data", "random"]) == 0
+    meta = json.loads((out / "student" / "student.json").read_text())
+    assert meta["method"] == "sla" and meta["family"] == model.split("-")[0]
+    from attnbench.integrations.diffusers import build_transformer
+    from attnbench.integrations.diffusers.student import load_student
+
+    load_student(build_transformer(model), out / "student")  # the zoo teacher takes it back
+    argv[argv.index(str(out))] = str(tmp_path / "e")
+    assert main(argv) == 2  # --data self (the default) needs a pipeline

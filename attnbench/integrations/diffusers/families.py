@@ -95,6 +95,9 @@ class Family:
     per_head: tuple[str, ...] = ()
     video: bool = False
     call_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: the σ-shift keys of the published pipeline's ``scheduler/scheduler_config.json``:
+    #: what a zoo entry (no pipeline folder) trains with
+    scheduler: dict[str, Any] = field(default_factory=dict)
     source: str = ""
     notes: dict[str, str] = field(default_factory=dict)
 
@@ -175,6 +178,8 @@ _FLUX = Family(
     objective="flow", timestep_scale=1.0, timestep_density="uniform",
     encode=_flux_encode, inputs=_flux_inputs, kinds=("double", "single"),
     per_head=("norm_q", "rope"),
+    scheduler={"use_dynamic_shifting": True, "base_image_seq_len": 256,
+               "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15},
     source="diffusers FluxPipeline (FLUX.1-dev: 28 steps, guidance 3.5 distilled into the "
            "transformer's guidance embedding)",
     notes={"timesteps": "uniform σ shifted by the scheduler's resolution-dependent shift "
@@ -189,7 +194,7 @@ _SD3 = Family(
     geo.image_geometry("SD3", "joint_attention_kwargs"),
     Sampling(steps=28, guidance=7.0, max_sequence_length=256),
     objective="flow", timestep_density="logit_normal", encode=_sd3_encode,
-    inputs=_plain_inputs, kinds=("joint",), per_head=("norm_q",),
+    inputs=_plain_inputs, kinds=("joint",), per_head=("norm_q",), scheduler={"shift": 3.0},
     source="diffusers StableDiffusion3Pipeline; SD3 paper: logit-normal(0, 1) σ, shift 3.0",
 )
 _PIXART = Family(
@@ -211,6 +216,7 @@ _SANA = Family(
     Sampling(steps=20, guidance=4.5, max_sequence_length=300),
     objective="flow", timestep_density="logit_normal", encode=_masked_encode,
     inputs=_plain_inputs, call_kwargs={"use_resolution_binning": False},
+    scheduler={"flow_shift": 3.0},
     source="diffusers SanaPipeline; SANA: flow matching, logit-normal σ, flow_shift 3.0",
 )
 _WAN = Family(
@@ -219,7 +225,7 @@ _WAN = Family(
     ("blocks",), ("attn1",), WanProcessor, geo.wan_geometry,
     Sampling(steps=50, guidance=5.0, max_sequence_length=512, frames=81),
     objective="flow", timestep_density="uniform", encode=_wan_encode, inputs=_plain_inputs,
-    video=True, per_head=("rope",),
+    video=True, per_head=("rope",), scheduler={"flow_shift": 3.0},
     source="diffusers WanPipeline; Wan2.1: flow matching, uniform σ shifted by flow_shift",
 )
 _DIT = Family(
