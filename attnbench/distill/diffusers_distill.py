@@ -33,6 +33,7 @@ Output: ``OUT/student/`` (``student.safetensors``: the changed and new tensors;
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -236,6 +237,20 @@ class DiffusersTrainer(Trainer):
                                 guidance=self.guidance, tapped=self.tapped,
                                 diffusion=self.diffusion)
 
+    def ema_init(self, model: nn.Module, trainable_keys: list[str]) -> dict[str, torch.Tensor]:
+        """The trainable entries only (the frozen ones never move): 10 GB for FLUX.1-dev's
+        attention instead of a 48 GB float copy of the whole student."""
+        state = model.state_dict()
+        return {k: state[k].detach().clone().float() for k in trainable_keys}
+
+    def ema_model(self, model: nn.Module, ema: dict[str, torch.Tensor]) -> nn.Module:
+        exported = copy.deepcopy(model)
+        state = exported.state_dict()
+        with torch.no_grad():
+            for key, value in ema.items():
+                state[key].copy_(value.to(state[key].dtype))
+        return exported.eval()
+
     def trainable_names(self, model: nn.Module) -> set[str]:
         return set(trainable_names(model, self.family, self.recipe.trainable))
 
@@ -335,8 +350,8 @@ def distill_pipeline(
                                 guidance=s.guidance if gen_guidance is None else gen_guidance,
                                 height=height, width=width, frames=frames,
                                 max_len=text_length(pipe, family, max_sequence_length))
-        student = _student_copy(teacher)
-        handle = swap_attention(student, method, **resolved)
+        student, handle = student_of(teacher, method, resolved, family,
+                                     resolved_recipe.trainable)
         if resolved_recipe.needs_attention:
             swap_attention(teacher, "softmax")  # the stock output, with a core to tap
         if gradient_checkpointing:
@@ -421,9 +436,23 @@ def _self_data(out: Path, pipe, family: Family, prompt_list: list[str], config: 
     return source
 
 
-def _student_copy(teacher: nn.Module) -> nn.Module:
-    """A trainable float copy of the teacher's transformer (its own parameters)."""
-    import copy
+def student_of(teacher: nn.Module, method: str, options: dict[str, Any], family: Family,
+               trainable: str):
+    """The student: a copy of ``teacher`` with ``method``'s attention, whose trainable
+    parameters train in float32 and whose frozen ones *are* the teacher's tensors (equal
+    values, frozen on both sides): beyond its teacher a student costs only its trainable
+    parameters (FLUX.1-dev with ``--trainable attention``: 2.5 of its 11.9 billion).
+    Returns ``(student, swap handle)``."""
+    from ..integrations.diffusers.swap import swap_attention
 
     student = copy.deepcopy(teacher)
-    return student.float() if student.dtype != torch.float32 else student
+    handle = swap_attention(student, method, **options)
+    chosen = set(trainable_names(student, family, trainable))
+    stock = dict(teacher.named_parameters())
+    for name, p in student.named_parameters():
+        ref = stock.get(name)
+        if name not in chosen and ref is not None and ref.shape == p.shape:
+            p.data = ref.data
+        elif p.dtype != torch.float32:
+            p.data = p.data.float()
+    return student, handle

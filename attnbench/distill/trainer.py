@@ -408,8 +408,8 @@ class Trainer:
             self.teacher.to(self.device).eval().requires_grad_(False)
         params = self._trainable(model)
         optimizer = _optim.build(cfg, [p for _, p in params])
-        ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
         trainable_keys = [n for n, _ in params]
+        ema = self.ema_init(model, trainable_keys)
         self.parameter_counts = {"trainable": sum(p.numel() for _, p in params),
                                  "total": sum(p.numel() for p in model.parameters())}
         start, initial_eval, elapsed_before = 0, None, 0.0
@@ -610,6 +610,10 @@ class Trainer:
             return None
         x, y = self.eval_data
         return evaluate(model, self.diffusion, x, y, teacher=self.teacher, seed=EVAL_SEED)
+
+    def ema_init(self, model: nn.Module, trainable_keys: list[str]) -> dict[str, torch.Tensor]:
+        """The EMA's first state: a float copy of every entry (the export is the EMA)."""
+        return {k: v.detach().clone().float() for k, v in model.state_dict().items()}
 
     def ema_model(self, model: nn.Module, ema: dict[str, torch.Tensor]) -> nn.Module:
         exported = copy.deepcopy(model)

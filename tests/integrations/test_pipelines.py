@@ -291,7 +291,7 @@ def test_distill_a_zoo_entry_on_random_data(model, tmp_path):
     out = tmp_path / "d"
     size = ["--height", "32", "--width", "32"] + (["--frames", "5"] if model == "wan-tiny" else [])
     argv = ["distill", "--model", model, "--method", "sla", "--out", str(out), "--steps", "2",
-            "--batch-size", "2", "--gen-samples", "2", *size, *QUIET]
+            "--batch-size", "2", "--gen-samples", "2", "--gradient-checkpointing", *size, *QUIET]
     assert main([*argv, "--data", "random"]) == 0
     meta = json.loads((out / "student" / "student.json").read_text())
     assert meta["method"] == "sla" and meta["family"] == model.split("-")[0]
