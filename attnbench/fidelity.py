@@ -346,8 +346,8 @@ def _fidelity_diffusers(args: argparse.Namespace, config: FidelityConfig) -> int
 def student_variant(folder: str, chosen):
     """``--student DIR``: the trained student as one more variant, checked against the
     ``--model-path`` model (family, config hash) before any weight loads."""
-    from .metrics.zero_shot import Variant
     from .integrations.diffusers.student import student_for
+    from .metrics.zero_shot import Variant
 
     if chosen.folder is None:
         raise ValueError("--student goes on the model it was distilled from: pass that "

@@ -50,8 +50,8 @@ from ..integrations.diffusers.families import (
     flow_shift,
     get_family,
 )
-from ..models.diffusers_configs import FAMILY_DEFAULTS
 from ..integrations.diffusers.swap import kd_attn_modules
+from ..models.diffusers_configs import FAMILY_DEFAULTS
 from . import dist as _dist
 from .diffusers_objective import (
     DiffusersBatch,

@@ -104,9 +104,11 @@ def test_gradient_checkpointing_recomputes_blocks_with_the_same_gradients(gen):
         if checkpointing:
             student.enable_gradient_checkpointing()
         count = []
-        student.transformer_blocks[0].register_forward_pre_hook(lambda *a: count.append(1))
+        student.transformer_blocks[0].register_forward_pre_hook(
+            lambda *a, count=count: count.append(1))
         teacher_out = []
-        hook = teacher.register_forward_hook(lambda m, i, o: teacher_out.append(o[0]))
+        hook = teacher.register_forward_hook(
+            lambda m, i, o, out=teacher_out: out.append(o[0]))
         terms = diffusers_losses(recipe, FLUX, student, teacher, batch, guidance=3.5,
                                  tapped=[])
         hook.remove()
