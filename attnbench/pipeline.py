@@ -32,6 +32,7 @@ from .bench.environment import REPO_ROOT, environment
 from .bench.sweep import RESOLUTIONS, MethodSpec, SweepPlan, parse_methods, run_sweep
 from .bench.workloads import LEVELS, DiffusersModel, diffusers_model
 from .distill import dist as distributed
+from .metrics import groups as metric_groups
 from .metrics.quality import EvalConfig, evaluate, parse_metrics
 from .metrics.sample import SampleSettings
 from .models import load_dit
@@ -298,14 +299,14 @@ def _join_ranks(device: torch.device, work_s: float):
 
 def _check_quality_inputs(args: argparse.Namespace, config, student) -> None:
     """The quality stage's flags, checked before the speed sweep starts."""
-    groups = parse_metrics(args.quality, flag="--quality")
     for flag, value in (("--quality-num", args.quality_num),
                         ("--quality-steps", args.quality_steps)):
         if value is not None:
             cliutil.require_positive_int(flag, value)
     if isinstance(config, DiffusersModel):
-        _check_pipeline_quality(args, config, student, groups)
+        _check_pipeline_quality(args, config, student)
         return
+    parse_metrics(args.quality, flag="--quality")
     for ckpt in args.quality_ckpt or []:
         if not Path(ckpt).exists():
             raise FileNotFoundError(f"--quality-ckpt {ckpt}: no such file or folder")
@@ -313,11 +314,9 @@ def _check_quality_inputs(args: argparse.Namespace, config, student) -> None:
         raise FileNotFoundError(f"--teacher {args.teacher}: no such file or folder")
 
 
-def _check_pipeline_quality(args: argparse.Namespace, config: DiffusersModel, student,
-                            groups: tuple[str, ...]) -> None:
+def _check_pipeline_quality(args: argparse.Namespace, config: DiffusersModel,
+                            student) -> None:
     """A diffusers model's quality is its student's against the teacher's own samples."""
-    from .metrics.pipeline_eval import GROUPS
-
     if student is None:
         raise cliutil.UsageError("--quality on a diffusers model scores a distilled student "
                                  "against its teacher: pass --student DIR (and the pipeline "
@@ -326,10 +325,7 @@ def _check_pipeline_quality(args: argparse.Namespace, config: DiffusersModel, st
         raise cliutil.UsageError("--quality-ckpt/--teacher are attnbench DiT checkpoints; with "
                                  "--model-path the pipeline is the teacher and --student the "
                                  "model scored (drop them)")
-    unknown = [g for g in groups if g not in GROUPS]
-    if unknown:
-        raise cliutil.UsageError(f"--quality {','.join(unknown)}: a pipeline's student is "
-                                 f"scored by {', '.join(GROUPS)}")
+    metric_groups.parse_groups(args.quality, "--quality", kind="pair")
     if not (Path(args.model_path) / "model_index.json").is_file():
         raise cliutil.UsageError(f"--model-path {args.model_path}: --quality samples through "
                                  "the stock pipeline: pass the pipeline folder (model_index.json "
@@ -394,7 +390,8 @@ def _quality_stage(args: argparse.Namespace, out: Path, plan: RunPlan) -> None:
         height, width = _pipeline_quality_size(args)
         score_student(args.model_path, plan.student[0], out, num=args.quality_num or 16,
                       steps=args.quality_steps, height=height, width=width,
-                      frames=plan.config.frames, groups=parse_metrics(args.quality, "--quality"),
+                      frames=plan.config.frames,
+                      groups=metric_groups.parse_groups(args.quality, "--quality", kind="pair"),
                       device=str(device), argv=args.argv, force=args.force,
                       progress=not args.no_progress)
         return
@@ -464,10 +461,11 @@ def add_parser(subparsers) -> None:
                    help="overwrite files in --out that attnbench did not write")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--quality", metavar="METRICS",
-                   help="also write quality rows: fid,geneval,fidelity (see python -m attnbench "
-                   "eval); of each --quality-ckpt, or of the shipped teacher; with "
-                   "--model-path PIPELINE_DIR --student DIR: the student against the teacher's "
-                   "own samples (fidelity,fid)")
+                   help=f"also write quality rows: {','.join(metric_groups.names('dit'))} (see "
+                   "python -m attnbench eval) of each --quality-ckpt, or of the shipped "
+                   "teacher; with --model-path PIPELINE_DIR --student DIR: "
+                   f"{','.join(metric_groups.names('pair'))} of the student against the "
+                   "teacher's own samples")
     p.add_argument("--student", metavar="DIR", type=cliutil.non_empty("--student", "a folder"),
                    help="a student of the --model-path model (distill --model-path "
                    "OUT/student): its method measured with its saved options, and with "

@@ -21,8 +21,10 @@ import sys
 from pathlib import Path
 
 from ..cliutil import non_empty, number, positive_int
+from . import groups
 from .engines import CLEAN_MODES, ENGINES, EXTRACTORS
 from .fid import METRICS as FID_METRICS
+from .pipeline_eval import GROUPS as PAIR_DEFAULT
 from .quality import METRIC_GROUPS, EvalConfig, evaluate, parse_metrics
 from .sample import LABEL_MODES, SampleSettings, run_sampling
 
@@ -173,14 +175,14 @@ def _eval_pipeline(args: argparse.Namespace) -> int:
 
     if not args.out:
         raise ValueError("--out RUN_DIR is needed: the results table receiving the row")
-    given = [g.strip() for g in args.metrics.split(",") if g.strip()]
-    groups = tuple(g for g in given if g in GROUPS) if args.metrics != ",".join(
-        METRIC_GROUPS) else GROUPS
-    scoring = dict(groups=groups or tuple(given), engine=args.fid_engine,
+    groups = GROUPS if args.metrics == ",".join(METRIC_GROUPS) else tuple(
+        g.strip() for g in args.metrics.split(",") if g.strip())
+    scoring = dict(groups=groups, engine=args.fid_engine,
                    extractor=args.feature_extractor or "inception",
                    weights=args.shapes_weights if args.feature_extractor == "shapes"
-                   else args.inception_weights, device=args.device or "cpu", argv=args.argv,
-                   force=args.force)
+                   else args.inception_weights, clip_model=args.clip_model,
+                   lpips_backbone=args.lpips_backbone, lpips_weights=args.lpips_weights,
+                   device=args.device or "cpu", argv=args.argv, force=args.force)
     if args.model_path is not None:
         if args.pipeline_samples is not None or args.teacher_samples is not None:
             raise ValueError("--model-path samples the teacher and --student itself: drop "
@@ -233,7 +235,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--teacher", type=non_empty("--teacher", "a checkpoint"),
                    help="teacher for --metrics fidelity (default: the shipped one)")
     p.add_argument("--metrics", default=",".join(METRIC_GROUPS),
-                   help=f"comma-separated groups: {', '.join(METRIC_GROUPS)} (default all)")
+                   help=f"comma-separated groups. A DiT: {groups.describe('dit')} (default "
+                        f"all). A diffusers student (--pipeline-samples / --model-path): "
+                        f"{groups.describe('pair')} (default {','.join(PAIR_DEFAULT)})")
     p.add_argument("--out", type=non_empty("--out", "a folder"),
                    help="run directory whose results table receives the quality row "
                                  "(default reports/runs/eval-<timestamp>/)")
@@ -266,6 +270,15 @@ def add_parser(subparsers) -> None:
                    "PSNR/SSIM against --teacher-samples image by image, FID/KID against them")
     g.add_argument("--teacher-samples", type=non_empty("--teacher-samples", "a folder"),
                    help="the teacher's folder (same prompts and seeds)")
+    g.add_argument("--clip-model", type=non_empty("--clip-model", "a folder"),
+                   help="a local CLIP model folder (transformers CLIPModel, its tokenizer and "
+                        "image processor, save_pretrained): --metrics clip")
+    g.add_argument("--lpips-backbone", type=non_empty("--lpips-backbone", "a file"),
+                   help="AlexNet's weights (torchvision's alexnet state dict, .safetensors or "
+                        ".pth): --metrics lpips")
+    g.add_argument("--lpips-weights", type=non_empty("--lpips-weights", "a file"),
+                   help="LPIPS' linear layers (the lpips package's weights/v0.1/alex.pth): "
+                        "--metrics lpips")
     add_pipeline_flags(p, sample=False)
     g = p.add_argument_group("fidelity to the teacher")
     g.add_argument("--fidelity-num", type=positive_int, default=64,

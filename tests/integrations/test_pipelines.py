@@ -77,6 +77,25 @@ def test_flux_distill_sample_eval_report(flux_dir, flux_student, tmp_path):
     assert {"psnr", "ssim", "fid", "kid"} <= set(metrics)
     assert main(["report", str(run)]) == 0
 
+    # CLIP score and LPIPS from local weights (a tiny CLIP, a random AlexNet)
+    from tests.metrics.test_groups import _lpips_files, save_tiny_clip
+
+    pair = ["eval", "--pipeline-samples", str(tmp_path / "student"), "--teacher-samples",
+            str(tmp_path / "teacher"), "--no-progress"]
+    scored = tmp_path / "scored"
+    assert main([*pair, "--out", str(scored), "--metrics", "lpips"]) == 2
+    assert not (scored / "results.json").exists()  # refused before any work
+    backbone, linear, _, _ = _lpips_files(tmp_path, torch.Generator().manual_seed(3))
+    clip = save_tiny_clip(tmp_path / "clip")
+    assert main([*pair, "--out", str(scored), "--metrics", "clip,lpips", "--clip-model",
+                 str(clip), "--lpips-backbone", str(backbone), "--lpips-weights",
+                 str(linear)]) == 0
+    row = json.loads((scored / "results.json").read_text())["rows"][0]
+    extra = json.loads(row["extra"]) if isinstance(row["extra"], str) else row["extra"]
+    assert set(extra["metrics"]) == {"clip_score", "lpips"}
+    assert extra["higher_is_better"] == {"clip_score": True, "lpips": False}
+    assert "teacher_clip_score" in extra["clip"]
+
 
 def test_student_reloads_bit_for_bit_and_refuses_other_teachers(flux_dir, tmp_path):
     from attnbench.integrations.diffusers.pipelines import config_hash, load_pipeline
