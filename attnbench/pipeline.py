@@ -141,7 +141,7 @@ def _plan(args: argparse.Namespace) -> RunPlan:
                                  f"{config.name} is measured at --level attention,model")
     if args.res is not None:
         resolutions = parse_sizes(args.res)
-    elif isinstance(config, DiffusersModel) and config.entry.is_video:
+    elif isinstance(config, DiffusersModel) and config.family.video:
         resolutions = [Size.of(config.entry.default_res)]  # a video at its published size
     else:
         resolutions = [Size.of(r) for r in defaults["res"]]

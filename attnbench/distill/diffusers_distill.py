@@ -51,7 +51,6 @@ from ..integrations.diffusers.families import (
     get_family,
 )
 from ..integrations.diffusers.swap import kd_attn_modules
-from ..models.diffusers_configs import FAMILY_DEFAULTS
 from . import dist as _dist
 from .diffusers_objective import (
     DiffusersBatch,
@@ -182,8 +181,9 @@ def generate_latents(pipe, family: Family, prompts: list[str], count: int, *, se
 def _grid(family: Family, transformer: nn.Module, x: torch.Tensor, meta: dict[str, Any]
           ) -> tuple[int, ...]:
     """The token grid of one latent (FLUX's packed tokens need it from the pixel size)."""
-    if family.name == "flux":
-        return int(meta["height"]) // 16, int(meta["width"]) // 16
+    if family.pack > 1:  # packed tokens: the grid from the pixel size (FLUX: 16 px a token)
+        side = family.vae_factor * family.pack
+        return int(meta["height"]) // side, int(meta["width"]) // side
     return tuple(x.shape[-2:])
 
 
@@ -306,7 +306,7 @@ def distill_pipeline(
     source = None if data in ("self", RANDOM_DATA) else LatentTextSource.load(data)
     s = family.sampling
     if source is None:
-        default_h, default_w = FAMILY_DEFAULTS[family.name]["default_res"]
+        default_h, default_w = family.default_res
         height, width = height or default_h, width or default_w
         frames = frames if frames is not None else (s.frames if family.video else None)
     else:

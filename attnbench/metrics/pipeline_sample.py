@@ -45,13 +45,12 @@ def check_sampling(model_path, *, student=None, prompts=None, num: int, height=N
     from ..cliutil import UsageError
     from ..integrations.diffusers.pipelines import check_pipeline, check_size, transformer_config
     from ..integrations.diffusers.student import student_for
-    from ..models.diffusers_configs import FAMILY_DEFAULTS
 
     if isinstance(num, bool) or not isinstance(num, int) or num <= 0:
         raise UsageError(f"--num {num!r}: must be an integer > 0 (e.g. --num 16)")
     root, family = check_pipeline(model_path)
     prompt_list = read_prompts(prompts)
-    default_h, default_w = FAMILY_DEFAULTS[family.name]["default_res"]
+    default_h, default_w = family.default_res
     height, width = height or default_h, width or default_w
     if family.video:
         frames = frames or family.sampling.frames

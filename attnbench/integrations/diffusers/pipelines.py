@@ -136,8 +136,7 @@ def size_rule(root: str | Path, family: Family) -> tuple[int, int]:
         spatial, temporal = 2 ** (len(blocks) - 1), 1
     patch = tr.get("patch_size", 1)
     patch = int(patch[-1] if isinstance(patch, (list, tuple)) else patch or 1)
-    pack = 2 if family.name == "flux" else 1  # FLUX's pipeline packs 2×2 latents per token
-    return spatial * patch * pack, temporal
+    return spatial * patch * family.pack, temporal
 
 
 def check_size(root: str | Path, family: Family, height: int, width: int,
