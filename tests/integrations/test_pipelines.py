@@ -212,6 +212,27 @@ def test_bad_input_is_one_line_before_work(flux_dir, flux_student, tmp_path, cap
     (other / "student.json").write_text(json.dumps(meta))
     _fails([*base, "--model-path", str(flux_dir), "--student", str(other), "--force"], capsys,
            "--student", "another teacher")
+    run = ["run", "--model-path", str(flux_dir), "--student", str(other), "--res", "32x48",
+           "--out", str(tmp_path / "run"), *QUIET]
+    _fails(run, capsys, "--student", "another teacher")
+    _fails(["eval", "--model-path", str(flux_dir), "--student", str(other), "--num", "1",
+            "--out", str(tmp_path / "ev"), "--device", "cpu"], capsys, "--student",
+           "another teacher")
+    meta["teacher_config_sha256"] = json.loads(
+        (flux_student / "student" / "student.json").read_text())["teacher_config_sha256"]
+    meta["method"] = "no-such-method"
+    (other / "student.json").write_text(json.dumps(meta))
+    _fails([*base, "--model-path", str(flux_dir), "--student", str(other), "--force"], capsys,
+           "--student", "'no-such-method'")
+    _fails([*run[:-len(QUIET)], "--quality", "fidelity", *QUIET], capsys, "--student",
+           "'no-such-method'")
+    _fails(["run", "--model-path", str(flux_dir), "--quality", "fidelity", "--res", "32x48",
+            "--out", str(tmp_path / "run"), *QUIET], capsys, "--quality", "--student DIR")
+    _fails(["run", "--model-path", str(flux_dir / "transformer"), "--quality", "fidelity",
+            "--student", str(flux_student / "student"), "--res", "32x48", "--out",
+            str(tmp_path / "run"), *QUIET], capsys, "--model-path", "pipeline folder")
+    assert not (tmp_path / "run" / "results.json").exists()
+    assert not (tmp_path / "ev" / "results.json").exists()
 
 
 @pytest.mark.slow

@@ -94,6 +94,14 @@ def student_for(folder: str | Path, family: str, config: dict[str, Any],
     and ``config.json`` alone: every ``--student`` is refused before any weight loads."""
     folder, meta = read_student(folder, flag)
     check_student(meta, family, config, folder, flag)
+    from ... import attention
+
+    try:
+        attention.get(meta.get("method")).resolve(dict(meta.get("options") or {}), mixer=True)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{flag} {folder}: its method {meta.get('method')!r} with options "
+                         f"{meta.get('options')} does not load here ({err}); pass a student "
+                         "distilled by this attnbench") from None
     return folder, meta
 
 
