@@ -57,7 +57,7 @@ from .diffusers_objective import (
     diffusers_losses,
     trainable_names,
 )
-from .recipes import DistillRecipe, get_recipe, recipe_for
+from .recipes import DistillRecipe, for_objective, get_recipe, recipe_for
 from .trainer import TrainConfig, Trainer, check_out, step_seed
 
 SELF_FILE = "teacher_latents.safetensors"
@@ -318,7 +318,8 @@ def distill_pipeline(
         from ..integrations.diffusers.build import model_shapes
 
         shapes = model_shapes(entry, (height, width), frames)  # a size it cannot take: here
-    chosen = get_recipe(recipe) if recipe else recipe_for(method)
+    chosen = get_recipe(recipe) if recipe else for_objective(recipe_for(method),
+                                                             family.objective)
     resolved_recipe: DistillRecipe = chosen.with_overrides(weights, trainable)
     from .. import attention
 

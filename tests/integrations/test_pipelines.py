@@ -166,6 +166,20 @@ def test_clear_on_flux_follows_the_official_rule():
     assert not any("norm" in n for n in names)
 
 
+def test_lit_on_a_flow_matching_family_is_labelled_attnbench_s_choice():
+    """LiT's λ1/λ2 act on ε and variance channels (PixArt-Σ keeps them); a velocity model
+    takes λ1 on its output and no λ2, and the recipe says it is attnbench's choice."""
+    from attnbench.attention.recipes import OWN_CHOICE
+    from attnbench.distill.recipes import for_objective, recipe_for
+
+    lit = recipe_for("lit")
+    flow = for_objective(lit, "flow")
+    assert flow.name == "lit-flow" and flow.source.startswith(OWN_CHOICE)
+    assert flow.weights == {"diffusion": 1.0, "kd_out": 0.5}
+    assert for_objective(lit, "eps_vb") is lit
+    assert for_objective(recipe_for("clear"), "flow") is recipe_for("clear")
+
+
 def _fails(argv, capsys, *needles):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -252,76 +266,45 @@ def test_torchrun_sample_union_equals_one_process(flux_dir, tmp_path):
     assert json.loads((tmp_path / "two" / "samples.json").read_text())["world_size"] == 2
 
 
+#: each method with its recipe on each family (--option: a window the tiny grids can hold)
+METHOD_OPTIONS = {"clear": ["--option", "radius=2"], "lit": [], "sla": []}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family,method,option", [
-    ("sd3", "clear", ["--option", "radius=2"]),  # attnbench's choice of method for SD3
-    ("pixart", "lit", []),  # LiT's published base model: ε + learned variance, hybrid KD
-    ("sana", "clear", ["--option", "radius=2"]),
-    ("wan", "sla", ["--frames", "5"]),  # TurboDiffusion's SLA-on-Wan recipe
-])
-def test_every_family_distills_samples_and_scores(family, method, option, tmp_path):
-    pipe = save_tiny_pipeline(family, tmp_path / family)
-    small = ["--height", "32", "--width", "32", "--max-sequence-length", "8", *QUIET]
-    frames = option if family == "wan" else []
-    assert main(["distill", "--model-path", str(pipe), "--method", method, "--out",
-                 str(tmp_path / "d"), "--steps", "2", "--batch-size", "2", "--gen-samples", "2",
-                 "--gen-steps", "2", *option, *small]) == 0
-    for name, extra in (("t", []), ("s", ["--student", str(tmp_path / "d" / "student")])):
-        assert main(["sample", "--model-path", str(pipe), "--out", str(tmp_path / name),
-                     "--num", "2", "--steps", "2", *frames, *small, *extra]) == 0
-    assert main(["eval", "--pipeline-samples", str(tmp_path / "s"), "--teacher-samples",
-                 str(tmp_path / "t"), "--out", str(tmp_path / "run"), "--feature-extractor",
-                 "shapes", "--no-progress"]) == 0
-    meta = json.loads((tmp_path / "d" / "student" / "student.json").read_text())
-    assert meta["family"] == family and meta["method"] == method
-
-
-def test_run_puts_the_students_quality_beside_its_speed(flux_dir, flux_student, tmp_path):
-    """``run --model-path PIPE --student S --quality``: the student's method measured with
-    its saved options and scored against the teacher, one label, one size: the Pareto plot
-    pairs them."""
+@pytest.mark.parametrize("family", ["flux", "sd3", "pixart", "sana", "wan"])
+@pytest.mark.parametrize("method", ["clear", "lit", "sla"])
+def test_every_family_and_method_distills_samples_scores_and_reports(family, method, tmp_path):
+    """distill (the method's recipe, the family's objective) → sample (teacher and student,
+    paired) → eval → run (the student's speed into the same folder) → report: the student's
+    quality beside its speed."""
     from attnbench.report.tables import load_run, quality_table
 
+    pipe = save_tiny_pipeline(family, tmp_path / family)
+    frames = ["--frames", "5"] if family == "wan" else []
+    small = ["--height", "32", "--width", "32", "--max-sequence-length", "8", *frames, *QUIET]
+    assert main(["distill", "--model-path", str(pipe), "--method", method, "--out",
+                 str(tmp_path / "d"), "--steps", "2", "--batch-size", "2", "--gen-samples", "2",
+                 "--gen-steps", "2", *METHOD_OPTIONS[method], *small]) == 0
+    student = tmp_path / "d" / "student"
+    meta = json.loads((student / "student.json").read_text())
+    assert meta["family"] == family and meta["method"] == method
+    assert meta["recipe"]["name"].startswith(method)
+    for name, extra in (("t", []), ("s", ["--student", str(student)])):
+        assert main(["sample", "--model-path", str(pipe), "--out", str(tmp_path / name),
+                     "--num", "2", "--steps", "2", *small, *extra]) == 0
+    assert ((tmp_path / "t" / "prompts.jsonl").read_text()
+            == (tmp_path / "s" / "prompts.jsonl").read_text())
     run = tmp_path / "run"
-    assert main(["run", "--model-path", str(flux_dir), "--student",
-                 str(flux_student / "student"), "--res", "32x48", "--level", "attention,model",
-                 "--budget", "5", "--quality", "fidelity", "--quality-num", "2",
-                 "--quality-steps", "2", "--out", str(run), *QUIET]) == 0
-    rows = json.loads((run / "results.json").read_text())["rows"]
-    quality = [r for r in rows if r["level"] == "quality"]
-    assert len(quality) == 1 and quality[0]["method"] == "clear"
-    speed = [r for r in rows if r["level"] != "quality" and r["method"] == "clear"]
-    assert {r["options"] for r in speed} == {quality[0]["options"]}  # the student's options
-    assert {r["method"] for r in rows} == {"softmax", "clear"}
-    table = quality_table(load_run(run).frame)
-    assert set(table["metric"]) == {"psnr", "ssim"}
-    assert table["latency_ms"].notna().all()  # each quality point has its speed
-    assert (run / "plots" / "pareto.png").is_file()
-    assert sorted(p.name for p in (run / "samples").iterdir())[-1] == "teacher"
-
-
-def test_eval_model_path_student_samples_and_scores(flux_dir, flux_student, tmp_path):
-    run = tmp_path / "run"
-    assert main(["eval", "--model-path", str(flux_dir), "--student",
-                 str(flux_student / "student"), "--num", "2", "--steps", "2", *SIZE,
-                 "--metrics", "fidelity", "--out", str(run), "--device", "cpu",
+    assert main(["eval", "--pipeline-samples", str(tmp_path / "s"), "--teacher-samples",
+                 str(tmp_path / "t"), "--out", str(run), "--metrics", "fidelity",
                  "--no-progress"]) == 0
-    rows = json.loads((run / "results.json").read_text())["rows"]
-    assert [r["level"] for r in rows] == ["quality"]
-    assert (run / "samples" / "teacher" / "samples.npz").is_file()
-
-
-def test_fidelity_measures_a_trained_student_beside_the_zero_shot_methods(flux_dir, flux_student,
-                                                                          tmp_path):
-    out = tmp_path / "zs"
-    student = str(flux_student / "student")
-    assert main(["fidelity", "--model-path", str(flux_dir), "--student", student, "--methods",
-                 "clear:radius=2", "--res", "32x48", "--num", "1", "--timesteps", "500",
-                 "--out", str(out), "--no-progress"]) == 0
-    rows = json.loads((out / "results.json").read_text())["rows"]
-    options = [json.loads(r["options"]) for r in rows if r["method"] == "clear"]
-    assert len(options) == 2  # the zero-shot conversion and the trained student, two rows
-    assert sorted(o.get("student", "") for o in options) == ["", student]
+    res = ["--res", "32x32"] + (["--frames", "5"] if family == "wan" else [])
+    assert main(["run", "--model-path", str(pipe), "--student", str(student), *res,
+                 "--level", "attention", "--budget", "2", "--out", str(run), *QUIET]) == 0
+    table = quality_table(load_run(run).frame)
+    assert set(table["method"]) == {method}
+    assert table["latency_ms"].notna().all(), table  # its own speed, same label and size
+    assert (run / "report.md").is_file()
 
 
 @pytest.mark.parametrize("model", ["flux-tiny", "wan-tiny"])
