@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -26,7 +28,7 @@ import torch
 
 from . import attention, cliutil, runfolder
 from .attention.parallel import STRATEGIES
-from .attention.specs import parse_methods
+from .attention.specs import MethodSpec, parse_methods
 from .bench import context_parallel, sharded
 from .bench.sweep import RESOLUTIONS, SweepPlan, run_sweep
 from .bench.workloads import DiffusersModel, diffusers_model
@@ -34,6 +36,8 @@ from .common import dist as distributed
 from .common.agreement import check_same_options
 from .common.environment import environment
 from .common.paths import REPO_ROOT
+from .metrics import groups as metric_groups
+from .metrics.pipeline_eval import score_student
 from .metrics.quality import EvalConfig, evaluate, parse_metrics
 from .metrics.sample import SampleSettings
 from .models import load_dit
@@ -93,7 +97,46 @@ def parse_sizes(text: str, flag: str = "--res") -> list[Size]:
     return cliutil.unique(flag, sizes)
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """What ``run`` was asked, every flag checked (no work started): the sweep, its
+    context-parallel strategy, the ``--student`` (``(folder, student.json)``) and torchrun's
+    process group (``None`` for one process)."""
+
+    sweep: SweepPlan
+    strategy: str | None
+    student: tuple[Path, dict] | None
+    ranks: object | None
+
+    @property
+    def config(self) -> DiTConfig | DiffusersModel:
+        return self.sweep.config
+
+
 def run(args: argparse.Namespace) -> int:
+    """Sweep → quality → report (module docstring), cut at those seams."""
+    plan = _plan(args)
+    out = _out_folder(args, plan.ranks)
+    if plan.ranks and not plan.ranks.is_main:  # rank 0 writes; this rank measures its share
+        _rank_share(args, plan, out)
+        return 0
+    if not args.no_report:  # before any work: a user's report.md is never overwritten
+        from .report.build import REPORT_FILES, is_report_file  # lazily: matplotlib
+
+        runfolder.lock_folder(out, "run")
+        runfolder.claim_files(out, REPORT_FILES, force=args.force, ours=is_report_file)
+    writer = ResultsWriter(out, _run_meta(args, plan), force=args.force)
+    rows = _sweep(args, plan, writer)
+    _print_rows(rows, out)
+    if args.quality:
+        _quality_stage(args, out, plan)
+    if not args.no_report:
+        _write_report(out)
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> RunPlan:
+    """Every flag of ``run`` checked and resolved against the device's defaults."""
     device = cliutil.device(args.device)
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     dtype = cliutil.dtype(defaults["dtype"] if args.dtype is None else args.dtype)
@@ -111,17 +154,12 @@ def run(args: argparse.Namespace) -> int:
                                  f"{config.name} is measured at --level attention,model")
     if args.res is not None:
         resolutions = parse_sizes(args.res)
-    elif isinstance(config, DiffusersModel) and config.entry.is_video:
+    elif isinstance(config, DiffusersModel) and config.family.video:
         resolutions = [Size.of(config.entry.default_res)]  # a video at its published size
     else:
         resolutions = [Size.of(r) for r in defaults["res"]]
-    if args.methods is None:
-        method_items = _default_methods(device, dtype)
-    else:
-        method_items = cliutil.unique("--methods", cliutil.name_list(
-            "--methods", args.methods, accepted=attention.names()))
-    methods = cliutil.unique("--methods", parse_methods(method_items, args.method_options),
-                             key=lambda m: m.label)
+    student = _student(args, config)
+    methods = _methods(args, device, dtype, student)
     budget = (defaults["budget"] if args.budget is None
               else cliutil.require_positive_float("--budget", args.budget, unit="seconds"))
     cliutil.require_positive_int("--batch", args.batch)
@@ -129,78 +167,124 @@ def run(args: argparse.Namespace) -> int:
         "--quality-ckpt": args.quality_ckpt, "--quality-num": args.quality_num,
         "--quality-steps": args.quality_steps, "--teacher": args.teacher})
     if args.quality is not None:
-        _check_quality_inputs(args)
+        _check_quality_inputs(args, config, student)
     ranks = _join_ranks(device, budget * len(resolutions) * len(levels) * len(methods))
     device = ranks.device if ranks else device
-    plan = SweepPlan(config=config, methods=methods, resolutions=resolutions, levels=levels,
-                     batch=args.batch, dtype=dtype, device=device, budget_s=budget)
+    sweep = SweepPlan(config=config, methods=methods, resolutions=resolutions, levels=levels,
+                      batch=args.batch, dtype=dtype, device=device, budget_s=budget)
+    return RunPlan(sweep, strategy, student, ranks)
+
+
+def _methods(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+             student: tuple[Path, dict] | None) -> list:
+    """``--methods`` (default: every method available here), then the student's method with
+    its saved options (so its speed rows and its quality row carry one label)."""
+    if args.methods is None:
+        items = _default_methods(device, dtype) if student is None else "softmax"
+    else:
+        items = cliutil.unique("--methods", cliutil.name_list(
+            "--methods", args.methods, accepted=attention.names()))
+    methods = parse_methods(items, args.method_options)
+    if student is not None:
+        meta = student[1]
+        methods.append(MethodSpec(meta["method"], dict(meta.get("options") or {})))
+    return cliutil.unique("--methods", methods, key=lambda m: m.label)
+
+
+def _student(args: argparse.Namespace, config) -> tuple[Path, dict] | None:
+    """``--student DIR`` checked against the model before any work (family, config hash)."""
+    if args.student is None:
+        return None
+    if not isinstance(config, DiffusersModel) or config.folder is None:
+        raise cliutil.UsageError("--student goes on the diffusers model it was distilled from: "
+                                 "pass that model's folder with --model-path")
+    from .integrations.diffusers.student import student_for  # lazy: diffusers is optional
+
+    teacher = json.loads((config.folder / "config.json").read_text())
+    return student_for(args.student, config.entry.family, teacher)
+
+
+def _out_folder(args: argparse.Namespace, ranks) -> Path:
+    """``--out`` or a fresh time-stamped folder (rank 0's, under torchrun)."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else REPO_ROOT / "reports" / "runs" / stamp
-    if ranks:
-        try:  # before anything is written: ranks given other options would measure apart
-            check_same_options(ranks, {k: v for k, v in vars(args).items()
-                                       if k not in ("func", "argv", "out")})
-            out = distributed.broadcast_object(ranks, out)  # rank 0's folder for every rank
-        except BaseException:
-            distributed.teardown(ranks)
-            raise
-        if not ranks.is_main:  # rank 0 writes; this rank measures its share
-            try:
-                with sharded.stop_cleanly(out, ranks.rank, ranks.world_size):
-                    if strategy:
-                        context_parallel.run_sweep(plan, None, strategy, progress=False)
-                    else:
-                        sharded.run_sweep(plan, None, out, progress=not args.no_progress)
-            finally:
-                distributed.teardown(ranks)
-            return 0
-    if not args.no_report:  # before any work: a user's report.md is never overwritten
-        from .report.build import REPORT_FILES, is_report_file  # lazily: matplotlib
+    if not ranks:
+        return out
+    try:  # before anything is written: ranks given other options would measure apart
+        check_same_options(ranks, {k: v for k, v in vars(args).items()
+                                   if k not in ("func", "argv", "out")})
+        return distributed.broadcast_object(ranks, out)  # rank 0's folder for every rank
+    except BaseException:
+        distributed.teardown(ranks)
+        raise
 
-        runfolder.lock_folder(out, "run")
-        runfolder.claim_files(out, REPORT_FILES, force=args.force, ours=is_report_file)
-    meta = environment(device, ["python", "-m", "attnbench", *args.argv])
+
+def _rank_share(args: argparse.Namespace, plan: RunPlan, out: Path) -> None:
+    """A rank other than 0: its share of the sweep, nothing written."""
+    try:
+        with sharded.stop_cleanly(out, plan.ranks.rank, plan.ranks.world_size):
+            if plan.strategy:
+                context_parallel.run_sweep(plan.sweep, None, plan.strategy, progress=False)
+            else:
+                sharded.run_sweep(plan.sweep, None, out, progress=not args.no_progress)
+    finally:
+        distributed.teardown(plan.ranks)
+
+
+def _run_meta(args: argparse.Namespace, plan: RunPlan) -> dict:
+    """The run's metadata (results.json's header): environment, model, sweep, timer."""
+    sweep, config = plan.sweep, plan.config
+    meta = environment(sweep.device, ["python", "-m", "attnbench", *args.argv])
     described = ({"diffusers_model": config.describe()} if isinstance(config, DiffusersModel)
                  else {"model_config": config.to_dict()})
     meta.update({
-        "model": config.name, **described, "dtype": str(dtype),
-        "levels": levels, "resolutions": [r.width if r.square else str(r) for r in resolutions],
-        "batch": args.batch,
-        "methods": [m.label for m in methods], "budget_s": plan.budget_s,
+        "model": config.name, **described, "dtype": str(sweep.dtype),
+        "levels": sweep.levels,
+        "resolutions": [r.width if r.square else str(r) for r in sweep.resolutions],
+        "batch": sweep.batch,
+        "methods": [m.label for m in sweep.methods], "budget_s": sweep.budget_s,
         "timer": "warm-up + repetitions by time budget, synchronised; median, p20, p80; "
                  "CUDA events with L2 flush on GPU, perf_counter on CPU",
         "flop_convention": "forward, 2 FLOPs per multiply-add of matrix contractions; "
                            "element-wise work not counted",
     })
-    writer = ResultsWriter(out, meta, force=args.force)
-    cpu_default = device.type == "cpu" and not (args.model or args.model_path)
-    print(f"attnbench run: {config.name} on {meta['device_name']}, {args.batch}× "
-          f"{', '.join(map(str, resolutions))} px, levels {', '.join(levels)}, {dtype}"
-          f"{' (CPU defaults: a small model)' if cpu_default else ''}", file=sys.stderr)
-    if ranks:
-        meta.update({"world_size": ranks.world_size, "dist_backend": ranks.backend,
-                     "context_parallel": strategy or None})
+    if plan.student is not None:
+        meta["student"] = {"folder": str(plan.student[0]), **{
+            k: plan.student[1].get(k) for k in ("family", "method", "options", "recipe")}}
+    if plan.ranks:
+        meta.update({"world_size": plan.ranks.world_size, "dist_backend": plan.ranks.backend,
+                     "context_parallel": plan.strategy or None})
+    return meta
+
+
+def _sweep(args: argparse.Namespace, plan: RunPlan, writer: ResultsWriter) -> list:
+    """The speed sweep: one process, torchrun's shares, or context-parallel points."""
+    sweep = plan.sweep
+    cpu_default = sweep.device.type == "cpu" and not (args.model or args.model_path)
+    print(f"attnbench run: {plan.config.name} on {writer.meta['device_name']}, {sweep.batch}× "
+          f"{', '.join(map(str, sweep.resolutions))} px, levels {', '.join(sweep.levels)}, "
+          f"{sweep.dtype}{' (CPU defaults: a small model)' if cpu_default else ''}",
+          file=sys.stderr)
+    progress = not args.no_progress
     try:
-        if ranks:  # --context-parallel splits each point; without it the points are dealt
-            with sharded.stop_cleanly(out, ranks.rank, ranks.world_size):
-                rows = (context_parallel.run_sweep(plan, writer, strategy,
-                                                   progress=not args.no_progress) if strategy
-                        else sharded.run_sweep(plan, writer, out, progress=not args.no_progress))
-        else:
-            rows = run_sweep(plan, writer, progress=not args.no_progress)
+        if plan.ranks:  # --context-parallel splits each point; without it the points are dealt
+            with sharded.stop_cleanly(writer.run_dir, plan.ranks.rank, plan.ranks.world_size):
+                if plan.strategy:
+                    return context_parallel.run_sweep(sweep, writer, plan.strategy,
+                                                      progress=progress)
+                return sharded.run_sweep(sweep, writer, writer.run_dir, progress=progress)
+        return run_sweep(sweep, writer, progress=progress)
     finally:
-        if ranks:
-            distributed.teardown(ranks)
+        if plan.ranks:
+            distributed.teardown(plan.ranks)
+
+
+def _print_rows(rows: list, out: Path) -> None:
     with pd.option_context("display.max_rows", 500, "display.width", 200,
                            "display.max_colwidth", 60, "display.float_format", "{:.4g}".format):
         print(summary_frame(rows).to_string(index=False))
     ok = sum(r.status == STATUS_OK for r in rows)
     print(f"\n{ok}/{len(rows)} points measured; results in {out}", file=sys.stderr)
-    if args.quality:
-        _quality_stage(args, out, device)
-    if not getattr(args, "no_report", False):
-        _write_report(out)
-    return 0
 
 
 def _context_parallel(args: argparse.Namespace) -> str | None:
@@ -235,18 +319,49 @@ def _join_ranks(device: torch.device, work_s: float):
         raise cliutil.UsageError(str(err)) from None
 
 
-def _check_quality_inputs(args: argparse.Namespace) -> None:
+def _check_quality_inputs(args: argparse.Namespace, config, student) -> None:
     """The quality stage's flags, checked before the speed sweep starts."""
+    for flag, value in (("--quality-num", args.quality_num),
+                        ("--quality-steps", args.quality_steps)):
+        if value is not None:
+            cliutil.require_positive_int(flag, value)
+    if isinstance(config, DiffusersModel):
+        _check_pipeline_quality(args, config, student)
+        return
     parse_metrics(args.quality, flag="--quality")
     for ckpt in args.quality_ckpt or []:
         if not Path(ckpt).exists():
             raise FileNotFoundError(f"--quality-ckpt {ckpt}: no such file or folder")
     if args.teacher is not None and not Path(args.teacher).exists():
         raise FileNotFoundError(f"--teacher {args.teacher}: no such file or folder")
-    for flag, value in (("--quality-num", args.quality_num),
-                        ("--quality-steps", args.quality_steps)):
-        if value is not None:
-            cliutil.require_positive_int(flag, value)
+
+
+def _check_pipeline_quality(args: argparse.Namespace, config: DiffusersModel,
+                            student) -> None:
+    """A diffusers model's quality is its student's against the teacher's own samples."""
+    if student is None:
+        raise cliutil.UsageError("--quality on a diffusers model scores a distilled student "
+                                 "against its teacher: pass --student DIR (and the pipeline "
+                                 "folder with --model-path)")
+    if args.quality_ckpt or args.teacher:
+        raise cliutil.UsageError("--quality-ckpt/--teacher are attnbench DiT checkpoints; with "
+                                 "--model-path the pipeline is the teacher and --student the "
+                                 "model scored (drop them)")
+    metric_groups.parse_groups(args.quality, "--quality", kind="pair")
+    if not (Path(args.model_path) / "model_index.json").is_file():
+        raise cliutil.UsageError(f"--model-path {args.model_path}: --quality samples through "
+                                 "the stock pipeline: pass the pipeline folder (model_index.json "
+                                 "beside transformer/), not the transformer folder")
+    _pipeline_quality_size(args)
+
+
+def _pipeline_quality_size(args: argparse.Namespace) -> tuple[int | None, int | None]:
+    """The size the quality stage samples at: the first ``--res`` (so its row pairs with
+    that size's speed rows), else the family's default."""
+    if args.res is None:
+        return None, None
+    size = parse_sizes(args.res)[0]
+    return size.height, size.width
 
 
 def _model(args: argparse.Namespace, defaults: dict) -> DiTConfig | DiffusersModel:
@@ -278,21 +393,35 @@ def _model(args: argparse.Namespace, defaults: dict) -> DiTConfig | DiffusersMod
             f"diffusers model ({', '.join(diffusers_config_names())})") from None
 
 
-def _quality_stage(args: argparse.Namespace, out: Path, device: torch.device) -> None:
-    """Quality rows beside the speed rows: ``eval`` of each ``--quality-ckpt`` into ``out``.
+def _quality_stage(args: argparse.Namespace, out: Path, plan: RunPlan) -> None:
+    """Quality rows beside the speed rows.
 
-    With no checkpoint given, the shipped teacher is evaluated. Sampling defaults are
-    cheap on CPU (64 samples, 50 DDPM steps) and DiT's protocol on a GPU (250 steps);
-    each row records the settings it was made with.
+    A diffusers model: its ``--student`` scored against the teacher's own samples (same
+    prompts and seeds) at the first ``--res``, through the stock pipeline
+    (:func:`~attnbench.metrics.pipeline_eval.score_student`). attnbench's DiT: ``eval`` of
+    each ``--quality-ckpt`` (with none, the shipped teacher). Sampling defaults are cheap on
+    CPU (64 samples, 50 DDPM steps) and DiT's protocol on a GPU (250 steps); each row
+    records the settings it was made with.
     """
+    device = plan.sweep.device
     gpu = device.type == "cuda"
+    argv = ["python", "-m", "attnbench", *args.argv]
+    if isinstance(plan.config, DiffusersModel):
+        height, width = _pipeline_quality_size(args)
+        score_student(args.model_path, plan.student[0], out, num=args.quality_num or 16,
+                      steps=args.quality_steps, height=height, width=width,
+                      frames=plan.config.frames,
+                      groups=metric_groups.parse_groups(args.quality, "--quality", kind="pair"),
+                      device=str(device), argv=args.argv, force=args.force,
+                      progress=not args.no_progress)
+        return
     settings = SampleSettings(num=args.quality_num or (1000 if gpu else 64),
                               steps=args.quality_steps or (250 if gpu else 50))
     config = EvalConfig(metrics=parse_metrics(args.quality, flag="--quality"), sampling=settings,
                         device=str(device), fidelity_num=min(64, settings.num))
     for ckpt in args.quality_ckpt or [None]:
-        evaluate(ckpt, config, out, teacher=args.teacher, argv=["python", "-m", "attnbench",
-                 *args.argv], progress=not args.no_progress)
+        evaluate(ckpt, config, out, teacher=args.teacher, argv=argv,
+                 progress=not args.no_progress)
 
 
 def _write_report(out: Path) -> None:
@@ -352,8 +481,16 @@ def add_parser(subparsers) -> None:
                    help="overwrite files in --out that attnbench did not write")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--quality", metavar="METRICS",
-                   help="also write quality rows: fid,geneval,fidelity (see python -m attnbench "
-                   "eval); of each --quality-ckpt, or of the shipped teacher")
+                   help=f"also write quality rows: {','.join(metric_groups.names('dit'))} (see "
+                   "python -m attnbench eval) of each --quality-ckpt, or of the shipped "
+                   "teacher; with --model-path PIPELINE_DIR --student DIR: "
+                   f"{','.join(metric_groups.names('pair'))} of the student against the "
+                   "teacher's own samples")
+    p.add_argument("--student", metavar="DIR", type=cliutil.non_empty("--student", "a folder"),
+                   help="a student of the --model-path model (distill --model-path "
+                   "OUT/student): its method measured with its saved options, and with "
+                   "--quality scored against the teacher, so the report shows its quality "
+                   "beside its speed")
     p.add_argument("--quality-ckpt", action="append", metavar="CKPT",
                    help="a model (e.g. a distilled student) to evaluate; repeatable")
     p.add_argument("--teacher", help="teacher for the fidelity metrics (default: the shipped one)")

@@ -146,7 +146,8 @@ def result_rows(result: FidelityResult, subject: Subject, config: FidelityConfig
     """One :class:`~attnbench.results.Result` per variant (``level = zero-shot``).
 
     ``options`` hold the method's resolved options and the student's ``heads`` (two
-    variants that differ only in heads are two rows); the numbers sit in
+    variants that differ only in heads are two rows) and a trained student's folder
+    (``--student``: beside its zero-shot conversion, another row); the numbers sit in
     ``extra["metrics"]`` with their direction in ``extra["higher_is_better"]``.
     """
     rows = []
@@ -156,7 +157,9 @@ def result_rows(result: FidelityResult, subject: Subject, config: FidelityConfig
         metrics = {k: summary[k] for k in HIGHER_IS_BETTER}
         rows.append(Result(
             method=summary["method"],
-            options=canonical_options({**info["options"], HEADS_OPTION: heads}),
+            options=canonical_options({**info["options"], HEADS_OPTION: heads,
+                                       **({"student": info["student"]} if "student" in info
+                                          else {})}),
             level=ZERO_SHOT_LEVEL, resolution=subject.size.width,
             height=subject.size.row_height, tokens=subject.tokens,
             batch=config.num, dtype="float64", device=device, model=subject.model,
@@ -247,6 +250,9 @@ def fidelity(args: argparse.Namespace) -> int:
                             device=args.device)
     if args.model or args.model_path:
         return _fidelity_diffusers(args, config)
+    if args.student is not None:
+        raise ValueError("--student is a diffusers student (distill --model-path OUT/student): "
+                         "pass its teacher with --model-path; a DiT student goes in --ckpt")
     if args.res or args.frames:
         raise ValueError(f"{'--res' if args.res else '--frames'} is for diffusers models "
                          "(--model / --model-path); a DiT's size is its inputs'")
@@ -287,6 +293,8 @@ def _fidelity_diffusers(args: argparse.Namespace, config: FidelityConfig) -> int
     chosen = diffusers_model(args.model, args.model_path, args.frames)
     entry = chosen.entry
     check_softmax_model(entry, chosen.name)
+    if args.student is not None:
+        config.variants = [*config.variants, student_variant(args.student, chosen)]
     for variant in config.variants:
         if variant.heads is not None:
             raise ValueError(f"--methods {variant.label}: a diffusers model keeps its heads "
@@ -334,6 +342,20 @@ def _fidelity_diffusers(args: argparse.Namespace, config: FidelityConfig) -> int
     return _finish(out, result, subject, config, meta, args)
 
 
+def student_variant(folder: str, chosen):
+    """``--student DIR``: the trained student as one more variant, checked against the
+    ``--model-path`` model (family, config hash) before any weight loads."""
+    from .integrations.diffusers.student import student_for
+    from .metrics.zero_shot import Variant
+
+    if chosen.folder is None:
+        raise ValueError("--student goes on the model it was distilled from: pass that "
+                         "model's folder with --model-path")
+    teacher = json.loads((chosen.folder / "config.json").read_text())
+    _, meta = student_for(folder, chosen.entry.family, teacher)
+    return Variant(meta["method"], dict(meta.get("options") or {}), student=str(folder))
+
+
 def _finish(out: Path, result: FidelityResult, subject: Subject, config: FidelityConfig,
             meta: dict[str, Any], args: argparse.Namespace) -> int:
     write_outputs(out, result, subject, config, meta, force=args.force)
@@ -375,6 +397,9 @@ def add_parser(subparsers) -> None:
                    type=cliutil.non_empty("--model-path", "a folder"),
                    help="a local diffusers transformer folder "
                    "(a pipeline folder's transformer/ too; local files only)")
+    p.add_argument("--student", metavar="DIR", type=cliutil.non_empty("--student", "a folder"),
+                   help="a trained student of the --model-path model (distill --model-path "
+                   "OUT/student), measured beside the zero-shot --methods")
     p.add_argument("--res", help="a diffusers model's image size, px or HEIGHTxWIDTH "
                    "(default: its published size)")
     p.add_argument("--frames", type=int, help="frames of a video diffusers model (default: "

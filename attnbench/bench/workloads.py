@@ -241,11 +241,18 @@ class DiffusersModel:
     frames: int | None = None
 
     @property
+    def family(self):
+        """The entry's :class:`~attnbench.integrations.diffusers.families.Family`."""
+        from ..integrations.diffusers.families import get_family
+
+        return get_family(self.entry.family)
+
+    @property
     def name(self) -> str:
         """The rows' ``model``: the zoo name, or the folder's class and path."""
         if self.folder is None:
             return self.entry.name
-        return f"{self.entry.class_name} ({self.folder})"
+        return f"{self.family.transformer} ({self.folder})"
 
     def point(self, size: int | Size, batch: int) -> DiffusersPoint:
         from ..integrations.diffusers import model_shapes  # lazy: diffusers is an optional extra
@@ -259,7 +266,7 @@ class DiffusersModel:
 
     def describe(self) -> dict[str, Any]:
         """What the run's metadata records about the model."""
-        return {"name": self.name, "family": self.entry.family, "class": self.entry.class_name,
+        return {"name": self.name, "family": self.entry.family, "class": self.family.transformer,
                 "source": self.entry.source, "config": dict(self.entry.config),
                 "text_tokens": self.entry.text_tokens, "vae_factor": self.entry.vae_factor,
                 "frames": self.frames, "folder": str(self.folder) if self.folder else None}
@@ -280,7 +287,9 @@ def diffusers_model(name: str | None = None, path: str | Path | None = None,
         folder, entry = read_transformer_config(path)
     else:
         entry = get_diffusers_config(name or "")
-    if not entry.is_video:
+    from ..integrations.diffusers.families import get_family
+
+    if not get_family(entry.family).video:
         if frames is not None:
             raise ValueError(f"--frames {frames}: {entry.name} is an image model; --frames is "
                              "for video models (e.g. wan2.1-t2v-1.3b)")
@@ -321,7 +330,7 @@ class DiffusersPoint:
     def row_extra(self) -> dict[str, Any]:
         """What a row of this point carries in ``extra``: the layout and the model's facts."""
         extra: dict[str, Any] = {"family": self.model.entry.family,
-                                 "class": self.model.entry.class_name,
+                                 "class": self.model.family.transformer,
                                  "source": self.model.entry.source}
         if self.shapes is not None:
             extra.update(layout=self.shapes.layout.describe(),

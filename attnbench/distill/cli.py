@@ -146,7 +146,7 @@ def _distill(args: argparse.Namespace) -> int:
     config = _train_config(args)
     _same_on_every_rank(args)
     runfolder.lock_folder(args.out, "distill")
-    if args.model_path is not None:
+    if args.model_path is not None or args.model is not None:
         from .diffusers_cli import distill_command  # lazy: diffusers is an optional extra
 
         return _print_summary(distill_command(args, config), args.json) or 0

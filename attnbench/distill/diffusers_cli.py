@@ -13,7 +13,11 @@ from ..cliutil import UsageError, non_empty, number, parse_options, positive_int
 
 def add_pipeline_flags(p) -> None:
     """The ``distill`` flags of a ``--model-path`` pipeline run."""
-    g = p.add_argument_group("diffusers pipeline (--model-path)")
+    g = p.add_argument_group("diffusers pipeline (--model-path) or zoo entry (--model)")
+    g.add_argument("--model", default=None, type=non_empty("--model", "a zoo name"),
+                   help="a diffusers zoo entry (e.g. flux.1-dev, wan-tiny) with random weights "
+                        "and --data random or a .safetensors of latents and text embeddings: "
+                        "the training's memory and speed without the weights")
     g.add_argument("--prompts", default=None, type=non_empty("--prompts", "a file"),
                    help="prompt file of --data self, one per line (default: the shipped set)")
     g.add_argument("--height", type=positive_int, default=None,
@@ -31,7 +35,10 @@ def add_pipeline_flags(p) -> None:
 
 
 def distill_command(args, config) -> dict[str, Any]:
-    """``distill --model-path``: the flags checked (one line, exit 2), then the run."""
+    """``distill --model-path`` / ``--model``: the flags checked (one line, exit 2), then the
+    run."""
+    if args.model is not None and args.model_path is not None:
+        raise UsageError("--model and --model-path: give one model")
     if args.teacher is not None:
         raise UsageError("--teacher is for attnbench's DiT; with --model-path the pipeline's "
                          "transformer is the teacher (drop --teacher)")
@@ -42,7 +49,7 @@ def distill_command(args, config) -> dict[str, Any]:
     from .diffusers_distill import distill_pipeline  # lazy: diffusers is an optional extra
 
     return distill_pipeline(
-        args.out, args.method, config, model_path=args.model_path,
+        args.out, args.method, config, model_path=args.model_path, model=args.model,
         options=parse_options(args.option), weights=parse_options(args.weight),
         trainable=args.trainable, recipe=args.recipe, data=args.data, prompts=args.prompts,
         gen_samples=args.gen_samples, gen_steps=gen_steps, gen_guidance=args.gen_guidance,

@@ -9,6 +9,10 @@ The trainer is attnbench's (``trainer.py``: torchrun DDP, SIGINT saves,
 ``--resume``, the run-folder lock, the progress bar); this module plugs the
 family's batches, trainable set and student export into it.
 
+The model: a pipeline folder (``--model-path``), or a zoo entry (``--model``: the
+transformer with random weights, what a check of the training's memory and speed needs;
+no text encoders, so its data is ``random`` or a file).
+
 Data (``--data``):
 
 * ``self`` -- the teacher pipeline generates latents from the prompt file (its
@@ -19,7 +23,9 @@ Data (``--data``):
   transformer's input layout, as the pipeline's ``output_type="latent"`` gives
   them) and the text inputs by the transformer's argument names
   (``encoder_hidden_states``, ``pooled_projections``, ``encoder_attention_mask``),
-  and ``height``/``width`` (``frames``) in its metadata.
+  and ``height``/``width`` (``frames``) in its metadata;
+* ``random`` (``--model ZOO``) -- ``--gen-samples`` random latents and text inputs at the
+  model's true shapes.
 
 Output: ``OUT/student/`` (``student.safetensors``: the changed and new tensors;
 ``student.json``), ``checkpoint.pt``, ``metrics.jsonl`` and ``summary.json``.
@@ -43,7 +49,14 @@ from .. import attention
 from ..common import dist as _dist
 from ..data.prompts import read_prompts
 from ..diffusion import Diffusion
-from ..integrations.diffusers.families import Family, draw_sigmas, flow_shift
+from ..integrations.diffusers.build import build_transformer, make_inputs, model_shapes
+from ..integrations.diffusers.families import (
+    PIPELINE_FAMILIES,
+    Family,
+    draw_sigmas,
+    flow_shift,
+    get_family,
+)
 from ..integrations.diffusers.pipelines import (
     check_pipeline,
     check_size,
@@ -53,17 +66,21 @@ from ..integrations.diffusers.pipelines import (
 )
 from ..integrations.diffusers.student import WEIGHTS, save_student
 from ..integrations.diffusers.swap import kd_attn_modules, swap_attention
-from ..models.diffusers_configs import FAMILY_DEFAULTS
+from ..models.diffusers_configs import get_diffusers_config
 from .diffusers_objective import (
     DiffusersBatch,
     diffusers_losses,
     trainable_names,
 )
 from .io import atomic_write_bytes
-from .recipes import DistillRecipe, get_recipe, recipe_for
+from .recipes import DistillRecipe, for_objective, get_recipe, recipe_for
 from .trainer import TrainConfig, Trainer, check_out, step_seed
 
 SELF_FILE = "teacher_latents.safetensors"
+#: ``--data random`` (with ``--model ZOO``): random latents and text at the model's shapes
+RANDOM_DATA = "random"
+#: the transformer's text inputs a data file may hold
+TEXT_INPUTS = ("encoder_hidden_states", "pooled_projections", "encoder_attention_mask")
 STUDENT_DIR = "student"
 #: the seed stream of the self-generated samples (the trainer's batches use stream 0)
 SAMPLE_STREAM = 5
@@ -161,8 +178,9 @@ def generate_latents(pipe, family: Family, prompts: list[str], count: int, *, se
 def _grid(family: Family, transformer: nn.Module, x: torch.Tensor, meta: dict[str, Any]
           ) -> tuple[int, ...]:
     """The token grid of one latent (FLUX's packed tokens need it from the pixel size)."""
-    if family.name == "flux":
-        return int(meta["height"]) // 16, int(meta["width"]) // 16
+    if family.pack > 1:  # packed tokens: the grid from the pixel size (FLUX: 16 px a token)
+        side = family.vae_factor * family.pack
+        return int(meta["height"]) // side, int(meta["width"]) // side
     return tuple(x.shape[-2:])
 
 
@@ -214,6 +232,20 @@ class DiffusersTrainer(Trainer):
                                 guidance=self.guidance, tapped=self.tapped,
                                 diffusion=self.diffusion)
 
+    def ema_init(self, model: nn.Module, trainable_keys: list[str]) -> dict[str, torch.Tensor]:
+        """The trainable entries only (the frozen ones never move): 10 GB for FLUX.1-dev's
+        attention instead of a 48 GB float copy of the whole student."""
+        state = model.state_dict()
+        return {k: state[k].detach().clone().float() for k in trainable_keys}
+
+    def ema_model(self, model: nn.Module, ema: dict[str, torch.Tensor]) -> nn.Module:
+        exported = copy.deepcopy(model)
+        state = exported.state_dict()
+        with torch.no_grad():
+            for key, value in ema.items():
+                state[key].copy_(value.to(state[key].dtype))
+        return exported.eval()
+
     def trainable_names(self, model: nn.Module) -> set[str]:
         return set(trainable_names(model, self.family, self.recipe.trainable))
 
@@ -236,7 +268,8 @@ def _file_sha(path: Path) -> str:
 
 
 def distill_pipeline(
-    out: str | Path, method: str, config: TrainConfig, *, model_path: str | Path,
+    out: str | Path, method: str, config: TrainConfig, *, model_path: str | Path | None = None,
+    model: str | None = None,
     options: dict[str, Any] | None = None, weights: dict[str, Any] | None = None,
     trainable: str | None = None, recipe: str | None = None, data: str = "self",
     prompts: str | Path | None = None,
@@ -245,23 +278,37 @@ def distill_pipeline(
     max_sequence_length: int | None = None, device: str | None = None,
     resume: bool = False, force: bool = False, gradient_checkpointing: bool = False,
 ) -> dict[str, Any]:
-    """Distil the transformer of the pipeline in ``model_path`` (module docstring)."""
+    """Distil the transformer of the pipeline in ``model_path``, or of the zoo entry
+    ``model`` with random weights (module docstring)."""
     out = Path(out)
-    root, family = check_pipeline(model_path)
+    if (model_path is None) == (model is None):
+        raise ValueError("give one model: --model-path PIPELINE_DIR or --model ZOO_NAME")
+    if model is not None:
+        root, entry = None, _zoo_entry(model, data)
+        family = get_family(entry.family)
+    else:
+        if data == RANDOM_DATA:
+            raise ValueError("--data random is for --model ZOO (random weights); a pipeline's "
+                             "teacher makes its own data: --data self")
+        root, family = check_pipeline(model_path)
+        entry = None
     prompt_list = read_prompts(prompts) if data == "self" else None
-    source = None if data == "self" else LatentTextSource.load(data)
+    source = None if data in ("self", RANDOM_DATA) else LatentTextSource.load(data)
     s = family.sampling
-    if data == "self":
-        default_h, default_w = FAMILY_DEFAULTS[family.name]["default_res"]
+    if source is None:
+        default_h, default_w = family.default_res
         height, width = height or default_h, width or default_w
         frames = frames if frames is not None else (s.frames if family.video else None)
     else:
         height, width = int(source.meta["height"]), int(source.meta["width"])
         frames = source.meta.get("frames")
-    check_size(root, family, height, width, frames)
-    chosen = get_recipe(recipe) if recipe else recipe_for(method)
+    if root is not None:
+        check_size(root, family, height, width, frames)
+    else:
+        shapes = model_shapes(entry, (height, width), frames)  # a size it cannot take: here
+    chosen = get_recipe(recipe) if recipe else for_objective(recipe_for(method),
+                                                             family.objective)
     resolved_recipe: DistillRecipe = chosen.with_overrides(weights, trainable)
-
     # the recipe's method options (SLA: topk 0.1) unless given
     resolved = attention.get(method).resolve({**chosen.options, **(options or {})}, mixer=True)
     check_out(out, resume=resume, force=force)  # before minutes of sample generation
@@ -269,62 +316,120 @@ def distill_pipeline(
     try:
         dtype = torch.bfloat16 if config.precision == "bf16" and info.device.type == "cuda" \
             else None
-        pipe, _ = load_pipeline(root, device=info.device, dtype=dtype)
-        teacher = pipe.transformer.eval().requires_grad_(False)
+        if root is not None:
+            pipe, _ = load_pipeline(root, device=info.device, dtype=dtype)
+            teacher, scheduler = pipe.transformer, dict(pipe.scheduler.config)
+        else:
+            pipe, scheduler = None, dict(family.scheduler)
+            teacher = build_transformer(entry, device=info.device, dtype=dtype or torch.float32,
+                                        seed=config.seed)
+        teacher = teacher.eval().requires_grad_(False)
         teacher_hash = config_hash(teacher)
-        max_len = text_length(pipe, family, max_sequence_length)
-        steps = gen_steps or s.steps
-        guidance = s.guidance if gen_guidance is None else gen_guidance
-        if data == "self":
-            key = {"teacher_config_sha256": teacher_hash, "count": gen_samples,
-                   "seed": config.seed, "steps": steps, "guidance": guidance, "height": height,
-                   "width": width, "frames": frames, "max_sequence_length": max_len,
-                   "prompts_sha256": hashlib.sha256("\n".join(prompt_list).encode()).hexdigest()}
-            path = out / SELF_FILE
-            if path.is_file():
-                try:
-                    cached = LatentTextSource.load(path)
-                    source = cached if cached.meta.get("key") == key else None
-                except ValueError:
-                    source = None
-            if source is None:
-                source = generate_latents(pipe, family, prompt_list, gen_samples,
-                                          seed=config.seed, steps=steps, guidance=guidance,
-                                          height=height, width=width, frames=frames,
-                                          max_len=max_len, info=info, progress=config.progress)
-                source.meta["key"] = key
-                if info.is_main:
-                    source.save(path)
-        student = _student_copy(teacher)
-        handle = swap_attention(student, method, **resolved)
+        if data == RANDOM_DATA:
+            source = random_source(entry, shapes, gen_samples, seed=config.seed)
+        elif data == "self":
+            source = _self_data(out, pipe, family, prompt_list, config, info, teacher_hash,
+                                count=gen_samples, steps=gen_steps or s.steps,
+                                guidance=s.guidance if gen_guidance is None else gen_guidance,
+                                height=height, width=width, frames=frames,
+                                max_len=text_length(pipe, family, max_sequence_length))
+        student, handle = student_of(teacher, method, resolved, family,
+                                     resolved_recipe.trainable)
         if resolved_recipe.needs_attention:
             swap_attention(teacher, "softmax")  # the stock output, with a core to tap
         if gradient_checkpointing:
             student.enable_gradient_checkpointing()
-        shift = flow_shift(dict(pipe.scheduler.config),
-                           int(torch.tensor(_grid(family, student, source.x[:1],
-                                                  source.meta)).prod()))
+        shift = flow_shift(scheduler, int(torch.tensor(_grid(family, student, source.x[:1],
+                                                             source.meta)).prod()))
+        origin = str(root) if root is not None else f"--model {entry.name} (random weights)"
         identity = {"kind": "distill-diffusers", "method": method, "family": family.name,
                     "attention_options": resolved, "recipe": resolved_recipe.to_dict(),
                     "teacher_config_sha256": teacher_hash,
-                    "data": data if data == "self" else str(Path(data).resolve())}
-        doc = {"family": family.name, "model_path": str(root), "objective": family.objective,
+                    "data": data if data in ("self", RANDOM_DATA) else str(Path(data).resolve())}
+        doc = {"family": family.name, "model_path": origin, "objective": family.objective,
                "timestep_density": family.timestep_density, "shift": shift,
                "tapped": kd_attn_modules(student, resolved_recipe)
                if resolved_recipe.needs_attention else [],
-               "recipe": resolved_recipe.describe(), "data": source.describe()}
+               "recipe": resolved_recipe.describe(), "data": source.describe(),
+               "gradient_checkpointing": gradient_checkpointing}
         trainer = DiffusersTrainer(
             student, teacher, source, out, config, recipe=resolved_recipe, family=family,
             handle=handle, teacher_hash=teacher_hash, shift=shift, identity=identity,
-            info={"method": method, "model_path": str(root), "distill": doc},
-            dist_info=info, student_extra={"model_path": str(root), "objective": family.objective,
+            info={"method": method, "model_path": origin, "distill": doc},
+            dist_info=info, student_extra={"model_path": origin, "objective": family.objective,
                                            "shift": shift, "tapped": doc["tapped"]})
         return trainer.run(resume=resume, force=force)
     finally:
         _dist.teardown(info)
 
 
-def _student_copy(teacher: nn.Module) -> nn.Module:
-    """A trainable float copy of the teacher's transformer (its own parameters)."""
+def _zoo_entry(model: str, data: str):
+    """``--model ZOO``: the entry, and data that needs no pipeline."""
+    entry = get_diffusers_config(model)
+    family = get_family(entry.family)
+    if family.encode is None:
+        raise ValueError(f"--model {entry.name}: {family.name} has no text pipeline to distil "
+                         f"(families: {', '.join(PIPELINE_FAMILIES)})")
+    if data == "self":
+        raise ValueError(f"--model {entry.name}: --data self needs the pipeline's text encoders "
+                         "and VAE; pass --model-path PIPELINE_DIR, or --data random / a "
+                         ".safetensors of latents and text embeddings")
+    return entry
+
+
+def random_source(entry, shapes, count: int, *, seed: int) -> LatentTextSource:
+    """``--data random``: ``count`` random latents and text inputs at the entry's true shapes
+    (a random teacher's memory and throughput need no real data)."""
+    inputs = make_inputs(entry, shapes, batch=count,
+                         generator=torch.Generator().manual_seed(seed))
+    text = {k: inputs[k] for k in TEXT_INPUTS if k in inputs}
+    h, w = shapes.resolution
+    meta = {"height": h, "width": w, "frames": shapes.frames, "guidance": 3.5}
+    return LatentTextSource(inputs["hidden_states"], text, meta,
+                            origin=f"random latents and text at {entry.name}'s shapes")
+
+
+def _self_data(out: Path, pipe, family: Family, prompt_list: list[str], config: TrainConfig,
+               info, teacher_hash: str, *, count: int, steps: int, guidance: float,
+               height: int, width: int, frames: int | None, max_len: int) -> LatentTextSource:
+    """``--data self``: the teacher pipeline's latents, written once and reused by
+    ``--resume`` when they were made the same way."""
+    key = {"teacher_config_sha256": teacher_hash, "count": count, "seed": config.seed,
+           "steps": steps, "guidance": guidance, "height": height, "width": width,
+           "frames": frames, "max_sequence_length": max_len,
+           "prompts_sha256": hashlib.sha256("\n".join(prompt_list).encode()).hexdigest()}
+    path = out / SELF_FILE
+    if path.is_file():
+        try:
+            cached = LatentTextSource.load(path)
+            if cached.meta.get("key") == key:
+                return cached
+        except ValueError:
+            pass
+    source = generate_latents(pipe, family, prompt_list, count, seed=config.seed, steps=steps,
+                              guidance=guidance, height=height, width=width, frames=frames,
+                              max_len=max_len, info=info, progress=config.progress)
+    source.meta["key"] = key
+    if info.is_main:
+        source.save(path)
+    return source
+
+
+def student_of(teacher: nn.Module, method: str, options: dict[str, Any], family: Family,
+               trainable: str):
+    """The student: a copy of ``teacher`` with ``method``'s attention, whose trainable
+    parameters train in float32 and whose frozen ones *are* the teacher's tensors (equal
+    values, frozen on both sides): beyond its teacher a student costs only its trainable
+    parameters (FLUX.1-dev with ``--trainable attention``: 2.5 of its 11.9 billion).
+    Returns ``(student, swap handle)``."""
     student = copy.deepcopy(teacher)
-    return student.float() if student.dtype != torch.float32 else student
+    handle = swap_attention(student, method, **options)
+    chosen = set(trainable_names(student, family, trainable))
+    stock = dict(teacher.named_parameters())
+    for name, p in student.named_parameters():
+        ref = stock.get(name)
+        if name not in chosen and ref is not None and ref.shape == p.shape:
+            p.data = ref.data
+        elif p.dtype != torch.float32:
+            p.data = p.data.float()
+    return student, handle

@@ -25,6 +25,8 @@ with the checkpoint.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .. import attention
 from ..attention.recipes import (
     ATTN_TAPS,
@@ -68,6 +70,26 @@ def recipe_for(method: str) -> DistillRecipe:
     return attention.get(method).distill_recipe or DEFAULT
 
 
+def for_objective(recipe: DistillRecipe, objective: str) -> DistillRecipe:
+    """``recipe`` on a model trained with ``objective`` (a diffusers family's).
+
+    A flow-matching model (FLUX, SD3, SANA, Wan) predicts one velocity: there are no ε
+    and learned-variance channels for LiT's λ1 and λ2 terms. Its λ1 term becomes output
+    KD at the same weight and λ2 drops (``<name>-flow``: attnbench's choice -- LiT
+    publishes its recipe for ε-prediction models with learned variance, PixArt-Σ and DiT,
+    only). Every other recipe is returned as it is.
+    """
+    if objective != "flow" or not {"kd_eps", "kd_sigma"} & set(recipe.active()):
+        return recipe
+    weights = {k: v for k, v in recipe.weights.items() if k not in ("kd_eps", "kd_sigma")}
+    weights["kd_out"] = weights.get("kd_out", 0.0) + recipe.weights.get("kd_eps", 0.0)
+    return replace(recipe, name=f"{recipe.name}-flow", weights=weights,
+                   summary=recipe.summary + "; on a flow-matching model: λ1 on the whole "
+                   "(velocity) output, no variance term",
+                   source=f"{OWN_CHOICE}: {recipe.source} has ε and variance channels, a "
+                   "flow-matching model one velocity")
+
+
 def get_recipe(name: str) -> DistillRecipe:
     """The recipe called ``name`` (methods registered after import included)."""
     recipes = _collect()
@@ -77,4 +99,4 @@ def get_recipe(name: str) -> DistillRecipe:
 
 
 __all__ = ["ATTN_TAPS", "DEFAULT", "RECIPES", "TEACHER", "TERMS", "TRAINABLE", "DistillRecipe",
-           "get_recipe", "recipe_for"]
+           "for_objective", "get_recipe", "recipe_for"]

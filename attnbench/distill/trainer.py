@@ -486,7 +486,7 @@ class Trainer:
             params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
             self.parameter_counts["held_by_rank0"] = _fsdp.held(model)
         optimizer = _optim.build(cfg, [p for _, p in params])
-        ema = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+        ema = self.ema_init(model, [n for n, _ in params])
         local = cfg.batch_size // d.world_size
         loop = _Loop(model, params, optimizer, ema, rows=slice(d.rank * local,
                                                                 (d.rank + 1) * local))
@@ -723,6 +723,10 @@ class Trainer:
             return None
         x, y = self.eval_data
         return evaluate(model, self.diffusion, x, y, teacher=self.teacher, seed=EVAL_SEED)
+
+    def ema_init(self, model: nn.Module, trainable_keys: list[str]) -> dict[str, torch.Tensor]:
+        """The EMA's first state: a float copy of every entry (the export is the EMA)."""
+        return {k: v.detach().clone().float() for k, v in model.state_dict().items()}
 
     def ema_model(self, model: nn.Module, ema: dict[str, torch.Tensor]) -> nn.Module:
         exported = copy.deepcopy(model)

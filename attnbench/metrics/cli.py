@@ -22,9 +22,10 @@ from pathlib import Path
 
 from ..cliutil import non_empty, number, positive_int
 from ..common.paths import REPO_ROOT
+from . import groups
 from .engines import CLEAN_MODES, ENGINES, EXTRACTORS
 from .fid import METRICS as FID_METRICS
-from .pipeline_eval import GROUPS, evaluate_pair
+from .pipeline_eval import GROUPS, evaluate_pair, score_student
 from .pipeline_sample import add_pipeline_flags, sample_command
 from .quality import METRIC_GROUPS, EvalConfig, evaluate, parse_metrics
 from .sample import LABEL_MODES, SampleSettings, run_sampling
@@ -127,7 +128,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    if args.pipeline_samples is not None:
+    if args.pipeline_samples is not None or args.model_path is not None:
         return _eval_pipeline(args)
     fid_metrics = tuple(m.strip() for m in args.fid_metrics.split(",") if m.strip())
     bad = [m for m in fid_metrics if m not in FID_METRICS]
@@ -166,19 +167,38 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _eval_pipeline(args: argparse.Namespace) -> int:
-    """``eval --pipeline-samples DIR --teacher-samples DIR`` (:mod:`.pipeline_eval`)."""
-    if not args.teacher_samples or not args.out:
-        raise ValueError("--pipeline-samples needs --teacher-samples DIR (the teacher's "
-                         "`sample --model-path` folder) and --out RUN_DIR")
-    given = [g.strip() for g in args.metrics.split(",") if g.strip()]
-    groups = tuple(g for g in given if g in GROUPS) if args.metrics != ",".join(
-        METRIC_GROUPS) else GROUPS
-    result = evaluate_pair(args.pipeline_samples, args.teacher_samples, args.out,
-                           groups=groups or tuple(given), engine=args.fid_engine,
-                           extractor=args.feature_extractor or "inception",
-                           weights=args.shapes_weights if args.feature_extractor == "shapes"
-                           else args.inception_weights, device=args.device or "cpu",
-                           argv=args.argv, force=args.force)
+    """``eval --pipeline-samples DIR --teacher-samples DIR`` or ``eval --model-path DIR
+    --student DIR`` (:mod:`.pipeline_eval`)."""
+    if not args.out:
+        raise ValueError("--out RUN_DIR is needed: the results table receiving the row")
+    groups = GROUPS if args.metrics == ",".join(METRIC_GROUPS) else tuple(
+        g.strip() for g in args.metrics.split(",") if g.strip())
+    scoring = dict(groups=groups, engine=args.fid_engine,
+                   extractor=args.feature_extractor or "inception",
+                   weights=args.shapes_weights if args.feature_extractor == "shapes"
+                   else args.inception_weights, clip_model=args.clip_model,
+                   lpips_backbone=args.lpips_backbone, lpips_weights=args.lpips_weights,
+                   device=args.device or "cpu", argv=args.argv, force=args.force)
+    if args.model_path is not None:
+        if args.pipeline_samples is not None or args.teacher_samples is not None:
+            raise ValueError("--model-path samples the teacher and --student itself: drop "
+                             "--pipeline-samples/--teacher-samples (or drop --model-path)")
+        if args.student is None:
+            raise ValueError("--model-path: eval scores a distilled student against its "
+                             "teacher; pass --student DIR (distill --model-path OUT/student)")
+        if args.steps is not None and not isinstance(args.steps, int):
+            raise ValueError(f"--steps {args.steps!r}: with --model-path give a number of steps")
+        result = score_student(args.model_path, args.student, args.out, num=args.num,
+                               steps=args.steps, height=args.height, width=args.width,
+                               frames=args.frames, prompts=args.prompts, seed=args.seed,
+                               guidance=args.guidance,
+                               max_sequence_length=args.max_sequence_length,
+                               progress=not args.no_progress, **scoring)
+    else:
+        if not args.teacher_samples:
+            raise ValueError("--pipeline-samples needs --teacher-samples DIR (the teacher's "
+                             "`sample --model-path` folder)")
+        result = evaluate_pair(args.pipeline_samples, args.teacher_samples, args.out, **scoring)
     print(f"{result['label']}: " + ", ".join(f"{k} {v:.4g}" for k, v in
                                               result["metrics"].items()))
     return 0
@@ -207,7 +227,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--teacher", type=non_empty("--teacher", "a checkpoint"),
                    help="teacher for --metrics fidelity (default: the shipped one)")
     p.add_argument("--metrics", default=",".join(METRIC_GROUPS),
-                   help=f"comma-separated groups: {', '.join(METRIC_GROUPS)} (default all)")
+                   help=f"comma-separated groups. A DiT: {groups.describe('dit')} (default "
+                        f"all). A diffusers student (--pipeline-samples / --model-path): "
+                        f"{groups.describe('pair')} (default {','.join(GROUPS)})")
     p.add_argument("--out", type=non_empty("--out", "a folder"),
                    help="run directory whose results table receives the quality row "
                                  "(default reports/runs/eval-<timestamp>/)")
@@ -240,6 +262,16 @@ def add_parser(subparsers) -> None:
                    "PSNR/SSIM against --teacher-samples image by image, FID/KID against them")
     g.add_argument("--teacher-samples", type=non_empty("--teacher-samples", "a folder"),
                    help="the teacher's folder (same prompts and seeds)")
+    g.add_argument("--clip-model", type=non_empty("--clip-model", "a folder"),
+                   help="a local CLIP model folder (transformers CLIPModel, its tokenizer and "
+                        "image processor, save_pretrained): --metrics clip")
+    g.add_argument("--lpips-backbone", type=non_empty("--lpips-backbone", "a file"),
+                   help="AlexNet's weights (torchvision's alexnet state dict, .safetensors or "
+                        ".pth): --metrics lpips")
+    g.add_argument("--lpips-weights", type=non_empty("--lpips-weights", "a file"),
+                   help="LPIPS' linear layers (the lpips package's weights/v0.1/alex.pth): "
+                        "--metrics lpips")
+    add_pipeline_flags(p, sample=False)
     g = p.add_argument_group("fidelity to the teacher")
     g.add_argument("--fidelity-num", type=positive_int, default=64,
                    help="samples drawn by both student and teacher (default 64)")

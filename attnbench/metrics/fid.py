@@ -342,3 +342,69 @@ def quality_metrics(images: np.ndarray, reference: Reference, *,
         "torchvision": engines.torchvision_info(),
     }
     return {"metrics": out, "fid": provenance}
+
+
+# --------------------------------------------------------------------------- the metric group
+
+
+def check_group(ctx) -> None:
+    """``fid``'s inputs (:mod:`.groups`): the reference and the extractor's weights exist."""
+    s = ctx.settings
+    if ctx.kind == "pair":
+        if s["extractor"] == "inception":
+            from .engines import inception_weights
+
+            s["weights"] = inception_weights(s["engine"], s.get("weights"))
+        return
+    config, ref_spec = ctx.dit.config, ctx.dit.ref_spec
+    if ref_spec is None:
+        raise ValueError("--reference is needed for FID of a non-shapes model (an ADM "
+                         "reference batch .npz, an .npz with arr_0, or an image folder)")
+    if not str(ref_spec).startswith("shapes") and not Path(ref_spec).exists():
+        raise FileNotFoundError(f"--reference {ref_spec}: no such file or folder")
+    if ctx.dit.extractor == "inception":
+        from .engines import inception_weights
+
+        inception_weights(config.engine, config.inception_weights)
+    elif config.shapes_weights is not None and not Path(config.shapes_weights).is_file():
+        raise FileNotFoundError(f"--shapes-weights {config.shapes_weights}: no such file")
+
+
+def compute_group(ctx) -> tuple[dict[str, float], dict[str, Any]]:
+    """FID and friends of ``ctx.images``: against the teacher's samples (a pair, CLEAR's
+    protocol) or the DiT evaluation's reference, with the real-images floor of the shapes
+    world."""
+    s = ctx.settings
+    if ctx.kind == "pair":
+        reference = Reference(description=s["teacher_description"], images=ctx.teacher_images)
+        result = quality_metrics(ctx.images, reference, metrics=("fid", "kid"),
+                                 engine=s["engine"], extractor=s["extractor"],
+                                 weights=s.get("weights"), device=ctx.device,
+                                 kid_subset_size=len(ctx.images))
+        return result["metrics"], result["fid"]
+    config, extractor, ref_spec = ctx.dit.config, ctx.dit.extractor, ctx.dit.ref_spec
+    images = ctx.images
+    weights = config.shapes_weights if extractor == "shapes" else config.inception_weights
+    reference = load_reference(ref_spec, image_size=images.shape[1],
+                               num=config.ref_num or (max(len(images), 1000)
+                                                      if ref_spec == "shapes" else None),
+                               seed=config.ref_seed)
+    ctx.log(f"eval: FID family ({config.engine}, {extractor} features) against "
+            f"{reference.description}")
+    result = quality_metrics(images, reference, metrics=config.fid_metrics,
+                             engine=config.engine, extractor=extractor, weights=weights,
+                             clean_mode=config.clean_mode, device=ctx.device,
+                             seed=config.sampling.seed)
+    provenance = result["fid"]
+    if "fid" in result["metrics"] and str(ref_spec).startswith("shapes"):
+        # the floor: real world images, as many as the samples, against the same reference
+        real = load_reference(f"shapes:{len(images)}", image_size=images.shape[1],
+                              seed=config.ref_seed + 1000)
+        floor = quality_metrics(real.images, reference, metrics=("fid",),
+                                engine=config.engine, extractor=extractor, weights=weights,
+                                clean_mode=config.clean_mode, device=ctx.device)
+        provenance["real_images_fid"] = floor["metrics"]["fid"]
+        provenance["real_images_fid_note"] = (
+            f"{len(images)} real world images (seed {config.ref_seed + 1000}) against the "
+            "same reference: the FID of a perfect model at this sample count")
+    return result["metrics"], provenance

@@ -16,10 +16,26 @@ and its teacher should draw the same images. Three measures:
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..data.shapes import to_uint8
+from ..diffusion import Diffusion
+from ..models import load_dit
+from ..models.teacher import default_teacher_path
+from .quality import is_shapes_model
+from .sample import (
+    SampleSettings,
+    checkpoint_sha256,
+    chunk_ranges,
+    chunk_seed,
+    decode,
+    sample_chunk,
+)
 
 PSNR_CAP_DB = 100.0
 
@@ -122,3 +138,93 @@ def _guided_eps(eps: torch.Tensor, scale: float, channels: int | None, doubled: 
     k = eps.shape[1] if channels is None else min(channels, eps.shape[1])
     guided = uncond[:, :k] + scale * (cond[:, :k] - uncond[:, :k])
     return torch.cat([guided, cond[:, k:]], dim=1)
+
+
+# --------------------------------------------------------------------------- the metric group
+
+
+def check_group(ctx) -> None:
+    """``fidelity``'s inputs (:mod:`.groups`): a DiT's ``--teacher`` exists (a pair's
+    teacher images were checked with the folders)."""
+    if ctx.kind == "dit" and ctx.dit.teacher is not None and not Path(ctx.dit.teacher).exists():
+        raise FileNotFoundError(f"--teacher {ctx.dit.teacher}: no such file or folder")
+
+
+def compute_group(ctx) -> tuple[dict[str, float], dict[str, Any]]:
+    """PSNR and SSIM against the teacher: image by image for a pair, from the same noise and
+    labels for a DiT (with the per-step ε error)."""
+    if ctx.kind == "dit":
+        return _dit_fidelity(ctx)
+    a, b = torch.from_numpy(ctx.images), torch.from_numpy(ctx.teacher_images)
+    p, q = psnr(a, b), ssim(a, b)
+    return {"psnr": float(p.mean()), "ssim": float(q.mean())}, {
+        "pairs": len(a), "reference": "the teacher's sample for the same prompt and seed",
+        "psnr_per_image": [round(float(x), 4) for x in p],
+        "ssim_per_image": [round(float(x), 5) for x in q]}
+
+
+def _dit_fidelity(ctx) -> tuple[dict[str, float], dict[str, Any]]:
+    """PSNR / SSIM / per-step ε error of the DiT against the teacher (same noise, labels)."""
+    model, teacher_path, config, vae = ctx.dit.model, ctx.dit.teacher, ctx.dit.config, ctx.dit.vae
+    device, log, metrics = torch.device(ctx.device), ctx.log, {}
+
+    if teacher_path is None:
+        teacher_path = default_teacher_path()
+    teacher = load_dit(teacher_path, device=device)
+    if checkpoint_sha256(teacher) is not None and checkpoint_sha256(
+            teacher) == checkpoint_sha256(model):
+        log("eval: the model is the teacher itself: fidelity skipped")
+        return {}, {"teacher": str(teacher_path), "skipped": "the model is the teacher"}
+    t_cfg, s_cfg = teacher.config, model.config
+    if (t_cfg.in_channels, t_cfg.input_size, t_cfg.num_classes) != (
+            s_cfg.in_channels, s_cfg.input_size, s_cfg.num_classes):
+        raise ValueError(f"the teacher {teacher_path} ({t_cfg.in_channels}×{t_cfg.input_size}², "
+                         f"{t_cfg.num_classes} classes) does not match the student")
+    base = config.sampling
+    settings = SampleSettings(num=min(config.fidelity_num, base.num) if config.samples is None
+                              else config.fidelity_num, steps=base.steps,
+                              cfg_scale=base.cfg_scale, sampler=base.sampler, eta=base.eta,
+                              cfg_channels=base.cfg_channels, batch=base.batch, seed=base.seed,
+                              labels="balanced" if is_shapes_model(s_cfg) else "uniform",
+                              clip_denoised=base.clip_denoised)
+    log(f"eval: fidelity to the teacher on {settings.num} samples (same noise and labels)")
+    diffusion = Diffusion(1000)
+    pixel = s_cfg.is_pixel
+    clip = pixel if settings.clip_denoised is None else settings.clip_denoised
+    student_imgs, teacher_imgs, curves, timesteps = [], [], [], None
+    for c, rows in enumerate(chunk_ranges(settings.num, settings.batch)):
+        imgs, ys = sample_chunk(model, settings, c, device=device, vae=vae, diffusion=diffusion)
+        student_imgs.append(imgs)
+        g = torch.Generator(device="cpu").manual_seed(chunk_seed(settings.seed, c))
+        # the same draws as sample_chunk: labels first (uniform mode), then the noise
+        if settings.labels == "uniform":
+            torch.randint(0, s_cfg.num_classes, (len(rows),), generator=g)
+        shape = (len(rows), s_cfg.in_channels, s_cfg.input_size, s_cfg.input_size)
+        err = eps_error(model, teacher, diffusion, shape, torch.as_tensor(ys),
+                        steps=settings.steps, sampler=settings.sampler,
+                        cfg_scale=settings.cfg_scale, cfg_channels=settings.cfg_channels,
+                        clip_denoised=clip, generator=g, device=device)
+        x = err["samples"] if pixel else decode(vae, err["samples"])
+        teacher_imgs.append(to_uint8(x.cpu()))
+        curves.append(np.array(err["eps_mse"]) * len(rows))
+        timesteps = err["timesteps"]
+    student = torch.from_numpy(np.concatenate(student_imgs))
+    reference = torch.from_numpy(np.concatenate(teacher_imgs))
+    p, s = psnr(student, reference), ssim(student, reference)
+    curve = (np.sum(curves, axis=0) / settings.num).tolist()
+    metrics["psnr"] = float(p.mean())
+    metrics["ssim"] = float(s.mean())
+    metrics["eps_mse_vs_teacher"] = float(np.mean(curve))
+    return metrics, {
+        "teacher": str(teacher_path), "teacher_sha256": checkpoint_sha256(teacher),
+        "num": settings.num, "labels": settings.labels,
+        "psnr_std": float(p.std()) if len(p) > 1 else 0.0,
+        "ssim_std": float(s.std()) if len(s) > 1 else 0.0,
+        "psnr": "per image on [0, 1] pixels (uint8 samples), mean over images; 100 dB cap",
+        "ssim": "Gaussian 11×11 σ=1.5, K1=0.01, K2=0.03, valid windows, mean",
+        "eps_mse": "mean over ε channels of (ε_student − ε_teacher)² on the teacher's x_t, "
+                   "guided as sampled; per step, noisiest first",
+        "eps_mse_per_step": [round(v, 8) if math.isfinite(v) else None for v in curve],
+        "timesteps": timesteps,
+        "identical_samples": bool(torch.equal(student, reference)),
+    }

@@ -279,3 +279,19 @@ def geneval_score(images: np.ndarray | Iterable[np.ndarray], labels: Sequence[in
                   "missing_tasks": [t for t in TASKS if t not in present]},
         per_image=per_image,
     )
+
+
+# --------------------------------------------------------------------------- the metric group
+
+
+def check_group(ctx) -> None:
+    """``geneval`` scores shapes-world models (:mod:`.groups`)."""
+    if not ctx.dit.shapes:
+        cfg = ctx.dit.model.config
+        raise ValueError(f"--metrics geneval scores shapes-world models; {ctx.dit.ckpt} is a "
+                         f"{cfg.in_channels}-channel model with {cfg.num_classes} classes")
+
+
+def compute_group(ctx) -> tuple[dict[str, float], dict[str, Any]]:
+    scored = geneval_score(ctx.images, ctx.labels)
+    return scored.metrics(), scored.to_dict()

@@ -33,7 +33,6 @@ from ..cliutil import UsageError, non_empty, number, positive_int
 from ..common import dist
 from ..data.images import save_png
 from ..data.prompts import read_prompts
-from ..models.diffusers_configs import FAMILY_DEFAULTS
 from .sample import INFO_FILE, NPZ_FILE, chunk_seed, claim_out, gather_samples, save_npz
 
 PROMPTS_FILE = "prompts.jsonl"
@@ -48,14 +47,14 @@ def check_sampling(model_path, *, student=None, prompts=None, num: int, height=N
                    width=None, frames=None):
     """Every flag checked before any weight loads: ``(root, family, prompts, size, meta)``."""
     # lazy: diffusers is an optional extra (the integrations import it)
-    from ..integrations.diffusers.pipelines import check_pipeline, check_size
-    from ..integrations.diffusers.student import read_student
+    from ..integrations.diffusers.pipelines import check_pipeline, check_size, transformer_config
+    from ..integrations.diffusers.student import student_for
 
     if isinstance(num, bool) or not isinstance(num, int) or num <= 0:
         raise UsageError(f"--num {num!r}: must be an integer > 0 (e.g. --num 16)")
     root, family = check_pipeline(model_path)
     prompt_list = read_prompts(prompts)
-    default_h, default_w = FAMILY_DEFAULTS[family.name]["default_res"]
+    default_h, default_w = family.default_res
     height, width = height or default_h, width or default_w
     if family.video:
         frames = frames or family.sampling.frames
@@ -64,11 +63,7 @@ def check_sampling(model_path, *, student=None, prompts=None, num: int, height=N
     check_size(root, family, height, width, frames)
     meta = None
     if student is not None:
-        _, meta = read_student(student)
-        if meta.get("family") != family.name:
-            raise UsageError(f"--student {student}: a {meta.get('family')} student cannot go on "
-                             f"this {family.name} pipeline; pass a student distilled from "
-                             f"{root}")
+        _, meta = student_for(student, family.name, transformer_config(root))
     return root, family, prompt_list, (height, width, frames), meta
 
 
@@ -151,12 +146,14 @@ def run_pipeline_sampling(model_path, out, *, student=None, prompts=None, num: i
         dist.teardown(info)
 
 
-def add_pipeline_flags(p) -> None:
-    """The ``sample`` flags of a ``--model-path`` pipeline run."""
+def add_pipeline_flags(p, sample: bool = True) -> None:
+    """The ``sample`` (``eval``: ``sample=False``) flags of a ``--model-path`` pipeline run."""
     g = p.add_argument_group("diffusers pipeline (--model-path)")
     g.add_argument("--model-path", default=None, type=non_empty("--model-path", "a folder"),
                    help="a local diffusers pipeline folder (FLUX, SD3, PixArt-Σ, SANA, Wan): "
-                        "sample with its own scheduler and guidance")
+                        "sample with its own scheduler and guidance" + (
+                            "" if sample else "; with --student: sample the teacher and the "
+                            "student alike into OUT/samples/ and score the pair"))
     g.add_argument("--student", default=None, type=non_empty("--student", "a folder"),
                    help="a student folder (distill --model-path OUT/student) installed in "
                         "the pipeline's transformer")

@@ -25,7 +25,6 @@ beside the quality, not a benchmark.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,36 +34,24 @@ import torch
 
 from .. import cliutil
 from ..common.environment import environment
-from ..data.shapes import NUM_CLASSES, to_uint8
-from ..diffusion import Diffusion
+from ..data.shapes import NUM_CLASSES
 from ..models import load_dit
 from ..models.teacher import default_teacher_path
-from ..results import (
-    HIGHER_IS_BETTER,
-    QUALITY_LEVEL,
-    Result,
-    ResultsWriter,
-    canonical_options,
-)
+from ..results import QUALITY_LEVEL, Result, ResultsWriter, canonical_options
 from ..results import label as result_label
-from .engines import inception_weights
-from .fid import load_images_npz, load_reference, quality_metrics
-from .fidelity import eps_error, psnr, ssim
-from .geneval import geneval_score
+from . import groups
+from .fid import load_images_npz
 from .sample import (
     SampleSettings,
     check_vae,
     checkpoint_sha256,
-    chunk_ranges,
-    chunk_seed,
-    decode,
     generate,
     load_vae,
-    sample_chunk,
     save_npz,
 )
 
-METRIC_GROUPS = ("fid", "geneval", "fidelity")
+#: the metric groups of attnbench's DiT (:mod:`.groups`)
+METRIC_GROUPS = groups.names("dit")
 
 
 @dataclass
@@ -89,11 +76,7 @@ class EvalConfig:
 
 
 def parse_metrics(text: str, flag: str = "--metrics") -> tuple[str, ...]:
-    names = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
-    bad = [m for m in names if m not in METRIC_GROUPS]
-    if bad or not names:
-        raise ValueError(f"{flag} {text!r}: choose from {', '.join(METRIC_GROUPS)}")
-    return names
+    return groups.parse_groups(text, flag, kind="dit")
 
 
 def is_shapes_model(config) -> bool:
@@ -119,15 +102,6 @@ def quality_row(model, settings: SampleSettings, device: torch.device, extra: di
     )
 
 
-def metric_group(metric: str) -> str:
-    """The group (``fid``, ``geneval``, ``fidelity``) a metric of this stage belongs to."""
-    if metric.startswith("geneval"):
-        return "geneval"
-    if metric in ("psnr", "ssim", "eps_mse_vs_teacher"):
-        return "fidelity"
-    return "fid"
-
-
 def merge_row(writer, row) -> None:
     """Append ``row``, keeping an earlier row's metric groups (same model) it did not redo.
 
@@ -138,11 +112,10 @@ def merge_row(writer, row) -> None:
         if old.key() == row.key() and old.level == QUALITY_LEVEL:
             redone = {g for g in METRIC_GROUPS if g in row.extra}
             kept = {k: v for k, v in old.extra.get("metrics", {}).items()
-                    if metric_group(k) not in redone}
+                    if groups.group_of(k) not in redone}
             merged = {**old.extra, **row.extra}
             merged["metrics"] = {**kept, **row.extra.get("metrics", {})}
-            merged["higher_is_better"] = {k: v for k, v in HIGHER_IS_BETTER.items()
-                                          if k in merged["metrics"]}
+            merged["higher_is_better"] = groups.directions(merged["metrics"])
             row.extra = merged
             if row.latency_median_s is None:
                 row.latency_median_s, row.repetitions, row.timer = (
@@ -151,11 +124,63 @@ def merge_row(writer, row) -> None:
     writer.append(row)
 
 
+@dataclass
+class DitSubject:
+    """The DiT an evaluation scores (what its metric groups read besides the samples)."""
+
+    model: Any
+    ckpt: str | Path
+    teacher: str | Path | None
+    config: EvalConfig
+    vae: Any
+    shapes: bool
+    ref_spec: str | None
+    extractor: str
+
+
 def evaluate(ckpt: str | Path | None, config: EvalConfig, run_dir: str | Path, *,
              teacher: str | Path | None = None, argv: list[str] | None = None,
              progress: bool = True, log=print, force: bool = False) -> dict[str, Any]:
     """Run the quality stage (module docstring); returns ``{"row", "metrics", "run_dir"}``."""
     device = cliutil.device(config.device)
+    chosen = groups.parse_groups(",".join(config.metrics), kind="dit")
+    subject = _subject(ckpt, config, teacher, device)
+    ctx = groups.EvalContext("dit", device=str(device), dit=subject, log=log)
+    groups.check(chosen, ctx)  # every input of every group, before minutes of sampling
+    sampled = any(groups.GROUPS[g].needs_samples for g in chosen)
+    given = None
+    if config.samples and sampled:
+        given = load_images_npz(config.samples, "--samples")  # checked before anything is written
+    run_dir = Path(run_dir)
+    writer = ResultsWriter(run_dir, {**environment(device, ["python", "-m", "attnbench",
+                                                            *(argv or [])]),
+                                     "stage": "quality"}, force=force, command="eval")
+    model, cfg = subject.model, subject.model.config
+    label = result_label(cfg.attention, canonical_options(dict(cfg.attention_options or {})))
+    extra: dict[str, Any] = {
+        "checkpoint": str(subject.ckpt), "checkpoint_sha256": checkpoint_sha256(model),
+        "model_config": cfg.to_dict(),
+    }
+    latency = repetitions = None
+    warnings = weight_warnings(model)
+    if sampled:
+        latency, repetitions = _draw(ctx, given, run_dir, label, extra, progress)
+        warnings += sample_warnings(ctx.images)
+    for warning in warnings:
+        log(f"eval: warning: {label}: {warning}")
+    metrics = groups.compute(tuple(g for g in groups.GROUPS if g in chosen), ctx, extra)
+    if warnings:
+        extra["warnings"] = warnings
+    extra["metrics"] = metrics
+    extra["higher_is_better"] = groups.directions(metrics)
+    row = quality_row(model, config.sampling, device, extra, latency, repetitions)
+    merge_row(writer, row)
+    writer.finalize()
+    return {"row": row, "metrics": metrics, "run_dir": run_dir, "label": label}
+
+
+def _subject(ckpt, config: EvalConfig, teacher, device: torch.device) -> DitSubject:
+    """The checkpoint loaded and checked against the sampling settings and its VAE."""
     if ckpt is None:
         ckpt = default_teacher_path()
     if config.vae is not None:
@@ -166,10 +191,6 @@ def evaluate(ckpt: str | Path | None, config: EvalConfig, run_dir: str | Path, *
     if config.vae is not None:
         check_vae(config.vae, cfg)
     shapes = is_shapes_model(cfg)
-    if "geneval" in config.metrics and not shapes:
-        raise ValueError(f"--metrics geneval scores shapes-world models; {ckpt} is a "
-                         f"{cfg.in_channels}-channel model with {cfg.num_classes} classes")
-    settings = config.sampling
     vae = None
     if not cfg.is_pixel:
         if config.vae is None and config.samples is None:
@@ -177,110 +198,33 @@ def evaluate(ckpt: str | Path | None, config: EvalConfig, run_dir: str | Path, *
                              "AutoencoderKL folder) to decode them")
         if config.vae is not None:
             vae = load_vae(config.vae, device)
-
-    ref_spec = config.reference or ("shapes" if shapes else None)
-    extractor = config.extractor or ("shapes" if shapes else "inception")
-    if "fid" in config.metrics:  # every input of the metrics, before minutes of sampling
-        _check_fid_inputs(config, ref_spec, extractor)
-    if "fidelity" in config.metrics and teacher is not None and not Path(teacher).exists():
-        raise FileNotFoundError(f"--teacher {teacher}: no such file or folder")
-    given = None
-    if config.samples and ("fid" in config.metrics or "geneval" in config.metrics):
-        given = load_images_npz(config.samples, "--samples")  # checked before anything is written
-    run_dir = Path(run_dir)
-    writer = ResultsWriter(run_dir, {**environment(device, ["python", "-m", "attnbench",
-                                                            *(argv or [])]),
-                                     "stage": "quality"}, force=force, command="eval")
-    label = result_label(cfg.attention, canonical_options(dict(cfg.attention_options or {})))
-    metrics: dict[str, float] = {}
-    extra: dict[str, Any] = {
-        "checkpoint": str(ckpt), "checkpoint_sha256": checkpoint_sha256(model),
-        "model_config": cfg.to_dict(),
-    }
-    latency = repetitions = None
-    warnings = weight_warnings(model)
-
-    images = labels = None
-    if "fid" in config.metrics or "geneval" in config.metrics:
-        if given is not None:
-            images, labels = given
-            extra["samples"] = str(Path(config.samples).resolve())
-            extra["sampling"] = {"from_file": str(config.samples), "num": len(images)}
-        else:
-            log(f"eval: sampling {settings.num} images of {label} ({settings.sampler}, "
-                f"{settings.steps} steps, CFG {settings.cfg_scale})")
-            drawn = generate(model, settings, device=device, vae=vae, progress=progress)
-            images, labels = drawn["images"], drawn["labels"]
-            rel = Path("samples") / f"{_safe(label)}.npz"
-            save_npz(run_dir / rel, images, labels)
-            extra["samples"] = str(rel)
-            steps = drawn["step_seconds"]
-            if steps:
-                latency, repetitions = float(np.median(steps)), len(steps)
-            extra["sampling"] = {**settings.describe(), "seconds": round(drawn["seconds"], 3),
-                                 "seconds_per_image": round(drawn["seconds"] / settings.num, 5)}
-        warnings += sample_warnings(images)
-        for warning in warnings:
-            log(f"eval: warning: {label}: {warning}")
-
-    if "fid" in config.metrics:
-        weights = config.shapes_weights if extractor == "shapes" else config.inception_weights
-        reference = load_reference(ref_spec, image_size=images.shape[1],
-                                   num=config.ref_num or (max(len(images), 1000)
-                                                          if ref_spec == "shapes" else None),
-                                   seed=config.ref_seed)
-        log(f"eval: FID family ({config.engine}, {extractor} features) against "
-            f"{reference.description}")
-        result = quality_metrics(images, reference, metrics=config.fid_metrics,
-                                 engine=config.engine, extractor=extractor, weights=weights,
-                                 clean_mode=config.clean_mode, device=str(device),
-                                 seed=settings.seed)
-        metrics.update(result["metrics"])
-        extra["fid"] = result["fid"]
-        if "fid" in result["metrics"] and str(ref_spec).startswith("shapes"):
-            # the floor: real world images, as many as the samples, against the same reference
-            real = load_reference(f"shapes:{len(images)}", image_size=images.shape[1],
-                                  seed=config.ref_seed + 1000)
-            floor = quality_metrics(real.images, reference, metrics=("fid",),
-                                    engine=config.engine, extractor=extractor, weights=weights,
-                                    clean_mode=config.clean_mode, device=str(device))
-            extra["fid"]["real_images_fid"] = floor["metrics"]["fid"]
-            extra["fid"]["real_images_fid_note"] = (
-                f"{len(images)} real world images (seed {config.ref_seed + 1000}) against the "
-                "same reference: the FID of a perfect model at this sample count")
-
-    if "geneval" in config.metrics:
-        scored = geneval_score(images, labels)
-        metrics.update(scored.metrics())
-        extra["geneval"] = scored.to_dict()
-
-    if "fidelity" in config.metrics:
-        extra["fidelity"] = _fidelity(model, ckpt, teacher, config, device, vae, metrics, log)
-
-    if images is None:
-        for warning in warnings:
-            log(f"eval: warning: {label}: {warning}")
-    if warnings:
-        extra["warnings"] = warnings
-    extra["metrics"] = metrics
-    extra["higher_is_better"] = {k: v for k, v in HIGHER_IS_BETTER.items() if k in metrics}
-    row = quality_row(model, settings, device, extra, latency, repetitions)
-    merge_row(writer, row)
-    writer.finalize()
-    return {"row": row, "metrics": metrics, "run_dir": run_dir, "label": label}
+    return DitSubject(model, ckpt, teacher, config, vae, shapes,
+                      ref_spec=config.reference or ("shapes" if shapes else None),
+                      extractor=config.extractor or ("shapes" if shapes else "inception"))
 
 
-def _check_fid_inputs(config: EvalConfig, ref_spec: str | None, extractor: str) -> None:
-    """The FID reference and feature-extractor weights exist (never found out after sampling)."""
-    if ref_spec is None:
-        raise ValueError("--reference is needed for FID of a non-shapes model (an ADM "
-                         "reference batch .npz, an .npz with arr_0, or an image folder)")
-    if not str(ref_spec).startswith("shapes") and not Path(ref_spec).exists():
-        raise FileNotFoundError(f"--reference {ref_spec}: no such file or folder")
-    if extractor == "inception":
-        inception_weights(config.engine, config.inception_weights)
-    elif config.shapes_weights is not None and not Path(config.shapes_weights).is_file():
-        raise FileNotFoundError(f"--shapes-weights {config.shapes_weights}: no such file")
+def _draw(ctx: groups.EvalContext, given, run_dir: Path, label: str, extra: dict[str, Any],
+          progress: bool) -> tuple[float | None, int | None]:
+    """The samples the groups score: ``--samples`` or drawn now (saved in the run folder);
+    the median model-call latency while sampling."""
+    config, settings = ctx.dit.config, ctx.dit.config.sampling
+    if given is not None:
+        ctx.images, ctx.labels = given
+        extra["samples"] = str(Path(config.samples).resolve())
+        extra["sampling"] = {"from_file": str(config.samples), "num": len(ctx.images)}
+        return None, None
+    ctx.log(f"eval: sampling {settings.num} images of {label} ({settings.sampler}, "
+            f"{settings.steps} steps, CFG {settings.cfg_scale})")
+    drawn = generate(ctx.dit.model, settings, device=torch.device(ctx.device), vae=ctx.dit.vae,
+                     progress=progress)
+    ctx.images, ctx.labels = drawn["images"], drawn["labels"]
+    rel = Path("samples") / f"{safe_name(label)}.npz"
+    save_npz(run_dir / rel, ctx.images, ctx.labels)
+    extra["samples"] = str(rel)
+    extra["sampling"] = {**settings.describe(), "seconds": round(drawn["seconds"], 3),
+                         "seconds_per_image": round(drawn["seconds"] / settings.num, 5)}
+    steps = drawn["step_seconds"]
+    return (float(np.median(steps)), len(steps)) if steps else (None, None)
 
 
 def weight_warnings(model) -> list[str]:
@@ -312,70 +256,6 @@ def sample_warnings(images: np.ndarray) -> list[str]:
     return warnings
 
 
-def _fidelity(model, ckpt, teacher_path, config: EvalConfig, device, vae,
-              metrics: dict[str, float], log) -> dict[str, Any]:
-    """PSNR / SSIM / per-step ε error of ``model`` against the teacher (same noise, labels)."""
-    if teacher_path is None:
-        teacher_path = default_teacher_path()
-    teacher = load_dit(teacher_path, device=device)
-    if checkpoint_sha256(teacher) is not None and checkpoint_sha256(
-            teacher) == checkpoint_sha256(model):
-        log("eval: the model is the teacher itself: fidelity skipped")
-        return {"teacher": str(teacher_path), "skipped": "the model is the teacher"}
-    t_cfg, s_cfg = teacher.config, model.config
-    if (t_cfg.in_channels, t_cfg.input_size, t_cfg.num_classes) != (
-            s_cfg.in_channels, s_cfg.input_size, s_cfg.num_classes):
-        raise ValueError(f"the teacher {teacher_path} ({t_cfg.in_channels}×{t_cfg.input_size}², "
-                         f"{t_cfg.num_classes} classes) does not match the student")
-    base = config.sampling
-    settings = SampleSettings(num=min(config.fidelity_num, base.num) if config.samples is None
-                              else config.fidelity_num, steps=base.steps,
-                              cfg_scale=base.cfg_scale, sampler=base.sampler, eta=base.eta,
-                              cfg_channels=base.cfg_channels, batch=base.batch, seed=base.seed,
-                              labels="balanced" if is_shapes_model(s_cfg) else "uniform",
-                              clip_denoised=base.clip_denoised)
-    log(f"eval: fidelity to the teacher on {settings.num} samples (same noise and labels)")
-    diffusion = Diffusion(1000)
-    pixel = s_cfg.is_pixel
-    clip = pixel if settings.clip_denoised is None else settings.clip_denoised
-    student_imgs, teacher_imgs, curves, timesteps = [], [], [], None
-    for c, rows in enumerate(chunk_ranges(settings.num, settings.batch)):
-        imgs, ys = sample_chunk(model, settings, c, device=device, vae=vae, diffusion=diffusion)
-        student_imgs.append(imgs)
-        g = torch.Generator(device="cpu").manual_seed(chunk_seed(settings.seed, c))
-        # the same draws as sample_chunk: labels first (uniform mode), then the noise
-        if settings.labels == "uniform":
-            torch.randint(0, s_cfg.num_classes, (len(rows),), generator=g)
-        shape = (len(rows), s_cfg.in_channels, s_cfg.input_size, s_cfg.input_size)
-        err = eps_error(model, teacher, diffusion, shape, torch.as_tensor(ys),
-                        steps=settings.steps, sampler=settings.sampler,
-                        cfg_scale=settings.cfg_scale, cfg_channels=settings.cfg_channels,
-                        clip_denoised=clip, generator=g, device=device)
-        x = err["samples"] if pixel else decode(vae, err["samples"])
-        teacher_imgs.append(to_uint8(x.cpu()))
-        curves.append(np.array(err["eps_mse"]) * len(rows))
-        timesteps = err["timesteps"]
-    student = torch.from_numpy(np.concatenate(student_imgs))
-    reference = torch.from_numpy(np.concatenate(teacher_imgs))
-    p, s = psnr(student, reference), ssim(student, reference)
-    curve = (np.sum(curves, axis=0) / settings.num).tolist()
-    metrics["psnr"] = float(p.mean())
-    metrics["ssim"] = float(s.mean())
-    metrics["eps_mse_vs_teacher"] = float(np.mean(curve))
-    return {
-        "teacher": str(teacher_path), "teacher_sha256": checkpoint_sha256(teacher),
-        "num": settings.num, "labels": settings.labels,
-        "psnr_std": float(p.std()) if len(p) > 1 else 0.0,
-        "ssim_std": float(s.std()) if len(s) > 1 else 0.0,
-        "psnr": "per image on [0, 1] pixels (uint8 samples), mean over images; 100 dB cap",
-        "ssim": "Gaussian 11×11 σ=1.5, K1=0.01, K2=0.03, valid windows, mean",
-        "eps_mse": "mean over ε channels of (ε_student − ε_teacher)² on the teacher's x_t, "
-                   "guided as sampled; per step, noisiest first",
-        "eps_mse_per_step": [round(v, 8) if math.isfinite(v) else None for v in curve],
-        "timesteps": timesteps,
-        "identical_samples": bool(torch.equal(student, reference)),
-    }
-
-
-def _safe(label: str) -> str:
+def safe_name(label: str) -> str:
+    """A label as a file name (what is not alphanumeric or -_.= becomes _)."""
     return "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in label)

@@ -103,17 +103,23 @@ LIT_NOTE = "not defined: LiT computes no pair exactly (every score is φ(q)·φ(
 
 @dataclass(frozen=True)
 class Variant:
-    """One method with its options and the student's head count (``None``: the recipe's)."""
+    """One method with its options and the student's head count (``None``: the recipe's).
+
+    ``student`` -- a trained diffusers student's folder (``--student``): the variant is
+    that student loaded on the model, not a fresh conversion."""
 
     method: str
     options: dict[str, Any] = field(default_factory=dict)
     heads: int | None = None
+    student: str | None = None
 
     @property
     def label(self) -> str:
         parts = [f"{k}={v}" for k, v in sorted(self.options.items())]
         if self.heads is not None:
             parts.append(f"{HEADS_OPTION}={self.heads}")
+        if self.student is not None:
+            parts.append(f"student={self.student}")
         return ":".join([self.method, *parts])
 
 

@@ -135,7 +135,9 @@ def zero_shot_fidelity_diffusers(model, entry, shapes, config: FidelityConfig, *
                                  progress: bool = True) -> FidelityResult:
     """The measurement of ``config.variants`` on a diffusers ``model`` at ``shapes``, on
     ``clean`` step inputs (default: :func:`step_inputs` of ``config.num`` random ones)."""
-    from ..integrations.diffusers import swap_attention  # lazy: diffusers is an optional extra
+    # lazy: diffusers is an optional extra
+    from ..integrations.diffusers import swap_attention
+    from ..integrations.diffusers.student import load_student
 
     check_softmax_model(entry, entry.name)
     started = time.perf_counter()
@@ -165,10 +167,12 @@ def zero_shot_fidelity_diffusers(model, entry, shapes, config: FidelityConfig, *
                              "heads (its QK norms are per head)")
         options = backend.resolve(variant.options, mixer=True)
         student = copy.deepcopy(model)
-        handle = swap_attention(student, backend, **options)
+        handle = (load_student(student, variant.student) if variant.student is not None
+                  else swap_attention(student, backend, **options))
         inherits = bool(handle.inherited)
         info[variant.label] = {
             "method": variant.method, "heads": shapes.heads, "options": options,
+            **({"student": variant.student} if variant.student is not None else {}),
             "computed": "converted layer" if inherits else
                         "operator (attend) on the model's q, k, v: projections re-initialised "
                         "at conversion, learned parts left out",

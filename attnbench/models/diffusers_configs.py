@@ -12,7 +12,9 @@ The ``*-tiny`` entries keep a family's structure (double- and single-stream
 blocks, dual attention, QK norms, RoPE axes) at a few layers and a small width,
 so a forward pass on a CPU takes milliseconds; the tests run them.
 
-This module is data: it imports neither torch nor diffusers.
+This module is data: it imports neither torch nor diffusers. What a family shares
+(its classes, how its pipeline fixes the shapes, its inputs) is its ``Family`` record
+(:mod:`attnbench.integrations.diffusers.families`); ``family`` names it.
 """
 
 from __future__ import annotations
@@ -20,28 +22,6 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from typing import Any
-
-#: the families attnbench's diffusers adapter handles, by transformer class
-FAMILY_CLASSES = {
-    "flux": "FluxTransformer2DModel",
-    "sd3": "SD3Transformer2DModel",
-    "pixart": "PixArtTransformer2DModel",
-    "sana": "SanaTransformer2DModel",
-    "wan": "WanTransformer3DModel",
-    "dit": "DiTTransformer2DModel",
-}
-
-#: what a family's pipeline fixes when only the transformer's config is known (a folder
-#: loaded by --model-path): text length, VAE factor, 2×2 packing, VAE frames per latent frame
-FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "flux": dict(text_tokens=512, vae_factor=8, pack=2, default_res=(1024, 1024)),
-    "sd3": dict(text_tokens=333, vae_factor=8, default_res=(1024, 1024)),
-    "pixart": dict(text_tokens=300, vae_factor=8, default_res=(1024, 1024)),
-    "sana": dict(text_tokens=300, vae_factor=32, default_res=(1024, 1024)),
-    "wan": dict(text_tokens=512, vae_factor=8, vae_temporal=4, default_res=(480, 832),
-                default_frames=81),
-    "dit": dict(text_tokens=0, vae_factor=8, default_res=(256, 256)),
-}
 
 
 @dataclass(frozen=True)
@@ -71,19 +51,6 @@ class DiffusersConfig:
     notes: str = ""
     tiny: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.family not in FAMILY_CLASSES:
-            raise ValueError(f"unknown diffusers family {self.family!r}; "
-                             f"valid: {', '.join(FAMILY_CLASSES)}")
-
-    @property
-    def class_name(self) -> str:
-        return FAMILY_CLASSES[self.family]
-
-    @property
-    def is_video(self) -> bool:
-        return self.family == "wan"
 
     @property
     def patch(self) -> tuple[int, ...]:
@@ -261,12 +228,12 @@ DIFFUSERS_CONFIGS: dict[str, DiffusersConfig] = {
 }
 
 
-def config_from_transformer(name: str, family: str, config: dict[str, Any],
-                            source: str) -> DiffusersConfig:
-    """An entry for a transformer known only by its ``config.json`` (the family's pipeline
-    defaults fill in the rest: text length, VAE factor, packing)."""
+def config_from_transformer(name: str, family: str, config: dict[str, Any], source: str,
+                            defaults: dict[str, Any]) -> DiffusersConfig:
+    """An entry for a transformer known only by its ``config.json``: ``defaults`` -- what
+    its family's pipeline fixes (``text_tokens``, ``vae_factor``, ``pack``, ``default_res``,
+    ``vae_temporal``, ``default_frames``)."""
     config = {k: v for k, v in config.items() if not k.startswith("_")}
-    defaults = dict(FAMILY_DEFAULTS[family])
     pack = defaults.get("pack", 1)
     channels = int(config.get("in_channels", 4)) // (pack * pack)
     return DiffusersConfig(name=name, family=family, config=config, source=source,

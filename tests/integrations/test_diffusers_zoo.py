@@ -121,3 +121,18 @@ def test_inputs_and_build_in_half_precision(gen):
     with torch.no_grad():
         out = model(**inputs)[0]
     assert out.shape == inputs["hidden_states"].shape and torch.isfinite(out.float()).all()
+
+
+def test_every_zoo_entry_names_a_family_record():
+    """A family is one record (families.py) plus zoo entries naming it: every entry's class,
+    pipeline defaults and shapes come from its record."""
+    from attnbench.integrations.diffusers.families import FAMILIES
+    from attnbench.models.diffusers_configs import DIFFUSERS_CONFIGS
+
+    for entry in DIFFUSERS_CONFIGS.values():
+        family = FAMILIES[entry.family]
+        assert (entry.vae_temporal > 1) == family.video, entry.name
+        assert (entry.pack > 1) == (family.pack > 1), entry.name
+        if not entry.tiny:  # a published entry is what its family's pipeline fixes
+            assert entry.text_tokens == family.text_tokens, entry.name
+            assert entry.vae_factor == family.vae_factor, entry.name

@@ -77,6 +77,25 @@ def test_flux_distill_sample_eval_report(flux_dir, flux_student, tmp_path):
     assert {"psnr", "ssim", "fid", "kid"} <= set(metrics)
     assert main(["report", str(run)]) == 0
 
+    # CLIP score and LPIPS from local weights (a tiny CLIP, a random AlexNet)
+    from tests.metrics.test_groups import _lpips_files, save_tiny_clip
+
+    pair = ["eval", "--pipeline-samples", str(tmp_path / "student"), "--teacher-samples",
+            str(tmp_path / "teacher"), "--no-progress"]
+    scored = tmp_path / "scored"
+    assert main([*pair, "--out", str(scored), "--metrics", "lpips"]) == 2
+    assert not (scored / "results.json").exists()  # refused before any work
+    backbone, linear, _, _ = _lpips_files(tmp_path, torch.Generator().manual_seed(3))
+    clip = save_tiny_clip(tmp_path / "clip")
+    assert main([*pair, "--out", str(scored), "--metrics", "clip,lpips", "--clip-model",
+                 str(clip), "--lpips-backbone", str(backbone), "--lpips-weights",
+                 str(linear)]) == 0
+    row = json.loads((scored / "results.json").read_text())["rows"][0]
+    extra = json.loads(row["extra"]) if isinstance(row["extra"], str) else row["extra"]
+    assert set(extra["metrics"]) == {"clip_score", "lpips"}
+    assert extra["higher_is_better"] == {"clip_score": True, "lpips": False}
+    assert "teacher_clip_score" in extra["clip"]
+
 
 def test_student_reloads_bit_for_bit_and_refuses_other_teachers(flux_dir, tmp_path):
     from attnbench.integrations.diffusers.pipelines import config_hash, load_pipeline
@@ -147,6 +166,20 @@ def test_clear_on_flux_follows_the_official_rule():
     assert not any("norm" in n for n in names)
 
 
+def test_lit_on_a_flow_matching_family_is_labelled_attnbench_s_choice():
+    """LiT's λ1/λ2 act on ε and variance channels (PixArt-Σ keeps them); a velocity model
+    takes λ1 on its output and no λ2, and the recipe says it is attnbench's choice."""
+    from attnbench.attention.recipes import OWN_CHOICE
+    from attnbench.distill.recipes import for_objective, recipe_for
+
+    lit = recipe_for("lit")
+    flow = for_objective(lit, "flow")
+    assert flow.name == "lit-flow" and flow.source.startswith(OWN_CHOICE)
+    assert flow.weights == {"diffusion": 1.0, "kd_out": 0.5}
+    assert for_objective(lit, "eps_vb") is lit
+    assert for_objective(recipe_for("clear"), "flow") is recipe_for("clear")
+
+
 def _fails(argv, capsys, *needles):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -193,6 +226,27 @@ def test_bad_input_is_one_line_before_work(flux_dir, flux_student, tmp_path, cap
     (other / "student.json").write_text(json.dumps(meta))
     _fails([*base, "--model-path", str(flux_dir), "--student", str(other), "--force"], capsys,
            "--student", "another teacher")
+    run = ["run", "--model-path", str(flux_dir), "--student", str(other), "--res", "32x48",
+           "--out", str(tmp_path / "run"), *QUIET]
+    _fails(run, capsys, "--student", "another teacher")
+    _fails(["eval", "--model-path", str(flux_dir), "--student", str(other), "--num", "1",
+            "--out", str(tmp_path / "ev"), "--device", "cpu"], capsys, "--student",
+           "another teacher")
+    meta["teacher_config_sha256"] = json.loads(
+        (flux_student / "student" / "student.json").read_text())["teacher_config_sha256"]
+    meta["method"] = "no-such-method"
+    (other / "student.json").write_text(json.dumps(meta))
+    _fails([*base, "--model-path", str(flux_dir), "--student", str(other), "--force"], capsys,
+           "--student", "'no-such-method'")
+    _fails([*run[:-len(QUIET)], "--quality", "fidelity", *QUIET], capsys, "--student",
+           "'no-such-method'")
+    _fails(["run", "--model-path", str(flux_dir), "--quality", "fidelity", "--res", "32x48",
+            "--out", str(tmp_path / "run"), *QUIET], capsys, "--quality", "--student DIR")
+    _fails(["run", "--model-path", str(flux_dir / "transformer"), "--quality", "fidelity",
+            "--student", str(flux_student / "student"), "--res", "32x48", "--out",
+            str(tmp_path / "run"), *QUIET], capsys, "--model-path", "pipeline folder")
+    assert not (tmp_path / "run" / "results.json").exists()
+    assert not (tmp_path / "ev" / "results.json").exists()
 
 
 @pytest.mark.slow
@@ -212,25 +266,61 @@ def test_torchrun_sample_union_equals_one_process(flux_dir, tmp_path):
     assert json.loads((tmp_path / "two" / "samples.json").read_text())["world_size"] == 2
 
 
+#: each method with its recipe on each family (--option: a window the tiny grids can hold)
+METHOD_OPTIONS = {"clear": ["--option", "radius=2"], "lit": [], "sla": []}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family,method,option", [
-    ("sd3", "clear", ["--option", "radius=2"]),  # attnbench's choice of method for SD3
-    ("pixart", "lit", []),  # LiT's published base model: ε + learned variance, hybrid KD
-    ("sana", "clear", ["--option", "radius=2"]),
-    ("wan", "sla", ["--frames", "5"]),  # TurboDiffusion's SLA-on-Wan recipe
-])
-def test_every_family_distills_samples_and_scores(family, method, option, tmp_path):
+@pytest.mark.parametrize("family", ["flux", "sd3", "pixart", "sana", "wan"])
+@pytest.mark.parametrize("method", ["clear", "lit", "sla"])
+def test_every_family_and_method_distills_samples_scores_and_reports(family, method, tmp_path):
+    """distill (the method's recipe, the family's objective) → sample (teacher and student,
+    paired) → eval → run (the student's speed into the same folder) → report: the student's
+    quality beside its speed."""
+    from attnbench.report.tables import load_run, quality_table
+
     pipe = save_tiny_pipeline(family, tmp_path / family)
-    small = ["--height", "32", "--width", "32", "--max-sequence-length", "8", *QUIET]
-    frames = option if family == "wan" else []
+    frames = ["--frames", "5"] if family == "wan" else []
+    small = ["--height", "32", "--width", "32", "--max-sequence-length", "8", *frames, *QUIET]
     assert main(["distill", "--model-path", str(pipe), "--method", method, "--out",
                  str(tmp_path / "d"), "--steps", "2", "--batch-size", "2", "--gen-samples", "2",
-                 "--gen-steps", "2", *option, *small]) == 0
-    for name, extra in (("t", []), ("s", ["--student", str(tmp_path / "d" / "student")])):
-        assert main(["sample", "--model-path", str(pipe), "--out", str(tmp_path / name),
-                     "--num", "2", "--steps", "2", *frames, *small, *extra]) == 0
-    assert main(["eval", "--pipeline-samples", str(tmp_path / "s"), "--teacher-samples",
-                 str(tmp_path / "t"), "--out", str(tmp_path / "run"), "--feature-extractor",
-                 "shapes", "--no-progress"]) == 0
-    meta = json.loads((tmp_path / "d" / "student" / "student.json").read_text())
+                 "--gen-steps", "2", *METHOD_OPTIONS[method], *small]) == 0
+    student = tmp_path / "d" / "student"
+    meta = json.loads((student / "student.json").read_text())
     assert meta["family"] == family and meta["method"] == method
+    assert meta["recipe"]["name"].startswith(method)
+    for name, extra in (("t", []), ("s", ["--student", str(student)])):
+        assert main(["sample", "--model-path", str(pipe), "--out", str(tmp_path / name),
+                     "--num", "2", "--steps", "2", *small, *extra]) == 0
+    assert ((tmp_path / "t" / "prompts.jsonl").read_text()
+            == (tmp_path / "s" / "prompts.jsonl").read_text())
+    run = tmp_path / "run"
+    assert main(["eval", "--pipeline-samples", str(tmp_path / "s"), "--teacher-samples",
+                 str(tmp_path / "t"), "--out", str(run), "--metrics", "fidelity",
+                 "--no-progress"]) == 0
+    res = ["--res", "32x32"] + (["--frames", "5"] if family == "wan" else [])
+    assert main(["run", "--model-path", str(pipe), "--student", str(student), *res,
+                 "--level", "attention", "--budget", "2", "--out", str(run), *QUIET]) == 0
+    table = quality_table(load_run(run).frame)
+    assert set(table["method"]) == {method}
+    assert table["latency_ms"].notna().all(), table  # its own speed, same label and size
+    assert (run / "report.md").is_file()
+
+
+@pytest.mark.parametrize("model", ["flux-tiny", "wan-tiny"])
+def test_distill_a_zoo_entry_on_random_data(model, tmp_path):
+    """``distill --model ZOO --data random``: the zoo transformer with random weights, the
+    family's objective and recipe; --data self is refused (no text encoders)."""
+    out = tmp_path / "d"
+    size = ["--height", "32", "--width", "32"] + (["--frames", "5"] if model == "wan-tiny" else [])
+    argv = ["distill", "--model", model, "--method", "sla", "--out", str(out), "--steps", "2",
+            "--batch-size", "2", "--gen-samples", "2", "--gradient-checkpointing", *size, *QUIET]
+    assert main([*argv, "--data", "random"]) == 0
+    meta = json.loads((out / "student" / "student.json").read_text())
+    assert meta["method"] == "sla" and meta["family"] == model.split("-")[0]
+    from attnbench.integrations.diffusers import build_transformer
+    from attnbench.integrations.diffusers.student import load_student
+
+    load_student(build_transformer(model), out / "student")  # the zoo teacher takes it back
+    argv[argv.index(str(out))] = str(tmp_path / "e")
+    assert main(argv) == 2  # --data self (the default) needs a pipeline

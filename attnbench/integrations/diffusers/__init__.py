@@ -16,9 +16,9 @@ the one call the benchmarks make. Importing it imports diffusers (with the
 torchvision workaround of ``compat.py``).
 """
 
-from .build import ModelShapes, build_transformer, flux_ids, make_inputs, model_shapes
+from .build import ModelShapes, build_transformer, make_inputs, model_shapes
 from .compat import SUPPORTED, import_diffusers
-from .families import FAMILIES, Family, family_of, get_family
+from .families import FAMILIES, Family, family_of, flux_ids, get_family
 from .flops import StepFlops, step_flops
 from .geometry import Geometry
 from .loading import load_transformer, read_transformer_config, transformer_folder

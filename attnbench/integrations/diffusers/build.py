@@ -25,11 +25,11 @@ from torch import nn
 from ...attention import Layout
 from ...models.diffusers_configs import DiffusersConfig, get_diffusers_config
 from .compat import import_diffusers
-from .families import flux_ids
+from .families import get_family
 
 
 def transformer_class(entry: DiffusersConfig) -> type[nn.Module]:
-    return getattr(import_diffusers(), entry.class_name)
+    return getattr(import_diffusers(), get_family(entry.family).transformer)
 
 
 @contextlib.contextmanager
@@ -151,6 +151,7 @@ def model_shapes(
     model cannot run at that size.
     """
     entry = get_diffusers_config(entry)
+    family = get_family(entry.family)
     height, width = _pair(res if res is not None else entry.default_res)
     ph, pw = entry.pixels_per_token
     if height <= 0 or width <= 0 or height % ph or width % pw:
@@ -160,7 +161,7 @@ def model_shapes(
     lh, lw = height // entry.vae_factor, width // entry.vae_factor
     gh, gw = height // ph, width // pw
     c = entry.config
-    if entry.is_video:
+    if family.video:
         frames = entry.default_frames if frames is None else int(frames)
         if frames <= 0 or (frames - 1) % entry.vae_temporal:
             raise ValueError(f"--frames {frames}: {entry.name} takes 1 + {entry.vae_temporal}·k "
@@ -176,35 +177,22 @@ def model_shapes(
         if frames is not None:
             raise ValueError(f"--frames: {entry.name} is an image model (frames are for video)")
         grid = (gh, gw)
-        latent = ((gh * gw, int(c["in_channels"])) if entry.family == "flux"
+        latent = ((gh * gw, int(c["in_channels"])) if entry.pack > 1  # packed into tokens
                   else (entry.latent_channels, lh, lw))
-    if entry.family == "sd3" and max(gh, gw) > int(c["pos_embed_max_size"]):
-        side = int(c["pos_embed_max_size"])
-        raise ValueError(f"{entry.name}: its position embedding covers at most {side}×{side} "
-                         f"patches ({side * ph} px); {height}x{width} px needs {gh}×{gw}")
-    if entry.family == "dit" and gh != gw:
-        raise ValueError(f"{entry.name}: diffusers' DiT takes square inputs only, got "
-                         f"{height}x{width}")
+    if family.size_check is not None:
+        family.size_check(c, gh, gw, height, width, entry.name)
     heads, head_dim = _heads(entry)
     text = entry.text_tokens
-    joint = {"flux": Layout(grid, text=text, text_first=True),
-             "sd3": Layout(grid, text=text, text_first=False)}
-    layout = joint.get(entry.family, Layout(grid))
-    layers = {"flux": c.get("num_layers", 19) + c.get("num_single_layers", 38)}
-    image_only = len(c.get("dual_attention_layers", ())) if entry.family == "sd3" else 0
-    cross = 0
-    cross_heads, cross_dim = heads, head_dim
-    if entry.family in ("pixart", "wan"):
-        cross = int(c["num_layers"])
-    if entry.family == "sana" and c.get("cross_attention_dim") is not None:
-        cross = int(c["num_layers"])
-        cross_heads = int(c.get("num_cross_attention_heads", heads))
-        cross_dim = int(c.get("cross_attention_head_dim", head_dim))
+    layout = (Layout(grid, text=text, text_first=family.joint_text == "first")
+              if family.joint_text else Layout(grid))
+    image_only = len(c.get(family.image_only_key, ())) if family.image_only_key else 0
+    cross, cross_heads, cross_dim = (family.cross(c, heads, head_dim) if family.cross
+                                     else (0, 0, 0))
     return ModelShapes(
         model=entry.name, family=entry.family, resolution=(height, width),
-        frames=frames if entry.is_video else None, latent=latent, grid=grid, text_tokens=text,
+        frames=frames if family.video else None, latent=latent, grid=grid, text_tokens=text,
         layout=layout, heads=heads, head_dim=head_dim,
-        attention_layers=int(layers.get(entry.family, c["num_layers"])),
+        attention_layers=sum(int(c[k]) for k in family.layer_keys),
         image_only_layers=image_only, cross_layers=cross,
         cross_heads=cross_heads if cross else 0, cross_head_dim=cross_dim if cross else 0,
     )
@@ -226,35 +214,17 @@ def make_inputs(
     ``return_dict=False`` so the forward returns a tuple.
     """
     entry = get_diffusers_config(entry)
+    family = get_family(entry.family)
     c = entry.config
 
     def randn(*shape):
         return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
 
-    b, t = batch, shapes.text_tokens
-    inputs: dict[str, Any] = {"hidden_states": randn(b, *shapes.latent), "return_dict": False}
+    b = batch
+    x = randn(b, *shapes.latent)
+    text = {k: v.to(device) for k, v in family.random_text(c, b, shapes.text_tokens, randn,
+                                                           generator).items()}
     step = torch.full((b,), 500.0)
-    if entry.family == "flux":
-        img_ids, txt_ids = flux_ids(shapes.grid, t, device=device, dtype=dtype)
-        inputs.update(encoder_hidden_states=randn(b, t, c["joint_attention_dim"]),
-                      pooled_projections=randn(b, c["pooled_projection_dim"]),
-                      timestep=(step / 1000).to(device, dtype), img_ids=img_ids, txt_ids=txt_ids)
-        if c.get("guidance_embeds"):
-            inputs["guidance"] = torch.full((b,), 3.5, device=device, dtype=dtype)
-    elif entry.family == "sd3":
-        inputs.update(encoder_hidden_states=randn(b, t, c["joint_attention_dim"]),
-                      pooled_projections=randn(b, c["pooled_projection_dim"]),
-                      timestep=step.to(device, dtype))
-    elif entry.family in ("pixart", "sana"):
-        inputs.update(encoder_hidden_states=randn(b, t, c["caption_channels"]),
-                      timestep=step.long().to(device))
-        if entry.family == "pixart":
-            inputs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
-    elif entry.family == "wan":
-        inputs.update(encoder_hidden_states=randn(b, t, c["text_dim"]),
-                      timestep=step.long().to(device))
-    elif entry.family == "dit":
-        classes = int(c.get("num_embeds_ada_norm", 1000))
-        inputs.update(timestep=step.long().to(device),
-                      class_labels=torch.randint(0, classes, (b,), generator=generator).to(device))
-    return inputs
+    t = (step.long().to(device) if family.integer_timestep
+         else (step * family.timestep_scale / 1000).to(device, dtype))
+    return {**family.inputs(c, x, text, t, shapes.grid, 3.5), "return_dict": False}

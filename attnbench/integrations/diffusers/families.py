@@ -8,8 +8,11 @@ pipeline encodes a prompt into the transformer's text inputs, how one
 denoising step's inputs are assembled from latents, text and a noise level,
 and the training objective with its noise/timestep convention.
 
-A new family is one record here plus a zoo entry in
-:mod:`attnbench.models.diffusers_configs`.
+A record also holds what fixes the family's true shapes without weights (the
+pipeline's text length, VAE factor and packing, the joint or cross text, the layer
+counts, where the model cannot run, random inputs): :mod:`.build` reads them for every
+zoo entry and ``--model-path`` folder. A new family is one record here plus a zoo entry
+in :mod:`attnbench.models.diffusers_configs`.
 
 Noise conventions (what the objective and the step inputs agree on):
 
@@ -94,13 +97,47 @@ class Family:
     #: (LiT: few heads; :func:`~.swap.head_split`)
     per_head: tuple[str, ...] = ()
     video: bool = False
+    #: what the pipeline fixes when only the transformer's config is known (a folder loaded
+    #: by --model-path): prompt length, VAE factor, latent positions packed per token side
+    #: (FLUX: 2), VAE frames per latent frame, the published size (and frames)
+    text_tokens: int = 0
+    vae_factor: int = 8
+    pack: int = 1
+    vae_temporal: int = 1
+    default_res: tuple[int, int] = (1024, 1024)
+    default_frames: int | None = None
+    #: the text joined to the image tokens in the self-attention: "first" (FLUX), "last"
+    #: (SD3) or "" (image tokens only; text by cross-attention)
+    joint_text: str = ""
+    #: config keys whose sum is the self-attention calls per step (FLUX: double + single)
+    layer_keys: tuple[str, ...] = ("num_layers",)
+    #: config key listing the layers with an extra image-only self-attention (SD3.5's attn2)
+    image_only_key: str | None = None
+    #: ``(config, heads, head_dim) -> (cross-attention layers, heads, head_dim)``
+    cross: Callable[[dict, int, int], tuple[int, int, int]] | None = None
+    #: ``(config, gh, gw, height, width, name)``: ``ValueError`` where the model cannot run
+    size_check: Callable[..., None] | None = None
+    #: ``(config, batch, text_tokens, randn, generator) -> {name: tensor}``: random text (or
+    #: class) inputs at the model's shapes (speed needs no real prompts)
+    random_text: Callable[..., dict[str, torch.Tensor]] | None = None
+    #: the transformer takes integer timesteps (PixArt, SANA, Wan, DiT)
+    integer_timestep: bool = False
     call_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: the σ-shift keys of the published pipeline's ``scheduler/scheduler_config.json``:
+    #: what a zoo entry (no pipeline folder) trains with
+    scheduler: dict[str, Any] = field(default_factory=dict)
     source: str = ""
     notes: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"{self.name}: objective must be one of {OBJECTIVES}")
+
+    def pipeline_defaults(self) -> dict[str, Any]:
+        """What the pipeline fixes, as a zoo entry's fields (a ``--model-path`` folder)."""
+        return dict(text_tokens=self.text_tokens, vae_factor=self.vae_factor, pack=self.pack,
+                    vae_temporal=self.vae_temporal, default_res=self.default_res,
+                    default_frames=self.default_frames)
 
 
 # --------------------------------------------------------------------------- text encoders
@@ -164,6 +201,54 @@ def _pixart_inputs(config, x, text, t, grid, guidance):
                 added_cond_kwargs={"resolution": None, "aspect_ratio": None})
 
 
+def _dit_inputs(config, x, text, t, grid, guidance):
+    return dict(hidden_states=x, timestep=t, **text)
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def _pooled_text(config, b, t, randn, generator):
+    return {"encoder_hidden_states": randn(b, t, config["joint_attention_dim"]),
+            "pooled_projections": randn(b, config["pooled_projection_dim"])}
+
+
+def _caption_text(key: str):
+    def text(config, b, t, randn, generator):
+        return {"encoder_hidden_states": randn(b, t, config[key])}
+    return text
+
+
+def _class_labels(config, b, t, randn, generator):
+    classes = int(config.get("num_embeds_ada_norm", 1000))
+    return {"class_labels": torch.randint(0, classes, (b,), generator=generator)}
+
+
+def _all_layers_cross(config, heads, head_dim):
+    return int(config["num_layers"]), heads, head_dim
+
+
+def _sana_cross(config, heads, head_dim):
+    if config.get("cross_attention_dim") is None:
+        return 0, 0, 0
+    return (int(config["num_layers"]), int(config.get("num_cross_attention_heads", heads)),
+            int(config.get("cross_attention_head_dim", head_dim)))
+
+
+def _sd3_size(config, gh, gw, height, width, name):
+    side = int(config["pos_embed_max_size"])
+    if max(gh, gw) > side:
+        raise ValueError(f"{name}: its position embedding covers at most {side}×{side} "
+                         f"patches ({side * height // gh} px); {height}x{width} px needs "
+                         f"{gh}×{gw}")
+
+
+def _square_only(config, gh, gw, height, width, name):
+    if gh != gw:
+        raise ValueError(f"{name}: diffusers' DiT takes square inputs only, got "
+                         f"{height}x{width}")
+
+
 # --------------------------------------------------------------------------- the registry
 
 _FLUX = Family(
@@ -174,7 +259,10 @@ _FLUX = Family(
     geo.flux_geometry, Sampling(steps=28, guidance=3.5, max_sequence_length=512),
     objective="flow", timestep_scale=1.0, timestep_density="uniform",
     encode=_flux_encode, inputs=_flux_inputs, kinds=("double", "single"),
-    per_head=("norm_q", "rope"),
+    per_head=("norm_q", "rope"), text_tokens=512, pack=2, joint_text="first",
+    layer_keys=("num_layers", "num_single_layers"), random_text=_pooled_text,
+    scheduler={"use_dynamic_shifting": True, "base_image_seq_len": 256,
+               "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15},
     source="diffusers FluxPipeline (FLUX.1-dev: 28 steps, guidance 3.5 distilled into the "
            "transformer's guidance embedding)",
     notes={"timesteps": "uniform σ shifted by the scheduler's resolution-dependent shift "
@@ -189,7 +277,9 @@ _SD3 = Family(
     geo.image_geometry("SD3", "joint_attention_kwargs"),
     Sampling(steps=28, guidance=7.0, max_sequence_length=256),
     objective="flow", timestep_density="logit_normal", encode=_sd3_encode,
-    inputs=_plain_inputs, kinds=("joint",), per_head=("norm_q",),
+    inputs=_plain_inputs, kinds=("joint",), per_head=("norm_q",), scheduler={"shift": 3.0},
+    text_tokens=333, joint_text="last", image_only_key="dual_attention_layers",
+    size_check=_sd3_size, random_text=_pooled_text,
     source="diffusers StableDiffusion3Pipeline; SD3 paper: logit-normal(0, 1) σ, shift 3.0",
 )
 _PIXART = Family(
@@ -200,6 +290,8 @@ _PIXART = Family(
     Sampling(steps=20, guidance=4.5, max_sequence_length=300),
     objective="eps_vb", timestep_density="uniform", encode=_masked_encode,
     inputs=_pixart_inputs, call_kwargs={"use_resolution_binning": False},
+    text_tokens=300, cross=_all_layers_cross, random_text=_caption_text("caption_channels"),
+    integer_timestep=True,
     source="diffusers PixArtSigmaPipeline; PixArt-Σ: DDPM ε + learned variance, linear β, "
            "1000 steps",
 )
@@ -211,6 +303,8 @@ _SANA = Family(
     Sampling(steps=20, guidance=4.5, max_sequence_length=300),
     objective="flow", timestep_density="logit_normal", encode=_masked_encode,
     inputs=_plain_inputs, call_kwargs={"use_resolution_binning": False},
+    scheduler={"flow_shift": 3.0}, text_tokens=300, vae_factor=32, cross=_sana_cross,
+    random_text=_caption_text("caption_channels"), integer_timestep=True,
     source="diffusers SanaPipeline; SANA: flow matching, logit-normal σ, flow_shift 3.0",
 )
 _WAN = Family(
@@ -219,12 +313,16 @@ _WAN = Family(
     ("blocks",), ("attn1",), WanProcessor, geo.wan_geometry,
     Sampling(steps=50, guidance=5.0, max_sequence_length=512, frames=81),
     objective="flow", timestep_density="uniform", encode=_wan_encode, inputs=_plain_inputs,
-    video=True, per_head=("rope",),
+    video=True, per_head=("rope",), scheduler={"flow_shift": 3.0}, text_tokens=512,
+    vae_temporal=4, default_res=(480, 832), default_frames=81, cross=_all_layers_cross,
+    random_text=_caption_text("text_dim"), integer_timestep=True,
     source="diffusers WanPipeline; Wan2.1: flow matching, uniform σ shifted by flow_shift",
 )
 _DIT = Family(
     "dit", "DiTTransformer2DModel", "DiTPipeline", (), ("transformer_blocks",), ("attn1",),
-    SelfProcessor, geo.image_geometry("DiT"), objective="eps_vb",
+    SelfProcessor, geo.image_geometry("DiT"), objective="eps_vb", inputs=_dit_inputs,
+    default_res=(256, 256), size_check=_square_only, random_text=_class_labels,
+    integer_timestep=True,
     source="diffusers DiTTransformer2DModel (class-conditional: no text pipeline here)",
 )
 

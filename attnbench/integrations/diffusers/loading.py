@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...models.diffusers_configs import FAMILY_CLASSES, DiffusersConfig, config_from_transformer
+from ...models.diffusers_configs import DiffusersConfig, config_from_transformer
 from .compat import import_diffusers
-
-_FAMILY_OF_CLASS = {cls: family for family, cls in FAMILY_CLASSES.items()}
+from .families import BY_CLASS, get_family
 
 
 def transformer_folder(path: str | Path) -> Path:
@@ -50,16 +49,18 @@ def read_transformer_config(path: str | Path) -> tuple[Path, DiffusersConfig]:
         raise ValueError(f"--model-path {folder}: config.json is not readable JSON "
                          f"({err})") from None
     class_name = config.get("_class_name") if isinstance(config, dict) else None
-    if class_name not in _FAMILY_OF_CLASS:
+    if class_name not in BY_CLASS:
         raise ValueError(f"--model-path {folder}: transformer class {class_name!r} is not "
-                         f"supported; supported: {', '.join(FAMILY_CLASSES.values())}")
+                         f"supported; supported: {', '.join(BY_CLASS)}")
     if not any(folder.glob("*.safetensors")):
         raise ValueError(f"--model-path {folder}: no *.safetensors weights (attnbench reads "
                          "only safetensors: save with save_pretrained(safe_serialization=True))")
     name = folder.parent.name if folder.name == "transformer" else folder.name
     try:
-        entry = config_from_transformer(name or str(folder), _FAMILY_OF_CLASS[class_name],
-                                        config, source=f"--model-path {folder}")
+        family = BY_CLASS[class_name]
+        entry = config_from_transformer(name or str(folder), family.name, config,
+                                        source=f"--model-path {folder}",
+                                        defaults=family.pipeline_defaults())
     except (TypeError, ValueError, KeyError) as err:
         raise ValueError(f"--model-path {folder}: config.json does not describe a "
                          f"{class_name} ({type(err).__name__}: {err})") from None
@@ -138,7 +139,7 @@ def load_transformer(
     family's pipeline defaults: text length, VAE factor) gives its true shapes.
     """
     folder, entry = read_transformer_config(path)
-    cls = getattr(import_diffusers(), entry.class_name)
+    cls = getattr(import_diffusers(), get_family(entry.family).transformer)
     low_memory = importlib.util.find_spec("accelerate") is not None  # diffusers needs it for that
     model = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True,
                                 torch_dtype=dtype, low_cpu_mem_usage=low_memory)

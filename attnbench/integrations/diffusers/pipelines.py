@@ -96,12 +96,20 @@ def load_pipeline(path: str | Path, *, device: torch.device | str = "cpu",
     return pipe.to(device), family
 
 
-def config_hash(transformer) -> str:
-    """SHA-256 of the transformer's configuration (canonical JSON, private keys dropped):
-    what a student records of its teacher, and checks on loading."""
-    config = {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")}
+def config_hash(transformer_or_config) -> str:
+    """SHA-256 of a transformer's configuration (canonical JSON, private keys dropped):
+    what a student records of its teacher, and checks on loading. Takes the module or its
+    ``config.json`` as a dict (the same hash: save_pretrained writes every init argument),
+    so a student can be checked before any weight loads."""
+    config = getattr(transformer_or_config, "config", transformer_or_config)
+    config = {k: v for k, v in dict(config).items() if not k.startswith("_")}
     text = json.dumps(config, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def transformer_config(root: str | Path) -> dict[str, Any]:
+    """The ``transformer/config.json`` of a checked pipeline folder (no weights read)."""
+    return _json(Path(root) / "transformer" / "config.json")
 
 
 def scheduler_config(pipe) -> dict[str, Any]:
@@ -128,8 +136,7 @@ def size_rule(root: str | Path, family: Family) -> tuple[int, int]:
         spatial, temporal = 2 ** (len(blocks) - 1), 1
     patch = tr.get("patch_size", 1)
     patch = int(patch[-1] if isinstance(patch, (list, tuple)) else patch or 1)
-    pack = 2 if family.name == "flux" else 1  # FLUX's pipeline packs 2×2 latents per token
-    return spatial * patch * pack, temporal
+    return spatial * patch * family.pack, temporal
 
 
 def check_size(root: str | Path, family: Family, height: int, width: int,

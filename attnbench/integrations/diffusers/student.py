@@ -74,18 +74,35 @@ def read_student(folder: str | Path, flag: str = "--student") -> tuple[Path, dic
     return folder, meta
 
 
-def check_student(meta: dict[str, Any], transformer: nn.Module, folder: Path,
+def check_student(meta: dict[str, Any], family: str, config, folder: Path,
                   flag: str = "--student") -> None:
-    """Refuse a student made for another family or teacher (config hash)."""
-    family = family_of(transformer).name
+    """Refuse a student made for another family or teacher (config hash). ``config``: the
+    teacher transformer or its ``config.json`` as a dict (:func:`~.pipelines.config_hash`)."""
     if meta.get("family") != family:
         raise ValueError(f"{flag} {folder}: a {meta.get('family')} student cannot go on this "
                          f"{family} model; pass a student distilled from this --model-path")
-    mine = config_hash(transformer)
+    mine = config_hash(config)
     if meta.get("teacher_config_sha256") != mine:
         raise ValueError(f"{flag} {folder}: made for another teacher (config hash "
                          f"{str(meta.get('teacher_config_sha256'))[:12]}, this model "
                          f"{mine[:12]}); pass the --model-path it was distilled from")
+
+
+def student_for(folder: str | Path, family: str, config: dict[str, Any],
+                flag: str = "--student") -> tuple[Path, dict[str, Any]]:
+    """``(folder, student.json)`` of a student checked against a teacher known by its family
+    and ``config.json`` alone: every ``--student`` is refused before any weight loads."""
+    folder, meta = read_student(folder, flag)
+    check_student(meta, family, config, folder, flag)
+    from ... import attention
+
+    try:
+        attention.get(meta.get("method")).resolve(dict(meta.get("options") or {}), mixer=True)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{flag} {folder}: its method {meta.get('method')!r} with options "
+                         f"{meta.get('options')} does not load here ({err}); pass a student "
+                         "distilled by this attnbench") from None
+    return folder, meta
 
 
 def load_student(transformer: nn.Module, folder: str | Path, *, flag: str = "--student",
@@ -93,7 +110,7 @@ def load_student(transformer: nn.Module, folder: str | Path, *, flag: str = "--s
     """Install the student in ``folder`` on ``transformer`` (its stock teacher): the method's
     attention with the saved options, then the saved tensors. Returns the swap handle."""
     folder, meta = read_student(folder, flag)
-    check_student(meta, transformer, folder, flag)
+    check_student(meta, family_of(transformer).name, transformer, folder, flag)
     tensors = load_file(folder / WEIGHTS)
     handle = swap_attention(transformer, meta["method"], inherit_projections=True, impl=impl,
                             **meta.get("options", {}))

@@ -27,6 +27,7 @@ from ... import attention
 from ...attention import Layout
 from ...models.diffusers_configs import DIFFUSERS_CONFIGS, DiffusersConfig, get_diffusers_config
 from .build import ModelShapes, build_transformer, make_inputs, model_shapes
+from .families import get_family
 from .flops import step_flops
 from .loading import load_transformer, read_transformer_config
 from .swap import SwapHandle, swap_attention
@@ -138,7 +139,7 @@ def diffusers_workload(
         path = f"unavailable: {err}"
     description = {
         **shapes.describe(),
-        "class": entry.class_name, "source": entry.source,
+        "class": get_family(entry.family).transformer, "source": entry.source,
         "weights": f"random (seed {seed})" if folder is None else f"--model-path {folder}",
         "weight_bytes": weights, "batch": batch, "dtype": str(dtype).removeprefix("torch."),
         "device": str(device), "attention_layers": shapes.attention_layers,
