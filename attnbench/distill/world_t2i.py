@@ -336,7 +336,8 @@ class WorldTrainer:
         with torch.no_grad():
             for e, p in zip(self.ema.parameters(), self.tr.parameters(), strict=True):
                 e.lerp_(p, 1 - s.ema)
-        return {"loss": float(loss), "grad_norm": float(grad), "lr": learning_rate(s, step)}
+        return {"loss": float(loss.detach()), "grad_norm": float(grad),
+                "lr": learning_rate(s, step)}
 
     # ----- the loop ---------------------------------------------------------------------
     def run(self, *, resume: bool = False, force: bool = False,
