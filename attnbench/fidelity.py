@@ -273,9 +273,12 @@ def _fidelity_diffusers(args: argparse.Namespace, config: FidelityConfig) -> int
         zero_shot_fidelity_diffusers,
     )
 
+    from .integrations.diffusers.world_t2i import apply_default_model
+
     if args.ckpt:
         raise ValueError("--ckpt is an attnbench/DiT checkpoint; it does not combine with "
                          "--model / --model-path")
+    apply_default_model(args)
     if args.model and args.model_path:
         raise ValueError("--model and --model-path: give one model")
     if args.model and args.model.strip().lower() not in DIFFUSERS_CONFIGS:

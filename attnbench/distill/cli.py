@@ -118,6 +118,12 @@ def _print_summary(summary: dict, as_json: bool) -> None:
 def _distill(args: argparse.Namespace) -> int:
     from .pipeline import distill
 
+    from ..integrations.diffusers.world_t2i import apply_default_model
+
+    apply_default_model(args)
+    if args.model is not None:
+        raise UsageError(f"--model {args.model!r}: distill takes --model world-t2i or "
+                         "--model-path DIR (a diffusers pipeline folder)")
     config = _train_config(args)
     runfolder.lock_folder(args.out, "distill")
     if args.model_path is not None:
@@ -182,6 +188,9 @@ def add_parser(subparsers) -> None:
                    help="a local diffusers pipeline folder (FLUX, SD3, PixArt-Σ, SANA, Wan): "
                         "distil its transformer with its family's objective "
                         "(attnbench/distill/diffusers_distill.py)")
+    p.add_argument("--model", default=None, type=non_empty("--model", "a model name"),
+                   help="world-t2i: the shipped shapes-world FLUX pipeline as --model-path "
+                        "(its 64-px size and the world's prompts unless given)")
     p.add_argument("--method", required=True, help="attention method (python -m attnbench list)")
     p.add_argument("--out", required=True, type=non_empty("--out", "a folder"),
                    help="run directory")

@@ -27,6 +27,8 @@ Output: ``OUT/student/`` (``student.safetensors``: the changed and new tensors;
 
 from __future__ import annotations
 
+import math
+
 import hashlib
 import json
 from pathlib import Path
@@ -163,9 +165,12 @@ def generate_latents(pipe, family: Family, prompts: list[str], count: int, *, se
 
 def _grid(family: Family, transformer: nn.Module, x: torch.Tensor, meta: dict[str, Any]
           ) -> tuple[int, ...]:
-    """The token grid of one latent (FLUX's packed tokens need it from the pixel size)."""
+    """The token grid of one latent (FLUX's packed tokens ``[1, T, C]`` need it from the
+    pixel size: each token covers VAE factor × 2 pixels a side, 16 for FLUX's own VAE)."""
     if family.name == "flux":
-        return int(meta["height"]) // 16, int(meta["width"]) // 16
+        height, width = int(meta["height"]), int(meta["width"])
+        side = math.isqrt(height * width // x.shape[1])
+        return height // side, width // side
     return tuple(x.shape[-2:])
 
 

@@ -252,6 +252,7 @@ class WorldTrainer:
 
         def write(staging: Path) -> None:
             pipe.save_pretrained(staging, safe_serialization=True)
+            w.write_prompts(staging)
             (staging / w.TRAINING_FILE).write_text(json.dumps(training, indent=2,
                                                               sort_keys=True) + "\n")
             w.write_sums(staging)

@@ -159,6 +159,9 @@ def add_pipeline_flags(p) -> None:
     g.add_argument("--model-path", default=None, type=non_empty("--model-path", "a folder"),
                    help="a local diffusers pipeline folder (FLUX, SD3, PixArt-Σ, SANA, Wan): "
                         "sample with its own scheduler and guidance")
+    g.add_argument("--model", default=None, type=non_empty("--model", "a model name"),
+                   help="world-t2i: the shipped shapes-world FLUX pipeline (its 64-px size "
+                        "and the world's prompts unless given)")
     g.add_argument("--student", default=None, type=non_empty("--student", "a folder"),
                    help="a student folder (distill --model-path OUT/student) installed in "
                         "the pipeline's transformer")

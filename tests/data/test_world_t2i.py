@@ -131,3 +131,39 @@ def test_default_model_is_explained_until_trained(monkeypatch, tmp_path):
     monkeypatch.setattr(w, "ASSET_DIR", tmp_path / "none")
     with pytest.raises(FileNotFoundError, match="not trained yet.*--train-pipeline"):
         w.default_pipeline_path()
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    """A quick world-t2i run's pipeline, standing in for the shipped folder."""
+    out = tmp_path_factory.mktemp("world") / "run"
+    train.WorldTrainer(out, _settings(), progress=False).run()
+    return out / train.PIPELINE_DIR
+
+
+def test_model_world_t2i_samples_and_distils_offline(shipped, monkeypatch, tmp_path):
+    monkeypatch.setattr(w, "ASSET_DIR", shipped)
+    assert main(["sample", "--model", "world-t2i", "--out", str(tmp_path / "s"), "--num", "2",
+                 "--steps", "2", "--no-progress"]) == 0
+    info = json.loads((tmp_path / "s" / "samples.json").read_text())
+    assert info["model_path"] == str(shipped)
+    assert main(["sample", "--model", "world-t2i", "--model-path", str(shipped), "--out",
+                 str(tmp_path / "t"), "--num", "2"]) == 2
+    assert main(["sample", "--model", "flux-dev", "--out", str(tmp_path / "t"), "--num", "2"]) == 2
+
+
+@pytest.mark.slow
+def test_distill_sample_eval_chain_on_world_t2i(shipped, monkeypatch, tmp_path):
+    """``distill --model world-t2i --method clear`` → ``sample`` → ``eval``, offline."""
+    monkeypatch.setattr(w, "ASSET_DIR", shipped)
+    run, teacher, student = tmp_path / "d", tmp_path / "t", tmp_path / "s"
+    assert main(["distill", "--model", "world-t2i", "--method", "clear", "--out", str(run),
+                 "--steps", "2", "--batch-size", "2", "--gen-samples", "4", "--gen-steps", "2",
+                 "--eval-samples", "2", "--no-progress", "--option", "radius=2"]) == 0
+    for out, extra in ((teacher, []), (student, ["--student", str(run / "student")])):
+        assert main(["sample", "--model", "world-t2i", "--out", str(out), "--num", "4",
+                     "--steps", "2", "--no-progress", *extra]) == 0
+    assert main(["eval", "--pipeline-samples", str(student), "--teacher-samples", str(teacher),
+                 "--out", str(tmp_path / "e"), "--feature-extractor", "shapes"]) == 0
+    assert main(["distill", "--model", "world-t2i", "--model-path", str(shipped), "--method",
+                 "clear", "--out", str(tmp_path / "x")]) == 2

@@ -53,6 +53,7 @@ Sizes are a :class:`WorldT2IConfig`; :data:`CONFIGS` names the shipped one
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,8 @@ SPECIAL = ("<pad>", "</s>", "<unk>")
 ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "world_t2i"
 SHA_FILE = "SHA256SUMS"
 TRAINING_FILE = "training.json"
+#: the world's 91 prompts, one a line, shipped inside the pipeline folder
+PROMPTS_FILE = "prompts.txt"
 MODEL_NAME = "world-t2i"
 
 
@@ -153,9 +156,11 @@ class WorldT2IConfig:
 
 CONFIGS: dict[str, WorldT2IConfig] = {
     "default": WorldT2IConfig(),
-    # tests: 32 px, one level of VAE (factor 1) → 16×16 = 256 tokens, width 32
+    # tests: 32 px, one level of VAE (factor 1) → 16×16 = 256 tokens, width 32; one double
+    # and four single blocks, so that CLEAR's kd_attn rule (single-stream layers at a
+    # position ≡ 0 mod 4 in the model's layer order) taps one, as on the default (single 2)
     "quick": WorldT2IConfig(image_size=32, heads=2, head_dim=16, double_layers=1,
-                            single_layers=1, rope_axes=(4, 6, 6), text_width=16, text_layers=1,
+                            single_layers=4, rope_axes=(4, 6, 6), text_width=16, text_layers=1,
                             vae_channels=(8,)),
 }
 
@@ -282,3 +287,36 @@ def default_pipeline_path() -> Path:
             f"runs/world-t2i/pipeline to {ASSET_DIR}, or pass --model-path DIR")
     verify_sums(ASSET_DIR, "--model")
     return ASSET_DIR
+
+
+def write_prompts(folder: str | Path) -> Path:
+    """``prompts.txt``: the 91 prompts of the world, in label order (``--prompts``' format)."""
+    path = Path(folder) / PROMPTS_FILE
+    path.write_text("".join(prompt_text(p.label) + "\n" for p in PROMPTS))
+    return path
+
+
+def apply_default_model(args) -> None:
+    """``--model world-t2i`` → ``--model-path`` the shipped folder, with its defaults.
+
+    The CLI's diffusers commands (``distill``, ``sample``, ``fidelity``) call this
+    before any other check: ``args.model_path`` becomes the shipped pipeline
+    (refused with the training command while none is trained), and the flags left
+    out take the model's own values -- its 64-px size (``--height``/``--width``,
+    ``--res``) and the world's prompts (``--prompts``).
+    """
+    name = getattr(args, "model", None)
+    if name is None or name.strip().lower() != MODEL_NAME:
+        return
+    if getattr(args, "model_path", None) is not None:
+        raise ValueError(f"--model {MODEL_NAME} and --model-path: give one model")
+    root = default_pipeline_path()
+    args.model_path, args.model = str(root), None
+    size = json.loads((root / "vae" / "config.json").read_text())["sample_size"]
+    for flag in ("height", "width"):
+        if hasattr(args, flag) and getattr(args, flag) is None:
+            setattr(args, flag, size)
+    if hasattr(args, "res") and args.res is None:
+        args.res = str(size)
+    if hasattr(args, "prompts") and args.prompts is None:
+        args.prompts = str(root / PROMPTS_FILE)
