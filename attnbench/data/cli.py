@@ -23,7 +23,8 @@ MAX_RENDER_PIXELS = 64 * 1024 * 1024
 
 #: the flags that only ``--train-pipeline`` takes, with their ``WorldTrainSettings`` field
 TRAIN_FLAGS = {"resume": None, "quick": None, "steps": "steps", "vae_steps": "vae_steps",
-               "batch": "batch", "lr": "lr", "ckpt_every": "ckpt_every"}
+               "batch": "batch", "lr": "lr", "ckpt_every": "ckpt_every",
+               "ckpt_minutes": "ckpt_minutes"}
 
 
 def _train_pipeline(args: argparse.Namespace) -> int:
@@ -130,5 +131,8 @@ def add_parser(subparsers) -> None:
                    help="peak learning rate of the transformer (default 1e-3)")
     t.add_argument("--ckpt-every", type=integer("--ckpt-every", low=1), default=None,
                    help="steps between checkpoints (default 200)")
+    t.add_argument("--ckpt-minutes", type=number("--ckpt-minutes", low=0, low_open=True),
+                   default=None, help="also checkpoint when this many minutes have passed "
+                                      "since the last checkpoint (default 5)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_world)

@@ -79,6 +79,7 @@ class WorldTrainSettings:
     grad_clip: float = 1.0
     precision: str = "bf16"
     ckpt_every: int = 200
+    ckpt_minutes: float = 5.0  # also a checkpoint when this long has passed since the last
     log_every: int = 10
     eval_samples: int = 182  # two per label
     sample_steps: int = 28
@@ -101,6 +102,8 @@ class WorldTrainSettings:
         for name in ("lr", "vae_lr"):
             if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0")
+        if not (self.ckpt_minutes > 0 and math.isfinite(self.ckpt_minutes)):
+            raise ValueError(f"--ckpt-minutes must be > 0, got {self.ckpt_minutes}")
         if not 0 <= self.ema < 1 or not 0 <= self.drop < 1:
             raise ValueError("--ema and --drop must lie in [0, 1)")
         if self.precision not in ("bf16", "fp32"):
@@ -172,7 +175,8 @@ class WorldTrainer:
     # ----- the folder -------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
         data = asdict(self.s)
-        data.pop("ckpt_every"), data.pop("log_every")
+        for key in ("ckpt_every", "ckpt_minutes", "log_every"):  # when, not what, is trained
+            data.pop(key)
         data["model"] = self.cfg.to_dict()
         return json.loads(json.dumps(data, default=list))
 
@@ -353,7 +357,7 @@ class WorldTrainer:
         signals.install()
         bar = tqdm(total=total, initial=done, disable=not self.progress, desc="world-t2i",
                    unit="step", dynamic_ncols=True)
-        stopped = None
+        stopped, last_save = None, time.monotonic()
         try:
             while self.stage != "done":
                 if stop_at is not None and done >= stop_at:
@@ -385,8 +389,10 @@ class WorldTrainer:
                 if self.step % self.s.log_every == 0 or self.step == 1:
                     self.log({"stage": self.stage, "step": self.step,
                               "elapsed_s": round(self.elapsed, 2), **terms})
-                if self.step % self.s.ckpt_every == 0:
+                if self.step % self.s.ckpt_every == 0 or \
+                        time.monotonic() - last_save >= 60 * self.s.ckpt_minutes:
                     self.save()
+                    last_save = time.monotonic()
             self.save()
         finally:
             bar.close()
