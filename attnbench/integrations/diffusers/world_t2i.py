@@ -52,7 +52,6 @@ Sizes are a :class:`WorldT2IConfig`; :data:`CONFIGS` names the shipped one
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,6 +60,7 @@ from typing import Any
 import torch
 
 from ...data.shapes import PROMPTS
+from ...models.checkpoint import check_sums, file_sha256
 from .compat import import_diffusers
 
 #: what precedes every label's text (GenEval's prompts read "a photo of ...")
@@ -231,14 +231,6 @@ def build_pipeline(config: WorldT2IConfig, seed: int = 0):
 # --------------------------------------------------------------------------- the shipped folder
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_sums(folder: str | Path) -> Path:
     """``SHA256SUMS`` over every file of a pipeline folder (``HASH  REL/PATH`` lines)."""
     folder = Path(folder)
@@ -255,18 +247,10 @@ def verify_sums(folder: str | Path, flag: str = "--model-path") -> None:
     if not sums.is_file():
         raise ValueError(f"{flag} {folder}: no {SHA_FILE} (a world-t2i pipeline ships with "
                          "one; retrain it with `python -m attnbench world --train-pipeline DIR`)")
-    for number, line in enumerate(sums.read_text(errors="replace").splitlines(), 1):
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) != 2 or len(parts[0]) != 64:
-            raise ValueError(f"{sums}:{number} is not a 'SHA256  FILE' line: restore the file")
-        target = folder / parts[1]
-        if not target.is_file():
-            raise ValueError(f"{sums} lists {parts[1]}, which {folder} does not hold: restore it")
-        if file_sha256(target) != parts[0].lower():
-            raise ValueError(f"{flag} {target} does not match its sha256 in {sums}: the file "
-                             "was damaged or replaced; restore it (or retrain the pipeline)")
+    try:
+        check_sums(folder)
+    except ValueError as err:
+        raise ValueError(f"{flag} {err}") from None
 
 
 def load_world_pipeline(path: str | Path, *, flag: str = "--model-path", device="cpu"):
