@@ -124,7 +124,7 @@ def add_parser(subparsers) -> None:
     t.add_argument("--steps", type=integer("--steps", low=1), default=None,
                    help="transformer steps (default 12000)")
     t.add_argument("--vae-steps", type=integer("--vae-steps", low=0), default=None,
-                   help="VAE steps before them (default 800)")
+                   help="VAE steps before them (default 1500)")
     t.add_argument("--batch", type=integer("--batch", low=1), default=None,
                    help="batch size of the transformer stage (default 32)")
     t.add_argument("--lr", type=number("--lr", low=0, low_open=True), default=None,
