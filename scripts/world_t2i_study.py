@@ -55,6 +55,9 @@ VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
 #: the recipes that carry the attention-output KD (kd_attn); the others get it at this weight
 KD_ATTN = {"clear": True}
 KD_ATTN_WEIGHT = 0.5
+#: what a recipe made for DiT's learned-variance objective cannot take on a flow model:
+#: LiT's kd_sigma (the variance head's KD) is off, said in the report
+FLOW_WEIGHTS = {"lit": {"kd_sigma": 0.0}}
 #: every method's recipe trains this (attnbench list); the ablation takes the other
 RECIPE_TRAINABLE = {"lit": "all", "clear": "attention", "sla": "all"}
 
@@ -152,10 +155,12 @@ class Study:
             argv += ["--option", f"{key}={value}"]
         if cell.trainable:
             argv += ["--trainable", cell.trainable]
-        for key, value in cell.weights.items():
+        for key, value in {**FLOW_WEIGHTS.get(cell.method, {}), **cell.weights}.items():
             argv += ["--weight", f"{key}={value:g}"]
         if (run / "checkpoint.pt").is_file():
             argv.append("--resume")
+        elif (run / "run.json").is_file():
+            argv.append("--force")  # stopped before its first checkpoint: nothing to keep
         self.attnbench(*argv)
         return run / "student"
 
@@ -310,7 +315,10 @@ def write_report(out: Path, rows: list[dict[str, Any]], args: argparse.Namespace
         f"Teacher: `{args.model_path}`. Every student: {args.steps} steps (ablations aside), "
         f"batch {args.batch}, seed {args.seed}, the same {args.gen_samples} teacher samples; "
         f"quality on {args.samples} samples ({args.sample_steps} steps, the teacher's seeds). "
-        "Commands: `commands.jsonl`; rows: `rows.jsonl`.", "",
+        "Commands: `commands.jsonl`; rows: `rows.jsonl`. "
+        + "".join(f"{m}: {', '.join(f'{k}={v:g}' for k, v in w.items())} (the recipe's term "
+                  "needs a learned-variance model; a flow model has none). "
+                  for m, w in FLOW_WEIGHTS.items()), "",
         "| cell | what | steps | " + " | ".join(columns) + " | zero-shot | speed-up |",
         "|---|---|---|" + "---|" * (len(columns) + 2),
     ]
