@@ -266,14 +266,13 @@ def fidelity(args: argparse.Namespace) -> int:
 def _fidelity_diffusers(args: argparse.Namespace, config: FidelityConfig) -> int:
     """``fidelity --model NAME / --model-path DIR``: a diffusers transformer."""
     from .bench.workloads import diffusers_model
+    from .integrations.diffusers.world_t2i import apply_default_model
     from .metrics.zero_shot import read_tensors
     from .metrics.zero_shot_diffusers import (
         check_softmax_model,
         step_inputs,
         zero_shot_fidelity_diffusers,
     )
-
-    from .integrations.diffusers.world_t2i import apply_default_model
 
     if args.ckpt:
         raise ValueError("--ckpt is an attnbench/DiT checkpoint; it does not combine with "

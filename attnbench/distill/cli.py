@@ -116,9 +116,8 @@ def _print_summary(summary: dict, as_json: bool) -> None:
 
 
 def _distill(args: argparse.Namespace) -> int:
-    from .pipeline import distill
-
     from ..integrations.diffusers.world_t2i import apply_default_model
+    from .pipeline import distill
 
     apply_default_model(args)
     if args.model is not None:

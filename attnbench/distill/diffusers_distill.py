@@ -27,10 +27,9 @@ Output: ``OUT/student/`` (``student.safetensors``: the changed and new tensors;
 
 from __future__ import annotations
 
-import math
-
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import runfolder
-from ..data.shapes import NUM_CLASSES, PROMPTS, TASKS, ShapesWorld, render, to_tensor, to_uint8
+from ..data.shapes import NUM_CLASSES, TASKS, ShapesWorld, render, to_tensor, to_uint8
 from ..integrations.diffusers import world_t2i as w
 from .io import atomic_torch_save, atomic_write_json, load_training_checkpoint
 from .trainer import _sdpa_backends, _StopSignals, step_seed
@@ -324,7 +324,7 @@ class WorldTrainer:
                 **reconstruction_quality(self.vae, self.world)}
 
     def flow_step(self, step: int) -> dict[str, float]:
-        s, cfg = self.s, self.cfg
+        s = self.s
         g, images, labels = world_batch(self.world, s.seed, step, FLOW_STREAM, s.batch)
         drop = torch.rand(s.batch, generator=g) < s.drop
         sigma = torch.sigmoid(torch.randn(s.batch, generator=g))
@@ -421,7 +421,7 @@ class WorldTrainer:
         """The GenEval proxy and sample grid of the exported pipeline; re-export with them."""
         if not self.s.eval_samples:
             return None
-        result, images, labels = evaluate_pipeline(
+        result, images, _ = evaluate_pipeline(
             self.export_pipeline(), count=self.s.eval_samples, steps=self.s.sample_steps)
         write_grid(self.out / SAMPLES_PNG, images[:64])
         self.export(evaluation=result)
@@ -505,5 +505,10 @@ def settings_from(quick: bool, **overrides) -> WorldTrainSettings:
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
-__all__ = ["WorldTrainSettings", "WorldTrainer", "evaluate_pipeline", "generate",
-           "settings_from", "PROMPTS"]
+__all__ = [
+    "WorldTrainSettings",
+    "WorldTrainer",
+    "evaluate_pipeline",
+    "generate",
+    "settings_from",
+]

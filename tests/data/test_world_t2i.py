@@ -11,10 +11,10 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from attnbench.cli import main  # noqa: E402
-from attnbench.data.shapes import NUM_CLASSES, PROMPTS  # noqa: E402
-from attnbench.distill import world_t2i as train  # noqa: E402
-from attnbench.integrations.diffusers import world_t2i as w  # noqa: E402
+from attnbench.cli import main
+from attnbench.data.shapes import NUM_CLASSES, PROMPTS
+from attnbench.distill import world_t2i as train
+from attnbench.integrations.diffusers import world_t2i as w
 
 
 def _settings(**kw):
