@@ -40,7 +40,8 @@ def _train_pipeline(args: argparse.Namespace) -> int:
     if args.task:
         raise ValueError("--task: the world-t2i pipeline trains on every label; drop --task")
     overrides = {field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items() if field}
-    settings = settings_from(args.quick, seed=args.seed, world_seed=args.seed, **overrides)
+    settings = settings_from(args.quick, seed=args.seed, world_seed=args.seed,
+                             sample_steps=args.sample_steps, **overrides)
     settings.validate()  # every flag checked before the folder is touched
     trainer = WorldTrainer(args.train_pipeline, settings, progress=not args.no_progress)
     summary = trainer.run(resume=args.resume, force=args.force)
@@ -48,11 +49,32 @@ def _train_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_pipeline(args: argparse.Namespace) -> int:
+    """The GenEval proxy of a world-t2i pipeline folder (a checkpoint's ``OUT/pipeline``)."""
+    from ..distill.world_t2i import evaluate_pipeline, write_grid
+    from ..integrations.diffusers.world_t2i import load_world_pipeline
+
+    if args.render is not None:
+        runfolder.claim_output(args.render, force=args.force, kind="world", flag="--render")
+    pipe = load_world_pipeline(args.eval_pipeline, flag="--eval-pipeline")
+    result, images, _ = evaluate_pipeline(pipe, count=args.count,
+                                          steps=args.sample_steps or 28, seed=args.seed)
+    if args.render is not None:
+        write_grid(args.render, images[:64], nrow=args.nrow)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def _world(args: argparse.Namespace) -> int:
     import numpy as np
 
+    if args.train_pipeline is not None and args.eval_pipeline is not None:
+        raise ValueError("--train-pipeline and --eval-pipeline are separate jobs: run them "
+                         "one at a time")
     if args.train_pipeline is not None:
         return _train_pipeline(args)
+    if args.eval_pipeline is not None:
+        return _eval_pipeline(args)
     requires("--train-pipeline OUT", False,
              {f"--{k.replace('_', '-')}": getattr(args, k) for k in TRAIN_FLAGS})
     args.size = args.size or 32
@@ -135,4 +157,12 @@ def add_parser(subparsers) -> None:
                    default=None, help="also checkpoint when this many minutes have passed "
                                       "since the last checkpoint (default 5)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--eval-pipeline", metavar="DIR", default=None,
+                   type=non_empty("--eval-pipeline", "a folder"),
+                   help="the GenEval proxy (exact detector) of a world-t2i pipeline folder on "
+                        "--count samples (the six tasks in turn; --seed); --render PNG: their "
+                        "grid")
+    t.add_argument("--sample-steps", type=integer("--sample-steps", low=1), default=None,
+                   help="Euler steps of the samples of --eval-pipeline and of the end of "
+                        "--train-pipeline (default 28)")
     p.set_defaults(func=_world)

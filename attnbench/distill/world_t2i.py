@@ -38,7 +38,15 @@ import torch
 import torch.nn.functional as F
 
 from .. import runfolder
-from ..data.shapes import NUM_CLASSES, TASKS, ShapesWorld, render, to_tensor, to_uint8
+from ..data.shapes import (
+    NUM_CLASSES,
+    TASKS,
+    ShapesWorld,
+    render,
+    task_labels,
+    to_tensor,
+    to_uint8,
+)
 from ..integrations.diffusers import world_t2i as w
 from .io import atomic_torch_save, atomic_write_json, load_training_checkpoint
 from .trainer import _sdpa_backends, _StopSignals, step_seed
@@ -453,8 +461,11 @@ def _ids(h: int, wd: int, text: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def eval_labels(count: int) -> list[int]:
-    """``count`` labels cycling through all 91 in order (every task covered from 91 up)."""
-    return [i % NUM_CLASSES for i in range(count)]
+    """``count`` labels taking the six tasks in turn, each task's labels in order (every
+    task covered from 6 samples up, equally from 6·k)."""
+    by_task = [task_labels(task) for task in TASKS]
+    return [by_task[i % len(TASKS)][(i // len(TASKS)) % len(by_task[i % len(TASKS)])]
+            for i in range(count)]
 
 
 @torch.no_grad()

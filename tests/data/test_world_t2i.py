@@ -53,6 +53,11 @@ def test_quick_training_saves_a_stock_pipeline(tmp_path):
     assert training["stage"] == "done" and "eval" in training
     assert (out / train.SAMPLES_PNG).read_bytes().startswith(b"\x89PNG")
     assert (out / train.LOSS_PNG).read_bytes().startswith(b"\x89PNG")
+    # a checkpoint's pipeline, scored with the exact detector on the six tasks in turn
+    assert main(["world", "--eval-pipeline", str(folder), "--count", "6", "--sample-steps",
+                 "1", "--render", str(tmp_path / "grid.png")]) == 0
+    assert (tmp_path / "grid.png").read_bytes().startswith(b"\x89PNG")
+    assert main(["world", "--eval-pipeline", str(out)]) == 2  # the run, not its pipeline
 
 
 def test_resume_continues_bit_for_bit(tmp_path):
