@@ -172,3 +172,14 @@ def test_distill_sample_eval_chain_on_world_t2i(shipped, monkeypatch, tmp_path):
                  "--out", str(tmp_path / "e"), "--feature-extractor", "shapes"]) == 0
     assert main(["distill", "--model", "world-t2i", "--model-path", str(shipped), "--method",
                  "clear", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_a_pipeline_folder_fixes_its_transformers_shapes(shipped):
+    """The VAE's factor and the tokenizer's length come from the folder, not from FLUX's
+    published pipeline (8 and 512): fidelity and run measure the model as it samples."""
+    from attnbench.integrations.diffusers import read_transformer_config
+
+    _, entry = read_transformer_config(shipped)
+    assert entry.vae_factor == w.CONFIGS["quick"].vae_factor == 1
+    assert entry.text_tokens == w.TEXT_TOKENS
+    assert entry.pixels_per_token == (2, 2)
