@@ -87,10 +87,14 @@ class Cell:
         return "-".join(parts).replace(".", "p")
 
 
-def cells(steps: int, ablate_steps: list[int]) -> list[Cell]:
+def cells(steps: int, ablate_steps: list[int], ablate_all: bool = True) -> list[Cell]:
+    """The matrix: every variant's main cell and its ablations (``ablate_all=False``: the
+    ablations of the first variant only, as ``--quick`` runs them)."""
     out = []
-    for method, options in VARIANTS:
+    for index, (method, options) in enumerate(VARIANTS):
         out.append(Cell(method, options, steps))
+        if index and not ablate_all:
+            continue
         out.extend(Cell(method, options, n, "steps") for n in ablate_steps if n != steps)
         other = "all" if RECIPE_TRAINABLE[method] == "attention" else "attention"
         out.append(Cell(method, options, steps, "trainable", trainable=other))
@@ -208,7 +212,7 @@ class Study:
             for line in rows_path.read_text().splitlines():
                 row = json.loads(line)
                 done[row["slug"]] = row
-        study = cells(a.steps, a.ablate_steps)
+        study = cells(a.steps, a.ablate_steps, ablate_all=not a.quick)
         variants = list(dict.fromkeys(c.variant for c in study))
         speed = self.speed(study) if not a.skip_speed else {}
         fidelity = {v: self.fidelity(v) for v in variants}
@@ -399,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--large-res", type=int, default=1024)
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--quick", action="store_true",
-                   help="every stage for a few steps (a tiny untrained pipeline by default)")
+                   help="every stage for a few steps, the ablations on LiT only (a tiny "
+                        "untrained pipeline by default)")
     args = p.parse_args(argv)
     if args.quick:
         for key, value in QUICK.items():

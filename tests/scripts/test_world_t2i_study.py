@@ -37,6 +37,10 @@ def test_the_matrix_is_budget_matched_and_names_each_cell_once():
         assert kd.weights == {"kd_attn": 0.0 if variant.startswith("clear") else 0.5}
         trainable = next(c for c in mine if c.what == "trainable")
         assert trainable.trainable == ("all" if variant.startswith("clear") else "attention")
+    quick = study.cells(2, [0, 1], ablate_all=False)
+    assert [c.what for c in quick if c.method != "lit"] == ["main"] * 4
+    assert {c.what for c in quick if c.method == "lit"} == {"main", "steps", "trainable",
+                                                            "kd_attn"}
 
 
 def test_variants_parse_as_run_and_fidelity_read_them():
