@@ -131,7 +131,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--nrow", type=positive_int, default=8, help="images per grid row (default 8)")
     p.add_argument("--size", type=integer("--size", low=16, high=1024), default=None,
                    help="image side, px: 16 to 1024 (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="world seed (default 0); with --train-pipeline also every training "
+                        "draw, with --eval-pipeline the samples' noise")
     p.add_argument("--task", default=None, help="only labels of this GenEval task")
     p.add_argument("--scale", type=integer("--scale", low=1, high=64), default=4,
                    help="upscaling of the grid: 1 to 64 (default 4)")
