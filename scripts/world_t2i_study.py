@@ -58,6 +58,8 @@ KD_ATTN_WEIGHT = 0.5
 #: what a recipe made for DiT's learned-variance objective cannot take on a flow model:
 #: LiT's kd_sigma (the variance head's KD) is off, said in the report
 FLOW_WEIGHTS = {"lit": {"kd_sigma": 0.0}}
+#: the zero-shot numbers the report shows (``fidelity``: layer output error, end-to-end ε)
+ZERO_SHOT = ("rel_error", "eps_rel_error")
 #: every method's recipe trains this (attnbench list); the ablation takes the other
 RECIPE_TRAINABLE = {"lit": "all", "clear": "attention", "sla": "all"}
 
@@ -293,12 +295,13 @@ def _close(a: Any, b: Any) -> bool:
 
 
 def _fidelity_numbers(path: Path) -> dict[str, Any]:
-    """Zero-shot fidelity rows: their numeric ``extra`` entries (per variant, softmax dropped)."""
+    """A zero-shot ``fidelity`` table's numbers of its one variant (softmax's row dropped)."""
     out = {}
     for row in _rows(path):
         if row["method"] == "softmax":
             continue
-        out.update({k: v for k, v in row["extra"].items() if isinstance(v, (int, float))})
+        metrics = row["extra"].get("metrics", {})
+        out.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     return out
 
 
@@ -334,13 +337,33 @@ def write_report(out: Path, rows: list[dict[str, Any]], args: argparse.Namespace
         speed = row.get("speed") or {}
         lines.append(f"| {row['slug']} | {row.get('what', '')} | {row.get('steps', '')} | "
                      + " | ".join(cells_) + " | "
-                     + ", ".join(f"{k} {v:.3g}" for k, v in list(zero.items())[:2]) + " | "
+                     + ", ".join(f"{k} {zero[k]:.3g}" for k in ZERO_SHOT if k in zero) + " | "
                      + ", ".join(f"{k} {v:.2f}×" for k, v in speed.items()) + " |")
+    lines += ["", correlation_line(rows)]
     lines += ["", "What may not be read into it: a 2.3 M-parameter model of a 64-px world of "
               "flat shapes is not FLUX; differences smaller than the spread over seeds "
               "(rerun with another --seed) are noise."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     plot_pareto(out / "pareto.png", rows)
+
+
+def correlation_line(rows: list[dict[str, Any]]) -> str:
+    """Spearman's ρ of zero-shot ε error with post-distillation quality over the main cells."""
+    from scipy.stats import spearmanr
+
+    main = [r for r in rows if r.get("what") == "main" and "eps_rel_error" in
+            (r.get("zero_shot") or {})]
+    if len(main) < 3:
+        return "Zero-shot fidelity vs quality after distillation: fewer than 3 variants."
+    zero = [r["zero_shot"]["eps_rel_error"] for r in main]
+    parts = []
+    for key in ("geneval", "psnr"):
+        rho = spearmanr(zero, [r.get(key) for r in main]).statistic
+        parts.append(f"{key} ρ = {rho:.2f}")
+    return (f"Zero-shot ε error (before training) vs quality after distillation, Spearman over "
+            f"the {len(main)} main variants: {'; '.join(parts)} (a negative ρ: the closer "
+            "zero-shot, the better after; with this few points only a sign, and compare the "
+            "class-conditional teacher's in reports/).")
 
 
 def plot_pareto(path: Path, rows: list[dict[str, Any]]) -> None:
