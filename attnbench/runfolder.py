@@ -330,7 +330,8 @@ def atomic_folder(directory: str | Path, write: Callable[[Path], Any], *,
 
     ``write(staging)`` writes the files (a model: weights, config, reports); they are
     then renamed one by one over ``directory``'s, so a reader sees old or new files,
-    never a half-written one. The staging folder is removed on any failure; a full
+    never a half-written one (a sub-folder, such as a pipeline's component, is
+    swapped whole). The staging folder is removed on any failure; a full
     disk or a read-only destination is one line (:func:`write_error`).
     """
     directory = Path(directory)
@@ -340,6 +341,9 @@ def atomic_folder(directory: str | Path, write: Callable[[Path], Any], *,
         staging.mkdir(parents=True, exist_ok=True)
         write(staging)
         for item in sorted(staging.iterdir()):
+            if item.is_dir():  # a component folder (a diffusers pipeline): swapped whole
+                _replace_folder(item, directory / item.name)
+                continue
             with open(item, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(item, directory / item.name)
@@ -348,6 +352,20 @@ def atomic_folder(directory: str | Path, write: Callable[[Path], Any], *,
     finally:
         _remove(staging)
     return directory
+
+
+def _replace_folder(source: Path, target: Path) -> None:
+    """Put folder ``source`` at ``target``: the old one is renamed aside, then removed."""
+    for path in source.rglob("*"):
+        if path.is_file():
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+    aside = temporary_path(target) if target.exists() else None
+    if aside is not None:
+        os.replace(target, aside)
+    os.replace(source, target)
+    if aside is not None:
+        _remove(aside)
 
 
 def _remove(path: Path) -> None:

@@ -37,6 +37,7 @@ from . import cliutil, runfolder
 from .bench.workloads import diffusers_model
 from .common.environment import environment
 from .common.paths import REPO_ROOT
+from .integrations.diffusers.world_t2i import apply_default_model
 from .metrics.quality import is_shapes_model
 from .metrics.zero_shot import (
     CHUNK_ELEMENTS,
@@ -281,6 +282,7 @@ def _fidelity_diffusers(args: argparse.Namespace, config: FidelityConfig) -> int
     if args.ckpt:
         raise ValueError("--ckpt is an attnbench/DiT checkpoint; it does not combine with "
                          "--model / --model-path")
+    apply_default_model(args)
     if args.model and args.model_path:
         raise ValueError("--model and --model-path: give one model")
     if args.model and args.model.strip().lower() not in DIFFUSERS_CONFIGS:

@@ -20,6 +20,7 @@ from .. import runfolder
 from ..cliutil import UsageError, non_empty, non_negative_int, number, parse_options, positive_int
 from ..common.agreement import check_same_options
 from ..common.dist import launched_by_torchrun, setup, teardown
+from ..integrations.diffusers.world_t2i import apply_default_model
 from ..models.teacher import TEACHER_CONFIG
 from .pipeline import distill, train_teacher
 from .trainer import TrainConfig
@@ -143,6 +144,7 @@ def _print_summary(summary: dict, as_json: bool) -> None:
 
 
 def _distill(args: argparse.Namespace) -> int:
+    apply_default_model(args)  # --model world-t2i: the shipped pipeline folder
     config = _train_config(args)
     _same_on_every_rank(args)
     runfolder.lock_folder(args.out, "distill")

@@ -15,9 +15,11 @@ def add_pipeline_flags(p) -> None:
     """The ``distill`` flags of a ``--model-path`` pipeline run."""
     g = p.add_argument_group("diffusers pipeline (--model-path) or zoo entry (--model)")
     g.add_argument("--model", default=None, type=non_empty("--model", "a zoo name"),
-                   help="a diffusers zoo entry (e.g. flux.1-dev, wan-tiny) with random weights "
-                        "and --data random or a .safetensors of latents and text embeddings: "
-                        "the training's memory and speed without the weights")
+                   help="world-t2i: the shipped shapes-world FLUX pipeline as --model-path "
+                        "(its 64-px size and the world's prompts unless given); or a diffusers "
+                        "zoo entry (e.g. flux.1-dev, wan-tiny) with random weights and --data "
+                        "random or a .safetensors of latents and text embeddings: the "
+                        "training's memory and speed without the weights")
     g.add_argument("--prompts", default=None, type=non_empty("--prompts", "a file"),
                    help="prompt file of --data self, one per line (default: the shipped set)")
     g.add_argument("--height", type=positive_int, default=None,

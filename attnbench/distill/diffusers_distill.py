@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -177,10 +178,14 @@ def generate_latents(pipe, family: Family, prompts: list[str], count: int, *, se
 
 def _grid(family: Family, transformer: nn.Module, x: torch.Tensor, meta: dict[str, Any]
           ) -> tuple[int, ...]:
-    """The token grid of one latent (FLUX's packed tokens need it from the pixel size)."""
-    if family.pack > 1:  # packed tokens: the grid from the pixel size (FLUX: 16 px a token)
-        side = family.vae_factor * family.pack
-        return int(meta["height"]) // side, int(meta["width"]) // side
+    """The token grid of one latent: packed tokens ``[1, T, C]`` (FLUX) need it from the
+    pixel size, each token covering (VAE factor × pack) pixels a side -- read from the token
+    count, since a pipeline's own VAE may downsample otherwise than the family's (16 px a
+    token for FLUX's own VAE)."""
+    if family.pack > 1:
+        height, width = int(meta["height"]), int(meta["width"])
+        side = math.isqrt(height * width // x.shape[1])
+        return height // side, width // side
     return tuple(x.shape[-2:])
 
 

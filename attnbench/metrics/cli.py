@@ -110,6 +110,12 @@ def _add_sampling_flags(p: argparse.ArgumentParser, *, num_default: int | None) 
 
 
 def _sample(args: argparse.Namespace) -> int:
+    from ..integrations.diffusers.world_t2i import apply_default_model
+
+    apply_default_model(args)
+    if args.model is not None:
+        raise ValueError(f"--model {args.model!r}: sample takes --model world-t2i or "
+                         "--model-path DIR (a diffusers pipeline folder)")
     if args.model_path is not None:
         summary = sample_command(args)
         if summary:

@@ -154,6 +154,10 @@ def add_pipeline_flags(p, sample: bool = True) -> None:
                         "sample with its own scheduler and guidance" + (
                             "" if sample else "; with --student: sample the teacher and the "
                             "student alike into OUT/samples/ and score the pair"))
+    if sample:
+        g.add_argument("--model", default=None, type=non_empty("--model", "a model name"),
+                       help="world-t2i: the shipped shapes-world FLUX pipeline (its 64-px size "
+                            "and the world's prompts unless given)")
     g.add_argument("--student", default=None, type=non_empty("--student", "a folder"),
                    help="a student folder (distill --model-path OUT/student) installed in "
                         "the pipeline's transformer")

@@ -125,7 +125,7 @@ def _resolve_path(path: str | Path) -> tuple[Path, dict[str, Any] | None]:
             f"{path} is a directory without {WEIGHTS_FILE}: pass a checkpoint file, or a "
             "directory written by attnbench.models.save_dit / `python -m attnbench convert`"
         )
-    _check_sums(path)
+    check_sums(path)
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         return weights, None
@@ -147,7 +147,7 @@ def _resolve_path(path: str | Path) -> tuple[Path, dict[str, Any] | None]:
 SUMS_FILE = "SHA256SUMS"
 
 
-def _check_sums(folder: Path) -> None:
+def check_sums(folder: Path) -> None:
     """A model folder's files against its ``SHA256SUMS`` (``HASH  NAME`` lines), if it has one.
 
     A folder whose weights do not match is refused: they were damaged, or replaced

@@ -13,6 +13,7 @@ config whose tensors differ from the weights' -- is a ``ValueError`` naming
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -65,6 +66,12 @@ def read_transformer_config(path: str | Path) -> tuple[Path, DiffusersConfig]:
         raise ValueError(f"--model-path {folder}: config.json does not describe a "
                          f"{class_name} ({type(err).__name__}: {err})") from None
     check_weights(folder, class_name, config)
+    if folder.name == "transformer":  # in a pipeline: its VAE and tokenizers fix the rest
+        from .pipelines import pipeline_facts
+
+        facts = pipeline_facts(folder.parent, entry.family)
+        if facts:
+            entry = dataclasses.replace(entry, **facts)
     return folder, entry
 
 

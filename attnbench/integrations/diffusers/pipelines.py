@@ -123,17 +123,41 @@ def _json(path: Path) -> dict[str, Any]:
         return {}
 
 
+def vae_factors(root: str | Path) -> tuple[int, int]:
+    """``(pixels, frames)`` per latent position of a pipeline folder's VAE, from its config
+    (2 per down-sampling level; a config without levels counts as FLUX's and SD's 8)."""
+    vae = _json(Path(root) / "vae" / "config.json")
+    if "temperal_downsample" in vae:  # AutoencoderKLWan
+        return (2 ** len(vae["temperal_downsample"]),
+                2 ** sum(bool(x) for x in vae["temperal_downsample"]))
+    blocks = vae.get("block_out_channels") or vae.get("encoder_block_out_channels") or [0] * 4
+    return 2 ** (len(blocks) - 1), 1
+
+
+def pipeline_facts(root: str | Path, family: str) -> dict[str, Any]:
+    """What a pipeline folder says of its transformer's inputs that the transformer's
+    config does not: the VAE's factor and FLUX's text length (its T5 tokenizer's
+    ``model_max_length``, below the pipeline's 512). Empty for a folder that is not a
+    pipeline."""
+    root = Path(root)
+    if not (root / "model_index.json").is_file() or not (root / "vae").is_dir():
+        return {}
+    spatial, temporal = vae_factors(root)
+    facts: dict[str, Any] = {"vae_factor": spatial}
+    if family == "wan":
+        facts["vae_temporal"] = temporal
+    length = _json(root / "tokenizer_2" / "tokenizer_config.json").get("model_max_length")
+    if family == "flux" and isinstance(length, int) and 0 < length < 512:
+        facts["text_tokens"] = length
+    return facts
+
+
 def size_rule(root: str | Path, family: Family) -> tuple[int, int]:
     """``(pixels per token side, frames per latent frame)`` of a checked pipeline folder,
     from its VAE's and transformer's configs (no weights read)."""
     root = Path(root)
-    vae, tr = _json(root / "vae" / "config.json"), _json(root / "transformer" / "config.json")
-    if "temperal_downsample" in vae:  # AutoencoderKLWan
-        spatial = 2 ** len(vae["temperal_downsample"])
-        temporal = 2 ** sum(bool(x) for x in vae["temperal_downsample"])
-    else:
-        blocks = vae.get("block_out_channels") or vae.get("encoder_block_out_channels") or [0] * 4
-        spatial, temporal = 2 ** (len(blocks) - 1), 1
+    tr = _json(root / "transformer" / "config.json")
+    spatial, temporal = vae_factors(root)
     patch = tr.get("patch_size", 1)
     patch = int(patch[-1] if isinstance(patch, (list, tuple)) else patch or 1)
     return spatial * patch * family.pack, temporal
