@@ -43,9 +43,9 @@ GATHER_COST = 32.0
 STEP_COST = 2.0e5
 #: a chunk's working set (gathered q, k, v, its SDPA output and its mask) as a fraction
 #: of q's bytes: the path's peak is then the output plus this, within 2× softmax SDPA's
-WORKSPACE_FRACTION = 1.0
+WORKSPACE_FRACTION = 0.75
 #: ... but at least this many bytes (a small input runs in a few steps, not one per tile)
-WORKSPACE_MIN_BYTES = 1 << 20
+WORKSPACE_MIN_BYTES = 3 << 20
 
 
 @dataclass(frozen=True)
