@@ -11,6 +11,7 @@ import pandas as pd
 from .. import runfolder
 from ..results import BASELINE_METHOD, STATUS_OK
 from . import baselines as bl
+from .breakdown import breakdown_section
 from .context_parallel import context_parallel_section, is_context_parallel
 from .plots import Plot, pareto_plot, samples_plot, speed_plots
 from .render import Bullets, Document, Figure, Heading, Note, Para, Table, to_html, to_markdown
@@ -155,6 +156,7 @@ def build_document(runs: list[Run], plot_dir: Path, published: pd.DataFrame,
                      "100%, LiT 0%; — where unknown). Where rounding changed a request, the "
                      "method column shows what was kept, e.g. `sla:topk=0.05 (kept 25%)`."))
         doc.add(*_details(speed, multi=len(runs) > 1))
+        doc.add(*breakdown_section(speed))
     doc.add(*_not_measured(speed, multi=len(runs) > 1))
     doc.add(*_published_section(frame, published))
     if len(runs) > 1:

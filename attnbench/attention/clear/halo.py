@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from ..base import FastPath
 from .pooling import _window_of, extend_kv, extended_bytes
@@ -278,21 +279,24 @@ def _halo(q, k, v, *, grid=None, layout=None, radius, radius_t=None, global_toke
         tiles = slice(start, min(tiling.tiles, start + chunk.tiles))
         c = tiles.stop - start
         rows = query_index[start * qn: tiles.stop * qn]
-        mask = near + on_grid[tiles] if mask_buf is None else \
-            torch.add(near, on_grid[tiles], out=mask_buf[:c])
-        if padded is not None:  # padding query rows see every key (their output is dropped)
-            mask.masked_fill_(padded[tiles], 0.0)
+        with record_function("halo.mask"):
+            mask = near + on_grid[tiles] if mask_buf is None else \
+                torch.add(near, on_grid[tiles], out=mask_buf[:c])
+            if padded is not None:  # padding query rows see every key (output dropped)
+                mask.masked_fill_(padded[tiles], 0.0)
         for first in range(0, bh, chunk.heads):
             heads = torch.arange(first, min(bh, first + chunk.heads), device=q.device)[:, None]
             hc = heads.shape[0]
-            cols = (key_index[tiles].reshape(1, -1) + heads * window.keys).reshape(-1)
-            queries = _take(q_rows, (rows.clamp(max=n - 1) + heads * n).reshape(-1), q_buf)
-            keys, values = _take(k_rows, cols, k_buf), _take(v_rows, cols, v_buf)
-            # a 4-D mask: SDPA's CPU flash kernel takes it (a 3-D one sends it to the math path)
-            o = F.scaled_dot_product_attention(
-                queries.view(hc, c, qn, d), keys.view(hc, c, kn, d), values.view(hc, c, kn, e),
-                attn_mask=mask.unsqueeze(0))
-            out_rows.index_copy_(0, (rows + heads * (n + 1)).reshape(-1), o.reshape(-1, e))
+            with record_function("halo.gather"):
+                cols = (key_index[tiles].reshape(1, -1) + heads * window.keys).reshape(-1)
+                queries = _take(q_rows, (rows.clamp(max=n - 1) + heads * n).reshape(-1), q_buf)
+                keys, values = _take(k_rows, cols, k_buf), _take(v_rows, cols, v_buf)
+            with record_function("halo.sdpa"):  # a 4-D mask: SDPA's CPU flash kernel takes
+                o = F.scaled_dot_product_attention(  # it (a 3-D one: the math path)
+                    queries.view(hc, c, qn, d), keys.view(hc, c, kn, d),
+                    values.view(hc, c, kn, e), attn_mask=mask.unsqueeze(0))
+            with record_function("halo.scatter"):
+                out_rows.index_copy_(0, (rows + heads * (n + 1)).reshape(-1), o.reshape(-1, e))
     return out[:, :, :n]
 
 

@@ -14,6 +14,7 @@ chunks (pure torch ops), so the path also trains.
 from __future__ import annotations
 
 import torch
+from torch.profiler import record_function
 
 from ..base import FastPath
 from ..softmax.reference import accumulation_dtype
@@ -52,15 +53,17 @@ def chunked_linear_attention(
     n = k.shape[2]
     e = v.shape[-1]
     state = normaliser = 0.0
-    for rows in _chunks(n):
-        fk = _features(k[:, :, rows], acc, phi_shift)
-        state = state + torch.matmul(fk.transpose(-1, -2), v[:, :, rows].to(acc))
-        normaliser = normaliser + fk.sum(dim=-2).unsqueeze(-1)
-    both = torch.cat((state, normaliser), dim=-1) / max(1, n)  # [B, H, d, e + 1]
+    with record_function("lit.state"):
+        for rows in _chunks(n):
+            fk = _features(k[:, :, rows], acc, phi_shift)
+            state = state + torch.matmul(fk.transpose(-1, -2), v[:, :, rows].to(acc))
+            normaliser = normaliser + fk.sum(dim=-2).unsqueeze(-1)
+        both = torch.cat((state, normaliser), dim=-1) / max(1, n)  # [B, H, d, e + 1]
     out = q.new_empty(*q.shape[:3], e)
-    for rows in _chunks(q.shape[2]):
-        readout = torch.matmul(_features(q[:, :, rows], acc, phi_shift), both)
-        out[:, :, rows] = readout[..., :e] / (readout[..., e:] + eps)
+    with record_function("lit.readout"):
+        for rows in _chunks(q.shape[2]):
+            readout = torch.matmul(_features(q[:, :, rows], acc, phi_shift), both)
+            out[:, :, rows] = readout[..., :e] / (readout[..., e:] + eps)
     return out
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from ..softmax.reference import accumulation_dtype
 from .blocks import FEATURE_MAPS, _split_blocks, num_blocks, selection_bytes
@@ -159,7 +160,8 @@ def sla_batched(
     marginal = linear and linear_over == "marginal"
     phi = FEATURE_MAPS[feature_map]
     if linear:
-        total = total_state(k, v, phi, acc).flatten(0, 1).unsqueeze(1)  # [B·H, 1, d, e+1]
+        with record_function("sla.state"):
+            total = total_state(k, v, phi, acc).flatten(0, 1).unsqueeze(1)  # [B·H, 1, d, e+1]
 
     shape = (*q_blocks.shape[:3], e)
     o_s = q.new_empty(shape)
@@ -172,20 +174,23 @@ def sla_batched(
         buffers = tuple(x.new_empty(bh * chunk * kk, block_kv, x.shape[-1]) for x in (k, v))
     for start in range(0, nq, chunk):
         rows = slice(start, min(nq, start + chunk))
-        lut = flat[:, rows]  # [B·H, c, kk]
-        keys = _gather(k_blocks, lut, buffers[0])
-        values = _gather(v_blocks, lut, buffers[1])
-        key_valid = None if valid is None else \
-            valid[indices.flatten(0, 1)[:, rows]].flatten(-2).unsqueeze(-2)  # [B·H, c, 1, kk·bkv]
-        out = F.scaled_dot_product_attention(q_blocks[:, rows], keys, values,
-                                             attn_mask=key_valid)
+        with record_function("sla.gather"):
+            lut = flat[:, rows]  # [B·H, c, kk]
+            keys = _gather(k_blocks, lut, buffers[0])
+            values = _gather(v_blocks, lut, buffers[1])
+            key_valid = None if valid is None else \
+                valid[indices.flatten(0, 1)[:, rows]].flatten(-2).unsqueeze(-2)  # [B·H,c,1,kk·bkv]
+        with record_function("sla.sdpa"):
+            out = F.scaled_dot_product_attention(q_blocks[:, rows], keys, values,
+                                                 attn_mask=key_valid)
         if marginal:  # the state minus the critical blocks' share, per query block
-            fk = phi(keys.to(acc))
-            if key_valid is not None:
-                fk = fk * key_valid.transpose(-1, -2)
-            critical = torch.cat((torch.matmul(fk.transpose(-1, -2), values.to(acc)),
-                                  fk.sum(dim=-2).unsqueeze(-1)), dim=-1)
-            lin = _readout(q_blocks[:, rows], total - critical, phi, eps)
+            with record_function("sla.linear"):
+                fk = phi(keys.to(acc))
+                if key_valid is not None:
+                    fk = fk * key_valid.transpose(-1, -2)
+                critical = torch.cat((torch.matmul(fk.transpose(-1, -2), values.to(acc)),
+                                      fk.sum(dim=-2).unsqueeze(-1)), dim=-1)
+                lin = _readout(q_blocks[:, rows], total - critical, phi, eps)
             if parts:
                 o_l[:, rows] = lin
             else:
@@ -195,11 +200,12 @@ def sla_batched(
         step = readout_blocks(bh, n, q.shape[-1], q.element_size(), block_q)
         for start in range(0, nq, step):
             rows = slice(start, min(nq, start + step))
-            lin = _readout(q_blocks[:, rows], total, phi, eps)
-            if parts:
-                o_l[:, rows] = lin
-            else:
-                o_s[:, rows] += lin
+            with record_function("sla.linear"):
+                lin = _readout(q_blocks[:, rows], total, phi, eps)
+                if parts:
+                    o_l[:, rows] = lin
+                else:
+                    o_s[:, rows] += lin
     elif parts and not linear:
         o_l.zero_()
     unblock = lambda x: x.view(b, h, nq * block_q, e)[:, :, :n]  # noqa: E731
@@ -217,7 +223,7 @@ def _workspace(batch, heads, tokens, head_dim, layout, *, element_size, topk, bl
     state's sum step, the sparse loop's chunk (:func:`block_bytes` per query block of
     :func:`chunk_blocks`, its LUT) and the all-token readout's step."""
     bh, d, acc = batch * heads, head_dim, max(element_size, 4)
-    block_map, indices, nq, _, kk = selection_bytes(bh, tokens, block_q, block_kv, topk)
+    block_map, indices, _, _, kk = selection_bytes(bh, tokens, block_q, block_kv, topk)
     marginal = linear_over == "marginal"
     c = chunk_blocks(bh, tokens, d, element_size, block_q, block_kv, kk, marginal)
     work = bh * c * (block_bytes(block_q, block_kv, kk, d, element_size, marginal) + kk * 8)
