@@ -1,16 +1,31 @@
-"""Stage breakdown (bench/breakdown.stage_times) of the new CPU paths, THREADS threads."""
-import sys, torch
+"""The stage breakdown (attnbench.bench.breakdown.stage_times) of the CPU paths, best of 2.
+
+usage: stages.py THREADS   (DiT-Ti/2 attention shapes at 1024 and 2048 px)
+"""
+import sys
+
+import torch
+
 from attnbench import attention
 from attnbench.bench.breakdown import stage_times
+
+METHODS = (("clear", {"radius": 16.0}), ("clear", {}), ("sla", {}), ("sla", {"topk": 0.2}),
+           ("lit", {}))
+
 torch.set_num_threads(int(sys.argv[1]))
-for g in (64, 128):
-    q, k, v = (torch.randn(1, 3, g * g, 64) for _ in range(3))
-    for name, o in (("clear", {"radius": 16.0}), ("clear", {}), ("sla", {}), ("sla", {"topk": 0.2}), ("lit", {})):
-        be = attention.get(name)
-        opts = be.resolve(be.attend_options(o))
+for side in (64, 128):
+    q, k, v = (torch.randn(1, 3, side * side, 64) for _ in range(3))
+    for name, options in METHODS:
+        backend = attention.get(name)
+        opts = backend.resolve(backend.attend_options(options))
+
+        def call(backend=backend, opts=opts, qkv=(q, k, v), grid=(side, side)):
+            return backend.attend(*qkv, grid=grid, **opts)
+
         with torch.inference_mode():
-            st = min((stage_times(lambda: be.attend(q, k, v, grid=(g, g), **opts)) for _ in range(2)),
-                     key=lambda s: sum(s.values()))
-        tot = sum(st.values())
-        print(f"| {g*16} | {name}{':' + ','.join(f'{a}={b}' for a, b in o.items()) if o else ''} | {tot*1e3:.1f} | " +
-              ", ".join(f"{k} {v*1e3:.1f} ms ({100*v/tot:.0f}%)" for k, v in sorted(st.items(), key=lambda kv: -kv[1])) + " |", flush=True)
+            stages = min((stage_times(call) for _ in range(2)), key=lambda s: sum(s.values()))
+        total = sum(stages.values())
+        label = name + "".join(f":{key}={value}" for key, value in options.items())
+        parts = ", ".join(f"{stage} {t * 1e3:.1f} ms ({100 * t / total:.0f}%)"
+                          for stage, t in sorted(stages.items(), key=lambda kv: -kv[1]))
+        print(f"| {side * 16} | {label} | {total * 1e3:.1f} | {parts} |", flush=True)
