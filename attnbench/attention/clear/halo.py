@@ -268,7 +268,7 @@ def _halo(q, k, v, *, grid=None, layout=None, radius, radius_t=None, global_toke
     chunk = tiling.chunking(bh, d, q.element_size())
     # without autograd the chunks reuse one set of buffers (SDPA's backward would keep
     # the mask and the gathered rows of every chunk, so training allocates them anew)
-    reuse = not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)))
+    reuse = not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_ext, v_ext)))
     buffers = (None,) * 4
     if reuse:
         rows_of = lambda keys, dim: q.new_empty(chunk.heads * chunk.tiles * keys, dim)  # noqa: E731
