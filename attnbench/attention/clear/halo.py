@@ -41,7 +41,7 @@ TILE_SIDES = (4, 8, 12, 16, 24, 32, 48, 64)
 #: (4·d FLOPs each): copies run at memory speed, pairs at matmul speed
 GATHER_COST = 32.0
 #: the cost of one chunk's fixed work (several small torch calls), in pairs
-STEP_COST = 2.0e5
+STEP_COST = 5.0e4
 #: a chunk's working set (gathered q, k, v, its SDPA output and its mask) as a fraction
 #: of q's bytes: the path's peak is then the output plus this, within 2× softmax SDPA's
 WORKSPACE_FRACTION = 0.75

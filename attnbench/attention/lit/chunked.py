@@ -20,18 +20,27 @@ from ..base import FastPath
 from ..softmax.reference import accumulation_dtype
 from .naive import EPS, PHI_SHIFT
 
-#: tokens per chunk: large enough that each chunk's matmul runs at the CPU's matmul speed,
-#: small enough that its features (``B·H·chunk·d`` floats) stay in cache-sized pieces and
-#: the path's peak within 2× softmax SDPA's at DiT-Ti/2's 1024 px
+#: tokens per chunk at least: large enough that each chunk's matmul runs at the CPU's
+#: matmul speed, small enough that the path's peak stays within 2× softmax SDPA's at
+#: DiT-Ti/2's 1024 px ...
 CHUNK_TOKENS = 512
+#: ... and at most this fraction of the tokens beyond it (fewer, larger calls; the chunk's
+#: temporaries stay a fixed fraction of q's bytes)
+CHUNK_FRACTION = 16
 #: chunk-sized temporaries alive at once: the features, the matmul's packed operands, the
 #: readout and the division's result
 CHUNK_COPIES = 6
 
 
+def chunk_tokens(n: int) -> int:
+    """Tokens per chunk: :data:`CHUNK_TOKENS`, or ``n / CHUNK_FRACTION`` when larger."""
+    return max(CHUNK_TOKENS, n // CHUNK_FRACTION)
+
+
 def _chunks(n: int):
-    for start in range(0, n, CHUNK_TOKENS):
-        yield slice(start, min(n, start + CHUNK_TOKENS))
+    step = chunk_tokens(n)
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
 
 
 def _features(x: torch.Tensor, acc: torch.dtype, shift: float) -> torch.Tensor:
@@ -71,7 +80,7 @@ def _workspace(batch, heads, tokens, head_dim, layout, *, element_size, **_opts)
     """Per chunk :data:`CHUNK_COPIES` chunk-sized temporaries in the accumulation dtype, and
     the ``d × (d+1)`` state and its running sum."""
     acc = max(element_size, 4)
-    chunk = min(tokens, CHUNK_TOKENS)
+    chunk = min(tokens, chunk_tokens(tokens))
     return float(batch * heads * (CHUNK_COPIES * chunk * (head_dim + 1) * acc
                                   + 2 * head_dim * (head_dim + 1) * acc))
 
@@ -80,6 +89,7 @@ CHUNKED = FastPath(
     "chunked",
     chunked_linear_attention,
     workspace=_workspace,
-    doc=f"pure torch: φ(K)ᵀV and the normaliser over {CHUNK_TOKENS}-token chunks, the "
+    doc=f"pure torch: φ(K)ᵀV and the normaliser over chunks of max({CHUNK_TOKENS}, "
+    f"N/{CHUNK_FRACTION}) tokens, the "
     "readout written chunk by chunk (no N-sized temporary); differentiable",
 )

@@ -36,7 +36,7 @@ from .blocks import FEATURE_MAPS, _split_blocks, num_blocks, selection_bytes
 #: fraction of q's bytes: the path's peak is then the output plus this, within 2× softmax's
 WORKSPACE_FRACTION = 0.25
 #: ... but at least this many bytes (a small input runs in a few steps)
-WORKSPACE_MIN_BYTES = 1 << 20
+WORKSPACE_MIN_BYTES = 2 << 20
 #: copies of a state step's keys alive at once: φ(K), the values, and the matmul's
 #: packed operands
 STATE_COPIES = 8
