@@ -45,6 +45,8 @@ from ..results import (
     Size,
     canonical_options,
 )
+from .breakdown import CALLS as STAGE_CALLS
+from .breakdown import stage_times
 from .flops import count_flops
 from .memory import free_memory, peak_memory
 from .timer import measure, synchronize
@@ -67,6 +69,9 @@ MIN_CALLS = 3
 PREDICTION_MARGIN = 2.0
 #: FlopCounterMode runs the call once more: only when it is predicted this cheap
 COUNT_FLOPS_BELOW_S = 2.0
+#: an attention point's stage breakdown (bench/breakdown.py) is profiled when its extra
+#: calls take at most this long
+STAGE_BUDGET_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -250,6 +255,11 @@ def run_point(
                               warmup_s=0.0).median
                 for name, step in workload.overheads.items()
             }
+            if level == "attention" and spec.name != BASELINE_METHOD and \
+                    timing.median * (STAGE_CALLS + 1) <= STAGE_BUDGET_S:
+                stages = stage_times(workload.fn)  # {} for a path that marks no stages
+                if stages:
+                    row.extra["stages"] = stages
             if not workload.countable:
                 row.extra["flops_counted_reason"] = f"FlopCounterMode cannot trace {row.impl}"
             elif row.predicted_s < COUNT_FLOPS_BELOW_S:

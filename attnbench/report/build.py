@@ -11,6 +11,7 @@ import pandas as pd
 from .. import runfolder
 from ..results import BASELINE_METHOD, QUALITY_LEVEL, STATUS_OK, ZERO_SHOT_LEVEL
 from . import baselines as bl
+from .breakdown import breakdown_section
 from .compare import Thresholds, compare_frames, comparison_table
 from .context_parallel import context_parallel_section, is_context_parallel
 from .plots import Plot, pareto_plot, samples_plot, speed_plots
@@ -156,6 +157,7 @@ def build_document(runs: list[Run], plot_dir: Path, published: pd.DataFrame,
                      "100%, LiT 0%; — where unknown). Where rounding changed a request, the "
                      "method column shows what was kept, e.g. `sla:topk=0.05 (kept 25%)`."))
         doc.add(*_details(speed, multi=len(runs) > 1))
+        doc.add(*breakdown_section(speed))
     doc.add(*_not_measured(speed, multi=len(runs) > 1))
     doc.add(*_published_section(frame, published))
     if len(runs) > 1:
@@ -550,16 +552,28 @@ def _diffusers_shapes(model: dict[str, Any], frame: pd.DataFrame) -> str:
 
 
 def _setup(run: Run) -> dict[str, str]:
+    """The setup rows of one run: its device, shapes, points, measurement and provenance."""
     m, f = run.meta, speed_rows(run.frame)
     ok = f[f["status"] == STATUS_OK]
-    info: dict[str, str] = {}
+    return {**_setup_device(m, f), **_setup_shapes(m, f), **_setup_points(run, f, ok),
+            **_setup_measurement(m, ok), **_setup_provenance(run)}
+
+
+def _setup_device(m: dict[str, Any], f: pd.DataFrame) -> dict[str, str]:
+    """The device (name, kind, memory, driver) and the dtype."""
     device = m.get("device_name") or ", ".join(dict.fromkeys(f["device"].astype(str)))
-    info["device"] = f"{device} (`{m.get('device', ', '.join(dict.fromkeys(f['device'])))}`)"
+    text = f"{device} (`{m.get('device', ', '.join(dict.fromkeys(f['device'])))}`)"
     if m.get("gpu_memory_bytes"):
-        info["device"] += f", {num(m['gpu_memory_bytes'] / 2**30)} GiB"
+        text += f", {num(m['gpu_memory_bytes'] / 2**30)} GiB"
     if m.get("driver"):
-        info["device"] += f", driver {m['driver']}"
-    info["dtype"] = _dtype_name(m.get("dtype") or ", ".join(dict.fromkeys(f["dtype"])))
+        text += f", driver {m['driver']}"
+    return {"device": text,
+            "dtype": _dtype_name(m.get("dtype") or ", ".join(dict.fromkeys(f["dtype"])))}
+
+
+def _setup_shapes(m: dict[str, Any], f: pd.DataFrame) -> dict[str, str]:
+    """The model's shapes (a DiT config or a diffusers model) and the weights it ran with."""
+    info: dict[str, str] = {}
     cfg = m.get("model_config") or {}
     model = m.get("model") or ", ".join(dict.fromkeys(f["model"].astype(str)))
     if cfg:
@@ -576,7 +590,12 @@ def _setup(run: Run) -> dict[str, str]:
         info["weights"] = "; ".join(weights) + (
             " — latency, memory and FLOPs depend on the shapes only, so speed needs no "
             "trained weights" if any(w.startswith(("random", "none")) for w in weights) else "")
-    info["levels"] = "; ".join(level_title(lvl) for lvl in levels(run.frame)) or DASH
+    return info
+
+
+def _setup_points(run: Run, f: pd.DataFrame, ok: pd.DataFrame) -> dict[str, str]:
+    """What the points were: levels, sizes, batch, methods, their defaults and paths."""
+    info = {"levels": "; ".join(level_title(lvl) for lvl in levels(run.frame)) or DASH}
     pairs = f[["size", "side", "tokens"]].drop_duplicates().sort_values(["side", "tokens"])
     info["resolutions"] = ", ".join(f"{r} px ({int(t):,} tokens)" for r, t in
                                     zip(pairs["size"], pairs["tokens"], strict=True)
@@ -584,13 +603,18 @@ def _setup(run: Run) -> dict[str, str]:
     info["batch"] = ", ".join(str(int(b)) for b in dict.fromkeys(f["batch"]) if _finite(b))
     info["methods"] = ", ".join(f"`{lab}`" for lab in label_order(f)) if len(f) else DASH
     info["method defaults"] = _defaults(list(dict.fromkeys(f["method"])))
-    impls = {}
+    impls: dict[str, set[str]] = {}
     for lab, impl in zip(ok["label"], ok["impl"], strict=True):
         impls.setdefault(lab, set()).add(impl or "?")
     info["implementations"] = "; ".join(f"`{lab}`: {', '.join(sorted(v))}"
                                         for lab, v in impls.items()) or DASH
+    return info
+
+
+def _setup_measurement(m: dict[str, Any], ok: pd.DataFrame) -> dict[str, str]:
+    """How it was measured: timer, repetitions, memory meter, FLOPs, budget, calibration."""
     timers = ", ".join(f"`{t}`" for t in dict.fromkeys(ok["timer"]) if t)
-    info["timer"] = (m.get("timer") or "") + (f" (here: {timers})" if timers else "")
+    info = {"timer": (m.get("timer") or "") + (f" (here: {timers})" if timers else "")}
     reps = ok["repetitions"].dropna()
     info["repetitions"] = (f"{int(reps.min())}–{int(reps.max())} per point (median "
                            f"{int(reps.median())}), by time budget" if len(reps) else DASH)
@@ -607,10 +631,15 @@ def _setup(run: Run) -> dict[str, str]:
         info["calibration"] = (f"{num(cal.get('flops_per_s', 0) / 1e9)} GFLOP/s matmul, "
                                f"{num(cal.get('bytes_per_s', 0) / 1e9)} GB/s copy (used only "
                                "to predict and skip points)")
+    return info
+
+
+def _setup_provenance(run: Run) -> dict[str, str]:
+    """Where the results come from: versions, platform, revision, date, command, folder."""
+    m = run.meta
     versions = [f"{k} {m[k]}" for k in ("torch", "triton", "xformers", "flash_attn", "cuda",
                                         "cudnn", "python") if m.get(k)]
-    info["library versions"] = ", ".join(versions) or DASH
-    info["platform"] = m.get("platform") or DASH
+    info = {"library versions": ", ".join(versions) or DASH, "platform": m.get("platform") or DASH}
     info["attnbench"] = (f"{m.get('attnbench') or DASH}, results schema "
                          f"{m.get('schema_version', DASH)}")
     info["git revision"] = f"`{m['git_revision']}`" if m.get("git_revision") else DASH

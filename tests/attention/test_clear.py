@@ -661,9 +661,10 @@ def test_halo_forward_and_backward_match_the_reference(layout, opts, side, gen, 
     from attnbench.attention.clear import halo
 
     monkeypatch.setattr(halo, "TILE_SIDES", (side,))
-    monkeypatch.setattr(halo, "CHUNK_KEYS", 1)  # one tile per SDPA call
-    monkeypatch.setattr(halo, "CHUNK_FRACTION", 10**9)
+    monkeypatch.setattr(halo, "WORKSPACE_MIN_BYTES", 1)  # one tile of one head per SDPA call
+    monkeypatch.setattr(halo, "WORKSPACE_FRACTION", 1e-9)
     halo.halo_index.cache_clear()
+    halo.halo_bias.cache_clear()
     f = opts.get("down_factor", 0)
     shape = (2, 2, layout.tokens, 8)
     inputs = qkv(gen, *shape)
@@ -680,19 +681,36 @@ def test_halo_forward_and_backward_match_the_reference(layout, opts, side, gen, 
         grads[impl] = (out, *torch.autograd.grad((out * weight).sum(), leaves))
     for got, want in zip(grads["halo"], grads["reference"], strict=True):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    with torch.inference_mode():  # the chunks reuse one set of buffers
+        out = CLEAR.attend(*inputs, layout=layout, impl="halo", **opts,
+                           **({"pool_weight": pool} if pool is not None else {}))
+    torch.testing.assert_close(out, grads["reference"][0], atol=1e-10, rtol=1e-10)
     halo.halo_index.cache_clear()
+    halo.halo_bias.cache_clear()
 
 
-def test_halo_tile_comes_from_the_cost_model():
-    """The tile grows with the radius and stops at the grid: not a constant."""
+def test_halo_tile_comes_from_the_cost_model(monkeypatch):
+    """The tile grows with the radius and stops at the grid: not a constant; within the
+    workspace budget the chosen tile's chunks fit it, and a tighter budget takes a
+    smaller tile."""
+    from attnbench.attention.clear import halo
     from attnbench.attention.clear.halo import choose_tile
 
+    window = clear.Window.of((128, 128), 48.0)
+    fitted = choose_tile(window, 3, 64, 4)
+    chunk = fitted.chunking(3, 64, 4)
+    per_head, per_tile = fitted.unit_bytes(64, 4)
+    assert chunk.heads * chunk.tiles * per_head + chunk.tiles * per_tile <= \
+        fitted.budget(3, 64, 4)
+    monkeypatch.setattr(halo, "WORKSPACE_FRACTION", 1e3)  # the cost model alone
+    assert choose_tile(window, 3, 64, 4).th > fitted.th
+
     def side(grid, radius):
-        return choose_tile(clear.Window.of(grid, radius)).th
+        return choose_tile(clear.Window.of(grid, radius), 3, 64, 4).th
 
     assert side((128, 128), 2.0) < side((128, 128), 16.0) <= side((128, 128), 48.0)
     assert side((16, 16), 16.0) == 16  # one tile: the whole (small) grid
-    tiling = choose_tile(clear.Window.of((128, 128), 16.0))
+    tiling = choose_tile(clear.Window.of((128, 128), 16.0), 3, 64, 4)
     assert tiling.keys < 128 * 128 / 4  # the halo is a fraction of the keys at 2048 px
 
 

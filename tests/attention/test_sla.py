@@ -297,9 +297,10 @@ BATCHED_LAYOUTS = [
 def test_batched_parts_match_reference_parts(order, layout, feature_map, linear_over, gen,
                                              monkeypatch):
     """O_s and O_l of the batched path, forward and backward, in both token orders, every
-    layout kind, partial last blocks of queries and keys, several chunks of query blocks."""
-    monkeypatch.setattr(sla_module.batched, "CHUNK_KEYS", 48)  # 2 query blocks per chunk
-    monkeypatch.setattr(sla_module.batched, "CHUNK_FRACTION", 1000)
+    layout kind, partial last blocks of queries and keys, several chunks of query blocks
+    and of the total state's sum; without autograd, the chunks' reused buffers."""
+    monkeypatch.setattr(sla_module.batched, "chunk_blocks", lambda *_: 2)  # query blocks
+    monkeypatch.setattr(sla_module.batched, "state_tokens", lambda *_: 7)  # keys per step
     n = layout.tokens
     q, k, v = (t.requires_grad_() for t in qkv(gen, 2, 2, n, 8))
     opts = _options(topk=0.4, block_q=16, block_kv=12, feature_map=feature_map,
@@ -316,6 +317,9 @@ def test_batched_parts_match_reference_parts(order, layout, feature_map, linear_
     whole = SLA.attend(q, k, v, layout=layout, impl="batched", **opts)
     torch.testing.assert_close(whole, results["batched"][0] + results["batched"][1],
                                atol=1e-13, rtol=1e-13)
+    with torch.inference_mode():
+        reused = SLA.attend(q, k, v, layout=layout, impl="batched", **opts)
+    torch.testing.assert_close(reused, whole, atol=1e-13, rtol=1e-13)
 
 
 def test_batched_with_every_block_selected_has_no_linear_branch(gen):

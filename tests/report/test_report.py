@@ -265,3 +265,24 @@ def test_density_and_what_ran_are_in_the_tables(tmp_path):
     assert "| sla:topk=0.05 (kept 25%) | reference | ok | 25% |" in md
     assert "| softmax | reference | ok | 100% |" in md
     assert "| lit | reference | ok | — |" in md
+
+
+def test_points_whose_flop_cut_and_speedup_disagree_say_where_the_time_goes(tmp_path):
+    """A method 16× fewer FLOPs but 2× faster is flagged with its overheads and stages
+    (largest first, with shares); one whose cut matches its speedup is not."""
+    dense = 4.0 * 3 * 1024**2 * 64
+    common = dict(status="ok", flops_dense=dense, latency_p20_s=None, latency_p80_s=None)
+    rows = [point("softmax", {}, "attention", 512, latency_median_s=8e-3, flops_actual=dense,
+                  impl="sdpa", **common),
+            point("clear", {}, "attention", 512, latency_median_s=4e-3, flops_actual=dense / 16,
+                  impl="halo", overheads=json.dumps({"halo_index": 2e-3}),
+                  extra={"stages": {"halo.sdpa": 3e-3, "halo.gather": 1e-3}}, **common),
+            point("lit", {}, "attention", 512, latency_median_s=1e-3, flops_actual=dense / 8,
+                  impl="chunked", **common)]
+    run = write_run(tmp_path / "run", rows)
+    md = write_report([run]).markdown.read_text()
+    section = md.split("## Where the time goes")[1].split("\n## ")[0]
+    assert "| attention | 512 px | `clear` | halo | 16.0× | 2.00× | 8.00× | halo_index 2.00 |" \
+        in section
+    assert "halo.sdpa 3.00 ms (75%), halo.gather 1.00 ms (25%)" in section
+    assert "`lit`" not in section

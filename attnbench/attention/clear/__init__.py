@@ -290,7 +290,8 @@ class Clear(AttentionBackend):
         elif impl == "masked_sdpa":
             steps["dense_mask"] = lambda: _dense_mask(window, q.device)
         elif impl == "halo":  # the tiling, its gather indices and shared mask (uncached)
-            steps["halo_index"] = lambda: halo_index.__wrapped__(choose_tile(window), q.device)
+            tiling = choose_tile(window, q.shape[0] * q.shape[1], q.shape[-1], q.element_size())
+            steps["halo_index"] = lambda: halo_index.__wrapped__(tiling, q.device)
         return steps
 
     sparse_pairs = True

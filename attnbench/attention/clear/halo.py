@@ -4,8 +4,8 @@ The image queries of each frame are cut into ``t × t`` tiles; a tile's keys are
 text tokens, its *halo* -- the ``(t + 2·reach)²`` box of grid keys around it, in every
 frame within the temporal reach -- and the pooled tokens. Every tile has the same key
 count, so one batched SDPA attends a chunk of tiles (batch and heads folded into
-SDPA's batch, tiles into its heads) with the circle as a per-tile boolean mask. The
-mask is the same for every tile (the box is centred on the tile, so each query sees
+SDPA's batch, tiles into its heads) with the circle as a per-tile additive mask. The
+circle is the same for every tile (the box is centred on the tile, so each query sees
 the same offsets), ANDed with whether each box key lies on the grid: keys past an
 edge point at token 0 and are masked. An axis one tile spans (a small grid, a tile
 as large as it) takes its whole extent instead of a box, and a temporal reach covering
@@ -15,8 +15,11 @@ attend to every text and image key (one SDPA), as the official code does.
 The work is ``N · keys_per_tile`` pairs instead of N² (the circle is ~πr² of the
 ``(t + 2r)²`` box); the tile side comes from :func:`choose_tile`, a cost model of the
 pairs computed and the keys copied. Chunks of tiles bound the gathered copies to a
-fraction of q (:data:`CHUNK_FRACTION`), so the memory is O(N·d) beside the cached
-gather indices. Autograd runs through it (index_select, SDPA, index_copy).
+budget (:data:`WORKSPACE_FRACTION` of q's bytes, :meth:`Tiling.chunking`): every head
+and as many tiles as fit, else one tile and as many heads as fit; without autograd
+the chunks reuse one set of buffers and the mask is one sum of two cached additive
+biases in SDPA's dtype, so the memory is the output plus that budget beside the
+cached indices. Autograd runs through it (index_select, SDPA, index_copy).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from ..base import FastPath
 from .pooling import _window_of, extend_kv, extended_bytes
@@ -36,12 +40,22 @@ TILE_SIDES = (4, 8, 12, 16, 24, 32, 48, 64)
 #: the cost of copying one key and value (2·d floats), in pairs of the attention
 #: (4·d FLOPs each): copies run at memory speed, pairs at matmul speed
 GATHER_COST = 32.0
-#: the cost of one tile chunk's fixed work (several small torch calls), in pairs
-STEP_COST = 2.0e5
-#: gathered keys one chunk of tiles may hold, as a fraction of the tokens ...
-CHUNK_FRACTION = 4
-#: ... but at least this many (fewer, smaller steps only add per-step overhead)
-CHUNK_KEYS = 4096
+#: the cost of one chunk's fixed work (several small torch calls), in pairs
+STEP_COST = 5.0e4
+#: a chunk's working set (gathered q, k, v, its SDPA output and its mask) as a fraction
+#: of q's bytes: the path's peak is then the output plus this, within 2× softmax SDPA's
+WORKSPACE_FRACTION = 0.75
+#: ... but at least this many bytes (a small input runs in a few steps, not one per tile)
+WORKSPACE_MIN_BYTES = 3 << 20
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """How many batch·heads and tiles one SDPA call takes, within the workspace budget."""
+
+    heads: int
+    tiles: int
+    steps: int
 
 
 @dataclass(frozen=True)
@@ -94,23 +108,58 @@ class Tiling:
         """Keys of one tile: text, the halo in every frame within reach, pooled."""
         return self.window.global_tokens + self.box + self.window.pooled
 
-    def chunk(self) -> int:
-        """Tiles per SDPA call (bounds the gathered copies)."""
-        budget = max(self.window.tokens // CHUNK_FRACTION, CHUNK_KEYS)
-        return max(1, min(self.tiles, budget // self.keys))
+    def unit_bytes(self, head_dim: int, element_size: int) -> tuple[float, float]:
+        """``(per batch·head and tile, per tile)`` bytes of a chunk: the gathered q, k, v
+        and the SDPA output of one tile of one head, and the tile's additive mask (shared
+        by the heads)."""
+        per_head = (2 * self.queries + 2 * self.keys) * head_dim * element_size
+        return per_head, self.queries * self.keys * element_size
 
-    def cost(self) -> float:
-        """Pairs computed + copies and steps in pair units (:data:`GATHER_COST`, ...)."""
+    def budget(self, batch_heads: int, head_dim: int, element_size: int) -> float:
+        """A chunk's bytes: :data:`WORKSPACE_FRACTION` of q's, at least
+        :data:`WORKSPACE_MIN_BYTES`."""
+        return max(WORKSPACE_FRACTION * batch_heads * self.window.tokens * head_dim
+                   * element_size, WORKSPACE_MIN_BYTES)
+
+    def fits(self, batch_heads: int, head_dim: int, element_size: int) -> bool:
+        """Whether one tile of one head fits the budget."""
+        return sum(self.unit_bytes(head_dim, element_size)) <= self.budget(
+            batch_heads, head_dim, element_size)
+
+    def chunking(self, batch_heads: int, head_dim: int, element_size: int) -> Chunking:
+        """The chunk that fits :meth:`budget`: every head and as many tiles as fit, else
+        one tile and as many heads as fit (at least one of each)."""
+        budget = self.budget(batch_heads, head_dim, element_size)
+        per_head, per_tile = self.unit_bytes(head_dim, element_size)
+        if batch_heads * per_head + per_tile <= budget:
+            heads = batch_heads
+            tiles = min(self.tiles, int(budget // (batch_heads * per_head + per_tile)))
+        else:
+            heads = max(1, min(batch_heads, int((budget - per_tile) // per_head)))
+            tiles = 1
+        steps = -(-self.tiles // tiles) * -(-batch_heads // heads)
+        return Chunking(heads, tiles, steps)
+
+    def cost(self, batch_heads: int, head_dim: int, element_size: int) -> float:
+        """Pairs computed + copies (per batch·head) and SDPA calls in pair units
+        (:data:`GATHER_COST`, :data:`STEP_COST`)."""
         pairs = self.tiles * self.queries * self.keys
-        steps = -(-self.tiles // self.chunk())
+        steps = self.chunking(batch_heads, head_dim, element_size).steps
         return pairs + GATHER_COST * self.tiles * self.keys + STEP_COST * steps
 
 
-def choose_tile(window: Window) -> Tiling:
+def choose_tile(window: Window, batch_heads: int = 1, head_dim: int = 64,
+                element_size: int = 4) -> Tiling:
     """The tiling of least :meth:`Tiling.cost` over :data:`TILE_SIDES` (square tiles, cut
-    to the grid): small tiles compute fewer pairs, large ones copy fewer keys."""
+    to the grid) among those whose tile fits the workspace budget (the smallest tile
+    when none does): small tiles compute fewer pairs, large ones copy fewer keys, and a
+    tile whose chunks are fewer pays less fixed work."""
+    shape = (batch_heads, head_dim, element_size)
     options = {Tiling(window, min(t, window.hg), min(t, window.wg)) for t in TILE_SIDES}
-    return min(options, key=lambda tiling: (tiling.cost(), -tiling.th))
+    fitting = [tiling for tiling in options if tiling.fits(*shape)]
+    if not fitting:
+        return min(options, key=lambda tiling: (tiling.th * tiling.tw, tiling.th))
+    return min(fitting, key=lambda tiling: (tiling.cost(*shape), -tiling.th))
 
 
 def _axis_index(side: int, tile: int, tiles: int, keys: int, reach: int, device):
@@ -179,58 +228,96 @@ def halo_index(tiling: Tiling, device: torch.device):
     return query, key, near.contiguous(), on_grid.unsqueeze(1).contiguous(), padded
 
 
+@functools.lru_cache(maxsize=8)
+def halo_bias(tiling: Tiling, device: torch.device, dtype: torch.dtype):
+    """:func:`halo_index`'s masks as additive biases in ``dtype`` (0 kept, -inf not):
+    ``(near [t², keys], on_grid [tiles, 1, keys])``; a chunk's mask is one sum of the
+    two, made in SDPA's dtype, so SDPA converts nothing."""
+    _, _, near, on_grid, _ = halo_index(tiling, device)
+    bias = lambda keep: torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(  # noqa: E731
+        ~keep, float("-inf"))
+    return bias(near), bias(on_grid)
+
+
+def _take(rows: torch.Tensor, index: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
+    """``rows[index]``, into ``buffer`` (reused by every chunk) when there is one."""
+    if buffer is None:
+        return rows.index_select(0, index)
+    return torch.index_select(rows, 0, index, out=buffer[: index.numel()])
+
+
 def _halo(q, k, v, *, grid=None, layout=None, radius, radius_t=None, global_tokens=0,
           down_factor, pool_weight=None):
     window = _window_of(q, layout, grid, radius, radius_t, global_tokens, down_factor,
                         pool_weight)
     g, n = window.global_tokens, window.tokens
     b, h, _, d = q.shape
+    e, bh = v.shape[-1], b * h
     k_ext, v_ext = extend_kv(k, v, window, pool_weight)
-    tiling = choose_tile(window)
-    query_index, key_index, near, on_grid, padded = halo_index(tiling, q.device)
-    out = q.new_empty(b, h, n + 1, v.shape[-1])  # row n: where padding queries go
+    tiling = choose_tile(window, bh, d, q.element_size())
+    query_index, key_index, _, _, padded = halo_index(tiling, q.device)
+    near, on_grid = halo_bias(tiling, q.device, q.dtype)
+    out = q.new_empty(b, h, n + 1, e)  # row n: where padding queries go
     if g:
         out[:, :, :g] = F.scaled_dot_product_attention(q[:, :, :g], k[:, :, :n], v[:, :, :n])
     # every head's tokens as rows of one matrix: a gather along dim 0 copies whole rows
     # (several times faster than along the token dim of [B, H, N, d])
     q_rows, k_rows, v_rows = (x.reshape(-1, x.shape[-1]) for x in (q, k_ext, v_ext))
-    out_rows = out.view(-1, out.shape[-1])
-    heads = torch.arange(b * h, device=q.device)[:, None]
-    qn, kn, step = tiling.queries, tiling.keys, tiling.chunk()
-    for start in range(0, tiling.tiles, step):
-        tiles = slice(start, min(tiling.tiles, start + step))
-        rows = query_index[start * qn: tiles.stop * qn]
-        cols = (key_index[tiles].reshape(1, -1) + heads * window.keys).reshape(-1)
+    out_rows = out.view(-1, e)
+    qn, kn = tiling.queries, tiling.keys
+    chunk = tiling.chunking(bh, d, q.element_size())
+    # without autograd the chunks reuse one set of buffers (SDPA's backward would keep
+    # the mask and the gathered rows of every chunk, so training allocates them anew)
+    reuse = not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_ext, v_ext)))
+    buffers = (None,) * 4
+    if reuse:
+        rows_of = lambda keys, dim: q.new_empty(chunk.heads * chunk.tiles * keys, dim)  # noqa: E731
+        buffers = (rows_of(qn, d), rows_of(kn, d), rows_of(kn, e),
+                   q.new_empty(chunk.tiles, qn, kn))
+    q_buf, k_buf, v_buf, mask_buf = buffers
+    for start in range(0, tiling.tiles, chunk.tiles):
+        tiles = slice(start, min(tiling.tiles, start + chunk.tiles))
         c = tiles.stop - start
-        mask = near & on_grid[tiles]
-        if padded is not None:
-            mask = mask | padded[tiles]
-        queries = q_rows.index_select(0, (rows.clamp(max=n - 1) + heads * n).reshape(-1))
-        keys, values = k_rows.index_select(0, cols), v_rows.index_select(0, cols)
-        # a 4-D mask: SDPA's CPU flash kernel takes it (a 3-D one sends it to the math path)
-        o = F.scaled_dot_product_attention(
-            queries.view(b * h, c, qn, d), keys.view(b * h, c, kn, d),
-            values.view(b * h, c, kn, -1), attn_mask=mask.unsqueeze(0))
-        out_rows.index_copy_(0, (rows + heads * (n + 1)).reshape(-1), o.reshape(b * h * c * qn, -1))
+        rows = query_index[start * qn: tiles.stop * qn]
+        with record_function("halo.mask"):
+            mask = near + on_grid[tiles] if mask_buf is None else \
+                torch.add(near, on_grid[tiles], out=mask_buf[:c])
+            if padded is not None:  # padding query rows see every key (output dropped)
+                mask.masked_fill_(padded[tiles], 0.0)
+        for first in range(0, bh, chunk.heads):
+            heads = torch.arange(first, min(bh, first + chunk.heads), device=q.device)[:, None]
+            hc = heads.shape[0]
+            with record_function("halo.gather"):
+                cols = (key_index[tiles].reshape(1, -1) + heads * window.keys).reshape(-1)
+                queries = _take(q_rows, (rows.clamp(max=n - 1) + heads * n).reshape(-1), q_buf)
+                keys, values = _take(k_rows, cols, k_buf), _take(v_rows, cols, v_buf)
+            with record_function("halo.sdpa"):  # a 4-D mask: SDPA's CPU flash kernel takes
+                o = F.scaled_dot_product_attention(  # it (a 3-D one: the math path)
+                    queries.view(hc, c, qn, d), keys.view(hc, c, kn, d),
+                    values.view(hc, c, kn, e), attn_mask=mask.unsqueeze(0))
+            with record_function("halo.scatter"):
+                out_rows.index_copy_(0, (rows + heads * (n + 1)).reshape(-1), o.reshape(-1, e))
     return out[:, :, :n]
 
 
 def _workspace(batch, heads, tokens, head_dim, layout, *, element_size, radius, radius_t=None,
                global_tokens=0, down_factor) -> float:
-    """The cached indices and masks (query and key indices, the per-tile on-grid flags,
-    the shared circle), the extended K/V (pooled tokens), the output buffer's extra row,
-    and per chunk the gathered q, k, v, the chunk's output, its key indices and its mask
-    (bool, and the additive copy SDPA makes of it)."""
+    """The cached indices and biases (query and key indices, the per-tile on-grid bias,
+    the shared circle's), the extended K/V (pooled tokens), the output buffer's extra row,
+    the text queries' SDPA output, and the chunk's buffers (:meth:`Tiling.chunking`: the
+    gathered q, k, v, the mask) with its SDPA output and key indices."""
     window = Window.of(layout, radius, global_tokens, down_factor, radius_t)
-    tiling = choose_tile(window)
-    bh, c = batch * heads, tiling.chunk()
+    bh, d = batch * heads, head_dim
+    tiling = choose_tile(window, bh, d, element_size)
+    chunk = tiling.chunking(bh, d, element_size)
     qn, kn = tiling.queries, tiling.keys
-    cached = 8.0 * tiling.tiles * (qn + kn) + tiling.tiles * (kn + qn) + qn * kn
-    chunk = bh * c * (2 * qn + 2 * kn) * head_dim * element_size + 8.0 * bh * c * (kn + qn) \
-        + c * qn * kn * (1 + element_size)
-    text = 2.0 * bh * window.global_tokens * head_dim * element_size
-    return extended_bytes(window, bh, head_dim, element_size) + cached + chunk + text \
-        + bh * head_dim * element_size
+    cached = 8.0 * tiling.tiles * (qn + kn) + tiling.tiles * (kn + qn) + qn * kn \
+        + (qn + tiling.tiles) * kn * element_size
+    per_head, per_tile = tiling.unit_bytes(d, element_size)
+    work = chunk.heads * chunk.tiles * (per_head + 8.0 * 2 * kn) + chunk.tiles * per_tile
+    text = 2.0 * bh * window.global_tokens * d * element_size
+    return extended_bytes(window, bh, d, element_size) + cached + work + text \
+        + bh * d * element_size
 
 
 HALO = FastPath(

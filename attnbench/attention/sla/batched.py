@@ -15,8 +15,10 @@ per chunk of query blocks (heads and batch folded into one batch dimension):
   one matmul of ``φ(Q)`` with ``[S | z]``;
 * ``O_s + O_l`` is written into the output chunk by chunk.
 
-So the workspace is a chunk's gathered blocks (bounded by :data:`CHUNK_KEYS`) and the
-``d×d`` state, whatever N is. Token order, selection and formula are the other
+So the workspace is a chunk's working set (its gathered blocks and the per-query
+temporaries, within :data:`WORKSPACE_FRACTION` of q's bytes: :func:`chunk_blocks`)
+and the ``d×d`` state, whatever N is; without autograd the chunks gather into one
+reused pair of buffers. Token order, selection and formula are the other
 paths' (``sla_parts``): the path runs on the blocks of SLA's order and is held to the
 float64 reference on every layout.
 """
@@ -25,45 +27,100 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from ..softmax.reference import accumulation_dtype
 from .blocks import FEATURE_MAPS, _split_blocks, num_blocks, selection_bytes
 
-#: gathered keys (per batch·head) one chunk of query blocks may hold, as a fraction of the
-#: tokens: a chunk's gathered K, V and φ(K) are then 3/4 of q's size
-CHUNK_FRACTION = 4
-#: ... but at least this many (fewer, smaller steps only add per-step overhead)
-CHUNK_KEYS = 1024
-#: key tokens per step of the total state's sum
-STATE_CHUNK_TOKENS = 1024
+#: a chunk's working set (gathered K, V and φ(K_sel), the per-query temporaries) as a
+#: fraction of q's bytes: the path's peak is then the output plus this, within 2× softmax's
+WORKSPACE_FRACTION = 0.25
+#: ... but at least this many bytes (a small input runs in a few steps)
+WORKSPACE_MIN_BYTES = 2 << 20
+#: copies of a state step's keys alive at once: φ(K), the values, and the matmul's
+#: packed operands
+STATE_COPIES = 8
+#: copies of a readout step's queries alive at once: q's slice made contiguous, φ(Q),
+#: the readout, the quotient, and the matmul's packed operands
+READOUT_COPIES = 8
 
 
-def chunk_blocks(tokens: int, query_blocks: int, selected: int, block_kv: int) -> int:
-    """Query blocks per chunk: as many as keep the gathered ``chunk·kk·bkv`` keys within
-    ``max(N / CHUNK_FRACTION, CHUNK_KEYS)``."""
-    keys = max(tokens // CHUNK_FRACTION, CHUNK_KEYS)
-    return max(1, min(query_blocks, keys // max(1, selected * block_kv)))
+def _budget(batch_heads: int, tokens: int, head_dim: int, element_size: int) -> float:
+    return max(WORKSPACE_FRACTION * batch_heads * tokens * head_dim * element_size,
+               WORKSPACE_MIN_BYTES)
+
+
+def block_bytes(block_q: int, block_kv: int, selected: int, head_dim: int, element_size: int,
+                marginal: bool) -> float:
+    """One query block's working set per batch·head in the sparse loop: its gathered K and
+    V and its SDPA output; over the marginal keys also φ(K_sel), the critical state and
+    the block's readout (φ(Q), the readout, the linear output and the sum)."""
+    acc, d = max(element_size, 4), head_dim
+    keys = selected * block_kv * d
+    sparse = 2 * keys * element_size + block_q * d * element_size
+    if not marginal:
+        return sparse
+    return sparse + keys * acc + 2 * d * (d + 1) * acc + block_q * ((2 * d + 1) * acc
+                                                                     + 2 * d * element_size)
+
+
+def chunk_blocks(batch_heads: int, tokens: int, head_dim: int, element_size: int,
+                 block_q: int, block_kv: int, selected: int, marginal: bool) -> int:
+    """Query blocks per chunk: as many as keep the chunk's working set (:func:`block_bytes`
+    for every batch·head) within the budget (:data:`WORKSPACE_FRACTION` of q's bytes)."""
+    per_block = batch_heads * block_bytes(block_q, block_kv, selected, head_dim, element_size,
+                                          marginal)
+    budget = _budget(batch_heads, tokens, head_dim, element_size)
+    return max(1, min(num_blocks(tokens, block_q), int(budget // per_block)))
+
+
+def state_tokens(batch_heads: int, tokens: int, head_dim: int, element_size: int) -> int:
+    """Key tokens per step of the total state's sum: φ(K) of the step and its operands
+    (with the matmul's packed copies of both, a pair per thread) within the budget."""
+    per_token = batch_heads * head_dim * STATE_COPIES * max(element_size, 4)
+    return max(1, min(tokens, int(_budget(batch_heads, tokens, head_dim, element_size)
+                                  // per_token)))
 
 
 def total_state(k: torch.Tensor, v: torch.Tensor, phi, acc: torch.dtype) -> torch.Tensor:
     """``[Σ φ(k_j)ᵀ v_j | Σ φ(k_j)]`` over every token, ``[B, H, d, e + 1]``, summed in token
     chunks (no N-sized φ(K))."""
-    n = k.shape[2]
+    b, h, n, d = k.shape
+    step = state_tokens(b * h, n, d, k.element_size())
     state = normaliser = 0.0
-    for start in range(0, n, STATE_CHUNK_TOKENS):
-        rows = slice(start, min(n, start + STATE_CHUNK_TOKENS))
+    for start in range(0, n, step):
+        rows = slice(start, min(n, start + step))
         fk = phi(k[:, :, rows].to(acc))
         state = state + torch.matmul(fk.transpose(-1, -2), v[:, :, rows].to(acc))
         normaliser = normaliser + fk.sum(dim=-2).unsqueeze(-1)
     return torch.cat((state, normaliser), dim=-1)
 
 
-def _gather(blocks: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+def readout_blocks(batch_heads: int, tokens: int, head_dim: int, element_size: int,
+                   block_q: int) -> int:
+    """Query blocks per step of the all-token readout: :data:`READOUT_COPIES` of the
+    step's queries within the budget."""
+    per_block = batch_heads * block_q * (head_dim + 1) * READOUT_COPIES * max(element_size, 4)
+    budget = _budget(batch_heads, tokens, head_dim, element_size)
+    return max(1, min(num_blocks(tokens, block_q), int(budget // per_block)))
+
+
+def _readout(queries: torch.Tensor, state: torch.Tensor, phi, eps: float) -> torch.Tensor:
+    """``φ(Q) S / (φ(Q) z + eps)`` for ``state = [S | z]`` (one matmul), in q's dtype."""
+    e = state.shape[-1] - 1
+    readout = torch.matmul(phi(queries.to(state.dtype)), state)
+    return (readout[..., :e] / (readout[..., e:] + eps)).to(queries.dtype)
+
+
+def _gather(blocks: torch.Tensor, lut: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
     """Blocks ``[B·H·nk, bkv, d]`` at ``lut [B·H, c, kk]`` → ``[B·H, c, kk·bkv, d]``: one
-    copy (sizes named, not ``-1``: a batch of 0 leaves nothing to infer them from)."""
+    copy, into ``buffer`` when there is one (sizes named, not ``-1``: a batch of 0
+    leaves nothing to infer them from)."""
     bh, c, kk = lut.shape
-    return blocks.index_select(0, lut.flatten()).view(bh, c, kk * blocks.shape[1],
-                                                      blocks.shape[-1])
+    index = lut.flatten()
+    rows = blocks.index_select(0, index) if buffer is None else \
+        torch.index_select(blocks, 0, index, out=buffer[: index.numel()])
+    return rows.view(bh, c, kk * blocks.shape[1], blocks.shape[-1])
 
 
 def sla_batched(
@@ -100,41 +157,57 @@ def sla_batched(
         valid = (torch.arange(nk * block_kv, device=q.device) < n).view(nk, block_kv)
 
     linear = linear_over == "all" or kk < nk
+    marginal = linear and linear_over == "marginal"
     phi = FEATURE_MAPS[feature_map]
     if linear:
-        total = total_state(k, v, phi, acc).flatten(0, 1).unsqueeze(1)  # [B·H, 1, d, e+1]
+        with record_function("sla.state"):
+            total = total_state(k, v, phi, acc).flatten(0, 1).unsqueeze(1)  # [B·H, 1, d, e+1]
 
     shape = (*q_blocks.shape[:3], e)
     o_s = q.new_empty(shape)
     o_l = q.new_empty(shape) if parts else None
-    chunk = chunk_blocks(n, nq, kk, block_kv)
+    chunk = chunk_blocks(bh, n, q.shape[-1], q.element_size(), block_q, block_kv, kk, marginal)
+    # without autograd every chunk gathers into the same buffers (SDPA's backward keeps
+    # each chunk's gathered blocks, so training allocates them anew)
+    buffers = (None, None)
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
+        buffers = tuple(x.new_empty(bh * chunk * kk, block_kv, x.shape[-1]) for x in (k, v))
     for start in range(0, nq, chunk):
         rows = slice(start, min(nq, start + chunk))
-        lut = flat[:, rows]  # [B·H, c, kk]
-        keys = _gather(k_blocks, lut)
-        values = _gather(v_blocks, lut)
-        key_valid = None if valid is None else \
-            valid[indices.flatten(0, 1)[:, rows]].flatten(-2).unsqueeze(-2)  # [B·H, c, 1, kk·bkv]
-        queries = q_blocks[:, rows]
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=key_valid)
-        if linear:
-            state = total
-            if linear_over == "marginal":
+        with record_function("sla.gather"):
+            lut = flat[:, rows]  # [B·H, c, kk]
+            keys = _gather(k_blocks, lut, buffers[0])
+            values = _gather(v_blocks, lut, buffers[1])
+            key_valid = None if valid is None else \
+                valid[indices.flatten(0, 1)[:, rows]].flatten(-2).unsqueeze(-2)  # [B·H,c,1,kk·bkv]
+        with record_function("sla.sdpa"):
+            out = F.scaled_dot_product_attention(q_blocks[:, rows], keys, values,
+                                                 attn_mask=key_valid)
+        if marginal:  # the state minus the critical blocks' share, per query block
+            with record_function("sla.linear"):
                 fk = phi(keys.to(acc))
                 if key_valid is not None:
                     fk = fk * key_valid.transpose(-1, -2)
                 critical = torch.cat((torch.matmul(fk.transpose(-1, -2), values.to(acc)),
                                       fk.sum(dim=-2).unsqueeze(-1)), dim=-1)
-                state = total - critical
-            readout = torch.matmul(phi(queries.to(acc)), state)  # [B·H, c, bq, e+1]
-            lin = (readout[..., :e] / (readout[..., e:] + eps)).to(q.dtype)
+                lin = _readout(q_blocks[:, rows], total - critical, phi, eps)
             if parts:
                 o_l[:, rows] = lin
             else:
                 out = out + lin
-        elif parts:
-            o_l[:, rows] = 0
         o_s[:, rows] = out
+    if linear and not marginal:  # one state for every query: the readout in larger chunks
+        step = readout_blocks(bh, n, q.shape[-1], q.element_size(), block_q)
+        for start in range(0, nq, step):
+            rows = slice(start, min(nq, start + step))
+            with record_function("sla.linear"):
+                lin = _readout(q_blocks[:, rows], total, phi, eps)
+                if parts:
+                    o_l[:, rows] = lin
+                else:
+                    o_s[:, rows] += lin
+    elif parts and not linear:
+        o_l.zero_()
     unblock = lambda x: x.view(b, h, nq * block_q, e)[:, :, :n]  # noqa: E731
     return (unblock(o_s), unblock(o_l)) if parts else unblock(o_s)
 
@@ -145,13 +218,18 @@ def sla_batched_parts(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _workspace(batch, heads, tokens, head_dim, layout, *, element_size, topk, block_q,
-               block_kv, **_opts) -> float:
-    """The selection, then per chunk the gathered K and V, φ(K_sel) and φ(Q) in the
-    accumulation dtype, the chunk's scores-free SDPA output and readout, and the states."""
+               block_kv, linear_over="all", **_opts) -> float:
+    """The selection, then beside the indices and the total state the largest of: the
+    state's sum step, the sparse loop's chunk (:func:`block_bytes` per query block of
+    :func:`chunk_blocks`, its LUT) and the all-token readout's step."""
     bh, d, acc = batch * heads, head_dim, max(element_size, 4)
-    block_map, indices, nq, _, kk = selection_bytes(bh, tokens, block_q, block_kv, topk)
-    c = chunk_blocks(tokens, nq, kk, block_kv)
-    gathered = bh * c * kk * block_kv * d * (2 * element_size + acc)
-    per_query = bh * c * block_q * (d + 1) * (acc + 2 * element_size)
-    states = bh * (c + 2) * d * (d + 1) * acc + bh * c * kk * 8
-    return float(max(block_map, indices + gathered + per_query + states))
+    block_map, indices, _, _, kk = selection_bytes(bh, tokens, block_q, block_kv, topk)
+    marginal = linear_over == "marginal"
+    c = chunk_blocks(bh, tokens, d, element_size, block_q, block_kv, kk, marginal)
+    work = bh * c * (block_bytes(block_q, block_kv, kk, d, element_size, marginal) + kk * 8)
+    readout = 0 if marginal else \
+        bh * readout_blocks(bh, tokens, d, element_size, block_q) * block_q * (d + 1) \
+        * READOUT_COPIES * acc
+    state = bh * d * (d + 1) * acc
+    summing = bh * state_tokens(bh, tokens, d, element_size) * d * STATE_COPIES * acc
+    return float(max(block_map, indices + state + max(work, readout, summing)))
