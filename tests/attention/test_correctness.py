@@ -93,6 +93,21 @@ def test_matches_float64_reference_on_every_layout(name, impl, dtype, layout, ge
     torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("name, impl, dtype", list(_cpu_cases()))
+def test_a_batch_of_zero_gives_an_empty_output(name, impl, dtype):
+    """Every path takes a batch of 0 (a rank's empty share of a sweep) and returns an empty
+    output of the input's shape, as SDPA does: chunk sizing must not divide by the batch."""
+    backend = attention.get(name)
+    layout = attention.Layout((8, 8))
+    shape = (0, 2, layout.tokens, 16)
+    reason = backend.path_reasons("cpu", dtype, shape, layout)[impl]
+    if reason:
+        pytest.skip(f"{name}[{impl}] on cpu/{dtype}: {reason}")
+    q = torch.randn(shape, dtype=dtype)
+    out = backend.attend(q, q, q, layout=layout, impl=impl, **LAYOUT_OPTIONS.get(name, {}))
+    assert out.shape == shape and out.dtype == dtype
+
+
 def _grad_cases():
     """Every fast path whose capabilities say autograd runs through it on CPU (Triton's
     included: on CPU they run under its interpreter, float32)."""

@@ -129,6 +129,7 @@ class Tiling:
     def chunking(self, batch_heads: int, head_dim: int, element_size: int) -> Chunking:
         """The chunk that fits :meth:`budget`: every head and as many tiles as fit, else
         one tile and as many heads as fit (at least one of each)."""
+        batch_heads = max(1, batch_heads)  # a batch of 0: chunks as for 1 (no work)
         budget = self.budget(batch_heads, head_dim, element_size)
         per_head, per_tile = self.unit_bytes(head_dim, element_size)
         if batch_heads * per_head + per_tile <= budget:

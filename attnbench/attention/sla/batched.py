@@ -68,8 +68,8 @@ def chunk_blocks(batch_heads: int, tokens: int, head_dim: int, element_size: int
                  block_q: int, block_kv: int, selected: int, marginal: bool) -> int:
     """Query blocks per chunk: as many as keep the chunk's working set (:func:`block_bytes`
     for every batch·head) within the budget (:data:`WORKSPACE_FRACTION` of q's bytes)."""
-    per_block = batch_heads * block_bytes(block_q, block_kv, selected, head_dim, element_size,
-                                          marginal)
+    per_block = max(1, batch_heads) * block_bytes(block_q, block_kv, selected, head_dim,
+                                                  element_size, marginal)
     budget = _budget(batch_heads, tokens, head_dim, element_size)
     return max(1, min(num_blocks(tokens, block_q), int(budget // per_block)))
 
@@ -77,7 +77,7 @@ def chunk_blocks(batch_heads: int, tokens: int, head_dim: int, element_size: int
 def state_tokens(batch_heads: int, tokens: int, head_dim: int, element_size: int) -> int:
     """Key tokens per step of the total state's sum: φ(K) of the step and its operands
     (with the matmul's packed copies of both, a pair per thread) within the budget."""
-    per_token = batch_heads * head_dim * STATE_COPIES * max(element_size, 4)
+    per_token = max(1, batch_heads) * head_dim * STATE_COPIES * max(element_size, 4)
     return max(1, min(tokens, int(_budget(batch_heads, tokens, head_dim, element_size)
                                   // per_token)))
 
@@ -100,7 +100,8 @@ def readout_blocks(batch_heads: int, tokens: int, head_dim: int, element_size: i
                    block_q: int) -> int:
     """Query blocks per step of the all-token readout: :data:`READOUT_COPIES` of the
     step's queries within the budget."""
-    per_block = batch_heads * block_q * (head_dim + 1) * READOUT_COPIES * max(element_size, 4)
+    per_block = (max(1, batch_heads) * block_q * (head_dim + 1) * READOUT_COPIES
+                 * max(element_size, 4))
     budget = _budget(batch_heads, tokens, head_dim, element_size)
     return max(1, min(num_blocks(tokens, block_q), int(budget // per_block)))
 
