@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .. import attention
-from ..attention.base import Flops
+from ..attention.costs import Flops
 from ..attention.layout import Layout
 from ..models.configs import VAE_DOWNSAMPLE, DiTConfig
 from ..models.diffusers_configs import DiffusersConfig, get_diffusers_config

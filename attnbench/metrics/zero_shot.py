@@ -70,7 +70,7 @@ from safetensors.torch import load as safetensors_load
 from tqdm.auto import tqdm
 
 from .. import attention
-from ..attention.base import Grid
+from ..attention.inputs import Grid
 from ..attention.layout import Layout
 from ..attention.specs import parse_methods
 from ..data.shapes import ShapesWorld

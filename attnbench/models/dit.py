@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from .. import attention
-from ..attention.base import AttentionMixer, Grid
+from ..attention.inputs import Grid
+from ..attention.module import AttentionMixer
 from .configs import DiTConfig, get_config
 
 #: recomputed position embeddings kept per model (grid × device × dtype)

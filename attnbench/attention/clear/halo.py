@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from ..base import FastPath
+from ..paths import FastPath
 from .pooling import _window_of, extend_kv, extended_bytes
 from .window import Window
 

@@ -41,7 +41,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..base import AttentionBackend, check_qkv
+from ..backend import AttentionBackend
+from ..inputs import check_qkv
 from ..layout import Layout
 from ..registry import get
 from .comm import DEFAULT_TIMEOUT_S, CollectiveTimeout, Comm

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ..base import AttentionBackend
+from ..backend import AttentionBackend
 from ..clear.window import Window, _args, allowed
 from ..layout import Layout
 from ..lit.reference import feature_map
