@@ -207,14 +207,18 @@ class WorldTrainer:
         if resume:
             if not (out / CHECKPOINT_FILE).is_file():
                 raise FileNotFoundError(f"--resume: {out} holds no {CHECKPOINT_FILE} to resume")
-            saved = json.loads((out / RUN_FILE).read_text())["identity"]
-            mine = self.identity()
-            diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+            record = json.loads((out / RUN_FILE).read_text())
+            saved, mine = record["identity"], self.identity()
+            diff = sorted(k for k in set(saved) | set(mine)
+                          if k != "steps" and saved.get(k) != mine.get(k))
             if diff:
                 what = ", ".join(f"{k}={saved.get(k)!r}, now {mine.get(k)!r}" for k in diff[:3])
                 raise ValueError(f"--resume: {out} was started with other settings ({what}): "
-                                 "pass the same flags, or start a new folder")
+                                 "pass the same flags (only --steps may change), or start a "
+                                 "new folder")
             self._load(load_training_checkpoint(out / CHECKPOINT_FILE))
+            if saved["steps"] != self.s.steps:
+                self._change_length(record, saved["steps"])
         else:
             existing = [n for n in (CHECKPOINT_FILE, RUN_FILE, LOG_FILE) if (out / n).exists()]
             if existing and not force:
@@ -229,6 +233,30 @@ class WorldTrainer:
                                                "settings": asdict(self.s),
                                                "command": "world --train-pipeline"})
         runfolder.remove_temporaries(out)
+
+    def _change_length(self, record: dict[str, Any], before: int) -> None:
+        """Resume with another ``--steps``: the cosine re-derived from here, and said so.
+
+        The transformer's schedule is the one setting a run may change mid-way (to fit
+        the time left); a shorter run must still lie ahead of the flow step reached. The
+        change is appended to ``run.json``'s ``length_changes`` so the shipped pipeline's
+        record says it was not one uninterrupted schedule.
+        """
+        at = self.step if self.stage == "flow" else 0
+        if self.stage == "done":
+            raise ValueError(f"--steps {self.s.steps}: {self.out} has finished its {before} "
+                             "transformer steps; start a new folder to train longer")
+        if self.s.steps <= at:
+            raise ValueError(f"--steps {self.s.steps}: {self.out} has already trained {at} "
+                             "transformer steps; pass more than that, or start a new folder")
+        record.setdefault("length_changes", []).append(
+            {"flow_step": at, "stage": self.stage, "steps_before": before,
+             "steps_after": self.s.steps,
+             "lr_before": learning_rate(replace(self.s, steps=before), at),
+             "lr_after": learning_rate(self.s, at)})
+        record["identity"] = self.identity()
+        record["settings"] = asdict(self.s)
+        atomic_write_json(self.out / RUN_FILE, record)
 
     def _state(self) -> dict[str, Any]:
         return {"step": self.step, "stage": self.stage, "model": self.tr.state_dict(),

@@ -80,6 +80,22 @@ def test_resume_continues_bit_for_bit(tmp_path):
     assert drop(log) == drop(split)
 
 
+def test_resume_may_change_the_length_and_says_so(tmp_path):
+    out = tmp_path / "run"
+    train.WorldTrainer(out, _settings(), progress=False).run(stop_at=5)  # 2 flow steps done
+    with pytest.raises(ValueError, match="--steps 2: .* already trained 2 transformer steps"):
+        train.WorldTrainer(out, _settings(steps=2), progress=False).run(resume=True)
+    longer = train.WorldTrainer(out, _settings(steps=6), progress=False)
+    assert longer.run(resume=True)["step"] == 6
+    record = json.loads((out / train.RUN_FILE).read_text())
+    (change,) = record["length_changes"]
+    assert (change["flow_step"], change["steps_before"], change["steps_after"]) == (2, 4, 6)
+    assert change["lr_after"] > change["lr_before"]  # a longer cosine decays later
+    assert record["identity"]["steps"] == 6
+    with pytest.raises(ValueError, match="has finished its 6 transformer steps"):
+        train.WorldTrainer(out, _settings(steps=9), progress=False).run(resume=True)
+
+
 def test_text_table_gives_every_prompt_its_own_features():
     pipe = w.build_pipeline(w.CONFIGS["quick"])
     embeds, pooled = train.text_table(pipe)
@@ -127,7 +143,7 @@ def test_bad_flags_are_refused(tmp_path, capsys):
     before = (tmp_path / "run" / train.CHECKPOINT_FILE).read_bytes()
     assert main(["world", "--train-pipeline", out, "--quick"]) == 2
     assert "--resume" in capsys.readouterr().err
-    assert main(["world", "--train-pipeline", out, "--quick", "--resume", "--steps", "9"]) == 2
+    assert main(["world", "--train-pipeline", out, "--quick", "--resume", "--batch", "9"]) == 2
     assert "other settings" in capsys.readouterr().err
     assert (tmp_path / "run" / train.CHECKPOINT_FILE).read_bytes() == before
 
