@@ -470,13 +470,18 @@ def reconstruction_quality(vae, world: ShapesWorld, per_label: int = 2) -> dict[
     seed + 1, every label ``per_label`` times): the ceiling of the pipeline's score."""
     from ..metrics.geneval import geneval_score
 
-    held_out = ShapesWorld(world.image_size, seed=world.seed + 1)
     labels = [i % NUM_CLASSES for i in range(per_label * NUM_CLASSES)]
-    images = torch.stack([to_tensor(render(held_out.scene(i, label=label)))
-                          for i, label in enumerate(labels)])
+    images = to_tensor(held_out_images(world.image_size, labels, world.seed + 1))
     recon = vae.decode(vae.encode(images).latent_dist.mode()).sample
     return {"recon_geneval": geneval_score(to_uint8(recon), labels).overall,
             "recon_l1": float((recon - images).abs().mean())}
+
+
+def held_out_images(size: int, labels: list[int], world_seed: int) -> np.ndarray:
+    """uint8 ``[N, size, size, 3]`` world images of ``labels`` (image ``i`` of label
+    ``labels[i]``) from a world seed the training never draws from."""
+    world = ShapesWorld(size, seed=world_seed)
+    return np.stack([render(world.scene(i, label=label)) for i, label in enumerate(labels)])
 
 
 def _ids(h: int, wd: int, text: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -528,7 +533,34 @@ def evaluate_pipeline(pipe, *, count: int = 182, steps: int = 28, seed: int = 0,
     result = {"geneval": score.overall, "tasks": score.tasks, "strict": score.strict_overall,
               "samples": count, "steps": steps, "seed": seed, "true_cfg": true_cfg,
               "tasks_present": [t for t in TASKS if t in score.tasks]}
+    if count >= 2:
+        result["realism"] = realism(images, labels)
     return result, images, labels
+
+
+#: the world seeds of the real images the samples are compared with (training draws seed 0)
+REAL_SEEDS = (2, 3)
+
+
+def realism(images: np.ndarray, labels: list[int]) -> dict[str, Any]:
+    """FID and KID of samples against real world images of the same labels, in the shipped
+    shapes classifier's feature space; beside them the same numbers for a second real set
+    against the first, the floor that the sample count alone sets (FID of a few hundred
+    images is biased upwards: read the gap to the floor, not the value)."""
+    from ..metrics.fid import Reference, quality_metrics
+
+    size = images.shape[1]
+    real, other = (held_out_images(size, labels, s) for s in REAL_SEEDS)
+    reference = Reference(f"world seed {REAL_SEEDS[0]}, the samples' labels", images=real)
+    kw = dict(metrics=("fid", "kid"), kid_subset_size=min(1000, len(labels)))
+    samples = quality_metrics(images, reference, **kw)
+    floor = quality_metrics(other, reference, **kw)
+    return {"fid": samples["metrics"]["fid"], "kid": samples["metrics"]["kid"],
+            "fid_real_vs_real": floor["metrics"]["fid"],
+            "kid_real_vs_real": floor["metrics"]["kid"],
+            "feature_space": "shapes classifier (attnbench/assets/shapes_classifier)",
+            "reference": reference.description, "count": len(labels),
+            "floor": f"world seed {REAL_SEEDS[1]} against the reference"}
 
 
 def write_grid(path: Path, images: np.ndarray, nrow: int = 8, scale: int = 2) -> Path:
