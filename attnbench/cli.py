@@ -3,8 +3,9 @@
 Each stage module contributes ``add_parser(subparsers)`` which registers its
 subcommands with ``func=handler``; handlers return an exit code. :data:`COMMANDS`
 says which module defines each command and its line in ``--help``: only the module of
-the command given is imported, so ``--help`` and ``list`` start without loading the
-stages (torch, matplotlib, pandas, diffusers). A ``ValueError``
+the command given is imported, so ``--help`` starts without loading the stages (torch,
+matplotlib, pandas, diffusers), and so does ``list`` on the CPU, which reads the
+built-ins' catalogue (:mod:`attnbench.common.catalogue`). A ``ValueError``
 (bad user input, by the project's convention) or a missing file becomes a
 one-line message on stderr and exit code 2 -- never a traceback; so does a full
 disk or a read-only destination (:func:`attnbench.runfolder.write_error`).
@@ -19,7 +20,6 @@ import sys
 from collections.abc import Sequence
 
 from . import cliutil, runfolder
-from .common import catalogue
 from .common.versions import __version__
 
 EXIT_USAGE = 2
@@ -32,6 +32,7 @@ def _registry_rows(device: str, dtype_name: str) -> tuple[list[dict], dict[str, 
     """``list``'s rows from the live registry (torch and every method imported, third-party
     ones included), and the plugins that failed to load."""
     from . import attention  # lazy: the registry imports torch; ``--help`` does not need it
+    from .common import catalogue
 
     dtype = cliutil.dtype(dtype_name)
     cliutil.device(device)  # cpu / cuda[:N] of this machine, before any method is asked
@@ -43,6 +44,8 @@ def _registry_rows(device: str, dtype_name: str) -> tuple[list[dict], dict[str, 
 
 def _list(args: argparse.Namespace) -> int:
     """The built-ins from the catalogue where it can answer (no torch), else the registry."""
+    from .common import catalogue  # lazy: ``--help`` needs none of it
+
     cliutil.dtype_name(args.dtype)
     rows, errors = catalogue.rows(args.device, args.dtype), {}
     if rows is None:
