@@ -73,6 +73,26 @@ def test_torch_free_rows_are_the_registry_s(fresh_process, dtype, triton, interp
     assert torch_free == json.loads(json.dumps(live, default=str))
 
 
+def test_flex_without_a_compiler_says_so_as_the_registry_does(fresh_process, tmp_path):
+    """FlexAttention's CPU probe looks for a C++ compiler: none on the ``PATH`` here (torch
+    caches its search for the process's life: cleared, as in a fresh process)."""
+    cpp_builder = pytest.importorskip("torch._inductor.cpp_builder")
+    search = getattr(cpp_builder, "cpp_compiler_search", None)
+    if not hasattr(search, "cache_clear"):
+        pytest.skip("this torch does not cache its compiler search as expected")
+    fresh_process.setenv("PATH", str(tmp_path))
+    fresh_process.delenv("CXX", raising=False)
+    search.cache_clear()
+    try:
+        torch_free = catalogue.rows("cpu", "float32")
+        live, _ = cli._registry_rows("cpu", "float32")
+    finally:
+        search.cache_clear()  # the next caller searches the real PATH again
+    flex = {row["name"]: row for row in torch_free}["clear"]["implementations"]["flex"]
+    assert flex == capabilities.FLEX_NO_COMPILER
+    assert torch_free == json.loads(json.dumps(live, default=str))
+
+
 def _output(argv: list[str]) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

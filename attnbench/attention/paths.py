@@ -18,7 +18,13 @@ from typing import Any
 
 import torch
 
-from ..common.capabilities import FLOAT_DTYPE_NAMES, LIVE, PathFacts, first_obstacle
+from ..common.capabilities import (
+    FLOAT_DTYPE_NAMES,
+    LIVE,
+    PathFacts,
+    dtype_names,
+    first_obstacle,
+)
 from .layout import Layout
 
 #: the floating dtypes attnbench's contract accepts
@@ -43,7 +49,7 @@ def _dtype_name_tuple(dtypes: DTypes) -> tuple[str, ...]:
 
 
 def _dtype_names(dtypes: DTypes) -> str:
-    return ", ".join(_dtype_name_tuple(dtypes))
+    return dtype_names(_dtype_name_tuple(dtypes))
 
 
 @dataclass(frozen=True)

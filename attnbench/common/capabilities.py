@@ -21,7 +21,6 @@ import sys
 import sysconfig
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +104,7 @@ class PathFacts:
         reasons = self.reasons(device_type, dtype)
         if self.probe is not None and not reasons:
             if self.probe not in TORCH_FREE_PROBES:
-                raise NeedsTorch(f"the probe of a path needing {self.requires or 'torch'}")
+                raise NeedsTorch("a probe only the live path can run")
             extra = TORCH_FREE_PROBES[self.probe](device_type, dtype)
             if extra:
                 reasons.append(extra)
@@ -187,16 +186,18 @@ FLEX_NO_COMPILER = "FlexAttention on CPU compiles C++ kernels: no C++ compiler f
 
 
 def _flex(device_type: str, dtype: str) -> str | None:
-    """FlexAttention's probe on the CPU: its module in the installed torch (>= 2.5), a
-    Python whose torch.compile every such torch supports (3.9 to 3.12 with the GIL), a C++
-    compiler (``$CXX``, else g++ or c++ on the ``PATH``)."""
+    """FlexAttention's probe on the CPU: its module in the installed torch (>= 2.5, as
+    attnbench requires), a Python whose torch.compile every such torch supports (3.9 to
+    3.12 with the GIL, not Windows), a C++ compiler (``$CXX``, else g++ or c++ on the
+    ``PATH``). Anything else is the live probe's to word."""
     spec = importlib.util.find_spec("torch")
     if device_type != "cpu" or spec is None or not spec.submodule_search_locations:
         raise NeedsTorch("FlexAttention on a GPU, or no torch")
     if not any((Path(p) / "nn/attention/flex_attention.py").is_file()
                for p in spec.submodule_search_locations):
-        return f"torch {metadata.version('torch')} has no FlexAttention (needs >= 2.5)"
-    if sys.version_info >= (3, 13) or sysconfig.get_config_var("Py_GIL_DISABLED"):
+        raise NeedsTorch("a torch without FlexAttention")
+    if sys.version_info >= (3, 13) or sysconfig.get_config_var("Py_GIL_DISABLED") \
+            or sys.platform == "win32":
         raise NeedsTorch("whether this torch compiles on this Python")
     compiler = shutil.which(os.environ.get("CXX") or "g++") or shutil.which("g++") \
         or shutil.which("c++")
