@@ -3,8 +3,9 @@
 Each stage module contributes ``add_parser(subparsers)`` which registers its
 subcommands with ``func=handler``; handlers return an exit code. :data:`COMMANDS`
 says which module defines each command and its line in ``--help``: only the module of
-the command given is imported, so ``--help`` and ``list`` start without loading the
-stages (torch, matplotlib, pandas, diffusers). A ``ValueError``
+the command given is imported, so ``--help`` starts without loading the stages (torch,
+matplotlib, pandas, diffusers), and so does ``list`` on the CPU, which reads the
+built-ins' catalogue (:mod:`attnbench.common.catalogue`). A ``ValueError``
 (bad user input, by the project's convention) or a missing file becomes a
 one-line message on stderr and exit code 2 -- never a traceback; so does a full
 disk or a read-only destination (:func:`attnbench.runfolder.write_error`).
@@ -27,19 +28,28 @@ EXIT_USAGE = 2
 # --------------------------------------------------------------------------- list
 
 
-def _list(args: argparse.Namespace) -> int:
+def _registry_rows(device: str, dtype_name: str) -> tuple[list[dict], dict[str, str]]:
+    """``list``'s rows from the live registry (torch and every method imported, third-party
+    ones included), and the plugins that failed to load."""
     from . import attention  # lazy: the registry imports torch; ``--help`` does not need it
+    from .common import catalogue
 
-    dtype = cliutil.dtype(args.dtype)
-    cliutil.device(args.device)  # cpu / cuda[:N] of this machine, before any method is asked
-    rows = []
-    for name in attention.names():
-        backend = attention.get(name)
-        info = backend.describe()
-        info["available"] = backend.available(args.device, dtype)
-        info["implementations"] = backend.path_reasons(args.device, dtype)
-        rows.append(info)
-    errors = attention.plugin_errors()
+    dtype = cliutil.dtype(dtype_name)
+    cliutil.device(device)  # cpu / cuda[:N] of this machine, before any method is asked
+    rows = [catalogue.method_row(backend.describe(), backend.available(device, dtype),
+                                 backend.path_reasons(device, dtype))
+            for backend in map(attention.get, attention.names())]
+    return rows, attention.plugin_errors()
+
+
+def _list(args: argparse.Namespace) -> int:
+    """The built-ins from the catalogue where it can answer (no torch), else the registry."""
+    from .common import catalogue  # lazy: ``--help`` needs none of it
+
+    cliutil.dtype_name(args.dtype)
+    rows, errors = catalogue.rows(args.device, args.dtype), {}
+    if rows is None:
+        rows, errors = _registry_rows(args.device, args.dtype)
     if args.json:
         print(json.dumps({"device": args.device, "dtype": args.dtype, "methods": rows,
                           "plugin_errors": errors}, indent=2, default=str))

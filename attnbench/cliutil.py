@@ -216,12 +216,17 @@ def device(name: str | torch.device | None, flag: str = "--device") -> torch.dev
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def dtype_name(name: str, flag: str = "--dtype") -> str:
+    """``name`` checked to be one of :data:`DTYPES` (no torch needed)."""
+    if name not in DTYPES:
+        raise UsageError(f"{flag} {name!r}: choose one of {', '.join(DTYPES)}")
+    return name
+
+
 def dtype(name: str | torch.dtype, flag: str = "--dtype") -> torch.dtype:
     """One of :data:`DTYPES` by name (``float32``, ``bfloat16``, ``float16``)."""
     import torch  # lazy: every command's parser imports cliutil, ``--help`` needs no torch
 
     if isinstance(name, torch.dtype):
         name = str(name).removeprefix("torch.")
-    if name not in DTYPES:
-        raise UsageError(f"{flag} {name!r}: choose one of {', '.join(DTYPES)}")
-    return getattr(torch, name)
+    return getattr(torch, dtype_name(name, flag))

@@ -85,11 +85,13 @@ def test_help_starts_without_the_heavy_libraries():
         assert not set(HEAVY) & _modules_after(argv), argv
 
 
-def test_list_loads_the_registry_but_no_stage():
-    """``list`` needs the registry (torch) and nothing of the stages above it."""
-    loaded = _modules_after(["list"])
-    assert "torch" in loaded
-    assert not {"matplotlib", "pandas", "diffusers"} & loaded
+def test_list_starts_without_torch():
+    """``list`` on the CPU answers from the built-ins' catalogue: no torch, no numpy, no
+    Triton, nothing of the stages (``attnbench/common/catalogue.py``)."""
+    for argv in (["list"], ["list", "--json"], ["list", "--dtype", "bfloat16"]):
+        loaded = _modules_after(argv)
+        assert "attnbench" in loaded, argv
+        assert not {*HEAVY, "numpy", "triton"} & loaded, argv
 
 
 def test_a_command_loads_its_stage_alone():

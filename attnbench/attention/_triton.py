@@ -27,6 +27,8 @@ from types import ModuleType
 
 import torch
 
+from ..common.capabilities import answered_by, triton_cpu_reason
+
 INSTALL_HINT = "triton is not installed (pip install 'attnbench[triton]')"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -99,20 +101,19 @@ def kernel_reason(
             return f"bfloat16 Triton kernels need compute capability >= 8.0, got {major}.{minor}"
         return None
     if device.type == "cpu":
-        if not interpret_requested():
-            return (
-                "the Triton kernels run on CUDA GPUs; on CPU only under Triton's interpreter "
-                "(TRITON_INTERPRET=1, slow: for tests)"
-            )
-        if mode is False:
-            return (
-                "the Triton kernels were imported compiled (before TRITON_INTERPRET=1 was set): "
-                "the interpreter cannot run them in this process"
-            )
-        if dtype == torch.bfloat16:
-            return "Triton's interpreter computes bfloat16 wrongly (NumPy has no bfloat16)"
-        return None
+        return triton_cpu_reason(interpret_requested(), mode is False,
+                                 str(dtype).removeprefix("torch."))
     return f"the Triton kernels do not run on {device.type}"
+
+
+def kernel_probe(module: str):
+    """The probe of the Triton fast path whose kernels are in ``module``: :func:`kernel_reason`
+    (on the CPU its answer needs no torch: ``attnbench list`` gives it from the environment)."""
+    @answered_by("triton")
+    def probe(device: torch.device, dtype: torch.dtype, shape=None) -> str | None:
+        return kernel_reason(module, device, dtype, shape)
+
+    return probe
 
 
 def next_pow2(x: int) -> int:

@@ -3,24 +3,32 @@
 A :class:`FastPath` carries its capabilities as data (devices, dtypes, head-dim
 limits, required packages, layouts, autograd devices, where ``impl="auto"`` may
 pick it) and its memory model; :meth:`FastPath.not_supported_reasons` turns that
-data into every reason it cannot run here. A :class:`Selection` is what
-``attend`` picked and why the paths ahead of it were passed over.
+data into every reason it cannot run here (the data's part by
+:class:`~attnbench.common.capabilities.PathFacts`, which ``attnbench list`` reads
+without torch). A :class:`Selection` is what ``attend`` picked and why the paths ahead
+of it were passed over.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..common.capabilities import (
+    FLOAT_DTYPE_NAMES,
+    LIVE,
+    PathFacts,
+    dtype_names,
+    first_obstacle,
+)
 from .layout import Layout
 
 #: the floating dtypes attnbench's contract accepts
-FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = tuple(getattr(torch, name) for name in FLOAT_DTYPE_NAMES)
 DTypes = tuple[torch.dtype, ...]
 
 
@@ -32,8 +40,16 @@ def as_device(device: torch.device | str) -> torch.device:
         raise ValueError(f"device {device!r}: unknown (use cpu or cuda[:N])") from None
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_name_tuple(dtypes: DTypes) -> tuple[str, ...]:
+    return tuple(_dtype_name(d) for d in dtypes)
+
+
 def _dtype_names(dtypes: DTypes) -> str:
-    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+    return dtype_names(_dtype_name_tuple(dtypes))
 
 
 @dataclass(frozen=True)
@@ -82,43 +98,19 @@ class FastPath:
     #: there (a pure-torch CPU path beside a GPU kernel)
     auto_devices: tuple[str, ...] | None = None
 
-    def accepted_dtypes(self, device_type: str) -> DTypes:
-        """The dtypes this path takes on a device type."""
-        dtypes = self.dtypes
-        if isinstance(dtypes, Mapping):
-            dtypes = dtypes.get(device_type, dtypes.get("*"))
-        return FLOAT_DTYPES if dtypes is None else tuple(dtypes)
-
     def not_supported_reasons(self, device: torch.device | str, dtype: torch.dtype,
                               shape: tuple[int, ...] | None = None,
                               layout: Layout | None = None) -> list[str]:
         """Every reason this path cannot run on ``device``/``dtype``/``shape``/``layout``
-        (``[]``: it can)."""
+        (``[]``: it can): the layout, then the data (:meth:`PathFacts.reasons`), then the
+        probe."""
         device = as_device(device)
         reasons: list[str] = []
         if layout is not None and self.layouts is not None and layout.kind not in self.layouts:
             reasons.append(f"takes {', '.join(self.layouts)} layouts, not {layout.kind} "
                            f"({layout.describe()})")
-        if self.devices is not None and device.type not in self.devices:
-            where = "/".join(_DEVICE_NAMES.get(d, d) for d in self.devices)
-            subject = f"{self.label} are" if self.label else "this path runs"
-            here = _DEVICE_NAMES.get(device.type, device.type)
-            reasons.append(f"{subject} {where}-only (no {here} kernel)")
-        accepted = self.accepted_dtypes(device.type)
-        if dtype not in accepted:
-            where = f" on {device.type}" if isinstance(self.dtypes, Mapping) else ""
-            reasons.append(f"takes {_dtype_names(accepted)}{where}, not "
-                           f"{str(dtype).removeprefix('torch.')}")
-        if shape is not None and len(shape) == 4:
-            d = shape[-1]
-            if self.head_dim_max is not None and d > self.head_dim_max:
-                reasons.append(f"needs head_dim <= {self.head_dim_max}, got {d}")
-            if self.head_dim_multiple is not None and d % self.head_dim_multiple:
-                reasons.append(f"needs head_dim a multiple of {self.head_dim_multiple}, got {d}")
-        if self.requires and not any(_importable(m) for m in self.requires):
-            names = " or ".join(self.requires)
-            reasons.append(f"{names} is not installed"
-                           + (f" ({self.install})" if self.install else ""))
+        head_dim = shape[-1] if shape is not None and len(shape) == 4 else None
+        reasons += self.facts.reasons(device.type, _dtype_name(dtype), head_dim)
         if self.probe is not None and not reasons:  # probes may import: only when data allows
             try:
                 extra = self.probe(device, dtype, shape)
@@ -144,6 +136,21 @@ class FastPath:
         """The path's memory model (0: a flash-style kernel that keeps only O(N·d))."""
         return 0.0 if self.workspace is None else float(self.workspace(*args, **kwargs))
 
+    @functools.cached_property
+    def facts(self) -> PathFacts:
+        """The capability data with dtypes by name: what ``attnbench list`` reads without
+        torch (a probe marked ``answered_by`` a torch-free twin names it)."""
+        dtypes = self.dtypes
+        if isinstance(dtypes, Mapping):
+            named: Any = {k: None if v is None else _dtype_name_tuple(v)
+                          for k, v in dtypes.items()}
+        else:
+            named = None if dtypes is None else _dtype_name_tuple(dtypes)
+        probe = None if self.probe is None else getattr(self.probe, "torch_free", LIVE)
+        return PathFacts(devices=self.devices, dtypes=named, head_dim_max=self.head_dim_max,
+                         head_dim_multiple=self.head_dim_multiple, requires=self.requires,
+                         install=self.install, label=self.label, probe=probe)
+
     def capabilities(self) -> dict[str, Any]:
         """The path's requirements as JSON-able data (``attnbench list``)."""
         dtypes = self.dtypes
@@ -162,17 +169,6 @@ class FastPath:
             "auto": list(self.auto_devices) if self.auto_devices is not None else "anywhere",
             "doc": self.doc,
         }
-
-
-_DEVICE_NAMES = {"cuda": "CUDA", "cpu": "CPU", "mps": "MPS", "xpu": "XPU"}
-
-
-@functools.cache
-def _importable(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 @dataclass(frozen=True)
@@ -198,15 +194,7 @@ def unavailable(paths: tuple[FastPath, ...], device: torch.device, dtype: torch.
                 shape: tuple[int, ...] | None = None) -> str | None:
     """``None`` when one of ``paths`` can run here, else why none can in one sentence (the
     same first obstacle of every path said once)."""
-    fast = {p.name: p.not_supported_reasons(device, dtype, shape) for p in paths}
-    if any(not r for r in fast.values()):
-        return None
-    if len(fast) == 1:
-        return "; ".join(next(iter(fast.values())))
-    firsts = {r[0] for r in fast.values()}
-    if len(firsts) == 1:
-        return next(iter(firsts))
-    return "; ".join(f"{name}: {'; '.join(r)}" for name, r in fast.items())
+    return first_obstacle({p.name: p.not_supported_reasons(device, dtype, shape) for p in paths})
 
 
 def first_runnable(paths: tuple[FastPath, ...], device: torch.device, dtype: torch.dtype,

@@ -14,10 +14,9 @@ from importlib import metadata
 
 import torch
 
+from ..common.catalogue import ENTRY_POINT_GROUP
 from ..common.names import closest
 from .backend import AttentionBackend
-
-ENTRY_POINT_GROUP = "attnbench.attention"
 
 _REGISTRY: dict[str, AttentionBackend] = {}
 _PLUGIN_ERRORS: dict[str, str] = {}

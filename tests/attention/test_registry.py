@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import sys
 import textwrap
 
@@ -11,6 +13,7 @@ import torch
 
 from attnbench import attention
 from attnbench.attention import registry
+from attnbench.cli import main
 from tests.helpers import qkv
 
 BUILTINS = ["softmax", "flash", "xformers", "lit", "clear", "sla"]
@@ -170,6 +173,11 @@ def test_third_party_method_registers_through_an_entry_point(fresh_plugins, gen)
     assert "broken" in errors and "DoesNotExist" in errors["broken"]
     with pytest.raises(ValueError, match="its plugin failed to load"):
         attention.get("broken")
+    listing = io.StringIO()  # list asks the registry, not the built-ins' catalogue
+    with contextlib.redirect_stdout(listing):
+        assert main(["list"]) == 0
+    assert "\n  doubled   softmax times two" in listing.getvalue()
+    assert "plugin 'broken' failed to load" in listing.getvalue()
     sys.modules.pop("myattn", None)
 
 

@@ -17,6 +17,7 @@ import shutil
 
 import torch
 
+from ...common.capabilities import FLEX_NO_COMPILER, answered_by
 from ..inputs import Grid
 from ..paths import FastPath
 from .pooling import _window_of, extend_kv, extended_bytes
@@ -315,9 +316,10 @@ def _cpp_compiler() -> str | None:
         return shutil.which("g++") or shutil.which("c++")
 
 
+@answered_by("flex")
 def _flex_available(device: torch.device, dtype: torch.dtype, shape) -> str | None:
     """What the capability data cannot say: FlexAttention and dynamo exist, Triton on
-    CUDA, a C++ compiler on CPU."""
+    CUDA, a C++ compiler on CPU (there its torch-free twin answers ``attnbench list``)."""
     try:
         from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
     except ImportError:
@@ -330,7 +332,7 @@ def _flex_available(device: torch.device, dtype: torch.dtype, shape) -> str | No
         return None if has_triton() else "FlexAttention on CUDA needs Triton"
     if device.type == "cpu":
         if not _cpp_compiler():
-            return "FlexAttention on CPU compiles C++ kernels: no C++ compiler found"
+            return FLEX_NO_COMPILER
     return None
 
 

@@ -7,6 +7,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ...common.capabilities import answered_by
 from ..inputs import Grid
 from ..paths import FastPath
 from .pooling import _window_of, extend_kv, extended_bytes
@@ -75,6 +76,7 @@ def _mask_bytes(tokens: int, keys: int, element_size: int) -> float:
     return float(tokens) * keys * (1 + element_size)
 
 
+@answered_by("shape_only")
 def _masked_sdpa_available(device: torch.device, dtype: torch.dtype, shape) -> str | None:
     """The size limit of the dense mask (the dtypes are data)."""
     if shape is not None:

@@ -44,10 +44,6 @@ def _triton_linear(q, k, v, *, eps: float, phi_shift: float, **_geometry) -> tor
     return _triton.load(TRITON_MODULE).linear_attention(q, k, v, eps=eps, phi_shift=phi_shift)
 
 
-def _triton_probe(device, dtype, shape) -> str | None:
-    return _triton.kernel_reason(TRITON_MODULE, device, dtype, shape)
-
-
 def _triton_workspace(batch, heads, tokens, head_dim, layout, *, element_size, **_opts) -> float:
     """The float32 state ``S, z`` per head as per-split partials and their sum (a few
     splits fill the GPU; counted as two copies); φ is applied on the fly."""
@@ -61,7 +57,7 @@ TRITON = FastPath(
     dtypes=_triton.KERNEL_DTYPES,
     requires=("triton",),
     install="pip install 'attnbench[triton]'",
-    probe=_triton_probe,
+    probe=_triton.kernel_probe(TRITON_MODULE),
     workspace=_triton_workspace,
     flop_countable=False,  # Triton kernels are invisible to FlopCounterMode
     doc="fused Triton kernels: K, V read once into the d×d state, Q read once; Triton backward",

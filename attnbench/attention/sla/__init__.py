@@ -155,10 +155,6 @@ def _triton_attend(q, k, v, **options) -> torch.Tensor:
     return o_s + o_l
 
 
-def _triton_probe(device, dtype, shape) -> str | None:
-    return _triton.kernel_reason(TRITON_MODULE, device, dtype, shape)
-
-
 def _triton_workspace(batch, heads, tokens, head_dim, layout, *, element_size, topk, block_q,
                       block_kv, linear_over, **_opts) -> float:
     """The selection, then the int32 LUT, the second output, the float32 total state and,
@@ -185,7 +181,7 @@ TRITON = FastPath(
     grad_devices=(),  # forward only: training takes the gather path
     requires=("triton",),
     install="pip install 'attnbench[triton]'",
-    probe=_triton_probe,
+    probe=_triton.kernel_probe(TRITON_MODULE),
     workspace=_triton_workspace,
     flop_countable=False,  # Triton kernels are invisible to FlopCounterMode
     doc="one Triton kernel: online softmax over the critical blocks + the marginal "
