@@ -238,21 +238,25 @@ class WorldTrainer:
         """Resume with another ``--steps``: the cosine re-derived from here, and said so.
 
         The transformer's schedule is the one setting a run may change mid-way (to fit
-        the time left); a shorter run must still lie ahead of the flow step reached. The
-        change is appended to ``run.json``'s ``length_changes`` so the shipped pipeline's
-        record says it was not one uninterrupted schedule.
+        the time left, or to train a finished run longer); a shorter run must still lie
+        ahead of the flow step reached. A finished run given more steps goes back to the
+        flow stage: its learning rate rises from 0 to the longer cosine's value there (a
+        warm restart, as SGDR's). The change is appended to ``run.json``'s
+        ``length_changes`` so the shipped pipeline's record says it was not one
+        uninterrupted schedule.
         """
-        at = self.step if self.stage == "flow" else 0
-        if self.stage == "done":
-            raise ValueError(f"--steps {self.s.steps}: {self.out} has finished its {before} "
-                             "transformer steps; start a new folder to train longer")
+        at = self.step if self.stage in ("flow", "done") else 0
         if self.s.steps <= at:
             raise ValueError(f"--steps {self.s.steps}: {self.out} has already trained {at} "
                              "transformer steps; pass more than that, or start a new folder")
+        finished = self.stage == "done"
+        if finished:
+            self.stage = "flow"
         record.setdefault("length_changes", []).append(
             {"flow_step": at, "stage": self.stage, "steps_before": before,
              "steps_after": self.s.steps,
-             "lr_before": learning_rate(replace(self.s, steps=before), at),
+             "lr_before": 0.0 if finished else learning_rate(replace(self.s, steps=before), at),
+             "warm_restart": finished,
              "lr_after": learning_rate(self.s, at)})
         record["identity"] = self.identity()
         record["settings"] = asdict(self.s)

@@ -89,11 +89,16 @@ def test_resume_may_change_the_length_and_says_so(tmp_path):
     assert longer.run(resume=True)["step"] == 6
     record = json.loads((out / train.RUN_FILE).read_text())
     (change,) = record["length_changes"]
+    assert not change["warm_restart"]
     assert (change["flow_step"], change["steps_before"], change["steps_after"]) == (2, 4, 6)
     assert change["lr_after"] > change["lr_before"]  # a longer cosine decays later
     assert record["identity"]["steps"] == 6
-    with pytest.raises(ValueError, match="has finished its 6 transformer steps"):
-        train.WorldTrainer(out, _settings(steps=9), progress=False).run(resume=True)
+    # a finished run trains longer from a warm restart, said so
+    again = train.WorldTrainer(out, _settings(steps=8), progress=False)
+    assert again.run(resume=True)["step"] == 8
+    last = json.loads((out / train.RUN_FILE).read_text())["length_changes"][-1]
+    assert last["warm_restart"] and last["lr_before"] == 0.0 and last["lr_after"] > 0
+    assert last["flow_step"] == 6
 
 
 def test_text_table_gives_every_prompt_its_own_features():
