@@ -616,9 +616,10 @@ class Trainer:
         self._save(loop, elapsed)
         d = self.dist
         where = f"rank {d.rank} of {d.world_size}: " if d.enabled else ""
+        by = "" if d.is_main else " by rank 0"
         print(f"attnbench: {where}{signal.Signals(signum).name} at step {loop.step} of "
-              f"{self.config.steps}: {self.out / CHECKPOINT_FILE} saved; continue with the "
-              "same command and --resume", file=sys.stderr, flush=True)
+              f"{self.config.steps}: {self.out / CHECKPOINT_FILE} saved{by}; continue with "
+              "the same command and --resume", file=sys.stderr, flush=True)
         _dist.barrier(d)
         if signum == signal.SIGINT:
             raise KeyboardInterrupt

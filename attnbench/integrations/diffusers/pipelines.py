@@ -116,7 +116,9 @@ def load_transformer(path: str | Path, *, device: torch.device | str = "cpu",
     kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
-    return cls.from_pretrained(root, subfolder="transformer", **kwargs).to(device)
+    model = cls.from_pretrained(str(root), subfolder="transformer", **kwargs).to(device)
+    model.register_to_config(_name_or_path=str(root / "transformer"))  # as the pipeline's
+    return model
 
 
 def config_hash(transformer_or_config) -> str:
