@@ -334,7 +334,8 @@ def distill_pipeline(
     try:
         dtype = torch.bfloat16 if config.precision == "bf16" and info.device.type == "cuda" \
             else None
-        # under --fsdp the transformer is whole on rank 0's CPU only (fsdp.build_device)
+        # under --fsdp the transformer is whole on rank 0's CPU only (fsdp.build_device): a
+        # zoo entry's random weights are then drawn by the CPU's generator, not the GPU's
         where = _fsdp.build_device(info, config.fsdp, info.device)
         if root is not None:
             pipe, _ = load_pipeline(root, device=info.device, dtype=dtype,
@@ -349,7 +350,7 @@ def distill_pipeline(
         teacher = teacher.eval().requires_grad_(False)
         teacher_hash = config_hash(teacher)
         student, handle = student_of(teacher, method, resolved, family,
-                                     resolved_recipe.trainable)
+                                     resolved_recipe.trainable, seed=config.seed)
         sharded = None
         if config.fsdp:  # before the teacher makes data: it makes them sharded
             sharded = _fsdp.Sharded(student, teacher, info)
@@ -445,14 +446,18 @@ def _self_data(out: Path, pipe, family: Family, prompt_list: list[str], config: 
 
 
 def student_of(teacher: nn.Module, method: str, options: dict[str, Any], family: Family,
-               trainable: str):
+               trainable: str, *, seed: int = 0):
     """The student: a copy of ``teacher`` with ``method``'s attention, whose trainable
     parameters train in float32 and whose frozen ones *are* the teacher's tensors (equal
     values, frozen on both sides): beyond its teacher a student costs only its trainable
     parameters (FLUX.1-dev with ``--trainable attention``: 2.5 of its 11.9 billion).
-    Returns ``(student, swap handle)``."""
+    What it does not inherit (the method's new parameters, re-initialised projections) is
+    drawn from ``seed`` (the global generator left as it was), as ``convert``'s DiT
+    students are: the same student in every run. Returns ``(student, swap handle)``."""
     student = copy.deepcopy(teacher)
-    handle = swap_attention(student, method, **options)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        handle = swap_attention(student, method, **options)
     chosen = set(trainable_names(student, family, trainable))
     stock = dict(teacher.named_parameters())
     for name, p in student.named_parameters():

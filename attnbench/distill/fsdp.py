@@ -7,6 +7,20 @@ block's weights at a time, for its forward and again for its backward.
 
 How the trainer (``trainer.py``) uses it:
 
+* only rank 0 builds the models whole, on its CPU (it reads the teacher, converts it to
+  the student: the inherited weights and the method's own initialisation of its new
+  parameters, e.g. LiT's depth-wise conv, SLA's ``proj_l``, exactly as one process
+  would); the other ranks build the same modules on the meta device (no memory) from
+  their configs (rank 0's, or a pipeline's ``config.json``: :func:`build_device`). :class:`Sharded` shards every rank's modules
+  on the meta device, allocates each rank's shards (``to_empty``) and fills them from rank
+  0's tensors (``set_model_state_dict`` with ``broadcast_from_rank0``; buffers, small and
+  not sharded, broadcast whole). So no accelerator ever holds a whole model and no rank
+  but 0 holds one anywhere; rank 0's CPU holds the teacher and the student whole until
+  they are sent (what reading them from the files costs in any case). ``summary.json``'s
+  ``parameters.bytes_built_by_rank`` records each rank's bytes built before sharding.
+  The teacher makes ``--data self`` samples already sharded, every rank running as many
+  forwards (each one a collective): the same weights, all-gathered, so the samples equal
+  an unsharded teacher's within float rounding;
 * :class:`Sharded` applies ``fully_shard`` to each transformer block (the members of
   the model's ``*blocks`` module lists: DiT's ``blocks``, FLUX's ``transformer_blocks``
   and ``single_transformer_blocks``, Wan's ``blocks``), then to the root (embedders,
@@ -30,10 +44,14 @@ How the trainer (``trainer.py``) uses it:
 recomputes each block's activations in the backward pass instead of keeping them.
 
 Where it is tested (``tests/distill/test_fsdp.py``), all on CPU: under gloo with 2
-processes, attnbench's DiT with FSDP takes DDP's steps (losses, gradient norms, weights,
+processes, rank 1 builds attnbench's DiT teacher and LiT student on the meta device and
+receives rank 0's weights bit for bit (a non-persistent buffer in another dtype
+included); attnbench's DiT with FSDP takes DDP's steps (losses, gradient norms, weights,
 EMA, AdamW moments, the exported student) and its checkpoints cross to and from one
 process, with activation checkpointing on one side; a tiny diffusers FLUX with FSDP and
-activation checkpointing takes DDP's steps. In one process: activation checkpointing
+activation checkpointing takes DDP's steps with its transformer read by rank 0 alone;
+SIGTERM to one rank stops both at the same step, saved, and ``--resume`` continues.
+In one process: activation checkpointing
 gives the plain model's gradients (float64) and runs under bf16 autocast. The CUDA/NCCL
 path (``cuda:LOCAL_RANK`` meshes) is the same code and is not exercised by the CPU suite.
 """

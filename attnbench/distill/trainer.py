@@ -773,7 +773,9 @@ class Trainer:
 
 
 class _StopSignals:
-    """SIGINT / SIGTERM ask the loop to stop after the current step and save a checkpoint.
+    """SIGINT / SIGTERM ask the loop to stop after the current step and save a checkpoint
+    (under torchrun the ranks agree before each step, so a signal to any one of them stops
+    them all at the same step).
 
     The first signal sets ``signum``; a second one interrupts at once (the atomic
     checkpoint write keeps the previous checkpoint intact). Installed only in the

@@ -214,7 +214,7 @@ def _build_worker(rank: int, world: int, port: int, teacher_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=300))
     try:
         info = DistInfo(rank, world, rank, torch.device("cpu"), "gloo")
         teacher, student, report, _ = _teacher_and_student(
