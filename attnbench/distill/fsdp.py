@@ -11,13 +11,14 @@ How the trainer (``trainer.py``) uses it:
   the student: the inherited weights and the method's own initialisation of its new
   parameters, e.g. LiT's depth-wise conv, SLA's ``proj_l``, exactly as one process
   would); the other ranks build the same modules on the meta device (no memory) from
-  their configs (rank 0's, or a pipeline's ``config.json``: :func:`build_device`). :class:`Sharded` shards every rank's modules
-  on the meta device, allocates each rank's shards (``to_empty``) and fills them from rank
-  0's tensors (``set_model_state_dict`` with ``broadcast_from_rank0``; buffers, small and
-  not sharded, broadcast whole). So no accelerator ever holds a whole model and no rank
-  but 0 holds one anywhere; rank 0's CPU holds the teacher and the student whole until
-  they are sent (what reading them from the files costs in any case). ``summary.json``'s
-  ``parameters.bytes_built_by_rank`` records each rank's bytes built before sharding.
+  their configs (rank 0's, or a pipeline's ``config.json``: :func:`build_device`).
+  :class:`Sharded` shards every rank's modules on the meta device, allocates each rank's
+  shards (``to_empty``) and fills them from rank 0's tensors (``set_model_state_dict``
+  with ``broadcast_from_rank0``; buffers, small and not sharded, broadcast whole). So no
+  accelerator ever holds a whole model and no rank but 0 holds one anywhere; rank 0's
+  CPU holds the teacher and the student whole until they are sent (what reading them
+  from the files costs in any case). ``summary.json``'s ``parameters.bytes_built_by_rank``
+  records each rank's bytes built before sharding.
   The teacher makes ``--data self`` samples already sharded, every rank running as many
   forwards (each one a collective): the same weights, all-gathered, so the samples equal
   an unsharded teacher's within float rounding;
@@ -51,8 +52,8 @@ EMA, AdamW moments, the exported student) and its checkpoints cross to and from 
 process, with activation checkpointing on one side; a tiny diffusers FLUX with FSDP and
 activation checkpointing takes DDP's steps with its transformer read by rank 0 alone;
 SIGTERM to one rank stops both at the same step, saved, and ``--resume`` continues.
-In one process: activation checkpointing
-gives the plain model's gradients (float64) and runs under bf16 autocast. The CUDA/NCCL
+In one process: activation checkpointing gives the plain model's gradients (float64) and
+runs under bf16 autocast. The CUDA/NCCL
 path (``cuda:LOCAL_RANK`` meshes) is the same code and is not exercised by the CPU suite.
 """
 

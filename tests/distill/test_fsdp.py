@@ -208,7 +208,7 @@ def _build_worker(rank: int, world: int, port: int, teacher_dir: str) -> None:
 
     from attnbench.common.dist import DistInfo
     from attnbench.distill.fsdp import Sharded, held
-    from attnbench.distill.pipeline import _teacher_and_student
+    from attnbench.distill.pipeline import _teacher_and_student, generate_teacher_samples
     from attnbench.models.convert import convert
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -231,10 +231,15 @@ def _build_worker(rank: int, world: int, port: int, teacher_dir: str) -> None:
         assert sharded.materialised == [whole_bytes, 0]
         assert held(student) < sum(p.numel() for p in student.parameters())
         assert torch.equal(teacher.probe, torch.arange(3, dtype=torch.float64))
+        # the sharded teacher's samples: rank 0 makes 2 batches of 1, rank 1 one and a spare
+        samples = generate_teacher_samples(teacher, 3, seed=0, steps=2, batch=1, info=info)
         full = sharded.gather(student, None)
         if rank == 0:  # the whole build of every rank before, bit for bit
             ref_teacher = load_dit(teacher_dir)
             ref_student, _ = convert(ref_teacher, "lit", seed=0)
+            alone = generate_teacher_samples(ref_teacher, 3, seed=0, steps=2, batch=1)
+            assert torch.equal(samples.y, alone.y)
+            assert torch.allclose(samples.x, alone.x, atol=1e-6, rtol=1e-5)
             for ref, got in ((ref_student, full.model), (ref_teacher, full.teacher)):
                 mine = got.state_dict()
                 assert set(mine) == set(ref.state_dict())
