@@ -434,11 +434,11 @@ class Trainer:
         :meth:`_after_step` (logging, evaluation, checkpoint, time limit),
         :meth:`_stop_on_signal` and :meth:`_end` (the last checkpoint, export, summary).
         """
-        loop = self._begin(resume, force)
         stop = _StopSignals()
-        signum = 0
+        signum, loop = 0, None
         try:
-            stop.install()
+            stop.install()  # already while the run is set up: it then stops before a step
+            loop = self._begin(resume, force)
             while loop.step < self.config.steps:
                 # a signal on any rank stops every rank before the same step
                 signum = _dist.max_across(self.dist, stop.signum or 0)
@@ -449,7 +449,7 @@ class Trainer:
                     break
         finally:
             stop.restore()
-            if loop.bar is not None:
+            if loop is not None and loop.bar is not None:
                 loop.bar.close()
         elapsed = loop.elapsed()
         if signum and loop.step < self.config.steps:
