@@ -96,6 +96,16 @@ def broadcast_flag(info: DistInfo, flag: bool) -> bool:
     return bool(t.item())
 
 
+def max_across(info: DistInfo, value: int) -> int:
+    """The largest of every rank's ``value`` (e.g. the signal one rank received, 0 for none:
+    every rank learns it at the same point)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([int(value)], device=info.device if info.backend == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def broadcast_object(info: DistInfo, obj):
     """Rank 0's picklable ``obj`` on every rank (an error message, a small dict)."""
     if not info.enabled:

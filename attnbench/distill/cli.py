@@ -81,7 +81,9 @@ def _add_training_flags(p: argparse.ArgumentParser, *, steps: int, batch: int,
     g.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the student and the frozen teacher over the "
                         "ranks with FSDP2 (fully_shard per transformer block, then the root) "
-                        "instead of replicating them (DDP); checkpoints are the same file")
+                        "instead of replicating them (DDP): rank 0 alone reads the weights "
+                        "(onto its CPU) and sends each rank its shards; checkpoints are the "
+                        "same file")
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each transformer block's activations in the backward "
                         "pass (less memory, one more forward per step)")

@@ -63,11 +63,13 @@ from ..integrations.diffusers.pipelines import (
     check_size,
     config_hash,
     load_pipeline,
+    load_transformer,
     text_length,
 )
 from ..integrations.diffusers.student import WEIGHTS, save_student
 from ..integrations.diffusers.swap import kd_attn_modules, swap_attention
 from ..models.diffusers_configs import get_diffusers_config
+from . import fsdp as _fsdp
 from .diffusers_objective import (
     DiffusersBatch,
     diffusers_losses,
@@ -150,8 +152,14 @@ def generate_latents(pipe, family: Family, prompts: list[str], count: int, *, se
                      steps: int, guidance: float, height: int, width: int,
                      frames: int | None, max_len: int, info: _dist.DistInfo,
                      progress: bool = False) -> LatentTextSource:
-    """``count`` teacher latents (prompt ``i mod len``, seed ``(seed, i)``) + text inputs."""
-    mine = list(range(info.rank, count, info.world_size))
+    """``count`` teacher latents (prompt ``i mod len``, seed ``(seed, i)``) + text inputs.
+
+    A transformer sharded by FSDP makes them in lockstep (each of its forwards is a
+    collective): a rank short of one sample makes one it discards.
+    """
+    lockstep = _fsdp.is_sharded(pipe.transformer)
+    most = -(-count // info.world_size) * info.world_size if lockstep else count
+    mine = list(range(info.rank, most, info.world_size))
     device = pipe.transformer.device
     kw = dict(num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
               output_type="latent", max_sequence_length=max_len, **family.call_kwargs)
@@ -164,7 +172,10 @@ def generate_latents(pipe, family: Family, prompts: list[str], count: int, *, se
     for i in rows:
         prompt = prompts[i % len(prompts)]
         g = torch.Generator(device).manual_seed(step_seed(seed, i, stream=SAMPLE_STREAM))
-        xs.append(pipe(prompt=prompt, generator=g, **kw)[0].cpu())
+        latent = pipe(prompt=prompt, generator=g, **kw)[0].cpu()
+        if i >= count:  # lockstep's spare
+            continue
+        xs.append(latent)
         texts.append({k: v.cpu() for k, v in family.encode(pipe, [prompt], device,
                                                              max_len).items()})
     x = torch.cat(xs) if xs else torch.empty(0)
@@ -198,13 +209,15 @@ class DiffusersTrainer(Trainer):
     def __init__(self, student, teacher, source: LatentTextSource, out, config: TrainConfig, *,
                  recipe: DistillRecipe, family: Family, handle, teacher_hash: str,
                  shift: float, identity: dict[str, Any], info: dict[str, Any],
-                 dist_info: _dist.DistInfo, student_extra: dict[str, Any]) -> None:
+                 dist_info: _dist.DistInfo, student_extra: dict[str, Any],
+                 sharded=None) -> None:
         self.family, self.handle, self.teacher_hash = family, handle, teacher_hash
         self.shift, self.student_extra = shift, student_extra
         diffusion = Diffusion(1000) if family.objective == "eps_vb" else None
         super().__init__(student, diffusion, source, out, config, recipe=recipe,
                          teacher=teacher, identity=identity, info=info, eval_data=None,
-                         num_train=len(source), export_name=STUDENT_DIR, dist_info=dist_info)
+                         num_train=len(source), export_name=STUDENT_DIR, dist_info=dist_info,
+                         sharded=sharded)
 
     def setup_batches(self) -> None:
         self.sample_shape = tuple(self.source.x.shape[1:])
@@ -321,15 +334,28 @@ def distill_pipeline(
     try:
         dtype = torch.bfloat16 if config.precision == "bf16" and info.device.type == "cuda" \
             else None
+        # under --fsdp the transformer is whole on rank 0's CPU only (fsdp.build_device): a
+        # zoo entry's random weights are then drawn by the CPU's generator, not the GPU's
+        where = _fsdp.build_device(info, config.fsdp, info.device)
         if root is not None:
-            pipe, _ = load_pipeline(root, device=info.device, dtype=dtype)
-            teacher, scheduler = pipe.transformer, dict(pipe.scheduler.config)
+            pipe, _ = load_pipeline(root, device=info.device, dtype=dtype,
+                                    transformer=not config.fsdp)
+            teacher = pipe.transformer if not config.fsdp else load_transformer(
+                root, device=where, dtype=dtype)
+            scheduler = dict(pipe.scheduler.config)
         else:
             pipe, scheduler = None, dict(family.scheduler)
-            teacher = build_transformer(entry, device=info.device, dtype=dtype or torch.float32,
+            teacher = build_transformer(entry, device=where, dtype=dtype or torch.float32,
                                         seed=config.seed)
         teacher = teacher.eval().requires_grad_(False)
         teacher_hash = config_hash(teacher)
+        student, handle = student_of(teacher, method, resolved, family,
+                                     resolved_recipe.trainable, seed=config.seed)
+        sharded = None
+        if config.fsdp:  # before the teacher makes data: it makes them sharded
+            sharded = _fsdp.Sharded(student, teacher, info)
+            if pipe is not None:
+                pipe.transformer = teacher
         if data == RANDOM_DATA:
             source = random_source(entry, shapes, gen_samples, seed=config.seed)
         elif data == "self":
@@ -338,8 +364,6 @@ def distill_pipeline(
                                 guidance=s.guidance if gen_guidance is None else gen_guidance,
                                 height=height, width=width, frames=frames,
                                 max_len=text_length(pipe, family, max_sequence_length))
-        student, handle = student_of(teacher, method, resolved, family,
-                                     resolved_recipe.trainable)
         if resolved_recipe.needs_attention:
             swap_attention(teacher, "softmax")  # the stock output, with a core to tap
         if gradient_checkpointing:
@@ -362,7 +386,8 @@ def distill_pipeline(
             handle=handle, teacher_hash=teacher_hash, shift=shift, identity=identity,
             info={"method": method, "model_path": origin, "distill": doc},
             dist_info=info, student_extra={"model_path": origin, "objective": family.objective,
-                                           "shift": shift, "tapped": doc["tapped"]})
+                                           "shift": shift, "tapped": doc["tapped"]},
+            sharded=sharded)
         return trainer.run(resume=resume, force=force)
     finally:
         _dist.teardown(info)
@@ -421,14 +446,18 @@ def _self_data(out: Path, pipe, family: Family, prompt_list: list[str], config: 
 
 
 def student_of(teacher: nn.Module, method: str, options: dict[str, Any], family: Family,
-               trainable: str):
+               trainable: str, *, seed: int = 0):
     """The student: a copy of ``teacher`` with ``method``'s attention, whose trainable
     parameters train in float32 and whose frozen ones *are* the teacher's tensors (equal
     values, frozen on both sides): beyond its teacher a student costs only its trainable
     parameters (FLUX.1-dev with ``--trainable attention``: 2.5 of its 11.9 billion).
-    Returns ``(student, swap handle)``."""
+    What it does not inherit (the method's new parameters, re-initialised projections) is
+    drawn from ``seed`` (the global generator left as it was), as ``convert``'s DiT
+    students are: the same student in every run. Returns ``(student, swap handle)``."""
     student = copy.deepcopy(teacher)
-    handle = swap_attention(student, method, **options)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        handle = swap_attention(student, method, **options)
     chosen = set(trainable_names(student, family, trainable))
     stock = dict(teacher.named_parameters())
     for name, p in student.named_parameters():

@@ -7,6 +7,21 @@ block's weights at a time, for its forward and again for its backward.
 
 How the trainer (``trainer.py``) uses it:
 
+* only rank 0 builds the models whole, on its CPU (it reads the teacher, converts it to
+  the student: the inherited weights and the method's own initialisation of its new
+  parameters, e.g. LiT's depth-wise conv, SLA's ``proj_l``, exactly as one process
+  would); the other ranks build the same modules on the meta device (no memory) from
+  their configs (rank 0's, or a pipeline's ``config.json``: :func:`build_device`).
+  :class:`Sharded` shards every rank's modules on the meta device, allocates each rank's
+  shards (``to_empty``) and fills them from rank 0's tensors (``set_model_state_dict``
+  with ``broadcast_from_rank0``; buffers, small and not sharded, broadcast whole). So no
+  accelerator ever holds a whole model and no rank but 0 holds one anywhere; rank 0's
+  CPU holds the teacher and the student whole until they are sent (what reading them
+  from the files costs in any case). ``summary.json``'s ``parameters.bytes_built_by_rank``
+  records each rank's bytes built before sharding.
+  The teacher makes ``--data self`` samples already sharded, every rank running as many
+  forwards (each one a collective): the same weights, all-gathered, so the samples equal
+  an unsharded teacher's within float rounding;
 * :class:`Sharded` applies ``fully_shard`` to each transformer block (the members of
   the model's ``*blocks`` module lists: DiT's ``blocks``, FLUX's ``transformer_blocks``
   and ``single_transformer_blocks``, Wan's ``blocks``), then to the root (embedders,
@@ -30,11 +45,15 @@ How the trainer (``trainer.py``) uses it:
 recomputes each block's activations in the backward pass instead of keeping them.
 
 Where it is tested (``tests/distill/test_fsdp.py``), all on CPU: under gloo with 2
-processes, attnbench's DiT with FSDP takes DDP's steps (losses, gradient norms, weights,
+processes, rank 1 builds attnbench's DiT teacher and LiT student on the meta device and
+receives rank 0's weights bit for bit (a non-persistent buffer in another dtype
+included); attnbench's DiT with FSDP takes DDP's steps (losses, gradient norms, weights,
 EMA, AdamW moments, the exported student) and its checkpoints cross to and from one
 process, with activation checkpointing on one side; a tiny diffusers FLUX with FSDP and
-activation checkpointing takes DDP's steps. In one process: activation checkpointing
-gives the plain model's gradients (float64) and runs under bf16 autocast. The CUDA/NCCL
+activation checkpointing takes DDP's steps with its transformer read by rank 0 alone;
+SIGTERM to one rank stops both at the same step, saved, and ``--resume`` continues.
+In one process: activation checkpointing gives the plain model's gradients (float64) and
+runs under bf16 autocast. The CUDA/NCCL
 path (``cuda:LOCAL_RANK`` meshes) is the same code and is not exercised by the CPU suite.
 """
 
@@ -84,6 +103,13 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are DTensors (sharded: its forwards are collectives)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def held(model: nn.Module) -> int:
     """The parameter elements this rank holds (its shards)."""
     from torch.distributed.tensor import DTensor
@@ -104,28 +130,62 @@ class Gathered:
 class Sharded:
     """``model`` and ``teacher`` sharded in place over every rank of ``info``.
 
-    Rank 0 keeps a skeleton of each (the modules with their parameters on the meta
+    The weights come from rank 0: it holds each module whole (on its CPU, or wherever it
+    was built), while the other ranks may hold meta-device skeletons of the same modules
+    (no memory: :func:`build_device`). Every module is moved to the meta device,
+    ``fully_shard``-ed, allocated shard by shard (``to_empty``) and filled from rank 0's
+    tensors (parameters through the distributed-checkpoint API's ``broadcast_from_rank0``,
+    each rank keeping its shard; the buffers, small and replicated, broadcast whole), so
+    no device ever holds a whole model and only rank 0 holds one, wherever it built it.
+    Rank 0 also keeps a skeleton of each (the modules with their parameters on the meta
     device: no memory) to rebuild full copies from gathered state dicts.
+    ``materialised`` is each rank's bytes of parameters not on the meta device at the
+    moment of sharding (a test that the other ranks never built the model).
     """
 
     def __init__(self, model: nn.Module, teacher: nn.Module | None, info) -> None:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
 
         self.is_main = info.is_main
         self.teacher = teacher
         self.mesh = init_device_mesh(info.device.type, (info.world_size,))
+        self.materialised = _per_rank(sum(_materialised_bytes(m) for m in (model, teacher)
+                                          if m is not None))
         self.skeleton = _skeleton(model) if self.is_main else None
         self.teacher_skeleton = (_skeleton(teacher) if self.is_main and teacher is not None
                                  else None)
         self._teacher_full: nn.Module | None = None
         self._teacher_gathered = False
         for module in (model, teacher):
-            if module is None:
-                continue
-            for block in blocks(module):
-                fully_shard(block, mesh=self.mesh)
-            fully_shard(module, mesh=self.mesh)
+            if module is not None:
+                self._shard_from_main(module, info.device)
+
+    def _shard_from_main(self, module: nn.Module, device: torch.device) -> None:
+        """Shard ``module`` (per block, then the root) and fill it with rank 0's tensors."""
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
+        from torch.distributed.fsdp import fully_shard
+
+        whole = ({k: v.detach().cpu() for k, v in module.state_dict().items()}
+                 if self.is_main else {})
+        buffers = ({k: v.detach().cpu() for k, v in module.named_buffers()}
+                   if self.is_main else {})
+        module.to("meta")  # rank 0's own copy is let go: ``whole`` holds its tensors
+        _same_dtypes(module, self.is_main)
+        for block in blocks(module):
+            fully_shard(block, mesh=self.mesh)
+        fully_shard(module, mesh=self.mesh)
+        module.to_empty(device=device)
+        set_model_state_dict(module, whole, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=True))
+        with torch.no_grad():
+            for name, buffer in module.named_buffers():  # non-persistent ones included
+                if self.is_main:
+                    buffer.copy_(buffers[name])
+                dist.broadcast(buffer, 0)
 
     # ----- checkpoints ---------------------------------------------------------------------
     def full_state(self, model: nn.Module, ema: dict[str, torch.Tensor],
@@ -228,6 +288,50 @@ def _shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return whole.to(like.device)
     return distribute_tensor(whole.to(like.device), like.device_mesh, like.placements,
                              src_data_rank=None)
+
+
+def build_device(info, fsdp: bool, usual: torch.device | str) -> torch.device:
+    """Where a model is built: ``usual`` without ``fsdp``; with it, rank 0's CPU (the one
+    whole copy, never on an accelerator) and the meta device on the other ranks (no
+    memory), :class:`Sharded` filling every rank's shards from rank 0's tensors."""
+    if not fsdp:
+        return torch.device(usual)
+    return torch.device("cpu" if info.is_main else "meta")
+
+
+def _same_dtypes(module: nn.Module, is_main: bool) -> None:
+    """Rank 0's dtype for every tensor of ``module`` (on the meta device: a skeleton built
+    elsewhere may miss a float32 module its loader keeps)."""
+    import torch.distributed as dist
+
+    mine = {name: t.dtype for name, t in (*module.named_parameters(),
+                                          *module.named_buffers())}
+    box = [mine if is_main else None]
+    dist.broadcast_object_list(box, 0)
+    with torch.no_grad():
+        for name, t in (*module.named_parameters(), *module.named_buffers()):
+            want = box[0][name]
+            if t.dtype == want:
+                continue
+            if isinstance(t, nn.Parameter):
+                t.data = t.data.to(want)
+            else:
+                owner, _, attr = name.rpartition(".")
+                setattr(module.get_submodule(owner), attr, t.to(want))
+
+
+def _materialised_bytes(module: nn.Module) -> int:
+    """Bytes of ``module``'s parameters that hold memory (not on the meta device)."""
+    return sum(p.numel() * p.element_size() for p in module.parameters() if not p.is_meta)
+
+
+def _per_rank(value: int) -> list[int]:
+    """``value`` of every rank, in rank order (a collective)."""
+    import torch.distributed as dist
+
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def _skeleton(module: nn.Module) -> nn.Module:

@@ -26,9 +26,10 @@ from ..diffusion import Diffusion
 from ..diffusion.sampling import sample_images
 from ..models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_dit
 from ..models.configs import DiTConfig
-from ..models.convert import convert
+from ..models.convert import InheritanceReport, convert
 from ..models.dit import DiT
 from ..models.teacher import TEACHER_CONFIG, TRAINING_FILE, default_teacher_path, write_sums
+from . import fsdp as _fsdp
 from .io import atomic_write_bytes, atomic_write_json
 from .optim import resolve as resolve_optimisation
 from .recipes import DistillRecipe, get_recipe, recipe_for
@@ -88,7 +89,8 @@ def train_teacher(out: str | Path, config: TrainConfig, *, model_config: DiTConf
         if model_config.num_classes != source.num_classes:
             raise ValueError(f"the shapes world has {source.num_classes} classes; the model "
                              f"config has {model_config.num_classes}")
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), \
+                torch.device(_fsdp.build_device(info, config.fsdp, "cpu")):
             torch.manual_seed(config.seed)
             model = DiT(model_config)
         held_out = ShapesWorld(model_config.input_size, seed=data_seed + 1)
@@ -157,6 +159,9 @@ def generate_teacher_samples(teacher: DiT, count: int, *, seed: int, steps: int 
     Sample ``i``'s label and initial noise come from its own seed, and DDIM with
     η = 0 is deterministic, so the set is the same whatever the number of
     processes: rank ``r`` generates samples ``r::world`` and they are gathered.
+    A teacher sharded by FSDP makes them in lockstep (each of its forwards is a
+    collective): every rank runs as many batches, a rank short of one running a sample it
+    discards.
     """
     info = info or _dist.DistInfo()
     cfg = teacher.config
@@ -170,15 +175,18 @@ def generate_teacher_samples(teacher: DiT, count: int, *, seed: int, steps: int 
         noises.append(torch.randn(shape, generator=g))
     diffusion = Diffusion(1000)
     xs = []
-    chunks = range(0, len(mine), batch)
+    most = -(-count // info.world_size) if _fsdp.is_sharded(teacher) else len(mine)
+    chunks = range(0, most, batch)
     if progress and info.is_main:
         chunks = tqdm(chunks, desc=f"teacher samples ({count}, {steps} DDIM steps)",
                       leave=False)
     for start in chunks:
-        xs.append(sample_images(teacher, torch.tensor(labels[start:start + batch]),
-                                steps=steps, sampler="ddim", cfg_scale=cfg_scale,
-                                noise=torch.stack(noises[start:start + batch]),
-                                diffusion=diffusion, device=device).cpu())
+        chunk_labels = labels[start:start + batch] or [0]
+        chunk_noise = noises[start:start + batch] or [torch.zeros(shape)]
+        x = sample_images(teacher, torch.tensor(chunk_labels), steps=steps, sampler="ddim",
+                          cfg_scale=cfg_scale, noise=torch.stack(chunk_noise),
+                          diffusion=diffusion, device=device).cpu()
+        xs.append(x[:len(labels[start:start + batch])])
     x = torch.cat(xs) if xs else torch.empty((0, *shape))
     y = torch.tensor(labels, dtype=torch.long)
     x = _dist.gather_rows(info, x, count)
@@ -243,20 +251,23 @@ def distill(
     info = _dist.setup(device)
     try:
         teacher_path = resolve_teacher(teacher)
-        teacher_model = load_dit(teacher_path)
-        teacher_sha = teacher_model.checkpoint.sha256()
         chosen: DistillRecipe = (get_recipe(recipe) if recipe else recipe_for(method)) \
             .with_overrides(weights, trainable)
         opts = {**chosen.options, **(options or {})}  # the recipe's method options unless given
-        student, report = convert(teacher_model, method, num_heads=num_heads,
-                                  seed=convert_seed, **opts)
+        teacher_model, student, report, teacher_sha = _teacher_and_student(
+            teacher_path, method, num_heads=num_heads, seed=convert_seed, options=opts,
+            info=info, fsdp=config.fsdp)
         if info.is_main and not resume:  # said when the run started; kept in inheritance.json
             for warning in report.warnings:
                 print(f"attnbench distill: warning: {warning}", file=sys.stderr)
         config = resolve_optimisation(config, chosen.optimisation)
         cfg = teacher_model.config
-        teacher_model.to(info.device)
-        student.to(info.device)
+        sharded = None
+        if config.fsdp:  # before the teacher makes samples: it makes them sharded
+            sharded = _fsdp.Sharded(student, teacher_model, info)
+        else:
+            teacher_model.to(info.device)
+            student.to(info.device)
 
         eval_n = config.eval_samples
         if data == "self":
@@ -301,8 +312,42 @@ def distill(
                                            "teacher_heads", "parameters")}},
             eval_data=eval_data, num_train=num_train, export_name="student",
             export_extra={"inheritance.json": report.to_dict(), DISTILL_FILE: recipe_doc},
-            dist_info=info,
+            dist_info=info, sharded=sharded,
         )
         return trainer.run(resume=resume, force=force)
     finally:
         _dist.teardown(info)
+
+
+def _teacher_and_student(teacher_path: Path, method: str, *, num_heads: int | None,
+                         seed: int, options: dict[str, Any], info: _dist.DistInfo,
+                         fsdp: bool) -> tuple[DiT, DiT, InheritanceReport, str]:
+    """``(teacher, student, conversion report, teacher's SHA-256)``.
+
+    With ``fsdp`` only rank 0 reads the teacher and converts it; the other ranks build both
+    models on the meta device from its configs (no memory) and :class:`~attnbench.distill.
+    fsdp.Sharded` fills their shards from rank 0's tensors. A failure on rank 0 (an
+    unreadable teacher, a bad option) is raised on every rank.
+    """
+    built, error = None, None
+    if info.is_main or not fsdp:
+        try:
+            teacher = load_dit(teacher_path)
+            student, report = convert(teacher, method, num_heads=num_heads, seed=seed,
+                                      **options)
+            built = (teacher.config, student.config, report, teacher.checkpoint.sha256())
+        except (ValueError, FileNotFoundError) as err:
+            if not fsdp:
+                raise
+            error = (type(err).__name__, str(err))
+    if not fsdp:
+        return teacher, student, report, built[3]
+    error, built = _dist.broadcast_object(info, (error, built))
+    if error is not None:
+        raise (FileNotFoundError if error[0] == "FileNotFoundError" else ValueError)(error[1])
+    teacher_config, student_config, report, sha = built
+    if not info.is_main:
+        with torch.device("meta"):
+            teacher, student = (DiT(c, initialize=False).eval()
+                                for c in (teacher_config, student_config))
+    return teacher, student, report, sha

@@ -312,6 +312,7 @@ class Trainer:
         export_name: str = "model",
         export_extra: dict[str, Any] | None = None,
         dist_info: _dist.DistInfo | None = None,
+        sharded: _fsdp.Sharded | None = None,
     ) -> None:
         self.dist = dist_info or _dist.DistInfo()
         config = _optim.resolve(config, recipe.optimisation)
@@ -329,7 +330,9 @@ class Trainer:
         if config.fsdp and not self.dist.enabled:
             raise ValueError("--fsdp shards the model over torchrun's processes: launch with "
                              "torchrun --nproc_per_node N (N >= 2), or drop --fsdp")
-        self.sharded: _fsdp.Sharded | None = None  # set by run() under config.fsdp
+        # under config.fsdp: sharded by the caller (who built the models from rank 0's:
+        # fsdp.build_device), or by run() from the models it is given
+        self.sharded: _fsdp.Sharded | None = sharded
         self.setup_batches()
 
     # ----- what a subclass for another model kind replaces (diffusers_distill.py) ---------
@@ -431,23 +434,26 @@ class Trainer:
         :meth:`_after_step` (logging, evaluation, checkpoint, time limit),
         :meth:`_stop_on_signal` and :meth:`_end` (the last checkpoint, export, summary).
         """
-        loop = self._begin(resume, force)
         stop = _StopSignals()
+        signum, loop = 0, None
         try:
-            stop.install()
+            stop.install()  # already while the run is set up: it then stops before a step
+            loop = self._begin(resume, force)
             while loop.step < self.config.steps:
-                if _dist.broadcast_flag(self.dist, stop.signum is not None):
+                # a signal on any rank stops every rank before the same step
+                signum = _dist.max_across(self.dist, stop.signum or 0)
+                if signum:
                     break
                 terms, stats = self._step(loop)
                 if self._after_step(loop, terms, stats):
                     break
         finally:
             stop.restore()
-            if loop.bar is not None:
+            if loop is not None and loop.bar is not None:
                 loop.bar.close()
         elapsed = loop.elapsed()
-        if stop.signum is not None and loop.step < self.config.steps:
-            self._stop_on_signal(loop, stop.signum, elapsed)
+        if signum and loop.step < self.config.steps:
+            self._stop_on_signal(loop, signum, elapsed)
         return self._end(loop, elapsed)
 
     def _open(self, resume: bool, force: bool) -> dict[str, Any] | None:
@@ -472,19 +478,23 @@ class Trainer:
         ``config.fsdp``), the optimiser and EMA, a resumed checkpoint restored."""
         cfg, d = self.config, self.dist
         state = self._open(resume, force)
-        model = self.model.to(self.device)
+        model = self.model if cfg.fsdp else self.model.to(self.device)  # FSDP places shards
         model.eval()  # DiT has no dropout: label dropout is drawn by the trainer, per step
         if self.teacher is not None:
-            self.teacher.to(self.device).eval().requires_grad_(False)
+            if not cfg.fsdp:
+                self.teacher.to(self.device)
+            self.teacher.eval().requires_grad_(False)
         params = self._trainable(model)
         self.parameter_counts = {"trainable": sum(p.numel() for _, p in params),
                                  "total": sum(p.numel() for p in model.parameters())}
         if cfg.activation_checkpointing:
             _fsdp.checkpoint_blocks(model)
         if cfg.fsdp:
-            self.sharded = _fsdp.Sharded(model, self.teacher, d)
+            if self.sharded is None:
+                self.sharded = _fsdp.Sharded(model, self.teacher, d)
             params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
             self.parameter_counts["held_by_rank0"] = _fsdp.held(model)
+            self.parameter_counts["bytes_built_by_rank"] = self.sharded.materialised
         optimizer = _optim.build(cfg, [p for _, p in params])
         ema = self.ema_init(model, [n for n, _ in params])
         local = cfg.batch_size // d.world_size
@@ -601,13 +611,16 @@ class Trainer:
         return False
 
     def _stop_on_signal(self, loop: _Loop, signum: int, elapsed: float) -> None:
-        """SIGINT/SIGTERM: save where the run stands and leave (KeyboardInterrupt or exit)."""
+        """SIGINT/SIGTERM (on any rank: every rank stops at the same step): save where the
+        run stands, one line on each rank, and leave (KeyboardInterrupt or exit 128 + N)."""
         self._save(loop, elapsed)
-        if self.dist.is_main:
-            print(f"attnbench: {signal.Signals(signum).name} at step {loop.step} of "
-                  f"{self.config.steps}: {self.out / CHECKPOINT_FILE} saved; continue with the "
-                  "same command and --resume", file=sys.stderr, flush=True)
-        _dist.barrier(self.dist)
+        d = self.dist
+        where = f"rank {d.rank} of {d.world_size}: " if d.enabled else ""
+        by = "" if d.is_main else " by rank 0"
+        print(f"attnbench: {where}{signal.Signals(signum).name} at step {loop.step} of "
+              f"{self.config.steps}: {self.out / CHECKPOINT_FILE} saved{by}; continue with "
+              "the same command and --resume", file=sys.stderr, flush=True)
+        _dist.barrier(d)
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise SystemExit(128 + signum)
@@ -760,7 +773,9 @@ class Trainer:
 
 
 class _StopSignals:
-    """SIGINT / SIGTERM ask the loop to stop after the current step and save a checkpoint.
+    """SIGINT / SIGTERM ask the loop to stop after the current step and save a checkpoint
+    (under torchrun the ranks agree before each step, so a signal to any one of them stops
+    them all at the same step).
 
     The first signal sets ``signum``; a second one interrupts at once (the atomic
     checkpoint write keeps the previous checkpoint intact). Installed only in the

@@ -8,8 +8,11 @@ is not exercised by this suite.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 
@@ -64,6 +67,8 @@ def test_fsdp_steps_equal_ddp_and_checkpoints_cross_with_one_process(teacher_dir
     assert run["config"]["fsdp"] is True and run["world_size"] == 2
     parameters = json.loads((fsdp / "summary.json").read_text())["parameters"]
     assert parameters["held_by_rank0"] < parameters["total"]  # really sharded
+    built = parameters["bytes_built_by_rank"]  # rank 1 built the models on the meta device
+    assert built[1] == 0 and built[0] >= 4 * parameters["total"]
     # the same steps as DDP: losses, gradient norms, weights, EMA and AdamW moments
     for ra, rb in zip(_metrics(ddp), _metrics(fsdp), strict=True):
         for key in ("loss", "diffusion", "kd_eps", "kd_sigma", "grad_norm"):
@@ -173,6 +178,8 @@ def test_fsdp_distils_a_diffusers_transformer_as_ddp_does(tmp_path):
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     _torchrun(*args, "--out", str(ddp))
     _torchrun(*args, "--out", str(fsdp), "--fsdp", "--activation-checkpointing")
+    built = json.loads((fsdp / "summary.json").read_text())["parameters"]["bytes_built_by_rank"]
+    assert built[1] == 0 < built[0]  # the transformer read by rank 0 only
     for ra, rb in zip(_metrics(ddp), _metrics(fsdp), strict=True):
         for key in ("loss", "grad_norm"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), key
@@ -183,3 +190,115 @@ def test_fsdp_distils_a_diffusers_transformer_as_ddp_does(tmp_path):
     assert set(a) == set(b) and a
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+
+
+# --------------------------------------------------------------------------- built on rank 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _build_worker(rank: int, world: int, port: int, teacher_dir: str) -> None:
+    """Rank 0 reads and converts the teacher; rank 1 builds both on the meta device and
+    receives its shards: the models are rank 0's, and no rank but 0 built a whole one."""
+    import torch.distributed as dist
+
+    from attnbench.common.dist import DistInfo
+    from attnbench.distill.fsdp import Sharded, held
+    from attnbench.distill.pipeline import _teacher_and_student, generate_teacher_samples
+    from attnbench.models.convert import convert
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))
+    try:
+        info = DistInfo(rank, world, rank, torch.device("cpu"), "gloo")
+        teacher, student, report, _ = _teacher_and_student(
+            teacher_dir, "lit", num_heads=None, seed=0, options={}, info=info,
+            fsdp=True)
+        assert report.new  # LiT's depth-wise conv: initialised on rank 0, not to_empty's
+        # a buffer outside the state dict, in a dtype the skeleton lacks: rank 0's arrives
+        probe = torch.arange(3, dtype=torch.float64) if rank == 0 else torch.empty(3)
+        teacher.register_buffer("probe", probe.to("meta" if rank else "cpu"), persistent=False)
+        on_meta = [p.is_meta for m in (teacher, student) for p in m.parameters()]
+        assert all(on_meta) if rank else not any(on_meta)
+        sharded = Sharded(student, teacher, info)
+        whole_bytes = sum(p.numel() * 4 for m in (teacher, student) for p in m.parameters())
+        assert sharded.materialised == [whole_bytes, 0]
+        assert held(student) < sum(p.numel() for p in student.parameters())
+        assert torch.equal(teacher.probe, torch.arange(3, dtype=torch.float64))
+        # the sharded teacher's samples: rank 0 makes 2 batches of 1, rank 1 one and a spare
+        samples = generate_teacher_samples(teacher, 3, seed=0, steps=2, batch=1, info=info)
+        full = sharded.gather(student, None)
+        if rank == 0:  # the whole build of every rank before, bit for bit
+            ref_teacher = load_dit(teacher_dir)
+            ref_student, _ = convert(ref_teacher, "lit", seed=0)
+            alone = generate_teacher_samples(ref_teacher, 3, seed=0, steps=2, batch=1)
+            assert torch.equal(samples.y, alone.y)
+            assert torch.allclose(samples.x, alone.x, atol=1e-6, rtol=1e-5)
+            for ref, got in ((ref_student, full.model), (ref_teacher, full.teacher)):
+                mine = got.state_dict()
+                assert set(mine) == set(ref.state_dict())
+                for key, value in ref.state_dict().items():
+                    assert torch.equal(value, mine[key]), key
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_models_are_built_on_rank0_only_and_sharded_from_its_tensors(teacher_dir):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_build_worker, args=(2, _free_port(), str(teacher_dir)), nprocs=2, join=True)
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def _rank_env(rank: int, port: int) -> dict[str, str]:
+    from tests.runfolder.helpers import env
+
+    return {**env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+            "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_rank_stops_every_rank_saved_and_resumable(teacher_dir, tmp_path):
+    """SIGTERM to rank 1 alone: both ranks stop before the same step (they agree by a
+    collective), rank 0 saves the gathered checkpoint, each rank says so in one line and
+    exits 143 (128 + SIGTERM, the trainer's code for a signal); --resume continues."""
+    from tests.runfolder.helpers import wait_for
+
+    out = tmp_path / "stopped"
+    port = _free_port()
+    args = [*tiny_args(teacher_dir, out, "lit", "--steps", "100000", "--fsdp"), *EXTRA]
+    procs = [subprocess.Popen([sys.executable, "-m", "attnbench", *args],
+                              env=_rank_env(rank, port), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    metrics = out / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 2,
+             timeout=240, proc=procs[0])
+    procs[1].send_signal(signal.SIGTERM)
+    steps = []
+    try:
+        for rank, proc in enumerate(procs):
+            _, err = proc.communicate(timeout=240)
+            assert proc.returncode == 143, err[-3000:]
+            said = [line for line in err.splitlines() if line.startswith("attnbench:")]
+            assert len(said) == 1 and "Traceback" not in err, err[-3000:]
+            assert f"rank {rank} of 2: SIGTERM at step " in said[0]
+            assert "checkpoint.pt saved" in said[0] and "--resume" in said[0]
+            steps.append(int(said[0].split("at step ")[1].split()[0]))
+    finally:
+        for proc in procs:  # a rank that did not stop must not outlive the test
+            if proc.poll() is None:
+                proc.kill()
+    assert steps[0] == steps[1] >= 2
+    saved = load_training_checkpoint(out / "checkpoint.pt")
+    assert saved["step"] == steps[0]
+    _torchrun(*tiny_args(teacher_dir, out, "lit", "--steps", str(steps[0] + 1), "--fsdp",
+                         "--resume"), *EXTRA)
+    assert [r["step"] for r in _metrics(out)] == list(range(1, steps[0] + 2))

@@ -83,17 +83,42 @@ def quiet() -> None:
 
 
 def load_pipeline(path: str | Path, *, device: torch.device | str = "cpu",
-                  dtype: torch.dtype | None = None, flag: str = "--model-path"):
-    """``(pipeline, family)`` from a checked local folder, on ``device``, progress bar off."""
+                  dtype: torch.dtype | None = None, flag: str = "--model-path",
+                  transformer: bool = True):
+    """``(pipeline, family)`` from a checked local folder, on ``device``, progress bar off;
+    without ``transformer`` its transformer is ``None`` (not read: :func:`load_transformer`
+    gives it, set as ``pipe.transformer``)."""
     root, family = check_pipeline(path, flag)
     diffusers = import_diffusers()
     quiet()
-    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
+    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True,
+                              **({} if transformer else {"transformer": None})}
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
     pipe = diffusers.DiffusionPipeline.from_pretrained(root, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device), family
+
+
+def load_transformer(path: str | Path, *, device: torch.device | str = "cpu",
+                     dtype: torch.dtype | None = None):
+    """The transformer of a checked pipeline folder alone, on ``device`` in ``dtype`` (the
+    pipeline's loading of it); on the meta device its structure only: no weight is read."""
+    diffusers = import_diffusers()
+    quiet()
+    root = Path(path).expanduser()
+    config = transformer_config(root)
+    cls = getattr(diffusers, config["_class_name"])
+    if torch.device(device).type == "meta":
+        with torch.device("meta"):
+            model = cls.from_config(cls.load_config(root, subfolder="transformer"))
+        return model.to(dtype) if dtype is not None else model
+    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    model = cls.from_pretrained(str(root), subfolder="transformer", **kwargs).to(device)
+    model.register_to_config(_name_or_path=str(root / "transformer"))  # as the pipeline's
+    return model
 
 
 def config_hash(transformer_or_config) -> str:
