@@ -3,12 +3,19 @@
 The reference (``reference.py``) forms φ(q) and φ(k) whole: two ``[B, H, N, d]``
 float temporaries beside q, k, v and the output (3-4× softmax's peak memory on
 a CPU). Here the sums ``S = Σ_j φ(k_j)ᵀ v_j`` and ``z = Σ_j φ(k_j)`` are
-accumulated over chunks of :data:`CHUNK_TOKENS` keys, and the readout
-``φ(q_i) S̄ / (φ(q_i) z̄ + eps)`` is written chunk by chunk into the output, so the
-workspace is one chunk of features and the ``d×d`` state whatever N is. The
-formula, the feature map and the accumulation dtype are the reference's
-(:func:`attnbench.attention.lit.reference.linear_attention`); autograd runs through the
-chunks (pure torch ops), so the path also trains.
+accumulated over chunks of keys, and the readout ``φ(q_i) S̄ / (φ(q_i) z̄ + eps)``
+is one matmul per chunk of queries against ``[S̄ | z̄]``, so the workspace is a chunk
+of features and the ``d×d`` state whatever N is.
+
+The chunk is sized from a workspace budget (:func:`chunk_tokens`): when the readout
+of every query fits it, the path runs as one chunk -- a dozen torch calls, the fewest
+the formula allows, since at the sizes where LiT is a few milliseconds a call's fixed
+cost (dispatch, allocation, waking the other threads) is a large share of it; the
+φ(q) of that chunk is freed before the output is formed, so its peak is the output and
+one readout. Above the budget the chunks keep a fixed number of chunk-sized
+temporaries. The formula, the feature map and the accumulation dtype are the
+reference's (:func:`attnbench.attention.lit.reference.linear_attention`); autograd runs
+through the chunks (pure torch ops), so the path also trains.
 """
 
 from __future__ import annotations
@@ -20,25 +27,34 @@ from ..paths import FastPath
 from ..softmax.reference import accumulation_dtype
 from .reference import EPS, PHI_SHIFT
 
-#: tokens per chunk at least: large enough that each chunk's matmul runs at the CPU's
-#: matmul speed, small enough that the path's peak stays within 2× softmax SDPA's at
-#: DiT-Ti/2's 1024 px ...
-CHUNK_TOKENS = 512
-#: ... and at most this fraction of the tokens beyond it (fewer, larger calls; the chunk's
-#: temporaries stay a fixed fraction of q's bytes)
-CHUNK_FRACTION = 16
-#: chunk-sized temporaries alive at once: the features, the matmul's packed operands, the
-#: readout and the division's result
-CHUNK_COPIES = 6
+#: a chunk's temporaries as a fraction of q's bytes (the path's peak is then the
+#: output plus this) ...
+WORKSPACE_FRACTION = 0.25
+#: ... but at least this many bytes: below it a step is too small for the calls' fixed
+#: cost not to dominate it
+WORKSPACE_MIN_BYTES = 4 << 20
+#: chunk-sized temporaries of a readout step when there are several: the features, the
+#: readout and its quotient before it is written into the output
+CHUNK_COPIES = 3
+#: ... and of the one step when there is one: the readout beside φ(q), then beside the
+#: output it becomes (in the accumulation dtype: the output itself for float32 inputs)
+SINGLE_COPIES = 2
 
 
-def chunk_tokens(n: int) -> int:
-    """Tokens per chunk: :data:`CHUNK_TOKENS`, or ``n / CHUNK_FRACTION`` when larger."""
-    return max(CHUNK_TOKENS, n // CHUNK_FRACTION)
+def chunk_tokens(batch_heads: int, tokens: int, head_dim: int, element_size: int) -> int:
+    """Tokens per chunk: all of them when the readout of every query (``N·(d+1)``
+    floats per batch·head) fits the budget -- :data:`WORKSPACE_FRACTION` of q's bytes, at
+    least :data:`WORKSPACE_MIN_BYTES` --, else as many as keep :data:`CHUNK_COPIES`
+    chunk-sized temporaries within it."""
+    row = max(1, batch_heads) * (head_dim + 1) * max(element_size, 4)
+    budget = max(WORKSPACE_FRACTION * batch_heads * tokens * head_dim * element_size,
+                 WORKSPACE_MIN_BYTES)
+    if tokens * row <= budget:
+        return max(1, tokens)
+    return max(1, int(budget // (CHUNK_COPIES * row)))
 
 
-def _chunks(n: int):
-    step = chunk_tokens(n)
+def _chunks(n: int, step: int):
     for start in range(0, n, step):
         yield slice(start, min(n, start + step))
 
@@ -48,40 +64,58 @@ def _features(x: torch.Tensor, acc: torch.dtype, shift: float) -> torch.Tensor:
     return torch.clamp_min(x.to(acc), 0).add_(shift)
 
 
+def _state(k: torch.Tensor, v: torch.Tensor, step: int, acc: torch.dtype,
+           shift: float) -> torch.Tensor:
+    """``[Σ φ(k_j)ᵀ v_j | Σ φ(k_j)]`` (``[B, H, d, e + 1]``), summed over key chunks of
+    ``step`` tokens (one matmul and one sum per chunk, as the FLOP model counts them)."""
+    total = None
+    for rows in _chunks(k.shape[2], step):
+        fk = _features(k[:, :, rows], acc, shift)
+        part = torch.cat((torch.matmul(fk.transpose(-1, -2), v[:, :, rows].to(acc)),
+                          fk.sum(dim=-2).unsqueeze(-1)), dim=-1)
+        total = part if total is None else total + part
+    if total is None:  # no tokens: an empty sum
+        total = k.new_zeros(*k.shape[:2], k.shape[-1], v.shape[-1] + 1, dtype=acc)
+    return total
+
+
+def _readout(queries: torch.Tensor, both: torch.Tensor, acc: torch.dtype, shift: float,
+             eps: float) -> torch.Tensor:
+    """``φ(Q) S̄ / (φ(Q) z̄ + eps)`` for ``both = [S̄ | z̄]``: numerator and denominator
+    from one matmul, in the accumulation dtype."""
+    e = both.shape[-1] - 1
+    readout = torch.matmul(_features(queries, acc, shift), both)
+    return readout[..., :e] / (readout[..., e:] + eps)
+
+
 def chunked_linear_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, eps: float = EPS,
     phi_shift: float = PHI_SHIFT, **_geometry,
 ) -> torch.Tensor:
-    """LiT linear attention (``reference.py``'s formula) in chunks of :data:`CHUNK_TOKENS` tokens.
-
-    The state and the normaliser are summed per key chunk (a matmul and a sum, as the
-    FLOP model counts them); the readout is one matmul per query chunk against
-    ``[S | z]`` (``d × (e+1)``): numerator and denominator together.
-    """
+    """LiT linear attention (``reference.py``'s formula) in chunks of :func:`chunk_tokens`
+    tokens; one chunk (no loop, no copy into the output) when they all fit."""
     acc = accumulation_dtype(q.dtype)
-    n = k.shape[2]
-    e = v.shape[-1]
-    state = normaliser = 0.0
+    b, h, n, d = k.shape
+    step = chunk_tokens(b * h, n, d, q.element_size())
     with record_function("lit.state"):
-        for rows in _chunks(n):
-            fk = _features(k[:, :, rows], acc, phi_shift)
-            state = state + torch.matmul(fk.transpose(-1, -2), v[:, :, rows].to(acc))
-            normaliser = normaliser + fk.sum(dim=-2).unsqueeze(-1)
-        both = torch.cat((state, normaliser), dim=-1) / max(1, n)  # [B, H, d, e + 1]
-    out = q.new_empty(*q.shape[:3], e)
+        both = _state(k, v, step, acc, phi_shift) / max(1, n)  # [B, H, d, e + 1]
     with record_function("lit.readout"):
-        for rows in _chunks(q.shape[2]):
-            readout = torch.matmul(_features(q[:, :, rows], acc, phi_shift), both)
-            out[:, :, rows] = readout[..., :e] / (readout[..., e:] + eps)
+        if q.shape[2] <= step:
+            return _readout(q, both, acc, phi_shift, eps).to(q.dtype)
+        out = q.new_empty(*q.shape[:3], v.shape[-1])
+        for rows in _chunks(q.shape[2], step):
+            out[:, :, rows] = _readout(q[:, :, rows], both, acc, phi_shift, eps)
     return out
 
 
 def _workspace(batch, heads, tokens, head_dim, layout, *, element_size, **_opts) -> float:
-    """Per chunk :data:`CHUNK_COPIES` chunk-sized temporaries in the accumulation dtype, and
-    the ``d × (d+1)`` state and its running sum."""
+    """A readout step's chunk-sized temporaries (:data:`SINGLE_COPIES` when the tokens are
+    one chunk, else :data:`CHUNK_COPIES`; a state step's φ(k) is no larger), and the
+    ``d × (d+1)`` state and its running sum."""
     acc = max(element_size, 4)
-    chunk = min(tokens, chunk_tokens(tokens))
-    return float(batch * heads * (CHUNK_COPIES * chunk * (head_dim + 1) * acc
+    chunk = chunk_tokens(batch * heads, tokens, head_dim, element_size)
+    copies = SINGLE_COPIES if chunk >= tokens else CHUNK_COPIES
+    return float(batch * heads * (copies * min(tokens, chunk) * (head_dim + 1) * acc
                                   + 2 * head_dim * (head_dim + 1) * acc))
 
 
@@ -89,7 +123,8 @@ CHUNKED = FastPath(
     "chunked",
     chunked_linear_attention,
     workspace=_workspace,
-    doc=f"pure torch: φ(K)ᵀV and the normaliser over chunks of max({CHUNK_TOKENS}, "
-    f"N/{CHUNK_FRACTION}) tokens, the "
-    "readout written chunk by chunk (no N-sized temporary); differentiable",
+    doc="pure torch: φ(K)ᵀV and the normaliser, then the readout, over token chunks sized "
+    f"from a workspace budget ({WORKSPACE_FRACTION:g} of q's bytes, at least "
+    f"{WORKSPACE_MIN_BYTES >> 20} MiB; one chunk when the readout fits it), no N-sized "
+    "temporary beside the output; differentiable",
 )
