@@ -1,26 +1,30 @@
-"""SLA's CPU path: one gather of the kept key blocks for every head and query block of a
-chunk, one SDPA over them, the linear branch as two matmuls; O(N·d) memory.
+"""SLA's CPU path: one gather of the kept key blocks for a chunk of query blocks of every
+head, one SDPA over them, the linear branch as two matmuls; O(N·d) memory.
 
 The gather path (``gather.py``) keeps per-block states ``φ(K_j)ᵀV_j`` of every KV
 block and gathers ``kk`` of them per query block ("total minus selected" as
-element-wise sums): ``nq·kk·d²`` floats, 10-40× softmax's memory on a CPU. Here,
-per chunk of query blocks (heads and batch folded into one batch dimension):
+element-wise sums): ``nq·kk·d²`` floats, 10-40× softmax's memory on a CPU. Here the
+query blocks of every batch·head are one sequence (``[B·H·nq, bq, d]``, a view of q),
+cut into chunks of consecutive blocks -- so a chunk's queries, its look-up table and
+its slice of the output are contiguous, and a chunk may span heads -- and per chunk:
 
 * the kept K and V blocks are gathered once (one ``index_select`` each) and one
   batched SDPA attends every query block of the chunk to its own ``kk·bkv`` keys;
-* the linear branch reuses those gathered blocks: the critical share of the state is
-  ``φ(K_sel)ᵀ V_sel`` (one batched matmul, ``2·nq·kk·bkv·d²`` FLOPs that the FLOP
-  model, the gather path's, counts as element-wise sums of states), subtracted from
-  the total state ``Σ φ(K)ᵀV`` (summed once, over token chunks), and the readout is
-  one matmul of ``φ(Q)`` with ``[S | z]``;
-* ``O_s + O_l`` is written into the output chunk by chunk.
+* the linear branch is one matmul of ``φ(Q)`` with its head's ``[S | z]``: the total
+  state ``Σ φ(K)ᵀV`` (summed before the loop, in steps within the budget) or, over the
+  marginal keys, the total minus the critical share ``φ(K_sel)ᵀ V_sel`` (one batched
+  matmul on the gathered blocks, ``2·nq·kk·bkv·d²`` FLOPs that the FLOP model, the
+  gather path's, counts as element-wise sums of states);
+* ``O_s + O_l`` is written into the output slice in one step (``addcdiv``).
 
 So the workspace is a chunk's working set (its gathered blocks and the per-query
-temporaries, within :data:`WORKSPACE_FRACTION` of q's bytes: :func:`chunk_blocks`)
-and the ``d×d`` state, whatever N is; without autograd the chunks gather into one
-reused pair of buffers. Token order, selection and formula are the other
-paths' (``sla_parts``): the path runs on the blocks of SLA's order and is held to the
-float64 reference on every layout.
+temporaries, within the budget of :func:`chunk_blocks`) and the ``d×d`` state,
+whatever N is; without autograd the chunks gather into one reused pair of buffers and
+write the output in place. Fewer, larger chunks matter on a CPU: every chunk is a
+handful of torch calls whose fixed cost (dispatch, allocation, waking the other
+threads) does not shrink with the chunk. Token order, selection and formula are the
+other paths' (``sla_parts``): the path runs on the blocks of SLA's order and is held to
+the float64 reference on every layout.
 """
 
 from __future__ import annotations
@@ -34,15 +38,11 @@ from .blocks import FEATURE_MAPS, _split_blocks, num_blocks, selection_bytes
 
 #: a chunk's working set (gathered K, V and φ(K_sel), the per-query temporaries) as a
 #: fraction of q's bytes: the path's peak is then the output plus this, within 2× softmax's
-WORKSPACE_FRACTION = 0.25
+WORKSPACE_FRACTION = 0.5
 #: ... but at least this many bytes (a small input runs in a few steps)
 WORKSPACE_MIN_BYTES = 2 << 20
-#: copies of a state step's keys alive at once: φ(K), the values, and the matmul's
-#: packed operands
-STATE_COPIES = 8
-#: copies of a readout step's queries alive at once: q's slice made contiguous, φ(Q),
-#: the readout, the quotient, and the matmul's packed operands
-READOUT_COPIES = 8
+#: copies of a state step's keys alive at once: the slice made contiguous for φ, and φ(K)
+STATE_COPIES = 2
 
 
 def _budget(batch_heads: int, tokens: int, head_dim: int, element_size: int) -> float:
@@ -51,77 +51,77 @@ def _budget(batch_heads: int, tokens: int, head_dim: int, element_size: int) -> 
 
 
 def block_bytes(block_q: int, block_kv: int, selected: int, head_dim: int, element_size: int,
-                marginal: bool) -> float:
-    """One query block's working set per batch·head in the sparse loop: its gathered K and
-    V and its SDPA output; over the marginal keys also φ(K_sel), the critical state and
-    the block's readout (φ(Q), the readout, the linear output and the sum)."""
+                linear: bool, marginal: bool) -> float:
+    """One query block's working set in the sparse loop: its gathered K and V, its look-up
+    table and its SDPA output; with the linear branch its head's state, φ(Q) and the
+    readout; over the marginal keys also φ(K_sel) and the critical state."""
     acc, d = max(element_size, 4), head_dim
     keys = selected * block_kv * d
-    sparse = 2 * keys * element_size + block_q * d * element_size
-    if not marginal:
-        return sparse
-    return sparse + keys * acc + 2 * d * (d + 1) * acc + block_q * ((2 * d + 1) * acc
-                                                                     + 2 * d * element_size)
+    work = 2 * keys * element_size + block_q * d * element_size + selected * 8
+    if linear:
+        work += d * (d + 1) * acc + block_q * (2 * d + 1) * acc
+    if marginal:
+        work += keys * acc + d * (d + 1) * acc
+    return work
 
 
 def chunk_blocks(batch_heads: int, tokens: int, head_dim: int, element_size: int,
-                 block_q: int, block_kv: int, selected: int, marginal: bool) -> int:
-    """Query blocks per chunk: as many as keep the chunk's working set (:func:`block_bytes`
-    for every batch·head) within the budget (:data:`WORKSPACE_FRACTION` of q's bytes)."""
-    per_block = max(1, batch_heads) * block_bytes(block_q, block_kv, selected, head_dim,
-                                                  element_size, marginal)
+                 block_q: int, block_kv: int, selected: int, linear: bool,
+                 marginal: bool) -> int:
+    """Query blocks (of every batch·head together) per chunk: as many as keep the chunk's
+    working set (:func:`block_bytes` each) within the budget -- :data:`WORKSPACE_FRACTION`
+    of q's bytes, at least :data:`WORKSPACE_MIN_BYTES`."""
+    per_block = block_bytes(block_q, block_kv, selected, head_dim, element_size, linear,
+                            marginal)
     budget = _budget(batch_heads, tokens, head_dim, element_size)
-    return max(1, min(num_blocks(tokens, block_q), int(budget // per_block)))
+    blocks = max(1, batch_heads) * num_blocks(tokens, block_q)
+    return max(1, min(blocks, int(budget // per_block)))
+
+
+def state_step(batch_heads: int, tokens: int, head_dim: int,
+               element_size: int) -> tuple[int, int]:
+    """``(key tokens per step of the total state's sum, copies of a step's keys alive)``:
+    all keys in one step when φ(K) fits the budget (K whole is contiguous: φ(K) is the
+    one copy, with K's cast to the accumulation dtype for half inputs), else steps of as
+    many keys as keep :data:`STATE_COPIES` of them within it."""
+    acc = max(element_size, 4)
+    per_token = max(1, batch_heads) * head_dim * acc
+    budget = _budget(batch_heads, tokens, head_dim, element_size)
+    whole = 1 if element_size >= acc else 2
+    if tokens * per_token * whole <= budget:
+        return max(1, tokens), whole
+    return max(1, min(tokens, int(budget // (STATE_COPIES * per_token)))), STATE_COPIES
 
 
 def state_tokens(batch_heads: int, tokens: int, head_dim: int, element_size: int) -> int:
-    """Key tokens per step of the total state's sum: φ(K) of the step and its operands
-    (with the matmul's packed copies of both, a pair per thread) within the budget."""
-    per_token = max(1, batch_heads) * head_dim * STATE_COPIES * max(element_size, 4)
-    return max(1, min(tokens, int(_budget(batch_heads, tokens, head_dim, element_size)
-                                  // per_token)))
+    """Key tokens per step of the total state's sum (:func:`state_step`)."""
+    return state_step(batch_heads, tokens, head_dim, element_size)[0]
 
 
 def total_state(k: torch.Tensor, v: torch.Tensor, phi, acc: torch.dtype) -> torch.Tensor:
     """``[Σ φ(k_j)ᵀ v_j | Σ φ(k_j)]`` over every token, ``[B, H, d, e + 1]``, summed in token
-    chunks (no N-sized φ(K))."""
+    chunks (:func:`state_tokens`)."""
     b, h, n, d = k.shape
     step = state_tokens(b * h, n, d, k.element_size())
-    state = normaliser = 0.0
+    total = k.new_zeros(b, h, d, v.shape[-1] + 1, dtype=acc) if n == 0 else None
     for start in range(0, n, step):
         rows = slice(start, min(n, start + step))
         fk = phi(k[:, :, rows].to(acc))
-        state = state + torch.matmul(fk.transpose(-1, -2), v[:, :, rows].to(acc))
-        normaliser = normaliser + fk.sum(dim=-2).unsqueeze(-1)
-    return torch.cat((state, normaliser), dim=-1)
-
-
-def readout_blocks(batch_heads: int, tokens: int, head_dim: int, element_size: int,
-                   block_q: int) -> int:
-    """Query blocks per step of the all-token readout: :data:`READOUT_COPIES` of the
-    step's queries within the budget."""
-    per_block = (max(1, batch_heads) * block_q * (head_dim + 1) * READOUT_COPIES
-                 * max(element_size, 4))
-    budget = _budget(batch_heads, tokens, head_dim, element_size)
-    return max(1, min(num_blocks(tokens, block_q), int(budget // per_block)))
-
-
-def _readout(queries: torch.Tensor, state: torch.Tensor, phi, eps: float) -> torch.Tensor:
-    """``φ(Q) S / (φ(Q) z + eps)`` for ``state = [S | z]`` (one matmul), in q's dtype."""
-    e = state.shape[-1] - 1
-    readout = torch.matmul(phi(queries.to(state.dtype)), state)
-    return (readout[..., :e] / (readout[..., e:] + eps)).to(queries.dtype)
+        part = torch.cat((torch.matmul(fk.transpose(-1, -2), v[:, :, rows].to(acc)),
+                          fk.sum(dim=-2).unsqueeze(-1)), dim=-1)
+        total = part if total is None else total + part
+    return total
 
 
 def _gather(blocks: torch.Tensor, lut: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
-    """Blocks ``[B·H·nk, bkv, d]`` at ``lut [B·H, c, kk]`` → ``[B·H, c, kk·bkv, d]``: one
-    copy, into ``buffer`` when there is one (sizes named, not ``-1``: a batch of 0
-    leaves nothing to infer them from)."""
-    bh, c, kk = lut.shape
+    """Blocks ``[B·H·nk, bkv, d]`` at ``lut [c, kk]`` → ``[1, c, kk·bkv, d]`` (the chunk's
+    blocks as SDPA's heads): one copy, into ``buffer`` when there is one (sizes named, not
+    ``-1``: a batch of 0 leaves nothing to infer them from)."""
+    c, kk = lut.shape
     index = lut.flatten()
     rows = blocks.index_select(0, index) if buffer is None else \
         torch.index_select(blocks, 0, index, out=buffer[: index.numel()])
-    return rows.view(bh, c, kk * blocks.shape[1], blocks.shape[-1])
+    return rows.view(1, c, kk * blocks.shape[1], blocks.shape[-1])
 
 
 def sla_batched(
@@ -144,15 +144,17 @@ def sla_batched(
     when every block is critical and the branch is over the marginal keys, ``O_l`` is
     exactly 0 (as every path).
     """
-    b, h, n, _ = q.shape
+    b, h, n, d = q.shape
     e = v.shape[-1]
     nq, nk, kk = num_blocks(n, block_q), num_blocks(n, block_kv), indices.shape[-1]
     bh, acc = b * h, accumulation_dtype(q.dtype)
-    q_blocks = _split_blocks(q, block_q).flatten(0, 1)  # [B·H, nq, bq, d]
+    q_blocks = _split_blocks(q, block_q).flatten(0, 2)  # [B·H·nq, bq, d]
     k_blocks = _split_blocks(k, block_kv).flatten(0, 2)  # [B·H·nk, bkv, d]
     v_blocks = _split_blocks(v, block_kv).flatten(0, 2)
-    # block j of batch·head i sits at row i·nk + j of the flattened blocks
-    flat = indices.flatten(0, 1) + (torch.arange(bh, device=q.device) * nk)[:, None, None]
+    # query block i (of B·H·nq) is block i % nq of batch·head i // nq; its KV block j sits at
+    # row (i // nq)·nk + j of the flattened blocks
+    head = torch.arange(bh, device=q.device).repeat_interleave(nq)  # [B·H·nq]
+    lut = (indices.reshape(bh * nq, kk) + (head * nk)[:, None]).contiguous()
     valid = None
     if n % block_kv:
         valid = (torch.arange(nk * block_kv, device=q.device) < n).view(nk, block_kv)
@@ -162,52 +164,47 @@ def sla_batched(
     phi = FEATURE_MAPS[feature_map]
     if linear:
         with record_function("sla.state"):
-            total = total_state(k, v, phi, acc).flatten(0, 1).unsqueeze(1)  # [B·H, 1, d, e+1]
+            total = total_state(k, v, phi, acc).flatten(0, 1)  # [B·H, d, e+1]
 
-    shape = (*q_blocks.shape[:3], e)
-    o_s = q.new_empty(shape)
-    o_l = q.new_empty(shape) if parts else None
-    chunk = chunk_blocks(bh, n, q.shape[-1], q.element_size(), block_q, block_kv, kk, marginal)
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    o_s = q.new_empty(bh * nq, block_q, e)
+    o_l = q.new_empty(bh * nq, block_q, e) if parts else None
+    chunk = chunk_blocks(bh, n, d, q.element_size(), block_q, block_kv, kk, linear, marginal)
     # without autograd every chunk gathers into the same buffers (SDPA's backward keeps
     # each chunk's gathered blocks, so training allocates them anew)
-    buffers = (None, None)
-    if not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
-        buffers = tuple(x.new_empty(bh * chunk * kk, block_kv, x.shape[-1]) for x in (k, v))
-    for start in range(0, nq, chunk):
-        rows = slice(start, min(nq, start + chunk))
+    buffers = (None, None) if grad else \
+        tuple(x.new_empty(min(chunk, bh * nq) * kk, block_kv, x.shape[-1]) for x in (k, v))
+    for start in range(0, bh * nq, chunk):
+        rows = slice(start, min(bh * nq, start + chunk))
         with record_function("sla.gather"):
-            lut = flat[:, rows]  # [B·H, c, kk]
-            keys = _gather(k_blocks, lut, buffers[0])
-            values = _gather(v_blocks, lut, buffers[1])
+            keys = _gather(k_blocks, lut[rows], buffers[0])  # [1, c, kk·bkv, d]
+            values = _gather(v_blocks, lut[rows], buffers[1])
             key_valid = None if valid is None else \
-                valid[indices.flatten(0, 1)[:, rows]].flatten(-2).unsqueeze(-2)  # [B·H,c,1,kk·bkv]
+                valid[indices.reshape(bh * nq, kk)[rows]].view(1, -1, 1, keys.shape[-2])
         with record_function("sla.sdpa"):
-            out = F.scaled_dot_product_attention(q_blocks[:, rows], keys, values,
-                                                 attn_mask=key_valid)
-        if marginal:  # the state minus the critical blocks' share, per query block
-            with record_function("sla.linear"):
-                fk = phi(keys.to(acc))
+            out = F.scaled_dot_product_attention(q_blocks[rows].unsqueeze(0), keys, values,
+                                                 attn_mask=key_valid)[0]
+        if not linear:
+            o_s[rows] = out
+            continue
+        with record_function("sla.linear"):
+            state = total.index_select(0, head[rows])  # [c, d, e+1]: each block's head's
+            if marginal:  # minus the critical blocks' share, per query block
+                fk = phi(keys[0].to(acc))
                 if key_valid is not None:
-                    fk = fk * key_valid.transpose(-1, -2)
-                critical = torch.cat((torch.matmul(fk.transpose(-1, -2), values.to(acc)),
-                                      fk.sum(dim=-2).unsqueeze(-1)), dim=-1)
-                lin = _readout(q_blocks[:, rows], total - critical, phi, eps)
+                    fk = fk * key_valid[0].transpose(-1, -2)
+                state = state - torch.cat((torch.matmul(fk.transpose(-1, -2), values[0].to(acc)),
+                                           fk.sum(dim=-2).unsqueeze(-1)), dim=-1)
+            readout = torch.matmul(phi(q_blocks[rows].to(acc)), state)
+            numerator, denominator = readout[..., :e], readout[..., e:] + eps
             if parts:
-                o_l[:, rows] = lin
-            else:
-                out = out + lin
-        o_s[:, rows] = out
-    if linear and not marginal:  # one state for every query: the readout in larger chunks
-        step = readout_blocks(bh, n, q.shape[-1], q.element_size(), block_q)
-        for start in range(0, nq, step):
-            rows = slice(start, min(nq, start + step))
-            with record_function("sla.linear"):
-                lin = _readout(q_blocks[:, rows], total, phi, eps)
-                if parts:
-                    o_l[:, rows] = lin
-                else:
-                    o_s[:, rows] += lin
-    elif parts and not linear:
+                o_l[rows] = numerator / denominator
+                o_s[rows] = out
+            elif grad:
+                o_s[rows] = torch.addcdiv(out, numerator, denominator)
+            else:  # O_s + O_l straight into the output
+                torch.addcdiv(out, numerator, denominator, out=o_s[rows])
+    if parts and not linear:
         o_l.zero_()
     unblock = lambda x: x.view(b, h, nq * block_q, e)[:, :, :n]  # noqa: E731
     return (unblock(o_s), unblock(o_l)) if parts else unblock(o_s)
@@ -220,17 +217,17 @@ def sla_batched_parts(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _workspace(batch, heads, tokens, head_dim, layout, *, element_size, topk, block_q,
                block_kv, linear_over="all", **_opts) -> float:
-    """The selection, then beside the indices and the total state the largest of: the
-    state's sum step, the sparse loop's chunk (:func:`block_bytes` per query block of
-    :func:`chunk_blocks`, its LUT) and the all-token readout's step."""
+    """The selection, then beside the indices, the LUT and the total state the larger of
+    the state's sum step (:func:`state_step`) and the sparse loop's chunk
+    (:func:`block_bytes` per query block of :func:`chunk_blocks`)."""
     bh, d, acc = batch * heads, head_dim, max(element_size, 4)
-    block_map, indices, _, _, kk = selection_bytes(bh, tokens, block_q, block_kv, topk)
-    marginal = linear_over == "marginal"
-    c = chunk_blocks(bh, tokens, d, element_size, block_q, block_kv, kk, marginal)
-    work = bh * c * (block_bytes(block_q, block_kv, kk, d, element_size, marginal) + kk * 8)
-    readout = 0 if marginal else \
-        bh * readout_blocks(bh, tokens, d, element_size, block_q) * block_q * (d + 1) \
-        * READOUT_COPIES * acc
+    block_map, indices, nq, nk, kk = selection_bytes(bh, tokens, block_q, block_kv, topk)
+    linear = linear_over == "all" or kk < nk
+    marginal = linear and linear_over == "marginal"
+    c = chunk_blocks(bh, tokens, d, element_size, block_q, block_kv, kk, linear, marginal)
+    work = c * block_bytes(block_q, block_kv, kk, d, element_size, linear, marginal)
     state = bh * d * (d + 1) * acc
-    summing = bh * state_tokens(bh, tokens, d, element_size) * d * STATE_COPIES * acc
-    return float(max(block_map, indices + state + max(work, readout, summing)))
+    step, copies = state_step(bh, tokens, d, element_size)
+    summing = bh * step * d * copies * acc
+    lut = bh * nq * (kk + 1) * 8
+    return float(max(block_map, indices + lut + state + max(work, summing)))
