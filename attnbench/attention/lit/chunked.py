@@ -59,33 +59,42 @@ def _chunks(n: int, step: int):
         yield slice(start, min(n, start + step))
 
 
-def _features(x: torch.Tensor, acc: torch.dtype, shift: float) -> torch.Tensor:
-    """``φ(x) = relu(x) + shift`` in ``acc`` (one fresh chunk; clamp keeps NaN as relu does)."""
-    return torch.clamp_min(x.to(acc), 0).add_(shift)
+def _relu(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``relu(x)`` in ``acc``: one fresh chunk (relu keeps NaN)."""
+    return torch.relu(x.to(acc))
 
 
 def _state(k: torch.Tensor, v: torch.Tensor, step: int, acc: torch.dtype,
            shift: float) -> torch.Tensor:
     """``[Σ φ(k_j)ᵀ v_j | Σ φ(k_j)]`` (``[B, H, d, e + 1]``), summed over key chunks of
-    ``step`` tokens (one matmul and one sum per chunk, as the FLOP model counts them)."""
-    total = None
-    for rows in _chunks(k.shape[2], step):
-        fk = _features(k[:, :, rows], acc, shift)
-        part = torch.cat((torch.matmul(fk.transpose(-1, -2), v[:, :, rows].to(acc)),
-                          fk.sum(dim=-2).unsqueeze(-1)), dim=-1)
-        total = part if total is None else total + part
-    if total is None:  # no tokens: an empty sum
-        total = k.new_zeros(*k.shape[:2], k.shape[-1], v.shape[-1] + 1, dtype=acc)
+    ``step`` tokens (one matmul and one sum per chunk, as the FLOP model counts them).
+
+    ``φ(k) = relu(k) + shift`` is never formed: ``Σ φ(k_j)ᵀ v_j = Σ relu(k_j)ᵀ v_j +
+    shift·(1 ⊗ Σ v_j)`` and ``Σ φ(k_j) = Σ relu(k_j) + N·shift``, so the shift costs a sum
+    of v instead of a pass over every chunk of features."""
+    b, h, n, d = k.shape
+    total = k.new_zeros(b, h, d, v.shape[-1] + 1, dtype=acc)
+    for rows in _chunks(n, step):
+        rk = _relu(k[:, :, rows], acc)
+        total += torch.cat((torch.matmul(rk.transpose(-1, -2), v[:, :, rows].to(acc)),
+                            rk.sum(dim=-2).unsqueeze(-1)), dim=-1)
+    if shift:
+        total[..., :-1] += shift * v.sum(dim=-2, dtype=acc).unsqueeze(-2)
+        total[..., -1] += n * shift
     return total
 
 
 def _readout(queries: torch.Tensor, both: torch.Tensor, acc: torch.dtype, shift: float,
              eps: float) -> torch.Tensor:
-    """``φ(Q) S̄ / (φ(Q) z̄ + eps)`` for ``both = [S̄ | z̄]``: numerator and denominator
-    from one matmul, in the accumulation dtype."""
+    """``φ(Q) S̄ / (φ(Q) z̄ + eps)`` for ``both = [S̄ | z̄]``, in the accumulation dtype:
+    numerator and denominator from one ``baddbmm`` of ``relu(Q)`` with ``[S̄ | z̄]``,
+    whose added row carries the shift (``φ(q)·x = relu(q)·x + shift·Σ x``) and eps."""
     e = both.shape[-1] - 1
-    readout = torch.matmul(_features(queries, acc, shift), both)
-    return readout[..., :e] / (readout[..., e:] + eps)
+    bias = shift * both.sum(dim=-2, keepdim=True)  # [B, H, 1, e + 1]
+    bias[..., e] += eps
+    readout = torch.baddbmm(bias.flatten(0, 1), _relu(queries, acc).flatten(0, 1),
+                            both.flatten(0, 1)).view(*queries.shape[:3], e + 1)
+    return readout[..., :e] / readout[..., e:]
 
 
 def chunked_linear_attention(
