@@ -34,10 +34,11 @@ WORKSPACE_FRACTION = 0.25
 #: cost not to dominate it
 WORKSPACE_MIN_BYTES = 4 << 20
 #: chunk-sized temporaries of a readout step when there are several: the features, the
-#: readout and its quotient before it is written into the output
+#: numerator (divided in place) and, with autograd, the quotient before it is written into
+#: the output
 CHUNK_COPIES = 3
-#: ... and of the one step when there is one: the readout beside φ(q), then beside the
-#: output it becomes (in the accumulation dtype: the output itself for float32 inputs)
+#: ... and of the one step when there is one: relu(q) beside the numerator, which becomes
+#: the output (in the accumulation dtype: the output itself for float32 inputs)
 SINGLE_COPIES = 2
 
 
@@ -59,13 +60,17 @@ def _chunks(n: int, step: int):
         yield slice(start, min(n, start + step))
 
 
-def _relu(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """``relu(x)`` in ``acc``: one fresh chunk (relu keeps NaN)."""
-    return torch.relu(x.to(acc))
+def _relu(x: torch.Tensor, acc: torch.dtype, spare: torch.Tensor | None) -> torch.Tensor:
+    """``relu(x)`` in ``acc`` (NaN kept): a fresh chunk, or without autograd written into
+    the storage of ``spare`` (one flat buffer every chunk of keys and queries reuses, so
+    the allocator never has to find room for a second one)."""
+    if spare is None:
+        return torch.relu(x.to(acc))
+    return torch.clamp_min(x.to(acc), 0, out=spare[: x.numel()].view(x.shape))
 
 
-def _state(k: torch.Tensor, v: torch.Tensor, step: int, acc: torch.dtype,
-           shift: float) -> torch.Tensor:
+def _state(k: torch.Tensor, v: torch.Tensor, step: int, acc: torch.dtype, shift: float,
+           spare: torch.Tensor | None) -> torch.Tensor:
     """``[Σ φ(k_j)ᵀ v_j | Σ φ(k_j)]`` (``[B, H, d, e + 1]``), summed over key chunks of
     ``step`` tokens (one matmul and one sum per chunk, as the FLOP model counts them).
 
@@ -75,7 +80,7 @@ def _state(k: torch.Tensor, v: torch.Tensor, step: int, acc: torch.dtype,
     b, h, n, d = k.shape
     total = k.new_zeros(b, h, d, v.shape[-1] + 1, dtype=acc)
     for rows in _chunks(n, step):
-        rk = _relu(k[:, :, rows], acc)
+        rk = _relu(k[:, :, rows], acc, spare)
         total += torch.cat((torch.matmul(rk.transpose(-1, -2), v[:, :, rows].to(acc)),
                             rk.sum(dim=-2).unsqueeze(-1)), dim=-1)
     if shift:
@@ -85,16 +90,23 @@ def _state(k: torch.Tensor, v: torch.Tensor, step: int, acc: torch.dtype,
 
 
 def _readout(queries: torch.Tensor, both: torch.Tensor, acc: torch.dtype, shift: float,
-             eps: float) -> torch.Tensor:
-    """``φ(Q) S̄ / (φ(Q) z̄ + eps)`` for ``both = [S̄ | z̄]``, in the accumulation dtype:
-    numerator and denominator from one ``baddbmm`` of ``relu(Q)`` with ``[S̄ | z̄]``,
-    whose added row carries the shift (``φ(q)·x = relu(q)·x + shift·Σ x``) and eps."""
+             eps: float, spare: torch.Tensor | None) -> torch.Tensor:
+    """``φ(Q) S̄ / (φ(Q) z̄ + eps)`` for ``both = [S̄ | z̄]``, in the accumulation dtype.
+
+    The numerator and the denominator are each a ``baddbmm`` of ``relu(Q)`` whose added
+    row carries the shift (``φ(q)·x = relu(q)·x + shift·Σ x``) and eps; without autograd
+    the numerator is divided in place and is the result, so nothing the size of the
+    queries is allocated after ``relu(Q)``'s numerator."""
     e = both.shape[-1] - 1
     bias = shift * both.sum(dim=-2, keepdim=True)  # [B, H, 1, e + 1]
     bias[..., e] += eps
-    readout = torch.baddbmm(bias.flatten(0, 1), _relu(queries, acc).flatten(0, 1),
-                            both.flatten(0, 1)).view(*queries.shape[:3], e + 1)
-    return readout[..., :e] / readout[..., e:]
+    features, both, bias = _relu(queries, acc, spare).flatten(0, 1), both.flatten(0, 1), \
+        bias.flatten(0, 1)
+    numerator = torch.baddbmm(bias[..., :e], features, both[..., :e])
+    denominator = torch.baddbmm(bias[..., e:], features, both[..., e:])
+    del features
+    out = numerator / denominator if numerator.requires_grad else numerator.div_(denominator)
+    return out.view(*queries.shape[:3], e)
 
 
 def chunked_linear_attention(
@@ -106,14 +118,17 @@ def chunked_linear_attention(
     acc = accumulation_dtype(q.dtype)
     b, h, n, d = k.shape
     step = chunk_tokens(b * h, n, d, q.element_size())
+    spare = None  # with autograd every chunk's features are its own (the backward keeps them)
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
+        spare = q.new_empty(b * h * min(step, max(n, q.shape[2])) * d, dtype=acc)
     with record_function("lit.state"):
-        both = _state(k, v, step, acc, phi_shift) / max(1, n)  # [B, H, d, e + 1]
+        both = _state(k, v, step, acc, phi_shift, spare) / max(1, n)  # [B, H, d, e + 1]
     with record_function("lit.readout"):
         if q.shape[2] <= step:
-            return _readout(q, both, acc, phi_shift, eps).to(q.dtype)
+            return _readout(q, both, acc, phi_shift, eps, spare).to(q.dtype)
         out = q.new_empty(*q.shape[:3], v.shape[-1])
         for rows in _chunks(q.shape[2], step):
-            out[:, :, rows] = _readout(q[:, :, rows], both, acc, phi_shift, eps)
+            out[:, :, rows] = _readout(q[:, :, rows], both, acc, phi_shift, eps, spare)
     return out
 
 
