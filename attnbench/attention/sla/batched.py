@@ -10,12 +10,15 @@ its slice of the output are contiguous, and a chunk may span heads -- and per ch
 
 * the kept K and V blocks are gathered once (one ``index_select`` each) and one
   batched SDPA attends every query block of the chunk to its own ``kk·bkv`` keys;
-* the linear branch is one matmul of ``φ(Q)`` with its head's ``[S | z]``: the total
-  state ``Σ φ(K)ᵀV`` (summed before the loop, in steps within the budget) or, over the
-  marginal keys, the total minus the critical share ``φ(K_sel)ᵀ V_sel`` (one batched
-  matmul on the gathered blocks, ``2·nq·kk·bkv·d²`` FLOPs that the FLOP model, the
-  gather path's, counts as element-wise sums of states);
-* ``O_s + O_l`` is written into the output slice in one step (``addcdiv``).
+* over the marginal keys, the linear branch is one matmul of ``φ(Q)`` with its head's
+  total state ``Σ φ(K)ᵀV`` (summed before the loop, in steps within the budget) minus
+  the critical share ``φ(K_sel)ᵀ V_sel`` (one batched matmul on the gathered blocks,
+  ``2·nq·kk·bkv·d²`` FLOPs that the FLOP model, the gather path's, counts as
+  element-wise sums of states), and ``O_s + O_l`` is written into the output slice in
+  one step (``addcdiv``);
+* over all keys (the default) every query of a head reads the same state: ``O_l`` is
+  written into the output before the loop, a matmul per step of many tokens of every
+  head, and each chunk adds its ``O_s`` in place.
 
 So the workspace is a chunk's working set (its gathered blocks and the per-query
 temporaries, within the budget of :func:`chunk_blocks`) and the ``d×d`` state,
@@ -43,6 +46,9 @@ WORKSPACE_FRACTION = 0.5
 WORKSPACE_MIN_BYTES = 2 << 20
 #: copies of a state step's keys alive at once: the slice made contiguous for φ, and φ(K)
 STATE_COPIES = 2
+#: copies of a readout step's queries alive at once: the slice made contiguous for φ, φ(Q)
+#: and the readout
+READOUT_COPIES = 3
 
 
 def _budget(batch_heads: int, tokens: int, head_dim: int, element_size: int) -> float:
@@ -51,28 +57,24 @@ def _budget(batch_heads: int, tokens: int, head_dim: int, element_size: int) -> 
 
 
 def block_bytes(block_q: int, block_kv: int, selected: int, head_dim: int, element_size: int,
-                linear: bool, marginal: bool) -> float:
+                marginal: bool) -> float:
     """One query block's working set in the sparse loop: its gathered K and V, its look-up
-    table and its SDPA output; with the linear branch its head's state, φ(Q) and the
-    readout; over the marginal keys also φ(K_sel) and the critical state."""
+    table and its SDPA output; over the marginal keys also φ(K_sel), its head's state less
+    the critical share, φ(Q) and the readout."""
     acc, d = max(element_size, 4), head_dim
     keys = selected * block_kv * d
     work = 2 * keys * element_size + block_q * d * element_size + selected * 8
-    if linear:
-        work += d * (d + 1) * acc + block_q * (2 * d + 1) * acc
     if marginal:
-        work += keys * acc + d * (d + 1) * acc
+        work += keys * acc + 2 * d * (d + 1) * acc + block_q * (2 * d + 1) * acc
     return work
 
 
 def chunk_blocks(batch_heads: int, tokens: int, head_dim: int, element_size: int,
-                 block_q: int, block_kv: int, selected: int, linear: bool,
-                 marginal: bool) -> int:
+                 block_q: int, block_kv: int, selected: int, marginal: bool) -> int:
     """Query blocks (of every batch·head together) per chunk: as many as keep the chunk's
     working set (:func:`block_bytes` each) within the budget -- :data:`WORKSPACE_FRACTION`
     of q's bytes, at least :data:`WORKSPACE_MIN_BYTES`."""
-    per_block = block_bytes(block_q, block_kv, selected, head_dim, element_size, linear,
-                            marginal)
+    per_block = block_bytes(block_q, block_kv, selected, head_dim, element_size, marginal)
     budget = _budget(batch_heads, tokens, head_dim, element_size)
     blocks = max(1, batch_heads) * num_blocks(tokens, block_q)
     return max(1, min(blocks, int(budget // per_block)))
@@ -111,6 +113,32 @@ def total_state(k: torch.Tensor, v: torch.Tensor, phi, acc: torch.dtype) -> torc
                           fk.sum(dim=-2).unsqueeze(-1)), dim=-1)
         total = part if total is None else total + part
     return total
+
+
+def readout_tokens(batch_heads: int, tokens: int, head_dim: int, element_size: int) -> int:
+    """Query tokens per step of the shared-state readout: :data:`READOUT_COPIES` of the
+    step's queries within the budget."""
+    per_token = max(1, batch_heads) * (head_dim + 1) * READOUT_COPIES * max(element_size, 4)
+    budget = _budget(batch_heads, tokens, head_dim, element_size)
+    return max(1, min(tokens, int(budget // per_token)))
+
+
+def linear_readout(queries: torch.Tensor, state: torch.Tensor, phi, eps: float,
+                   out: torch.Tensor, grad: bool) -> None:
+    """``out = φ(Q) S / (φ(Q) z + eps)`` for ``queries [B·H, N, d]`` and one ``state = [S | z]``
+    per batch·head (``[B·H, d, e + 1]``): a matmul per step of :func:`readout_tokens`
+    tokens, every head at once, the quotient written into ``out`` (a view of the output)."""
+    bh, n, d = queries.shape
+    e = state.shape[-1] - 1
+    step = readout_tokens(bh, n, d, queries.element_size())
+    for start in range(0, n, step):
+        rows = slice(start, min(n, start + step))
+        readout = torch.matmul(phi(queries[:, rows].to(state.dtype)), state)
+        numerator, denominator = readout[..., :e], readout[..., e:] + eps
+        if grad:
+            out[:, rows] = numerator / denominator
+        else:
+            torch.div(numerator, denominator, out=out[:, rows])
 
 
 def _gather(blocks: torch.Tensor, lut: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
@@ -169,7 +197,13 @@ def sla_batched(
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     o_s = q.new_empty(bh * nq, block_q, e)
     o_l = q.new_empty(bh * nq, block_q, e) if parts else None
-    chunk = chunk_blocks(bh, n, d, q.element_size(), block_q, block_kv, kk, linear, marginal)
+    shared = linear and not marginal  # one state for every query: O_l first, in large steps
+    if shared:
+        with record_function("sla.linear"):
+            target = o_l if parts else o_s
+            linear_readout(q_blocks.reshape(bh, nq * block_q, d), total, phi, eps,
+                           target.view(bh, nq * block_q, e), grad)
+    chunk = chunk_blocks(bh, n, d, q.element_size(), block_q, block_kv, kk, marginal)
     # without autograd every chunk gathers into the same buffers (SDPA's backward keeps
     # each chunk's gathered blocks, so training allocates them anew)
     buffers = (None, None) if grad else \
@@ -184,17 +218,19 @@ def sla_batched(
         with record_function("sla.sdpa"):
             out = F.scaled_dot_product_attention(q_blocks[rows].unsqueeze(0), keys, values,
                                                  attn_mask=key_valid)[0]
-        if not linear:
+        if shared and not parts:
+            o_s[rows] += out  # O_l is there already
+            continue
+        if not marginal:
             o_s[rows] = out
             continue
-        with record_function("sla.linear"):
-            state = total.index_select(0, head[rows])  # [c, d, e+1]: each block's head's
-            if marginal:  # minus the critical blocks' share, per query block
-                fk = phi(keys[0].to(acc))
-                if key_valid is not None:
-                    fk = fk * key_valid[0].transpose(-1, -2)
-                state = state - torch.cat((torch.matmul(fk.transpose(-1, -2), values[0].to(acc)),
-                                           fk.sum(dim=-2).unsqueeze(-1)), dim=-1)
+        with record_function("sla.linear"):  # the state minus the critical blocks' share
+            fk = phi(keys[0].to(acc))
+            if key_valid is not None:
+                fk = fk * key_valid[0].transpose(-1, -2)
+            state = total.index_select(0, head[rows]) - torch.cat(
+                (torch.matmul(fk.transpose(-1, -2), values[0].to(acc)),
+                 fk.sum(dim=-2).unsqueeze(-1)), dim=-1)  # [c, d, e+1]
             readout = torch.matmul(phi(q_blocks[rows].to(acc)), state)
             numerator, denominator = readout[..., :e], readout[..., e:] + eps
             if parts:
@@ -217,17 +253,19 @@ def sla_batched_parts(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _workspace(batch, heads, tokens, head_dim, layout, *, element_size, topk, block_q,
                block_kv, linear_over="all", **_opts) -> float:
-    """The selection, then beside the indices, the LUT and the total state the larger of
-    the state's sum step (:func:`state_step`) and the sparse loop's chunk
-    (:func:`block_bytes` per query block of :func:`chunk_blocks`)."""
+    """The selection, then beside the indices, the LUT and the total state the largest of
+    the state's sum step (:func:`state_step`), the shared-state readout's step
+    (:func:`readout_tokens`) and the sparse loop's chunk (:func:`block_bytes` per query
+    block of :func:`chunk_blocks`)."""
     bh, d, acc = batch * heads, head_dim, max(element_size, 4)
     block_map, indices, nq, nk, kk = selection_bytes(bh, tokens, block_q, block_kv, topk)
-    linear = linear_over == "all" or kk < nk
-    marginal = linear and linear_over == "marginal"
-    c = chunk_blocks(bh, tokens, d, element_size, block_q, block_kv, kk, linear, marginal)
-    work = c * block_bytes(block_q, block_kv, kk, d, element_size, linear, marginal)
+    marginal = linear_over == "marginal" and kk < nk
+    c = chunk_blocks(bh, tokens, d, element_size, block_q, block_kv, kk, marginal)
+    work = c * block_bytes(block_q, block_kv, kk, d, element_size, marginal)
+    readout = 0 if marginal else \
+        bh * readout_tokens(bh, tokens, d, element_size) * (d + 1) * READOUT_COPIES * acc
     state = bh * d * (d + 1) * acc
     step, copies = state_step(bh, tokens, d, element_size)
     summing = bh * step * d * copies * acc
     lut = bh * nq * (kk + 1) * 8
-    return float(max(block_map, indices + lut + state + max(work, summing)))
+    return float(max(block_map, indices + lut + state + max(work, summing, readout)))
