@@ -22,12 +22,14 @@ its slice of the output are contiguous, and a chunk may span heads -- and per ch
 
 So the workspace is a chunk's working set (its gathered blocks and the per-query
 temporaries, within the budget of :func:`chunk_blocks`) and the ``d×d`` state,
-whatever N is; without autograd the chunks gather into one reused pair of buffers and
-write the output in place. Fewer, larger chunks matter on a CPU: every chunk is a
-handful of torch calls whose fixed cost (dispatch, allocation, waking the other
-threads) does not shrink with the chunk. Token order, selection and formula are the
-other paths' (``sla_parts``): the path runs on the blocks of SLA's order and is held to
-the float64 reference on every layout.
+whatever N is; without autograd every step carves its large temporaries (φ(K), φ(Q)
+and the readout, the gathered blocks) from one buffer allocated once per call
+(:func:`arena_bytes`) and writes the output in place, so the peak does not depend on the
+allocator finding room for one step's temporaries where the last one's were. Fewer,
+larger chunks matter on a CPU: every chunk is a handful of torch calls whose fixed cost
+(dispatch, allocation, waking the other threads) does not shrink with the chunk. Token
+order, selection and formula are the other paths' (``sla_parts``): the path runs on the
+blocks of SLA's order and is held to the float64 reference on every layout.
 """
 
 from __future__ import annotations
@@ -44,16 +46,23 @@ from .blocks import FEATURE_MAPS, _split_blocks, num_blocks, selection_bytes
 WORKSPACE_FRACTION = 0.5
 #: ... but at least this many bytes (a small input runs in a few steps)
 WORKSPACE_MIN_BYTES = 2 << 20
-#: copies of a state step's keys alive at once: the slice made contiguous for φ, and φ(K)
-STATE_COPIES = 2
-#: copies of a readout step's queries alive at once: the slice made contiguous for φ, φ(Q)
-#: and the readout
-READOUT_COPIES = 3
+#: φ of the feature maps that have an ``out=`` form: written into a carved buffer
+_PHI_INTO = {
+    "softmax": lambda x, out: torch.softmax(x, -1, out=out),
+    "relu": lambda x, out: torch.clamp_min(x, 0, out=out),  # relu, NaN kept
+}
 
 
 def _budget(batch_heads: int, tokens: int, head_dim: int, element_size: int) -> float:
     return max(WORKSPACE_FRACTION * batch_heads * tokens * head_dim * element_size,
                WORKSPACE_MIN_BYTES)
+
+
+def _row_bytes(head_dim: int, element_size: int, columns: int) -> int:
+    """Bytes of one token row of a step: ``columns`` floats in the accumulation dtype, and
+    for half inputs the row's cast to it."""
+    acc = max(element_size, 4)
+    return columns * acc + (head_dim * acc if element_size < acc else 0)
 
 
 def block_bytes(block_q: int, block_kv: int, selected: int, head_dim: int, element_size: int,
@@ -80,65 +89,108 @@ def chunk_blocks(batch_heads: int, tokens: int, head_dim: int, element_size: int
     return max(1, min(blocks, int(budget // per_block)))
 
 
-def state_step(batch_heads: int, tokens: int, head_dim: int,
-               element_size: int) -> tuple[int, int]:
-    """``(key tokens per step of the total state's sum, copies of a step's keys alive)``:
-    all keys in one step when φ(K) fits the budget (K whole is contiguous: φ(K) is the
-    one copy, with K's cast to the accumulation dtype for half inputs), else steps of as
-    many keys as keep :data:`STATE_COPIES` of them within it."""
-    acc = max(element_size, 4)
-    per_token = max(1, batch_heads) * head_dim * acc
-    budget = _budget(batch_heads, tokens, head_dim, element_size)
-    whole = 1 if element_size >= acc else 2
-    if tokens * per_token * whole <= budget:
-        return max(1, tokens), whole
-    return max(1, min(tokens, int(budget // (STATE_COPIES * per_token)))), STATE_COPIES
+def arena_bytes(batch_heads: int, tokens: int, head_dim: int, element_size: int, block_q: int,
+                block_kv: int, selected: int, marginal: bool) -> int:
+    """Bytes of the buffer the steps of a call without autograd carve their large
+    temporaries from, one step at a time: the largest of a state step's φ(K), a readout
+    step's φ(Q) and readout, and a chunk's gathered K and V (each rounded up to 64 bytes)."""
+    acc, d, n = max(element_size, 4), head_dim, max(1, tokens)
+    rows = min(tokens, state_tokens(batch_heads, tokens, d, element_size))
+    state = rows * d * acc if rows < tokens else \
+        min(batch_heads, max(1, rows // n)) * tokens * d * acc
+    padded = num_blocks(tokens, block_q) * block_q  # the readout runs on the query blocks
+    rows = readout_tokens(batch_heads, tokens, d, element_size)
+    rows = rows if rows < padded else min(batch_heads, rows // max(1, padded)) * padded
+    readout = 2 * 64 + rows * (2 * d + 1) * acc
+    c = chunk_blocks(batch_heads, tokens, d, element_size, block_q, block_kv, selected, marginal)
+    gathered = 2 * 64 + 2 * min(c, batch_heads * num_blocks(tokens, block_q)) * selected \
+        * block_kv * d * element_size
+    return int(max(state, readout, gathered))
 
 
 def state_tokens(batch_heads: int, tokens: int, head_dim: int, element_size: int) -> int:
-    """Key tokens per step of the total state's sum (:func:`state_step`)."""
-    return state_step(batch_heads, tokens, head_dim, element_size)[0]
-
-
-def total_state(k: torch.Tensor, v: torch.Tensor, phi, acc: torch.dtype) -> torch.Tensor:
-    """``[Σ φ(k_j)ᵀ v_j | Σ φ(k_j)]`` over every token, ``[B, H, d, e + 1]``, summed in token
-    chunks (:func:`state_tokens`)."""
-    b, h, n, d = k.shape
-    step = state_tokens(b * h, n, d, k.element_size())
-    total = k.new_zeros(b, h, d, v.shape[-1] + 1, dtype=acc) if n == 0 else None
-    for start in range(0, n, step):
-        rows = slice(start, min(n, start + step))
-        fk = phi(k[:, :, rows].to(acc))
-        part = torch.cat((torch.matmul(fk.transpose(-1, -2), v[:, :, rows].to(acc)),
-                          fk.sum(dim=-2).unsqueeze(-1)), dim=-1)
-        total = part if total is None else total + part
-    return total
+    """Token rows (of any batch·head) per step of the total state's sum: φ(K) of the
+    step within the budget."""
+    budget = _budget(batch_heads, tokens, head_dim, element_size)
+    return max(1, int(budget // _row_bytes(head_dim, element_size, head_dim)))
 
 
 def readout_tokens(batch_heads: int, tokens: int, head_dim: int, element_size: int) -> int:
-    """Query tokens per step of the shared-state readout: :data:`READOUT_COPIES` of the
-    step's queries within the budget."""
-    per_token = max(1, batch_heads) * (head_dim + 1) * READOUT_COPIES * max(element_size, 4)
+    """Token rows per step of the shared-state readout: φ(Q) and its readout ``[num | den]``
+    within the budget."""
     budget = _budget(batch_heads, tokens, head_dim, element_size)
-    return max(1, min(tokens, int(budget // per_token)))
+    return max(1, int(budget // _row_bytes(head_dim, element_size, 2 * head_dim + 1)))
 
 
-def linear_readout(queries: torch.Tensor, state: torch.Tensor, phi, eps: float,
-                   out: torch.Tensor, grad: bool) -> None:
+def _steps(heads: int, tokens: int, rows: int):
+    """``(heads, tokens)`` slices of the steps of at most ``rows`` token rows over a
+    ``[heads, tokens, ·]`` tensor: whole heads, as many as fit, when one head's tokens
+    fit; else runs of one head's tokens. Each step is a contiguous piece of it."""
+    if rows >= tokens:
+        per = max(1, rows // max(1, tokens))
+        for start in range(0, heads, per):
+            yield slice(start, min(heads, start + per)), slice(0, tokens)
+        return
+    for head in range(heads):
+        for start in range(0, tokens, rows):
+            yield slice(head, head + 1), slice(start, min(tokens, start + rows))
+
+
+def _carve(arena: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
+           offset: int = 0) -> torch.Tensor | None:
+    """A ``shape`` tensor of ``dtype`` on ``arena``'s bytes from ``offset`` (``None``
+    without an arena: the op allocates)."""
+    if arena is None:
+        return None
+    nbytes = dtype.itemsize * torch.Size(shape).numel()
+    return arena[offset: offset + nbytes].view(dtype).view(shape)
+
+
+def _features(x: torch.Tensor, acc: torch.dtype, feature_map: str,
+              out: torch.Tensor | None) -> torch.Tensor:
+    """φ(x) in ``acc``, into ``out`` when given (and the map has an ``out=`` form)."""
+    x = x.to(acc)
+    if out is None or feature_map not in _PHI_INTO:
+        return FEATURE_MAPS[feature_map](x)
+    return _PHI_INTO[feature_map](x, out)
+
+
+def total_state(k: torch.Tensor, v: torch.Tensor, feature_map: str, acc: torch.dtype,
+                arena: torch.Tensor | None = None) -> torch.Tensor:
+    """``[Σ φ(k_j)ᵀ v_j | Σ φ(k_j)]`` over every token, ``[B·H, d, e + 1]``, in steps of
+    :func:`state_tokens` rows (whole heads or runs of one head's tokens, each contiguous;
+    φ(K) of a step on ``arena`` when given)."""
+    b, h, n, d = k.shape
+    keys, values = k.reshape(b * h, n, d), v.reshape(b * h, n, v.shape[-1])
+    total = k.new_zeros(b * h, d, v.shape[-1] + 1, dtype=acc)
+    for heads, rows in _steps(b * h, n, state_tokens(b * h, n, d, k.element_size())):
+        step = keys[heads, rows]
+        fk = _features(step, acc, feature_map, _carve(arena, step.shape, acc))
+        total[heads] += torch.cat((torch.matmul(fk.transpose(-1, -2), values[heads, rows].to(acc)),
+                                   fk.sum(dim=-2).unsqueeze(-1)), dim=-1)
+    return total
+
+
+def linear_readout(queries: torch.Tensor, state: torch.Tensor, feature_map: str, eps: float,
+                   out: torch.Tensor, arena: torch.Tensor | None = None) -> None:
     """``out = φ(Q) S / (φ(Q) z + eps)`` for ``queries [B·H, N, d]`` and one ``state = [S | z]``
-    per batch·head (``[B·H, d, e + 1]``): a matmul per step of :func:`readout_tokens`
-    tokens, every head at once, the quotient written into ``out`` (a view of the output)."""
+    per batch·head (``[B·H, d, e + 1]``), in steps of :func:`readout_tokens` rows: a
+    matmul each, the quotient written into ``out`` (a view of the output); φ(Q) and the
+    readout on ``arena`` when given (then without autograd)."""
     bh, n, d = queries.shape
-    e = state.shape[-1] - 1
-    step = readout_tokens(bh, n, d, queries.element_size())
-    for start in range(0, n, step):
-        rows = slice(start, min(n, start + step))
-        readout = torch.matmul(phi(queries[:, rows].to(state.dtype)), state)
+    e, acc = state.shape[-1] - 1, state.dtype
+    for heads, rows in _steps(bh, n, readout_tokens(bh, n, d, queries.element_size())):
+        step = queries[heads, rows]
+        fq = _features(step, acc, feature_map, _carve(arena, step.shape, acc))
+        shape = (*step.shape[:2], e + 1)
+        buffer = _carve(arena, shape, acc, -(-fq.numel() * acc.itemsize // 64) * 64)
+        readout = torch.matmul(fq, state[heads]) if buffer is None else \
+            torch.matmul(fq, state[heads], out=buffer)
         numerator, denominator = readout[..., :e], readout[..., e:] + eps
-        if grad:
-            out[:, rows] = numerator / denominator
+        if arena is None:
+            out[heads, rows] = numerator / denominator
         else:
-            torch.div(numerator, denominator, out=out[:, rows])
+            torch.div(numerator, denominator, out=out[heads, rows])
 
 
 def _gather(blocks: torch.Tensor, lut: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
@@ -190,24 +242,30 @@ def sla_batched(
     linear = linear_over == "all" or kk < nk
     marginal = linear and linear_over == "marginal"
     phi = FEATURE_MAPS[feature_map]
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    # without autograd every step carves its large temporaries from one buffer (SDPA's
+    # backward keeps each chunk's gathered blocks, so training allocates them anew)
+    arena = None if grad else torch.empty(
+        arena_bytes(bh, n, d, q.element_size(), block_q, block_kv, kk, marginal),
+        dtype=torch.uint8, device=q.device)
     if linear:
         with record_function("sla.state"):
-            total = total_state(k, v, phi, acc).flatten(0, 1)  # [B·H, d, e+1]
+            total = total_state(k, v, feature_map, acc, arena)  # [B·H, d, e+1]
 
-    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     o_s = q.new_empty(bh * nq, block_q, e)
     o_l = q.new_empty(bh * nq, block_q, e) if parts else None
     shared = linear and not marginal  # one state for every query: O_l first, in large steps
     if shared:
         with record_function("sla.linear"):
             target = o_l if parts else o_s
-            linear_readout(q_blocks.reshape(bh, nq * block_q, d), total, phi, eps,
-                           target.view(bh, nq * block_q, e), grad)
-    chunk = chunk_blocks(bh, n, d, q.element_size(), block_q, block_kv, kk, marginal)
-    # without autograd every chunk gathers into the same buffers (SDPA's backward keeps
-    # each chunk's gathered blocks, so training allocates them anew)
-    buffers = (None, None) if grad else \
-        tuple(x.new_empty(min(chunk, bh * nq) * kk, block_kv, x.shape[-1]) for x in (k, v))
+            linear_readout(q_blocks.reshape(bh, nq * block_q, d), total, feature_map, eps,
+                           target.view(bh, nq * block_q, e), arena)
+    chunk = min(bh * nq, chunk_blocks(bh, n, d, q.element_size(), block_q, block_kv, kk,
+                                      marginal))
+    size = (chunk * kk, block_kv, d)
+    buffers = (_carve(arena, size, k.dtype),
+               _carve(arena, (chunk * kk, block_kv, e), v.dtype,
+                      -(-torch.Size(size).numel() * k.element_size() // 64) * 64))
     for start in range(0, bh * nq, chunk):
         rows = slice(start, min(bh * nq, start + chunk))
         with record_function("sla.gather"):
@@ -253,19 +311,17 @@ def sla_batched_parts(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _workspace(batch, heads, tokens, head_dim, layout, *, element_size, topk, block_q,
                block_kv, linear_over="all", **_opts) -> float:
-    """The selection, then beside the indices, the LUT and the total state the largest of
-    the state's sum step (:func:`state_step`), the shared-state readout's step
-    (:func:`readout_tokens`) and the sparse loop's chunk (:func:`block_bytes` per query
-    block of :func:`chunk_blocks`)."""
+    """The selection, then beside the indices, the LUT and the total state: the buffer the
+    steps carve from (:func:`arena_bytes`) and what a chunk of the sparse loop allocates
+    besides (:func:`block_bytes` less the gathered blocks, per query block of
+    :func:`chunk_blocks`)."""
     bh, d, acc = batch * heads, head_dim, max(element_size, 4)
     block_map, indices, nq, nk, kk = selection_bytes(bh, tokens, block_q, block_kv, topk)
     marginal = linear_over == "marginal" and kk < nk
     c = chunk_blocks(bh, tokens, d, element_size, block_q, block_kv, kk, marginal)
-    work = c * block_bytes(block_q, block_kv, kk, d, element_size, marginal)
-    readout = 0 if marginal else \
-        bh * readout_tokens(bh, tokens, d, element_size) * (d + 1) * READOUT_COPIES * acc
+    gathered = 2 * kk * block_kv * d * element_size
+    work = c * (block_bytes(block_q, block_kv, kk, d, element_size, marginal) - gathered)
+    arena = arena_bytes(bh, tokens, d, element_size, block_q, block_kv, kk, marginal)
     state = bh * d * (d + 1) * acc
-    step, copies = state_step(bh, tokens, d, element_size)
-    summing = bh * step * d * copies * acc
     lut = bh * nq * (kk + 1) * 8
-    return float(max(block_map, indices + lut + state + max(work, summing, readout)))
+    return float(max(block_map, indices + lut + state + arena + work))
