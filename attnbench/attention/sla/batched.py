@@ -103,8 +103,8 @@ def arena_bytes(batch_heads: int, tokens: int, head_dim: int, element_size: int,
     rows = rows if rows < padded else min(batch_heads, rows // max(1, padded)) * padded
     readout = 2 * 64 + rows * (2 * d + 1) * acc
     c = chunk_blocks(batch_heads, tokens, d, element_size, block_q, block_kv, selected, marginal)
-    gathered = 2 * 64 + 2 * min(c, batch_heads * num_blocks(tokens, block_q)) * selected \
-        * block_kv * d * element_size
+    c = max(1, min(c, batch_heads * num_blocks(tokens, block_q)))  # as the loop takes it
+    gathered = 2 * 64 + 2 * c * selected * block_kv * d * element_size
     return int(max(state, readout, gathered))
 
 
@@ -260,8 +260,8 @@ def sla_batched(
             target = o_l if parts else o_s
             linear_readout(q_blocks.reshape(bh, nq * block_q, d), total, feature_map, eps,
                            target.view(bh, nq * block_q, e), arena)
-    chunk = min(bh * nq, chunk_blocks(bh, n, d, q.element_size(), block_q, block_kv, kk,
-                                      marginal))
+    chunk = max(1, min(bh * nq, chunk_blocks(bh, n, d, q.element_size(), block_q, block_kv,
+                                             kk, marginal)))  # a batch of 0: no block
     size = (chunk * kk, block_kv, d)
     buffers = (_carve(arena, size, k.dtype),
                _carve(arena, (chunk * kk, block_kv, e), v.dtype,
