@@ -40,8 +40,8 @@ for point in sys.argv[4:]:
         backend = registry.get(method)
         resolved = backend.resolve(backend.attend_options(opt))
         impl = backend.select("cpu", torch.float32, tuple(q.shape))
-        calls[label] = (impl, lambda b=backend, o=resolved: b.attend(q, k, v, grid=(side, side),
-                                                                      **o))
+        calls[label] = (impl, lambda b=backend, o=resolved, qkv=(q, k, v), g=(side, side):
+                        b.attend(*qkv, grid=g, **o))
     best = dict.fromkeys(calls, float("inf"))
     with torch.inference_mode():
         peak = {}
