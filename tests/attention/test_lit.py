@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from attnbench import attention
+from attnbench.attention import Layout
+from attnbench.attention.lit import chunked
+from tests.helpers import qkv
 
 LIT = attention.get("lit")
 
@@ -43,3 +47,25 @@ def test_labels_never_claim_official_lit_code():
     text = json.dumps(LIT.describe())
     assert "official LiT code" not in text and "FLatten" in text
     assert "no LiT code is public" in " ".join(LIT.describe()["notes"])
+
+
+@pytest.mark.parametrize("layout", [Layout((10, 15)), Layout((6, 9), text=7, text_first=False),
+                                    Layout((2, 4, 6), text=12)], ids=lambda lay: lay.describe())
+def test_chunked_in_several_chunks_matches_the_reference(layout, gen, monkeypatch):
+    """The CPU path in chunks of 7 tokens (a partial last one), forward and backward, and
+    without autograd, against the float64 reference; and in the one chunk it takes when
+    the tokens fit its budget."""
+    q, k, v = (t.requires_grad_() for t in qkv(gen, 2, 3, layout.tokens, 8))
+    weight = torch.randn(q.shape, generator=gen, dtype=torch.float64)
+    results = {}
+    for impl, tokens in (("reference", None), ("chunked", None), ("chunked", 7)):
+        if tokens:
+            monkeypatch.setattr(chunked, "chunk_tokens", lambda *_, n=tokens: n)
+        out = LIT.attend(q, k, v, layout=layout, impl=impl)
+        results[impl, tokens] = (out, *torch.autograd.grad((out * weight).sum(), (q, k, v)))
+        with torch.inference_mode():
+            torch.testing.assert_close(LIT.attend(q, k, v, layout=layout, impl=impl), out,
+                                       rtol=1e-13, atol=1e-13)
+    for got in (results["chunked", None], results["chunked", 7]):
+        for a, b in zip(got, results["reference", None], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)

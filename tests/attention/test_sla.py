@@ -298,8 +298,9 @@ def test_batched_parts_match_reference_parts(order, layout, feature_map, linear_
                                              monkeypatch):
     """O_s and O_l of the batched path, forward and backward, in both token orders, every
     layout kind, partial last blocks of queries and keys, several chunks of query blocks
-    and of the total state's sum; without autograd, the chunks' reused buffers."""
-    monkeypatch.setattr(sla_module.batched, "chunk_blocks", lambda *_: 2)  # query blocks
+    (of 3 blocks: chunks that span heads) and runs of one head's tokens in the total
+    state's sum; without autograd, the steps' buffers carved from one."""
+    monkeypatch.setattr(sla_module.batched, "chunk_blocks", lambda *_: 3)  # query blocks
     monkeypatch.setattr(sla_module.batched, "state_tokens", lambda *_: 7)  # keys per step
     n = layout.tokens
     q, k, v = (t.requires_grad_() for t in qkv(gen, 2, 2, n, 8))
